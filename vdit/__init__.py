@@ -1,0 +1,12 @@
+"""vdit: fast kernels for video diffusion transformers.
+
+Import ``vdit.ops`` for the functional API and ``vdit.nn`` for drop-in modules.
+"""
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from vdit._extension import build_info
+from vdit.backends import BACKENDS, BackendUnavailableError, use_backend
+from vdit import ops
+
+__version__ = "0.1.0"
+__all__ = ["build_info", "use_backend", "BACKENDS", "BackendUnavailableError", "ops", "__version__"]

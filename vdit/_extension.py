@@ -1,0 +1,44 @@
+"""Loads the compiled extension ``vdit._C`` and reports what was built.
+
+vdit still imports when the extension is missing (a source checkout that was never built); the
+compiled backends are then unavailable and say why.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+try:
+    from vdit import _C  # noqa: F401  (registers the vdit:: operators with torch.library)
+
+    LOAD_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+    _C = None
+    LOAD_ERROR = f"vdit._C failed to import ({exc}); reinstall with `pip install --no-build-isolation .`"
+
+HAS_CPU_KERNELS = _C is not None
+HAS_CUDA_KERNELS = _C is not None and bool(_C.build_info()["cuda"])
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def build_info() -> dict:
+    """What this vdit install was built with and runs on.
+
+    Returns a dict with ``cpu`` and ``cuda`` (bool: kernels compiled), ``cuda_archs`` (str, e.g.
+    ``"8.0;9.0"``), ``cuda_version`` (toolkit used to build, or None), ``openmp`` (bool),
+    ``built_with_torch`` / ``torch`` (versions at build and run time), ``triton`` (version or None),
+    ``torch_cuda`` (CUDA version of the running torch), ``gpu_available`` (bool), and ``error``
+    (why the extension failed to load, or None).
+    """
+    info = dict(_C.build_info()) if _C is not None else {
+        "cpu": False, "cuda": False, "cuda_archs": "", "cuda_version": None, "openmp": False,
+        "built_with_torch": None}
+    triton_version = None
+    if HAS_TRITON:
+        import triton
+
+        triton_version = triton.__version__
+    info.update(torch=torch.__version__, torch_cuda=torch.version.cuda, triton=triton_version,
+                gpu_available=torch.cuda.is_available(), error=LOAD_ERROR)
+    return info

@@ -1,0 +1,1 @@
+"""Kernel layer: Triton kernels (``vdit.kernels.triton``); C++/CUDA kernels live in ``csrc/``."""

@@ -1,0 +1,273 @@
+"""Pure-PyTorch reference implementations of every vdit op: the oracles the tests compare against.
+
+They favour clarity over speed, compute in float32 (float64 for float64 inputs) and return the
+input dtype. They do not validate their inputs; the public ops in ``vdit.ops`` do. Shapes use:
+B batch, C channels, T/H/W video frames/height/width, (pt, ph, pw) patch size, N tokens per video,
+F = C * pt * ph * pw patch features, D model width, total = packed tokens, Hq/Hk heads.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "patchify_3d", "unpatchify_3d", "patch_embed_3d", "patch_embed_3d_varlen", "varlen_attention",
+    "rope_3d", "rope_3d_qk", "rope_3d_angles", "adaln_modulate", "gated_residual", "segment_ids",
+]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Patches
+# --------------------------------------------------------------------------------------------
+
+def patchify_3d(x: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
+    """Cut videos into spacetime patches.
+
+    Args:
+        x: (B, C, T, H, W), any dtype; (pt, ph, pw) = ``patch_size`` divides (T, H, W).
+    Returns:
+        (B, N, F) with N = T/pt * H/ph * W/pw tokens in (t, h, w) row-major order (w fastest) and
+        F = C*pt*ph*pw features in (c, i, j, k) order, the flattening order of a Conv3d weight
+        (D, C, pt, ph, pw): ``tokens[b, (tt*Hp + hh)*Wp + ww, ((c*pt + i)*ph + j)*pw + k] =
+        x[b, c, tt*pt + i, hh*ph + j, ww*pw + k]``.
+    """
+    B, C, T, H, W = x.shape
+    pt, ph, pw = patch_size
+    x = x.reshape(B, C, T // pt, pt, H // ph, ph, W // pw, pw)
+    x = x.permute(0, 2, 4, 6, 1, 3, 5, 7)
+    return x.reshape(B, (T // pt) * (H // ph) * (W // pw), C * pt * ph * pw)
+
+
+def unpatchify_3d(tokens: torch.Tensor, grid: Sequence[int], patch_size: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`patchify_3d`.
+
+    Args:
+        tokens: (B, N, F) with N = Tp * Hp * Wp.
+        grid: (Tp, Hp, Wp) = (T/pt, H/ph, W/pw).
+        patch_size: (pt, ph, pw); pt*ph*pw divides F.
+    Returns:
+        (B, C, T, H, W) with C = F / (pt*ph*pw).
+    """
+    B, N, Fdim = tokens.shape
+    Tp, Hp, Wp = grid
+    pt, ph, pw = patch_size
+    C = Fdim // (pt * ph * pw)
+    x = tokens.reshape(B, Tp, Hp, Wp, C, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    return x.reshape(B, C, Tp * pt, Hp * ph, Wp * pw)
+
+
+def patch_embed_3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Patch embedding: ``F.conv3d(x, weight, bias, stride=patch).flatten(2).transpose(1, 2)``.
+
+    Args:
+        x: (B, C, T, H, W) float.
+        weight: (D, C, pt, ph, pw), the patch size is ``weight.shape[2:]``.
+        bias: (D,) or None.
+    Returns:
+        (B, N, D) in x's dtype (the matmul accumulates in the compute dtype).
+    """
+    D = weight.shape[0]
+    tokens = patchify_3d(x, weight.shape[2:])
+    cd = _compute_dtype(x.dtype)
+    out = tokens.to(cd) @ weight.reshape(D, -1).to(cd).t()
+    if bias is not None:
+        out = out + bias.to(cd)
+    return out.to(x.dtype)
+
+
+def patch_embed_3d_varlen(videos: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """Patch embedding of videos of different sizes into one packed sequence.
+
+    Args:
+        videos: list of B tensors (C, Ti, Hi, Wi) with the same C, dtype and device.
+        weight: (D, C, pt, ph, pw); bias: (D,) or None.
+    Returns:
+        tokens (total, D), cu_seqlens int32 (B + 1,) with cu_seqlens[i+1] - cu_seqlens[i] = Ni, and
+        grids int32 (B, 3) holding (Ti/pt, Hi/ph, Wi/pw).
+    """
+    pt, ph, pw = weight.shape[2:]
+    device = videos[0].device
+    tokens = [patch_embed_3d(v.unsqueeze(0), weight, bias)[0] for v in videos]
+    grids = torch.tensor([[v.shape[1] // pt, v.shape[2] // ph, v.shape[3] // pw] for v in videos],
+                         dtype=torch.int32, device=device)
+    lengths = torch.tensor([t.shape[0] for t in tokens], dtype=torch.int64, device=device)
+    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    return torch.cat(tokens, 0), cu_seqlens, grids
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
+                     softmax_scale=None, causal=False, return_lse=False):
+    """Attention over packed variable-length sequences (FlashAttention varlen semantics).
+
+    Args:
+        q: (total_q, Hq, Dh); k, v: (total_k, Hk, Dh) with Hq % Hk == 0. Query head h uses key/value
+            head h // (Hq / Hk).
+        cu_seqlens_q, cu_seqlens_k: int (B + 1,) prefix sums of the sequence lengths; sequence i is
+            q[cu_q[i]:cu_q[i+1]] against k, v[cu_k[i]:cu_k[i+1]]. Empty sequences are allowed.
+        max_seqlen_q, max_seqlen_k: unused by the reference (kept for the common signature).
+        softmax_scale: defaults to Dh ** -0.5.
+        causal: query i of a sequence (Lq queries, Lk keys) sees keys j <= i + Lk - Lq (mask aligned
+            to the bottom-right corner). A query that sees no key outputs 0 with lse = -inf.
+        return_lse: also return the log-sum-exp of the scaled scores.
+    Returns:
+        out like q; with ``return_lse`` also lse (Hq, total_q) float32 (float64 for float64 input).
+    """
+    del max_seqlen_q, max_seqlen_k
+    cd = _compute_dtype(q.dtype)
+    Hq, Hk = q.shape[1], k.shape[1]
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    out = torch.zeros(q.shape, dtype=cd, device=q.device)
+    lse = torch.full((Hq, q.shape[0]), float("-inf"), dtype=cd, device=q.device)
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for i in range(len(cu_q) - 1):
+        qs, qe, ks, ke = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
+        Lq, Lk = qe - qs, ke - ks
+        if Lq == 0 or Lk == 0:
+            continue
+        qi = q[qs:qe].to(cd).transpose(0, 1)  # (Hq, Lq, Dh)
+        ki = k[ks:ke].to(cd).transpose(0, 1).repeat_interleave(Hq // Hk, dim=0)
+        vi = v[ks:ke].to(cd).transpose(0, 1).repeat_interleave(Hq // Hk, dim=0)
+        scores = (qi @ ki.transpose(1, 2)) * scale  # (Hq, Lq, Lk)
+        if causal:
+            rows = torch.arange(Lq, device=q.device)[:, None]
+            cols = torch.arange(Lk, device=q.device)[None, :]
+            scores = scores.masked_fill(cols > rows + (Lk - Lq), float("-inf"))
+        row_lse = torch.logsumexp(scores, dim=-1)  # (Hq, Lq); -inf where a row sees no key
+        p = torch.exp(scores - row_lse.clamp_min(torch.finfo(cd).min)[..., None])
+        out[qs:qe] = (p @ vi).transpose(0, 1)
+        lse[:, qs:qe] = row_lse
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+# --------------------------------------------------------------------------------------------
+# 3D rotary position embedding
+# --------------------------------------------------------------------------------------------
+
+def rope_3d_angles(positions: torch.Tensor, dims: Sequence[int], theta: float = 10000.0,
+                   dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """Rotation angles of each axis chunk.
+
+    Args:
+        positions: (..., 3) int or float (t, h, w) coordinates.
+        dims: (dt, dh, dw) even channel counts.
+    Returns:
+        Three tensors (..., d/2) of ``pos[..., a] * theta ** (-2j / d)``, j = 0 .. d/2 - 1, in ``dtype``.
+    """
+    angles = []
+    for axis, d in enumerate(dims):
+        inv_freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=positions.device) / d)
+        angles.append(positions[..., axis].to(dtype)[..., None] * inv_freq.to(dtype))
+    return angles
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.to(x.dtype)
+
+
+def rope_3d(x, positions, *, dims, theta=10000.0, interleaved=True, norm_weight=None, eps=1e-6):
+    """Rotate channels of ``x`` by 3D (t, h, w) positions.
+
+    Args:
+        x: (total, H, Dh) packed tokens or (B, L, H, Dh) dense tokens, float.
+        positions: (total, 3) / (L, 3) or (B, L, 3); int or float coordinates (t, h, w).
+        dims: (dt, dh, dw), each even, dt + dh + dw <= Dh. Channels [0, dt) rotate with t, [dt, dt+dh)
+            with h, [dt+dh, dt+dh+dw) with w; the rest pass through unchanged.
+        theta: base of the frequencies: a chunk of d channels uses angles pos * theta ** (-2j / d).
+        interleaved: rotate channel pairs (2j, 2j+1) of a chunk (True) or (j, j + d/2) (False).
+        norm_weight: optional (Dh,) RMSNorm weight applied per head before rotating (QK-norm).
+        eps: RMSNorm epsilon.
+    Returns:
+        Tensor like x: pair (a, b) at angle phi becomes (a cos phi - b sin phi, a sin phi + b cos phi).
+    """
+    cd = _compute_dtype(x.dtype)
+    xc = x.to(cd)
+    if norm_weight is not None:
+        xc = _rms_norm(xc, norm_weight.to(cd), eps)
+    angles = rope_3d_angles(positions, dims, theta, cd)  # (..., L, d/2): broadcast over batch, heads
+    pieces, start = [], 0
+    for d, angle in zip(dims, angles):
+        chunk = xc[..., start:start + d]
+        cos = torch.cos(angle).unsqueeze(-2)  # (..., L, 1, d/2): broadcast over heads
+        sin = torch.sin(angle).unsqueeze(-2)
+        if interleaved:
+            a, b = chunk[..., 0::2], chunk[..., 1::2]
+            rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+        else:
+            a, b = chunk[..., : d // 2], chunk[..., d // 2:]
+            rotated = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+        pieces.append(rotated)
+        start += d
+    pieces.append(xc[..., start:])
+    return torch.cat(pieces, dim=-1).to(x.dtype)
+
+
+def rope_3d_qk(q, k, positions, *, dims, theta=10000.0, interleaved=True,
+               q_norm_weight=None, k_norm_weight=None, eps=1e-6):
+    """:func:`rope_3d` applied to q and k with the same positions.
+
+    Args:
+        q: (total, Hq, Dh) or (B, L, Hq, Dh); k: (total, Hk, Dh) or (B, L, Hk, Dh).
+        q_norm_weight, k_norm_weight: optional (Dh,) RMSNorm weights applied before rotating.
+    Returns:
+        (q_rotated, k_rotated).
+    """
+    common = dict(dims=dims, theta=theta, interleaved=interleaved, eps=eps)
+    return (rope_3d(q, positions, norm_weight=q_norm_weight, **common),
+            rope_3d(k, positions, norm_weight=k_norm_weight, **common))
+
+
+# --------------------------------------------------------------------------------------------
+# adaLN
+# --------------------------------------------------------------------------------------------
+
+def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(total,) int64 index of the sequence each packed token belongs to."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths,
+                                   output_size=total)
+
+
+def _per_token(param: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """Expand a per-sample (B, C) parameter to x's token layout."""
+    if cu_seqlens is None:
+        return param[:, None, :]
+    return param[segment_ids(cu_seqlens, x.shape[0])]
+
+
+def adaln_modulate(x, shift, scale, cu_seqlens=None, *, eps=1e-6):
+    """``LayerNorm(x) * (1 + scale[s]) + shift[s]``, LayerNorm without affine parameters.
+
+    Args:
+        x: (total, C) packed with ``cu_seqlens`` (int (B + 1,)), or (B, N, C) with cu_seqlens None.
+        shift, scale: (B, C); s is the sequence (sample) a token belongs to.
+    Returns:
+        Tensor like x; statistics and modulation in float32 (float64 for float64 input).
+    """
+    cd = _compute_dtype(x.dtype)
+    y = F.layer_norm(x.to(cd), (x.shape[-1],), eps=eps)
+    y = y * (1 + _per_token(scale.to(cd), x, cu_seqlens)) + _per_token(shift.to(cd), x, cu_seqlens)
+    return y.to(x.dtype)
+
+
+def gated_residual(x, y, gate, cu_seqlens=None):
+    """``x + gate[s] * y``.
+
+    Args:
+        x, y: (total, C) packed with ``cu_seqlens`` or (B, N, C) with cu_seqlens None.
+        gate: (B, C).
+    Returns:
+        Tensor like x.
+    """
+    cd = _compute_dtype(x.dtype)
+    return (x.to(cd) + _per_token(gate.to(cd), x, cu_seqlens) * y.to(cd)).to(x.dtype)
