@@ -65,17 +65,6 @@ def rng() -> random.Random:
     return random.Random(1234)
 
 
-@pytest.fixture
-def triton_device() -> str:
-    """Device for Triton kernel tests: a GPU, or CPU tensors under TRITON_INTERPRET=1."""
-    if HAS_GPU:
-        return "cuda"
-    if not TRITON_INTERPRET:
-        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
-    pytest.importorskip("triton")
-    return "cpu"
-
-
 def kernel_backends() -> list:
     """(backend, device) pairs that can run here; GPU ones are marked `cuda`."""
     cases = [pytest.param("cpu", "cpu", id="cpu")]

@@ -3,6 +3,13 @@
 See ARCHITECTURE.md for the contract. Every op takes ``backend="auto"`` (see :mod:`vdit.backends`).
 """
 from vdit.ops import reference
+from vdit.ops.adaln import adaln_modulate, gated_residual
+from vdit.ops.attention import varlen_attention
+from vdit.ops.patch_embed import patch_embed_3d, patch_embed_3d_varlen, patch_unembed_3d, patch_unembed_3d_varlen
 from vdit.ops.patchify import patchify_3d, unpatchify_3d
+from vdit.ops.rope import rope_3d, rope_3d_qk
 
-__all__ = ["reference", "patchify_3d", "unpatchify_3d"]
+__all__ = [
+    "reference", "patchify_3d", "unpatchify_3d", "patch_embed_3d", "patch_embed_3d_varlen", "patch_unembed_3d",
+    "patch_unembed_3d_varlen", "varlen_attention", "rope_3d", "rope_3d_qk", "adaln_modulate", "gated_residual",
+]

@@ -51,3 +51,43 @@ def check_divides(patch_name: str, patch: Sequence[int], sizes_name: str, sizes:
     """Each patch entry must divide the matching size."""
     if any(s % p for s, p in zip(sizes, patch)):
         raise ValueError(f"{patch_name} {tuple(patch)} must divide {sizes_name} {tuple(sizes)}")
+
+
+def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> int:
+    """Validate packed-sequence offsets and return the batch size B.
+
+    ``cu`` must be an int32 (B + 1,) tensor on ``device``, start at 0, never decrease and end at
+    ``total``. The value checks read ``cu`` on the host (one small copy); under torch.compile they
+    are skipped so the graph stays whole.
+    """
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with B + 1 >= 2 entries, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but the tensors it describes are on {device}")
+    if not torch.compiler.is_compiling():
+        values = cu.tolist()
+        if values[0] != 0:
+            raise ValueError(f"{name} must start at 0, got {values[0]}")
+        if any(b < a for a, b in zip(values, values[1:])):
+            raise ValueError(f"{name} must be non-decreasing, got {values}")
+        if values[-1] != total:
+            raise ValueError(f"{name}[-1] must equal the number of packed tokens {total}, got {values[-1]}")
+    return cu.numel() - 1
+
+
+def max_seqlen_of(name: str, cu: torch.Tensor, max_seqlen) -> int:
+    """``max_seqlen`` checked against ``cu`` (or computed from it when None; that syncs)."""
+    if max_seqlen is not None and torch.compiler.is_compiling():
+        return max_seqlen
+    longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    if max_seqlen is None:
+        return longest
+    if not isinstance(max_seqlen, int):
+        raise TypeError(f"{name} must be an int or None, got {type(max_seqlen).__name__}")
+    if max_seqlen < longest:
+        raise ValueError(f"{name} = {max_seqlen} is smaller than the longest sequence ({longest})")
+    return max_seqlen

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 __all__ = [
     "patchify_3d", "unpatchify_3d", "patch_embed_3d", "patch_embed_3d_varlen", "varlen_attention",
     "rope_3d", "rope_3d_qk", "rope_3d_angles", "adaln_modulate", "gated_residual", "segment_ids",
+    "patch_unembed_3d", "patch_unembed_3d_varlen",
 ]
 
 
@@ -271,3 +272,32 @@ def gated_residual(x, y, gate, cu_seqlens=None):
     """
     cd = _compute_dtype(x.dtype)
     return (x.to(cd) + _per_token(gate.to(cd), x, cu_seqlens) * y.to(cd)).to(x.dtype)
+
+
+def patch_unembed_3d(tokens, weight, bias, grid, patch_size):
+    """Final projection + unpatchify: ``unpatchify_3d(tokens @ weight.T + bias, grid, patch_size)``.
+
+    Args:
+        tokens: (B, N, D); weight: (C*pt*ph*pw, D) (an ``nn.Linear(D, C*pt*ph*pw)`` weight);
+        bias: (C*pt*ph*pw,) or None; grid: (Tp, Hp, Wp); patch_size: (pt, ph, pw).
+    Returns:
+        (B, C, Tp*pt, Hp*ph, Wp*pw) in tokens' dtype.
+    """
+    cd = _compute_dtype(tokens.dtype)
+    out = tokens.to(cd) @ weight.to(cd).t()
+    if bias is not None:
+        out = out + bias.to(cd)
+    return unpatchify_3d(out.to(tokens.dtype), grid, patch_size)
+
+
+def patch_unembed_3d_varlen(tokens, weight, bias, cu_seqlens, grids, patch_size):
+    """Packed form of :func:`patch_unembed_3d`.
+
+    Args:
+        tokens: (total, D) packed; cu_seqlens: int (B + 1,); grids: int (B, 3) token grid per sample.
+    Returns:
+        list of B videos (C, Ti, Hi, Wi).
+    """
+    cu = cu_seqlens.tolist()
+    return [patch_unembed_3d(tokens[cu[i]:cu[i + 1]][None], weight, bias, grid, patch_size)[0]
+            for i, grid in enumerate(grids.tolist())]

@@ -1,0 +1,99 @@
+"""Packing of variable-size videos into one token sequence (NaViT-style Patch n' Pack).
+
+A batch of B videos with token grids (Tp_i, Hp_i, Wp_i) becomes ``total = sum(Tp_i * Hp_i * Wp_i)``
+tokens, with ``cu_seqlens`` int32 (B + 1,) marking where each video's tokens start.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from vdit.ops import patchify_3d, unpatchify_3d
+
+
+@dataclasses.dataclass
+class PackedVideos:
+    """A packed batch.
+
+    Attributes:
+        tokens: (total, F) token features.
+        cu_seqlens: int32 (B + 1,) offsets of each video's tokens.
+        max_seqlen: longest video, in tokens.
+        grids: int32 (B, 3) token grid (Tp, Hp, Wp) of each video.
+        positions: int32 (total, 3) (t, h, w) grid coordinates of each token.
+    """
+
+    tokens: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    grids: torch.Tensor
+    positions: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.grids.shape[0]
+
+    @property
+    def lengths(self) -> list[int]:
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
+
+
+def cu_seqlens_from_lengths(lengths: Sequence[int], device=None) -> torch.Tensor:
+    """int32 (B + 1,) offsets from per-sequence lengths."""
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
+    if len(lengths):
+        cu[1:] = torch.as_tensor(list(lengths), dtype=torch.int32, device=device).cumsum(0)
+    return cu
+
+
+def grid_positions(grids: torch.Tensor, *, offset: Sequence[float] | None = None,
+                   scale: Sequence[float] | None = None) -> torch.Tensor:
+    """(t, h, w) coordinates of every token of a packed batch, in packing order.
+
+    Args:
+        grids: int (B, 3) token grids (Tp, Hp, Wp).
+        offset, scale: optional per-axis affine map ``pos * scale + offset`` (e.g. to interpolate RoPE
+            positions to a training resolution); when given the result is float32.
+    Returns:
+        (total, 3) int32 (float32 with offset/scale), tokens of each grid in (t, h, w) row-major order.
+    """
+    out = []
+    for tp, hp, wp in grids.tolist():
+        t, h, w = torch.meshgrid(torch.arange(tp), torch.arange(hp), torch.arange(wp), indexing="ij")
+        out.append(torch.stack((t, h, w), -1).reshape(-1, 3))
+    pos = torch.cat(out).to(device=grids.device, dtype=torch.int32) if out else torch.zeros(0, 3, dtype=torch.int32)
+    if offset is None and scale is None:
+        return pos
+    pos = pos.float()
+    if scale is not None:
+        pos = pos * torch.tensor(scale, dtype=torch.float32, device=pos.device)
+    if offset is not None:
+        pos = pos + torch.tensor(offset, dtype=torch.float32, device=pos.device)
+    return pos
+
+
+def pack_videos(videos: Sequence[torch.Tensor], patch_size: Sequence[int]) -> PackedVideos:
+    """Patchify videos of different sizes (same channel count) and pack their tokens.
+
+    Args:
+        videos: list of (C, Ti, Hi, Wi) tensors; ``patch_size`` (pt, ph, pw) divides each (Ti, Hi, Wi).
+    Returns:
+        :class:`PackedVideos` with tokens (total, C*pt*ph*pw).
+    """
+    if len(videos) == 0:
+        raise ValueError("videos must be a non-empty list of (C, T, H, W) tensors")
+    tokens = [patchify_3d(v.unsqueeze(0), patch_size)[0] for v in videos]
+    grids = torch.tensor([[s // p for s, p in zip(v.shape[1:], patch_size)] for v in videos], dtype=torch.int32,
+                         device=videos[0].device)
+    lengths = [t.shape[0] for t in tokens]
+    return PackedVideos(torch.cat(tokens), cu_seqlens_from_lengths(lengths, videos[0].device), max(lengths), grids,
+                        grid_positions(grids))
+
+
+def unpack(tokens: torch.Tensor, cu_seqlens: torch.Tensor, grids: torch.Tensor,
+           patch_size: Sequence[int]) -> list[torch.Tensor]:
+    """Inverse of :func:`pack_videos`: (total, C*pt*ph*pw) tokens -> list of (C, Ti, Hi, Wi) videos."""
+    cu = cu_seqlens.tolist()
+    return [unpatchify_3d(tokens[cu[i]:cu[i + 1]].unsqueeze(0), grid, patch_size)[0]
+            for i, grid in enumerate(grids.tolist())]
