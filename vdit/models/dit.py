@@ -1,0 +1,142 @@
+"""VideoDiT: a diffusion transformer over packed spacetime patches, built from vdit modules.
+
+Videos of different (T, H, W) are patch-embedded into one packed sequence; every block runs
+self-attention over all spacetime tokens of the same video (3D RoPE), cross-attention to that
+sample's text tokens, and an MLP, each modulated per sample by adaLN from the timestep and the
+pooled prompt. The model predicts the flow-matching velocity.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from vdit.nn import AdaLNModulation, PatchEmbed3d, PatchUnembed3d, RotaryEmbedding3d, VarlenCrossAttention, VarlenSelfAttention
+from vdit.ops import adaln_modulate, gated_residual, reference
+from vdit.packing import grid_positions
+
+
+@dataclasses.dataclass
+class VideoDiTConfig:
+    """Hyper-parameters of :class:`VideoDiT`."""
+
+    in_channels: int = 3
+    out_channels: int | None = None  # default: in_channels
+    patch_size: tuple[int, int, int] = (2, 8, 8)
+    hidden_size: int = 256
+    depth: int = 6
+    heads: int = 4
+    kv_heads: int | None = None
+    mlp_ratio: float = 4.0
+    context_dim: int = 128
+    rope_dims: tuple[int, int, int] | None = None  # default: a near-even split of the head dim
+    rope_theta: float = 10000.0
+    qk_norm: str | None = "rms"
+
+    def __post_init__(self):
+        self.patch_size = tuple(self.patch_size)
+        if self.out_channels is None:
+            self.out_channels = self.in_channels
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by heads {self.heads}")
+        if self.rope_dims is None:
+            self.rope_dims = RotaryEmbedding3d.even_split(self.head_dim)
+        self.rope_dims = tuple(self.rope_dims)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.heads
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "VideoDiTConfig":
+        """``tiny`` (tests), ``small`` (CPU benchmarks, demo size class) or ``xl`` (~700M parameters, the
+        size class of Open-Sora / Latte XL, for GPU benchmarks), on 16-channel latents for small/xl."""
+        presets = {
+            "tiny": dict(in_channels=3, patch_size=(1, 4, 4), hidden_size=64, depth=2, heads=4, context_dim=32),
+            "small": dict(in_channels=16, patch_size=(1, 2, 2), hidden_size=384, depth=12, heads=6, context_dim=512),
+            "xl": dict(in_channels=16, patch_size=(1, 2, 2), hidden_size=1152, depth=28, heads=16, context_dim=4096),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(presets)}")
+        return cls(**{**presets[name], **overrides})
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding (B, dim) of timesteps t (B,) in [0, 1] (scaled by 1000 as in DiT)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (t.float() * 1000)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class DiTBlock(nn.Module):
+    """adaLN -> self-attention (3D RoPE) -> gated residual -> cross-attention -> adaLN -> MLP -> gated residual."""
+
+    def __init__(self, cfg: VideoDiTConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.modulation = AdaLNModulation(d, d, chunks=6)
+        self.attn = VarlenSelfAttention(d, cfg.heads, kv_heads=cfg.kv_heads, qk_norm=cfg.qk_norm)
+        self.cross_norm = nn.LayerNorm(d, eps=1e-6)
+        self.cross = VarlenCrossAttention(d, cfg.context_dim, cfg.heads, qk_norm=cfg.qk_norm)
+        hidden = int(d * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
+
+    def forward(self, x, c, cu, max_len, positions, rope, context, cu_ctx, max_ctx):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
+        h = self.attn(adaln_modulate(x, shift1, scale1, cu), cu, max_len, positions, rope)
+        x = gated_residual(x, h, gate1, cu)
+        x = x + self.cross(self.cross_norm(x), cu, context, cu_ctx, max_len, max_ctx)
+        h = self.mlp(adaln_modulate(x, shift2, scale2, cu))
+        return gated_residual(x, h, gate2, cu)
+
+
+class VideoDiT(nn.Module):
+    """Text-conditioned video diffusion transformer over packed variable-size videos.
+
+    ``forward(videos, timesteps, context, cu_seqlens_context)``:
+        videos: list of B tensors (C_in, Ti, Hi, Wi) (noisy inputs; sizes divisible by the patch size),
+        timesteps: (B,) float in [0, 1] (flow-matching time, 1 = pure noise),
+        context: (total_ctx, context_dim) packed text embeddings, cu_seqlens_context int32 (B + 1,).
+        Returns a list of B tensors (C_out, Ti, Hi, Wi): the predicted velocity (noise - data).
+    """
+
+    def __init__(self, cfg: VideoDiTConfig):
+        super().__init__()
+        self.config = cfg
+        d = cfg.hidden_size
+        self.patch_embed = PatchEmbed3d(cfg.in_channels, d, cfg.patch_size)
+        self.time_mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
+        self.pooled_text = nn.Sequential(nn.Linear(cfg.context_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.rope = RotaryEmbedding3d(cfg.head_dim, cfg.rope_dims, cfg.rope_theta)
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.final_modulation = AdaLNModulation(d, d, chunks=2)
+        self.unembed = PatchUnembed3d(d, cfg.out_channels, cfg.patch_size)
+        nn.init.zeros_(self.unembed.weight)  # start by predicting zero velocity
+        nn.init.zeros_(self.unembed.bias)
+
+    def conditioning(self, timesteps: torch.Tensor, context: torch.Tensor, cu_ctx: torch.Tensor) -> torch.Tensor:
+        """(B, hidden) adaLN input: timestep embedding + pooled (mean) text embedding per sample."""
+        lengths = (cu_ctx[1:] - cu_ctx[:-1]).clamp_min(1).to(context.dtype)
+        seg = reference.segment_ids(cu_ctx, context.shape[0])
+        pooled = torch.zeros(len(lengths), context.shape[1], dtype=context.dtype, device=context.device)
+        pooled = pooled.index_add(0, seg, context) / lengths[:, None]
+        return self.time_mlp(timestep_embedding(timesteps, 256).to(context.dtype)) + self.pooled_text(pooled)
+
+    def forward(self, videos: Sequence[torch.Tensor], timesteps: torch.Tensor, context: torch.Tensor,
+                cu_seqlens_context: torch.Tensor) -> list[torch.Tensor]:
+        if len(videos) != timesteps.shape[0] or cu_seqlens_context.shape[0] != len(videos) + 1:
+            raise ValueError(f"got {len(videos)} videos, {timesteps.shape[0]} timesteps and "
+                             f"{cu_seqlens_context.shape[0] - 1} prompts; they must match")
+        x, cu, grids = self.patch_embed(list(videos))
+        positions = grid_positions(grids)
+        max_len = int((cu[1:] - cu[:-1]).max())
+        max_ctx = int((cu_seqlens_context[1:] - cu_seqlens_context[:-1]).max())
+        c = self.conditioning(timesteps, context, cu_seqlens_context)
+        for block in self.blocks:
+            x = block(x, c, cu, max_len, positions, self.rope, context, cu_seqlens_context, max_ctx)
+        shift, scale = self.final_modulation(c)
+        return self.unembed(adaln_modulate(x, shift, scale, cu), cu_seqlens=cu, grids=grids)

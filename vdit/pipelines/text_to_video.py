@@ -1,0 +1,74 @@
+"""TextToVideo: tokenizer + text encoder + VideoDiT, saved and loaded as safetensors + JSON."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from vdit.checkpoint import CheckpointError, dataclass_from_dict, load_into, load_tensors, read_json, save_tensors, write_json
+from vdit.models import TextEncoder, VideoDiT, VideoDiTConfig, WordTokenizer
+
+
+@dataclasses.dataclass
+class TextEncoderConfig:
+    dim: int = 128
+    depth: int = 2
+    heads: int = 4
+    max_len: int = 64
+
+
+class TextToVideo(nn.Module):
+    """The demo text-to-video model: ``encode(prompts)`` -> packed context; ``dit`` predicts velocities."""
+
+    CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+    def __init__(self, dit_config: VideoDiTConfig, vocabulary: Sequence[str], text_config: TextEncoderConfig | None = None):
+        super().__init__()
+        self.text_config = text_config or TextEncoderConfig()
+        if dit_config.context_dim != self.text_config.dim:
+            raise ValueError(f"dit context_dim {dit_config.context_dim} must equal the text encoder dim {self.text_config.dim}")
+        self.tokenizer = WordTokenizer(vocabulary)
+        self.text_encoder = TextEncoder(len(self.tokenizer), **dataclasses.asdict(self.text_config))
+        self.dit = VideoDiT(dit_config)
+
+    def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed text embeddings (total, dim) and cu_seqlens int32 (B + 1,) of ``prompts``."""
+        device = next(self.parameters()).device
+        ids, cu = self.tokenizer.encode_batch(prompts, device)
+        return self.text_encoder(ids, cu), cu
+
+    def config_dict(self) -> dict:
+        return {"dit": dataclasses.asdict(self.dit.config), "text_encoder": dataclasses.asdict(self.text_config),
+                "vocabulary": self.tokenizer.vocab[2:]}
+
+    def save(self, directory: str, *, weights_name: str | None = None, dtype: torch.dtype | None = None,
+             state_dict: dict | None = None) -> None:
+        """Write ``config.json`` and the weights (``model.safetensors`` by default) into ``directory``."""
+        os.makedirs(directory, exist_ok=True)
+        write_json(os.path.join(directory, self.CONFIG_FILE), self.config_dict())
+        save_tensors(os.path.join(directory, weights_name or self.WEIGHTS_FILE), state_dict or self.state_dict(), dtype)
+
+    @classmethod
+    def from_config(cls, config: dict, source: str = "config") -> "TextToVideo":
+        unknown = sorted(set(config) - {"dit", "text_encoder", "vocabulary"})
+        if unknown:
+            raise CheckpointError(f"{source}: unknown keys {unknown}")
+        try:
+            dit = dataclass_from_dict(VideoDiTConfig, config["dit"], source)
+            text = dataclass_from_dict(TextEncoderConfig, config["text_encoder"], source)
+            return cls(dit, config["vocabulary"], text)
+        except KeyError as exc:
+            raise CheckpointError(f"{source}: missing key {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{source}: invalid configuration: {exc}") from None
+
+    @classmethod
+    def load(cls, weights: str, config: str | None = None, *, device="cpu") -> "TextToVideo":
+        """Load from a safetensors file and its JSON config (default: config.json beside the weights)."""
+        config = config or os.path.join(os.path.dirname(weights), cls.CONFIG_FILE)
+        model = cls.from_config(read_json(config), config)
+        load_into(model, load_tensors(weights), "", weights)
+        return model.to(device).eval()

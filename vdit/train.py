@@ -1,0 +1,161 @@
+"""vdit-train: flow-matching training of the demo text-to-video model on the shapes dataset.
+
+Batches are packed videos of mixed sizes filled up to a token budget. Checkpoints (safetensors + JSON)
+are written to --out every --save-every steps and at the end; running the same command again resumes
+from the last checkpoint exactly (model, EMA, optimizer, data position and RNG state).
+
+    python -m vdit.train --out runs/demo --steps 4000
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import random
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from vdit.checkpoint import CheckpointError, load_into, load_tensors, read_json, save_tensors, write_json
+from vdit.data.shapes import ShapesDataset, vocabulary
+from vdit.models import VideoDiTConfig
+from vdit.pipelines.text_to_video import TextEncoderConfig, TextToVideo
+from vdit.training import ema_update, flow_matching_loss
+
+STATE_FILE, EMA_FILE, OPTIM_FILE = "state.json", "ema.safetensors", "optimizer.safetensors"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="vdit-train", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="checkpoint directory (resumed if it holds a checkpoint)")
+    p.add_argument("--steps", type=int, default=4000, help="total optimizer steps")
+    p.add_argument("--tokens-per-batch", type=int, default=2048, help="patch-token budget of one packed batch")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warmup steps")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay")
+    p.add_argument("--caption-dropout", type=float, default=0.1, help="probability of an empty prompt (for CFG)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--patch-size", default="2x8x8", help="pt x ph x pw")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def new_model(args) -> TextToVideo:
+    patch = tuple(int(v) for v in args.patch_size.split("x"))
+    text = TextEncoderConfig()
+    cfg = VideoDiTConfig(in_channels=3, patch_size=patch, hidden_size=args.hidden_size, depth=args.depth,
+                         heads=args.heads, context_dim=text.dim)
+    return TextToVideo(cfg, vocabulary(), text)
+
+
+def next_batch(dataset: ShapesDataset, index: int, budget: int, patch, seed: int, dropout: float):
+    """Videos from ``index`` on until the token budget is reached; returns (videos, captions, next index)."""
+    videos, captions, tokens = [], [], 0
+    while True:
+        spec, _ = dataset.spec(index)
+        n = (spec.frames // patch[0]) * (spec.height // patch[1]) * (spec.width // patch[2])
+        if videos and tokens + n > budget:
+            return videos, captions, index
+        video, caption, _ = dataset[index]
+        if random.Random(f"dropout/{seed}/{index}").random() < dropout:
+            caption = ""
+        videos.append(video)
+        captions.append(caption)
+        tokens += n
+        index += 1
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, name in enumerate(names):
+        for key, value in opt.state.get(opt.param_groups[0]["params"][i], {}).items():
+            out[f"{key}/{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return out
+
+
+def load_optimizer(opt: torch.optim.Optimizer, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
+    params = opt.param_groups[0]["params"]
+    for i, name in enumerate(names):
+        state = {key.split("/", 1)[0]: v for key, v in tensors.items() if key.split("/", 1)[1] == name}
+        if state:
+            opt.state[params[i]] = state
+
+
+def save_checkpoint(out, model, ema, opt, names, step, data_index, args):
+    model.save(out)
+    save_tensors(os.path.join(out, EMA_FILE), ema.state_dict())
+    save_tensors(os.path.join(out, OPTIM_FILE), {**optimizer_tensors(opt, names), "rng/torch": torch.get_rng_state()})
+    write_json(os.path.join(out, STATE_FILE), {"step": step, "data_index": data_index, "args": vars(args)})
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    state_path = os.path.join(args.out, STATE_FILE)
+    if os.path.exists(state_path):
+        model = TextToVideo.load(os.path.join(args.out, TextToVideo.WEIGHTS_FILE), device=device).train()
+    else:
+        model = new_model(args).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    names = [n for n, _ in model.named_parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+    step, data_index = 0, 0
+    if os.path.exists(state_path):
+        state = read_json(state_path)
+        step, data_index = state["step"], state["data_index"]
+        load_into(ema, load_tensors(os.path.join(args.out, EMA_FILE)), "", EMA_FILE)
+        optim = load_tensors(os.path.join(args.out, OPTIM_FILE))
+        torch.set_rng_state(optim.pop("rng/torch"))
+        load_optimizer(opt, names, {k: v.to(device) for k, v in optim.items()})
+        print(f"resuming from {args.out} at step {step}", file=sys.stderr)
+    dataset = ShapesDataset(seed=args.seed)
+    patch = model.dit.config.patch_size
+    params = sum(p.numel() for p in model.parameters())
+    print(f"vdit-train: {params / 1e6:.2f}M parameters on {device}, {args.tokens_per_batch} tokens per batch",
+          file=sys.stderr)
+    bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True)
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    while step < args.steps:
+        start = time.perf_counter()
+        videos, captions, data_index = next_batch(dataset, data_index, args.tokens_per_batch, patch, args.seed,
+                                                  args.caption_dropout)
+        videos = [v.to(device) for v in videos]
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        with autocast:
+            context, cu_ctx = model.encode(captions)
+            loss = flow_matching_loss(model.dit, videos, context, cu_ctx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
+        tokens = sum((v.shape[1] // patch[0]) * (v.shape[2] // patch[1]) * (v.shape[3] // patch[2]) for v in videos)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", videos=len(videos), tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+        if step % args.save_every == 0 or step == args.steps:
+            save_checkpoint(args.out, model, ema, opt, names, step, data_index, args)
+    bar.close()
+    return 0
+
+
+def cli() -> None:
+    try:
+        sys.exit(main())
+    except CheckpointError as exc:
+        print(f"vdit-train: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()
