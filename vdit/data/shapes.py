@@ -33,6 +33,19 @@ MOTIONS = {
 }
 SCALINGS = {"": 1.0, "grows": 1.6, "shrinks": 0.6}  # final size / initial size
 FRAME_COUNTS = (8, 10, 12, 14, 16)
+
+
+def _held_out_combinations() -> frozenset[tuple[str, str, str]]:
+    """(colour, shape, motion) triples never drawn for training: every 6th of the sorted product.
+
+    Each colour, shape and motion still appears in training, only not these combinations, so the demo
+    evaluation can test generalization to captions the model has never seen.
+    """
+    combos = sorted((c, s, m) for c in COLORS for s in SHAPES for m in MOTIONS)
+    return frozenset(combos[::6])
+
+
+HELD_OUT = _held_out_combinations()
 SIDES = (32, 40, 48, 56, 64)
 
 
@@ -85,8 +98,12 @@ def random_spec(rng: random.Random, *, frames=None, height=None, width=None, max
     if rng.random() < 0.2:
         background2 = rng.choice([b for b in BACKGROUNDS if b != background])
     colors = rng.sample([c for c in COLORS if c not in (background, background2)], n_objects)
-    objects = [ObjectSpec(rng.choice(SHAPES), colors[i], rng.choice(list(SIZES)), rng.choice(list(MOTIONS)),
-                          rng.choice(["", "", "", "grows", "shrinks"])) for i in range(n_objects)]
+    objects = []
+    for color in colors:
+        shape, motion = rng.choice(SHAPES), rng.choice(list(MOTIONS))
+        while (color, shape, motion) in HELD_OUT:
+            shape, motion = rng.choice(SHAPES), rng.choice(list(MOTIONS))
+        objects.append(ObjectSpec(shape, color, rng.choice(list(SIZES)), motion, rng.choice(["", "", "", "grows", "shrinks"])))
     return VideoSpec(frames or rng.choice(FRAME_COUNTS), height or rng.choice(SIDES), width or rng.choice(SIDES),
                      background, background2, objects)
 
@@ -96,7 +113,7 @@ def _start_and_end(rng: random.Random, spec: VideoSpec, o: ObjectSpec) -> tuple[
     dx, dy = MOTIONS[o.motion]
     H, W = spec.height, spec.width
     travel = 0.45 * min(H, W)
-    margin = SIZES[o.size] * min(H, W) * 0.8
+    margin = SIZES[o.size] * min(H, W) * 0.8 * max(1.0, 1 / math.sqrt(SCALINGS[o.scaling]))
 
     def coordinate(extent, d):
         if d == 0:

@@ -72,3 +72,26 @@ class TextToVideo(nn.Module):
         model = cls.from_config(read_json(config), config)
         load_into(model, load_tensors(weights), "", weights)
         return model.to(device).eval()
+
+
+def generate(model: TextToVideo, prompts: Sequence[str], *, frames: int = 16, height: int = 64, width: int = 64,
+             steps: int = 30, guidance: float = 4.0, seed: int = 0, method: str = "euler", shift: float | None = 3.0,
+             progress: bool = True) -> list[torch.Tensor]:
+    """Generate one video per prompt with ``model``: list of float32 (3, frames, height, width) in [-1, 1].
+
+    Raises ValueError when (frames, height, width) is not divisible by the model's patch size.
+    """
+    from vdit.sampling import FlowSampler
+
+    cfg = model.dit.config
+    if any(s <= 0 or s % p for s, p in zip((frames, height, width), cfg.patch_size)):
+        raise ValueError(f"frames x height x width = {frames}x{height}x{width} must be positive multiples of the "
+                         f"patch size {'x'.join(map(str, cfg.patch_size))}")
+    with torch.no_grad():
+        context, cu = model.encode(list(prompts))
+        uncond, cu_uncond = model.encode([""] * len(prompts))
+    sampler = FlowSampler(model.dit, steps=steps, method=method, shift=shift, guidance=guidance, progress=progress)
+    shapes = [(cfg.out_channels, frames, height, width)] * len(prompts)
+    videos = sampler(shapes, context, cu, uncond_context=uncond, uncond_cu_seqlens=cu_uncond, seed=seed,
+                     patch_size=cfg.patch_size)
+    return [v.clamp(-1, 1).float().cpu() for v in videos]
