@@ -69,8 +69,9 @@ class TextToVideo(nn.Module):
     def load(cls, weights: str, config: str | None = None, *, device="cpu") -> "TextToVideo":
         """Load from a safetensors file and its JSON config (default: config.json beside the weights)."""
         config = config or os.path.join(os.path.dirname(weights), cls.CONFIG_FILE)
+        tensors = load_tensors(weights)
         model = cls.from_config(read_json(config), config)
-        load_into(model, load_tensors(weights), "", weights)
+        load_into(model, tensors, "", weights)
         return model.to(device).eval()
 
 

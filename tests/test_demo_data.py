@@ -1,0 +1,52 @@
+"""The shapes dataset and the demo evaluation's image analysis."""
+import torch
+
+from vdit.data.shapes import COLORS, HELD_OUT, MOTIONS, ShapesDataset, VideoSpec, ObjectSpec, render, vocabulary
+from vdit.eval_demo import classify_colour, classify_motion, foreground_masks, held_out_prompts
+from vdit.models import WordTokenizer
+
+
+def test_samples_are_deterministic_and_varied():
+    a, b = ShapesDataset(seed=3), ShapesDataset(seed=3)
+    for i in range(5):
+        va, ca, _ = a[i]
+        vb, cb, _ = b[i]
+        assert torch.equal(va, vb) and ca == cb
+    shapes = {tuple(ShapesDataset(seed=3)[i][0].shape) for i in range(20)}
+    assert len(shapes) > 5  # mixed durations and aspect ratios
+    assert ShapesDataset(seed=4)[0][1] != a[0][1] or not torch.equal(ShapesDataset(seed=4)[0][0], a[0][0])
+
+
+def test_captions_agree_with_labels_and_vocabulary():
+    tok = WordTokenizer(vocabulary())
+    ds = ShapesDataset(seed=1)
+    for i in range(50):
+        video, caption, spec = ds[i]
+        assert video.shape == (3, spec.frames, spec.height, spec.width) and video.min() >= -1 and video.max() <= 1
+        assert caption == spec.caption()
+        for o in spec.objects:
+            assert o.color in caption and o.shape in caption and o.motion in caption
+            assert (o.color, o.shape, o.motion) not in HELD_OUT  # held-out combinations never train
+        assert tok.index["<unk>"] not in tok.encode(caption)
+
+
+def test_image_analysis_recovers_rendered_labels():
+    """The evaluation's colour and motion classifiers are right on ground-truth videos."""
+    import random
+
+    rng = random.Random(0)
+    hits = 0
+    cases = [(c, s, m) for (c, s, m) in sorted(HELD_OUT)][:24]
+    for colour, shape, motion in cases:
+        spec = VideoSpec(16, 48, 48, "black", None, [ObjectSpec(shape, colour, "medium", motion)])
+        video = render(spec, rng)
+        masks = foreground_masks(video, "black")
+        hits += classify_colour(video, masks) == colour and classify_motion(masks) == motion
+    assert hits == len(cases)
+
+
+def test_held_out_prompts_use_every_attribute_seen_in_training():
+    prompts = held_out_prompts(10)
+    assert len(prompts) == 10 and len({p for p, *_ in prompts}) == 10
+    for prompt, colour, shape, motion in prompts:
+        assert colour in COLORS and motion in MOTIONS and prompt.startswith(f"a {colour} {shape} {motion}")
