@@ -111,8 +111,9 @@ void launch(const PatchGeometry& g, int64_t batch, void* video, void* tokens) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   T* v = static_cast<T*>(video);
   T* t = static_cast<T*>(tokens);
-  constexpr int kVec = 16 / sizeof(T);
-  if (packet_width<T>(g, tile_w, video, tokens) == kVec) {
+  // 8-byte elements (float64) stay scalar: a two-element packet of them costs a stack frame.
+  constexpr int kVec = sizeof(T) >= 8 ? 1 : 16 / sizeof(T);
+  if (kVec > 1 && packet_width<T>(g, tile_w, video, tokens) == kVec) {
     patch_transpose_kernel<T, kVec, kToTokens><<<blocks, kThreads, smem, stream>>>(v, t, L);
   } else {
     patch_transpose_kernel<T, 1, kToTokens><<<blocks, kThreads, smem, stream>>>(v, t, L);

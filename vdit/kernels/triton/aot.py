@@ -20,6 +20,23 @@ from triton.runtime.jit import JITFunction
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """One shipped configuration of a Triton kernel, as the static GPU check compiles it.
+
+    ``signature`` maps each runtime argument to a triton type (``"*fp16"``, ``"i32"``); ``constexprs``
+    maps constexpr arguments to values; ``label`` names the case (e.g. ``"fwd d128 bf16 128x64"``).
+    """
+
+    kernel: object
+    signature: dict
+    constexprs: dict
+    num_warps: int = 4
+    num_stages: int = 2
+    label: str = ""
+    matmul: bool = False  # whether the kernel's hot loop is a tl.dot (sm_90 should use wgmma)
+
+
 @dataclasses.dataclass
 class KernelResources:
     """Resource use of one compiled kernel configuration."""
@@ -91,6 +108,11 @@ def resources(kernel, signature: dict, constexprs: dict, arch: int, num_warps: i
         spill_stores=int(spill.group(1)) if spill else 0, spill_loads=int(spill.group(2)) if spill else 0,
         stack=int(stack.group(1)) if stack else 0, shared=int(compiled.metadata.shared),
         uses_wgmma="wgmma" in ptx)
+
+
+def spec_resources(spec: KernelSpec, arch: int) -> KernelResources:
+    """:func:`resources` of one :class:`KernelSpec`."""
+    return resources(spec.kernel, spec.signature, spec.constexprs, arch, spec.num_warps, spec.num_stages)
 
 
 def fn_name(kernel) -> str:

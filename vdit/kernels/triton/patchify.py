@@ -90,3 +90,20 @@ def unpatchify_3d(tokens: torch.Tensor, grid: tuple[int, int, int], patch_size: 
     x = new_output((B, F // (pt * ph * pw), Tp * pt, Hp * ph, Wp * pw), dtype=tokens.dtype, device=tokens.device)
     _launch(x, tokens, patch_size, False)
     return x
+
+
+def aot_specs() -> list:
+    """Every shipped configuration, for the static GPU check (vdit.kernels.triton.registry)."""
+    from vdit.kernels.triton.aot import KernelSpec
+
+    specs = []
+    for dtype in ("fp16", "bf16", "fp32"):
+        signature = {"video_ptr": f"*{dtype}", "tokens_ptr": f"*{dtype}", "C": "i32", "T": "i32", "H": "i32",
+                     "W": "i32", "PT": "i32", "PH": "i32", "PW": "i32"}
+        for block_n, block_f, num_warps in CONFIGS:
+            for to_tokens in (True, False):
+                label = f"{'patchify' if to_tokens else 'unpatchify'} {dtype} {block_n}x{block_f}"
+                specs.append(KernelSpec(patch_transpose_kernel, signature,
+                                        {"TO_TOKENS": to_tokens, "BLOCK_N": block_n, "BLOCK_F": block_f},
+                                        num_warps, 1, label))
+    return specs

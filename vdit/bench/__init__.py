@@ -1,0 +1,1 @@
+"""Benchmark and static-analysis tools behind ``vdit-bench``."""

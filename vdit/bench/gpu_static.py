@@ -1,0 +1,158 @@
+"""Static GPU report: what every shipped GPU kernel costs on sm_80 and sm_90, without a GPU.
+
+Triton kernels: each shipped configuration (vdit.kernels.triton.registry) is compiled ahead of time
+and ptxas reports registers, spill bytes and stack; triton reports shared memory. CUDA C++ kernels:
+read from the compiled extension with cuobjdump (registers, stack, local memory per kernel and arch).
+A configuration that spills, has a stack frame or exceeds shared memory fails the check.
+
+    python -m vdit.bench.gpu_static --out benchmarks/results      # writes gpu-static.md, exit 1 on failure
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import os
+import re
+import subprocess
+import sys
+
+ARCHS = (80, 90)
+REGISTERS_PER_SM = 65536
+MAX_WARPS_PER_SM = {80: 64, 90: 64}
+
+
+def occupancy(registers: int, num_warps: int, shared: int, arch: int) -> float:
+    """Fraction of the SM's warp slots a kernel can fill (registers and shared memory limits)."""
+    from vdit.kernels.triton.aot import SHARED_MEMORY_LIMIT
+
+    regs_per_warp = max(registers, 1) * 32
+    blocks_by_regs = REGISTERS_PER_SM // (regs_per_warp * num_warps)
+    blocks_by_smem = SHARED_MEMORY_LIMIT[arch] // shared if shared else 32
+    blocks = min(blocks_by_regs, blocks_by_smem, MAX_WARPS_PER_SM[arch] // num_warps)
+    return blocks * num_warps / MAX_WARPS_PER_SM[arch]
+
+
+def triton_rows(archs=ARCHS, jobs: int = 2) -> list[dict]:
+    from vdit.kernels.triton import aot
+    from vdit.kernels.triton.registry import shipped_specs
+
+    work = [(module, spec, arch) for module, specs in shipped_specs().items() for spec in specs for arch in archs]
+
+    def one(item):
+        module, spec, arch = item
+        try:
+            r = aot.spec_resources(spec, arch)
+        except Exception as exc:  # a configuration that does not compile is a failure, not a crash
+            return dict(module=module, label=spec.label, arch=arch, error=f"{type(exc).__name__}: {exc}"[:200])
+        return dict(module=module, label=spec.label, arch=arch, warps=spec.num_warps, stages=spec.num_stages,
+                    registers=r.registers, spill=r.spills, stack=r.stack, shared=r.shared, fits=r.fits,
+                    occupancy=occupancy(r.registers, spec.num_warps, r.shared, arch),
+                    wgmma=r.uses_wgmma if spec.matmul and arch == 90 else None)
+
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        return list(pool.map(one, work))
+
+
+def cuda_rows(extension_path: str | None = None) -> list[dict]:
+    """Per-kernel resource usage of the CUDA extension (empty if it was built without CUDA)."""
+    import vdit
+    from vdit.kernels.triton.aot import _nvidia_tool
+
+    if extension_path is None:
+        if not vdit.build_info()["cuda"]:
+            return []
+        from vdit import _C
+
+        extension_path = _C.__file__
+    out = subprocess.run([_nvidia_tool("cuobjdump"), "-res-usage", extension_path], capture_output=True, text=True,
+                         check=True).stdout
+    rows, arch = [], None
+    lines = out.splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"arch = sm_(\d+)", line.strip())
+        if m:
+            arch = int(m.group(1))
+        m = re.match(r"\s*Function (\S+):", line)
+        if m and i + 1 < len(lines):
+            usage = dict(re.findall(r"(\w+(?:\[\d+\])?):(\d+)", lines[i + 1]))
+            rows.append(dict(kernel=_demangle(m.group(1)), arch=arch, registers=int(usage.get("REG", 0)),
+                             stack=int(usage.get("STACK", 0)), local=int(usage.get("LOCAL", 0)),
+                             shared=int(usage.get("SHARED", 0))))
+    return rows
+
+
+def _demangle(name: str) -> str:
+    try:
+        return subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip() or name
+    except OSError:
+        return name
+
+
+def failures(triton: list[dict], cuda: list[dict]) -> list[str]:
+    bad = []
+    for r in triton:
+        if "error" in r:
+            bad.append(f"{r['module']} {r['label']} sm_{r['arch']}: does not compile ({r['error']})")
+        elif r["spill"] or r["stack"] or not r["fits"]:
+            bad.append(f"{r['module']} {r['label']} sm_{r['arch']}: spill {r['spill']} B, stack {r['stack']} B, "
+                       f"shared {r['shared']} B")
+    for r in cuda:
+        if r["local"] or r["stack"]:
+            bad.append(f"CUDA {r['kernel']} sm_{r['arch']}: stack {r['stack']} B, local {r['local']} B")
+    return bad
+
+
+def report(triton: list[dict], cuda: list[dict]) -> str:
+    import triton as triton_pkg
+
+    import vdit
+
+    info = vdit.build_info()
+    lines = ["# Static GPU report", "",
+             f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by `python -m vdit.bench.gpu_static` "
+             f"with triton {triton_pkg.__version__}, torch {info['torch']}, CUDA extension archs "
+             f"`{info['cuda_archs'] or 'none'}`. No GPU is needed: Triton kernels are compiled ahead of time and "
+             "ptxas reports their resources; CUDA kernels are read from the extension with cuobjdump.", "",
+             "## Triton kernels", "",
+             "| module | configuration | arch | warps | stages | registers | spill (B) | stack (B) | shared (KiB) | occupancy | wgmma |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in triton:
+        if "error" in r:
+            lines.append(f"| {r['module']} | {r['label']} | sm_{r['arch']} | | | | | | | | error: {r['error']} |")
+            continue
+        wgmma = "" if r["wgmma"] is None else ("yes" if r["wgmma"] else "**no**")
+        lines.append(f"| {r['module']} | {r['label']} | sm_{r['arch']} | {r['warps']} | {r['stages']} | {r['registers']} | "
+                     f"{r['spill']} | {r['stack']} | {r['shared'] / 1024:.1f} | {r['occupancy']:.0%} | {wgmma} |")
+    lines += ["", "## CUDA C++ kernels (vdit._C)", ""]
+    if cuda:
+        lines += ["| kernel | arch | registers | stack (B) | local (B) | static shared (B) |", "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| `{r['kernel']}` | sm_{r['arch']} | {r['registers']} | {r['stack']} | {r['local']} | {r['shared']} |"
+                  for r in cuda]
+    else:
+        lines.append("The extension was built without CUDA kernels.")
+    bad = failures(triton, cuda)
+    lines += ["", "## Result", "", "All configurations compile without spills and fit their shared memory." if not bad
+              else "Failing configurations:\n\n" + "\n".join(f"- {b}" for b in bad), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args(argv)
+    triton, cuda = triton_rows(jobs=args.jobs), cuda_rows()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "gpu-static.md")
+    with open(path, "w") as f:
+        f.write(report(triton, cuda))
+    bad = failures(triton, cuda)
+    print(f"wrote {path}: {len(triton)} Triton configurations, {len(cuda)} CUDA kernels, {len(bad)} failing")
+    for b in bad:
+        print("  FAIL", b)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""vdit-bench: run the benchmark suite and write a report with tables and plots.
+
+Runs every ``benchmarks/bench_*.py`` module (pytest-benchmark) in one process, so each op and its
+baselines, and the machine's ceilings (bench_roofline.py), are measured in the same run. Writes
+``<device>.md`` (machine, versions, date, one table per module: vdit time, each baseline's time,
+speedup, achieved GB/s or GFLOP/s, % of roofline), ``<device>.json`` (raw) and ``<device>-speedups.png``.
+
+    vdit-bench --quick                 # under 5 minutes on a 2-core CPU
+    vdit-bench --gpu-static            # static GPU report (no GPU needed): gpu-static.md
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+
+import torch
+
+import vdit
+from vdit.bench.tables import ceilings, groups, markdown_table, vdit_row
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    return "cpu"
+
+
+def find_benchmarks() -> str:
+    candidates = [os.environ.get("VDIT_BENCH_DIR"), os.path.join(os.getcwd(), "benchmarks"),
+                  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(vdit.__file__))), "benchmarks")]
+    for path in candidates:
+        if path and os.path.isfile(os.path.join(path, "bench_roofline.py")):
+            return path
+    raise SystemExit("vdit-bench: cannot find the benchmarks/ folder of a vdit checkout; run from the repository "
+                     "root or set VDIT_BENCH_DIR")
+
+
+def run_suite(bench_dir: str, json_path: str, quick: bool, select: str | None) -> int:
+    cmd = [sys.executable, "-m", "pytest", bench_dir, "-q", "--benchmark-only", f"--benchmark-json={json_path}",
+           "-o", "python_files=bench_*.py", "-p", "no:cacheprovider", "--rootdir", os.path.dirname(bench_dir)]
+    if quick:
+        cmd += ["--benchmark-min-rounds=3", "--benchmark-max-time=0.25", "--benchmark-warmup=off"]
+    if select:
+        cmd += ["-k", select]
+    env = {**os.environ, "VDIT_BENCH_QUICK": "1" if quick else "0",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(bench_dir), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.call(cmd, env=env)
+
+
+def module_of(bench: dict) -> str:
+    return bench["fullname"].split("::")[0].rsplit("/", 1)[-1].removesuffix(".py").removeprefix("bench_")
+
+
+def write_report(data: dict, out_dir: str, device: str) -> str:
+    info = vdit.build_info()
+    ceiling = ceilings(data)
+    lines = [f"# vdit benchmarks: {device}", "",
+             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+             f"- machine: {data['machine_info'].get('cpu', {}).get('brand_raw', '?')}, "
+             f"{data['machine_info'].get('cpu', {}).get('count', '?')} cores, torch threads {torch.get_num_threads()}"
+             + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+             f"- versions: vdit {vdit.__version__}, torch {info['torch']}, triton {info['triton']}, "
+             f"python {data['machine_info'].get('python_version', '?')}",
+             f"- ceilings measured in this run: copy {ceiling.get('bandwidth', 0) / 1e9:.1f} GB/s, "
+             f"fp32 matmul {ceiling.get('flops', 0) / 1e9:.1f} GFLOP/s", "",
+             "Speedup = baseline time / vdit time (higher is better for vdit); % of roofline = "
+             "max(bytes / copy bandwidth, FLOPs / matmul rate) / time.", ""]
+    by_module: dict[str, list] = {}
+    for bench in data["benchmarks"]:
+        by_module.setdefault(module_of(bench), []).append(bench)
+    for module, benches in by_module.items():
+        if module == "roofline":
+            continue
+        lines.append(markdown_table({**data, "benchmarks": benches}, module.replace("_", " "), ceiling))
+    path = os.path.join(out_dir, f"{device}.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def plot_speedups(data: dict, path: str) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, values = [], []
+    for group, rows in groups(data).items():
+        ours = vdit_row(rows)
+        if ours is None:
+            continue
+        for r in rows:
+            if r is not ours:
+                labels.append(f"{group}\nvs {r['extra_info'].get('impl', r['name'])}")
+                values.append(r["stats"]["median"] / ours["stats"]["median"])
+    if not values:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(values) + 1))
+    colors = ["tab:green" if v >= 1 else "tab:red" for v in values]
+    ax.barh(range(len(values)), values, color=colors)
+    ax.set_yticks(range(len(values)), labels, fontsize=7)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("vdit speedup (baseline time / vdit time, log scale)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="vdit-bench", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small shapes and few rounds (< 5 minutes on 2 CPU cores)")
+    p.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    p.add_argument("-k", dest="select", default=None, help="pytest -k expression selecting benchmarks")
+    p.add_argument("--gpu-static", action="store_true", help="write the static GPU report instead (no GPU needed)")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if args.gpu_static:
+        from vdit.bench import gpu_static
+
+        return gpu_static.main(["--out", args.out])
+    device = device_name()
+    json_path = os.path.join(args.out, f"{device}.json")
+    status = run_suite(find_benchmarks(), json_path, args.quick, args.select)
+    if not os.path.exists(json_path):
+        print("vdit-bench: the benchmark run produced no results", file=sys.stderr)
+        return status or 1
+    with open(json_path) as f:
+        data = json.load(f)
+    print("wrote", write_report(data, args.out, device))
+    plot = plot_speedups(data, os.path.join(args.out, f"{device}-speedups.png"))
+    if plot:
+        print("wrote", plot)
+    return status
+
+
+def cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
