@@ -131,3 +131,18 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
         TextToVideo.load(str(weights), str(tmp_path / "unknown.json"))
     with pytest.raises(CheckpointError, match="weights file not found"):
         TextToVideo.load(str(tmp_path / "missing.safetensors"), str(tmp_path / "config.json"))
+
+
+def test_block_compiles_fullgraph():
+    """A DiT block traces into one graph through the vdit ops (torch.library custom ops)."""
+    from vdit.packing import grid_positions
+
+    model = tiny_model()
+    block = model.blocks[0]
+    videos, t, context, cu_ctx = batch(model)
+    x, cu, grids = model.patch_embed(videos)
+    c = model.conditioning(t, context, cu_ctx)
+    args = (x, c, cu, int((cu[1:] - cu[:-1]).max()), grid_positions(grids), model.rope, context, cu_ctx, 3)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*args), block(*args), rtol=1e-5, atol=1e-5)
