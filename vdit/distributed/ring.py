@@ -1,0 +1,163 @@
+"""Ring sequence parallelism: each rank keeps its query range while key/value shards travel around the
+ring; partial results merge exactly through their log-sum-exp.
+
+For the pair (query shard of rank r, key/value shard of rank s) only tokens of the same sequence
+interact. Since both shards are contiguous ranges of the packed batch, the tokens of each sequence
+inside them are again contiguous, so the pair is one ordinary varlen attention call with offsets cut
+from the global ``cu_seqlens``. Causal self-attention: shards s < r see all keys, s == r is the causal
+diagonal (same ranges, so the bottom-right alignment is exact), s > r is skipped.
+
+The backward recomputes each pair with the merged output and log-sum-exp (as FlashAttention's
+backward does) and reduce-scatters the key/value gradients back to their owners.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from vdit.distributed.sharding import shard_range, shard_sizes, world
+from vdit.ops import reference
+
+
+def local_offsets(cu: list[int], start: int, end: int) -> torch.Tensor:
+    """int32 offsets of each sequence's tokens inside the range [start, end) of the packed batch."""
+    lengths = [max(0, min(b, end) - max(a, start)) for a, b in zip(cu[:-1], cu[1:])]
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    out[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    return out
+
+
+def _block_forward(q, k, v, cu_q, cu_k, scale, causal):
+    return reference.varlen_attention(q, k, v, cu_q.to(q.device), cu_k.to(q.device), softmax_scale=scale,
+                                      causal=causal, return_lse=True)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _block_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal):
+    """Gradients of one (query, key/value) pair given the merged out and lse (float32 math; float64 for float64)."""
+    cd = _compute_dtype(q.dtype)
+    dq, dk, dv = (torch.zeros(t.shape, dtype=cd, device=t.device) for t in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for i in range(len(cq) - 1):
+        qs, qe, ks, ke = cq[i], cq[i + 1], ck[i], ck[i + 1]
+        if qe == qs or ke == ks:
+            continue
+        qi = q[qs:qe].to(cd).transpose(0, 1)
+        ki = k[ks:ke].to(cd).transpose(0, 1).repeat_interleave(groups, 0)
+        vi = v[ks:ke].to(cd).transpose(0, 1).repeat_interleave(groups, 0)
+        do = dout[qs:qe].to(cd).transpose(0, 1)
+        o = out[qs:qe].to(cd).transpose(0, 1)
+        s = (qi @ ki.transpose(1, 2)) * scale
+        if causal:
+            Lq, Lk = qe - qs, ke - ks
+            mask = torch.arange(Lk, device=q.device)[None] > torch.arange(Lq, device=q.device)[:, None] + (Lk - Lq)
+            s = s.masked_fill(mask, float("-inf"))
+        row_lse = lse[:, qs:qe].to(cd)
+        p = torch.exp(s - torch.where(torch.isinf(row_lse), torch.zeros_like(row_lse), row_lse)[..., None])
+        p = torch.where(torch.isinf(row_lse)[..., None], torch.zeros_like(p), p)
+        dvi = p.transpose(1, 2) @ do
+        dp = do @ vi.transpose(1, 2)
+        ds = p * (dp - (do * o).sum(-1, keepdim=True))
+        dq[qs:qe] = (ds @ ki).transpose(0, 1) * scale
+        dki = (ds.transpose(1, 2) @ qi) * scale
+        Hk = k.shape[1]
+        dk[ks:ke] = dki.reshape(Hk, groups, ke - ks, -1).sum(1).transpose(0, 1)
+        dv[ks:ke] = dvi.reshape(Hk, groups, ke - ks, -1).sum(1).transpose(0, 1)
+    return dq, dk, dv
+
+
+def _merge(out, lse, out_b, lse_b):
+    """Combine two partial attentions over disjoint key sets: (Hq, n) lse, (n, Hq, D) outputs."""
+    new = torch.logaddexp(lse, lse_b)
+    safe = torch.where(torch.isinf(new), torch.zeros_like(new), new)
+    w_a = torch.exp(lse - safe).transpose(0, 1)[..., None]
+    w_b = torch.exp(lse_b - safe).transpose(0, 1)[..., None]
+    return out * w_a + out_b.to(out.dtype) * w_b, new
+
+
+def _ring_pass(tensors, group, sizes_from):
+    """Send ``tensors`` to rank r+1, receive the ones of rank r-1 (whose leading sizes are ``sizes_from``)."""
+    rank, size = world(group)
+    nxt, prv = (rank + 1) % size, (rank - 1) % size
+    received = [t.new_empty((n, *t.shape[1:])) for t, n in zip(tensors, sizes_from)]
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(size))
+    ops = [dist.P2POp(dist.isend, t.contiguous(), ranks[nxt], group) for t in tensors]
+    ops += [dist.P2POp(dist.irecv, r, ranks[prv], group) for r in received]
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+    return received
+
+
+def _pairs(rank, size, total_q, total_k, cu_q, cu_k, kv_replicated, causal):
+    """For each ring step: (owner of the key/value block, local q offsets, local k offsets, causal) or None."""
+    q0, q1 = shard_range(total_q, size, rank)
+    cq = local_offsets(cu_q, q0, q1)
+    steps = []
+    for step in range(1 if kv_replicated else size):
+        owner = (rank - step) % size
+        k0, k1 = (0, total_k) if kv_replicated else shard_range(total_k, size, owner)
+        if causal and owner > rank:
+            steps.append(None)
+            continue
+        steps.append((owner, cq, local_offsets(cu_k, k0, k1), causal and owner == rank))
+    return steps
+
+
+class RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, scale, causal, kv_replicated, group):
+        rank, size = world(group)
+        cu_q_list, cu_k_list = cu_q.tolist(), cu_k.tolist()
+        total_q, total_k = cu_q_list[-1], cu_k_list[-1]
+        pairs = _pairs(rank, size, total_q, total_k, cu_q_list, cu_k_list, kv_replicated, causal)
+        cd = _compute_dtype(q.dtype)
+        out = torch.zeros(q.shape, dtype=cd, device=q.device)
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=cd, device=q.device)
+        kb, vb = k, v
+        for step, pair in enumerate(pairs):
+            if pair is not None:
+                _, cq, ck, blk_causal = pair
+                o_b, l_b = _block_forward(q, kb, vb, cq, ck, scale, blk_causal)
+                out, lse = _merge(out, lse, o_b, l_b.to(cd))
+            if step + 1 < len(pairs):
+                src = (rank - step - 1) % size
+                n = shard_sizes(total_k, size)[src]
+                kb, vb = _ring_pass([kb, vb], group, [n, n])
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.pairs, ctx.scale, ctx.group, ctx.total_k, ctx.kv_replicated = pairs, scale, group, total_k, kv_replicated
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        rank, size = world(ctx.group)
+        cd = _compute_dtype(q.dtype)
+        dq = torch.zeros(q.shape, dtype=cd, device=q.device)
+        if ctx.kv_replicated:
+            _, cq, ck, blk_causal = ctx.pairs[0]
+            dq, dk, dv = _block_backward(dout, q, k, v, out, lse, cq, ck, ctx.scale, blk_causal)
+            return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+        sizes = shard_sizes(ctx.total_k, size)
+        longest = max(sizes)
+        # Partial key/value gradients for every owner, padded so one reduce-scatter returns them.
+        dkv = torch.zeros((size, 2, longest, *k.shape[1:]), dtype=cd, device=k.device)
+        kb, vb = k, v
+        for step, pair in enumerate(ctx.pairs):
+            if pair is not None:
+                owner, cq, ck, blk_causal = pair
+                dq_b, dk_b, dv_b = _block_backward(dout, q, kb, vb, out, lse, cq, ck, ctx.scale, blk_causal)
+                dq += dq_b
+                dkv[owner, 0, : kb.shape[0]] += dk_b
+                dkv[owner, 1, : vb.shape[0]] += dv_b
+            if step + 1 < len(ctx.pairs):
+                src = (rank - step - 1) % size
+                kb, vb = _ring_pass([kb, vb], ctx.group, [sizes[src], sizes[src]])
+        mine = torch.empty((2, longest, *k.shape[1:]), dtype=cd, device=k.device)
+        dist.reduce_scatter_tensor(mine.view(-1, *k.shape[1:]), dkv.view(-1, *k.shape[1:]), group=ctx.group)
+        n = sizes[rank]
+        return (dq.to(q.dtype), mine[0, :n].to(k.dtype), mine[1, :n].to(v.dtype), None, None, None, None, None, None)

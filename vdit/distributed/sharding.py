@@ -1,0 +1,116 @@
+"""Sharding of a packed token sequence over a process group, and collectives with autograd.
+
+Contract: with W ranks and ``total`` packed tokens, rank r holds tokens ``[r*total//W, (r+1)*total//W)``.
+A range may cut through a sequence and may hold no token of some sequence; ``cu_seqlens`` always
+describe the whole batch and are identical on every rank.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world(group=None) -> tuple[int, int]:
+    """(rank, world size) in ``group`` (default: the whole world)."""
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def shard_range(total: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Token range ``[start, end)`` of ``rank``."""
+    return rank * total // world_size, (rank + 1) * total // world_size
+
+
+def shard_sizes(total: int, world_size: int) -> list[int]:
+    return [shard_range(total, world_size, r)[1] - shard_range(total, world_size, r)[0] for r in range(world_size)]
+
+
+def shard_packed(x: torch.Tensor, group=None) -> torch.Tensor:
+    """This rank's range of a full packed tensor ``x`` (total, ...) along dim 0 (a view; no communication)."""
+    rank, size = world(group)
+    start, end = shard_range(x.shape[0], size, rank)
+    return x[start:end]
+
+
+class _GatherPacked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, total, group):
+        rank, size = world(group)
+        sizes = shard_sizes(total, size)
+        check_shard_sizes(x.shape[0], total, group)
+        ctx.group, ctx.total = group, total
+        longest = max(sizes)
+        padded = x.new_zeros((longest, *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in range(size)]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank's loss may use every token: the gradient of a shard is the sum over ranks of the
+        # gradients that flowed into its range (a reduce-scatter).
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return shard_packed(grad, ctx.group), None, None
+
+
+def gather_packed(x_shard: torch.Tensor, total: int, group=None) -> torch.Tensor:
+    """Inverse of :func:`shard_packed`: all-gather the shards into the full (total, ...) tensor.
+
+    Differentiable: the gradient of each rank's shard is the sum over ranks of the gradient of its range.
+    """
+    return _GatherPacked.apply(x_shard, total, group)
+
+
+class _ReplicatedInput(torch.autograd.Function):
+    """Identity forward; the backward sums the gradient over the group (an input every rank holds in
+    full, of which each rank uses a part)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def replicated(x: torch.Tensor, group=None) -> torch.Tensor:
+    return _ReplicatedInput.apply(x, group)
+
+
+def check_shard_sizes(local_tokens: int, total: int, group=None) -> None:
+    """Every rank must hold its contract range of ``total`` tokens; raises on every rank otherwise."""
+    rank, size = world(group)
+    mine = torch.tensor([local_tokens, total], dtype=torch.int64)
+    everyone = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(everyone, mine, group=group)
+    expected = shard_sizes(total, size)
+    wrong = [(r, int(t[0])) for r, t in enumerate(everyone) if int(t[0]) != expected[r] or int(t[1]) != total]
+    if wrong:
+        raise ValueError(f"shards do not follow the contract for total = {total} tokens over {size} ranks "
+                         f"(expected sizes {expected}); rank: size of the offenders {wrong}")
+
+
+def check_consistent(group, **values: torch.Tensor | int) -> None:
+    """Raise the same ValueError on every rank if any value differs across ranks (instead of hanging later).
+
+    Tensors are compared by content; every rank must call this with the same names.
+    """
+    rank, size = world(group)
+    local = []
+    for v in values.values():
+        if isinstance(v, torch.Tensor):
+            flat = v.detach().to("cpu", torch.float64).flatten()
+            local += [float(flat.numel()), float(flat.sum()), float((flat * torch.arange(1, flat.numel() + 1)).sum())]
+        else:
+            local.append(float(v))
+    mine = torch.tensor(local, dtype=torch.float64)
+    everyone = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(everyone, mine, group=group)
+    bad = [r for r, other in enumerate(everyone) if not torch.equal(other, everyone[0])]
+    if bad:
+        raise ValueError(f"{', '.join(values)} must be identical on every rank of the group; ranks {bad} differ from rank 0")
