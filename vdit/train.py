@@ -2,14 +2,19 @@
 
 Batches are packed videos of mixed sizes filled up to a token budget. Checkpoints (safetensors + JSON)
 are written to --out every --save-every steps and at the end; running the same command again resumes
-from the last checkpoint exactly (model, EMA, optimizer, data position and RNG state).
+from the last checkpoint exactly (model, EMA, optimizer, data position; noise is drawn per video).
 
     python -m vdit.train --out runs/demo --steps 4000
+    torchrun --nproc_per_node 2 -m vdit.train --out runs/demo-ddp    # data parallel (DDP; gloo on CPU)
+
+Under torchrun the global batch is the same as in one process and its videos are dealt round-robin
+to the ranks; the loss is normalized globally, so N ranks take the same steps as one process.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import dataclasses
 import os
 import random
@@ -17,6 +22,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from vdit.checkpoint import CheckpointError, load_into, load_tensors, read_json, save_tensors, write_json
@@ -45,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--patch-size", default="2x8x8", help="pt x ph x pw")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--min-videos", type=int, default=1,
+                   help="at least this many videos per batch (>= the number of data-parallel ranks)")
+    p.add_argument("--log-file", default=None, help="append one JSON line per step (step, loss, videos)")
     return p.parse_args(argv)
 
 
@@ -56,21 +65,41 @@ def new_model(args) -> TextToVideo:
     return TextToVideo(cfg, vocabulary(), text)
 
 
-def next_batch(dataset: ShapesDataset, index: int, budget: int, patch, seed: int, dropout: float):
-    """Videos from ``index`` on until the token budget is reached; returns (videos, captions, next index)."""
-    videos, captions, tokens = [], [], 0
+def next_batch(dataset: ShapesDataset, index: int, budget: int, patch, seed: int, dropout: float,
+               rank: int = 0, world_size: int = 1, min_videos: int = 1):
+    """Sample indices from ``index`` on until the token budget is reached (and at least ``min_videos``).
+
+    Returns (indices of this rank's videos, their videos, captions, element count of the whole batch,
+    videos in the whole batch, next index); rank r of ``world_size`` gets the batch's videos r, r + W, ...
+    """
+    indices, tokens, elements = [], 0, 0
     while True:
         spec, _ = dataset.spec(index)
         n = (spec.frames // patch[0]) * (spec.height // patch[1]) * (spec.width // patch[2])
-        if videos and tokens + n > budget:
-            return videos, captions, index
-        video, caption, _ = dataset[index]
-        if random.Random(f"dropout/{seed}/{index}").random() < dropout:
-            caption = ""
-        videos.append(video)
-        captions.append(caption)
+        if len(indices) >= min_videos and tokens + n > budget:
+            break
+        indices.append(index)
         tokens += n
+        elements += 3 * spec.frames * spec.height * spec.width
         index += 1
+    mine = indices[rank::world_size]
+    videos, captions = [], []
+    for i in mine:
+        video, caption, _ = dataset[i]
+        videos.append(video)
+        captions.append("" if random.Random(f"dropout/{seed}/{i}").random() < dropout else caption)
+    return mine, videos, captions, elements, len(indices), index
+
+
+def per_video_noise(seed: int, indices, videos, device):
+    """Timesteps (B,) and noise for each video, drawn from a generator keyed by (seed, sample index), so a
+    video gets the same noise whichever rank or batch it lands in."""
+    ts, noise = [], []
+    for i, v in zip(indices, videos):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        ts.append(torch.sigmoid(torch.randn(1, generator=g)))
+        noise.append(torch.randn(v.shape, generator=g).to(device))
+    return torch.cat(ts).to(device), noise
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:
@@ -96,10 +125,26 @@ def save_checkpoint(out, model, ema, opt, names, step, data_index, args):
     write_json(os.path.join(out, STATE_FILE), {"step": step, "data_index": data_index, "args": vars(args)})
 
 
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) under torchrun (WORLD_SIZE > 1), else (0, 1, device)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), world_size, device
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    rank, world_size, device = init_distributed(torch.device(args.device))
+    if args.min_videos < world_size:
+        raise SystemExit(f"vdit-train: error: --min-videos ({args.min_videos}) must be >= the number of "
+                         f"data-parallel ranks ({world_size}), so that every rank gets a video")
     state_path = os.path.join(args.out, STATE_FILE)
     if os.path.exists(state_path):
         model = TextToVideo.load(os.path.join(args.out, TextToVideo.WEIGHTS_FILE), device=device).train()
@@ -120,32 +165,46 @@ def main(argv=None) -> int:
     dataset = ShapesDataset(seed=args.seed)
     patch = model.dit.config.patch_size
     params = sum(p.numel() for p in model.parameters())
-    print(f"vdit-train: {params / 1e6:.2f}M parameters on {device}, {args.tokens_per_batch} tokens per batch",
-          file=sys.stderr)
-    bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True)
+    if rank == 0:
+        print(f"vdit-train: {params / 1e6:.2f}M parameters on {device} x {world_size} rank(s), "
+              f"{args.tokens_per_batch} tokens per batch", file=sys.stderr)
+    # DDP averages gradients over ranks; the loss below is already a global mean, so scale it back up.
+    net = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True, disable=rank != 0)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     while step < args.steps:
         start = time.perf_counter()
-        videos, captions, data_index = next_batch(dataset, data_index, args.tokens_per_batch, patch, args.seed,
-                                                  args.caption_dropout)
+        indices, videos, captions, elements, batch_videos, data_index = next_batch(
+            dataset, data_index, args.tokens_per_batch, patch, args.seed, args.caption_dropout, rank, world_size,
+            args.min_videos)
         videos = [v.to(device) for v in videos]
+        t, noise = per_video_noise(args.seed, indices, videos, device)
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
         with autocast:
-            context, cu_ctx = model.encode(captions)
-            loss = flow_matching_loss(model.dit, videos, context, cu_ctx)
+            loss = flow_matching_loss(lambda x, tt, _c, _cu: net(x, tt, captions), videos, None, None, t=t,
+                                      noise=noise, normalizer=elements)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * world_size).backward()
+        if world_size > 1:
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
         ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
         tokens = sum((v.shape[1] // patch[0]) * (v.shape[2] // patch[1]) * (v.shape[3] // patch[2]) for v in videos)
+        tokens *= world_size  # approximately: the ranks share the batch
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", videos=len(videos), tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
-        if step % args.save_every == 0 or step == args.steps:
+        bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+        if rank == 0 and args.log_file:
+            with open(args.log_file, "a") as f:
+                f.write(json.dumps({"step": step, "loss": loss.item(), "videos": batch_videos}) + "\n")
+        if rank == 0 and (step % args.save_every == 0 or step == args.steps):
             save_checkpoint(args.out, model, ema, opt, names, step, data_index, args)
     bar.close()
+    if world_size > 1:
+        dist.barrier()
     return 0
 
 

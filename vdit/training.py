@@ -24,22 +24,29 @@ def noisy_inputs(videos: Sequence[torch.Tensor], t: torch.Tensor, noise: Sequenc
 
 
 def flow_matching_loss(model, videos: Sequence[torch.Tensor], context: torch.Tensor, cu_seqlens_context: torch.Tensor,
-                       *, generator: torch.Generator | None = None) -> torch.Tensor:
+                       *, generator: torch.Generator | None = None, t: torch.Tensor | None = None,
+                       noise: Sequence[torch.Tensor] | None = None, normalizer: int | None = None) -> torch.Tensor:
     """Mean squared velocity error over every element of every video (so larger videos weigh more).
 
     Args:
         model: callable ``model(videos, t, context, cu_seqlens_context) -> list of velocities``.
         videos: list of B clean videos (C, Ti, Hi, Wi).
         context, cu_seqlens_context: packed text embeddings of the B prompts.
+        generator: draws t and noise when they are not given.
+        t: (B,) timesteps; noise: B tensors like the videos (e.g. drawn per video for data parallelism).
+        normalizer: element count to divide by (default: this batch's); data-parallel ranks pass the
+            global count so the sum over ranks is the global mean.
     Returns:
         Scalar loss.
     """
-    t = sample_timesteps(len(videos), generator=generator, device=videos[0].device)
-    noise = [torch.randn(v.shape, generator=generator, device=v.device, dtype=v.dtype) for v in videos]
+    if t is None:
+        t = sample_timesteps(len(videos), generator=generator, device=videos[0].device)
+    if noise is None:
+        noise = [torch.randn(v.shape, generator=generator, device=v.device, dtype=v.dtype) for v in videos]
     xt, target = noisy_inputs(videos, t, noise)
     pred = model(xt, t, context, cu_seqlens_context)
     squared = sum(((p.float() - y.float()) ** 2).sum() for p, y in zip(pred, target))
-    return squared / sum(v.numel() for v in videos)
+    return squared / (normalizer or sum(v.numel() for v in videos))
 
 
 @torch.no_grad()
