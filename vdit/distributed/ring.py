@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from vdit.distributed.sharding import shard_range, shard_sizes, world
+from vdit.distributed.stats import record
 from vdit.ops import reference
 
 
@@ -86,6 +87,7 @@ def _ring_pass(tensors, group, sizes_from):
     received = [t.new_empty((n, *t.shape[1:])) for t, n in zip(tensors, sizes_from)]
     ranks = dist.get_process_group_ranks(group) if group is not None else list(range(size))
     ops = [dist.P2POp(dist.isend, t.contiguous(), ranks[nxt], group) for t in tensors]
+    record("ring_p2p", sum(t.numel() * t.element_size() for t in tensors))
     ops += [dist.P2POp(dist.irecv, r, ranks[prv], group) for r in received]
     for req in dist.batch_isend_irecv(ops):
         req.wait()
@@ -158,6 +160,7 @@ class RingAttention(torch.autograd.Function):
                 src = (rank - step - 1) % size
                 kb, vb = _ring_pass([kb, vb], ctx.group, [sizes[src], sizes[src]])
         mine = torch.empty((2, longest, *k.shape[1:]), dtype=cd, device=k.device)
+        record("reduce_scatter", dkv.numel() * dkv.element_size() * (size - 1) // size)
         dist.reduce_scatter_tensor(mine.view(-1, *k.shape[1:]), dkv.view(-1, *k.shape[1:]), group=ctx.group)
         n = sizes[rank]
         return (dq.to(q.dtype), mine[0, :n].to(k.dtype), mine[1, :n].to(v.dtype), None, None, None, None, None, None)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from vdit.distributed.stats import record
+
 
 def world(group=None) -> tuple[int, int]:
     """(rank, world size) in ``group`` (default: the whole world)."""
@@ -42,6 +44,7 @@ class _GatherPacked(torch.autograd.Function):
         padded = x.new_zeros((longest, *x.shape[1:]))
         padded[: x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in range(size)]
+        record("all_gather", (size - 1) * padded.numel() * padded.element_size())
         dist.all_gather(parts, padded.contiguous(), group=group)
         return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
@@ -50,6 +53,8 @@ class _GatherPacked(torch.autograd.Function):
         # Every rank's loss may use every token: the gradient of a shard is the sum over ranks of the
         # gradients that flowed into its range (a reduce-scatter).
         grad = grad.contiguous()
+        size = dist.get_world_size(ctx.group)
+        record("all_reduce", 2 * (size - 1) * grad.numel() * grad.element_size() // size)  # ring all-reduce
         dist.all_reduce(grad, group=ctx.group)
         return shard_packed(grad, ctx.group), None, None
 
@@ -74,6 +79,8 @@ class _ReplicatedInput(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous().clone()
+        size = dist.get_world_size(ctx.group)
+        record("all_reduce", 2 * (size - 1) * grad.numel() * grad.element_size() // size)  # ring all-reduce
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
 

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from vdit.distributed.sharding import world
+from vdit.distributed.stats import record
 
 
 def _tokens_to_heads(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
@@ -21,6 +22,7 @@ def _tokens_to_heads(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
     chunk = H // size
     send = x.reshape(n, size, chunk, D).transpose(0, 1).contiguous()  # (W, n_r, H/W, D): block j -> rank j
     out = x.new_empty((sum(sizes), chunk, D))
+    record("all_to_all", (size - 1) * n * chunk * D * x.element_size())  # every head chunk but our own leaves
     dist.all_to_all_single(out.view(-1), send.view(-1), [s * chunk * D for s in sizes], [n * chunk * D] * size,
                            group=group)
     return out
@@ -32,6 +34,7 @@ def _heads_to_tokens(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
     _, chunk, D = x.shape
     n = sizes[rank]
     out = x.new_empty((size, n, chunk, D))
+    record("all_to_all", (sum(sizes) - n) * chunk * D * x.element_size())  # other ranks' tokens leave
     dist.all_to_all_single(out.view(-1), x.contiguous().view(-1), [n * chunk * D] * size,
                            [s * chunk * D for s in sizes], group=group)
     return out.transpose(0, 1).reshape(n, size * chunk, D)

@@ -1,0 +1,65 @@
+"""Sequence-parallel attention on CPU (gloo): time and bytes sent per rank for 1, 2, 4 ranks.
+
+    torchrun --nproc_per_node 2 benchmarks/distributed_scaling.py      # prints markdown rows (rank 0)
+
+Batch: a mixed packed batch of four latent videos (patch 1x2x2) of 1536, 768, 384 and 96 tokens,
+8 heads of dim 64, fp32; forward + backward of one self-attention, median of 3 runs after a warm-up.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from vdit.distributed import sequence_parallel_attention, shard_packed
+from vdit.distributed.stats import count_communication
+from vdit.ops import varlen_attention
+
+LENGTHS = [1536, 768, 384, 96]
+HEADS, DIM = 8, 64
+
+
+def main() -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    torch.manual_seed(0)
+    total = sum(LENGTHS)
+    cu = torch.zeros(len(LENGTHS) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(LENGTHS).cumsum(0)
+    q, k, v, g = (torch.randn(total, HEADS, DIM) for _ in range(4))
+    modes = ["single"] if world == 1 else ["ulysses", "ring"] + (["hybrid"] if world >= 4 else [])
+    for mode in modes:
+        times, sent = [], None
+        for it in range(4):
+            if mode == "single":
+                qs, ks, vs, gs = (t.clone().requires_grad_() for t in (q, k, v)) + (g,)
+            else:
+                qs, ks, vs = (shard_packed(t).clone().requires_grad_() for t in (q, k, v))
+                gs = shard_packed(g)
+            if world > 1:
+                dist.barrier()
+            start = time.perf_counter()
+            with count_communication() as counter:
+                if mode == "single":
+                    out = varlen_attention(qs, ks, vs, cu, cu, max(LENGTHS), max(LENGTHS))
+                else:
+                    out = sequence_parallel_attention(qs, ks, vs, cu, cu, mode=mode, ulysses_size=2)
+                out.backward(gs)
+            if world > 1:
+                dist.barrier()
+            if it:
+                times.append(time.perf_counter() - start)
+            sent = counter.total
+        if rank == 0:
+            print(f"| {world} | {mode} | {statistics.median(times) * 1e3:.0f} | {sent / 2**20:.2f} |", flush=True)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
