@@ -1,0 +1,162 @@
+"""Property-based fuzzing of every public op on every CPU-runnable backend.
+
+Valid random inputs (ragged lengths incl. 0 and 1, odd sizes, dtypes, non-contiguous views) must match
+the float64 reference within the per-dtype tolerance; invalid inputs must raise the documented
+ValueError / TypeError and leave every input tensor unmodified.
+"""
+import importlib
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import vdit.ops as V
+from vdit.ops import reference as R
+from conftest import TOLERANCES, assert_close, cu_seqlens_of
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def cpu_backends(op_module: str) -> list[str]:
+    """The backends of an op that run on CPU tensors here (the C++ kernel if it has one; the reference)."""
+    kernels = importlib.import_module(f"vdit.ops.{op_module}").KERNELS
+    return ["torch"] + (["cpu"] if "cpu" in kernels else [])
+
+
+def tensor(shape, dtype, seed, contiguous=True):
+    g = torch.Generator().manual_seed(seed)
+    if contiguous:
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    # same values, non-contiguous: a transposed copy transposed back
+    t = torch.randn(tuple(reversed(shape)), generator=g, dtype=torch.float64).to(dtype)
+    return t.permute(*reversed(range(len(shape))))
+
+
+lengths = st.lists(st.integers(0, 40), min_size=1, max_size=5)
+
+
+@given(b=st.integers(1, 2), c=st.integers(1, 5), grid=st.tuples(*[st.integers(1, 3)] * 3),
+       patch=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 3)), dtype=st.sampled_from(DTYPES),
+       contiguous=st.booleans(), seed=st.integers(0, 2**16))
+@pytest.mark.parametrize("backend", cpu_backends("patchify"))
+def test_patchify_round_trip(backend, b, c, grid, patch, dtype, contiguous, seed):
+    x = tensor((b, c, *(g * p for g, p in zip(grid, patch))), dtype, seed, contiguous)
+    tokens = V.patchify_3d(x, patch, backend=backend)
+    assert torch.equal(tokens, R.patchify_3d(x, patch))
+    assert torch.equal(V.unpatchify_3d(tokens, grid, patch, backend=backend), x)
+
+
+@given(lq=lengths, cross=st.booleans(), heads=st.sampled_from([(1, 1), (4, 2), (3, 3), (6, 2)]),
+       dim=st.sampled_from([8, 16, 32, 40]), causal=st.booleans(), dtype=st.sampled_from(DTYPES[:3]),
+       seed=st.integers(0, 2**16), data=st.data())
+@pytest.mark.parametrize("backend", cpu_backends("attention"))
+def test_varlen_attention_matches_reference(backend, lq, cross, heads, dim, causal, dtype, seed, data):
+    lk = data.draw(st.lists(st.integers(0, 12), min_size=len(lq), max_size=len(lq))) if cross else lq
+    Hq, Hk = heads
+    q = tensor((sum(lq), Hq, dim), dtype, seed)
+    k, v = tensor((sum(lk), Hk, dim), dtype, seed + 1), tensor((sum(lk), Hk, dim), dtype, seed + 2)
+    cu_q, cu_k = cu_seqlens_of(lq), cu_seqlens_of(lk)
+    out = V.varlen_attention(q, k, v, cu_q, cu_k, causal=causal, backend=backend)
+    expected = R.varlen_attention(q.double(), k.double(), v.double(), cu_q, cu_k, causal=causal)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert_close(out, expected, dtype, scale=4 if dtype == torch.bfloat16 else 2)
+
+
+@given(total=st.integers(1, 30), heads=st.integers(1, 4), dims=st.tuples(*[st.integers(0, 4)] * 3),
+       extra=st.integers(0, 6), interleaved=st.booleans(), dtype=st.sampled_from(DTYPES),
+       pos_dtype=st.sampled_from([torch.int32, torch.int64, torch.float32]), seed=st.integers(0, 2**16))
+@pytest.mark.parametrize("backend", cpu_backends("rope"))
+def test_rope_matches_reference(backend, total, heads, dims, extra, interleaved, dtype, pos_dtype, seed):
+    dims = tuple(2 * d for d in dims)
+    D = sum(dims) + 2 * extra or 2
+    x = tensor((total, heads, D), dtype, seed)
+    pos = torch.randint(0, 1000, (total, 3), generator=torch.Generator().manual_seed(seed)).to(pos_dtype)
+    out = V.rope_3d(x, pos, dims=dims, interleaved=interleaved, backend=backend)
+    expected = R.rope_3d(x.double(), pos, dims=dims, interleaved=interleaved)
+    assert_close(out, expected, dtype, scale=2)
+
+
+@given(lens=lengths.filter(lambda l: sum(l) > 0), c=st.integers(1, 70), dtype=st.sampled_from(DTYPES),
+       packed=st.booleans(), seed=st.integers(0, 2**16))
+@pytest.mark.parametrize("backend", cpu_backends("adaln"))
+def test_adaln_and_gated_residual_match_reference(backend, lens, c, dtype, packed, seed):
+    B = len(lens)
+    if packed:
+        x, y, cu = tensor((sum(lens), c), dtype, seed), tensor((sum(lens), c), dtype, seed + 1), cu_seqlens_of(lens)
+    else:
+        x, y, cu = tensor((B, 5, c), dtype, seed), tensor((B, 5, c), dtype, seed + 1), None
+    shift, scale, gate = (tensor((B, c), dtype, seed + i) for i in (2, 3, 4))
+    out = V.adaln_modulate(x, shift, scale, cu, backend=backend)
+    assert_close(out, R.adaln_modulate(x.double(), shift.double(), scale.double(), cu), dtype, scale=4)
+    res = V.gated_residual(x, y, gate, cu, backend=backend)
+    assert_close(res, R.gated_residual(x.double(), y.double(), gate.double(), cu), dtype, scale=4)
+
+
+# ---- invalid inputs -------------------------------------------------------------------------------
+
+BAD_CU = {
+    "decreasing": lambda cu: torch.flip(cu, [0]),
+    "not starting at 0": lambda cu: cu + 1,
+    "last != total": lambda cu: torch.cat([cu[:-1], cu[-1:] + 3]),
+    "int64": lambda cu: cu.long(),
+    "2-D": lambda cu: cu[None],
+}
+
+
+@given(lens=st.lists(st.integers(1, 9), min_size=2, max_size=4), bad=st.sampled_from(sorted(BAD_CU)),
+       which=st.sampled_from(["q", "k"]), seed=st.integers(0, 2**16))
+def test_attention_rejects_bad_cu_seqlens(lens, bad, which, seed):
+    q = tensor((sum(lens), 2, 8), torch.float32, seed)
+    k, v = q.clone(), q.clone()
+    cu = cu_seqlens_of(lens)
+    cu_q, cu_k = (BAD_CU[bad](cu), cu) if which == "q" else (cu, BAD_CU[bad](cu))
+    saved = [t.clone() for t in (q, k, v, cu_q, cu_k)]
+    with pytest.raises((ValueError, TypeError), match="cu_seqlens"):
+        V.varlen_attention(q, k, v, cu_q, cu_k)
+    assert all(torch.equal(a, b) for a, b in zip(saved, (q, k, v, cu_q, cu_k)))
+
+
+@given(case=st.sampled_from(["rank", "dtype", "heads", "headdim", "max_seqlen", "nan_scale"]), seed=st.integers(0, 2**16))
+def test_attention_rejects_inconsistent_tensors(case, seed):
+    q = tensor((6, 4, 8), torch.float32, seed)
+    k, v = tensor((6, 2, 8), torch.float32, seed + 1), tensor((6, 2, 8), torch.float32, seed + 2)
+    cu, max_q, scale = cu_seqlens_of([2, 4]), None, None
+    if case == "rank":
+        q = q[0]
+    elif case == "dtype":
+        k = k.double()
+    elif case == "heads":
+        k, v = tensor((6, 3, 8), torch.float32, seed), tensor((6, 3, 8), torch.float32, seed)
+    elif case == "headdim":
+        k, v = k[..., :4], v[..., :4]
+    elif case == "max_seqlen":
+        max_q = 3
+    elif case == "nan_scale":
+        scale = float("nan")
+    saved = [t.clone() for t in (q, k, v)]
+    with pytest.raises((ValueError, TypeError)):
+        V.varlen_attention(q, k, v, cu, cu, max_q, softmax_scale=scale)
+    assert all(torch.equal(a, b) for a, b in zip(saved, (q, k, v)))
+
+
+@given(dims=st.sampled_from([(3, 4, 4), (4, 4, 30), (2, -2, 4), (2, 2)]), seed=st.integers(0, 2**16))
+def test_rope_rejects_bad_dims(dims, seed):
+    x = tensor((5, 2, 16), torch.float32, seed)
+    pos = torch.zeros(5, 3, dtype=torch.int32)
+    saved = x.clone()
+    with pytest.raises((ValueError, TypeError), match="dims"):
+        V.rope_3d(x, pos, dims=dims)
+    assert torch.equal(x, saved)
+
+
+@given(sizes=st.tuples(st.integers(1, 7), st.integers(1, 7), st.integers(1, 7)),
+       patch=st.tuples(st.integers(2, 3), st.integers(2, 3), st.integers(2, 3)))
+def test_patchify_rejects_non_dividing_patches(sizes, patch):
+    if all(s % p == 0 for s, p in zip(sizes, patch)):
+        return
+    x = torch.randn(1, 2, *sizes)
+    saved = x.clone()
+    with pytest.raises(ValueError, match="must divide"):
+        V.patchify_3d(x, patch)
+    assert torch.equal(x, saved)
