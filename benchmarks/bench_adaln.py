@@ -20,7 +20,7 @@ from vdit.ops import adaln_modulate, gated_residual
 C = 1152
 LENGTHS = [6144, 4096, 3072, 1536, 768, 384, 1, 0]
 EPS = 1e-6
-ROUNDS = 8
+ROUNDS = 6
 
 
 def _make(layout):

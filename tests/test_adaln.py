@@ -110,6 +110,12 @@ def test_all_samples_empty_gives_zero_parameter_grads():
     out.sum().backward()
     assert torch.equal(shift.grad, torch.zeros(3, 8)) and torch.equal(scale.grad, torch.zeros(3, 8))
 
+    y, gate = torch.randn(2, 0, 8, requires_grad=True), torch.randn(2, 8, requires_grad=True)
+    dense = gated_residual(torch.randn(2, 0, 8), y, gate, backend="cpu")
+    assert dense.shape == (2, 0, 8)
+    dense.sum().backward()
+    assert torch.equal(gate.grad, torch.zeros(2, 8))
+
 
 def test_non_contiguous_parameters_from_chunks():
     """shift/scale/gate as chunks of one (B, 3C) projection, the way AdaLNModulation produces them."""

@@ -29,6 +29,11 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kColThreads = 256;
 constexpr int64_t kColRows = 64;  // rows per partial-sum block of the column kernels
+// Blocks per SM promised to ptxas: with 256 threads, 2 caps registers at 128 (row kernels), 4 at
+// 64 (column kernels), 1 at 255 (forward with 96 values per lane in registers). Given the thread
+// count alone, ptxas (CUDA 13) chose 32 registers and spilled in some of these kernels.
+constexpr int kRowMinBlocks = 2;
+constexpr int kColMinBlocks = 4;
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Packet {
@@ -52,7 +57,7 @@ __device__ __forceinline__ A warp_sum(A v) {
 // ITEMS > 0: each lane keeps ITEMS packets of its row in registers (C <= 32 * VEC * ITEMS);
 // ITEMS == 0: the row is read from memory once per pass.
 template <typename T, typename A, int VEC, int ITEMS>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, ITEMS * VEC > 32 ? 1 : kRowMinBlocks)
     adaln_forward_kernel(const T* __restrict__ x, const T* __restrict__ shift, const T* __restrict__ scale,
                          T* __restrict__ out, A* __restrict__ mean_out, A* __restrict__ rstd_out, Segments seg,
                          int64_t rows, int64_t C, A eps) {
@@ -141,7 +146,7 @@ __global__ void __launch_bounds__(kThreads)
 // ---- adaln_modulate backward: grad_x ----------------------------------------------------------
 
 template <typename T, typename A, int VEC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kRowMinBlocks)
     adaln_grad_x_kernel(const T* __restrict__ grad, const T* __restrict__ x, const T* __restrict__ scale,
                         const A* __restrict__ mean, const A* __restrict__ rstd, T* __restrict__ grad_x, Segments seg,
                         int64_t rows, int64_t C) {
@@ -182,7 +187,7 @@ __global__ void __launch_bounds__(kThreads)
 // ---- gated_residual (forward, and grad_y = gate * grad_out without x) -------------------------
 
 template <typename T, typename A, int VEC, bool kHasX>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kRowMinBlocks)
     gated_kernel(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ gate, T* __restrict__ out,
                  Segments seg, int64_t rows, int64_t C) {
   const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
@@ -190,6 +195,8 @@ __global__ void __launch_bounds__(kThreads)
   if (row >= rows) return;
   const T* gt = gate + seg.sample_of(row) * C;
   using P = Packet<T, VEC>;
+  // Bounded unroll: fully unrolled, the double variant needed 128 registers and spilled on sm_90.
+#pragma unroll 4
   for (int64_t c = lane * VEC; c < C; c += 32 * VEC) {
     const P py = load_packet<T, VEC>(y + row * C + c), pg = load_packet<T, VEC>(gt + c);
     P px;
@@ -208,7 +215,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // kAdaln: slot gets [sum grad, sum grad * xhat] (other = x); else [sum grad * y] (other = y).
 template <typename T, typename A, bool kAdaln>
-__global__ void __launch_bounds__(kColThreads)
+__global__ void __launch_bounds__(kColThreads, kColMinBlocks)
     column_partials_kernel(const T* __restrict__ grad, const T* __restrict__ other, const A* __restrict__ mean,
                            const A* __restrict__ rstd, A* __restrict__ partials, Segments seg, int64_t rows,
                            int64_t C) {
@@ -239,7 +246,7 @@ __global__ void __launch_bounds__(kColThreads)
 }
 
 template <typename T, typename A, int kAcc>
-__global__ void __launch_bounds__(kColThreads)
+__global__ void __launch_bounds__(kColThreads, kColMinBlocks)
     reduce_partials_kernel(const A* __restrict__ partials, T* __restrict__ out0, T* __restrict__ out1, Segments seg,
                            int64_t rows, int64_t C) {
   const int64_t s = blockIdx.x;
@@ -286,12 +293,15 @@ void launch_forward(const T* x, const T* shift, const T* scale, T* out, A* mean,
   const int64_t C = sh.C;
   if (C % V == 0 && aligned16({x, shift, scale, out})) {
     const int64_t per_lane = (C + 32 * V - 1) / (32 * V) * V;  // values per lane
+    // Register-cached rows: up to 32 values per lane, or 96 for float math (C = 3072 at 16 bits or
+    // fp32); doubles take two registers each, so double rows above 32 values per lane are re-read.
+    constexpr int kWide = sizeof(A) == 4 ? 96 : 32;
     if (per_lane <= 32) {
       adaln_forward_kernel<T, A, V, 32 / V><<<grid, kThreads, 0, stream>>>(x, shift, scale, out, mean, rstd, sh.seg,
                                                                            sh.rows, C, eps);
-    } else if (sizeof(A) == 4 && per_lane <= 96) {
-      adaln_forward_kernel<T, A, V, 96 / V><<<grid, kThreads, 0, stream>>>(x, shift, scale, out, mean, rstd, sh.seg,
-                                                                           sh.rows, C, eps);
+    } else if (kWide > 32 && per_lane <= kWide) {
+      adaln_forward_kernel<T, A, V, kWide / V><<<grid, kThreads, 0, stream>>>(x, shift, scale, out, mean, rstd,
+                                                                              sh.seg, sh.rows, C, eps);
     } else {
       adaln_forward_kernel<T, A, V, 0><<<grid, kThreads, 0, stream>>>(x, shift, scale, out, mean, rstd, sh.seg,
                                                                       sh.rows, C, eps);
