@@ -9,6 +9,9 @@ Shapes: hidden size 1152 (DiT-XL / Latte-XL / Open-Sora 1.x width) and ~16k toke
             the parameters gathered per token. The baselines get the per-token sample index
             precomputed outside the timed region (their best case; vdit reads cu_seqlens directly).
 
+With a GPU, ``test_cuda`` also times the CUDA kernels (bf16, the mixed batch with 4x the tokens)
+against the same baselines on the GPU (wall clock around a device synchronize).
+
     pytest benchmarks/bench_adaln.py --benchmark-only
 """
 import pytest
@@ -23,19 +26,20 @@ EPS = 1e-6
 ROUNDS = 6
 
 
-def _make(layout):
+def _make(layout, lengths=LENGTHS, dtype=torch.float32, device="cpu"):
     gen = torch.Generator().manual_seed(0)
     if layout == "dense":
         B, shape, cu, index = 4, (4, 4096, C), None, None
     else:
-        B = len(LENGTHS)
-        shape = (sum(LENGTHS), C)
+        B = len(lengths)
+        shape = (sum(lengths), C)
         cu = torch.zeros(B + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor(LENGTHS).cumsum(0)
-        index = torch.repeat_interleave(torch.arange(B), torch.tensor(LENGTHS))
+        cu[1:] = torch.tensor(lengths).cumsum(0)
+        index = torch.repeat_interleave(torch.arange(B), torch.tensor(lengths))
     x, y = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
     shift, scale, gate = (torch.randn(B, C, generator=gen) * 0.1 for _ in range(3))
-    return x, y, shift, scale, gate, cu, index
+    moved = [t.to(device=device, dtype=dtype) for t in (x, y, shift, scale, gate)]
+    return (*moved, None if cu is None else cu.to(device), None if index is None else index.to(device))
 
 
 def _per_token(p, index):
@@ -56,9 +60,9 @@ _compiled = {}
 def _impl(op, name):
     """(label for the table, fn(*tensors, cu=..., index=...)) of one implementation."""
     eager = eager_adaln if op == "adaln_modulate" else eager_gated
-    if name == "vdit cpu":
+    if name.startswith("vdit"):
         vdit_op = adaln_modulate if op == "adaln_modulate" else gated_residual
-        return name, lambda *a, cu, index: vdit_op(*a, cu, backend="cpu")
+        return name, lambda *a, cu, index: vdit_op(*a, cu, backend=name.split()[1])
     if name == "eager":
         label = "torch eager (F.layer_norm + gather)" if op == "adaln_modulate" else "torch eager (gather, mul, add)"
         return label, lambda *a, cu, index: eager(*a, index)
@@ -120,3 +124,29 @@ def test_forward_backward(benchmark, op, layout, impl):
     benchmark.extra_info.update(impl=label, bytes=_passes(op, True) * tensors[0].numel() * 4)
     step()
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1)
+
+
+# ---- GPU (skipped without one): bf16, 4x the tokens of the CPU mixed batch --------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("impl", ["vdit cuda", "eager", "compile"])
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
+@pytest.mark.parametrize("op", ["adaln_modulate", "gated_residual"])
+def test_cuda(benchmark, op, backward, impl):
+    lengths = [4 * n for n in LENGTHS]
+    tensors, cu, index = _args(op, _make("packed", lengths, torch.bfloat16, "cuda"))
+    label, fn = _impl(op, impl)
+    tensors = tuple(t.requires_grad_(backward) for t in tensors)
+    grad = torch.randn_like(tensors[0])
+
+    def step():
+        with torch.set_grad_enabled(backward):
+            out = fn(*tensors, cu=cu, index=index)
+            if backward:
+                torch.autograd.grad(out, tensors, grad)
+        torch.cuda.synchronize()  # wall-clock timing of GPU work needs the sync
+
+    benchmark.group = f"{op} {'forward+backward' if backward else 'forward'} bf16 cuda packed {sum(lengths)}x{C}"
+    benchmark.extra_info.update(impl=label, bytes=_passes(op, backward) * tensors[0].numel() * 2)
+    step()
+    benchmark.pedantic(step, rounds=20, warmup_rounds=3)

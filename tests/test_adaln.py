@@ -151,8 +151,26 @@ def test_auto_uses_the_cpu_kernel():
     assert_close(gated_residual(x, y, gate, cu), reference.gated_residual(x, y, gate, cu))
 
 
-def test_torch_compile_fullgraph():
-    x, y, shift, scale, gate, cu = make_inputs("packed", 4, 12, 16, torch.float32, "cpu")
+@pytest.mark.parametrize("seed", range(6))
+def test_random_ragged_batches(seed):
+    """Random batch sizes, lengths (with empty and length-1 samples) and widths, all outputs and grads."""
+    r = random.Random(seed)
+    case = ("packed", r.randint(1, 9), r.randint(1, 120), r.choice([1, 3, 17, 40, 129, 384]))
+    x, y, shift, scale, gate, cu = make_inputs(*case, torch.float32, "cpu", seed=seed)
+    g = torch.randn_like(x)
+    out, grads = grads_of(lambda a, b, c, d, e: gated_residual(a, adaln_modulate(a, b, c, cu, backend="cpu"), d, cu,
+                                                               backend="cpu") * e, [x, shift, scale, gate, y], g)
+    ref, ref_grads = reference_grads(
+        lambda a, b, c, d, e: reference.gated_residual(a, reference.adaln_modulate(a, b, c, cu), d, cu) * e,
+        [x, shift, scale, gate, y], g)
+    assert_close(out, ref, scale=2.0)
+    for a, b in zip(grads, ref_grads):
+        assert_close(a, b, scale=2.0)
+
+
+@pytest.mark.parametrize("layout", ["packed", "dense"])
+def test_torch_compile_fullgraph(layout):
+    x, y, shift, scale, gate, cu = make_inputs(layout, 4, 12, 16, torch.float32, "cpu")
 
     def block(x, y, shift, scale, gate, cu):
         h = adaln_modulate(x, shift, scale, cu, backend="cpu")
