@@ -22,6 +22,7 @@ CASES = [
     ("packed", 3, 40, 1152),
     ("packed", 2, 5, 3072),
     ("packed", 1, 1, 5),  # a single one-token sample
+    ("packed", 2, 3, 4608),  # wider than the CUDA forward keeps in registers
     ("dense", 2, 1, 1),
     ("dense", 3, 17, 33),
     ("dense", 2, 40, 1152),
@@ -125,6 +126,23 @@ def test_non_contiguous_parameters_from_chunks():
     assert not shift.is_contiguous()
     assert_close(adaln_modulate(x, shift, scale, cu, backend="cpu"), reference.adaln_modulate(x, shift, scale, cu))
     assert_close(gated_residual(x, y, gate, cu, backend="cpu"), reference.gated_residual(x, y, gate, cu))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_misaligned_contiguous_views(backend, device):
+    """Views starting 4 bytes into their storage: contiguous, but too misaligned for 16-byte packets."""
+    x, y, shift, scale, gate, cu = make_inputs("packed", 3, 9, 64, torch.float32, device)
+
+    def shifted(t):
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        view = buf[1:].view(t.shape)
+        view.copy_(t)
+        return view
+
+    xs, ys, ss, cs, gs = (shifted(t) for t in (x, y, shift, scale, gate))
+    assert xs.is_contiguous() and xs.data_ptr() % 16 != 0
+    assert_close(adaln_modulate(xs, ss, cs, cu, backend=backend), reference.adaln_modulate(x, shift, scale, cu))
+    assert_close(gated_residual(xs, ys, gs, cu, backend=backend), reference.gated_residual(x, y, gate, cu))
 
 
 def test_results_do_not_depend_on_thread_count():
