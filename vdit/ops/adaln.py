@@ -1,18 +1,84 @@
 """adaln_modulate (LayerNorm + per-sample shift/scale) and gated_residual (x + gate * y), over packed
 or dense tokens.
 
-Kernels: none yet on this branch; every backend request resolves to the ``torch`` reference.
+Kernels: C++ (``cpu``) and CUDA C++ (``cuda``), sharing their math (csrc/common/adaln.h), and the
+reference (``torch``). The compiled ops ``vdit::adaln_modulate`` / ``vdit::gated_residual`` find each
+token's sample from ``cu_seqlens`` (no per-token index tensor), are registered with torch.library with
+fake implementations, and are differentiable through their backward ops
+``vdit::adaln_modulate_backward`` / ``vdit::gated_residual_backward`` (first order).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from vdit._extension import HAS_CPU_KERNELS
 from vdit.backends import select_backend
 from vdit.ops import reference
 from vdit.ops._validation import check_cu_seqlens, check_like, check_tensor
 
-KERNELS: tuple[str, ...] = ()
+KERNELS: tuple[str, ...] = ("cuda", "cpu")  # auto preference; each runs on its own device
 
+
+# ---- torch.library: fake implementations and autograd ---------------------------------------
+
+def _stats_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _adaln_fake(x, shift, scale, cu_seqlens, eps):
+    stats = x.new_empty(x.shape[:-1], dtype=_stats_dtype(x))
+    return x.new_empty(x.shape), stats, torch.empty_like(stats)
+
+
+def _adaln_backward_fake(grad_out, x, scale, mean, rstd, cu_seqlens):
+    return x.new_empty(x.shape), scale.new_empty(scale.shape), scale.new_empty(scale.shape)
+
+
+def _gated_fake(x, y, gate, cu_seqlens):
+    return x.new_empty(x.shape)
+
+
+def _gated_backward_fake(grad_out, y, gate, cu_seqlens):
+    return y.new_empty(y.shape), gate.new_empty(gate.shape)
+
+
+def _adaln_setup(ctx, inputs, output):
+    x, _, scale, cu_seqlens, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, scale, mean, rstd, cu_seqlens)
+
+
+def _adaln_backward(ctx, grad_out, grad_mean, grad_rstd):
+    # mean and rstd are internal outputs (never returned by the public op), so their grads are unused.
+    x, scale, mean, rstd, cu_seqlens = ctx.saved_tensors
+    gx, gshift, gscale = torch.ops.vdit.adaln_modulate_backward(grad_out.contiguous(), x, scale, mean, rstd,
+                                                                  cu_seqlens)
+    return gx, gshift, gscale, None, None
+
+
+def _gated_setup(ctx, inputs, output):
+    _, y, gate, cu_seqlens = inputs
+    ctx.save_for_backward(y, gate, cu_seqlens)
+
+
+def _gated_backward(ctx, grad_out):
+    y, gate, cu_seqlens = ctx.saved_tensors
+    grad_y, grad_gate = torch.ops.vdit.gated_residual_backward(grad_out.contiguous(), y, gate, cu_seqlens)
+    return grad_out, grad_y, grad_gate, None
+
+
+if HAS_CPU_KERNELS:
+    torch.library.register_fake("vdit::adaln_modulate")(_adaln_fake)
+    torch.library.register_fake("vdit::adaln_modulate_backward")(_adaln_backward_fake)
+    torch.library.register_fake("vdit::gated_residual")(_gated_fake)
+    torch.library.register_fake("vdit::gated_residual_backward")(_gated_backward_fake)
+    torch.library.register_autograd("vdit::adaln_modulate", _adaln_backward, setup_context=_adaln_setup)
+    torch.library.register_autograd("vdit::gated_residual", _gated_backward, setup_context=_gated_setup)
+
+
+# ---- validation ------------------------------------------------------------------------------
 
 def _check_tokens_and_params(x, cu_seqlens, params: dict) -> None:
     check_tensor("x", x, ndim=2 if cu_seqlens is not None else 3, floating=True, nonempty=False)
@@ -25,19 +91,45 @@ def _check_tokens_and_params(x, cu_seqlens, params: dict) -> None:
             raise ValueError(f"{name} must be ({batch}, {x.shape[-1]}) (one row per sample), got {tuple(p.shape)}")
 
 
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    return float(eps)
+
+
+def _cu(cu_seqlens):
+    return None if cu_seqlens is None else cu_seqlens.contiguous()
+
+
+# ---- public API ------------------------------------------------------------------------------
+
 def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                    *, eps: float = 1e-6, backend: str = "auto") -> torch.Tensor:
     """``LayerNorm(x) * (1 + scale[s]) + shift[s]`` (LayerNorm without affine, statistics in fp32).
 
     Args:
-        x: (total, C) packed with ``cu_seqlens`` int32 (B + 1,), or (B, N, C) with cu_seqlens None.
+        x: (total, C) packed with ``cu_seqlens`` int32 (B + 1,), or (B, N, C) with cu_seqlens None;
+            float16, bfloat16, float32 or float64 (statistics and math in float32, float64 for float64).
         shift, scale: (B, C), same dtype and device as x; s is the sample of each token.
+        eps: added to the variance, finite and >= 0.
+        backend: see :mod:`vdit.backends`.
     Returns:
-        Tensor like x.
+        Tensor like x. Differentiable in x, shift and scale.
+    Raises:
+        TypeError (non-tensor, non-float dtype, dtype mismatch, int64 cu_seqlens, non-float eps) or
+        ValueError (wrong rank or shape, device mismatch, cu_seqlens not starting at 0, decreasing or
+        not ending at total, negative eps) naming the argument.
     """
     _check_tokens_and_params(x, cu_seqlens, {"shift": shift, "scale": scale})
-    select_backend("adaln_modulate", KERNELS, x.device, backend)
-    return reference.adaln_modulate(x, shift, scale, cu_seqlens, eps=eps)
+    eps = _check_eps(eps)
+    chosen = select_backend("adaln_modulate", KERNELS, x.device, backend)
+    if chosen == "torch":
+        return reference.adaln_modulate(x, shift, scale, cu_seqlens, eps=eps)
+    out, _, _ = torch.ops.vdit.adaln_modulate(x.contiguous(), shift.contiguous(), scale.contiguous(),
+                                              _cu(cu_seqlens), eps)
+    return out
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
@@ -45,13 +137,21 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, cu_seql
     """``x + gate[s] * y``.
 
     Args:
-        x, y: (total, C) packed with ``cu_seqlens`` or (B, N, C); gate: (B, C).
+        x, y: (total, C) packed with ``cu_seqlens`` int32 (B + 1,), or (B, N, C) with cu_seqlens None;
+            same float dtype and device (math in float32, float64 for float64).
+        gate: (B, C) like x.
+        backend: see :mod:`vdit.backends`.
     Returns:
-        Tensor like x.
+        Tensor like x. Differentiable in x, y and gate.
+    Raises:
+        TypeError / ValueError naming the argument, as :func:`adaln_modulate`.
     """
     _check_tokens_and_params(x, cu_seqlens, {"gate": gate})
+    check_tensor("y", y, floating=True, nonempty=False)
     check_like("y", y, "x", x)
     if y.shape != x.shape:
         raise ValueError(f"y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
-    select_backend("gated_residual", KERNELS, x.device, backend)
-    return reference.gated_residual(x, y, gate, cu_seqlens)
+    chosen = select_backend("gated_residual", KERNELS, x.device, backend)
+    if chosen == "torch":
+        return reference.gated_residual(x, y, gate, cu_seqlens)
+    return torch.ops.vdit.gated_residual(x.contiguous(), y.contiguous(), gate.contiguous(), _cu(cu_seqlens))

@@ -1,0 +1,53 @@
+// Host-side checks for the adaLN kernels. Python validates first with friendly messages; these
+// checks are the last line that keeps a kernel from reading out of bounds.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+#include "common/adaln.h"
+
+namespace vdit {
+
+struct AdalnShape {
+  int64_t rows;  // token rows: total (packed) or B * N (dense)
+  int64_t C;     // features per row
+  Segments seg;  // sample of each row
+};
+
+// x: (total, C) with cu_seqlens or (B, N, C) without; param: (B, C) like x. Every tensor contiguous.
+inline AdalnShape adaln_shape(const char* op, const at::Tensor& x, const at::Tensor& param,
+                              const std::optional<at::Tensor>& cu_seqlens) {
+  TORCH_CHECK(x.is_contiguous() && param.is_contiguous(), op, ": tensors must be contiguous");
+  TORCH_CHECK(param.dim() == 2, op, ": per-sample parameters must be (B, C), got ", param.sizes());
+  TORCH_CHECK(param.scalar_type() == x.scalar_type() && param.device() == x.device(), op,
+              ": per-sample parameters must match x's dtype and device");
+  AdalnShape s{};
+  s.C = x.size(-1);
+  TORCH_CHECK(param.size(1) == s.C, op, ": parameters have ", param.size(1), " features, x has ", s.C);
+  if (cu_seqlens.has_value()) {
+    const at::Tensor& cu = *cu_seqlens;
+    TORCH_CHECK(x.dim() == 2, op, ": packed x must be (total, C), got ", x.sizes());
+    TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.is_contiguous() && cu.device() == x.device(),
+                op, ": cu_seqlens must be a contiguous int32 vector on x's device");
+    TORCH_CHECK(cu.numel() == param.size(0) + 1, op, ": cu_seqlens has ", cu.numel(), " entries, expected B + 1 = ",
+                param.size(0) + 1);
+    s.rows = x.size(0);
+    s.seg = Segments{cu.data_ptr<int32_t>(), param.size(0), 0};
+  } else {
+    TORCH_CHECK(x.dim() == 3, op, ": dense x must be (B, N, C), got ", x.sizes());
+    TORCH_CHECK(x.size(0) == param.size(0), op, ": x has B = ", x.size(0), " but parameters have ", param.size(0));
+    s.rows = x.size(0) * x.size(1);
+    s.seg = Segments{nullptr, x.size(0), x.size(1)};
+  }
+  return s;
+}
+
+// Row statistics have x's shape without the feature dim.
+inline std::vector<int64_t> row_shape(const at::Tensor& x) {
+  return std::vector<int64_t>(x.sizes().begin(), x.sizes().end() - 1);
+}
+
+}  // namespace vdit
