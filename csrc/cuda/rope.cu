@@ -4,7 +4,7 @@
 // It first computes the cos / sin of each (token, pair) once into shared memory, then walks the
 // (token, head) rows: a group of G lanes (G a power of two <= 32, within one warp) owns a row and
 // each lane moves VEC channels at a time with 16-byte loads and stores when alignment allows.
-// A lane keeps its channels in registers (at most 16 per lane: head dims up to 512), so the RMS
+// A lane keeps its channels in registers (at most 8 per lane: head dims up to 256), so the RMS
 // norm needs one read of the row (sum of squares reduced with warp shuffles inside the group).
 // Pair partners: in the interleaved layout a pair sits inside one vector; otherwise the partner is
 // read from global memory (L1 hit: the same group just read the row). Results are written only
@@ -28,8 +28,8 @@ namespace vdit {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxPerLane = 16;  // channels a lane holds: D <= 512 with G = 32
-constexpr int kMaxHeadDim = 512;
+constexpr int kMaxPerLane = 8;  // channels a lane holds: D <= 256 with G = 32
+constexpr int kMaxHeadDim = 256;
 
 struct RowSet {
   const void* in;
@@ -134,7 +134,7 @@ __device__ __forceinline__ at::opmath_type<T> rotated_value(const RopeLayout& L,
 
 // A copy of one row set, picked without indexing the kernel parameter array dynamically (which
 // would copy the parameters to local memory).
-__device__ __forceinline__ RowSet pick_set(const Problem& P, int s) { return s == 0 ? P.sets[0] : P.sets[1]; }
+__host__ __device__ __forceinline__ RowSet pick_set(const Problem& P, int s) { return s == 0 ? P.sets[0] : P.sets[1]; }
 
 // Row `row` of the tile -> (set, token in tile, head).
 __device__ __forceinline__ void row_coords(const Problem& P, int64_t row, int* set, int* t, int64_t* h) {

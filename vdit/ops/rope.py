@@ -20,11 +20,12 @@ from collections.abc import Sequence
 import torch
 
 from vdit._extension import HAS_CPU_KERNELS
-from vdit.backends import select_backend
+from vdit.backends import default_backend, select_backend
 from vdit.ops import reference
 from vdit.ops._validation import check_like, check_tensor
 
 KERNELS: tuple[str, ...] = ("cuda", "triton", "cpu")  # auto preference; cuda/cpu pick the compiled kernel by device
+MAX_GPU_HEAD_DIM = 256  # the CUDA and Triton kernels hold a head row in registers; the CPU kernel has no limit
 
 
 # ---- torch.library: Triton ops, fake implementations, autograd ------------------------------
@@ -208,6 +209,15 @@ def check_rope_args(name: str, x: torch.Tensor, positions: torch.Tensor, dims: S
     return dims
 
 
+def _backend(op: str, device: torch.device, backend: str, head_dim: int) -> str:
+    chosen = select_backend(op, KERNELS, device, backend)
+    if chosen in ("cuda", "triton") and head_dim > MAX_GPU_HEAD_DIM:
+        if backend == "auto" and default_backend() == "auto":
+            return "torch"  # auto: fall back for head dims the GPU kernels do not cover
+        raise ValueError(f"{op}: the {chosen} kernel supports head dims up to {MAX_GPU_HEAD_DIM}, got {head_dim}")
+    return chosen
+
+
 def _check_theta(theta) -> float:
     if not isinstance(theta, (int, float)) or isinstance(theta, bool):
         raise TypeError(f"theta must be a float, got {type(theta).__name__}")
@@ -240,14 +250,15 @@ def rope_3d(x: torch.Tensor, positions: torch.Tensor, *, dims: Sequence[int], th
         norm_weight: optional (Dh,) RMSNorm weight: each head is RMS-normalized first (same pass).
         eps: RMSNorm epsilon.
     Returns:
-        Contiguous tensor like x; angles and math in float32 (float64 for float64 x).
+        Contiguous tensor like x; angles and math in float32 (float64 for float64 x). The CUDA and
+        Triton kernels cover head dims up to 256 (auto falls back to the reference beyond).
     Raises:
         TypeError / ValueError naming the argument for bad input.
     """
     dims = check_rope_args("x", x, positions, dims)
     theta = _check_theta(theta)
     _check_norm_weight("norm_weight", norm_weight, x)
-    chosen = select_backend("rope_3d", KERNELS, x.device, backend)
+    chosen = _backend("rope_3d", x.device, backend, x.shape[-1])
     if chosen == "torch":
         return reference.rope_3d(x, positions, dims=dims, theta=theta, interleaved=interleaved,
                                  norm_weight=norm_weight, eps=eps)
@@ -284,7 +295,7 @@ def rope_3d_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, *, dim
     theta = _check_theta(theta)
     _check_norm_weight("q_norm_weight", q_norm_weight, q)
     _check_norm_weight("k_norm_weight", k_norm_weight, k)
-    chosen = select_backend("rope_3d_qk", KERNELS, q.device, backend)
+    chosen = _backend("rope_3d_qk", q.device, backend, q.shape[-1])
     if inplace:
         return _rope_3d_qk_inplace(chosen, q, k, positions, dims, theta, interleaved, q_norm_weight, k_norm_weight, eps)
     if chosen == "torch":

@@ -16,10 +16,32 @@ import triton.language as tl
 
 from vdit._memory import new_output
 
-# Tokens per program by padded head dim (BLOCK_D): about 2048 elements per tile. Every shipped
+# Tokens per program by padded head dim (BLOCK_D): 1024 elements per tile, the size at which the
+# cos / sin tiles that live across the head loop fit in registers with no spills. Every shipped
 # configuration is compiled ahead of time for sm_80 and sm_90 (tests/test_rope_triton_aot.py).
-BLOCK_T = {16: 64, 32: 64, 64: 32, 128: 16, 256: 8}
+BLOCK_T = {16: 64, 32: 32, 64: 16, 128: 8, 256: 4}
+# The backward keeps more tiles alive (gradient, input, weight-gradient sums): half the tokens.
+BLOCK_T_BWD = {16: 16, 32: 16, 64: 8, 128: 4, 256: 2}
 NUM_WARPS = 4
+
+
+@triton.jit
+def _sincos(x):
+    """sin and cos of an fp32 tile: Cody-Waite reduction by pi/2 (3-term split, exact products for
+    |x / (pi/2)| < 2^16) and minimax polynomials on [-pi/4, pi/4] (the classic single-precision
+    coefficients), then quadrant selection. Plain arithmetic, so it runs the same in the interpreter,
+    and it avoids libdevice sinf's slow-path stack frame and call spills."""
+    q = tl.floor(x * 0.6366197723675814 + 0.5)
+    r = x - q * 1.5703125 - q * 4.837512969970703125e-4 - q * 7.54978995489188216e-8
+    r2 = r * r
+    s = r + r * r2 * (-1.6666654611e-1 + r2 * (8.3321608736e-3 + r2 * -1.9515295891e-4))
+    c = 1.0 - 0.5 * r2 + r2 * r2 * (4.166664568298827e-2 + r2 * (-1.388731625493765e-3 + r2 * 2.443315711809948e-5))
+    j = q.to(tl.int32)
+    sin = tl.where((j & 1) != 0, c, s)
+    cos = tl.where((j & 1) != 0, s, c)
+    sin = tl.where((j & 2) != 0, -sin, sin)
+    cos = tl.where(((j + 1) & 2) != 0, -cos, cos)
+    return sin, cos
 
 
 @triton.jit
@@ -62,8 +84,8 @@ def _tile_setup(pos_ptr, table_ptr, L, total, pos_sb, pos_sl, pos_sa, BLOCK_T: t
     p1 = tl.load(pos + pos_sa, mask=tmask, other=0).to(tl.float32)
     p2 = tl.load(pos + 2 * pos_sa, mask=tmask, other=0).to(tl.float32)
     p = tl.where(axis[None, :] == 0, p0[:, None], tl.where(axis[None, :] == 1, p1[:, None], p2[:, None]))
-    angle = p * freq[None, :]
-    return n, tmask, b, l, c, partner, sgn, tl.cos(angle), tl.sin(angle)
+    sin, cos = _sincos(p * freq[None, :])
+    return n, tmask, b, l, c, partner, sgn, cos, sin
 
 
 @triton.jit
@@ -223,7 +245,7 @@ def rope_backward(grads, xs, positions, dims, theta, interleaved, weights, eps):
     device = xs[0].device
     outs = [new_output(x.shape, dtype=x.dtype, device=device) for x in xs]
     ws = [_weight(w, device) for w in weights]
-    block_t = BLOCK_T[block_d]
+    block_t = BLOCK_T_BWD[block_d]
     programs = triton.cdiv(total, block_t)
     partials = [torch.zeros(max(programs, 1), block_d, dtype=torch.float32, device=device) if w is not None else None
                 for w in ws]
