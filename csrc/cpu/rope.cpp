@@ -56,16 +56,29 @@ inline void rotate_row(const A* __restrict__ x, T* __restrict__ y, const A* __re
   for (int c = L.rotated; c < L.head_dim; ++c) y[c] = static_cast<T>(x[c]);
 }
 
+// Sum of a[c] * b[c] over D channels in 8 independent lanes: a single running sum would be one long
+// dependency chain that the compiler may not reorder (no -ffast-math), this one vectorizes.
+template <typename A, typename T, typename U>
+inline A dot_lanes(const T* __restrict__ a, const U* __restrict__ b, int D) {
+  A lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int c = 0;
+  for (; c + 8 <= D; c += 8) {
+    for (int e = 0; e < 8; ++e) lanes[e] += static_cast<A>(a[c + e]) * static_cast<A>(b[c + e]);
+  }
+  for (; c < D; ++c) lanes[0] += static_cast<A>(a[c]) * static_cast<A>(b[c]);
+  return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+}
+
 // Loads a row into the compute type; with a weight, RMS-normalizes it (times the weight) and
 // returns the scale 1 / rms, else returns 1.
 template <typename A, typename T>
 inline A load_row(const T* __restrict__ src, A* __restrict__ dst, const A* __restrict__ weight, int D, A eps) {
-  for (int c = 0; c < D; ++c) dst[c] = static_cast<A>(src[c]);
-  if (weight == nullptr) return A(1);
-  A ss = 0;
-  for (int c = 0; c < D; ++c) ss += dst[c] * dst[c];
-  const A r = rms_scale(ss, D, eps);
-  for (int c = 0; c < D; ++c) dst[c] = dst[c] * r * weight[c];
+  if (weight == nullptr) {
+    for (int c = 0; c < D; ++c) dst[c] = static_cast<A>(src[c]);
+    return A(1);
+  }
+  const A r = rms_scale(dot_lanes<A>(src, src, D), D, eps);
+  for (int c = 0; c < D; ++c) dst[c] = static_cast<A>(src[c]) * r * weight[c];
   return r;
 }
 
@@ -195,18 +208,14 @@ void backward_impl(const RopeProblem& pb, std::vector<RopeRows>& sets, std::vect
             }
             // g = dL/d(normalized * weight): the inverse rotation of the incoming gradient.
             rotate_row<A, A>(gy.data(), g.data(), angles.cs.data(), angles.sn.data(), L);
-            load_row<A, T>(xin + h * r.x_sh, xh.data(), nullptr, D, eps);
-            A ss = 0;
-            for (int c = 0; c < D; ++c) ss += xh[c] * xh[c];
-            const A rr = rms_scale(ss, D, eps);
-            A dot = 0;
+            const T* x = xin + h * r.x_sh;
+            const A rr = rms_scale(dot_lanes<A>(x, x, D), D, eps);
             for (int c = 0; c < D; ++c) {
-              xh[c] *= rr;
+              xh[c] = static_cast<A>(x[c]) * rr;
               gw[c] += g[c] * xh[c];
               g[c] *= w[c];
-              dot += g[c] * xh[c];
             }
-            dot /= A(D);
+            const A dot = dot_lanes<A>(g.data(), xh.data(), D) / A(D);
             for (int c = 0; c < D; ++c) dst[c] = static_cast<T>(rms_norm_grad(g[c], xh[c], rr, dot));
           }
         }
