@@ -295,3 +295,11 @@ def test_random_splits_against_reference():
         pos = torch.randint(-20, 60, (x.shape[0], 3))
         out = rope_3d(x, pos, dims=dims, theta=theta, interleaved=interleaved, backend="cpu")
         assert_close(out, reference.rope_3d(x, pos, dims=dims, theta=theta, interleaved=interleaved))
+
+
+def test_gpu_kernels_cap_the_head_dim_and_cpu_does_not():
+    x = torch.randn(3, 1, 260)
+    pos = torch.randint(0, 4, (3, 3))
+    with pytest.raises(ValueError, match="supports head dims up to 256"):
+        rope_3d(x, pos, dims=(4, 4, 4), backend="triton")
+    assert_close(rope_3d(x, pos, dims=(4, 4, 252), backend="cpu"), _ref(reference.rope_3d, x, pos, dims=(4, 4, 252)))
