@@ -73,6 +73,28 @@ def grid_positions(grids: torch.Tensor, *, offset: Sequence[float] | None = None
     return pos
 
 
+def dense_positions(grid: Sequence[int], *, batch: int | None = None, offset: Sequence[float] | None = None,
+                    scale: Sequence[float] | None = None, device=None) -> torch.Tensor:
+    """(t, h, w) coordinates of the tokens of one (Tp, Hp, Wp) grid, for dense (B, L, H, D) batches.
+
+    Args:
+        grid: (Tp, Hp, Wp) token grid shared by the batch.
+        batch: if given, expand to (batch, L, 3) (a view); else (L, 3), which the rope ops broadcast.
+        offset, scale: optional per-axis ``pos * scale + offset`` (float32 result), as in
+            :func:`grid_positions`: e.g. scale < 1 interpolates a larger grid into the range seen in
+            training, an offset shifts a continuation clip in time. Any float positions work with
+            the rope ops (the angle is pos * frequency); nothing else is assumed.
+    Returns:
+        int32 (L, 3) or (batch, L, 3), L = Tp * Hp * Wp in (t, h, w) row-major order (w fastest);
+        float32 with offset / scale.
+    """
+    grids = torch.tensor([list(grid)], dtype=torch.int32)
+    pos = grid_positions(grids, offset=offset, scale=scale)
+    if device is not None:
+        pos = pos.to(device)
+    return pos if batch is None else pos.expand(batch, *pos.shape)
+
+
 def pack_videos(videos: Sequence[torch.Tensor], patch_size: Sequence[int]) -> PackedVideos:
     """Patchify videos of different sizes (same channel count) and pack their tokens.
 

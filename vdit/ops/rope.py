@@ -1,6 +1,17 @@
 """rope_3d / rope_3d_qk: 3D (t, h, w) rotary position embedding, optionally with fused QK RMSNorm.
 
-Kernels: none yet on this branch; every backend request resolves to the ``torch`` reference.
+Kernels: C++ (``cpu``), CUDA C++ (``cuda``), Triton (``triton``), reference (``torch``). The compiled
+kernels are ``vdit::rope_3d``, ``vdit::rope_3d_qk`` (q and k in one pass), the in-place
+``vdit::rope_3d_qk_`` and the backward ops ``vdit::rope_3d_backward`` / ``vdit::rope_3d_qk_backward``;
+the Triton ones carry a ``_triton`` suffix. All have fake implementations (torch.compile) and the
+out-of-place ops are differentiable: without a norm the backward is the inverse rotation (itself
+differentiable, so any order works); with the fused RMSNorm it is a dedicated kernel that also
+returns the weight gradient (first order only).
+
+Strided inputs: any batch / token / head strides are read in place (e.g. q and k sliced from a
+fused qkv projection); only a head dim with non-unit stride is copied first. Outputs are
+contiguous. Positions are used as given: integer grids, or float grids scaled / offset for
+resolution or length extrapolation (see :func:`vdit.packing.grid_positions`); they get no gradient.
 """
 from __future__ import annotations
 
@@ -8,12 +19,170 @@ from collections.abc import Sequence
 
 import torch
 
-from vdit.backends import select_backend
+from vdit._extension import HAS_CPU_KERNELS
+from vdit.backends import default_backend, select_backend
 from vdit.ops import reference
 from vdit.ops._validation import check_like, check_tensor
 
-KERNELS: tuple[str, ...] = ()
+KERNELS: tuple[str, ...] = ("cuda", "triton", "cpu")  # auto preference; cuda/cpu pick the compiled kernel by device
+MAX_GPU_HEAD_DIM = 256  # the CUDA and Triton kernels hold a head row in registers; the CPU kernel has no limit
 
+
+# ---- torch.library: Triton ops, fake implementations, autograd ------------------------------
+
+@torch.library.custom_op("vdit::rope_3d_triton", mutates_args=())
+def _rope_3d_triton(x: torch.Tensor, positions: torch.Tensor, dims: Sequence[int], theta: float, interleaved: bool,
+                    inverse: bool, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    from vdit.kernels.triton import rope
+
+    (out,) = rope.rope_forward([x], positions, tuple(dims), theta, interleaved, inverse, [weight], eps)
+    return out
+
+
+@torch.library.custom_op("vdit::rope_3d_qk_triton", mutates_args=())
+def _rope_3d_qk_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, dims: Sequence[int], theta: float,
+                       interleaved: bool, inverse: bool, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from vdit.kernels.triton import rope
+
+    q_out, k_out = rope.rope_forward([q, k], positions, tuple(dims), theta, interleaved, inverse,
+                                     [q_weight, k_weight], eps)
+    return q_out, k_out
+
+
+@torch.library.custom_op("vdit::rope_3d_qk__triton", mutates_args=("q", "k"))
+def _rope_3d_qk_inplace_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, dims: Sequence[int],
+                               theta: float, interleaved: bool, q_weight: torch.Tensor | None,
+                               k_weight: torch.Tensor | None, eps: float) -> None:
+    from vdit.kernels.triton import rope
+
+    rope.rope_forward([q, k], positions, tuple(dims), theta, interleaved, False, [q_weight, k_weight], eps,
+                      outputs=[q, k])
+
+
+@torch.library.custom_op("vdit::rope_3d_backward_triton", mutates_args=())
+def _rope_3d_backward_triton(grad: torch.Tensor, x: torch.Tensor, positions: torch.Tensor, dims: Sequence[int],
+                             theta: float, interleaved: bool, weight: torch.Tensor | None,
+                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from vdit.kernels.triton import rope
+
+    (gx,), (gw,) = rope.rope_backward([grad], [x], positions, tuple(dims), theta, interleaved, [weight], eps)
+    return gx, gw
+
+
+@torch.library.custom_op("vdit::rope_3d_qk_backward_triton", mutates_args=())
+def _rope_3d_qk_backward_triton(grad_q: torch.Tensor, grad_k: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                                positions: torch.Tensor, dims: Sequence[int], theta: float, interleaved: bool,
+                                q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+                                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from vdit.kernels.triton import rope
+
+    (gq, gk), (gqw, gkw) = rope.rope_backward([grad_q, grad_k], [q, k], positions, tuple(dims), theta, interleaved,
+                                              [q_weight, k_weight], eps)
+    return gq, gk, gqw, gkw
+
+
+def _contiguous_like(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _weight_grad_like(weight, x):
+    return weight.new_empty(weight.shape) if weight is not None else x.new_empty((0,))
+
+
+def _fake_rope(x, positions, dims, theta, interleaved, inverse, weight, eps):
+    return _contiguous_like(x)
+
+
+def _fake_rope_qk(q, k, positions, dims, theta, interleaved, inverse, q_weight, k_weight, eps):
+    return _contiguous_like(q), _contiguous_like(k)
+
+
+def _fake_rope_qk_inplace(q, k, positions, dims, theta, interleaved, q_weight, k_weight, eps):
+    return None
+
+
+def _fake_backward(grad, x, positions, dims, theta, interleaved, weight, eps):
+    return _contiguous_like(x), _weight_grad_like(weight, x)
+
+
+def _fake_qk_backward(grad_q, grad_k, q, k, positions, dims, theta, interleaved, q_weight, k_weight, eps):
+    return _contiguous_like(q), _contiguous_like(k), _weight_grad_like(q_weight, q), _weight_grad_like(k_weight, k)
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """The kernels need a unit-stride head dim; other strides are read as they are."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _register(suffix: str) -> None:
+    ops = torch.ops.vdit
+    rope, rope_qk = getattr(ops, "rope_3d" + suffix), getattr(ops, "rope_3d_qk" + suffix)
+    backward, qk_backward = getattr(ops, "rope_3d_backward" + suffix), getattr(ops, "rope_3d_qk_backward" + suffix)
+    torch.library.register_fake("vdit::rope_3d" + suffix)(_fake_rope)
+    torch.library.register_fake("vdit::rope_3d_qk" + suffix)(_fake_rope_qk)
+    torch.library.register_fake("vdit::rope_3d_qk_" + suffix)(_fake_rope_qk_inplace)
+    torch.library.register_fake("vdit::rope_3d_backward" + suffix)(_fake_backward)
+    torch.library.register_fake("vdit::rope_3d_qk_backward" + suffix)(_fake_qk_backward)
+
+    def setup_rope(ctx, inputs, output):
+        x, positions, dims, theta, interleaved, inverse, weight, eps = inputs
+        ctx.args = (list(dims), theta, interleaved, eps)
+        ctx.inverse, ctx.has_weight = inverse, weight is not None
+        # Only the norm's backward needs the input itself.
+        ctx.save_for_backward(positions, x if weight is not None else None, weight)
+
+    def backward_rope(ctx, grad):
+        positions, x, weight = ctx.saved_tensors
+        dims, theta, interleaved, eps = ctx.args
+        grad = _unit_stride(grad)
+        if not ctx.has_weight:
+            return rope(grad, positions, dims, theta, interleaved, not ctx.inverse, None, eps), *([None] * 7)
+        if ctx.inverse:
+            raise NotImplementedError("vdit: the backward of an inverse rotation with a norm weight is not implemented")
+        gx, gw = backward(grad, x, positions, dims, theta, interleaved, weight, eps)
+        return gx, None, None, None, None, None, gw, None
+
+    def setup_rope_qk(ctx, inputs, output):
+        q, k, positions, dims, theta, interleaved, inverse, q_weight, k_weight, eps = inputs
+        ctx.args = (list(dims), theta, interleaved, eps)
+        ctx.inverse = inverse
+        ctx.has_weight = (q_weight is not None, k_weight is not None)
+        norm = any(ctx.has_weight)
+        # Only the norm's backward needs q and k; the shapes suffice to build missing gradients.
+        ctx.save_for_backward(positions, q if norm else None, k if norm else None, q_weight, k_weight)
+        ctx.meta = [(t.shape, t.dtype, t.device) for t in (q, k)]
+
+    def backward_rope_qk(ctx, grad_q, grad_k):
+        positions, q, k, q_weight, k_weight = ctx.saved_tensors
+        dims, theta, interleaved, eps = ctx.args
+        grads = []
+        for g, (shape, dtype, device) in zip((grad_q, grad_k), ctx.meta):
+            grads.append(torch.zeros(shape, dtype=dtype, device=device) if g is None else _unit_stride(g))
+        if not any(ctx.has_weight):
+            gq, gk = rope_qk(grads[0], grads[1], positions, dims, theta, interleaved, not ctx.inverse, None, None, eps)
+            return gq, gk, *([None] * 8)
+        if ctx.inverse:
+            raise NotImplementedError("vdit: the backward of an inverse rotation with a norm weight is not implemented")
+        gq, gk, gqw, gkw = qk_backward(grads[0], grads[1], q, k, positions, dims, theta, interleaved,
+                                       q_weight, k_weight, eps)
+        return (gq, gk, None, None, None, None, None, gqw if ctx.has_weight[0] else None,
+                gkw if ctx.has_weight[1] else None, None)
+
+    torch.library.register_autograd("vdit::rope_3d" + suffix, backward_rope, setup_context=setup_rope)
+    torch.library.register_autograd("vdit::rope_3d_qk" + suffix, backward_rope_qk, setup_context=setup_rope_qk)
+
+
+_register("_triton")
+if HAS_CPU_KERNELS:
+    _register("")
+
+
+def _op(backend: str, name: str):
+    return getattr(torch.ops.vdit, name + "_triton" if backend == "triton" else name)
+
+
+# ---- validation --------------------------------------------------------------------------------
 
 def check_rope_args(name: str, x: torch.Tensor, positions: torch.Tensor, dims: Sequence[int]) -> tuple[int, int, int]:
     """Validate one rotated tensor, its positions and the axis split; returns dims as a tuple."""
@@ -40,36 +209,81 @@ def check_rope_args(name: str, x: torch.Tensor, positions: torch.Tensor, dims: S
     return dims
 
 
+def _backend(op: str, device: torch.device, backend: str, head_dim: int) -> str:
+    chosen = select_backend(op, KERNELS, device, backend)
+    if chosen in ("cuda", "triton") and head_dim > MAX_GPU_HEAD_DIM:
+        if backend == "auto" and default_backend() == "auto":
+            return "torch"  # auto: fall back for head dims the GPU kernels do not cover
+        raise ValueError(f"{op}: the {chosen} kernel supports head dims up to {MAX_GPU_HEAD_DIM}, got {head_dim}")
+    return chosen
+
+
+def _check_theta(theta) -> float:
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool):
+        raise TypeError(f"theta must be a float, got {type(theta).__name__}")
+    if not theta > 0:
+        raise ValueError(f"theta must be positive, got {theta}")
+    return float(theta)
+
+
+def _check_norm_weight(name: str, w, x: torch.Tensor) -> None:
+    if w is None:
+        return
+    check_tensor(name, w, ndim=1, floating=True)
+    if w.shape[0] != x.shape[-1] or w.device != x.device:
+        raise ValueError(f"{name} must be ({x.shape[-1]},) on {x.device}, got {tuple(w.shape)} on {w.device}")
+
+
+# ---- public API ------------------------------------------------------------------------------
+
 def rope_3d(x: torch.Tensor, positions: torch.Tensor, *, dims: Sequence[int], theta: float = 10000.0,
-            interleaved: bool = True, backend: str = "auto") -> torch.Tensor:
+            interleaved: bool = True, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+            backend: str = "auto") -> torch.Tensor:
     """Rotate the channels of ``x`` by 3D positions (see :func:`vdit.ops.reference.rope_3d`).
 
     Args:
-        x: (total, H, Dh) packed or (B, L, H, Dh) dense, float.
+        x: (total, H, Dh) packed or (B, L, H, Dh) dense; float16/bfloat16/float32/float64. Any strides
+            (a non-unit head-dim stride is copied first).
         positions: (total, 3) / (L, 3) or (B, L, 3), int32/int64/float32/float64 (t, h, w).
         dims: (dt, dh, dw), even, sum <= Dh; remaining channels pass through.
         theta: frequency base; interleaved: pairs (2j, 2j+1) if True else (j, j + d/2) per chunk.
+        norm_weight: optional (Dh,) RMSNorm weight: each head is RMS-normalized first (same pass).
+        eps: RMSNorm epsilon.
     Returns:
-        Tensor like x.
+        Contiguous tensor like x; angles and math in float32 (float64 for float64 x). The CUDA and
+        Triton kernels cover head dims up to 256 (auto falls back to the reference beyond).
+    Raises:
+        TypeError / ValueError naming the argument for bad input.
     """
     dims = check_rope_args("x", x, positions, dims)
-    select_backend("rope_3d", KERNELS, x.device, backend)
-    return reference.rope_3d(x, positions, dims=dims, theta=theta, interleaved=interleaved)
+    theta = _check_theta(theta)
+    _check_norm_weight("norm_weight", norm_weight, x)
+    chosen = _backend("rope_3d", x.device, backend, x.shape[-1])
+    if chosen == "torch":
+        return reference.rope_3d(x, positions, dims=dims, theta=theta, interleaved=interleaved,
+                                 norm_weight=norm_weight, eps=eps)
+    return _op(chosen, "rope_3d")(_unit_stride(x), positions, list(dims), theta, bool(interleaved), False,
+                                  norm_weight, float(eps))
 
 
 def rope_3d_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, *, dims: Sequence[int],
                theta: float = 10000.0, interleaved: bool = True, q_norm_weight: torch.Tensor | None = None,
                k_norm_weight: torch.Tensor | None = None, norm: str = "rms", eps: float = 1e-6,
-               backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q and k with the same positions, optionally RMS-normalizing each head first.
+               inplace: bool = False, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k with the same positions in one pass, optionally RMS-normalizing each head first.
 
     Args:
         q: (total, Hq, Dh) or (B, L, Hq, Dh); k: (total, Hk, Dh) or (B, L, Hk, Dh), same dtype/device.
+            Any strides (e.g. slices of a fused qkv projection output) are read in place.
         positions, dims, theta, interleaved: as :func:`rope_3d`.
-        q_norm_weight, k_norm_weight: optional (Dh,) RMSNorm weights (QK-norm before rotating).
+        q_norm_weight, k_norm_weight: optional (Dh,) RMSNorm weights (QK-norm before rotating), each
+            optional on its own; differentiable (the weight gets its gradient).
         norm: only ``"rms"`` is supported.
+        inplace: write the results into q and k and return them (not differentiable: raises
+            ValueError if autograd would need it). q and k must not share elements; they may be
+            interleaved slices of one buffer (a fused qkv output).
     Returns:
-        (q_rotated, k_rotated).
+        (q_rotated, k_rotated), contiguous (or q, k themselves with ``inplace``).
     """
     dims = check_rope_args("q", q, positions, dims)
     check_rope_args("k", k, positions, dims)
@@ -78,11 +292,33 @@ def rope_3d_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, *, dim
         raise ValueError(f"k {tuple(k.shape)} must match q {tuple(q.shape)} except in the head count")
     if norm != "rms":
         raise ValueError(f"norm must be 'rms', got {norm!r}")
-    for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
-        if w is not None:
-            check_tensor(name, w, ndim=1, floating=True)
-            if w.shape[0] != q.shape[-1] or w.device != q.device:
-                raise ValueError(f"{name} must be ({q.shape[-1]},) on {q.device}, got {tuple(w.shape)} on {w.device}")
-    select_backend("rope_3d_qk", KERNELS, q.device, backend)
-    return reference.rope_3d_qk(q, k, positions, dims=dims, theta=theta, interleaved=interleaved,
-                                q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, eps=eps)
+    theta = _check_theta(theta)
+    _check_norm_weight("q_norm_weight", q_norm_weight, q)
+    _check_norm_weight("k_norm_weight", k_norm_weight, k)
+    chosen = _backend("rope_3d_qk", q.device, backend, q.shape[-1])
+    if inplace:
+        return _rope_3d_qk_inplace(chosen, q, k, positions, dims, theta, interleaved, q_norm_weight, k_norm_weight, eps)
+    if chosen == "torch":
+        return reference.rope_3d_qk(q, k, positions, dims=dims, theta=theta, interleaved=interleaved,
+                                    q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, eps=eps)
+    return _op(chosen, "rope_3d_qk")(_unit_stride(q), _unit_stride(k), positions, list(dims), theta,
+                                     bool(interleaved), False, q_norm_weight, k_norm_weight, float(eps))
+
+
+def _rope_3d_qk_inplace(chosen, q, k, positions, dims, theta, interleaved, q_norm_weight, k_norm_weight, eps):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, q_norm_weight, k_norm_weight)):
+        raise ValueError("inplace=True is not differentiable; use inplace=False when q, k or the norm weights "
+                         "require grad")
+    if q.data_ptr() == k.data_ptr():
+        raise ValueError("inplace=True needs q and k that do not share elements")
+    if chosen == "torch" or q.stride(-1) != 1 or k.stride(-1) != 1:
+        out_q, out_k = rope_3d_qk(q, k, positions, dims=dims, theta=theta, interleaved=interleaved,
+                                  q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, eps=eps, backend=chosen)
+        q.copy_(out_q)
+        k.copy_(out_k)
+        return q, k
+    name = "rope_3d_qk__triton" if chosen == "triton" else "rope_3d_qk_"
+    getattr(torch.ops.vdit, name)(q, k, positions, list(dims), theta, bool(interleaved), q_norm_weight, k_norm_weight,
+                                  float(eps))
+    return q, k
+

@@ -1,0 +1,101 @@
+"""rope_3d_qk on CPU: vdit's C++ kernel against the eager table-based RoPE that diffusers-style video
+DiTs run (cos / sin tables of tokens x head_dim, applied to q and to k by several elementwise
+passes), torch.compile of that eager code, and a plain copy of q and k (the memory-traffic floor
+of any out-of-place implementation), all measured in the same run.
+
+Shape: 16 x 32 x 32 = 16384 tokens (a 16-frame 64x64 latent with 1x2x2 patches), 24 heads, head
+dim 128 (HunyuanVideo's split (16, 56, 56), theta 256, interleaved pairs), fp32. The tables are
+built once outside the timed region, as a model shares them across layers, so the baseline is timed
+at its per-layer cost only. "bytes" counts reading q and k and writing both outputs.
+
+    pytest benchmarks/bench_rope.py --benchmark-only --benchmark-json=out.json
+"""
+import os
+
+import pytest
+import torch
+
+from vdit.ops import rope_3d_qk
+from vdit.packing import dense_positions
+
+GRID, HEADS, HEAD_DIM = (16, 32, 32), 24, 128
+DIMS, THETA = (16, 56, 56), 256.0
+TOKENS = GRID[0] * GRID[1] * GRID[2]
+GROUP = f"rope_3d_qk fp32 {TOKENS}x{HEADS}x{HEAD_DIM}"
+BYTES = 4 * TOKENS * HEADS * HEAD_DIM * 4  # read q, k; write q', k'
+ROUNDS = dict(rounds=5, iterations=1, warmup_rounds=1)
+
+
+def rope_tables(positions, dims, theta):
+    """(tokens, head_dim) cos and sin: every axis frequency repeated for its two pair channels."""
+    cos, sin = [], []
+    for axis, d in enumerate(dims):
+        inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        angle = positions[:, axis].double()[:, None] * inv_freq[None, :]
+        cos.append(angle.cos().float().repeat_interleave(2, dim=-1))
+        sin.append(angle.sin().float().repeat_interleave(2, dim=-1))
+    return torch.cat(cos, -1), torch.cat(sin, -1)
+
+
+def eager_rope(x, cos, sin):
+    """x (tokens, heads, D) * cos + rotate_pairs(x) * sin, rotate_pairs(a, b) = (-b, a)."""
+    a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack((-b, a), dim=-1).flatten(-2)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def eager_rope_qk(q, k, cos, sin):
+    return eager_rope(q, cos, sin), eager_rope(k, cos, sin)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    torch.manual_seed(0)
+    q = torch.randn(TOKENS, HEADS, HEAD_DIM)
+    k = torch.randn(TOKENS, HEADS, HEAD_DIM)
+    pos = dense_positions(GRID)
+    cos, sin = rope_tables(pos, DIMS, THETA)
+    # The benchmarked implementations agree before they are timed.
+    ours = rope_3d_qk(q, k, pos, dims=DIMS, theta=THETA, backend="cpu")
+    eager = eager_rope_qk(q, k, cos, sin)
+    torch.testing.assert_close(ours[0], eager[0], rtol=1e-4, atol=1e-4)
+    return q, k, pos, cos, sin
+
+
+def _setup(benchmark, impl):
+    benchmark.group = GROUP
+    benchmark.extra_info.update(impl=impl, bytes=BYTES)
+
+
+def test_vdit_cpu(benchmark, inputs):
+    q, k, pos, _, _ = inputs
+    _setup(benchmark, "vdit cpu")
+    benchmark.pedantic(rope_3d_qk, (q, k, pos), dict(dims=DIMS, theta=THETA, backend="cpu"), **ROUNDS)
+
+
+def test_vdit_cpu_inplace(benchmark, inputs):
+    q, k, pos, _, _ = inputs
+    q, k = q.clone(), k.clone()  # rotated over and over in place: only the timing matters
+    _setup(benchmark, "vdit cpu, inplace=True (not the reference row)")
+    benchmark.pedantic(rope_3d_qk, (q, k, pos), dict(dims=DIMS, theta=THETA, inplace=True, backend="cpu"), **ROUNDS)
+
+
+def test_eager_tables(benchmark, inputs):
+    q, k, _, cos, sin = inputs
+    _setup(benchmark, "eager cos/sin tables (diffusers-style)")
+    benchmark.pedantic(eager_rope_qk, (q, k, cos, sin), **ROUNDS)
+
+
+@pytest.mark.skipif(os.environ.get("VDIT_BENCH_SKIP_COMPILE") == "1", reason="VDIT_BENCH_SKIP_COMPILE=1")
+def test_compiled_eager_tables(benchmark, inputs):
+    q, k, _, cos, sin = inputs
+    compiled = torch.compile(eager_rope_qk)
+    compiled(q, k, cos, sin)  # compile outside the timed rounds
+    _setup(benchmark, "torch.compile(eager cos/sin tables)")
+    benchmark.pedantic(compiled, (q, k, cos, sin), **ROUNDS)
+
+
+def test_copy_floor(benchmark, inputs):
+    q, k, _, _, _ = inputs
+    _setup(benchmark, "q.clone() + k.clone() (copy bandwidth)")
+    benchmark.pedantic(lambda: (q.clone(), k.clone()), **ROUNDS)
