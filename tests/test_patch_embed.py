@@ -314,3 +314,22 @@ def test_bad_inputs_raise_and_leave_inputs_unchanged():
             fn()
     for t, s in zip((x, w, b), saved):
         assert torch.equal(t, s)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+def test_large_tile_configurations(backend, device):
+    """A problem big enough for the large tile configurations (>= 1024 tokens, F = 64, D >= 128)."""
+    shape, patch, D = (1, 16, 1, 64, 64), (1, 2, 2), 136
+    for dtype in dtypes_of(backend)[1:3]:
+        x, w, b = make_embed(shape, patch, D, dtype, device)
+        wk, bk = as_leaf(w, b)
+        out = patch_embed_3d(x, wk, bk, backend=backend)
+        x64, w64, b64 = as_leaf64(x, w, b)
+        expected = reference.patch_embed_3d(x64, w64, b64)
+        close(out, expected, dtype)
+        grad = torch.randn(out.shape, dtype=torch.float64).to(dtype).to(device) / 32
+        for g, e in zip(torch.autograd.grad(out, [wk, bk], grad), torch.autograd.grad(expected, [w64, b64], grad.double())):
+            close(g, e, dtype)
+        video = patch_unembed_3d(out, w.reshape(D, -1).t().contiguous(), None, (1, 32, 32), patch, backend=backend)
+        close(video, reference.patch_unembed_3d(out.double(), w64.detach().reshape(D, -1).t(), None, (1, 32, 32), patch),
+              dtype)

@@ -28,13 +28,19 @@ from vdit._memory import new_output
 
 META_COLS = 6  # columns of the per-sample metadata table (csrc/common/patch_embed.h)
 
-# Shipped tile configurations; every one is compiled ahead of time for sm_80 and sm_90 by
-# tests/test_patch_embed_aot.py. (BLOCK_N tokens, BLOCK_D model features, BLOCK_F patch features,
-# num_warps, num_stages).
-EMBED_CONFIGS = [(128, 128, 32, 8, 3), (64, 64, 32, 4, 2)]
-PROJECT_CONFIGS = [(128, 64, 64, 8, 3), (64, 32, 32, 4, 2)]
-# (BLOCK_F, BLOCK_D, BLOCK_N, num_warps, num_stages)
-REDUCE_CONFIGS = [(64, 128, 64, 8, 3), (32, 64, 32, 4, 2)]
+# Shipped tile configurations per element size (2: fp16/bf16, 4: fp32), a large one for large
+# problems and a small one; every one is compiled ahead of time for sm_80 and sm_90 without spills by
+# tests/test_patch_embed_aot.py (the address math of the gathered operand costs registers, which is
+# what bounds these tiles; fp32 dots without TF32 need the smaller ones).
+# embed / project: (BLOCK_N tokens, BLOCK_D or BLOCK_F output features, BLOCK_F or BLOCK_D reduced
+# features, num_warps, num_stages); reduce: (BLOCK_F, BLOCK_D, BLOCK_N, num_warps, num_stages).
+EMBED_CONFIGS = {2: [(64, 128, 32, 4, 3), (64, 64, 32, 8, 2)], 4: [(64, 128, 16, 8, 2), (64, 64, 16, 4, 2)]}
+PROJECT_CONFIGS = {2: [(128, 64, 32, 8, 3), (64, 32, 32, 8, 2)], 4: [(64, 64, 32, 8, 2), (64, 32, 32, 8, 2)]}
+REDUCE_CONFIGS = {2: [(64, 128, 32, 8, 3), (32, 64, 32, 8, 2)], 4: [(32, 64, 32, 8, 2), (32, 64, 16, 4, 2)]}
+
+
+def _pick(configs, dtype, large: bool):
+    return configs[torch.empty((), dtype=dtype).element_size()][0 if large else 1]
 
 
 @triton.jit
@@ -214,7 +220,7 @@ class _Packing:
 def _embed(video_flat, packing, C, patch, w_fd, bias, out):
     """out (total, D) = patches @ w_fd + bias, w_fd a (F, D) view of any strides."""
     D = out.shape[1]
-    block_n, block_d, block_f, warps, stages = EMBED_CONFIGS[0] if D >= 128 and packing.total >= 1024 else EMBED_CONFIGS[1]
+    block_n, block_d, block_f, warps, stages = _pick(EMBED_CONFIGS, out.dtype, D >= 128 and packing.total >= 1024)
     tiles = packing.tiles(block_n)
     grid = (tiles.shape[0], triton.cdiv(D, block_d))
     embed_kernel[grid](video_flat, w_fd, bias if bias is not None else out, out, packing.meta, tiles,
@@ -226,7 +232,7 @@ def _embed(video_flat, packing, C, patch, w_fd, bias, out):
 def _project(tokens, packing, C, patch, w_df, bias, video_flat):
     """video_flat <- unpatchify(tokens @ w_df + bias), w_df a (D, F) view of any strides."""
     D, F = w_df.shape
-    block_n, block_f, block_d, warps, stages = PROJECT_CONFIGS[0] if F >= 64 and packing.total >= 1024 else PROJECT_CONFIGS[1]
+    block_n, block_f, block_d, warps, stages = _pick(PROJECT_CONFIGS, tokens.dtype, F >= 64 and packing.total >= 1024)
     tiles = packing.tiles(block_n)
     grid = (tiles.shape[0], triton.cdiv(F, block_f))
     project_kernel[grid](tokens, w_df, bias if bias is not None else tokens, video_flat, packing.meta, tiles,
@@ -239,7 +245,7 @@ def _reduce(video_flat, tokens, packing, C, patch, sum_f: bool, sum_d: bool):
     """(F, D) = patches^T @ tokens in fp32, with the column sums (F,) of patches and (D,) of tokens."""
     D = tokens.shape[1]
     F = C * patch[0] * patch[1] * patch[2]
-    block_f, block_d, block_n, warps, stages = REDUCE_CONFIGS[0] if F >= 64 and D >= 128 else REDUCE_CONFIGS[1]
+    block_f, block_d, block_n, warps, stages = _pick(REDUCE_CONFIGS, tokens.dtype, F >= 64 and D >= 128)
     tiles = packing.tiles(block_n)
     num_tiles = tiles.shape[0]
     programs = triton.cdiv(F, block_f) * triton.cdiv(D, block_d)
