@@ -97,16 +97,16 @@ def test_embed_gradient_masks(backend, device):
 
 def test_gradcheck_cpu():
     x, w, b = as_leaf64(*make_embed((2, 3, 2, 4, 6), (2, 2, 3), 5, torch.float64, "cpu"))
-    assert torch.autograd.gradcheck(lambda *a: patch_embed_3d(*a, backend="cpu"), (x, w, b))
+    assert torch.autograd.gradcheck(lambda *a: patch_embed_3d(*a, backend="cpu"), (x, w, b), fast_mode=True)
     vids = [torch.randn(3, 2, 4, 3, dtype=torch.float64, requires_grad=True),
             torch.randn(3, 4, 2, 6, dtype=torch.float64, requires_grad=True)]
     assert torch.autograd.gradcheck(lambda v0, v1, w, b: patch_embed_3d_varlen([v0, v1], w, b, backend="cpu")[0],
-                                    (*vids, w, b))
+                                    (*vids, w, b), fast_mode=True)
     t = torch.randn(2, 8, 7, dtype=torch.float64, requires_grad=True)
     wu = torch.randn(3 * 12, 7, dtype=torch.float64, requires_grad=True)
     bu = torch.randn(36, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t, w, b: patch_unembed_3d(t, w, b, (2, 2, 2), (2, 2, 3), backend="cpu"),
-                                    (t, wu, bu))
+                                    (t, wu, bu), fast_mode=True)
 
 
 VARLEN = [  # list of (T, H, W), C, patch, D

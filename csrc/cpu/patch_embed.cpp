@@ -155,7 +155,11 @@ PassResult run_pass(const Plan& plan, const PassArgs& a, int64_t D) {
   at::Tensor acc_bf = a.reduce_bf ? at::zeros({threads, F}, acc) : at::Tensor();
   const int64_t max_m = plan.max_block_tokens;
 
-  at::parallel_for(0, static_cast<int64_t>(plan.blocks.size()), 1, [&](int64_t begin, int64_t end) {
+  // Small problems run on the calling thread: waking the pool costs more than their GEMMs (and much
+  // more on a loaded machine, where a worker may wait a whole scheduler time slice).
+  const int64_t num_blocks = static_cast<int64_t>(plan.blocks.size());
+  const bool small = plan.total_tokens * D * F < (int64_t{1} << 21);
+  at::parallel_for(0, num_blocks, small ? std::max<int64_t>(num_blocks, 1) : 1, [&](int64_t begin, int64_t end) {
     // Worker threads do not inherit the caller's dispatch guard (see dispatch_pass).
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     const int64_t tid = at::get_thread_num();
