@@ -1,7 +1,12 @@
 """patch_embed_3d (Conv3d with stride = kernel as one fused op) and patch_unembed_3d (final linear +
 unpatchify), dense and packed.
 
-Kernels: none yet on this branch; every backend request resolves to the ``torch`` reference.
+Kernels: C++ (``cpu``: patch gather into cache-sized blocks + BLAS GEMM per block), Triton
+(``triton``: gather + ``tl.dot`` + bias in one kernel), reference (``torch``). Every kernel op is a
+torch.library operator with a fake implementation and an autograd formula whose backward is again
+one fused kernel op (``vdit::<op>_backward``, returning the input, weight and bias gradients that
+are needed), so the ops run under ``torch.compile(fullgraph=True)`` and train. The Triton operators
+carry a ``_triton`` suffix; the C++ ones are defined in csrc/patch_embed.cpp.
 """
 from __future__ import annotations
 
@@ -9,12 +14,223 @@ from collections.abc import Sequence
 
 import torch
 
+from vdit._extension import HAS_CPU_KERNELS
 from vdit.backends import select_backend
 from vdit.ops import reference
 from vdit.ops._validation import check_cu_seqlens, check_divides, check_like, check_tensor, check_triple
 
-KERNELS: tuple[str, ...] = ()
+KERNELS: tuple[str, ...] = ("triton", "cpu")  # auto: Triton on CUDA tensors, the C++ kernel on CPU tensors
 
+
+# ---- torch.library: Triton ops ----------------------------------------------------------------
+
+def _triton():
+    from vdit.kernels.triton import patch_embed
+
+    return patch_embed
+
+
+@torch.library.custom_op("vdit::patch_embed_3d_triton", mutates_args=())
+def _embed_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _triton().patch_embed_3d(x, weight, bias)
+
+
+@torch.library.custom_op("vdit::patch_embed_3d_backward_triton", mutates_args=())
+def _embed_backward_triton(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                           output_mask: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _triton().patch_embed_3d_backward(grad, x, weight, tuple(output_mask))
+
+
+@torch.library.custom_op("vdit::patch_embed_3d_varlen_triton", mutates_args=())
+def _embed_varlen_triton(videos: list[torch.Tensor], weight: torch.Tensor,
+                         bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _triton().patch_embed_3d_varlen(videos, weight, bias)
+
+
+@torch.library.custom_op("vdit::patch_embed_3d_varlen_backward_triton", mutates_args=())
+def _embed_varlen_backward_triton(grad: torch.Tensor, videos: list[torch.Tensor], weight: torch.Tensor,
+                                  output_mask: Sequence[bool]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    return _triton().patch_embed_3d_varlen_backward(grad, videos, weight, tuple(output_mask))
+
+
+@torch.library.custom_op("vdit::patch_unembed_3d_triton", mutates_args=())
+def _unembed_triton(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, grid: Sequence[int],
+                    patch_size: Sequence[int]) -> torch.Tensor:
+    return _triton().patch_unembed_3d(tokens, weight, bias, tuple(grid), tuple(patch_size))
+
+
+@torch.library.custom_op("vdit::patch_unembed_3d_backward_triton", mutates_args=())
+def _unembed_backward_triton(grad: torch.Tensor, tokens: torch.Tensor, weight: torch.Tensor, grid: Sequence[int],
+                             patch_size: Sequence[int],
+                             output_mask: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _triton().patch_unembed_3d_backward(grad, tokens, weight, tuple(grid), tuple(patch_size),
+                                               tuple(output_mask))
+
+
+@torch.library.custom_op("vdit::patch_unembed_3d_varlen_triton", mutates_args=())
+def _unembed_varlen_triton(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           grids: Sequence[int], patch_size: Sequence[int]) -> list[torch.Tensor]:
+    return _triton().patch_unembed_3d_varlen(tokens, weight, bias, list(grids), tuple(patch_size))
+
+
+@torch.library.custom_op("vdit::patch_unembed_3d_varlen_backward_triton", mutates_args=())
+def _unembed_varlen_backward_triton(grads: list[torch.Tensor], tokens: torch.Tensor, weight: torch.Tensor,
+                                    grids: Sequence[int], patch_size: Sequence[int],
+                                    output_mask: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _triton().patch_unembed_3d_varlen_backward(grads, tokens, weight, list(grids), tuple(patch_size),
+                                                      tuple(output_mask))
+
+
+# ---- fake implementations (shapes only) -------------------------------------------------------
+# A gradient that a backward op is not asked for (output_mask) is an empty tensor: the schemas
+# return Tensor, not Tensor?.
+
+def _embed_fake(x, weight, bias):
+    B, _, T, H, W = x.shape
+    pt, ph, pw = weight.shape[2:]
+    return x.new_empty((B, (T // pt) * (H // ph) * (W // pw), weight.shape[0]))
+
+
+def _embed_backward_fake(grad, x, weight, output_mask):
+    return (x.new_empty(x.shape) if output_mask[0] else x.new_empty(0),
+            weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty(0),
+            weight.new_empty(weight.shape[0]) if output_mask[2] else weight.new_empty(0))
+
+
+def _num_tokens(sizes, patch):
+    return (sizes[0] // patch[0]) * (sizes[1] // patch[1]) * (sizes[2] // patch[2])
+
+
+def _embed_varlen_fake(videos, weight, bias):
+    patch = weight.shape[2:]
+    total = sum(_num_tokens(v.shape[1:], patch) for v in videos)
+    v0 = videos[0]
+    return (v0.new_empty((total, weight.shape[0])), v0.new_empty(len(videos) + 1, dtype=torch.int32),
+            v0.new_empty((len(videos), 3), dtype=torch.int32))
+
+
+def _embed_varlen_backward_fake(grad, videos, weight, output_mask):
+    return ([v.new_empty(v.shape) for v in videos] if output_mask[0] else [],
+            weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty(0),
+            weight.new_empty(weight.shape[0]) if output_mask[2] else weight.new_empty(0))
+
+
+def _video_shape(weight, grid, patch):
+    C = weight.shape[0] // (patch[0] * patch[1] * patch[2])
+    return (C, grid[0] * patch[0], grid[1] * patch[1], grid[2] * patch[2])
+
+
+def _unembed_fake(tokens, weight, bias, grid, patch_size):
+    return tokens.new_empty((tokens.shape[0], *_video_shape(weight, grid, patch_size)))
+
+
+def _unembed_backward_fake(grad, tokens, weight, grid, patch_size, output_mask):
+    return (tokens.new_empty(tokens.shape) if output_mask[0] else tokens.new_empty(0),
+            weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty(0),
+            weight.new_empty(weight.shape[0]) if output_mask[2] else weight.new_empty(0))
+
+
+def _unembed_varlen_fake(tokens, weight, bias, grids, patch_size):
+    return [tokens.new_empty(_video_shape(weight, grids[i:i + 3], patch_size)) for i in range(0, len(grids), 3)]
+
+
+def _unembed_varlen_backward_fake(grads, tokens, weight, grids, patch_size, output_mask):
+    return _unembed_backward_fake(None, tokens, weight, None, None, output_mask)
+
+
+# ---- autograd -----------------------------------------------------------------------------------
+
+def _register(suffix: str) -> None:
+    """Fake implementations and autograd formulas of one kernel family (``""``: C++, ``"_triton"``)."""
+    ns = torch.ops.vdit
+    embed_bwd = getattr(ns, "patch_embed_3d_backward" + suffix)
+    embed_varlen_bwd = getattr(ns, "patch_embed_3d_varlen_backward" + suffix)
+    unembed_bwd = getattr(ns, "patch_unembed_3d_backward" + suffix)
+    unembed_varlen_bwd = getattr(ns, "patch_unembed_3d_varlen_backward" + suffix)
+    for name, fake in [("patch_embed_3d", _embed_fake), ("patch_embed_3d_backward", _embed_backward_fake),
+                       ("patch_embed_3d_varlen", _embed_varlen_fake),
+                       ("patch_embed_3d_varlen_backward", _embed_varlen_backward_fake),
+                       ("patch_unembed_3d", _unembed_fake), ("patch_unembed_3d_backward", _unembed_backward_fake),
+                       ("patch_unembed_3d_varlen", _unembed_varlen_fake),
+                       ("patch_unembed_3d_varlen_backward", _unembed_varlen_backward_fake)]:
+        torch.library.register_fake(f"vdit::{name}{suffix}")(fake)
+
+    def mask_of(ctx, has_bias: bool) -> list[bool]:
+        need = ctx.needs_input_grad
+        return [bool(need[0]), bool(need[1]), bool(has_bias and need[2])]
+
+    def grads_of(mask, gx, gw, gb):
+        return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None)
+
+    # patch_embed_3d: inputs (x, weight, bias)
+    def setup_embed(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    def backward_embed(ctx, grad):
+        x, weight = ctx.saved_tensors
+        mask = mask_of(ctx, ctx.has_bias)
+        return grads_of(mask, *embed_bwd(grad.contiguous(), x, weight, mask))
+
+    # patch_embed_3d_varlen: inputs (videos, weight, bias) -> (tokens, cu_seqlens, grids)
+    def setup_embed_varlen(ctx, inputs, output):
+        videos, weight, bias = inputs
+        ctx.save_for_backward(weight, *videos)
+        ctx.has_bias = bias is not None
+
+    def backward_embed_varlen(ctx, grad, _grad_cu, _grad_grids):
+        weight, *videos = ctx.saved_tensors
+        mask = mask_of(ctx, ctx.has_bias)
+        if grad is None:
+            return ([torch.zeros_like(v) for v in videos] if mask[0] else None,
+                    torch.zeros_like(weight) if mask[1] else None,
+                    weight.new_zeros(weight.shape[0]) if mask[2] else None)
+        gx, gw, gb = embed_varlen_bwd(grad.contiguous(), videos, weight, mask)
+        return grads_of(mask, list(gx), gw, gb)
+
+    # patch_unembed_3d: inputs (tokens, weight, bias, grid, patch_size)
+    def setup_unembed(ctx, inputs, output):
+        tokens, weight, bias, grid, patch = inputs
+        ctx.save_for_backward(tokens, weight)
+        ctx.has_bias, ctx.grid, ctx.patch = bias is not None, list(grid), list(patch)
+
+    def backward_unembed(ctx, grad):
+        tokens, weight = ctx.saved_tensors
+        mask = mask_of(ctx, ctx.has_bias)
+        return (*grads_of(mask, *unembed_bwd(grad.contiguous(), tokens, weight, ctx.grid, ctx.patch, mask)),
+                None, None)
+
+    # patch_unembed_3d_varlen: inputs (tokens, weight, bias, grids, patch_size) -> list of videos
+    def setup_unembed_varlen(ctx, inputs, output):
+        tokens, weight, bias, grids, patch = inputs
+        ctx.save_for_backward(tokens, weight)
+        ctx.has_bias, ctx.grids, ctx.patch = bias is not None, list(grids), list(patch)
+        ctx.shapes = [tuple(v.shape) for v in output]
+
+    def backward_unembed_varlen(ctx, grads):
+        tokens, weight = ctx.saved_tensors
+        mask = mask_of(ctx, ctx.has_bias)
+        grads = [g.contiguous() if g is not None else tokens.new_zeros(s) for g, s in zip(grads, ctx.shapes)]
+        return (*grads_of(mask, *unembed_varlen_bwd(grads, tokens, weight, ctx.grids, ctx.patch, mask)), None, None)
+
+    for name, backward, setup in [("patch_embed_3d", backward_embed, setup_embed),
+                                  ("patch_embed_3d_varlen", backward_embed_varlen, setup_embed_varlen),
+                                  ("patch_unembed_3d", backward_unembed, setup_unembed),
+                                  ("patch_unembed_3d_varlen", backward_unembed_varlen, setup_unembed_varlen)]:
+        torch.library.register_autograd(f"vdit::{name}{suffix}", backward, setup_context=setup)
+
+
+_register("_triton")
+if HAS_CPU_KERNELS:
+    _register("")
+
+
+def _op(backend: str, name: str):
+    return getattr(torch.ops.vdit, name + "_triton" if backend == "triton" else name)
+
+
+# ---- validation ---------------------------------------------------------------------------------
 
 def _check_weight(weight, bias, ref_name, ref, *, embed: bool):
     check_tensor("weight", weight, ndim=5 if embed else 2, floating=True)
@@ -26,37 +242,55 @@ def _check_weight(weight, bias, ref_name, ref, *, embed: bool):
             raise ValueError(f"bias has {bias.shape[0]} entries but weight has {weight.shape[0]} output features")
 
 
+def _contiguous(t):
+    return None if t is None else t.contiguous()
+
+
+# ---- public API ---------------------------------------------------------------------------------
+
 def patch_embed_3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                    backend: str = "auto") -> torch.Tensor:
     """Fused 3D patch embedding.
 
     Args:
-        x: (B, C, T, H, W) float.
+        x: (B, C, T, H, W) float (fp16, bf16, fp32, fp64); copied to contiguous first if needed.
         weight: (D, C, pt, ph, pw), an ``nn.Conv3d`` weight; the patch size is ``weight.shape[2:]`` and
-            must divide (T, H, W).
+            must divide (T, H, W). Same dtype and device as x.
         bias: (D,) or None; same dtype and device as x.
+        backend: see :mod:`vdit.backends`.
     Returns:
-        (B, N, D) == ``F.conv3d(x, weight, bias, stride=patch).flatten(2).transpose(1, 2)``.
+        (B, N, D) contiguous, N = T/pt * H/ph * W/pw, in x's dtype (accumulated in fp32, fp64 for fp64)
+        == ``F.conv3d(x, weight, bias, stride=patch).flatten(2).transpose(1, 2)``.
+    Raises:
+        TypeError / ValueError naming the argument for bad input.
     """
     check_tensor("x", x, ndim=5, floating=True)
     _check_weight(weight, bias, "x", x, embed=True)
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight expects {weight.shape[1]} input channels but x has {x.shape[1]}")
     check_divides("patch size weight.shape[2:]", weight.shape[2:], "(T, H, W) of x", x.shape[2:])
-    select_backend("patch_embed_3d", KERNELS, x.device, backend)
-    return reference.patch_embed_3d(x, weight, bias)
+    chosen = select_backend("patch_embed_3d", KERNELS, x.device, backend)
+    if chosen == "torch":
+        return reference.patch_embed_3d(x, weight, bias)
+    return _op(chosen, "patch_embed_3d")(x.contiguous(), weight.contiguous(), _contiguous(bias))
 
 
 def patch_embed_3d_varlen(videos: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None = None,
                           *, backend: str = "auto"):
-    """Patch embedding of videos of different sizes into one packed token sequence.
+    """Patch embedding of videos of different sizes into one packed token sequence, in one kernel pass.
 
     Args:
         videos: non-empty list of B tensors (C, Ti, Hi, Wi), same C, dtype and device; the patch size
             ``weight.shape[2:]`` must divide each (Ti, Hi, Wi).
         weight: (D, C, pt, ph, pw); bias: (D,) or None.
+        backend: see :mod:`vdit.backends`.
     Returns:
-        tokens (total, D), cu_seqlens int32 (B + 1,), grids int32 (B, 3) of (Ti/pt, Hi/ph, Wi/pw).
+        tokens (total, D) in the videos' dtype (video i's Ni tokens at rows cu_seqlens[i]:cu_seqlens[i+1],
+        in patchify order), cu_seqlens int32 (B + 1,), grids int32 (B, 3) of (Ti/pt, Hi/ph, Wi/pw); all
+        on the videos' device.
+    Raises:
+        TypeError / ValueError naming the argument (the sample index and sizes for a patch that does
+        not divide a video).
     """
     if not isinstance(videos, (list, tuple)) or len(videos) == 0:
         raise ValueError("videos must be a non-empty list of (C, T, H, W) tensors")
@@ -65,44 +299,56 @@ def patch_embed_3d_varlen(videos: Sequence[torch.Tensor], weight: torch.Tensor, 
         check_like(f"videos[{i}]", v, "videos[0]", videos[0])
         if v.shape[0] != videos[0].shape[0]:
             raise ValueError(f"videos[{i}] has {v.shape[0]} channels but videos[0] has {videos[0].shape[0]}")
-        check_divides("patch size weight.shape[2:]", weight.shape[2:], f"(T, H, W) of videos[{i}]", v.shape[1:])
     _check_weight(weight, bias, "videos[0]", videos[0], embed=True)
     if weight.shape[1] != videos[0].shape[0]:
         raise ValueError(f"weight expects {weight.shape[1]} input channels but the videos have {videos[0].shape[0]}")
-    select_backend("patch_embed_3d_varlen", KERNELS, videos[0].device, backend)
-    return reference.patch_embed_3d_varlen(videos, weight, bias)
+    for i, v in enumerate(videos):
+        check_divides("patch size weight.shape[2:]", weight.shape[2:], f"(T, H, W) of videos[{i}]", v.shape[1:])
+    chosen = select_backend("patch_embed_3d_varlen", KERNELS, videos[0].device, backend)
+    if chosen == "torch":
+        return reference.patch_embed_3d_varlen(videos, weight, bias)
+    return _op(chosen, "patch_embed_3d_varlen")([v.contiguous() for v in videos], weight.contiguous(),
+                                                _contiguous(bias))
 
 
 def patch_unembed_3d(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      grid: Sequence[int], patch_size: Sequence[int], *, backend: str = "auto") -> torch.Tensor:
-    """Final projection + unpatchify for dense tokens.
+    """Final projection + unpatchify for dense tokens, fused: the projected patches are written
+    straight into the video layout.
 
     Args:
         tokens: (B, N, D) float, N = Tp*Hp*Wp.
         weight: (C*pt*ph*pw, D), an ``nn.Linear(D, C*pt*ph*pw)`` weight; bias: (C*pt*ph*pw,) or None.
+            Same dtype and device as tokens.
         grid: (Tp, Hp, Wp); patch_size: (pt, ph, pw).
+        backend: see :mod:`vdit.backends`.
     Returns:
-        (B, C, Tp*pt, Hp*ph, Wp*pw).
+        (B, C, Tp*pt, Hp*ph, Wp*pw) in tokens' dtype == ``unpatchify_3d(tokens @ weight.T + bias, grid, patch)``.
     """
     check_tensor("tokens", tokens, ndim=3, floating=True)
     grid, patch = check_triple("grid", grid), check_triple("patch_size", patch_size)
     _check_unembed(tokens, weight, bias, patch)
     if tokens.shape[1] != grid[0] * grid[1] * grid[2]:
         raise ValueError(f"tokens has N = {tokens.shape[1]} tokens but grid {grid} holds {grid[0] * grid[1] * grid[2]}")
-    select_backend("patch_unembed_3d", KERNELS, tokens.device, backend)
-    return reference.patch_unembed_3d(tokens, weight, bias, grid, patch)
+    chosen = select_backend("patch_unembed_3d", KERNELS, tokens.device, backend)
+    if chosen == "torch":
+        return reference.patch_unembed_3d(tokens, weight, bias, grid, patch)
+    return _op(chosen, "patch_unembed_3d")(tokens.contiguous(), weight.contiguous(), _contiguous(bias),
+                                           list(grid), list(patch))
 
 
 def patch_unembed_3d_varlen(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                             cu_seqlens: torch.Tensor, grids: torch.Tensor, patch_size: Sequence[int], *,
                             backend: str = "auto") -> list[torch.Tensor]:
-    """Final projection + unpatchify for packed tokens.
+    """Final projection + unpatchify for packed tokens, one kernel pass over all samples.
 
     Args:
         tokens: (total, D); cu_seqlens: int32 (B + 1,); grids: int (B, 3) with Tp*Hp*Wp = each length.
+            The grids are read on the host (one small copy).
         weight, bias, patch_size: as :func:`patch_unembed_3d`.
+        backend: see :mod:`vdit.backends`.
     Returns:
-        list of B videos (C, Ti, Hi, Wi).
+        list of B videos (C, Ti, Hi, Wi) in tokens' dtype.
     """
     check_tensor("tokens", tokens, ndim=2, floating=True)
     patch = check_triple("patch_size", patch_size)
@@ -110,12 +356,19 @@ def patch_unembed_3d_varlen(tokens: torch.Tensor, weight: torch.Tensor, bias: to
     B = check_cu_seqlens("cu_seqlens", cu_seqlens, tokens.shape[0], tokens.device)
     if not isinstance(grids, torch.Tensor) or grids.shape != (B, 3):
         raise ValueError(f"grids must be a ({B}, 3) tensor matching cu_seqlens")
+    grid_list = grids.tolist()
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    for i, ((tp, hp, wp), n) in enumerate(zip(grids.tolist(), lengths)):
+    for i, ((tp, hp, wp), n) in enumerate(zip(grid_list, lengths)):
+        if tp <= 0 or hp <= 0 or wp <= 0:
+            raise ValueError(f"grids[{i}] = {(tp, hp, wp)} must be positive")
         if tp * hp * wp != n:
             raise ValueError(f"grids[{i}] = {(tp, hp, wp)} holds {tp * hp * wp} tokens but sequence {i} has {n}")
-    select_backend("patch_unembed_3d_varlen", KERNELS, tokens.device, backend)
-    return reference.patch_unembed_3d_varlen(tokens, weight, bias, cu_seqlens, grids, patch)
+    chosen = select_backend("patch_unembed_3d_varlen", KERNELS, tokens.device, backend)
+    if chosen == "torch":
+        return reference.patch_unembed_3d_varlen(tokens, weight, bias, cu_seqlens, grids, patch)
+    flat = [int(v) for row in grid_list for v in row]
+    return list(_op(chosen, "patch_unembed_3d_varlen")(tokens.contiguous(), weight.contiguous(), _contiguous(bias),
+                                                       flat, list(patch)))
 
 
 def _check_unembed(tokens, weight, bias, patch):
