@@ -5,7 +5,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 
 #include "macros.h"
 
@@ -21,7 +20,8 @@ VDIT_HOST_DEVICE float exp_approx(float x) {
   const float lo = -87.33654475f, hi = 88.0f;
   float xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
-  const float n = __builtin_floorf(xc * 1.44269504088896341f + 0.5f);
+  // Round to nearest by adding and subtracting 1.5 * 2^23 (plain arithmetic, so it vectorizes).
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = xc - n * 0.693359375f;  // ln2 split in two parts so n * ln2_hi is exact
   r = r + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -32,8 +32,11 @@ VDIT_HOST_DEVICE float exp_approx(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n as a float's exponent field
-  float pow2n;
-  std::memcpy(&pow2n, &bits, sizeof(float));
+#if defined(__CUDA_ARCH__)
+  const float pow2n = __int_as_float(bits);
+#else
+  const float pow2n = __builtin_bit_cast(float, bits);  // vectorizes, unlike a memcpy
+#endif
   return x < lo ? 0.0f : p * pow2n;
 }
 
