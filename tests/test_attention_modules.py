@@ -114,3 +114,20 @@ def test_cross_attention_packed_matches_per_sequence():
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (x, ctx), g), torch.autograd.grad(expected, (x, ctx), g)):
         assert_close(a, b)
+
+
+def test_cross_attention_dense_with_masks_equals_packed():
+    m = VarlenCrossAttention(32, 24, 2)
+    lengths, ctx_lengths = [6, 2, 9], [4, 1, 3]
+    x, ctx = torch.randn(3, 9, 32), torch.randn(3, 4, 24)
+    mask = torch.arange(9)[None, :] < torch.tensor(lengths)[:, None]
+    ctx_mask = torch.arange(4)[None, :] < torch.tensor(ctx_lengths)[:, None]
+    dense = m(x, context=ctx, key_padding_mask=mask, context_mask=ctx_mask)
+    packed = m(x[mask], cu_seqlens_of(lengths), ctx[ctx_mask], cu_seqlens_of(ctx_lengths), 9, 4)
+    assert dense.shape == x.shape
+    assert torch.equal(dense[~mask], torch.zeros(int((~mask).sum()), 32))
+    assert_close(dense[mask], packed)
+    with pytest.raises(ValueError, match="context_mask must be a bool"):
+        m(x, context=ctx, context_mask=ctx_mask.float())
+    with pytest.raises(ValueError, match="needs a dense context"):
+        m(x, context=ctx[0])
