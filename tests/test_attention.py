@@ -182,11 +182,10 @@ def test_torch_backend_return_lse():
     assert_close(lse2, lse)
 
 
-@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.skipif(
-    TRITON_SKIP is not None or HAS_GPU, reason=TRITON_SKIP or "covered by the GPU run"))])
-def test_torch_compile_fullgraph(backend):
-    q, k, v, cu_q, cu_k = _inputs([17, 1, 40], [9, 30, 2], 4, 2, 32, torch.float32)
-    w = torch.randn(32)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_torch_compile_fullgraph(backend, device):
+    q, k, v, cu_q, cu_k = _inputs([17, 1, 40], [9, 30, 2], 4, 2, 32, torch.float32, device)
+    w = torch.randn(32, device=device)
 
     def f(q, k, v):
         out = varlen_attention(q * 2, k, v, cu_q, cu_k, 40, 30, causal=True, backend=backend)
@@ -199,9 +198,9 @@ def test_torch_compile_fullgraph(backend):
     loss.backward()
     expected = f(q2, k2, v2)
     expected.backward()
-    assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(loss, expected, rtol=1e-4, atol=1e-4)
     for a, b in ((q1, q2), (k1, k2), (v1, v2)):
-        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-4)
 
 
 def _bad(name):
