@@ -18,13 +18,13 @@ def _qk_norm(kind: str | None, head_dim: int) -> nn.Module | None:
     raise ValueError(f"qk_norm must be 'rms', 'layer' or None, got {kind!r}")
 
 
-def _pack_dense(x: torch.Tensor, mask: torch.Tensor | None):
+def _pack_dense(x: torch.Tensor, mask: torch.Tensor | None, name: str = "key_padding_mask"):
     """(B, N, C) + optional (B, N) keep-mask -> packed (total, C), cu_seqlens, max_seqlen, keep index."""
     B, N, _ = x.shape
     if mask is None:
         return x.reshape(B * N, -1), cu_seqlens_from_lengths([N] * B, x.device), N, None
     if mask.shape != (B, N) or mask.dtype != torch.bool:
-        raise ValueError(f"key_padding_mask must be a bool ({B}, {N}) tensor (True = real token), got "
+        raise ValueError(f"{name} must be a bool ({B}, {N}) tensor (True = real token), got "
                          f"{mask.dtype} {tuple(mask.shape)}")
     lengths = mask.sum(1).tolist()
     keep = mask.reshape(-1).nonzero().squeeze(1)
@@ -98,6 +98,9 @@ class VarlenCrossAttention(nn.Module):
 
     ``forward(x, cu_seqlens, context, cu_seqlens_context, max_seqlen=None, max_seqlen_context=None)``:
     x (total, dim), context (total_ctx, context_dim), both int32 (B + 1,) offsets -> (total, dim).
+    ``forward(x, context=context, key_padding_mask=None, context_mask=None)`` with dense x (B, N, dim)
+    and context (B, M, context_dim), masks bool (B, N) / (B, M) (True = real token), packs internally
+    and returns (B, N, dim) with zeros at padded positions of x.
     """
 
     def __init__(self, dim: int, context_dim: int, heads: int, *, qk_norm: str | None = "rms", bias: bool = True):
@@ -110,7 +113,16 @@ class VarlenCrossAttention(nn.Module):
         self.q_norm, self.k_norm = _qk_norm(qk_norm, self.head_dim), _qk_norm(qk_norm, self.head_dim)
         self.proj = nn.Linear(dim, dim, bias=bias)
 
-    def forward(self, x, cu_seqlens, context, cu_seqlens_context, max_seqlen=None, max_seqlen_context=None):
+    def forward(self, x, cu_seqlens=None, context=None, cu_seqlens_context=None, max_seqlen=None,
+                max_seqlen_context=None, *, key_padding_mask=None, context_mask=None):
+        if x.dim() == 3:
+            if context is None or context.dim() != 3 or context.shape[0] != x.shape[0]:
+                raise ValueError("dense x (B, N, dim) needs a dense context (B, M, context_dim)")
+            packed, cu, max_len, keep = _pack_dense(x, key_padding_mask)
+            ctx, cu_ctx, max_ctx, _ = _pack_dense(context, context_mask, "context_mask")
+            return _unpack_dense(self.forward(packed, cu, ctx, cu_ctx, max_len, max_ctx), x.shape, keep)
+        if cu_seqlens is None or context is None or cu_seqlens_context is None:
+            raise ValueError("packed x needs cu_seqlens, context and cu_seqlens_context")
         q = self.q(x).reshape(x.shape[0], self.heads, self.head_dim)
         k, v = self.kv(context).reshape(context.shape[0], 2, self.heads, self.head_dim).unbind(1)
         if self.q_norm is not None:
