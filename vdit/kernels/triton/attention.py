@@ -30,7 +30,7 @@ from vdit.kernels.triton.attention_bwd import launch_backward
 from vdit.kernels.triton.attention_fwd import launch_forward
 
 __all__ = ["varlen_attention_forward", "varlen_attention_backward", "supports_head_dim", "Config",
-           "CONFIGS", "select_config", "work_items", "block_d_of"]
+           "CONFIGS", "FP32_CONFIGS", "select_config", "work_items", "block_d_of"]
 
 MAX_HEAD_DIM = 256
 
@@ -47,24 +47,33 @@ class Config:
     num_stages: int
 
 
-# CONFIGS[kernel][arch][block_d]: candidate configurations, best first (the first one is used; the
-# others are kept as tuning candidates). arch 90 = Hopper (sm_90), 80 = Ampere (sm_80; also used for
-# other sm_8x, whose smaller shared memory the 2-stage entries respect). Every entry is compiled ahead
-# of time for its architecture by tests/test_triton_attention_aot.py and must spill nothing and fit
-# in shared memory. block_d 16 and 32 use the 64 entries.
+# CONFIGS[kernel][arch][block_d]: fp16/bf16 tile configurations, best first (the launcher uses the
+# first; further entries are tuning candidates). arch 90 = Hopper (sm_90, wgmma), 80 = Ampere (sm_80,
+# also used for other sm_8x). block_d 16 and 32 use the 64 entries. Every entry is compiled ahead of
+# time for its architecture in fp16 and bf16 by tests/test_triton_attention_aot.py and must spill
+# nothing and fit in shared memory; entries that spilled (e.g. dk/dv with 128-key tiles at head dim
+# 128 on sm_90, or 64-row query tiles at 256) were pruned.
 CONFIGS: dict[str, dict[int, dict[int, list[Config]]]] = {
     "fwd": {
-        90: {64: [Config(128, 64, 4, 3)], 128: [Config(128, 64, 8, 3)], 256: [Config(64, 64, 4, 2)]},
-        80: {64: [Config(128, 64, 4, 3)], 128: [Config(128, 32, 4, 3)], 256: [Config(64, 32, 4, 2)]},
+        90: {64: [Config(128, 64, 4, 3)], 128: [Config(128, 64, 8, 3)], 256: [Config(128, 64, 8, 2)]},
+        80: {64: [Config(128, 64, 4, 3)], 128: [Config(128, 64, 8, 3)], 256: [Config(64, 32, 8, 2)]},
     },
     "bwd_dkdv": {
-        90: {64: [Config(64, 128, 8, 2)], 128: [Config(64, 128, 8, 2)], 256: [Config(32, 64, 8, 2)]},
-        80: {64: [Config(64, 128, 8, 2)], 128: [Config(64, 64, 8, 2)], 256: [Config(32, 64, 8, 1)]},
+        90: {64: [Config(64, 128, 8, 2)], 128: [Config(32, 128, 8, 2)], 256: [Config(16, 64, 8, 2)]},
+        80: {64: [Config(32, 128, 8, 2)], 128: [Config(64, 64, 8, 2)], 256: [Config(32, 64, 8, 1)]},
     },
     "bwd_dq": {
-        90: {64: [Config(128, 64, 8, 2)], 128: [Config(128, 64, 8, 2)], 256: [Config(64, 64, 8, 2)]},
+        90: {64: [Config(128, 64, 8, 2)], 128: [Config(128, 64, 8, 2)], 256: [Config(64, 32, 8, 2)]},
         80: {64: [Config(128, 64, 8, 2)], 128: [Config(64, 64, 4, 2)], 256: [Config(64, 32, 8, 1)]},
     },
+}
+
+# fp32 inputs run exact fp32 dot products on the FMA units (no tensor cores, no tf32), which need far
+# more registers per tile: small tiles, the same on both architectures (also AOT-checked).
+FP32_CONFIGS: dict[str, dict[int, list[Config]]] = {
+    "fwd": {64: [Config(32, 32, 8, 1)], 128: [Config(16, 16, 4, 1)], 256: [Config(16, 16, 4, 1)]},
+    "bwd_dkdv": {64: [Config(16, 16, 8, 1)], 128: [Config(32, 32, 8, 1)], 256: [Config(16, 16, 8, 1)]},
+    "bwd_dq": {64: [Config(16, 32, 4, 1)], 128: [Config(16, 16, 4, 1)], 256: [Config(16, 16, 4, 1)]},
 }
 
 # Under TRITON_INTERPRET=1 (CPU tensors) the tiles only need to be correct; small tiles exercise the
@@ -89,12 +98,15 @@ def _arch_of(device: torch.device) -> int | None:
     return 90 if major >= 9 else 80
 
 
-def select_config(kernel: str, device: torch.device, head_dim: int) -> Config:
-    """The configuration ``kernel`` ("fwd", "bwd_dkdv", "bwd_dq") uses for this device and head dim."""
+def select_config(kernel: str, device: torch.device, head_dim: int, dtype: torch.dtype) -> Config:
+    """The configuration ``kernel`` ("fwd", "bwd_dkdv", "bwd_dq") uses for this device, head dim and dtype."""
     arch = _arch_of(device)
     if arch is None:
         return INTERPRETER_CONFIG
-    return CONFIGS[kernel][arch][max(64, block_d_of(head_dim))][0]
+    block_d = max(64, block_d_of(head_dim))
+    if dtype == torch.float32:
+        return FP32_CONFIGS[kernel][block_d][0]
+    return CONFIGS[kernel][arch][block_d][0]
 
 
 def work_items(cu_rows: torch.Tensor, cu_cols: torch.Tensor, total_rows: int, max_seqlen_rows: int,
@@ -147,6 +159,12 @@ def _check_head_dim(head_dim: int) -> None:
                          f"[8, {MAX_HEAD_DIM}], got {head_dim}")
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    # The kernels promise the compiler 16-byte aligned rows (vectorized loads); a contiguous view
+    # into a larger buffer can start anywhere, so such inputs are copied.
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # ignored for fp16/bf16
 
@@ -168,9 +186,10 @@ def varlen_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     del max_seqlen_k
     total_q, num_heads_q, head_dim = q.shape
     _check_head_dim(head_dim)
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
     out = new_output(q.shape, dtype=q.dtype, device=q.device)
     lse = new_output((num_heads_q, total_q), dtype=torch.float32, device=q.device)
-    cfg = config or select_config("fwd", q.device, head_dim)
+    cfg = config or select_config("fwd", q.device, head_dim, q.dtype)
     work = work_items(cu_seqlens_q, cu_seqlens_k, total_q, max_seqlen_q, cfg.block_m, cfg.block_n,
                       causal, rows_are_queries=True)
     if work.shape[0] and num_heads_q:
@@ -195,12 +214,13 @@ def varlen_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     total_q, num_heads_q, head_dim = q.shape
     total_k = k.shape[0]
     _check_head_dim(head_dim)
+    dout, q, k, v, out = (_aligned(t) for t in (dout, q, k, v, out))
     dq = new_output(q.shape, dtype=q.dtype, device=q.device)
     dk = new_output(k.shape, dtype=k.dtype, device=k.device)
     dv = new_output(v.shape, dtype=v.dtype, device=v.device)
     delta = new_output((num_heads_q, total_q), dtype=torch.float32, device=q.device)
-    c_kv = dkdv_config or select_config("bwd_dkdv", q.device, head_dim)
-    c_q = dq_config or select_config("bwd_dq", q.device, head_dim)
+    c_kv = dkdv_config or select_config("bwd_dkdv", q.device, head_dim, q.dtype)
+    c_q = dq_config or select_config("bwd_dq", q.device, head_dim, q.dtype)
     work_k = work_items(cu_seqlens_k, cu_seqlens_q, total_k, max_seqlen_k, c_kv.block_n, c_kv.block_m,
                         causal, rows_are_queries=False)
     work_q = work_items(cu_seqlens_q, cu_seqlens_k, total_q, max_seqlen_q, c_q.block_m, c_q.block_n,

@@ -33,8 +33,8 @@ def attn_bwd_preprocess_kernel(O, DO, DELTA, total_q, num_heads,
     offs = (pid * BLOCK_T).to(tl.int64) * stride + h * HEAD_DIM \
         + tl.arange(0, BLOCK_T)[:, None] * stride + offs_d[None, :]
     mask = (rows < total_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + offs, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(tl.multiple_of(O, 16) + offs, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(tl.multiple_of(DO, 16) + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + h.to(tl.int64) * total_q + rows, tl.sum(o * do, 1), mask=rows < total_q)
 
 
@@ -53,7 +53,7 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_offs, d_ma
     """One query tile [start_m, start_m + BLOCK_M) against the program's key tile (``cols``)."""
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < q_len
-    step = tl.cast(start_m, tl.int64) * stride_q
+    step = start_m * stride_q.to(tl.int64)
     q = _load_rows(q_base + step, q_offs, row_ok, d_mask, HEAD_DIM, BLOCK_D)
     do = _load_rows(do_base + step, q_offs, row_ok, d_mask, HEAD_DIM, BLOCK_D)
     lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
@@ -101,8 +101,9 @@ def attn_bwd_dkdv_kernel(
     col_ok = cols < k_len
     kv_offs = offs_n[:, None] * stride_k + offs_d[None, :]
     kv_start = (k_start + n0).to(tl.int64) * stride_k + hk * HEAD_DIM
-    k = _load_rows(K + kv_start, kv_offs, col_ok, d_mask, HEAD_DIM, BLOCK_D)
-    v = _load_rows(V + kv_start, kv_offs, col_ok, d_mask, HEAD_DIM, BLOCK_D)
+    # Launcher guarantee: 16-byte aligned tensors and HEAD_DIM % 8 == 0 (see attention_fwd.py).
+    k = _load_rows(tl.multiple_of(K + kv_start, 16), kv_offs, col_ok, d_mask, HEAD_DIM, BLOCK_D)
+    v = _load_rows(tl.multiple_of(V + kv_start, 16), kv_offs, col_ok, d_mask, HEAD_DIM, BLOCK_D)
     q_offs = offs_m[:, None] * stride_q + offs_d[None, :]
 
     if CAUSAL:
@@ -120,8 +121,8 @@ def attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(0, group):
         h = hk * group + g
-        q_base = Q + q_start.to(tl.int64) * stride_q + h * HEAD_DIM
-        do_base = DO + q_start.to(tl.int64) * stride_q + h * HEAD_DIM
+        q_base = tl.multiple_of(Q + q_start.to(tl.int64) * stride_q + h * HEAD_DIM, 16)
+        do_base = tl.multiple_of(DO + q_start.to(tl.int64) * stride_q + h * HEAD_DIM, 16)
         lse_base = LSE + h.to(tl.int64) * total_q + q_start
         delta_base = DELTA + h.to(tl.int64) * total_q + q_start
         for start_m in range(m_begin, m_full, BLOCK_M):
@@ -135,8 +136,8 @@ def attn_bwd_dkdv_kernel(
 
     dk = dk * softmax_scale
     store_mask = col_ok[:, None] & d_mask[None, :]
-    tl.store(DK + kv_start + kv_offs, dk.to(DK.dtype.element_ty), mask=store_mask)
-    tl.store(DV + kv_start + kv_offs, dv.to(DV.dtype.element_ty), mask=store_mask)
+    tl.store(tl.multiple_of(DK + kv_start, 16) + kv_offs, dk.to(DK.dtype.element_ty), mask=store_mask)
+    tl.store(tl.multiple_of(DV + kv_start, 16) + kv_offs, dv.to(DV.dtype.element_ty), mask=store_mask)
 
 
 @triton.jit
@@ -144,7 +145,7 @@ def _dq_step(dq, q, do, lse2, delta, k_base, v_base, kv_offs, d_mask, start_n, k
              rows, diag, qk_scale,
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
              MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    step = tl.cast(start_n, tl.int64) * stride_k
+    step = start_n * stride_k.to(tl.int64)
     cols = start_n + tl.arange(0, BLOCK_N)
     if MASKED:
         k = _load_rows(k_base + step, kv_offs, cols < k_len, d_mask, HEAD_DIM, BLOCK_D)
@@ -199,16 +200,17 @@ def attn_bwd_dq_kernel(
     row_ok = rows < q_len
     q_offs = offs_m[:, None] * stride_q + offs_d[None, :]
     q_start_off = (q_start + m0).to(tl.int64) * stride_q + h * HEAD_DIM
-    q = _load_rows(Q + q_start_off, q_offs, row_ok, d_mask, HEAD_DIM, BLOCK_D)
-    do = _load_rows(DO + q_start_off, q_offs, row_ok, d_mask, HEAD_DIM, BLOCK_D)
+    # Launcher guarantee: 16-byte aligned tensors and HEAD_DIM % 8 == 0 (see attention_fwd.py).
+    q = _load_rows(tl.multiple_of(Q + q_start_off, 16), q_offs, row_ok, d_mask, HEAD_DIM, BLOCK_D)
+    do = _load_rows(tl.multiple_of(DO + q_start_off, 16), q_offs, row_ok, d_mask, HEAD_DIM, BLOCK_D)
     lse_off = h.to(tl.int64) * total_q + q_start
     lse = tl.load(LSE + lse_off + rows, mask=row_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(DELTA + lse_off + rows, mask=row_ok, other=0.0)
 
     kv_offs = offs_n[:, None] * stride_k + offs_d[None, :]
-    k_base = K + k_start.to(tl.int64) * stride_k + hk * HEAD_DIM
-    v_base = V + k_start.to(tl.int64) * stride_k + hk * HEAD_DIM
+    k_base = tl.multiple_of(K + k_start.to(tl.int64) * stride_k + hk * HEAD_DIM, 16)
+    v_base = tl.multiple_of(V + k_start.to(tl.int64) * stride_k + hk * HEAD_DIM, 16)
     if CAUSAL:
         hi = tl.minimum(k_len, tl.maximum(m0 + BLOCK_M + diag, 0))
         full = tl.minimum(hi, tl.maximum(m0 + diag + 1, 0))
@@ -226,10 +228,12 @@ def attn_bwd_dq_kernel(
         dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, kv_offs, d_mask, start_n, k_len, stride_k,
                       rows, diag, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, PRECISION)
     dq = dq * softmax_scale
-    tl.store(DQ + q_start_off + q_offs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
+    tl.store(tl.multiple_of(DQ + q_start_off, 16) + q_offs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
 
 
-PREPROCESS_BLOCK_T = 64
+def preprocess_block_t(block_d: int) -> int:
+    """Rows per program of the preprocess kernel: 4096 elements of each operand per program."""
+    return max(16, min(64, 4096 // block_d))
 
 
 def launch_backward(dout, q, k, v, out, lse, delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
@@ -240,9 +244,10 @@ def launch_backward(dout, q, k, v, out, lse, delta, dq, dk, dv, cu_seqlens_q, cu
     num_heads_k = k.shape[1]
     scale = float(softmax_scale)
     if total_q:
-        attn_bwd_preprocess_kernel[(triton.cdiv(total_q, PREPROCESS_BLOCK_T), num_heads_q)](
+        block_t = preprocess_block_t(block_d)
+        attn_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), num_heads_q)](
             out, dout, delta, total_q, num_heads_q,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=PREPROCESS_BLOCK_T, num_warps=4)
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=4)
     if work_k.shape[0]:
         c = dkdv_config
         attn_bwd_dkdv_kernel[(work_k.shape[0], num_heads_k)](

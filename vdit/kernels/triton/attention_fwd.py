@@ -27,7 +27,7 @@ def _fwd_step(acc, l_i, m_i, q, k_base, v_base, kv_offs, d_mask, start_n, k_len,
               MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     """One key tile of the online softmax. ``rows``: query rows of the tile (sequence-local);
     ``diag`` = Lk - Lq (query i sees key j <= i + diag when causal)."""
-    step = tl.cast(start_n, tl.int64) * stride_k
+    step = start_n * stride_k.to(tl.int64)
     cols = start_n + tl.arange(0, BLOCK_N)
     if MASKED:
         mask = (cols < k_len)[:, None]
@@ -97,12 +97,15 @@ def attn_fwd_kernel(
     rows = m0 + offs_m
     row_mask = rows < q_len
     q_offs = offs_m[:, None] * stride_q + offs_d[None, :]
-    q_base = Q + (q_start + m0).to(tl.int64) * stride_q + h * HEAD_DIM
+    # Launcher guarantee: every tensor is 16-byte aligned and HEAD_DIM % 8 == 0, so each row of
+    # each head starts 16-byte aligned. The hints give vectorized (cp.async) loads even when the
+    # compiler did not specialize the pointer arguments (ahead-of-time compilation).
+    q_base = tl.multiple_of(Q + (q_start + m0).to(tl.int64) * stride_q + h * HEAD_DIM, 16)
     q = tl.load(q_base + q_offs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
 
     kv_offs = offs_n[:, None] * stride_k + offs_d[None, :]
-    k_base = K + k_start.to(tl.int64) * stride_k + hk * HEAD_DIM
-    v_base = V + k_start.to(tl.int64) * stride_k + hk * HEAD_DIM
+    k_base = tl.multiple_of(K + k_start.to(tl.int64) * stride_k + hk * HEAD_DIM, 16)
+    v_base = tl.multiple_of(V + k_start.to(tl.int64) * stride_k + hk * HEAD_DIM, 16)
     if CAUSAL:
         # Keys [0, hi) are visible to some row of the tile, keys [0, full) to every row.
         hi = tl.minimum(k_len, tl.maximum(m0 + BLOCK_M + diag, 0))
@@ -129,7 +132,7 @@ def attn_fwd_kernel(
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    o_base = O + (q_start + m0).to(tl.int64) * stride_q + h * HEAD_DIM
+    o_base = tl.multiple_of(O + (q_start + m0).to(tl.int64) * stride_q + h * HEAD_DIM, 16)
     tl.store(o_base + q_offs, out.to(O.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
     lse_base = LSE + h.to(tl.int64) * total_q + q_start + m0
     tl.store(lse_base + offs_m, lse, mask=row_mask)
