@@ -1,0 +1,231 @@
+"""Variable-length attention in Triton: public entry points, tile configurations, work scheduling.
+
+The kernels are in ``attention_fwd.py`` (forward) and ``attention_bwd.py`` (deterministic backward).
+Semantics are those of ``vdit.ops.reference.varlen_attention``: query head h uses key/value head
+h // (Hq / Hk); causal masks align to the bottom-right corner (query i sees keys j <= i + Lk - Lq); a
+query that sees no key gets output 0 and lse -inf (and zero gradients); empty sequences are allowed.
+
+Work scheduling. Packed batches of videos are very uneven (one 30k-token video next to 200-token
+clips), so a (batch, max_seqlen / BLOCK_M) grid would leave most programs idle. Instead the launcher
+builds a flat list of (sequence, tile) work items with a few torch ops on the tensors' device (no
+host synchronisation: its length is the upper bound ``sum ceil(L_i / B) <= (total + B*(BLOCK-1)) / BLOCK``
+and unused slots hold sequence -1, which programs skip at once), sorted by decreasing cost (the
+number of tiles on the other side that the item visits) so the heaviest items start first and the
+tail of the launch is made of short items. Grid: (items, heads); consecutive programs are tiles of
+the same sequence and head, which share their keys and values in L2.
+
+Head dims: any multiple of 8 up to 256; the kernels pad to the next power of two (at least 16) with
+masked loads. fp16 and bf16 use tensor cores with fp32 accumulation; fp32 inputs use exact fp32
+dot products (``input_precision="ieee"``, no tf32).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+
+from vdit._memory import new_output
+from vdit.kernels.triton.attention_bwd import launch_backward
+from vdit.kernels.triton.attention_fwd import launch_forward
+
+__all__ = ["varlen_attention_forward", "varlen_attention_backward", "supports_head_dim", "Config",
+           "CONFIGS", "FP32_CONFIGS", "select_config", "work_items", "block_d_of"]
+
+MAX_HEAD_DIM = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tile configuration of one kernel. For the forward and dq kernels BLOCK_M is the query tile of a
+    program and BLOCK_N the key tile of the inner loop; for dk/dv BLOCK_N is the program's key tile
+    and BLOCK_M the query tile of the inner loop."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# CONFIGS[kernel][arch][block_d]: fp16/bf16 tile configurations, best first (the launcher uses the
+# first; further entries are tuning candidates). arch 90 = Hopper (sm_90, wgmma), 80 = Ampere (sm_80,
+# also used for other sm_8x). block_d 16 and 32 use the 64 entries. Every entry is compiled ahead of
+# time for its architecture in fp16 and bf16 by tests/test_triton_attention_aot.py and must spill
+# nothing and fit in shared memory; entries that spilled (e.g. dk/dv with 128-key tiles at head dim
+# 128 on sm_90, or 64-row query tiles at 256) were pruned.
+CONFIGS: dict[str, dict[int, dict[int, list[Config]]]] = {
+    "fwd": {
+        90: {64: [Config(128, 64, 4, 3)], 128: [Config(128, 64, 8, 3)], 256: [Config(128, 64, 8, 2)]},
+        80: {64: [Config(128, 64, 4, 3)], 128: [Config(128, 64, 8, 3)], 256: [Config(64, 32, 8, 2)]},
+    },
+    "bwd_dkdv": {
+        90: {64: [Config(64, 128, 8, 2)], 128: [Config(32, 128, 8, 2)], 256: [Config(16, 64, 8, 2)]},
+        80: {64: [Config(32, 128, 8, 2)], 128: [Config(64, 64, 8, 2)], 256: [Config(32, 64, 8, 1)]},
+    },
+    "bwd_dq": {
+        90: {64: [Config(128, 64, 8, 2)], 128: [Config(128, 64, 8, 2)], 256: [Config(64, 32, 8, 2)]},
+        80: {64: [Config(128, 64, 8, 2)], 128: [Config(64, 64, 4, 2)], 256: [Config(64, 32, 8, 1)]},
+    },
+}
+
+# fp32 inputs run exact fp32 dot products on the FMA units (no tensor cores, no tf32), which need far
+# more registers per tile: small tiles, the same on both architectures (also AOT-checked).
+FP32_CONFIGS: dict[str, dict[int, list[Config]]] = {
+    "fwd": {64: [Config(32, 32, 8, 1)], 128: [Config(16, 16, 4, 1)], 256: [Config(16, 16, 4, 1)]},
+    "bwd_dkdv": {64: [Config(16, 16, 8, 1)], 128: [Config(32, 32, 8, 1)], 256: [Config(16, 16, 8, 1)]},
+    "bwd_dq": {64: [Config(16, 32, 4, 1)], 128: [Config(16, 16, 4, 1)], 256: [Config(16, 16, 4, 1)]},
+}
+
+# Under TRITON_INTERPRET=1 (CPU tensors) the tiles only need to be correct; small tiles exercise the
+# multi-tile and masked paths on the small shapes the tests use.
+INTERPRETER_CONFIG = Config(32, 32, 4, 1)
+
+
+def supports_head_dim(head_dim: int) -> bool:
+    """Whether the kernels handle this head dim (a multiple of 8 in [8, 256])."""
+    return 0 < head_dim <= MAX_HEAD_DIM and head_dim % 8 == 0
+
+
+def block_d_of(head_dim: int) -> int:
+    """Head dim padded to a power of two, at least 16 (the smallest tl.dot inner dimension)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _arch_of(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    major, _ = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
+
+
+def select_config(kernel: str, device: torch.device, head_dim: int, dtype: torch.dtype) -> Config:
+    """The configuration ``kernel`` ("fwd", "bwd_dkdv", "bwd_dq") uses for this device, head dim and dtype."""
+    arch = _arch_of(device)
+    if arch is None:
+        return INTERPRETER_CONFIG
+    block_d = max(64, block_d_of(head_dim))
+    if dtype == torch.float32:
+        return FP32_CONFIGS[kernel][block_d][0]
+    return CONFIGS[kernel][arch][block_d][0]
+
+
+def work_items(cu_rows: torch.Tensor, cu_cols: torch.Tensor, total_rows: int, max_seqlen_rows: int,
+               block_rows: int, block_cols: int, causal: bool, rows_are_queries: bool) -> torch.Tensor:
+    """Flat, cost-sorted list of (sequence, row tile) work items.
+
+    Args:
+        cu_rows: int32 (B + 1,) offsets of the side tiled by the programs (queries for the forward and
+            dq kernels, keys for dk/dv); cu_cols: offsets of the side each program loops over.
+        total_rows, max_seqlen_rows: cu_rows[-1] and the longest row sequence (host ints, used only
+            for an upper bound of the item count, so no device synchronisation is needed).
+        block_rows / block_cols: tile sizes along rows / cols.
+        causal, rows_are_queries: define an item's cost (visible column tiles under the bottom-right
+            causal mask).
+    Returns:
+        int32 (n, 2) on cu_rows' device: (sequence, tile) per item, heaviest first, then unused
+        slots (sequence -1). n is an upper bound of the real item count.
+    """
+    device = cu_rows.device
+    batch = cu_rows.numel() - 1
+    n = min((total_rows + batch * (block_rows - 1)) // block_rows,
+            batch * triton.cdiv(max(max_seqlen_rows, 0), block_rows))
+    if n <= 0:
+        return torch.empty((0, 2), dtype=torch.int32, device=device)
+    cu_r, cu_c = cu_rows.long(), cu_cols.long()
+    len_r, len_c = cu_r[1:] - cu_r[:-1], cu_c[1:] - cu_c[:-1]
+    tiles = (len_r + block_rows - 1) // block_rows
+    ends = tiles.cumsum(0)
+    idx = torch.arange(n, device=device, dtype=torch.long)
+    seq = torch.searchsorted(ends, idx, right=True)
+    valid = seq < batch
+    seq = seq.clamp_max(batch - 1)
+    tile = idx - (ends[seq] - tiles[seq])
+    rows, cols = len_r[seq], len_c[seq]
+    if not causal:
+        span = cols
+    elif rows_are_queries:  # keys visible to some query of the tile: j < min(Lk, (tile+1)*B + Lk - Lq)
+        span = torch.minimum(cols, ((tile + 1) * block_rows + (cols - rows)).clamp_min(0))
+    else:  # queries that see some key of the tile: i >= tile*B - (Lk - Lq)
+        span = (cols - (tile * block_rows - (rows - cols)).clamp_min(0)).clamp_min(0)
+    cost = torch.where(valid, (span + block_cols - 1) // block_cols, -1)
+    order = torch.argsort(cost, descending=True, stable=True)
+    items = torch.stack([torch.where(valid, seq, -1), tile], dim=1)[order]
+    return items.to(torch.int32).contiguous()
+
+
+def _check_head_dim(head_dim: int) -> None:
+    if not supports_head_dim(head_dim):
+        raise ValueError(f"the triton attention kernels need a head dim that is a multiple of 8 in "
+                         f"[8, {MAX_HEAD_DIM}], got {head_dim}")
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    # The kernels promise the compiler 16-byte aligned rows (vectorized loads); a contiguous view
+    # into a larger buffer can start anywhere, so such inputs are copied.
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # ignored for fp16/bf16
+
+
+def varlen_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                             cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                             softmax_scale: float, causal: bool, *, config: Config | None = None):
+    """Forward of packed variable-length attention (inputs validated by ``vdit.ops``).
+
+    Args:
+        q: (total_q, Hq, D) fp16/bf16/fp32 contiguous; k, v: (total_k, Hk, D), Hq % Hk == 0, same dtype.
+        cu_seqlens_q, cu_seqlens_k: int32 (B + 1,) offsets on the same device.
+        max_seqlen_q, max_seqlen_k: longest query / key sequence (host ints).
+        softmax_scale: multiplier of q k^T. causal: bottom-right aligned causal mask.
+        config: override of the tile configuration (tests and tuning).
+    Returns:
+        out (total_q, Hq, D) like q; lse (Hq, total_q) float32 natural log (-inf where a query sees no key).
+    """
+    del max_seqlen_k
+    total_q, num_heads_q, head_dim = q.shape
+    _check_head_dim(head_dim)
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    out = new_output(q.shape, dtype=q.dtype, device=q.device)
+    lse = new_output((num_heads_q, total_q), dtype=torch.float32, device=q.device)
+    cfg = config or select_config("fwd", q.device, head_dim, q.dtype)
+    work = work_items(cu_seqlens_q, cu_seqlens_k, total_q, max_seqlen_q, cfg.block_m, cfg.block_n,
+                      causal, rows_are_queries=True)
+    if work.shape[0] and num_heads_q:
+        launch_forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, work, softmax_scale, causal, cfg,
+                       block_d_of(head_dim), _precision(q.dtype))
+    return out, lse
+
+
+def varlen_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                              cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                              softmax_scale: float, causal: bool, *, dkdv_config: Config | None = None,
+                              dq_config: Config | None = None):
+    """Backward of :func:`varlen_attention_forward`; deterministic (no atomics).
+
+    Args:
+        dout: (total_q, Hq, D) like q, contiguous; out, lse: the forward's outputs; the rest as in the
+            forward. dkdv_config / dq_config: tile configuration overrides.
+    Returns:
+        dq (total_q, Hq, D), dk, dv (total_k, Hk, D) in the dtypes of q, k, v.
+    """
+    total_q, num_heads_q, head_dim = q.shape
+    total_k = k.shape[0]
+    _check_head_dim(head_dim)
+    dout, q, k, v, out = (_aligned(t) for t in (dout, q, k, v, out))
+    dq = new_output(q.shape, dtype=q.dtype, device=q.device)
+    dk = new_output(k.shape, dtype=k.dtype, device=k.device)
+    dv = new_output(v.shape, dtype=v.dtype, device=v.device)
+    delta = new_output((num_heads_q, total_q), dtype=torch.float32, device=q.device)
+    c_kv = dkdv_config or select_config("bwd_dkdv", q.device, head_dim, q.dtype)
+    c_q = dq_config or select_config("bwd_dq", q.device, head_dim, q.dtype)
+    work_k = work_items(cu_seqlens_k, cu_seqlens_q, total_k, max_seqlen_k, c_kv.block_n, c_kv.block_m,
+                        causal, rows_are_queries=False)
+    work_q = work_items(cu_seqlens_q, cu_seqlens_k, total_q, max_seqlen_q, c_q.block_m, c_q.block_n,
+                        causal, rows_are_queries=True)
+    if num_heads_q:
+        launch_backward(dout, q, k, v, out, lse, delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, work_q,
+                        work_k, softmax_scale, causal, c_kv, c_q, block_d_of(head_dim), _precision(q.dtype))
+    return dq, dk, dv
