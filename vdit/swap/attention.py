@@ -75,8 +75,8 @@ def sdpa_as_varlen(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
         dense: also take unmasked calls.
         skip_padded_queries: with Lq == Lk, treat the key padding as query padding too (see module doc).
     Returns:
-        ``(out, None)`` with out (B, Hq, Lq, Dh) (a transposed view of packed (B*Lq, Hq, Dh) output), or
-        ``(None, reason)`` when the call is not convertible.
+        ``(out, "varlen")`` (padding skipped) or ``(out, "dense")`` with out (B, Hq, Lq, Dh) (a transposed
+        view of the packed (B*Lq, Hq, Dh) output), or ``(None, reason)`` when the call is not convertible.
     """
     if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
         return None, "non-tensor inputs"
@@ -134,7 +134,7 @@ def sdpa_as_varlen(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
         full = out.new_zeros(B, Lq, Hq, Dh)
         full[q_keep] = out
         out = full
-    return out.transpose(1, 2), None
+    return out.transpose(1, 2), ("dense" if keep is None else "varlen")
 
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -167,7 +167,7 @@ class VditAttentionMode(TorchFunctionMode):
                 dense = self._dense(query.device) if isinstance(query, torch.Tensor) else False
                 out, why = sdpa_as_varlen(**bound, dense=dense, skip_padded_queries=self.skip_padded_queries)
                 if out is not None:
-                    self.calls["attention.dense" if bound.get("attn_mask") is None else "attention.varlen"] += 1
+                    self.calls[f"attention.{why}"] += 1
                     return out
                 self.calls[f"attention.fallback:{why}"] += 1
         return func(*args, **kwargs)
