@@ -1,0 +1,1 @@
+"""Optional integrations of vdit with other libraries (each imports its library lazily)."""

@@ -1,0 +1,277 @@
+"""vdit for diffusers' video transformers (optional dependency; diffusers is imported only when a
+diffusers model is swapped).
+
+``vdit.swap.swap(pipe.transformer)`` calls :func:`swap_model` for diffusers models. Per model:
+
+| model | patch embedding | attention | rotary application | norm |
+|---|---|---|---|---|
+| WanTransformer3DModel | Conv3d -> vdit | SDPA -> vdit (text is zero-padded, no mask) | vdit processor, ``rope_3d_qk`` | inline in the block: not swappable |
+| CogVideoXTransformer3DModel | per-frame Conv2d -> vdit (1.0); Linear (1.5): skipped | SDPA -> vdit | ``rope_3d`` | ``CogVideoXLayerNormZero`` -> ``adaln_modulate`` |
+| HunyuanVideoTransformer3DModel | Conv3d -> vdit | text-padding mask -> varlen, padded text queries skipped | ``rope_3d`` | ``AdaLayerNormZero(Single)`` -> ``adaln_modulate`` |
+| LTXVideoTransformer3DModel | Linear on pre-patchified latents: skipped | text-padding bias -> varlen | own frequency schedule: skipped | inline: skipped |
+
+Attention backend: diffusers 0.42's dispatcher (``diffusers.models.attention_dispatch``) keys its
+registry on the closed enum ``AttentionBackendName``, so a third-party backend cannot be registered
+under its own name without patching the enum. vdit therefore takes the calls of the default
+"native" backend (and of processors that call SDPA themselves): they reach
+``F.scaled_dot_product_attention``, which :mod:`vdit.swap.attention` routes while the swapped model
+runs. A model set to another diffusers backend (flash, sage, ...) keeps it.
+
+Rotary application: the tables these models pass (cos/sin, interleaved pairs, [t, h, w] chunks)
+are turned back into positions once per table by :class:`vdit.swap.rope.TableRope` (verified, with a
+fallback to the original code when they do not match), then :func:`vdit.ops.rope_3d(_qk)` applies them.
+CogVideoX and HunyuanVideo import ``apply_rotary_emb`` from ``diffusers.models.embeddings`` at call
+time, so it is replaced by a vdit version while the swapped model runs; Wan applies RoPE inside its
+attention processor, which is replaced by a vdit processor.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from vdit.ops import adaln_modulate, rope_3d_qk
+from vdit.swap.rope import TableRope
+
+
+def is_diffusers_model(model: nn.Module) -> bool:
+    """True if ``model`` is a diffusers ``ModelMixin`` (without importing diffusers if it is not loaded)."""
+    if "diffusers" not in sys.modules:
+        return False
+    try:
+        from diffusers.models.modeling_utils import ModelMixin
+    except ImportError:
+        return False
+    return isinstance(model, ModelMixin)
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary application
+# --------------------------------------------------------------------------------------------
+
+def _vdit_apply_rotary_emb(original, tables: TableRope, calls):
+    """A drop-in for ``diffusers.models.embeddings.apply_rotary_emb`` that uses vdit's RoPE op for
+    real-valued, interleaved tables it can read positions from, and ``original`` otherwise."""
+
+    def apply_rotary_emb(x, freqs_cis, use_real=True, use_real_unbind_dim=-1, sequence_dim=2):
+        if (use_real and use_real_unbind_dim == -1 and isinstance(freqs_cis, (tuple, list)) and len(freqs_cis) == 2
+                and isinstance(x, torch.Tensor) and x.dim() == 4 and sequence_dim in (1, 2)):
+            cos, sin = freqs_cis
+            positions = tables.positions(cos, sin)
+            if positions is not None and positions.shape[0] == x.shape[sequence_dim] and cos.shape[-1] == x.shape[-1]:
+                calls["rope"] += 1
+                return tables.apply(x, positions.to(x.device), sequence_dim)
+            calls["rope.fallback:tables"] += 1
+        else:
+            calls["rope.fallback:layout"] += 1
+        return original(x, freqs_cis, use_real=use_real, use_real_unbind_dim=use_real_unbind_dim,
+                        sequence_dim=sequence_dim)
+
+    return apply_rotary_emb
+
+
+def _scope_apply_rotary_emb(state, tables: TableRope) -> None:
+    from diffusers.models import embeddings
+    state.scoped.append((embeddings, "apply_rotary_emb",
+                         _vdit_apply_rotary_emb(embeddings.apply_rotary_emb, tables, state.report.calls)))
+
+
+def _wan_processor_class():
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+    from diffusers.models.transformers.transformer_wan import (WanAttnProcessor, _get_added_kv_projections,
+                                                               _get_qkv_projections)
+
+    class VditWanAttnProcessor(WanAttnProcessor):
+        """WanAttnProcessor with RoPE applied by :func:`vdit.ops.rope_3d_qk` (q and k in one call).
+
+        Same inputs and outputs as the processor it replaces: hidden_states (B, L, D), optional
+        encoder_hidden_states (B, S, D) (image context first for I2V), rotary_emb (cos, sin) tables
+        (1, L, 1, Dh). Tables it cannot read positions from run the replaced processor unchanged.
+        """
+
+        def __init__(self, original, tables: TableRope, calls):
+            self.__dict__.update(vars(original))  # keeps a per-instance attention backend / parallel config
+            self.original, self.tables, self.calls = original, tables, calls
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+            positions = None
+            if rotary_emb is not None:
+                positions = self.tables.positions(*rotary_emb)
+                if positions is None or positions.shape[0] != hidden_states.shape[1]:
+                    self.calls["rope.fallback:tables"] += 1
+                    return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+            image_context = None
+            if attn.add_k_proj is not None:  # I2V: image tokens precede the 512 text tokens
+                split = encoder_hidden_states.shape[1] - 512
+                image_context, encoder_hidden_states = encoder_hidden_states[:, :split], encoder_hidden_states[:, split:]
+            q, k, v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+            q = attn.norm_q(q).unflatten(2, (attn.heads, -1))  # (B, L, H, Dh)
+            k = attn.norm_k(k).unflatten(2, (attn.heads, -1))
+            v = v.unflatten(2, (attn.heads, -1))
+            if positions is not None:
+                self.calls["rope"] += 1
+                q, k = rope_3d_qk(q, k, positions.to(q.device), dims=self.tables.dims, theta=self.tables.theta)
+            image_out = None
+            if image_context is not None:
+                k_img, v_img = _get_added_kv_projections(attn, image_context)
+                k_img = attn.norm_added_k(k_img).unflatten(2, (attn.heads, -1))
+                v_img = v_img.unflatten(2, (attn.heads, -1))
+                image_out = dispatch_attention_fn(q, k_img, v_img, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                                  backend=self._attention_backend, parallel_config=None)
+                image_out = image_out.flatten(2, 3).type_as(q)
+            out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                        backend=self._attention_backend,
+                                        parallel_config=self._parallel_config if encoder_hidden_states is None else None)
+            out = out.flatten(2, 3).type_as(q)
+            if image_out is not None:
+                out = out + image_out
+            return attn.to_out[1](attn.to_out[0](out))
+
+    return VditWanAttnProcessor
+
+
+# --------------------------------------------------------------------------------------------
+# adaLN-Zero norms
+# --------------------------------------------------------------------------------------------
+
+class VditAdaLayerNormZero(nn.Module):
+    """diffusers ``AdaLayerNormZero`` / ``AdaLayerNormZeroSingle`` (LayerNorm without affine) computing
+    ``LayerNorm(x) * (1 + scale) + shift`` with :func:`vdit.ops.adaln_modulate`.
+
+    Holds the replaced module's ``linear`` / ``silu`` / ``norm`` children (same state_dict keys).
+    ``forward(x, ..., emb=(B, E))``: x (B, N, C) -> the replaced module's outputs (x, gates, ...).
+    """
+
+    def __init__(self, original: nn.Module, chunks: int):
+        super().__init__()
+        self.silu, self.linear, self.norm, self.chunks = original.silu, original.linear, original.norm, chunks
+        self.emb = getattr(original, "emb", None)
+        object.__setattr__(self, "original", original)
+
+    def forward(self, x, *args, emb=None, **kwargs):
+        if self.chunks == 3:  # AdaLayerNormZeroSingle.forward(x, emb)
+            emb = args[0] if args else emb
+        elif self.emb is not None:  # AdaLayerNormZero.forward(x, timestep, class_labels, hidden_dtype, emb)
+            timestep, class_labels = (list(args) + [None, None])[:2]
+            timestep = kwargs.get("timestep", timestep)
+            class_labels = kwargs.get("class_labels", class_labels)
+            emb = self.emb(timestep, class_labels, hidden_dtype=kwargs.get("hidden_dtype"))
+        elif len(args) >= 4:
+            emb = args[3]
+        params = self.linear(self.silu(emb)).chunk(self.chunks, dim=1)
+        shift, scale = params[0], params[1]
+        x = adaln_modulate(x, shift.to(x.dtype).contiguous(), scale.to(x.dtype).contiguous(), eps=self.norm.eps)
+        return (x, *params[2:])
+
+
+class VditCogVideoXLayerNormZero(nn.Module):
+    """diffusers ``CogVideoXLayerNormZero`` with :func:`vdit.ops.adaln_modulate`; the LayerNorm's affine
+    parameters (w, b) fold into the modulation: ``(n*w + b)(1 + s) + t = n(1 + (w(1 + s) - 1)) + (b(1 + s) + t)``.
+
+    ``forward(hidden_states (B, N, C), encoder_hidden_states (B, S, C), temb (B, E))`` -> the replaced
+    module's (hidden_states, encoder_hidden_states, gate (B, 1, C), enc_gate (B, 1, C)).
+    """
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.silu, self.linear, self.norm = original.silu, original.linear, original.norm
+        object.__setattr__(self, "original", original)
+
+    def _modulate(self, x, shift, scale):
+        w, b = self.norm.weight, self.norm.bias
+        if w is not None:
+            shift = shift + (b if b is not None else 0) * (1 + scale)
+            scale = w * (1 + scale) - 1
+        return adaln_modulate(x, shift.to(x.dtype).contiguous(), scale.to(x.dtype).contiguous(), eps=self.norm.eps)
+
+    def forward(self, hidden_states, encoder_hidden_states, temb):
+        shift, scale, gate, enc_shift, enc_scale, enc_gate = self.linear(self.silu(temb)).chunk(6, dim=1)
+        return (self._modulate(hidden_states, shift, scale), self._modulate(encoder_hidden_states, enc_shift, enc_scale),
+                gate[:, None, :], enc_gate[:, None, :])
+
+
+def _swap_norms(model, state) -> None:
+    from diffusers.models import normalization as N
+    report = state.report
+    kinds = {N.AdaLayerNormZero: 6, N.AdaLayerNormZeroSingle: 3}
+    for path, module in list(model.named_modules()):
+        if type(module) in kinds:
+            if not isinstance(module.norm, nn.LayerNorm) or module.norm.elementwise_affine:
+                report.skip(path, "norm", f"{type(module).__name__} with {type(module.norm).__name__} (affine or not "
+                            "a plain LayerNorm)")
+                continue
+            state.replace_module(model, path, VditAdaLayerNormZero(module, kinds[type(module)]))
+            report.add(path, "norm", type(module).__name__, "VditAdaLayerNormZero (vdit.ops.adaln_modulate)")
+        elif type(module) is N.CogVideoXLayerNormZero:
+            state.replace_module(model, path, VditCogVideoXLayerNormZero(module))
+            report.add(path, "norm", "CogVideoXLayerNormZero", "VditCogVideoXLayerNormZero (vdit.ops.adaln_modulate)")
+
+
+# --------------------------------------------------------------------------------------------
+# Per-model entry point
+# --------------------------------------------------------------------------------------------
+
+def _attention_modules(model, cls_name: str):
+    return [(p, m) for p, m in model.named_modules() if type(m).__name__ == cls_name]
+
+
+def swap_model(model: nn.Module, state, *, attention, patch_embed: bool, rope: bool, norm: bool):
+    """Model-specific part of :func:`vdit.swap.swap` for a diffusers model.
+
+    Args:
+        model: a diffusers ``ModelMixin``; state: the :class:`vdit.swap.SwapState` being filled.
+    Returns:
+        (paths the generic pass must leave alone, whether masked self-attention may skip padded queries).
+    """
+    report = state.report
+    name = type(model).__name__
+    cfg = model.config
+    safe_query_skip = False
+    if name == "WanTransformer3DModel":
+        if rope:
+            try:
+                processor_cls = _wan_processor_class()
+            except ImportError as e:
+                report.skip("", "rope", f"this diffusers version lacks the Wan processor helpers ({e})")
+            else:
+                tables = TableRope((model.rope.t_dim, model.rope.h_dim, model.rope.w_dim), 10000.0)
+                for path, attn in _attention_modules(model, "WanAttention"):
+                    state.set_attr(attn, "processor", processor_cls(attn.processor, tables, report.calls))
+                    report.add(path, "rope", type(attn.processor.original).__name__,
+                               "VditWanAttnProcessor (vdit.ops.rope_3d_qk)")
+        if norm:
+            report.skip("blocks.*", "norm", "Wan modulates inline in WanTransformerBlock.forward (FP32LayerNorm + "
+                        "scale/shift); not a module to swap")
+    elif name == "CogVideoXTransformer3DModel":
+        if rope:
+            hd = cfg.attention_head_dim
+            _scope_apply_rotary_emb(state, TableRope((hd // 4, hd // 8 * 3, hd // 8 * 3), 10000.0))
+            report.add("", "rope", "diffusers.models.embeddings.apply_rotary_emb", "vdit.ops.rope_3d (during forward)")
+        if patch_embed and isinstance(model.patch_embed.proj, nn.Linear):
+            report.skip("patch_embed.proj", "patch_embed", "CogVideoX 1.5 patchifies with reshapes and embeds with "
+                        "nn.Linear (already one matmul)")
+        if norm:
+            _swap_norms(model, state)
+    elif name == "HunyuanVideoTransformer3DModel":
+        if rope:
+            _scope_apply_rotary_emb(state, TableRope(tuple(cfg.rope_axes_dim), model.rope.theta))
+            report.add("", "rope", "diffusers.models.embeddings.apply_rotary_emb", "vdit.ops.rope_3d (during forward)")
+        if norm:
+            _swap_norms(model, state)
+        # Its masked SDPA calls are joint self-attention over [video, text] with the text padding at the
+        # tail; padded text positions are dropped from the output, so their queries can be skipped.
+        # (The token refiner's mask also hides padded query rows and falls back to SDPA.)
+        safe_query_skip = True
+    elif name == "LTXVideoTransformer3DModel":
+        if rope:
+            report.skip("", "rope", "LTX-Video's RoPE uses its own frequency schedule (log-spaced, scaled by pi/2) "
+                        "which vdit.ops.rope_3d does not implement")
+        if patch_embed:
+            report.skip("proj_in", "patch_embed", "LTX-Video receives pre-patchified latents and embeds them "
+                        "with nn.Linear (already one matmul)")
+        if norm:
+            report.skip("transformer_blocks.*", "norm", "LTX-Video modulates inline (RMSNorm + scale/shift)")
+    else:
+        report.skip("", "model", f"{name} has no model-specific vdit handling; generic swaps only")
+    return set(), safe_query_skip

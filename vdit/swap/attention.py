@@ -1,0 +1,173 @@
+"""Route ``F.scaled_dot_product_attention`` calls to vdit's varlen attention.
+
+Mechanism: while a swapped model's ``forward`` runs, a :class:`torch.overrides.TorchFunctionMode`
+(:class:`VditAttentionMode`) is active; it sees every ``F.scaled_dot_product_attention`` call made
+inside the model (diffusers' "native" attention backend and processors that call SDPA directly
+included), converts it to :func:`vdit.ops.varlen_attention` when it can, and runs the original SDPA
+call otherwise. Nothing outside the model's forward is affected.
+
+Conversion rules (:func:`sdpa_as_varlen`):
+- q (B, Hq, Lq, Dh), k/v (B, Hk, Lk, Dh) with Hq == Hk (or Hq % Hk == 0 with ``enable_gqa``), no dropout,
+  ``is_causal`` only when Lq == Lk (SDPA aligns causal masks top-left, vdit bottom-right; equal when square).
+- ``attn_mask`` must be a key-padding mask: bool (True = attend) or additive float whose entries are 0
+  (keep) or <= -1e4 (drop; such a bias makes the softmax weight underflow to exactly 0 in fp32),
+  identical for every head and query row. The valid keys of each sample become one varlen
+  sequence (``cu_seqlens_k``): padded keys cost no FLOPs. Samples with no valid key run SDPA (its
+  semantics there are NaN or uniform weights, which a varlen kernel does not reproduce).
+- Padded queries (Lq == Lk, same padding) are skipped only when the caller says the attention is
+  self-attention over one padded sequence (``skip_padded_queries``); their outputs are then 0. Left
+  on by default they would silently drop real queries of a cross-attention whose lengths happen to match.
+- Unmasked calls ("dense") go to vdit only if ``dense`` is True, because without padding to skip the
+  win depends on vdit having a faster kernel for the device than torch's SDPA.
+"""
+from __future__ import annotations
+
+import collections
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from vdit.backends import select_backend
+from vdit.ops import attention as attention_op
+from vdit.ops import varlen_attention
+
+_SDPA = F.scaled_dot_product_attention
+_DROP = -1.0e4  # additive-bias entries at or below this are treated as "masked out"
+
+
+def vdit_attention_kernel(device: torch.device) -> str:
+    """The backend vdit's varlen attention runs on for ``device`` ("torch" = the reference)."""
+    return select_backend("varlen_attention", attention_op.KERNELS, torch.device(device), "auto")
+
+
+def _key_padding(attn_mask: torch.Tensor, B: int, Hq: int, Lq: int, Lk: int):
+    """(B, Lk) bool key mask if ``attn_mask`` is a key-padding mask for SDPA shape (B, Hq, Lq, Lk), else a
+    reason string."""
+    m = attn_mask
+    if m.dim() > 4 or m.shape[-1] != Lk:
+        return "mask shape"
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    if m.shape[0] not in (1, B) or m.shape[1] not in (1, Hq) or m.shape[2] not in (1, Lq):
+        return "mask shape"
+    if m.dtype == torch.bool:
+        keep = m
+    elif m.is_floating_point():
+        keep = m == 0
+        if not bool(torch.logical_or(keep, m <= _DROP).all()):
+            return "float mask with values other than 0 / <= -1e4"
+    else:
+        return "mask dtype"
+    first = keep[:, :1, :1, :]
+    if (keep.shape[1] > 1 or keep.shape[2] > 1) and not bool((keep == first).all()):
+        return "mask differs across heads or query rows"
+    return first[:, 0, 0, :].expand(B, Lk)
+
+
+def sdpa_as_varlen(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False, *, dense: bool = False, skip_padded_queries: bool = False):
+    """Compute one SDPA call with :func:`vdit.ops.varlen_attention`.
+
+    Args:
+        query: (B, Hq, Lq, Dh); key, value: (B, Hk, Lk, Dh); the other arguments as
+            ``F.scaled_dot_product_attention``.
+        dense: also take unmasked calls.
+        skip_padded_queries: with Lq == Lk, treat the key padding as query padding too (see module doc).
+    Returns:
+        ``(out, "varlen")`` (padding skipped) or ``(out, "dense")`` with out (B, Hq, Lq, Dh) (a transposed
+        view of the packed (B*Lq, Hq, Dh) output), or ``(None, reason)`` when the call is not convertible.
+    """
+    if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
+        return None, "non-tensor inputs"
+    if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape:
+        return None, "not (B, H, L, D) q/k/v with k.shape == v.shape"
+    if not query.is_floating_point() or key.dtype != query.dtype or value.dtype != query.dtype:
+        return None, "dtype"
+    B, Hq, Lq, Dh = query.shape
+    Hk, Lk = key.shape[1], key.shape[2]
+    if key.shape[0] != B or key.shape[3] != Dh:
+        return None, "q/k shapes"
+    if Hq != Hk and not (enable_gqa and Hk and Hq % Hk == 0):
+        return None, "head counts"
+    if dropout_p:
+        return None, "dropout"
+    if is_causal and (Lq != Lk or attn_mask is not None):
+        return None, "causal with Lq != Lk"
+    if B == 0 or Lq == 0 or Lk == 0:
+        return None, "empty"
+    keep = None
+    if attn_mask is not None:
+        keep = _key_padding(attn_mask, B, Hq, Lq, Lk)
+        if isinstance(keep, str):
+            return None, keep
+        if bool(keep.all()):
+            keep = None
+    if keep is None and not dense:
+        return None, "dense (no padding to skip)"
+    q = query.transpose(1, 2)  # (B, Lq, Hq, Dh); free when query is a permuted (B, L, H, D) tensor
+    k, v = key.transpose(1, 2), value.transpose(1, 2)
+    dev = query.device
+    if keep is None:
+        k_packed, v_packed = k.reshape(B * Lk, Hk, Dh), v.reshape(B * Lk, Hk, Dh)
+        cu_k = torch.arange(0, (B + 1) * Lk, Lk, dtype=torch.int32, device=dev)
+        max_k = Lk
+    else:
+        lengths = keep.sum(1)
+        if bool((lengths == 0).any()):
+            return None, "a sample with no valid key"
+        k_packed, v_packed = k[keep], v[keep]
+        cu_k = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        max_k = int(lengths.max())
+    q_keep = keep if (skip_padded_queries and keep is not None and Lq == Lk) else None
+    if q_keep is None:
+        q_packed = q.reshape(B * Lq, Hq, Dh)
+        cu_q = torch.arange(0, (B + 1) * Lq, Lq, dtype=torch.int32, device=dev)
+        max_q = Lq
+    else:
+        q_packed, cu_q, max_q = q[q_keep], cu_k, max_k
+    out = varlen_attention(q_packed, k_packed, v_packed, cu_q, cu_k, max_q, max_k, softmax_scale=scale,
+                           causal=is_causal)
+    if q_keep is None:
+        out = out.view(B, Lq, Hq, Dh)
+    else:
+        full = out.new_zeros(B, Lq, Hq, Dh)
+        full[q_keep] = out
+        out = full
+    return out.transpose(1, 2), ("dense" if keep is None else "varlen")
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+class VditAttentionMode(TorchFunctionMode):
+    """TorchFunctionMode sending ``F.scaled_dot_product_attention`` calls through :func:`sdpa_as_varlen`.
+
+    ``calls`` (a Counter) records ``attention.varlen`` / ``attention.dense`` / ``attention.fallback:<why>``.
+    """
+
+    def __init__(self, *, dense: bool | str, skip_padded_queries: bool, calls: collections.Counter):
+        super().__init__()
+        self.dense, self.skip_padded_queries, self.calls = dense, skip_padded_queries, calls
+        self._dense_by_device: dict[torch.device, bool] = {}
+
+    def _dense(self, device: torch.device) -> bool:
+        if self.dense != "auto":
+            return bool(self.dense)
+        if device not in self._dense_by_device:  # "auto": only when a compiled kernel beats nothing
+            self._dense_by_device[device] = vdit_attention_kernel(device) != "torch"
+        return self._dense_by_device[device]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _SDPA:
+            bound = dict(zip(_SDPA_ARGS, args), **kwargs)
+            if set(bound) <= set(_SDPA_ARGS) and len(args) <= len(_SDPA_ARGS):
+                query = bound.get("query")
+                dense = self._dense(query.device) if isinstance(query, torch.Tensor) else False
+                out, why = sdpa_as_varlen(**bound, dense=dense, skip_padded_queries=self.skip_padded_queries)
+                if out is not None:
+                    self.calls[f"attention.{why}"] += 1
+                    return out
+                self.calls[f"attention.fallback:{why}"] += 1
+        return func(*args, **kwargs)
