@@ -14,6 +14,8 @@ inspection and for the backward and is not differentiable. Both backwards are de
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from vdit._extension import HAS_CPU_KERNELS
@@ -112,6 +114,8 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         softmax_scale = q.shape[2] ** -0.5
     elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    elif not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     return max_seqlen_q, max_seqlen_k, float(softmax_scale)
