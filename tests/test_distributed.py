@@ -66,6 +66,36 @@ def _check(mode, dtype, Hq, Hk, causal, kv_replicated, ulysses_size=None):
         torch.testing.assert_close(vs.grad, vr.grad[c:d], **tol)
 
 
+def _check_model(mode):
+    """A VideoDiT forward + backward over the group equals one process (gradients averaged over ranks)."""
+    from vdit.distributed import SequenceParallel
+    from vdit.models import VideoDiT, VideoDiTConfig
+
+    torch.manual_seed(0)
+    model = VideoDiT(VideoDiTConfig.preset("tiny", heads=4)).double()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    g = torch.Generator().manual_seed(1)
+    videos = [torch.randn(3, t, h, w, generator=g, dtype=torch.float64) for t, h, w in [(2, 8, 12), (1, 4, 4), (3, 12, 8)]]
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    context = torch.randn(7, 32, generator=g, dtype=torch.float64)
+    cu_ctx = torch.tensor([0, 3, 4, 7], dtype=torch.int32)
+
+    def run(sp):
+        model.zero_grad()
+        out = model(videos, t, context, cu_ctx, sequence_parallel=sp)
+        sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in out).backward()
+        return [o.detach() for o in out], {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref_out, ref_grads = run(None)
+    out, grads = run(SequenceParallel(mode=mode, ulysses_size=2 if mode == "hybrid" else None))
+    for a, b in zip(out, ref_out):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    for name, grad in grads.items():
+        dist.all_reduce(grad)
+        torch.testing.assert_close(grad / dist.get_world_size(), ref_grads[name], rtol=1e-8, atol=1e-9, msg=name)
+
+
 def _worker(rank, size, port, cases, errors):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     try:
@@ -75,7 +105,10 @@ def _worker(rank, size, port, cases, errors):
         full.sum().backward()  # every rank's loss uses every token: gradient = world size
         assert torch.equal(x.grad[slice(*shard_range(22, size, rank))], torch.full((shard_range(22, size, rank)[1] - shard_range(22, size, rank)[0], 1), float(size)))
         for case in cases:
-            _check(*case)
+            if case[0] == "model":
+                _check_model(case[1])
+            else:
+                _check(*case)
         # bad input: cu_seqlens differing across ranks raises on every rank (no hang)
         cu = _cu(LENGTHS)
         if rank == 1:
@@ -116,11 +149,12 @@ def _run(size, cases):
 def test_two_ranks():
     f64, f32 = torch.float64, torch.float32
     _run(2, [("ulysses", f64, 4, 2, False, False), ("ulysses", f32, 4, 2, True, False), ("ulysses", f64, 4, 2, False, True),
-             ("ring", f64, 4, 2, False, False), ("ring", f32, 4, 1, True, False), ("ring", f64, 3, 3, False, True)])
+             ("ring", f64, 4, 2, False, False), ("ring", f32, 4, 1, True, False), ("ring", f64, 3, 3, False, True),
+             ("model", "ulysses"), ("model", "ring")])
 
 
 def test_four_ranks():
     f64 = torch.float64
     _run(4, [("ulysses", f64, 4, 4, False, False), ("ring", f64, 4, 2, True, False),
              ("hybrid", f64, 4, 2, False, False, 2), ("hybrid", f64, 4, 2, True, False, 2),
-             ("hybrid", f64, 4, 2, False, True, 2)])
+             ("hybrid", f64, 4, 2, False, True, 2), ("model", "hybrid")])

@@ -1,6 +1,8 @@
-"""vdit-train under torchrun-style data parallelism (2 gloo ranks) takes the same steps as one process."""
+"""vdit-train under torchrun (2 gloo ranks: data parallel, or sequence parallel) takes the same steps as one process."""
 import json
 import os
+
+import pytest
 import socket
 import sys
 import subprocess
@@ -17,22 +19,24 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _train(out, log, world_size):
+def _train(out, log, world_size, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if world_size == 1:
         cmd = [sys.executable, "-m", "vdit.train"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size),
                "--master_addr", "127.0.0.1", "--master_port", str(_port()), "-m", "vdit.train"]
-    result = subprocess.run(cmd + ["--out", str(out), "--log-file", str(log), *TINY], capture_output=True, text=True,
+    result = subprocess.run(cmd + ["--out", str(out), "--log-file", str(log), *TINY, *extra], capture_output=True, text=True,
                             env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
-def test_ddp_two_ranks_matches_one_process(tmp_path):
+@pytest.mark.parametrize("layout", [["--sequence-parallel", "1"], ["--sequence-parallel", "2", "--sp-mode", "ring"]],
+                         ids=["ddp", "sequence-parallel"])
+def test_two_ranks_match_one_process(tmp_path, layout):
     single = _train(tmp_path / "one", tmp_path / "one.jsonl", 1)
-    ddp = _train(tmp_path / "two", tmp_path / "two.jsonl", 2)
+    ddp = _train(tmp_path / "two", tmp_path / "two.jsonl", 2, *layout)
     assert [r["step"] for r in ddp] == [1, 2, 3] and [r["videos"] for r in ddp] == [r["videos"] for r in single]
     for a, b in zip(single, ddp):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (single, ddp)

@@ -6,9 +6,12 @@ from the last checkpoint exactly (model, EMA, optimizer, data position; noise is
 
     python -m vdit.train --out runs/demo --steps 4000
     torchrun --nproc_per_node 2 -m vdit.train --out runs/demo-ddp    # data parallel (DDP; gloo on CPU)
+    torchrun --nproc_per_node 4 -m vdit.train --out runs/demo-sp --sequence-parallel 2   # 2 x 2
 
 Under torchrun the global batch is the same as in one process and its videos are dealt round-robin
-to the ranks; the loss is normalized globally, so N ranks take the same steps as one process.
+to the data-parallel groups; the loss is normalized globally, so any layout takes the same steps as one
+process. With --sequence-parallel N, groups of N consecutive ranks split each video's tokens
+(vdit.distributed; --sp-mode ulysses, ring or hybrid).
 """
 from __future__ import annotations
 
@@ -53,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--min-videos", type=int, default=1,
                    help="at least this many videos per batch (>= the number of data-parallel ranks)")
+    p.add_argument("--sequence-parallel", type=int, default=1, help="ranks that split each batch's tokens")
+    p.add_argument("--sp-mode", choices=("ulysses", "ring", "hybrid"), default="ulysses")
+    p.add_argument("--ulysses-size", type=int, default=None, help="Ulysses group size for --sp-mode hybrid")
     p.add_argument("--log-file", default=None, help="append one JSON line per step (step, loss, videos)")
     return p.parse_args(argv)
 
@@ -142,9 +148,19 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     rank, world_size, device = init_distributed(torch.device(args.device))
-    if args.min_videos < world_size:
+    sp_size = args.sequence_parallel
+    if sp_size < 1 or world_size % sp_size:
+        raise SystemExit(f"vdit-train: error: --sequence-parallel ({sp_size}) must divide the {world_size} ranks")
+    dp_size, dp_rank = world_size // sp_size, rank // sp_size
+    if args.min_videos < dp_size:
         raise SystemExit(f"vdit-train: error: --min-videos ({args.min_videos}) must be >= the number of "
-                         f"data-parallel ranks ({world_size}), so that every rank gets a video")
+                         f"data-parallel groups ({dp_size}), so that every group gets a video")
+    sequence_parallel = None
+    if sp_size > 1:
+        from vdit.distributed import SequenceParallel
+
+        groups = [dist.new_group(list(range(g * sp_size, (g + 1) * sp_size))) for g in range(dp_size)]
+        sequence_parallel = SequenceParallel(groups[dp_rank], args.sp_mode, args.ulysses_size)
     state_path = os.path.join(args.out, STATE_FILE)
     if os.path.exists(state_path):
         model = TextToVideo.load(os.path.join(args.out, TextToVideo.WEIGHTS_FILE), device=device).train()
@@ -168,33 +184,35 @@ def main(argv=None) -> int:
     if rank == 0:
         print(f"vdit-train: {params / 1e6:.2f}M parameters on {device} x {world_size} rank(s), "
               f"{args.tokens_per_batch} tokens per batch", file=sys.stderr)
-    # DDP averages gradients over ranks; the loss below is already a global mean, so scale it back up.
     net = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True, disable=rank != 0)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     while step < args.steps:
         start = time.perf_counter()
         indices, videos, captions, elements, batch_videos, data_index = next_batch(
-            dataset, data_index, args.tokens_per_batch, patch, args.seed, args.caption_dropout, rank, world_size,
+            dataset, data_index, args.tokens_per_batch, patch, args.seed, args.caption_dropout, dp_rank, dp_size,
             args.min_videos)
         videos = [v.to(device) for v in videos]
         t, noise = per_video_noise(args.seed, indices, videos, device)
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
         with autocast:
-            loss = flow_matching_loss(lambda x, tt, _c, _cu: net(x, tt, captions), videos, None, None, t=t,
-                                      noise=noise, normalizer=elements)
+            loss = flow_matching_loss(lambda x, tt, _c, _cu: net(x, tt, captions, sequence_parallel), videos, None,
+                                      None, t=t, noise=noise, normalizer=elements)
         opt.zero_grad(set_to_none=True)
-        (loss * world_size).backward()
+        # The loss is a share of the global mean and DDP averages over all ranks, of which each sequence-
+        # parallel group's sp_size ranks together carry sp_size copies of its gradient: scale by dp_size.
+        (loss * dp_size).backward()
         if world_size > 1:
             loss = loss.detach().clone()
             dist.all_reduce(loss)
+            loss /= sp_size
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
         ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
         tokens = sum((v.shape[1] // patch[0]) * (v.shape[2] // patch[1]) * (v.shape[3] // patch[2]) for v in videos)
-        tokens *= world_size  # approximately: the ranks share the batch
+        tokens *= dp_size  # approximately: the data-parallel groups share the batch
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
         if rank == 0 and args.log_file:

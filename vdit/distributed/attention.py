@@ -1,6 +1,8 @@
 """sequence_parallel_attention: varlen attention over a packed batch sharded across ranks."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 
@@ -11,6 +13,31 @@ from vdit.ops import varlen_attention
 
 MODES = ("ulysses", "ring", "hybrid")
 _SUBGROUPS: dict = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceParallel:
+    """How a model splits its packed tokens: the process group, the scheme and the Ulysses size (hybrid)."""
+
+    group: object = None
+    mode: str = "ulysses"
+    ulysses_size: int | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    @property
+    def size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    def attention(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, **kwargs):
+        return sequence_parallel_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                           group=self.group, mode=self.mode, ulysses_size=self.ulysses_size, **kwargs)
 
 
 def _hybrid_groups(group, ulysses_size: int):

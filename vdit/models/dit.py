@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from vdit.distributed import SequenceParallel, gather_packed, local_offsets, shard_packed, shard_range
 from vdit.nn import AdaLNModulation, PatchEmbed3d, PatchUnembed3d, RotaryEmbedding3d, VarlenCrossAttention, VarlenSelfAttention
 from vdit.ops import adaln_modulate, gated_residual, reference
 from vdit.packing import grid_positions
@@ -85,22 +86,31 @@ class DiTBlock(nn.Module):
         hidden = int(d * cfg.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
 
-    def forward(self, x, c, cu, max_len, positions, rope, context, cu_ctx, max_ctx):
+    def forward(self, x, c, cu, max_len, positions, rope, context, cu_ctx, max_ctx, *, sequence_parallel=None,
+                cu_local=None):
+        """x (n, hidden) packed tokens; with ``sequence_parallel`` x is this rank's shard, ``cu`` describes
+        the whole batch (for self-attention) and ``cu_local`` the shard (per-sample adaLN, cross-attention)."""
+        cu_local = cu if cu_local is None else cu_local
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
-        h = self.attn(adaln_modulate(x, shift1, scale1, cu), cu, max_len, positions, rope)
-        x = gated_residual(x, h, gate1, cu)
-        x = x + self.cross(self.cross_norm(x), cu, context, cu_ctx, max_len, max_ctx)
-        h = self.mlp(adaln_modulate(x, shift2, scale2, cu))
-        return gated_residual(x, h, gate2, cu)
+        h = self.attn(adaln_modulate(x, shift1, scale1, cu_local), cu, max_len, positions, rope,
+                      sequence_parallel=sequence_parallel)
+        x = gated_residual(x, h, gate1, cu_local)
+        x = x + self.cross(self.cross_norm(x), cu_local, context, cu_ctx, max_len, max_ctx)
+        h = self.mlp(adaln_modulate(x, shift2, scale2, cu_local))
+        return gated_residual(x, h, gate2, cu_local)
 
 
 class VideoDiT(nn.Module):
     """Text-conditioned video diffusion transformer over packed variable-size videos.
 
-    ``forward(videos, timesteps, context, cu_seqlens_context)``:
+    ``forward(videos, timesteps, context, cu_seqlens_context, sequence_parallel=None)``:
         videos: list of B tensors (C_in, Ti, Hi, Wi) (noisy inputs; sizes divisible by the patch size),
         timesteps: (B,) float in [0, 1] (flow-matching time, 1 = pure noise),
-        context: (total_ctx, context_dim) packed text embeddings, cu_seqlens_context int32 (B + 1,).
+        context: (total_ctx, context_dim) packed text embeddings, cu_seqlens_context int32 (B + 1,),
+        sequence_parallel: a :class:`vdit.distributed.SequenceParallel`; every rank passes the same inputs,
+            the transformer blocks run on this rank's token shard and the tokens are gathered again before
+            the final layer. Gradients of the replicated parameters are partial per rank: average them over
+            the group (DDP over the group does this).
         Returns a list of B tensors (C_out, Ti, Hi, Wi): the predicted velocity (noise - data).
     """
 
@@ -127,7 +137,7 @@ class VideoDiT(nn.Module):
         return self.time_mlp(timestep_embedding(timesteps, 256).to(context.dtype)) + self.pooled_text(pooled)
 
     def forward(self, videos: Sequence[torch.Tensor], timesteps: torch.Tensor, context: torch.Tensor,
-                cu_seqlens_context: torch.Tensor) -> list[torch.Tensor]:
+                cu_seqlens_context: torch.Tensor, sequence_parallel: SequenceParallel | None = None) -> list[torch.Tensor]:
         if len(videos) != timesteps.shape[0] or cu_seqlens_context.shape[0] != len(videos) + 1:
             raise ValueError(f"got {len(videos)} videos, {timesteps.shape[0]} timesteps and "
                              f"{cu_seqlens_context.shape[0] - 1} prompts; they must match")
@@ -136,7 +146,16 @@ class VideoDiT(nn.Module):
         max_len = int((cu[1:] - cu[:-1]).max())
         max_ctx = int((cu_seqlens_context[1:] - cu_seqlens_context[:-1]).max())
         c = self.conditioning(timesteps, context, cu_seqlens_context)
+        cu_local = None
+        if sequence_parallel is not None:
+            total = x.shape[0]
+            start, end = shard_range(total, sequence_parallel.size, sequence_parallel.rank)
+            x, positions = shard_packed(x, sequence_parallel.group), positions[start:end]
+            cu_local = local_offsets(cu.tolist(), start, end).to(cu.device)
         for block in self.blocks:
-            x = block(x, c, cu, max_len, positions, self.rope, context, cu_seqlens_context, max_ctx)
+            x = block(x, c, cu, max_len, positions, self.rope, context, cu_seqlens_context, max_ctx,
+                      sequence_parallel=sequence_parallel, cu_local=cu_local)
+        if sequence_parallel is not None:
+            x = gather_packed(x, total, sequence_parallel.group)
         shift, scale = self.final_modulation(c)
         return self.unembed(adaln_modulate(x, shift, scale, cu), cu_seqlens=cu, grids=grids)

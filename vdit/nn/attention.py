@@ -52,6 +52,8 @@ class VarlenSelfAttention(nn.Module):
     int32 (B + 1,), positions (total, 3) and a :class:`~vdit.nn.RotaryEmbedding3d` -> (total, dim).
     ``forward(x, key_padding_mask=mask)`` with x (B, N, dim) and mask bool (B, N) (True = real token)
     packs internally and returns (B, N, dim) with zeros at padded positions.
+    With ``sequence_parallel=SequenceParallel(group, mode)``, x and positions are this rank's contract
+    shard of the packed batch while cu_seqlens describe the whole batch (see :mod:`vdit.distributed`).
     """
 
     def __init__(self, dim: int, heads: int, *, kv_heads: int | None = None, qk_norm: str | None = "rms",
@@ -65,7 +67,8 @@ class VarlenSelfAttention(nn.Module):
         self.q_norm, self.k_norm = _qk_norm(qk_norm, self.head_dim), _qk_norm(qk_norm, self.head_dim)
         self.proj = nn.Linear(dim, dim, bias=bias)
 
-    def forward(self, x, cu_seqlens=None, max_seqlen=None, positions=None, rope=None, *, key_padding_mask=None):
+    def forward(self, x, cu_seqlens=None, max_seqlen=None, positions=None, rope=None, *, key_padding_mask=None,
+                sequence_parallel=None):
         if x.dim() == 3:
             if positions is not None or rope is not None:
                 raise ValueError("dense input takes no positions/rope; pack it first")
@@ -86,7 +89,8 @@ class VarlenSelfAttention(nn.Module):
                 raise ValueError("rope needs positions (total, 3)")
             norms = (self.q_norm.weight, self.k_norm.weight) if fuse_norm else (None, None)
             q, k = rope(q, k, positions, *norms, eps=self.q_norm.eps if fuse_norm else 1e-6)
-        out = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+        attend = varlen_attention if sequence_parallel is None else sequence_parallel.attention
+        out = attend(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
         return self.proj(out.reshape(total, -1))
 
 

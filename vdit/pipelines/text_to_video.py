@@ -40,10 +40,12 @@ class TextToVideo(nn.Module):
         ids, cu = self.tokenizer.encode_batch(prompts, device)
         return self.text_encoder(ids, cu), cu
 
-    def forward(self, videos: Sequence[torch.Tensor], timesteps: torch.Tensor, prompts: Sequence[str]) -> list[torch.Tensor]:
-        """Velocity predictions for noisy ``videos`` (list of (C, T, H, W)) at ``timesteps`` (B,) given ``prompts``."""
+    def forward(self, videos: Sequence[torch.Tensor], timesteps: torch.Tensor, prompts: Sequence[str],
+                sequence_parallel=None) -> list[torch.Tensor]:
+        """Velocity predictions for noisy ``videos`` (list of (C, T, H, W)) at ``timesteps`` (B,) given ``prompts``
+        (``sequence_parallel``: see :class:`vdit.models.VideoDiT`)."""
         context, cu = self.encode(prompts)
-        return self.dit(videos, timesteps, context, cu)
+        return self.dit(videos, timesteps, context, cu, sequence_parallel=sequence_parallel)
 
     def config_dict(self) -> dict:
         return {"dit": dataclasses.asdict(self.dit.config), "text_encoder": dataclasses.asdict(self.text_config),
