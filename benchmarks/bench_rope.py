@@ -99,3 +99,33 @@ def test_copy_floor(benchmark, inputs):
     q, k, _, _, _ = inputs
     _setup(benchmark, "q.clone() + k.clone() (copy bandwidth)")
     benchmark.pedantic(lambda: (q.clone(), k.clone()), **ROUNDS)
+
+
+# ---- with the fused RMS QK-norm (HunyuanVideo's per-head RMSNorm with weights) -------------------
+
+NORM_GROUP = GROUP.replace("rope_3d_qk", "rms_norm + rope_3d_qk")
+NORM_ROUNDS = dict(rounds=3, iterations=1, warmup_rounds=1)
+
+
+def eager_norm_rope_qk(q, k, qw, kw, cos, sin, eps=1e-6):
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    return eager_rope(rms(q, qw), cos, sin), eager_rope(rms(k, kw), cos, sin)
+
+
+def test_vdit_cpu_fused_norm(benchmark, inputs):
+    q, k, pos, _, _ = inputs
+    qw, kw = torch.rand(HEAD_DIM) + 0.5, torch.rand(HEAD_DIM) + 0.5
+    benchmark.group = NORM_GROUP
+    benchmark.extra_info.update(impl="vdit cpu", bytes=BYTES)
+    benchmark.pedantic(rope_3d_qk, (q, k, pos),
+                       dict(dims=DIMS, theta=THETA, q_norm_weight=qw, k_norm_weight=kw, backend="cpu"), **NORM_ROUNDS)
+
+
+def test_eager_norm_then_tables(benchmark, inputs):
+    q, k, _, cos, sin = inputs
+    qw, kw = torch.rand(HEAD_DIM) + 0.5, torch.rand(HEAD_DIM) + 0.5
+    benchmark.group = NORM_GROUP
+    benchmark.extra_info.update(impl="eager RMSNorm + cos/sin tables", bytes=BYTES)
+    benchmark.pedantic(eager_norm_rope_qk, (q, k, qw, kw, cos, sin), **NORM_ROUNDS)
