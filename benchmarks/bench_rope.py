@@ -8,6 +8,11 @@ dim 128 (HunyuanVideo's split (16, 56, 56), theta 256, interleaved pairs), fp32.
 built once outside the timed region, as a model shares them across layers, so the baseline is timed
 at its per-layer cost only. "bytes" counts reading q and k and writing both outputs.
 
+Out-of-place outputs of this size spend much of their time in first-touch page faults; the vdit
+kernel asks for transparent huge pages on its outputs (see csrc/cpu/rope.cpp), the baselines run
+with torch's default allocator (THP_MEM_ALLOC_ENABLE unset). The in-place row shows the kernel
+without any allocation.
+
     pytest benchmarks/bench_rope.py --benchmark-only --benchmark-json=out.json
 """
 import os
