@@ -108,9 +108,10 @@ struct AngleCache {
       last[ax] = v;
       const int p0 = L.pair_start[ax], p1 = p0 + L.dims[ax] / 2;
       for (int p = p0; p < p1; ++p) {
-        const A angle = rope_angle<A>(v, inv_freq[p]);
-        cs[p] = std::cos(angle);
-        sn[p] = inverse ? -std::sin(angle) : std::sin(angle);
+        A sin_v, cos_v;
+        rope_sincos(rope_angle<A>(v, inv_freq[p]), &sin_v, &cos_v);
+        cs[p] = cos_v;
+        sn[p] = inverse ? -sin_v : sin_v;
       }
     }
   }

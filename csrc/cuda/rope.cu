@@ -61,9 +61,6 @@ struct alignas(sizeof(T) * N) Packet {
   T v[N];
 };
 
-__device__ __forceinline__ void sin_cos(float a, float* s, float* c) { sincosf(a, s, c); }
-__device__ __forceinline__ void sin_cos(double a, double* s, double* c) { sincos(a, s, c); }
-
 template <typename A>
 __device__ __forceinline__ A group_sum(A v, int G) {
   for (int off = G >> 1; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
@@ -82,7 +79,7 @@ __device__ void tile_angles(const Problem& P, int64_t tok0, int ntok, A* cs, A* 
     const double pos = P.pos[b * P.psb + l * P.psl + ax * P.psa];
     const A angle = rope_angle<A>(pos, rope_inv_freq(P.L, P.log_theta, p));
     A s, c;
-    sin_cos(angle, &s, &c);
+    rope_sincos(angle, &s, &c);
     cs[i] = c;
     sn[i] = inverse ? -s : s;
   }

@@ -12,6 +12,8 @@ Strided inputs: any batch / token / head strides are read in place (e.g. q and k
 fused qkv projection); only a head dim with non-unit stride is copied first. Outputs are
 contiguous. Positions are used as given: integer grids, or float grids scaled / offset for
 resolution or length extrapolation (see :func:`vdit.packing.grid_positions`); they get no gradient.
+Half / bfloat16 / float32 kernels evaluate sin / cos with a shared polynomial (csrc/common/rope.h)
+that is accurate for |position| < 1e5; float64 uses the library functions.
 """
 from __future__ import annotations
 
