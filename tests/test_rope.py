@@ -22,8 +22,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 def _dtypes(backend):
-    # The Triton interpreter runs fp16 / fp32 (its kernels compute in fp32, so no fp64 there).
-    return [torch.float32, torch.float16] if backend == "triton" else DTYPES
+    # The Triton interpreter runs fp16 / bf16 / fp32 (its kernels compute in fp32, so no fp64 there).
+    return [torch.float32, torch.float16, torch.bfloat16] if backend == "triton" else DTYPES
 
 
 def _ragged_packed(rng, heads, head_dim, dtype, device, batch=4):
@@ -236,6 +236,23 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     for g, e in zip(grads, want):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_torch_compile_inplace(backend):
+    pos = torch.randint(0, 6, (10, 3), dtype=torch.int32)
+
+    def f(qkv):
+        q, k, v = qkv.unbind(1)
+        rope_3d_qk(q, k, pos, dims=(4, 6, 6), inplace=True, backend=backend)
+        return qkv
+
+    qkv = torch.randn(10, 3, 2, 16)
+    expected_q, expected_k = rope_3d_qk(qkv[:, 0], qkv[:, 1], pos, dims=(4, 6, 6), backend="torch")
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(qkv.clone())
+    torch.testing.assert_close(out[:, 0], expected_q)
+    torch.testing.assert_close(out[:, 1], expected_k)
+    torch.testing.assert_close(out[:, 2], qkv[:, 2])
 
 
 BAD = [  # (kwargs override, exception, message)
