@@ -113,7 +113,7 @@ def test_copy_floor(benchmark, inputs):
 # ---- with the fused RMS QK-norm (HunyuanVideo's per-head RMSNorm with weights) -------------------
 
 NORM_GROUP = GROUP.replace("rope_3d_qk", "rms_norm + rope_3d_qk")
-NORM_ROUNDS = dict(rounds=3, iterations=1, warmup_rounds=1)
+NORM_ROUNDS = dict(rounds=5, iterations=1, warmup_rounds=1)
 
 
 def eager_norm_rope_qk(q, k, qw, kw, cos, sin, eps=1e-6):
