@@ -22,8 +22,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 def _dtypes(backend):
-    # The Triton interpreter runs fp16 / fp32 (its kernels compute in fp32, so no fp64 there).
-    return [torch.float32, torch.float16] if backend == "triton" else DTYPES
+    # The Triton interpreter runs fp16 / bf16 / fp32 (its kernels compute in fp32, so no fp64 there).
+    return [torch.float32, torch.float16, torch.bfloat16] if backend == "triton" else DTYPES
 
 
 def _ragged_packed(rng, heads, head_dim, dtype, device, batch=4):
@@ -238,6 +238,23 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_torch_compile_inplace(backend):
+    pos = torch.randint(0, 6, (10, 3), dtype=torch.int32)
+
+    def f(qkv):
+        q, k, v = qkv.unbind(1)
+        rope_3d_qk(q, k, pos, dims=(4, 6, 6), inplace=True, backend=backend)
+        return qkv
+
+    qkv = torch.randn(10, 3, 2, 16)
+    expected_q, expected_k = rope_3d_qk(qkv[:, 0], qkv[:, 1], pos, dims=(4, 6, 6), backend="torch")
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(qkv.clone())
+    torch.testing.assert_close(out[:, 0], expected_q)
+    torch.testing.assert_close(out[:, 1], expected_k)
+    torch.testing.assert_close(out[:, 2], qkv[:, 2])
+
+
 BAD = [  # (kwargs override, exception, message)
     (dict(dims=(3, 4, 4)), ValueError, "dims must be 3 non-negative even ints"),
     (dict(dims=(8, 8, 8, 8)), ValueError, "dims must be 3 non-negative even ints"),
@@ -303,3 +320,18 @@ def test_gpu_kernels_cap_the_head_dim_and_cpu_does_not():
     with pytest.raises(ValueError, match="supports head dims up to 256"):
         rope_3d(x, pos, dims=(4, 4, 4), backend="triton")
     assert_close(rope_3d(x, pos, dims=(4, 4, 252), backend="cpu"), _ref(reference.rope_3d, x, pos, dims=(4, 4, 252)))
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+def test_large_positions_keep_float32_accuracy(backend, device):
+    """The kernels' sin / cos polynomial holds its accuracy for coordinates up to the documented 1e5.
+
+    Compared with the reference run in float32: at such coordinates the float32 angle itself is
+    rounded (by up to 3e-5 rad here) in any float32 implementation, the reference included; what is
+    checked is the sin / cos of that angle.
+    """
+    x = torch.randn(64, 1, 12, device=device)
+    pos = torch.linspace(-99000.0, 99000.0, 64 * 3, device=device).reshape(64, 3)
+    out = rope_3d(x, pos, dims=(4, 4, 4), backend=backend)
+    expected = reference.rope_3d(x.cpu(), pos.cpu(), dims=(4, 4, 4))  # float32 angles, torch.sin / cos
+    assert_close(out, expected.double(), scale=2.0)

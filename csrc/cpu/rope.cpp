@@ -15,6 +15,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <type_traits>
 #include <vector>
@@ -106,9 +108,10 @@ struct AngleCache {
       last[ax] = v;
       const int p0 = L.pair_start[ax], p1 = p0 + L.dims[ax] / 2;
       for (int p = p0; p < p1; ++p) {
-        const A angle = rope_angle<A>(v, inv_freq[p]);
-        cs[p] = std::cos(angle);
-        sn[p] = inverse ? -std::sin(angle) : std::sin(angle);
+        A sin_v, cos_v;
+        rope_sincos(rope_angle<A>(v, inv_freq[p]), &sin_v, &cos_v);
+        cs[p] = cos_v;
+        sn[p] = inverse ? -sin_v : sin_v;
       }
     }
   }
@@ -235,6 +238,26 @@ void dispatch_positions(at::ScalarType pd, F&& f) {
   }
 }
 
+// A fresh output of hundreds of MB costs one page fault per 4 KiB page on first write, which takes
+// longer than the rotation itself. Ask for transparent huge pages on the 2 MiB-aligned interior of
+// large outputs (Linux, THP in "madvise" mode; a no-op where unsupported). Torch's own allocator does
+// the same for every allocation when THP_MEM_ALLOC_ENABLE=1.
+void advise_huge_pages(const at::Tensor& t) {
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + uintptr_t(t.nbytes());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
+  if (last > first + kHuge) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+}
+
+at::Tensor new_large_output(const at::Tensor& like) {
+  at::Tensor out = new_output(like.sizes(), like.options());
+  advise_huge_pages(out);
+  return out;
+}
+
 at::Tensor weight_in_compute_type(const c10::optional<at::Tensor>& w, const at::Tensor& x) {
   if (!w.has_value() || !w->defined()) return at::Tensor();
   TORCH_CHECK(w->dim() == 1 && w->size(0) == x.size(-1), "vdit rope: norm weight must be (", x.size(-1), ",)");
@@ -252,7 +275,7 @@ void run_forward(const RopeProblem& pb, std::vector<RopeRows>& sets, at::ScalarT
 at::Tensor rope_3d_cpu(const at::Tensor& x, const at::Tensor& positions, at::IntArrayRef dims, double theta,
                        bool interleaved, bool inverse, const c10::optional<at::Tensor>& weight, double eps) {
   const RopeProblem pb = rope_problem(x, positions, dims, theta, interleaved);
-  at::Tensor out = new_output(x.sizes(), x.options());
+  at::Tensor out = new_large_output(x);
   const at::Tensor w = weight_in_compute_type(weight, x);
   std::vector<RopeRows> sets{rope_rows(x, out, w)};
   run_forward(pb, sets, x.scalar_type(), inverse, eps);
@@ -265,8 +288,8 @@ std::tuple<at::Tensor, at::Tensor> rope_3d_qk_cpu(const at::Tensor& q, const at:
                                                   const c10::optional<at::Tensor>& k_weight, double eps) {
   rope_check_pair(q, k);
   const RopeProblem pb = rope_problem(q, positions, dims, theta, interleaved);
-  at::Tensor q_out = new_output(q.sizes(), q.options());
-  at::Tensor k_out = new_output(k.sizes(), k.options());
+  at::Tensor q_out = new_large_output(q);
+  at::Tensor k_out = new_large_output(k);
   const at::Tensor qw = weight_in_compute_type(q_weight, q), kw = weight_in_compute_type(k_weight, k);
   std::vector<RopeRows> sets{rope_rows(q, q_out, qw), rope_rows(k, k_out, kw)};
   run_forward(pb, sets, q.scalar_type(), inverse, eps);
@@ -290,7 +313,7 @@ std::vector<at::Tensor> run_backward(const RopeProblem& pb, const std::vector<at
   std::vector<RopeRows> sets;
   std::vector<at::Tensor> outs, ws;
   for (size_t s = 0; s < xs.size(); ++s) {
-    outs.push_back(new_output(xs[s].sizes(), xs[s].options()));
+    outs.push_back(new_large_output(xs[s]));
     ws.push_back(weight_in_compute_type(weights[s], xs[s]));
     RopeRows r = rope_rows(grads[s], outs[s], ws[s]);
     r.x = xs[s].data_ptr();

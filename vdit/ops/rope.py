@@ -12,6 +12,8 @@ Strided inputs: any batch / token / head strides are read in place (e.g. q and k
 fused qkv projection); only a head dim with non-unit stride is copied first. Outputs are
 contiguous. Positions are used as given: integer grids, or float grids scaled / offset for
 resolution or length extrapolation (see :func:`vdit.packing.grid_positions`); they get no gradient.
+Half / bfloat16 / float32 kernels evaluate sin / cos with a shared polynomial (csrc/common/rope.h)
+that is accurate for |position| < 1e5; float64 uses the library functions.
 """
 from __future__ import annotations
 
@@ -309,7 +311,7 @@ def _rope_3d_qk_inplace(chosen, q, k, positions, dims, theta, interleaved, q_nor
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, q_norm_weight, k_norm_weight)):
         raise ValueError("inplace=True is not differentiable; use inplace=False when q, k or the norm weights "
                          "require grad")
-    if q.data_ptr() == k.data_ptr():
+    if not torch.compiler.is_compiling() and q.data_ptr() == k.data_ptr():
         raise ValueError("inplace=True needs q and k that do not share elements")
     if chosen == "torch" or q.stride(-1) != 1 or k.stride(-1) != 1:
         out_q, out_k = rope_3d_qk(q, k, positions, dims=dims, theta=theta, interleaved=interleaved,
