@@ -18,9 +18,10 @@ pytest.importorskip("triton")
 from vdit.kernels.triton import attention as A  # noqa: E402
 
 DEVICE = "cuda" if HAS_GPU else "cpu"
-DTYPES = [torch.float16, torch.float32]
+# bf16 tl.dot only works compiled, on a GPU.
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if HAS_GPU else [])
 # Gradients go through two more roundings to the input dtype (p and ds before their dot products).
-GRAD_SCALE = {torch.float16: 4.0, torch.float32: 2.0}
+GRAD_SCALE = {torch.float16: 4.0, torch.bfloat16: 4.0, torch.float32: 2.0}
 
 
 def _inputs(lq, lk, hq, hk, d, dtype, seed=0):
@@ -174,3 +175,14 @@ def test_work_items_cover_every_tile_once_heaviest_first(causal, rows_are_querie
 
     costs = [cost(s, t) for s, t in items[valid].tolist()]
     assert costs == sorted(costs, reverse=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 256])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_shipped_configs_on_gpu(dtype, head_dim, causal):
+    # The real per-architecture tile configurations, long and uneven sequences (GPU only).
+    lq = [1100, 1, 0, 255, 17, 700]
+    lk = [1100, 3, 9, 255, 40, 0] if not causal else [1100, 1, 0, 300, 17, 650]
+    _check(lq, lk, 4, 2, head_dim, causal, dtype)

@@ -46,6 +46,13 @@ def _config_cases() -> list[tuple]:
     return cases
 
 
+def _small_smem_cases() -> list[tuple]:
+    """sm_86/89 (99 KB) entries that differ from the sm_80 ones need their own compilation."""
+    from vdit.kernels.triton.attention import CONFIGS
+    return [(kernel, 86, head_dim, "fp16", True) for kernel in KERNELS for head_dim in (64, 128, 256)
+            if CONFIGS[kernel][86][head_dim] != CONFIGS[kernel][80][head_dim]]
+
+
 def _preprocess_cases() -> list[tuple]:
     return [("bwd_preprocess", 90, 256, "bf16", False), ("bwd_preprocess", 80, 256, "fp32", False),
             ("bwd_preprocess", 90, 64, "fp16", False)]
@@ -85,7 +92,7 @@ def _compile(case: tuple) -> list[dict]:
 def compiled() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    cases = _config_cases() + _preprocess_cases()
+    cases = _config_cases() + _small_smem_cases() + _preprocess_cases()
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), json.dumps(cases)], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -111,6 +118,19 @@ def _check(results: list[dict], expect_wgmma: bool) -> None:
 @pytest.mark.parametrize("case", _config_cases(), ids=lambda c: "-".join(map(str, c[:4])) + ("-causal" if c[4] else "-full"))
 def test_attention_configs_compile_without_spills(compiled, case):
     _check(compiled[case], expect_wgmma=case[1] == 90 and case[3] != "fp32")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_small_shared_memory_configs(compiled, kernel, head_dim):
+    # sm_86/89 entries equal to sm_80's reuse its compilation: same code, checked against 99 KB.
+    from vdit.kernels.triton.aot import SHARED_MEMORY_LIMIT
+    own = (kernel, 86, head_dim, "fp16", True)
+    results = compiled[own] if own in compiled else compiled[(kernel, 80, head_dim, "fp16", True)]
+    _check(results, expect_wgmma=False)
+    assert all(r["shared"] <= SHARED_MEMORY_LIMIT[86] for r in results), results
+    # fp32 configurations are shared by all architectures: they must fit the smallest one too.
+    assert all(r["shared"] <= SHARED_MEMORY_LIMIT[86] for r in compiled[(kernel, 90, head_dim, "fp32", True)])
 
 
 @pytest.mark.parametrize("case", _preprocess_cases(), ids=lambda c: "-".join(map(str, c[1:4])))

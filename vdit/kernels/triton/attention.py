@@ -48,28 +48,32 @@ class Config:
 
 
 # CONFIGS[kernel][arch][block_d]: fp16/bf16 tile configurations, best first (the launcher uses the
-# first; further entries are tuning candidates). arch 90 = Hopper (sm_90, wgmma), 80 = Ampere (sm_80,
-# also used for other sm_8x). block_d 16 and 32 use the 64 entries. Every entry is compiled ahead of
-# time for its architecture in fp16 and bf16 by tests/test_triton_attention_aot.py and must spill
-# nothing and fit in shared memory; entries that spilled (e.g. dk/dv with 128-key tiles at head dim
-# 128 on sm_90, or 64-row query tiles at 256) were pruned.
+# first; further entries are tuning candidates). arch 90: Hopper (sm_90, wgmma; also sm_100), 227 KB
+# of shared memory; 80: A100 (sm_80), 163 KB; 86: sm_86/89/12x, 99 KB (the sm_80 entries where they
+# fit). block_d 16 and 32 use the 64 entries. Every entry is compiled ahead of time for its
+# architecture by tests/test_triton_attention_aot.py and must spill nothing and fit in shared memory;
+# entries that spilled (e.g. dk/dv with 128-key tiles at head dim 128 on sm_90, or 64-row query tiles
+# at 256) were pruned.
 CONFIGS: dict[str, dict[int, dict[int, list[Config]]]] = {
     "fwd": {
         90: {64: [Config(128, 64, 4, 3)], 128: [Config(128, 64, 8, 3)], 256: [Config(128, 64, 8, 2)]},
         80: {64: [Config(128, 64, 4, 3)], 128: [Config(128, 64, 8, 3)], 256: [Config(64, 32, 8, 2)]},
+        86: {64: [Config(128, 64, 4, 3)], 128: [Config(128, 64, 8, 3)], 256: [Config(64, 32, 8, 2)]},
     },
     "bwd_dkdv": {
         90: {64: [Config(64, 128, 8, 2)], 128: [Config(32, 128, 8, 2)], 256: [Config(16, 64, 8, 2)]},
         80: {64: [Config(32, 128, 8, 2)], 128: [Config(64, 64, 8, 2)], 256: [Config(32, 64, 8, 1)]},
+        86: {64: [Config(32, 128, 8, 2)], 128: [Config(64, 64, 8, 2)], 256: [Config(16, 64, 8, 1)]},
     },
     "bwd_dq": {
         90: {64: [Config(128, 64, 8, 2)], 128: [Config(128, 64, 8, 2)], 256: [Config(64, 32, 8, 2)]},
         80: {64: [Config(128, 64, 8, 2)], 128: [Config(64, 64, 4, 2)], 256: [Config(64, 32, 8, 1)]},
+        86: {64: [Config(128, 64, 8, 2)], 128: [Config(64, 64, 4, 2)], 256: [Config(64, 32, 8, 1)]},
     },
 }
 
 # fp32 inputs run exact fp32 dot products on the FMA units (no tensor cores, no tf32), which need far
-# more registers per tile: small tiles, the same on both architectures (also AOT-checked).
+# more registers per tile: small tiles, the same on every architecture (AOT-checked; all fit in 99 KB).
 FP32_CONFIGS: dict[str, dict[int, list[Config]]] = {
     "fwd": {64: [Config(32, 32, 8, 1)], 128: [Config(16, 16, 4, 1)], 256: [Config(16, 16, 4, 1)]},
     "bwd_dkdv": {64: [Config(16, 16, 8, 1)], 128: [Config(32, 32, 8, 1)], 256: [Config(16, 16, 8, 1)]},
@@ -92,10 +96,15 @@ def block_d_of(head_dim: int) -> int:
 
 
 def _arch_of(device: torch.device) -> int | None:
+    """Key of CONFIGS for a device (None: CPU tensors, the interpreter). Ampere or newer."""
     if device.type != "cuda":
         return None
-    major, _ = torch.cuda.get_device_capability(device)
-    return 90 if major >= 9 else 80
+    major, minor = torch.cuda.get_device_capability(device)
+    if major in (9, 10):  # Hopper, datacenter Blackwell: 227 KB of shared memory per block
+        return 90
+    if (major, minor) in ((8, 0), (8, 7)):  # A100, Orin: 163 KB
+        return 80
+    return 86  # sm_86, sm_89, sm_12x: 99 KB
 
 
 def select_config(kernel: str, device: torch.device, head_dim: int, dtype: torch.dtype) -> Config:
@@ -109,7 +118,7 @@ def select_config(kernel: str, device: torch.device, head_dim: int, dtype: torch
     return CONFIGS[kernel][arch][block_d][0]
 
 
-def work_items(cu_rows: torch.Tensor, cu_cols: torch.Tensor, total_rows: int, max_seqlen_rows: int,
+def work_items(cu_rows: torch.Tensor, cu_cols: torch.Tensor, total_rows: int, max_seqlen_rows: int | None,
                block_rows: int, block_cols: int, causal: bool, rows_are_queries: bool) -> torch.Tensor:
     """Flat, cost-sorted list of (sequence, row tile) work items.
 
@@ -127,8 +136,9 @@ def work_items(cu_rows: torch.Tensor, cu_cols: torch.Tensor, total_rows: int, ma
     """
     device = cu_rows.device
     batch = cu_rows.numel() - 1
-    n = min((total_rows + batch * (block_rows - 1)) // block_rows,
-            batch * triton.cdiv(max(max_seqlen_rows, 0), block_rows))
+    n = (total_rows + batch * (block_rows - 1)) // block_rows
+    if max_seqlen_rows is not None:  # validated by vdit.ops to be >= every length
+        n = min(n, batch * triton.cdiv(max(max_seqlen_rows, 0), block_rows))
     if n <= 0:
         return torch.empty((0, 2), dtype=torch.int32, device=device)
     cu_r, cu_c = cu_rows.long(), cu_cols.long()
