@@ -186,3 +186,15 @@ def test_shipped_configs_on_gpu(dtype, head_dim, causal):
     lq = [1100, 1, 0, 255, 17, 700]
     lk = [1100, 3, 9, 255, 40, 0] if not causal else [1100, 1, 0, 300, 17, 650]
     _check(lq, lk, 4, 2, head_dim, causal, dtype)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="uses the interpreter's two candidate configurations")
+def test_opt_in_tuner_picks_a_candidate_and_stays_correct(monkeypatch):
+    # VDIT_TRITON_AUTOTUNE=1 times every candidate on the first call (here the interpreter's two) and
+    # caches the winner per (kernel, device, block_d, dtype, causal); results must not change.
+    monkeypatch.setenv(A.AUTOTUNE_ENV, "1")
+    monkeypatch.setattr(A, "_TUNED", {})
+    _check([21, 0, 40], [30, 2, 40], 2, 1, 16, True, torch.float32)
+    kernels = sorted(key[0] for key in A._TUNED)
+    assert kernels == ["bwd_dkdv", "bwd_dq", "fwd"]
+    assert all(cfg in A.INTERPRETER_CONFIGS for cfg in A._TUNED.values())

@@ -50,7 +50,7 @@ def _small_smem_cases() -> list[tuple]:
     """sm_86/89 (99 KB) entries that differ from the sm_80 ones need their own compilation."""
     from vdit.kernels.triton.attention import CONFIGS
     return [(kernel, 86, head_dim, "fp16", True) for kernel in KERNELS for head_dim in (64, 128, 256)
-            if CONFIGS[kernel][86][head_dim] != CONFIGS[kernel][80][head_dim]]
+            if any(c not in CONFIGS[kernel][80][head_dim] for c in CONFIGS[kernel][86][head_dim])]
 
 
 def _preprocess_cases() -> list[tuple]:
@@ -78,8 +78,11 @@ def _compile(case: tuple) -> list[dict]:
                  num_heads_q="i32", num_heads_k="i32", softmax_scale="fp32")
     sig = {name: types[name] for name in fn.arg_names if name in types}
     table = attention.FP32_CONFIGS[kernel] if dtype == "fp32" else attention.CONFIGS[kernel][arch]
+    configs = table[max(64, block_d)]
+    if arch == 86:  # entries shared with sm_80 reuse its compilation (see test_small_shared_memory_configs)
+        configs = [c for c in configs if c not in attention.CONFIGS[kernel][80][max(64, block_d)]]
     results = []
-    for cfg in table[max(64, block_d)]:
+    for cfg in configs:
         constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_M": cfg.block_m,
                       "BLOCK_N": cfg.block_n, "CAUSAL": causal,
                       "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
@@ -93,6 +96,7 @@ def compiled() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     cases = _config_cases() + _small_smem_cases() + _preprocess_cases()
+    assert cases
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), json.dumps(cases)], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -125,8 +129,12 @@ def test_attention_configs_compile_without_spills(compiled, case):
 def test_small_shared_memory_configs(compiled, kernel, head_dim):
     # sm_86/89 entries equal to sm_80's reuse its compilation: same code, checked against 99 KB.
     from vdit.kernels.triton.aot import SHARED_MEMORY_LIMIT
-    own = (kernel, 86, head_dim, "fp16", True)
-    results = compiled[own] if own in compiled else compiled[(kernel, 80, head_dim, "fp16", True)]
+    from vdit.kernels.triton.attention import CONFIGS
+    sm80 = dict(zip((tuple(r["config"]) for r in compiled[(kernel, 80, head_dim, "fp16", True)]),
+                    compiled[(kernel, 80, head_dim, "fp16", True)]))
+    own = {tuple(r["config"]): r for r in compiled.get((kernel, 86, head_dim, "fp16", True), [])}
+    results = [own.get(tuple(vars(c).values())) or sm80[tuple(vars(c).values())]
+               for c in CONFIGS[kernel][86][head_dim]]
     _check(results, expect_wgmma=False)
     assert all(r["shared"] <= SHARED_MEMORY_LIMIT[86] for r in results), results
     # fp32 configurations are shared by all architectures: they must fit the smallest one too.

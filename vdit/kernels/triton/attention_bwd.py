@@ -236,29 +236,38 @@ def preprocess_block_t(block_d: int) -> int:
     return max(16, min(64, 4096 // block_d))
 
 
-def launch_backward(dout, q, k, v, out, lse, delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
-                    work_q, work_k, softmax_scale, causal, dkdv_config, dq_config, block_d, precision):
-    """Launch the three backward kernels; ``work_q`` / ``work_k`` are (n, 2) int32 item lists over
-    query tiles (dq_config.block_m) and key tiles (dkdv_config.block_n)."""
-    total_q, num_heads_q, head_dim = q.shape
-    num_heads_k = k.shape[1]
-    scale = float(softmax_scale)
-    if total_q:
+def launch_preprocess(dout, out, delta, block_d):
+    """delta (Hq, total_q) fp32 = rowsum(dout * out)."""
+    total_q, num_heads_q, head_dim = out.shape
+    if total_q and num_heads_q:
         block_t = preprocess_block_t(block_d)
         attn_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), num_heads_q)](
             out, dout, delta, total_q, num_heads_q,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=4)
-    if work_k.shape[0]:
-        c = dkdv_config
+
+
+def launch_dkdv(dout, q, k, v, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, work_k, softmax_scale,
+                causal, config, block_d, precision):
+    """dk, dv over ``work_k``: (n, 2) int32 (sequence, key tile of config.block_n) items x kv heads."""
+    total_q, num_heads_q, head_dim = q.shape
+    num_heads_k = k.shape[1]
+    if work_k.shape[0] and num_heads_k:
         attn_bwd_dkdv_kernel[(work_k.shape[0], num_heads_k)](
             q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, work_k,
-            total_q, num_heads_q, num_heads_k, scale,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-            CAUSAL=bool(causal), PRECISION=precision, num_warps=c.num_warps, num_stages=c.num_stages)
-    if work_q.shape[0]:
-        c = dq_config
+            total_q, num_heads_q, num_heads_k, float(softmax_scale),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            CAUSAL=bool(causal), PRECISION=precision, num_warps=config.num_warps,
+            num_stages=config.num_stages)
+
+
+def launch_dq(dout, q, k, v, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, work_q, softmax_scale, causal,
+              config, block_d, precision):
+    """dq over ``work_q``: (n, 2) int32 (sequence, query tile of config.block_m) items x query heads."""
+    total_q, num_heads_q, head_dim = q.shape
+    if work_q.shape[0] and num_heads_q:
         attn_bwd_dq_kernel[(work_q.shape[0], num_heads_q)](
             q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, work_q,
-            total_q, num_heads_q, num_heads_k, scale,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-            CAUSAL=bool(causal), PRECISION=precision, num_warps=c.num_warps, num_stages=c.num_stages)
+            total_q, num_heads_q, k.shape[1], float(softmax_scale),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            CAUSAL=bool(causal), PRECISION=precision, num_warps=config.num_warps,
+            num_stages=config.num_stages)
