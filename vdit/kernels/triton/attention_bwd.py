@@ -228,7 +228,8 @@ def attn_bwd_dq_kernel(
         dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, kv_offs, d_mask, start_n, k_len, stride_k,
                       rows, diag, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, PRECISION)
     dq = dq * softmax_scale
-    tl.store(tl.multiple_of(DQ + q_start_off, 16) + q_offs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
+    tl.store(tl.multiple_of(DQ + q_start_off, 16) + q_offs, dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & d_mask[None, :])
 
 
 def preprocess_block_t(block_d: int) -> int:
