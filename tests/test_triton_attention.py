@@ -127,6 +127,18 @@ def test_misaligned_inputs():
     assert_close(lse, r_lse)
 
 
+def test_expanded_dout():
+    # Autograd can pass a non-contiguous (e.g. expanded) gradient; the launcher makes it contiguous.
+    lengths = [13, 30]
+    q, k, v, _, cu_q, cu_k = _inputs(lengths, lengths, 2, 2, 16, torch.float32)
+    dout = torch.ones(1, 1, 1, dtype=q.dtype, device=q.device).expand(q.shape)
+    out, lse = A.varlen_attention_forward(q, k, v, cu_q, cu_k, 30, 30, 0.25, True)
+    dq, dk, dv = A.varlen_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, 30, 30, 0.25, True)
+    _, _, r_dq, r_dk, r_dv = _reference(q, k, v, dout.contiguous(), cu_q, cu_k, 0.25, True)
+    for got, want in ((dq, r_dq), (dk, r_dk), (dv, r_dv)):
+        assert_close(got, want, scale=GRAD_SCALE[torch.float32])
+
+
 @pytest.mark.parametrize("lq,lk", [([], []), ([0, 0], [3, 0]), ([0], [0])])
 def test_empty_batches(lq, lk):
     q, k, v, dout, cu_q, cu_k = _inputs(lq, lk, 2, 1, 16, torch.float32)

@@ -217,8 +217,10 @@ def _check_head_dim(head_dim: int) -> None:
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
-    # The kernels promise the compiler 16-byte aligned rows (vectorized loads); a contiguous view
-    # into a larger buffer can start anywhere, so such inputs are copied.
+    # The kernels index contiguous rows and promise the compiler 16-byte aligned rows (vectorized
+    # loads); a contiguous view into a larger buffer can start anywhere, so such inputs are copied.
+    # (Inputs are validated as contiguous, but autograd may hand the backward an expanded dout.)
+    t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
@@ -275,7 +277,7 @@ def varlen_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     total_q, num_heads_q, head_dim = q.shape
     total_k = k.shape[0]
     _check_head_dim(head_dim)
-    dout, q, k, v, out = (_aligned(t) for t in (dout, q, k, v, out))
+    dout, q, k, v, out = (_aligned(t) for t in (dout.to(q.dtype), q, k, v, out))
     dq = new_output(q.shape, dtype=q.dtype, device=q.device)
     dk = new_output(k.shape, dtype=k.dtype, device=k.device)
     dv = new_output(v.shape, dtype=v.dtype, device=v.device)
