@@ -141,24 +141,19 @@ def attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, k_base, v_base, kv_offs, d_mask, start_n, k_len, stride_k,
+def _dq_step(dq, q, do, lse2, delta, k_base, v_base, kv_offs, d_mask, start_n, full, k_len, stride_k,
              rows, diag, qk_scale,
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-             MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+             CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile for dq; tiles from ``full`` on need the mask (as in the forward's _fwd_step,
+    a runtime branch in one loop keeps ptxas from serializing the wgmma on sm_90)."""
     step = start_n * stride_k.to(tl.int64)
     cols = start_n + tl.arange(0, BLOCK_N)
-    if MASKED:
-        k = _load_rows(k_base + step, kv_offs, cols < k_len, d_mask, HEAD_DIM, BLOCK_D)
-        v = _load_rows(v_base + step, kv_offs, cols < k_len, d_mask, HEAD_DIM, BLOCK_D)
-    elif BLOCK_D != HEAD_DIM:
-        k = tl.load(k_base + step + kv_offs, mask=d_mask[None, :], other=0.0)
-        v = tl.load(v_base + step + kv_offs, mask=d_mask[None, :], other=0.0)
-    else:
-        k = tl.load(k_base + step + kv_offs)
-        v = tl.load(v_base + step + kv_offs)
+    k = _load_rows(k_base + step, kv_offs, cols < k_len, d_mask, HEAD_DIM, BLOCK_D)
+    v = _load_rows(v_base + step, kv_offs, cols < k_len, d_mask, HEAD_DIM, BLOCK_D)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     p = tl.math.exp2(qk - lse2[:, None])
-    if MASKED:
+    if start_n >= full:
         valid = (cols < k_len)[None, :]
         if CAUSAL:
             valid = valid & (cols[None, :] <= rows[:, None] + diag)
@@ -221,12 +216,9 @@ def attn_bwd_dq_kernel(
 
     qk_scale = softmax_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, full, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, kv_offs, d_mask, start_n, k_len, stride_k,
-                      rows, diag, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, PRECISION)
-    for start_n in range(full, hi, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, kv_offs, d_mask, start_n, k_len, stride_k,
-                      rows, diag, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, PRECISION)
+    for start_n in range(0, hi, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, kv_offs, d_mask, start_n, full, k_len,
+                      stride_k, rows, diag, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, PRECISION)
     dq = dq * softmax_scale
     tl.store(tl.multiple_of(DQ + q_start_off, 16) + q_offs, dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & d_mask[None, :])
