@@ -18,9 +18,10 @@ pytest.importorskip("triton")
 from vdit.kernels.triton import attention as A  # noqa: E402
 
 DEVICE = "cuda" if HAS_GPU else "cpu"
-DTYPES = [torch.float16, torch.float32]
+# bf16 tl.dot only works compiled, on a GPU.
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if HAS_GPU else [])
 # Gradients go through two more roundings to the input dtype (p and ds before their dot products).
-GRAD_SCALE = {torch.float16: 4.0, torch.float32: 2.0}
+GRAD_SCALE = {torch.float16: 4.0, torch.bfloat16: 4.0, torch.float32: 2.0}
 
 
 def _inputs(lq, lk, hq, hk, d, dtype, seed=0):
@@ -126,6 +127,18 @@ def test_misaligned_inputs():
     assert_close(lse, r_lse)
 
 
+def test_expanded_dout():
+    # Autograd can pass a non-contiguous (e.g. expanded) gradient; the launcher makes it contiguous.
+    lengths = [13, 30]
+    q, k, v, _, cu_q, cu_k = _inputs(lengths, lengths, 2, 2, 16, torch.float32)
+    dout = torch.ones(1, 1, 1, dtype=q.dtype, device=q.device).expand(q.shape)
+    out, lse = A.varlen_attention_forward(q, k, v, cu_q, cu_k, 30, 30, 0.25, True)
+    dq, dk, dv = A.varlen_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, 30, 30, 0.25, True)
+    _, _, r_dq, r_dk, r_dv = _reference(q, k, v, dout.contiguous(), cu_q, cu_k, 0.25, True)
+    for got, want in ((dq, r_dq), (dk, r_dk), (dv, r_dv)):
+        assert_close(got, want, scale=GRAD_SCALE[torch.float32])
+
+
 @pytest.mark.parametrize("lq,lk", [([], []), ([0, 0], [3, 0]), ([0], [0])])
 def test_empty_batches(lq, lk):
     q, k, v, dout, cu_q, cu_k = _inputs(lq, lk, 2, 1, 16, torch.float32)
@@ -174,3 +187,26 @@ def test_work_items_cover_every_tile_once_heaviest_first(causal, rows_are_querie
 
     costs = [cost(s, t) for s, t in items[valid].tolist()]
     assert costs == sorted(costs, reverse=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 256])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_shipped_configs_on_gpu(dtype, head_dim, causal):
+    # The real per-architecture tile configurations, long and uneven sequences (GPU only).
+    lq = [1100, 1, 0, 255, 17, 700]
+    lk = [1100, 3, 9, 255, 40, 0] if not causal else [1100, 1, 0, 300, 17, 650]
+    _check(lq, lk, 4, 2, head_dim, causal, dtype)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="uses the interpreter's two candidate configurations")
+def test_opt_in_tuner_picks_a_candidate_and_stays_correct(monkeypatch):
+    # VDIT_TRITON_AUTOTUNE=1 times every candidate on the first call (here the interpreter's two) and
+    # caches the winner per (kernel, device, block_d, dtype, causal); results must not change.
+    monkeypatch.setenv(A.AUTOTUNE_ENV, "1")
+    monkeypatch.setattr(A, "_TUNED", {})
+    _check([21, 0, 40], [30, 2, 40], 2, 1, 16, True, torch.float32)
+    kernels = sorted(key[0] for key in A._TUNED)
+    assert kernels == ["bwd_dkdv", "bwd_dq", "fwd"]
+    assert all(cfg in A.INTERPRETER_CONFIGS for cfg in A._TUNED.values())

@@ -21,16 +21,18 @@ dot products (``input_precision="ieee"``, no tf32).
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 
 import torch
 import triton
 
 from vdit._memory import new_output
-from vdit.kernels.triton.attention_bwd import launch_backward
+from vdit.kernels.triton.attention_bwd import launch_dkdv, launch_dq, launch_preprocess
 from vdit.kernels.triton.attention_fwd import launch_forward
 
 __all__ = ["varlen_attention_forward", "varlen_attention_backward", "supports_head_dim", "Config",
-           "CONFIGS", "FP32_CONFIGS", "select_config", "work_items", "block_d_of"]
+           "CONFIGS", "FP32_CONFIGS", "candidate_configs", "select_config", "work_items", "block_d_of"]
 
 MAX_HEAD_DIM = 256
 
@@ -48,28 +50,35 @@ class Config:
 
 
 # CONFIGS[kernel][arch][block_d]: fp16/bf16 tile configurations, best first (the launcher uses the
-# first; further entries are tuning candidates). arch 90 = Hopper (sm_90, wgmma), 80 = Ampere (sm_80,
-# also used for other sm_8x). block_d 16 and 32 use the 64 entries. Every entry is compiled ahead of
-# time for its architecture in fp16 and bf16 by tests/test_triton_attention_aot.py and must spill
-# nothing and fit in shared memory; entries that spilled (e.g. dk/dv with 128-key tiles at head dim
-# 128 on sm_90, or 64-row query tiles at 256) were pruned.
+# first; further entries are tuning candidates). arch 90: Hopper (sm_90, wgmma; also sm_100), 227 KB
+# of shared memory; 80: A100 (sm_80), 163 KB; 86: sm_86/89/12x, 99 KB (the sm_80 entries where they
+# fit). block_d 16 and 32 use the 64 entries. Every entry is compiled ahead of time for its
+# architecture by tests/test_triton_attention_aot.py and must spill nothing and fit in shared memory;
+# entries that spilled (e.g. dk/dv with 128-key tiles at head dim 128 on sm_90, or 64-row query tiles
+# at 256) were pruned, and so were sm_90 entries for which ptxas serializes the wgmma (C7515).
 CONFIGS: dict[str, dict[int, dict[int, list[Config]]]] = {
     "fwd": {
-        90: {64: [Config(128, 64, 4, 3)], 128: [Config(128, 64, 8, 3)], 256: [Config(128, 64, 8, 2)]},
-        80: {64: [Config(128, 64, 4, 3)], 128: [Config(128, 64, 8, 3)], 256: [Config(64, 32, 8, 2)]},
+        90: {64: [Config(128, 64, 4, 3)], 128: [Config(128, 64, 8, 3)],
+             256: [Config(128, 64, 8, 2), Config(64, 64, 8, 2)]},
+        80: {64: [Config(128, 64, 4, 3)], 128: [Config(128, 64, 8, 3), Config(64, 64, 4, 3)],
+             256: [Config(64, 32, 8, 2), Config(64, 64, 8, 2)]},
+        86: {64: [Config(128, 64, 4, 3)], 128: [Config(64, 64, 4, 3)], 256: [Config(64, 32, 8, 2)]},
     },
     "bwd_dkdv": {
         90: {64: [Config(64, 128, 8, 2)], 128: [Config(32, 128, 8, 2)], 256: [Config(16, 64, 8, 2)]},
         80: {64: [Config(32, 128, 8, 2)], 128: [Config(64, 64, 8, 2)], 256: [Config(32, 64, 8, 1)]},
+        86: {64: [Config(32, 128, 8, 2)], 128: [Config(64, 64, 8, 2)], 256: [Config(16, 64, 8, 1)]},
     },
     "bwd_dq": {
-        90: {64: [Config(128, 64, 8, 2)], 128: [Config(128, 64, 8, 2)], 256: [Config(64, 32, 8, 2)]},
+        90: {64: [Config(128, 64, 8, 2)], 128: [Config(128, 64, 8, 2)],
+             256: [Config(128, 32, 8, 2), Config(64, 32, 8, 1)]},
         80: {64: [Config(128, 64, 8, 2)], 128: [Config(64, 64, 4, 2)], 256: [Config(64, 32, 8, 1)]},
+        86: {64: [Config(128, 64, 8, 2)], 128: [Config(64, 64, 4, 2)], 256: [Config(64, 32, 8, 1)]},
     },
 }
 
 # fp32 inputs run exact fp32 dot products on the FMA units (no tensor cores, no tf32), which need far
-# more registers per tile: small tiles, the same on both architectures (also AOT-checked).
+# more registers per tile: small tiles, the same on every architecture (AOT-checked; all fit in 99 KB).
 FP32_CONFIGS: dict[str, dict[int, list[Config]]] = {
     "fwd": {64: [Config(32, 32, 8, 1)], 128: [Config(16, 16, 4, 1)], 256: [Config(16, 16, 4, 1)]},
     "bwd_dkdv": {64: [Config(16, 16, 8, 1)], 128: [Config(32, 32, 8, 1)], 256: [Config(16, 16, 8, 1)]},
@@ -77,8 +86,13 @@ FP32_CONFIGS: dict[str, dict[int, list[Config]]] = {
 }
 
 # Under TRITON_INTERPRET=1 (CPU tensors) the tiles only need to be correct; small tiles exercise the
-# multi-tile and masked paths on the small shapes the tests use.
-INTERPRETER_CONFIG = Config(32, 32, 4, 1)
+# multi-tile and masked paths on the small shapes the tests use. (Two, so the tuner can be tested.)
+INTERPRETER_CONFIGS = [Config(32, 32, 4, 1), Config(16, 32, 4, 1)]
+
+# Opt-in tuning: with VDIT_TRITON_AUTOTUNE=1 the first call for each (kernel, device kind, block_d,
+# dtype, causal) times every candidate of its list on that call's inputs and keeps the fastest.
+AUTOTUNE_ENV = "VDIT_TRITON_AUTOTUNE"
+_TUNED: dict[tuple, Config] = {}
 
 
 def supports_head_dim(head_dim: int) -> bool:
@@ -92,24 +106,66 @@ def block_d_of(head_dim: int) -> int:
 
 
 def _arch_of(device: torch.device) -> int | None:
+    """Key of CONFIGS for a device (None: CPU tensors, the interpreter). Ampere or newer."""
     if device.type != "cuda":
         return None
-    major, _ = torch.cuda.get_device_capability(device)
-    return 90 if major >= 9 else 80
+    major, minor = torch.cuda.get_device_capability(device)
+    if major in (9, 10):  # Hopper, datacenter Blackwell: 227 KB of shared memory per block
+        return 90
+    if (major, minor) in ((8, 0), (8, 7)):  # A100, Orin: 163 KB
+        return 80
+    return 86  # sm_86, sm_89, sm_12x: 99 KB
+
+
+def candidate_configs(kernel: str, device: torch.device, head_dim: int, dtype: torch.dtype) -> list[Config]:
+    """Configurations of ``kernel`` ("fwd", "bwd_dkdv", "bwd_dq") for this device, head dim and dtype,
+    best first."""
+    arch = _arch_of(device)
+    if arch is None:
+        return INTERPRETER_CONFIGS
+    block_d = max(64, block_d_of(head_dim))
+    if dtype == torch.float32:
+        return FP32_CONFIGS[kernel][block_d]
+    return CONFIGS[kernel][arch][block_d]
 
 
 def select_config(kernel: str, device: torch.device, head_dim: int, dtype: torch.dtype) -> Config:
-    """The configuration ``kernel`` ("fwd", "bwd_dkdv", "bwd_dq") uses for this device, head dim and dtype."""
-    arch = _arch_of(device)
-    if arch is None:
-        return INTERPRETER_CONFIG
-    block_d = max(64, block_d_of(head_dim))
-    if dtype == torch.float32:
-        return FP32_CONFIGS[kernel][block_d][0]
-    return CONFIGS[kernel][arch][block_d][0]
+    """The configuration ``kernel`` uses without tuning: the first candidate."""
+    return candidate_configs(kernel, device, head_dim, dtype)[0]
 
 
-def work_items(cu_rows: torch.Tensor, cu_cols: torch.Tensor, total_rows: int, max_seqlen_rows: int,
+def _seconds(run, config: Config, device: torch.device, reps: int = 3) -> float:
+    run(config)  # compiles, warms up
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            run(config)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / reps
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        run(config)
+    return (time.perf_counter() - t0) / reps
+
+
+def _choose(kernel: str, q: torch.Tensor, causal: bool, override: Config | None, run) -> Config:
+    """``override``, else the tuned configuration (VDIT_TRITON_AUTOTUNE=1), else the first candidate.
+    ``run(config)`` launches the kernel with a configuration (it must be safe to repeat)."""
+    if override is not None:
+        return override
+    candidates = candidate_configs(kernel, q.device, q.shape[2], q.dtype)
+    if len(candidates) == 1 or os.environ.get(AUTOTUNE_ENV, "0") in ("", "0"):
+        return candidates[0]
+    key = (kernel, q.device.type, _arch_of(q.device), block_d_of(q.shape[2]), q.dtype, bool(causal))
+    if key not in _TUNED:
+        times = [_seconds(run, c, q.device) for c in candidates]
+        _TUNED[key] = candidates[times.index(min(times))]
+    return _TUNED[key]
+
+
+def work_items(cu_rows: torch.Tensor, cu_cols: torch.Tensor, total_rows: int, max_seqlen_rows: int | None,
                block_rows: int, block_cols: int, causal: bool, rows_are_queries: bool) -> torch.Tensor:
     """Flat, cost-sorted list of (sequence, row tile) work items.
 
@@ -127,8 +183,9 @@ def work_items(cu_rows: torch.Tensor, cu_cols: torch.Tensor, total_rows: int, ma
     """
     device = cu_rows.device
     batch = cu_rows.numel() - 1
-    n = min((total_rows + batch * (block_rows - 1)) // block_rows,
-            batch * triton.cdiv(max(max_seqlen_rows, 0), block_rows))
+    n = (total_rows + batch * (block_rows - 1)) // block_rows
+    if max_seqlen_rows is not None:  # validated by vdit.ops to be >= every length
+        n = min(n, batch * triton.cdiv(max(max_seqlen_rows, 0), block_rows))
     if n <= 0:
         return torch.empty((0, 2), dtype=torch.int32, device=device)
     cu_r, cu_c = cu_rows.long(), cu_cols.long()
@@ -160,8 +217,10 @@ def _check_head_dim(head_dim: int) -> None:
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
-    # The kernels promise the compiler 16-byte aligned rows (vectorized loads); a contiguous view
-    # into a larger buffer can start anywhere, so such inputs are copied.
+    # The kernels index contiguous rows and promise the compiler 16-byte aligned rows (vectorized
+    # loads); a contiguous view into a larger buffer can start anywhere, so such inputs are copied.
+    # (Inputs are validated as contiguous, but autograd may hand the backward an expanded dout.)
+    t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
@@ -189,12 +248,16 @@ def varlen_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     out = new_output(q.shape, dtype=q.dtype, device=q.device)
     lse = new_output((num_heads_q, total_q), dtype=torch.float32, device=q.device)
-    cfg = config or select_config("fwd", q.device, head_dim, q.dtype)
-    work = work_items(cu_seqlens_q, cu_seqlens_k, total_q, max_seqlen_q, cfg.block_m, cfg.block_n,
-                      causal, rows_are_queries=True)
-    if work.shape[0] and num_heads_q:
-        launch_forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, work, softmax_scale, causal, cfg,
-                       block_d_of(head_dim), _precision(q.dtype))
+    block_d, precision = block_d_of(head_dim), _precision(q.dtype)
+
+    def run(cfg: Config) -> None:
+        work = work_items(cu_seqlens_q, cu_seqlens_k, total_q, max_seqlen_q, cfg.block_m, cfg.block_n,
+                          causal, rows_are_queries=True)
+        if work.shape[0] and num_heads_q:
+            launch_forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, work, softmax_scale, causal,
+                           cfg, block_d, precision)
+
+    run(_choose("fwd", q, causal, config, run))
     return out, lse
 
 
@@ -214,18 +277,26 @@ def varlen_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     total_q, num_heads_q, head_dim = q.shape
     total_k = k.shape[0]
     _check_head_dim(head_dim)
-    dout, q, k, v, out = (_aligned(t) for t in (dout, q, k, v, out))
+    dout, q, k, v, out = (_aligned(t) for t in (dout.to(q.dtype), q, k, v, out))
     dq = new_output(q.shape, dtype=q.dtype, device=q.device)
     dk = new_output(k.shape, dtype=k.dtype, device=k.device)
     dv = new_output(v.shape, dtype=v.dtype, device=v.device)
     delta = new_output((num_heads_q, total_q), dtype=torch.float32, device=q.device)
-    c_kv = dkdv_config or select_config("bwd_dkdv", q.device, head_dim, q.dtype)
-    c_q = dq_config or select_config("bwd_dq", q.device, head_dim, q.dtype)
-    work_k = work_items(cu_seqlens_k, cu_seqlens_q, total_k, max_seqlen_k, c_kv.block_n, c_kv.block_m,
-                        causal, rows_are_queries=False)
-    work_q = work_items(cu_seqlens_q, cu_seqlens_k, total_q, max_seqlen_q, c_q.block_m, c_q.block_n,
-                        causal, rows_are_queries=True)
-    if num_heads_q:
-        launch_backward(dout, q, k, v, out, lse, delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, work_q,
-                        work_k, softmax_scale, causal, c_kv, c_q, block_d_of(head_dim), _precision(q.dtype))
+    block_d, precision = block_d_of(head_dim), _precision(q.dtype)
+    launch_preprocess(dout, out, delta, block_d)
+
+    def run_dkdv(cfg: Config) -> None:
+        work = work_items(cu_seqlens_k, cu_seqlens_q, total_k, max_seqlen_k, cfg.block_n, cfg.block_m,
+                          causal, rows_are_queries=False)
+        launch_dkdv(dout, q, k, v, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, work, softmax_scale,
+                    causal, cfg, block_d, precision)
+
+    def run_dq(cfg: Config) -> None:
+        work = work_items(cu_seqlens_q, cu_seqlens_k, total_q, max_seqlen_q, cfg.block_m, cfg.block_n,
+                          causal, rows_are_queries=True)
+        launch_dq(dout, q, k, v, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, work, softmax_scale, causal,
+                  cfg, block_d, precision)
+
+    run_dkdv(_choose("bwd_dkdv", q, causal, dkdv_config, run_dkdv))
+    run_dq(_choose("bwd_dq", q, causal, dq_config, run_dq))
     return dq, dk, dv

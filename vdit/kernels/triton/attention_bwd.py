@@ -141,24 +141,19 @@ def attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, k_base, v_base, kv_offs, d_mask, start_n, k_len, stride_k,
+def _dq_step(dq, q, do, lse2, delta, k_base, v_base, kv_offs, d_mask, start_n, full, k_len, stride_k,
              rows, diag, qk_scale,
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-             MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+             CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile for dq; tiles from ``full`` on need the mask (as in the forward's _fwd_step,
+    a runtime branch in one loop keeps ptxas from serializing the wgmma on sm_90)."""
     step = start_n * stride_k.to(tl.int64)
     cols = start_n + tl.arange(0, BLOCK_N)
-    if MASKED:
-        k = _load_rows(k_base + step, kv_offs, cols < k_len, d_mask, HEAD_DIM, BLOCK_D)
-        v = _load_rows(v_base + step, kv_offs, cols < k_len, d_mask, HEAD_DIM, BLOCK_D)
-    elif BLOCK_D != HEAD_DIM:
-        k = tl.load(k_base + step + kv_offs, mask=d_mask[None, :], other=0.0)
-        v = tl.load(v_base + step + kv_offs, mask=d_mask[None, :], other=0.0)
-    else:
-        k = tl.load(k_base + step + kv_offs)
-        v = tl.load(v_base + step + kv_offs)
+    k = _load_rows(k_base + step, kv_offs, cols < k_len, d_mask, HEAD_DIM, BLOCK_D)
+    v = _load_rows(v_base + step, kv_offs, cols < k_len, d_mask, HEAD_DIM, BLOCK_D)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     p = tl.math.exp2(qk - lse2[:, None])
-    if MASKED:
+    if start_n >= full:
         valid = (cols < k_len)[None, :]
         if CAUSAL:
             valid = valid & (cols[None, :] <= rows[:, None] + diag)
@@ -221,14 +216,12 @@ def attn_bwd_dq_kernel(
 
     qk_scale = softmax_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, full, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, kv_offs, d_mask, start_n, k_len, stride_k,
-                      rows, diag, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, PRECISION)
-    for start_n in range(full, hi, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, kv_offs, d_mask, start_n, k_len, stride_k,
-                      rows, diag, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, PRECISION)
+    for start_n in range(0, hi, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, kv_offs, d_mask, start_n, full, k_len,
+                      stride_k, rows, diag, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, PRECISION)
     dq = dq * softmax_scale
-    tl.store(tl.multiple_of(DQ + q_start_off, 16) + q_offs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
+    tl.store(tl.multiple_of(DQ + q_start_off, 16) + q_offs, dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & d_mask[None, :])
 
 
 def preprocess_block_t(block_d: int) -> int:
@@ -236,29 +229,38 @@ def preprocess_block_t(block_d: int) -> int:
     return max(16, min(64, 4096 // block_d))
 
 
-def launch_backward(dout, q, k, v, out, lse, delta, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
-                    work_q, work_k, softmax_scale, causal, dkdv_config, dq_config, block_d, precision):
-    """Launch the three backward kernels; ``work_q`` / ``work_k`` are (n, 2) int32 item lists over
-    query tiles (dq_config.block_m) and key tiles (dkdv_config.block_n)."""
-    total_q, num_heads_q, head_dim = q.shape
-    num_heads_k = k.shape[1]
-    scale = float(softmax_scale)
-    if total_q:
+def launch_preprocess(dout, out, delta, block_d):
+    """delta (Hq, total_q) fp32 = rowsum(dout * out)."""
+    total_q, num_heads_q, head_dim = out.shape
+    if total_q and num_heads_q:
         block_t = preprocess_block_t(block_d)
         attn_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), num_heads_q)](
             out, dout, delta, total_q, num_heads_q,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=4)
-    if work_k.shape[0]:
-        c = dkdv_config
+
+
+def launch_dkdv(dout, q, k, v, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, work_k, softmax_scale,
+                causal, config, block_d, precision):
+    """dk, dv over ``work_k``: (n, 2) int32 (sequence, key tile of config.block_n) items x kv heads."""
+    total_q, num_heads_q, head_dim = q.shape
+    num_heads_k = k.shape[1]
+    if work_k.shape[0] and num_heads_k:
         attn_bwd_dkdv_kernel[(work_k.shape[0], num_heads_k)](
             q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, work_k,
-            total_q, num_heads_q, num_heads_k, scale,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-            CAUSAL=bool(causal), PRECISION=precision, num_warps=c.num_warps, num_stages=c.num_stages)
-    if work_q.shape[0]:
-        c = dq_config
+            total_q, num_heads_q, num_heads_k, float(softmax_scale),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            CAUSAL=bool(causal), PRECISION=precision, num_warps=config.num_warps,
+            num_stages=config.num_stages)
+
+
+def launch_dq(dout, q, k, v, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, work_q, softmax_scale, causal,
+              config, block_d, precision):
+    """dq over ``work_q``: (n, 2) int32 (sequence, query tile of config.block_m) items x query heads."""
+    total_q, num_heads_q, head_dim = q.shape
+    if work_q.shape[0] and num_heads_q:
         attn_bwd_dq_kernel[(work_q.shape[0], num_heads_q)](
             q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, work_q,
-            total_q, num_heads_q, num_heads_k, scale,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-            CAUSAL=bool(causal), PRECISION=precision, num_warps=c.num_warps, num_stages=c.num_stages)
+            total_q, num_heads_q, k.shape[1], float(softmax_scale),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            CAUSAL=bool(causal), PRECISION=precision, num_warps=config.num_warps,
+            num_stages=config.num_stages)

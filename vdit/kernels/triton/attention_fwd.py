@@ -3,9 +3,9 @@
 One program computes one (BLOCK_M queries x all head dims) output tile of one sequence and one query
 head. The query tile stays in registers; keys and values stream through in BLOCK_N tiles with an
 online softmax in base 2 (scores pre-multiplied by softmax_scale * log2(e), ``exp2``), fp32
-accumulation, and no (Lq x Lk) matrix anywhere. Key tiles that need no mask (fully inside the
-sequence and, when causal, fully visible to every row of the tile) run in a separate loop without
-mask arithmetic; only the tail tile and the causal diagonal run the masked step.
+accumulation, and no (Lq x Lk) matrix anywhere. Key tiles that need no score mask (fully inside the
+sequence and, when causal, fully visible to every row of the tile) skip the mask arithmetic through
+a runtime branch; only the tail tile and the causal diagonal take it.
 
 Work scheduling: program_id(0) indexes a host-built list of (sequence, query tile) items (see
 ``attention.work_items``), program_id(1) the query head, so a 30k-token video next to 200-token
@@ -21,47 +21,38 @@ import triton
 import triton.language as tl
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q, k_base, v_base, kv_offs, d_mask, start_n, k_len, stride_k,
+def _load_kv(base, offs, cols, k_len, d_mask, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    if BLOCK_D != HEAD_DIM:
+        return tl.load(base + offs, mask=(cols < k_len)[:, None] & d_mask[None, :], other=0.0)
+    return tl.load(base + offs, mask=(cols < k_len)[:, None], other=0.0)
+
+
+@triton.jit
+def _fwd_step(acc, l_i, m_i, q, k_base, v_base, kv_offs, d_mask, start_n, full, k_len, stride_k,
               rows, diag, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+              CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     """One key tile of the online softmax. ``rows``: query rows of the tile (sequence-local);
-    ``diag`` = Lk - Lq (query i sees key j <= i + diag when causal)."""
+    ``diag`` = Lk - Lq (query i sees key j <= i + diag when causal); tiles from ``full`` on need the
+    score mask (sequence tail, causal diagonal)."""
     step = start_n * stride_k.to(tl.int64)
     cols = start_n + tl.arange(0, BLOCK_N)
-    if MASKED:
-        mask = (cols < k_len)[:, None]
-        if BLOCK_D != HEAD_DIM:
-            mask = mask & d_mask[None, :]
-        k = tl.load(k_base + step + kv_offs, mask=mask, other=0.0)
-    elif BLOCK_D != HEAD_DIM:
-        k = tl.load(k_base + step + kv_offs, mask=d_mask[None, :], other=0.0)
-    else:
-        k = tl.load(k_base + step + kv_offs)
+    k = _load_kv(k_base + step, kv_offs, cols, k_len, d_mask, HEAD_DIM, BLOCK_D)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    if MASKED:
+    # A runtime branch inside the one key loop, not a second (masked) loop: with two loops ptxas
+    # serializes every wgmma of the kernel on sm_90 (warning C7515); with one it does not.
+    if start_n >= full:
         valid = (cols < k_len)[None, :]
         if CAUSAL:
             valid = valid & (cols[None, :] <= rows[:, None] + diag)
         s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    if MASKED:
-        # A row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_use = m_new
+    # A row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_use)
     p = tl.math.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if MASKED:
-        mask = (cols < k_len)[:, None]
-        if BLOCK_D != HEAD_DIM:
-            mask = mask & d_mask[None, :]
-        v = tl.load(v_base + step + kv_offs, mask=mask, other=0.0)
-    elif BLOCK_D != HEAD_DIM:
-        v = tl.load(v_base + step + kv_offs, mask=d_mask[None, :], other=0.0)
-    else:
-        v = tl.load(v_base + step + kv_offs)
+    v = _load_kv(v_base + step, kv_offs, cols, k_len, d_mask, HEAD_DIM, BLOCK_D)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
     return acc, l_i, m_new
@@ -119,14 +110,10 @@ def attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, full, BLOCK_N):
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, kv_offs, d_mask, start_n, k_len,
-                                  stride_k, rows, diag, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                  False, CAUSAL, PRECISION)
-    for start_n in range(full, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, kv_offs, d_mask, start_n, k_len,
-                                  stride_k, rows, diag, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                  True, CAUSAL, PRECISION)
+    for start_n in range(0, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, kv_offs, d_mask, start_n, full, k_len,
+                                  stride_k, rows, diag, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL,
+                                  PRECISION)
 
     # A row that sees no key (empty key sequence, or causal with Lq > Lk) has l = 0: out 0, lse -inf.
     seen = l_i > 0.0
