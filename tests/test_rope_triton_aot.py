@@ -47,7 +47,8 @@ for key in json.loads(sys.argv[1]):
     kernel, sig = (rope.rope_fwd_kernel, fwd_signature) if kind == "fwd" else (rope.rope_bwd_kernel, bwd_signature)
     block_t = (rope.BLOCK_T if kind == "fwd" else rope.BLOCK_T_BWD)[block_d]
     constexprs = dict(HAS_K=True, Q_NORM=norm, K_NORM=norm, BLOCK_T=block_t, BLOCK_D=block_d)
-    res = aot.resources(kernel, sig("*" + dtype), constexprs, arch, rope.NUM_WARPS)
+    warps = rope.BWD_WARPS.get(block_d, rope.NUM_WARPS) if kind == "bwd" else rope.NUM_WARPS
+    res = aot.resources(kernel, sig("*" + dtype), constexprs, arch, warps)
     out[key] = dict(dataclasses.asdict(res), fits=res.fits, spills=res.spills)
 print("RESULT" + json.dumps(out))
 '''

@@ -1,6 +1,10 @@
 """vdit-generate: text-to-video with the demo model (shipped weights by default).
 
     python -m vdit.generate --prompt "a red circle moves to the left on a black background" --out red.mp4
+    torchrun --nproc_per_node 2 -m vdit.generate --prompt "..." --out red.mp4 --sp-mode ring   # sequence parallel
+
+Under torchrun every rank runs the sampler on its share of each video's tokens (vdit.distributed) and
+rank 0 writes the files.
 """
 from __future__ import annotations
 
@@ -47,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="safetensors weights (default: shipped demo model)")
     p.add_argument("--config", default=None, help="JSON config (default: config.json beside the weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sp-mode", choices=("ulysses", "ring", "hybrid"), default="ulysses",
+                   help="sequence-parallel scheme under torchrun")
+    p.add_argument("--ulysses-size", type=int, default=None, help="Ulysses group size for --sp-mode hybrid")
     return p.parse_args(argv)
 
 
@@ -84,6 +91,17 @@ def main(argv=None) -> int:
     sheet = args.sheet or os.path.splitext(args.out)[0] + "_sheet.png"
     for path in paths + [sheet]:
         check_writable(path)
+    sequence_parallel, rank = None, 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        from vdit.distributed import SequenceParallel
+
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        rank = dist.get_rank()
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        sequence_parallel = SequenceParallel(None, args.sp_mode, args.ulysses_size)
     model = TextToVideo.load(args.weights, args.config, device=args.device)
     start = time.perf_counter()
     videos, labels = [], []
@@ -91,12 +109,15 @@ def main(argv=None) -> int:
         for b in range(args.batch):
             try:
                 video, = generate(model, [prompt], frames=args.frames, height=height, width=width, steps=args.steps,
-                                  guidance=args.guidance, seed=args.seed + b, method=args.sampler)
+                                  guidance=args.guidance, seed=args.seed + b, method=args.sampler,
+                                  progress=rank == 0, sequence_parallel=sequence_parallel)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
             videos.append(video)
             labels.append(prompt if args.batch == 1 else f"{prompt} (seed {args.seed + b})")
     elapsed = time.perf_counter() - start
+    if rank != 0:
+        return 0
     for video, path in zip(videos, paths):
         save_video(video, path)
         print(f"wrote {path}")
@@ -104,8 +125,9 @@ def main(argv=None) -> int:
     print(f"wrote {sheet}")
     from vdit.backends import default_backend
 
+    ranks = f" x {sequence_parallel.size} ranks ({sequence_parallel.mode})" if sequence_parallel else ""
     print(f"generated {len(videos)} video(s) of {args.frames}x{height}x{width} with {args.steps} {args.sampler} steps "
-          f"in {elapsed:.1f} s on {args.device} (vdit backend: {default_backend()})")
+          f"in {elapsed:.1f} s on {args.device}{ranks} (vdit backend: {default_backend()})")
     return 0
 
 

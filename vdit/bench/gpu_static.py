@@ -18,6 +18,20 @@ import subprocess
 import sys
 
 ARCHS = (80, 90)
+
+# CUDA kernels allowed a stack frame (never spills): (substrings of the demangled name, bytes, why).
+CUDA_STACK_ALLOWANCES = [
+    (("rope", "double"), 64, "float64 RoPE kernels call the precise library sin/cos, whose huge-angle "
+     "reduction keeps a small stack frame; float64 is not a GPU hot path"),
+]
+
+
+def cuda_allowance(row: dict) -> str | None:
+    """Why a CUDA kernel's stack frame is accepted, or None."""
+    for needles, limit, why in CUDA_STACK_ALLOWANCES:
+        if all(n in row["kernel"] for n in needles) and row["stack"] <= limit and row["local"] == 0:
+            return why
+    return None
 REGISTERS_PER_SM = 65536
 MAX_WARPS_PER_SM = {80: 64, 90: 64}
 
@@ -37,7 +51,8 @@ def triton_rows(archs=ARCHS, jobs: int = 2) -> list[dict]:
     from vdit.kernels.triton import aot
     from vdit.kernels.triton.registry import shipped_specs
 
-    work = [(module, spec, arch) for module, specs in shipped_specs().items() for spec in specs for arch in archs]
+    work = [(module, spec, arch) for module, specs in shipped_specs().items() for spec in specs for arch in archs
+            if arch in spec.archs]
 
     def one(item):
         module, spec, arch = item
@@ -98,7 +113,7 @@ def failures(triton: list[dict], cuda: list[dict]) -> list[str]:
             bad.append(f"{r['module']} {r['label']} sm_{r['arch']}: spill {r['spill']} B, stack {r['stack']} B, "
                        f"shared {r['shared']} B")
     for r in cuda:
-        if r["local"] or r["stack"]:
+        if (r["local"] or r["stack"]) and cuda_allowance(r) is None:
             bad.append(f"CUDA {r['kernel']} sm_{r['arch']}: stack {r['stack']} B, local {r['local']} B")
     return bad
 
@@ -129,6 +144,9 @@ def report(triton: list[dict], cuda: list[dict]) -> str:
         lines += ["| kernel | arch | registers | stack (B) | local (B) | static shared (B) |", "|---|---|---:|---:|---:|---:|"]
         lines += [f"| `{r['kernel']}` | sm_{r['arch']} | {r['registers']} | {r['stack']} | {r['local']} | {r['shared']} |"
                   for r in cuda]
+        excused = sorted({why for r in cuda if (r["stack"] or r["local"]) and (why := cuda_allowance(r))})
+        if excused:
+            lines += ["", "Documented exceptions (stack frame, no spills): " + "; ".join(excused) + "."]
     else:
         lines.append("The extension was built without CUDA kernels.")
     bad = failures(triton, cuda)
@@ -138,6 +156,10 @@ def report(triton: list[dict], cuda: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        # Under the interpreter triton's own @jit helpers (tl.sum, ...) cannot be compiled: rerun cleanly.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.call([sys.executable, "-m", "vdit.bench.gpu_static", *(argv or sys.argv[1:])], env=env)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
     parser.add_argument("--jobs", type=int, default=2)

@@ -84,10 +84,12 @@ class TextToVideo(nn.Module):
 
 def generate(model: TextToVideo, prompts: Sequence[str], *, frames: int = 16, height: int = 64, width: int = 64,
              steps: int = 30, guidance: float = 4.0, seed: int = 0, method: str = "euler", shift: float | None = 3.0,
-             progress: bool = True) -> list[torch.Tensor]:
+             progress: bool = True, sequence_parallel=None) -> list[torch.Tensor]:
     """Generate one video per prompt with ``model``: list of float32 (3, frames, height, width) in [-1, 1].
 
-    Raises ValueError when (frames, height, width) is not divisible by the model's patch size.
+    With ``sequence_parallel`` (a :class:`vdit.distributed.SequenceParallel`), every rank of the group runs
+    this call with the same arguments and the transformer blocks split the tokens; all ranks return the
+    same videos. Raises ValueError when (frames, height, width) is not divisible by the model's patch size.
     """
     from vdit.sampling import FlowSampler
 
@@ -98,7 +100,10 @@ def generate(model: TextToVideo, prompts: Sequence[str], *, frames: int = 16, he
     with torch.no_grad():
         context, cu = model.encode(list(prompts))
         uncond, cu_uncond = model.encode([""] * len(prompts))
-    sampler = FlowSampler(model.dit, steps=steps, method=method, shift=shift, guidance=guidance, progress=progress)
+    def velocity(videos, t, context, cu_context):
+        return model.dit(videos, t, context, cu_context, sequence_parallel=sequence_parallel)
+
+    sampler = FlowSampler(velocity, steps=steps, method=method, shift=shift, guidance=guidance, progress=progress)
     shapes = [(cfg.out_channels, frames, height, width)] * len(prompts)
     videos = sampler(shapes, context, cu, uncond_context=uncond, uncond_cu_seqlens=cu_uncond, seed=seed,
                      patch_size=cfg.patch_size)

@@ -35,6 +35,7 @@ class KernelSpec:
     num_stages: int = 2
     label: str = ""
     matmul: bool = False  # whether the kernel's hot loop is a tl.dot (sm_90 should use wgmma)
+    archs: tuple = (80, 90)  # architectures this configuration ships for
 
 
 @dataclasses.dataclass

@@ -300,3 +300,37 @@ def varlen_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     run_dkdv(_choose("bwd_dkdv", q, causal, dkdv_config, run_dkdv))
     run_dq(_choose("bwd_dq", q, causal, dq_config, run_dq))
     return dq, dk, dv
+
+
+def aot_specs() -> list:
+    """Every shipped configuration (kernel x arch x head dim x dtype), for the static GPU check."""
+    from vdit.kernels.triton import attention_bwd, attention_fwd
+    from vdit.kernels.triton.aot import KernelSpec
+
+    kernels = {"fwd": attention_fwd.attn_fwd_kernel, "bwd_dkdv": attention_bwd.attn_bwd_dkdv_kernel,
+               "bwd_dq": attention_bwd.attn_bwd_dq_kernel}
+    tensors = {"fwd": "Q K V O", "bwd_dkdv": "Q K V DO DK DV", "bwd_dq": "Q K V DO DQ"}
+    specs = []
+    for name, fn in kernels.items():
+        for dtype in ("fp16", "bf16", "fp32"):
+            types = {t: "*" + dtype for t in tensors[name].split()}
+            types.update(LSE="*fp32", DELTA="*fp32", CU_Q="*i32", CU_K="*i32", WORK="*i32", total_q="i32",
+                         num_heads_q="i32", num_heads_k="i32", softmax_scale="fp32")
+            sig = {arg: types[arg] for arg in _jit_fn(fn).arg_names if arg in types}
+            for arch in (80, 90):
+                for head_dim in (64, 128, 256):
+                    table = FP32_CONFIGS[name] if dtype == "fp32" else CONFIGS[name][arch]
+                    for cfg in table[head_dim]:
+                        constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": block_d_of(head_dim), "BLOCK_M": cfg.block_m,
+                                      "BLOCK_N": cfg.block_n, "CAUSAL": True,
+                                      "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+                        label = f"{name} d{head_dim} {dtype} {cfg.block_m}x{cfg.block_n}"
+                        specs.append(KernelSpec(fn, sig, constexprs, cfg.num_warps, cfg.num_stages, label,
+                                                matmul=dtype != "fp32", archs=(arch,)))
+    return specs
+
+
+def _jit_fn(fn):
+    from vdit.kernels.triton.aot import _jit_function
+
+    return _jit_function(fn)

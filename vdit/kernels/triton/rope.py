@@ -23,6 +23,8 @@ BLOCK_T = {16: 64, 32: 32, 64: 16, 128: 8, 256: 4}
 # The backward keeps more tiles alive (gradient, input, weight-gradient sums): half the tokens.
 BLOCK_T_BWD = {16: 16, 32: 16, 64: 8, 128: 4, 256: 2}
 NUM_WARPS = 4
+# The d256 backward with 4 warps keeps an 8-byte stack frame (spill) in fp32 on sm_80; 8 warps do not.
+BWD_WARPS = {256: 8}
 
 
 @triton.jit
@@ -260,9 +262,35 @@ def rope_backward(grads, xs, positions, dims, theta, interleaved, weights, eps):
             *_layout(gq), *_layout(q), *_layout(gqo), *_layout(gk), *_layout(k), *_layout(gko),
             float(eps),
             HAS_K=has_k, Q_NORM=qw is not None, K_NORM=has_k and kw is not None,
-            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=NUM_WARPS)
+            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=BWD_WARPS.get(block_d, NUM_WARPS))
     grad_ws = []
     for w, p, x in zip(weights, partials, xs):
         grad_ws.append(p.sum(0)[:D].to(w.dtype) if w is not None else x.new_empty((0,)))
     return outs, grad_ws
 
+
+
+def aot_specs() -> list:
+    """Every shipped tile (BLOCK_D) of the forward and backward, in its most register-hungry variant
+    (fused RMS norm on q and k), for each dtype, for the static GPU check."""
+    from vdit.kernels.triton.aot import KernelSpec
+
+    dims = {n: "i32" for n in ("L", "total", "D", "Hq", "Hk", "pos_sb", "pos_sl", "pos_sa")}
+
+    def strides(*prefixes):
+        return {f"{p}_{s}": "i64" for p in prefixes for s in ("sb", "sl", "sh")}
+
+    specs = []
+    for dtype in ("fp16", "bf16", "fp32"):
+        t = "*" + dtype
+        fwd = dict(pos_ptr="*i32", table_ptr="*fp32", q_ptr=t, q_out_ptr=t, qw_ptr="*fp32", k_ptr=t, k_out_ptr=t,
+                   kw_ptr="*fp32", **dims, **strides("q", "qo", "k", "ko"), sin_sign="fp32", eps="fp32")
+        bwd = dict(pos_ptr="*i32", table_ptr="*fp32", gq_ptr=t, q_ptr=t, gq_out_ptr=t, qw_ptr="*fp32", gqw_ptr="*fp32",
+                   gk_ptr=t, k_ptr=t, gk_out_ptr=t, kw_ptr="*fp32", gkw_ptr="*fp32", **dims,
+                   **strides("gq", "q", "gqo", "gk", "k", "gko"), eps="fp32")
+        for kind, kernel, sig, tiles in (("fwd", rope_fwd_kernel, fwd, BLOCK_T), ("bwd", rope_bwd_kernel, bwd, BLOCK_T_BWD)):
+            for block_d, block_t in sorted(tiles.items()):
+                constexprs = dict(HAS_K=True, Q_NORM=True, K_NORM=True, BLOCK_T=block_t, BLOCK_D=block_d)
+                warps = BWD_WARPS.get(block_d, NUM_WARPS) if kind == "bwd" else NUM_WARPS
+                specs.append(KernelSpec(kernel, sig, constexprs, warps, 2, f"{kind} d{block_d} {dtype} norm"))
+    return specs
