@@ -375,6 +375,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_embed_3d_varlen_cpu(at::Ten
   check_embed_weight(op, weight, bias, v0, v0.size(0));
   const Plan plan = make_plan(list_sizes(videos), v0.size(0), weight.sizes().slice(2), weight.size(0),
                               compute_bytes(v0.scalar_type()));
+  TORCH_CHECK(plan.total_tokens <= std::numeric_limits<int32_t>::max(), op, ": ", plan.total_tokens,
+              " tokens do not fit int32 cu_seqlens");
   at::Tensor tokens = embed_tokens(plan, list_pointers(videos.vec()), weight, bias, v0.options());
   const int64_t B = static_cast<int64_t>(videos.size());
   at::Tensor cu_seqlens = at::empty({B + 1}, at::kInt);
