@@ -40,15 +40,16 @@
 namespace vdit {
 namespace {
 
-// Token outputs are large (D / F times the video: 75 MB for one 16x64x64 latent at D = 1152) and
-// written once. On fresh 4 KiB pages the kernel's page faults cost about twice the GEMM's CPU time
+// Outputs are written once, and token outputs are large (D / F times the video: 75 MB for one
+// 16x64x64 latent at D = 1152). On fresh 4 KiB pages the kernel's page faults cost about twice the GEMM's CPU time
 // (measured on the 2-core CI machine: 26 ms of faults vs ~13 ms of GEMM per 75 MB), so outputs of
-// at least kHugeOutputBytes are placed on transparent huge pages (madvise; a no-op where THP is off).
+// at least kHugeOutputBytes (tokens, and videos of large latents) are placed on transparent huge
+// pages (madvise; a no-op where THP is off).
 // PyTorch's own CPU allocator does the same only under THP_MEM_ALLOC_ENABLE=1.
 constexpr size_t kHugePage = size_t{2} << 20;
 constexpr size_t kHugeOutputBytes = size_t{4} << 20;
 
-at::Tensor new_token_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+at::Tensor new_large_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
   if (bytes < kHugeOutputBytes) return new_output(sizes, options);
   const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
@@ -299,7 +300,7 @@ std::vector<std::array<int64_t, 3>> list_sizes(const at::TensorList videos) {
 at::Tensor embed_tokens(const Plan& plan, std::vector<void*> videos, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias, const at::TensorOptions& options) {
   const int64_t D = weight.size(0);
-  at::Tensor tokens = new_token_output({plan.total_tokens, D}, options);
+  at::Tensor tokens = new_large_output({plan.total_tokens, D}, options);
   PassArgs a;
   a.videos_in = std::move(videos);
   a.tokens_out = tokens;
@@ -351,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_embed_3d_backward_cpu(const
   const Plan plan = make_plan(dense_sizes(x), x.size(1), weight.sizes().slice(2), weight.size(0),
                               compute_bytes(x.scalar_type()));
   TORCH_CHECK(grad.numel() == plan.total_tokens * weight.size(0), op, ": grad has shape ", grad.sizes());
-  at::Tensor gx = mask[0] ? new_output(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor gx = mask[0] ? new_large_output(x.sizes(), x.options()) : at::empty({0}, x.options());
   auto [gw, gb] = embed_backward(plan, grad, batch_pointers(x), mask[0] ? batch_pointers(gx) : std::vector<void*>{},
                                  weight, mask[1], mask[2]);
   return {gx, gw, gb};
@@ -458,7 +459,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unembed_backward(const Plan& plan
   const int64_t D = weight.size(1);
   PassArgs a;
   a.videos_in = std::move(grad_videos);
-  at::Tensor gt = mask[0] ? new_token_output(tokens.sizes(), tokens.options()) : at::empty({0}, tokens.options());
+  at::Tensor gt = mask[0] ? new_large_output(tokens.sizes(), tokens.options()) : at::empty({0}, tokens.options());
   if (mask[0]) {
     a.tokens_out = gt.view({plan.total_tokens, D});
     a.w_fd = to_compute(weight);
@@ -482,7 +483,7 @@ at::Tensor patch_unembed_3d_cpu(const at::Tensor& tokens, const at::Tensor& weig
   TORCH_CHECK(tokens.size(1) == grid[0] * grid[1] * grid[2], op, ": tokens ", tokens.sizes(), " do not fill grid ", grid);
   const Plan plan = make_plan(std::vector<std::array<int64_t, 3>>(B, sizes[0]), C, patch, weight.size(1),
                               compute_bytes(tokens.scalar_type()));
-  at::Tensor video = new_output({B, C, sizes[0][0], sizes[0][1], sizes[0][2]}, tokens.options());
+  at::Tensor video = new_large_output({B, C, sizes[0][0], sizes[0][1], sizes[0][2]}, tokens.options());
   unembed_videos(plan, tokens, weight, bias, batch_pointers(video));
   return video;
 }
