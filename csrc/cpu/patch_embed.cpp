@@ -25,11 +25,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
 #include <sys/mman.h>
 
 #include <algorithm>
 #include <array>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -59,6 +61,26 @@ at::Tensor new_large_output(at::IntArrayRef sizes, const at::TensorOptions& opti
   at::Tensor out = at::from_blob(data, sizes, [](void* p) { std::free(p); }, options);
   if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());
   return out;
+}
+
+// Copies a block of finished tokens to the output with non-temporal stores: the output is far
+// larger than the caches and not read again here, and plain stores would first read every output
+// line from memory (read-for-ownership), doubling the memory traffic of the forward pass.
+void stream_copy(void* dst, const void* src, size_t bytes) {
+#if defined(__AVX512F__)
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  const size_t head = std::min(bytes, (64 - reinterpret_cast<uintptr_t>(d) % 64) % 64);
+  std::memcpy(d, s, head);
+  d += head, s += head, bytes -= head;
+  for (; bytes >= 64; bytes -= 64, d += 64, s += 64) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(d), _mm512_loadu_si512(s));
+  }
+  std::memcpy(d, s, bytes);
+  _mm_sfence();
+#else
+  std::memcpy(dst, src, bytes);
+#endif
 }
 
 // A block: token rows [row_begin, row_end) of one sample; its tokens are the contiguous rows
@@ -190,7 +212,10 @@ PassResult run_pass(const Plan& plan, const PassArgs& a, int64_t D) {
     const int64_t tid = at::get_thread_num();
     at::Tensor p_buf = gather ? at::empty({max_m, F}, acc) : at::Tensor();
     at::Tensor y_buf = project ? at::empty({max_m, F}, acc) : at::Tensor();
-    at::Tensor o_buf = emit && !kDirect ? at::empty({max_m, D}, acc) : at::Tensor();
+    // Large outputs are computed block by block into a cached buffer and streamed out (stream_copy).
+    const bool stream = emit && plan.total_tokens * D * static_cast<int64_t>(sizeof(scalar_t)) >=
+                                    static_cast<int64_t>(kHugeOutputBytes);
+    at::Tensor o_buf = emit && (!kDirect || stream) ? at::empty({max_m, D}, acc) : at::Tensor();
     // Column sums as GEMVs with a ones vector: ATen's dim-0 sum is several times slower here.
     at::Tensor ones = a.reduce_bd || a.reduce_bf ? at::ones({max_m}, acc) : at::Tensor();
     at::Tensor my_w = a.reduce_w ? acc_w[tid] : at::Tensor();
@@ -212,10 +237,14 @@ PassResult run_pass(const Plan& plan, const PassArgs& a, int64_t D) {
       }
       if (emit) {
         at::Tensor out = a.tokens_out.narrow(0, blk.token_begin, m);
-        at::Tensor target = kDirect ? out : o_buf.narrow(0, 0, m);
+        at::Tensor target = kDirect && !stream ? out : o_buf.narrow(0, 0, m);
         if (a.bias_d.defined()) at::addmm_out(target, a.bias_d, P, a.w_fd);
         else at::mm_out(target, P, a.w_fd);
-        if constexpr (!kDirect) out.copy_(target);
+        if constexpr (!kDirect) {
+          out.copy_(target);
+        } else if (stream) {
+          stream_copy(out.data_ptr(), target.data_ptr(), m * D * sizeof(scalar_t));
+        }
       }
       if (project) {
         at::Tensor Y = y_buf.narrow(0, 0, m);
