@@ -14,6 +14,10 @@ Baselines:
     torch.compile       ``torch.compile`` (inductor) of that reference, when it compiles here
     per-sample Conv3d   for lists: one Conv3d per video, then ``torch.cat``
 
+The GPU cases (bf16, vdit's Triton kernel vs Conv3d; the 32x90x160 latent at D = 3072 among them) run
+only where CUDA is available; each round ends with a device synchronize. They have not been run yet:
+no GPU was available when they were written.
+
     pytest benchmarks/bench_patch_embed.py --benchmark-only --benchmark-json=out.json
     python -m benchmarks.report_table out.json --title "patch embedding (CPU, fp32)"
 """
@@ -173,3 +177,66 @@ def test_unembed_forward(benchmark, impl):
     with torch.no_grad():
         torch.testing.assert_close(fn(), reference.patch_unembed_3d(tokens, w, b, grid, PATCH), rtol=1e-4, atol=1e-4)
         benchmark(fn)
+
+
+# ---- GPU (run where CUDA is available; skipped on the CPU-only machines) -------------------------
+
+GPU_CASES = [  # (B, T, H, W, D), bf16
+    (1, 16, 64, 64, 1152),
+    (1, 32, 90, 160, 3072),
+]
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _synced(fn):
+    # pytest-benchmark times the host; synchronizing makes each round cover the GPU work.
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=_name)
+@pytest.mark.parametrize("impl", ["vdit triton", "nn.Conv3d", "nn.Conv3d cl3d", "reshape + Linear"])
+def test_gpu_forward(benchmark, case, impl):
+    B, T, H, W, D = case
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(C, D, PATCH, stride=PATCH, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(B, C, T, H, W, device="cuda", dtype=torch.bfloat16)
+    w, b = conv.weight.detach(), conv.bias.detach()
+    tokens = B * T * (H // 2) * (W // 2)
+    benchmark.group = f"patch_embed_3d forward bf16 GPU {_name(case)}"
+    info = _flops_bytes(tokens, D, x.numel())
+    benchmark.extra_info.update(impl=impl, flops=info["flops"], bytes=info["bytes"] // 2)  # 2-byte elements
+    if impl == "vdit triton":
+        fn = functools.partial(patch_embed_3d, x, w, b, backend="triton")
+    elif impl == "nn.Conv3d":
+        fn = functools.partial(_conv, conv, x)
+    elif impl == "nn.Conv3d cl3d":
+        conv = conv.to(memory_format=torch.channels_last_3d)
+        fn = functools.partial(_conv, conv, x.contiguous(memory_format=torch.channels_last_3d))
+    else:
+        fn = functools.partial(reference.patch_embed_3d, x, w, b)
+    with torch.no_grad():
+        torch.testing.assert_close(fn().float(), reference.patch_embed_3d(x, w, b).float(), rtol=2e-2, atol=2e-2)
+        benchmark.pedantic(_synced(fn), rounds=20, warmup_rounds=3)
+
+
+@needs_gpu
+@pytest.mark.parametrize("impl", ["vdit triton", "nn.Conv3d"])
+def test_gpu_backward(benchmark, impl):
+    B, T, H, W, D = GPU_CASES[0]
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(C, D, PATCH, stride=PATCH, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(B, C, T, H, W, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out = patch_embed_3d(x, conv.weight, conv.bias, backend="triton") if impl == "vdit triton" else _conv(conv, x)
+    grad = torch.randn(out.shape, device="cuda", dtype=torch.bfloat16)  # (B, N, D)-contiguous, as in a model
+    tokens = B * T * (H // 2) * (W // 2)
+    benchmark.group = f"patch_embed_3d backward (x, W, b) bf16 GPU {_name(GPU_CASES[0])}"
+    info = _flops_bytes(tokens, D, x.numel(), passes=2)
+    benchmark.extra_info.update(impl=impl, flops=info["flops"], bytes=info["bytes"] // 2)
+    fn = functools.partial(torch.autograd.grad, out, [x, conv.weight, conv.bias], grad, retain_graph=True)
+    benchmark.pedantic(_synced(fn), rounds=20, warmup_rounds=3)
