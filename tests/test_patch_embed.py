@@ -328,11 +328,12 @@ def test_large_tile_configurations(backend, device):
         expected = reference.patch_embed_3d(x64, w64, b64)
         close(out, expected, dtype)
         grad = torch.randn(out.shape, dtype=torch.float64).to(dtype).to(device) / 32
-        for g, e in zip(torch.autograd.grad(out, [wk, bk], grad), torch.autograd.grad(expected, [w64, b64], grad.double())):
+        got = torch.autograd.grad(out, [wk, bk], grad)
+        for g, e in zip(got, torch.autograd.grad(expected, [w64, b64], grad.double())):
             close(g, e, dtype)
         video = patch_unembed_3d(out, w.reshape(D, -1).t().contiguous(), None, (1, 32, 32), patch, backend=backend)
-        close(video, reference.patch_unembed_3d(out.double(), w64.detach().reshape(D, -1).t(), None, (1, 32, 32), patch),
-              dtype)
+        w_unembed = w64.detach().reshape(D, -1).t()
+        close(video, reference.patch_unembed_3d(out.double(), w_unembed, None, (1, 32, 32), patch), dtype)
 
 
 @pytest.mark.parametrize("D", [256, 259])  # 259: rows not 64-byte aligned for the streaming copy

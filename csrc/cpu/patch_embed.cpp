@@ -504,14 +504,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unembed_backward(const Plan& plan
   return {gt, gw, gb};
 }
 
-at::Tensor patch_unembed_3d_cpu(const at::Tensor& tokens, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+at::Tensor patch_unembed_3d_cpu(const at::Tensor& tokens, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias,
                                 at::IntArrayRef grid, at::IntArrayRef patch) {
   const char* op = "vdit::patch_unembed_3d";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_unembed(op, tokens, 3, weight, bias, patch);
   const int64_t B = tokens.size(0), C = weight.size(0) / (patch[0] * patch[1] * patch[2]);
   const auto sizes = grid_sizes(grid, patch);
-  TORCH_CHECK(tokens.size(1) == grid[0] * grid[1] * grid[2], op, ": tokens ", tokens.sizes(), " do not fill grid ", grid);
+  TORCH_CHECK(tokens.size(1) == grid[0] * grid[1] * grid[2], op, ": tokens ", tokens.sizes(), " do not fill grid ",
+              grid);
   const Plan plan = make_plan(std::vector<std::array<int64_t, 3>>(B, sizes[0]), C, patch, weight.size(1),
                               compute_bytes(tokens.scalar_type()));
   at::Tensor video = new_large_output({B, C, sizes[0][0], sizes[0][1], sizes[0][2]}, tokens.options());
