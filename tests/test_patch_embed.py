@@ -10,7 +10,13 @@ import torch.nn.functional as F
 import vdit
 from vdit.nn import PatchEmbed3d, PatchUnembed3d
 from vdit.ops import patch_embed_3d, patch_embed_3d_varlen, patch_unembed_3d, patch_unembed_3d_varlen, reference
+from vdit.ops.patch_embed import KERNELS
 from conftest import TOLERANCES, kernel_backends
+
+
+def backends():
+    """The kernel backends this op has (no CUDA C++ kernel: Triton serves CUDA tensors)."""
+    return [p for p in kernel_backends() if p.values[0] in KERNELS]
 
 # (B, C, T, H, W), patch, D: odd channel counts, D not a multiple of any tile, T = 1 images,
 # odd token-grid sizes and the latent shape class of real models (C = 16, patch (1, 2, 2)).
@@ -55,7 +61,7 @@ def as_leaf(*ts):
     return [None if t is None else t.detach().clone().requires_grad_() for t in ts]
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", backends())
 @pytest.mark.parametrize("shape,patch,D", SHAPES)
 def test_embed_matches_conv3d_forward_and_backward(backend, device, shape, patch, D):
     for dtype in dtypes_of(backend):
@@ -76,7 +82,7 @@ def test_embed_matches_conv3d_forward_and_backward(backend, device, shape, patch
             close(g, e, dtype)
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", backends())
 def test_embed_gradient_masks(backend, device):
     """Only the requested gradients are computed, and each is still right (x without grad: the
     usual training case, where the input latent is data)."""
@@ -116,7 +122,7 @@ VARLEN = [  # list of (T, H, W), C, patch, D
 ]
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", backends())
 @pytest.mark.parametrize("sizes,C,patch,D", VARLEN)
 def test_embed_varlen_forward_and_backward(backend, device, sizes, C, patch, D):
     for dtype in dtypes_of(backend)[:2]:
@@ -129,7 +135,7 @@ def test_embed_varlen_forward_and_backward(backend, device, sizes, C, patch, D):
         w64, b64 = as_leaf64(w, b)
         e_tokens, e_cu, e_grids = reference.patch_embed_3d_varlen(v64, w64, b64)
         assert cu.dtype == torch.int32 and grids.dtype == torch.int32 and cu.device == tokens.device
-        assert torch.equal(cu.cpu(), e_cu) and torch.equal(grids.cpu(), e_grids)
+        assert torch.equal(cu.cpu(), e_cu.cpu()) and torch.equal(grids.cpu(), e_grids.cpu())
         close(tokens, e_tokens, dtype)
         # Each sample's tokens equal F.conv3d of that sample alone.
         c = cu.tolist()
@@ -150,7 +156,7 @@ UNEMBED = [  # B, grid, patch, C, D
 ]
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", backends())
 @pytest.mark.parametrize("B,grid,patch,C,D", UNEMBED)
 def test_unembed_forward_and_backward(backend, device, B, grid, patch, C, D):
     N, Fdim = math.prod(grid), C * math.prod(patch)
@@ -170,7 +176,7 @@ def test_unembed_forward_and_backward(backend, device, B, grid, patch, C, D):
             close(g, e, dtype)
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", backends())
 def test_unembed_varlen_forward_and_backward(backend, device):
     grids = torch.tensor([[1, 1, 1], [2, 3, 1], [1, 2, 5]], dtype=torch.int32)
     lengths = grids.prod(1).tolist()
@@ -316,7 +322,7 @@ def test_bad_inputs_raise_and_leave_inputs_unchanged():
         assert torch.equal(t, s)
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", backends())
 def test_large_tile_configurations(backend, device):
     """A problem big enough for the large tile configurations (>= 1024 tokens, F = 64, D >= 128)."""
     shape, patch, D = (1, 16, 1, 64, 64), (1, 2, 2), 136
@@ -328,8 +334,27 @@ def test_large_tile_configurations(backend, device):
         expected = reference.patch_embed_3d(x64, w64, b64)
         close(out, expected, dtype)
         grad = torch.randn(out.shape, dtype=torch.float64).to(dtype).to(device) / 32
-        for g, e in zip(torch.autograd.grad(out, [wk, bk], grad), torch.autograd.grad(expected, [w64, b64], grad.double())):
+        got = torch.autograd.grad(out, [wk, bk], grad)
+        for g, e in zip(got, torch.autograd.grad(expected, [w64, b64], grad.double())):
             close(g, e, dtype)
         video = patch_unembed_3d(out, w.reshape(D, -1).t().contiguous(), None, (1, 32, 32), patch, backend=backend)
-        close(video, reference.patch_unembed_3d(out.double(), w64.detach().reshape(D, -1).t(), None, (1, 32, 32), patch),
-              dtype)
+        w_unembed = w64.detach().reshape(D, -1).t()
+        close(video, reference.patch_unembed_3d(out.double(), w_unembed, None, (1, 32, 32), patch), dtype)
+
+
+@pytest.mark.parametrize("D", [256, 259])  # 259: rows not 64-byte aligned for the streaming copy
+def test_large_outputs_on_huge_pages_cpu(D):
+    """Token outputs of >= 4 MiB take the C++ kernel's huge-page allocation and streaming stores
+    (poisoned in tests too)."""
+    x, w, b = make_embed((1, 4, 4, 64, 64), (1, 2, 2), D, torch.float32, "cpu")
+    wk = w.clone().requires_grad_()
+    out = patch_embed_3d(x, wk, b, backend="cpu")
+    assert out.numel() * 4 >= 4 << 20
+    close(out, reference.patch_embed_3d(x.double(), w.double(), b.double()), torch.float32)
+    tokens = out.detach().clone().requires_grad_()
+    w_fd = w.reshape(D, -1).t().contiguous()
+    video = patch_unembed_3d(tokens, w_fd, None, (4, 32, 32), (1, 2, 2), backend="cpu")
+    (gt,) = torch.autograd.grad(video, [tokens], x)
+    close(gt, reference.patchify_3d(x.double(), (1, 2, 2)) @ w_fd.double(), torch.float32)
+    out.sum().backward()
+    assert torch.isfinite(wk.grad).all()

@@ -25,7 +25,8 @@ def _cases():
     """(kernel name, dtype, config) for every shipped configuration."""
     from vdit.kernels.triton import patch_embed as pe
 
-    tables = {"embed_kernel": pe.EMBED_CONFIGS, "project_kernel": pe.PROJECT_CONFIGS, "reduce_kernel": pe.REDUCE_CONFIGS}
+    tables = {"embed_kernel": pe.EMBED_CONFIGS, "project_kernel": pe.PROJECT_CONFIGS,
+              "reduce_kernel": pe.REDUCE_CONFIGS}
     return [(name, dtype, tuple(config)) for name, table in tables.items() for dtype in DTYPES
             for config in table[ELEMENT_SIZE[dtype]]]
 
@@ -76,7 +77,8 @@ def report():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("name,dtype,config", _cases(), ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("name,dtype,config", _cases(),
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
 def test_patch_embed_kernels_compile_without_spills(report, name, dtype, config, arch):
     res = report[case_id(name, dtype, config, arch)]
     assert res["registers"] > 0, "ptxas reported no register count"

@@ -25,8 +25,16 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <sys/mman.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <array>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -35,6 +43,47 @@
 
 namespace vdit {
 namespace {
+
+// Outputs are written once, and token outputs are large (D / F times the video: 75 MB for one
+// 16x64x64 latent at D = 1152). On fresh 4 KiB pages the kernel's page faults cost about twice the GEMM's CPU time
+// (measured on the 2-core CI machine: 26 ms of faults vs ~13 ms of GEMM per 75 MB), so outputs of
+// at least kHugeOutputBytes (tokens, and videos of large latents) are placed on transparent huge
+// pages (madvise; a no-op where THP is off).
+// PyTorch's own CPU allocator does the same only under THP_MEM_ALLOC_ENABLE=1.
+constexpr size_t kHugePage = size_t{2} << 20;
+constexpr size_t kHugeOutputBytes = size_t{4} << 20;
+
+at::Tensor new_large_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  if (bytes < kHugeOutputBytes) return new_output(sizes, options);
+  const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+  void* data = std::aligned_alloc(kHugePage, rounded);
+  if (data == nullptr) return new_output(sizes, options);
+  madvise(data, rounded, MADV_HUGEPAGE);
+  at::Tensor out = at::from_blob(data, sizes, [](void* p) { std::free(p); }, options);
+  if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  return out;
+}
+
+// Copies a block of finished tokens to the output with non-temporal stores: the output is far
+// larger than the caches and not read again here, and plain stores would first read every output
+// line from memory (read-for-ownership), doubling the memory traffic of the forward pass.
+void stream_copy(void* dst, const void* src, size_t bytes) {
+#if defined(__AVX512F__)
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  const size_t head = std::min(bytes, (64 - reinterpret_cast<uintptr_t>(d) % 64) % 64);
+  std::memcpy(d, s, head);
+  d += head, s += head, bytes -= head;
+  for (; bytes >= 64; bytes -= 64, d += 64, s += 64) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(d), _mm512_loadu_si512(s));
+  }
+  std::memcpy(d, s, bytes);
+  _mm_sfence();
+#else
+  std::memcpy(dst, src, bytes);
+#endif
+}
 
 // A block: token rows [row_begin, row_end) of one sample; its tokens are the contiguous rows
 // [token_begin, token_begin + (row_end - row_begin) * Wp) of the packed token matrix.
@@ -165,7 +214,10 @@ PassResult run_pass(const Plan& plan, const PassArgs& a, int64_t D) {
     const int64_t tid = at::get_thread_num();
     at::Tensor p_buf = gather ? at::empty({max_m, F}, acc) : at::Tensor();
     at::Tensor y_buf = project ? at::empty({max_m, F}, acc) : at::Tensor();
-    at::Tensor o_buf = emit && !kDirect ? at::empty({max_m, D}, acc) : at::Tensor();
+    // Large outputs are computed block by block into a cached buffer and streamed out (stream_copy).
+    const bool stream = emit && plan.total_tokens * D * static_cast<int64_t>(sizeof(scalar_t)) >=
+                                    static_cast<int64_t>(kHugeOutputBytes);
+    at::Tensor o_buf = emit && (!kDirect || stream) ? at::empty({max_m, D}, acc) : at::Tensor();
     // Column sums as GEMVs with a ones vector: ATen's dim-0 sum is several times slower here.
     at::Tensor ones = a.reduce_bd || a.reduce_bf ? at::ones({max_m}, acc) : at::Tensor();
     at::Tensor my_w = a.reduce_w ? acc_w[tid] : at::Tensor();
@@ -187,10 +239,14 @@ PassResult run_pass(const Plan& plan, const PassArgs& a, int64_t D) {
       }
       if (emit) {
         at::Tensor out = a.tokens_out.narrow(0, blk.token_begin, m);
-        at::Tensor target = kDirect ? out : o_buf.narrow(0, 0, m);
+        at::Tensor target = kDirect && !stream ? out : o_buf.narrow(0, 0, m);
         if (a.bias_d.defined()) at::addmm_out(target, a.bias_d, P, a.w_fd);
         else at::mm_out(target, P, a.w_fd);
-        if constexpr (!kDirect) out.copy_(target);
+        if constexpr (!kDirect) {
+          out.copy_(target);
+        } else if (stream) {
+          stream_copy(out.data_ptr(), target.data_ptr(), m * D * sizeof(scalar_t));
+        }
       }
       if (project) {
         at::Tensor Y = y_buf.narrow(0, 0, m);
@@ -275,7 +331,7 @@ std::vector<std::array<int64_t, 3>> list_sizes(const at::TensorList videos) {
 at::Tensor embed_tokens(const Plan& plan, std::vector<void*> videos, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias, const at::TensorOptions& options) {
   const int64_t D = weight.size(0);
-  at::Tensor tokens = new_output({plan.total_tokens, D}, options);
+  at::Tensor tokens = new_large_output({plan.total_tokens, D}, options);
   PassArgs a;
   a.videos_in = std::move(videos);
   a.tokens_out = tokens;
@@ -327,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_embed_3d_backward_cpu(const
   const Plan plan = make_plan(dense_sizes(x), x.size(1), weight.sizes().slice(2), weight.size(0),
                               compute_bytes(x.scalar_type()));
   TORCH_CHECK(grad.numel() == plan.total_tokens * weight.size(0), op, ": grad has shape ", grad.sizes());
-  at::Tensor gx = mask[0] ? new_output(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor gx = mask[0] ? new_large_output(x.sizes(), x.options()) : at::empty({0}, x.options());
   auto [gw, gb] = embed_backward(plan, grad, batch_pointers(x), mask[0] ? batch_pointers(gx) : std::vector<void*>{},
                                  weight, mask[1], mask[2]);
   return {gx, gw, gb};
@@ -351,6 +407,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_embed_3d_varlen_cpu(at::Ten
   check_embed_weight(op, weight, bias, v0, v0.size(0));
   const Plan plan = make_plan(list_sizes(videos), v0.size(0), weight.sizes().slice(2), weight.size(0),
                               compute_bytes(v0.scalar_type()));
+  TORCH_CHECK(plan.total_tokens <= std::numeric_limits<int32_t>::max(), op, ": ", plan.total_tokens,
+              " tokens do not fit int32 cu_seqlens");
   at::Tensor tokens = embed_tokens(plan, list_pointers(videos.vec()), weight, bias, v0.options());
   const int64_t B = static_cast<int64_t>(videos.size());
   at::Tensor cu_seqlens = at::empty({B + 1}, at::kInt);
@@ -432,7 +490,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unembed_backward(const Plan& plan
   const int64_t D = weight.size(1);
   PassArgs a;
   a.videos_in = std::move(grad_videos);
-  at::Tensor gt = mask[0] ? new_output(tokens.sizes(), tokens.options()) : at::empty({0}, tokens.options());
+  at::Tensor gt = mask[0] ? new_large_output(tokens.sizes(), tokens.options()) : at::empty({0}, tokens.options());
   if (mask[0]) {
     a.tokens_out = gt.view({plan.total_tokens, D});
     a.w_fd = to_compute(weight);
@@ -446,17 +504,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unembed_backward(const Plan& plan
   return {gt, gw, gb};
 }
 
-at::Tensor patch_unembed_3d_cpu(const at::Tensor& tokens, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+at::Tensor patch_unembed_3d_cpu(const at::Tensor& tokens, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias,
                                 at::IntArrayRef grid, at::IntArrayRef patch) {
   const char* op = "vdit::patch_unembed_3d";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_unembed(op, tokens, 3, weight, bias, patch);
   const int64_t B = tokens.size(0), C = weight.size(0) / (patch[0] * patch[1] * patch[2]);
   const auto sizes = grid_sizes(grid, patch);
-  TORCH_CHECK(tokens.size(1) == grid[0] * grid[1] * grid[2], op, ": tokens ", tokens.sizes(), " do not fill grid ", grid);
+  TORCH_CHECK(tokens.size(1) == grid[0] * grid[1] * grid[2], op, ": tokens ", tokens.sizes(), " do not fill grid ",
+              grid);
   const Plan plan = make_plan(std::vector<std::array<int64_t, 3>>(B, sizes[0]), C, patch, weight.size(1),
                               compute_bytes(tokens.scalar_type()));
-  at::Tensor video = new_output({B, C, sizes[0][0], sizes[0][1], sizes[0][2]}, tokens.options());
+  at::Tensor video = new_large_output({B, C, sizes[0][0], sizes[0][1], sizes[0][2]}, tokens.options());
   unembed_videos(plan, tokens, weight, bias, batch_pointers(video));
   return video;
 }

@@ -6,7 +6,8 @@ Kernels: C++ (``cpu``: patch gather into cache-sized blocks + BLAS GEMM per bloc
 torch.library operator with a fake implementation and an autograd formula whose backward is again
 one fused kernel op (``vdit::<op>_backward``, returning the input, weight and bias gradients that
 are needed), so the ops run under ``torch.compile(fullgraph=True)`` and train. The Triton operators
-carry a ``_triton`` suffix; the C++ ones are defined in csrc/patch_embed.cpp.
+carry a ``_triton`` suffix; the C++ ones are defined in csrc/patch_embed.cpp. The Triton kernels take
+fp16, bf16 and fp32; with ``backend="auto"`` fp64 CUDA tensors use the reference.
 """
 from __future__ import annotations
 
@@ -242,6 +243,15 @@ def _check_weight(weight, bias, ref_name, ref, *, embed: bool):
             raise ValueError(f"bias has {bias.shape[0]} entries but weight has {weight.shape[0]} output features")
 
 
+def _select(op: str, device: torch.device, dtype: torch.dtype, backend: str) -> str:
+    chosen = select_backend(op, KERNELS, device, backend)
+    # The Triton kernels have no fp64 dot: fp64 on CUDA uses the reference unless Triton is named,
+    # which then raises TypeError.
+    if chosen == "triton" and dtype == torch.float64 and backend == "auto":
+        return "torch"
+    return chosen
+
+
 def _contiguous(t):
     return None if t is None else t.contiguous()
 
@@ -269,7 +279,7 @@ def patch_embed_3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight expects {weight.shape[1]} input channels but x has {x.shape[1]}")
     check_divides("patch size weight.shape[2:]", weight.shape[2:], "(T, H, W) of x", x.shape[2:])
-    chosen = select_backend("patch_embed_3d", KERNELS, x.device, backend)
+    chosen = _select("patch_embed_3d", x.device, x.dtype, backend)
     if chosen == "torch":
         return reference.patch_embed_3d(x, weight, bias)
     return _op(chosen, "patch_embed_3d")(x.contiguous(), weight.contiguous(), _contiguous(bias))
@@ -304,7 +314,7 @@ def patch_embed_3d_varlen(videos: Sequence[torch.Tensor], weight: torch.Tensor, 
         raise ValueError(f"weight expects {weight.shape[1]} input channels but the videos have {videos[0].shape[0]}")
     for i, v in enumerate(videos):
         check_divides("patch size weight.shape[2:]", weight.shape[2:], f"(T, H, W) of videos[{i}]", v.shape[1:])
-    chosen = select_backend("patch_embed_3d_varlen", KERNELS, videos[0].device, backend)
+    chosen = _select("patch_embed_3d_varlen", videos[0].device, videos[0].dtype, backend)
     if chosen == "torch":
         return reference.patch_embed_3d_varlen(videos, weight, bias)
     return _op(chosen, "patch_embed_3d_varlen")([v.contiguous() for v in videos], weight.contiguous(),
@@ -330,7 +340,7 @@ def patch_unembed_3d(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     _check_unembed(tokens, weight, bias, patch)
     if tokens.shape[1] != grid[0] * grid[1] * grid[2]:
         raise ValueError(f"tokens has N = {tokens.shape[1]} tokens but grid {grid} holds {grid[0] * grid[1] * grid[2]}")
-    chosen = select_backend("patch_unembed_3d", KERNELS, tokens.device, backend)
+    chosen = _select("patch_unembed_3d", tokens.device, tokens.dtype, backend)
     if chosen == "torch":
         return reference.patch_unembed_3d(tokens, weight, bias, grid, patch)
     return _op(chosen, "patch_unembed_3d")(tokens.contiguous(), weight.contiguous(), _contiguous(bias),
@@ -363,7 +373,7 @@ def patch_unembed_3d_varlen(tokens: torch.Tensor, weight: torch.Tensor, bias: to
             raise ValueError(f"grids[{i}] = {(tp, hp, wp)} must be positive")
         if tp * hp * wp != n:
             raise ValueError(f"grids[{i}] = {(tp, hp, wp)} holds {tp * hp * wp} tokens but sequence {i} has {n}")
-    chosen = select_backend("patch_unembed_3d_varlen", KERNELS, tokens.device, backend)
+    chosen = _select("patch_unembed_3d_varlen", tokens.device, tokens.dtype, backend)
     if chosen == "torch":
         return reference.patch_unembed_3d_varlen(tokens, weight, bias, cu_seqlens, grids, patch)
     flat = [int(v) for row in grid_list for v in row]
