@@ -237,6 +237,8 @@ def swap_model(model: nn.Module, state, *, attention, patch_embed: bool, rope: b
             else:
                 tables = TableRope((model.rope.t_dim, model.rope.h_dim, model.rope.w_dim), 10000.0)
                 for path, attn in _attention_modules(model, "WanAttention"):
+                    if getattr(attn, "is_cross_attention", False):  # text/image cross-attention has no RoPE
+                        continue
                     state.set_attr(attn, "processor", processor_cls(attn.processor, tables, report.calls))
                     report.add(path, "rope", type(attn.processor.original).__name__,
                                "VditWanAttnProcessor (vdit.ops.rope_3d_qk)")
