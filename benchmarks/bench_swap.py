@@ -55,7 +55,7 @@ def test_wan_forward(benchmark, wan, impl):
         report = swap(model)
     try:
         with torch.no_grad():
-            benchmark.pedantic(lambda: model(**inputs), rounds=3, iterations=1, warmup_rounds=1)
+            benchmark.pedantic(lambda: model(**inputs), rounds=5, iterations=1, warmup_rounds=1)
     finally:
         if report is not None:
             unswap(model)

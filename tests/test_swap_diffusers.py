@@ -106,7 +106,7 @@ def test_swapped_equals_original(name, size, pad):
         assert torch.equal(model(**inputs, return_dict=False)[0], ref)
 
 
-def test_default_attention_takes_masked_calls_only_without_a_kernel():
+def test_default_attention_takes_masked_calls_only():
     model, inputs, _, _ = hunyuan((2, 4, 4), True)
     model.eval()
     with torch.no_grad():
@@ -114,10 +114,13 @@ def test_default_attention_takes_masked_calls_only_without_a_kernel():
         report = swap(model)
         out = model(**inputs, return_dict=False)[0]
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
-    assert report.calls["attention.varlen"] == 2
+    assert report.calls["attention.varlen"] == 2 and report.calls["attention.dense"] == 0
+    unswap(model)
     from vdit.swap.attention import vdit_attention_kernel
-    if vdit_attention_kernel("cpu") == "torch":
-        assert report.calls["attention.dense"] == 0
+    report = swap(model, attention="auto")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs, return_dict=False)[0], ref, rtol=2e-5, atol=2e-5)
+    assert (report.calls["attention.dense"] > 0) == (vdit_attention_kernel("cpu") != "torch")
     unswap(model)
 
 
