@@ -22,6 +22,8 @@ processors and hooks, so outputs are bit-identical to the unswapped model again.
 """
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
 from vdit.swap.attention import VditAttentionMode
@@ -177,3 +179,14 @@ def swap_state(model: nn.Module) -> SwapState | None:
     """The :class:`SwapState` of a swapped model, or None."""
     return getattr(model, _ATTR, None)
 
+
+
+class _CallableModule(type(sys.modules[__name__])):
+    """Lets ``vdit.swap(model)`` call :func:`swap` while ``vdit.swap`` stays this package (so
+    ``vdit.swap.attention`` etc. remain reachable whichever of the two ``vdit/__init__`` exports)."""
+
+    def __call__(self, model: nn.Module, **options) -> SwapReport:
+        return swap(model, **options)
+
+
+sys.modules[__name__].__class__ = _CallableModule
