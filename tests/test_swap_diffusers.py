@@ -117,8 +117,11 @@ def test_default_attention_takes_masked_calls_only():
     assert report.calls["attention.varlen"] == 2 and report.calls["attention.dense"] == 0
     unswap(model)
     from vdit.swap.attention import vdit_attention_kernel
-    report = swap(model, attention="auto")
+    model, inputs, _, _ = hunyuan((2, 4, 4), False)  # all-valid masks: dense calls
+    model.eval()
     with torch.no_grad():
+        ref = model(**inputs, return_dict=False)[0]
+        report = swap(model, attention="auto")
         torch.testing.assert_close(model(**inputs, return_dict=False)[0], ref, rtol=2e-5, atol=2e-5)
     assert (report.calls["attention.dense"] > 0) == (vdit_attention_kernel("cpu") != "torch")
     unswap(model)
