@@ -92,6 +92,13 @@ def test_report_lists_replacements_and_skips():
     assert model.embed is conv
 
 
+def test_package_is_callable():
+    import vdit.swap as swap_module
+    model = TinyVideoDiT()
+    report = swap_module(model, attention=False)
+    assert report.paths("patch_embed") == ["embed"] and swap_module.unswap(model) is report
+
+
 def test_options_turn_replacements_off():
     model = TinyVideoDiT()
     report = swap(model, attention=False, patch_embed=False, rope=False, norm=False)

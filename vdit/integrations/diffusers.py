@@ -5,7 +5,7 @@ diffusers model is swapped).
 
 | model | patch embedding | attention | rotary application | norm |
 |---|---|---|---|---|
-| WanTransformer3DModel | Conv3d -> vdit | SDPA -> vdit (text is zero-padded, no mask) | vdit processor, ``rope_3d_qk`` | inline in the block: not swappable |
+| WanTransformer3DModel | Conv3d -> vdit | SDPA -> vdit (text is zero-padded, no mask) | vdit processor, ``rope_3d_qk`` | block -> ``adaln_modulate`` + ``gated_residual`` |
 | CogVideoXTransformer3DModel | per-frame Conv2d -> vdit (1.0); Linear (1.5): skipped | SDPA -> vdit | ``rope_3d`` | ``CogVideoXLayerNormZero`` -> ``adaln_modulate`` |
 | HunyuanVideoTransformer3DModel | Conv3d -> vdit | text-padding mask -> varlen, padded text queries skipped | ``rope_3d`` | ``AdaLayerNormZero(Single)`` -> ``adaln_modulate`` |
 | LTXVideoTransformer3DModel | Linear on pre-patchified latents: skipped | text-padding bias -> varlen | own frequency schedule: skipped | inline: skipped |
@@ -31,7 +31,7 @@ import sys
 import torch
 from torch import nn
 
-from vdit.ops import adaln_modulate, rope_3d_qk
+from vdit.ops import adaln_modulate, gated_residual, rope_3d_qk
 from vdit.swap.rope import TableRope
 
 
@@ -191,6 +191,49 @@ class VditCogVideoXLayerNormZero(nn.Module):
                 gate[:, None, :], enc_gate[:, None, :])
 
 
+class VditWanTransformerBlock(nn.Module):
+    """diffusers ``WanTransformerBlock`` whose adaLN steps run as vdit ops: ``norm1``/``norm3`` +
+    shift/scale as :func:`vdit.ops.adaln_modulate` (one pass instead of LayerNorm, multiply, add and
+    casts) and the gated residuals as :func:`vdit.ops.gated_residual`.
+
+    Holds the replaced block's parameters and children themselves (same state_dict keys and order).
+    ``forward(hidden_states (B, L, C), encoder_hidden_states (B, S, C), temb (B, 6, C), rotary_emb)``
+    -> (B, L, C). Per-token modulation (Wan 2.2 TI2V, temb (B, L, 6, C)) runs the original forward.
+    """
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        for store in ("_parameters", "_buffers", "_modules"):
+            getattr(self, store).update(getattr(original, store))
+        object.__setattr__(self, "original", original)
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
+        if temb.ndim != 3 or hidden_states.dim() != 3:
+            return type(self.original).forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb)
+        x = hidden_states
+        mod = (self.scale_shift_table + temb.float()).to(x.dtype)  # (B, 6, C)
+        shift, scale, gate, c_shift, c_scale, c_gate = (m.contiguous() for m in mod.unbind(1))
+        h = adaln_modulate(x, shift, scale, eps=self.norm1.eps)
+        x = gated_residual(x, self.attn1(h, None, None, rotary_emb), gate)
+        h = self.norm2(x.float()).type_as(x)
+        x = x + self.attn2(h, encoder_hidden_states, None, None)
+        h = adaln_modulate(x, c_shift, c_scale, eps=self.norm3.eps)
+        return gated_residual(x, self.ffn(h).to(x.dtype), c_gate)
+
+
+def _swap_wan_blocks(model, state) -> None:
+    for path, block in list(model.named_modules()):
+        if type(block).__name__ != "WanTransformerBlock":
+            continue
+        plain = all(isinstance(n, nn.LayerNorm) and not n.elementwise_affine for n in (block.norm1, block.norm3))
+        if not plain or getattr(block.scale_shift_table, "shape", None) != (1, 6, block.norm1.normalized_shape[0]):
+            state.report.skip(path, "norm", "WanTransformerBlock with an unexpected norm / modulation layout")
+            continue
+        state.replace_module(model, path, VditWanTransformerBlock(block))
+        state.report.add(path, "norm", "WanTransformerBlock (inline LayerNorm + modulation)",
+                         "VditWanTransformerBlock (vdit.ops.adaln_modulate, gated_residual)")
+
+
 def _swap_norms(model, state) -> None:
     from diffusers.models import normalization as N
     report = state.report
@@ -237,12 +280,13 @@ def swap_model(model: nn.Module, state, *, attention, patch_embed: bool, rope: b
             else:
                 tables = TableRope((model.rope.t_dim, model.rope.h_dim, model.rope.w_dim), 10000.0)
                 for path, attn in _attention_modules(model, "WanAttention"):
+                    if getattr(attn, "is_cross_attention", False):  # text/image cross-attention has no RoPE
+                        continue
                     state.set_attr(attn, "processor", processor_cls(attn.processor, tables, report.calls))
                     report.add(path, "rope", type(attn.processor.original).__name__,
                                "VditWanAttnProcessor (vdit.ops.rope_3d_qk)")
         if norm:
-            report.skip("blocks.*", "norm", "Wan modulates inline in WanTransformerBlock.forward (FP32LayerNorm + "
-                        "scale/shift); not a module to swap")
+            _swap_wan_blocks(model, state)
     elif name == "CogVideoXTransformer3DModel":
         if rope:
             hd = cfg.attention_head_dim

@@ -8,8 +8,10 @@ What is replaced (each can be turned off):
   :func:`vdit.ops.patch_embed_3d` and returning the convolution's layout as a view.
 - ``attention``: ``F.scaled_dot_product_attention`` calls made during the model's forward go through
   :func:`vdit.ops.varlen_attention` (see :mod:`vdit.swap.attention` for the mechanism and rules):
-  key-padding masks become varlen sequences. ``attention=True`` routes unmasked calls only when vdit
-  has a compiled attention kernel for the device; ``attention="all"`` routes them always.
+  key-padding masks become varlen sequences (padded keys cost nothing). ``attention=True`` routes
+  only masked calls; ``attention="all"`` routes unmasked ones too (measured on CPU, vdit's C++
+  kernel is on par with torch's flash-attention CPU kernel for unpadded batches, so there is no
+  default gain to take there).
 - ``rope`` / ``norm``: model-specific; done by :mod:`vdit.integrations.diffusers` for diffusers' video
   transformers (RoPE application through :func:`vdit.ops.rope_3d`, adaLN-Zero norms through
   :func:`vdit.ops.adaln_modulate`). Plain PyTorch models have no recognizable pattern for these.
@@ -19,6 +21,8 @@ state lives on the model (``model._vdit_swap``) and :func:`unswap` restores the 
 processors and hooks, so outputs are bit-identical to the unswapped model again.
 """
 from __future__ import annotations
+
+import sys
 
 from torch import nn
 
@@ -108,8 +112,9 @@ def swap(model: nn.Module, *, attention: bool | str = True, patch_embed: bool = 
 
     Args:
         model: any ``nn.Module``; diffusers' video transformers get model-specific handling too.
-        attention: True (masked SDPA calls always, unmasked ones when vdit has a compiled attention
-            kernel for the device), ``"all"`` (every convertible SDPA call), ``"masked"`` or False.
+        attention: True or ``"masked"`` (SDPA calls with a key-padding mask), ``"all"`` (every
+            convertible SDPA call, unmasked ones too), ``"auto"`` (masked ones, plus unmasked ones when
+            vdit has a compiled attention kernel for the device), or False.
         patch_embed, rope, norm: turn those replacements on or off.
         skip_padded_queries: in masked self-attention (Lq == Lk), skip the padded queries (their
             outputs become 0). None = only where the integration knows it is safe (e.g. HunyuanVideo's
@@ -136,10 +141,10 @@ def swap(model: nn.Module, *, attention: bool | str = True, patch_embed: bool = 
     if patch_embed:
         _swap_patch_convs(model, state, handled)
     if attention:
-        dense = {"all": True, "masked": False}.get(attention, "auto")
+        dense = {"all": True, "auto": "auto"}.get(attention, False)
         skip_q = safe_query_skip if skip_padded_queries is None else bool(skip_padded_queries)
         state.mode = VditAttentionMode(dense=dense, skip_padded_queries=skip_q, calls=report.calls)
-        where = {True: "all", False: "masked"}.get(dense, "masked; unmasked too when vdit has a compiled kernel")
+        where = {True: "all calls", False: "masked calls"}.get(dense, "masked calls; unmasked too with a compiled kernel")
         report.add("", "attention", "F.scaled_dot_product_attention",
                    f"vdit.ops.varlen_attention ({where}; padded queries "
                    f"{'skipped' if skip_q else 'computed'}; TorchFunctionMode during forward)")
@@ -174,3 +179,14 @@ def swap_state(model: nn.Module) -> SwapState | None:
     """The :class:`SwapState` of a swapped model, or None."""
     return getattr(model, _ATTR, None)
 
+
+
+class _CallableModule(type(sys.modules[__name__])):
+    """Lets ``vdit.swap(model)`` call :func:`swap` while ``vdit.swap`` stays this package (so
+    ``vdit.swap.attention`` etc. remain reachable whichever of the two ``vdit/__init__`` exports)."""
+
+    def __call__(self, model: nn.Module, **options) -> SwapReport:
+        return swap(model, **options)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,65 @@
+"""vdit.swap on a diffusers Wan transformer: one forward, original vs swapped, measured in the same run.
+
+Model: WanTransformer3DModel with Wan2.1-T2V-1.3B's published config (width 1536 = 12 heads x 128,
+FFN 8960, 16 latent channels, patch (1, 2, 2), text width 4096, 512 text tokens) at reduced depth
+(2 of its 30 layers), random weights (nothing is downloaded), fp32 on CPU.
+Latent: (1, 16, 3, 30, 52), the VAE latent of a 9-frame 240x416 clip -> 1170 video tokens.
+
+The extra_info "vdit_kernels" records which backend each vdit op ran on in this install and
+"calls" which swapped paths ran, so the figures say what was measured.
+
+    pytest benchmarks/bench_swap.py --benchmark-only
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from vdit.backends import select_backend  # noqa: E402
+from vdit.ops import adaln, attention, patch_embed, rope  # noqa: E402
+from vdit.swap import swap, unswap  # noqa: E402
+
+from benchmarks.common import quick  # noqa: E402
+
+LAYERS = 1 if quick() else 2
+LATENT = (1, 16, 3, 30, 52)
+TEXT = 512
+
+
+def _kernels() -> str:
+    ops = {"patch_embed_3d": patch_embed, "varlen_attention": attention, "rope_3d": rope, "adaln_modulate": adaln}
+    return ", ".join(f"{name}={select_backend(name, mod.KERNELS, torch.device('cpu'))}" for name, mod in ops.items())
+
+
+@pytest.fixture(scope="module")
+def wan():
+    from diffusers import WanTransformer3DModel
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                                  out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=LAYERS,
+                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+                                  rope_max_seq_len=1024).eval()
+    inputs = dict(hidden_states=torch.randn(LATENT), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, TEXT, 4096), return_dict=False)
+    return model, inputs
+
+
+@pytest.mark.parametrize("impl", ["diffusers", "vdit.swap"])
+def test_wan_forward(benchmark, wan, impl):
+    model, inputs = wan
+    benchmark.group = f"Wan2.1-1.3B width, {LAYERS} layers, latent {'x'.join(map(str, LATENT[1:]))}, fp32 forward"
+    report = None
+    if impl != "diffusers":
+        report = swap(model)
+    try:
+        with torch.no_grad():
+            benchmark.pedantic(lambda: model(**inputs), rounds=5, iterations=1, warmup_rounds=1)
+    finally:
+        if report is not None:
+            unswap(model)
+    tokens = LATENT[2] * (LATENT[3] // 2) * (LATENT[4] // 2)
+    benchmark.extra_info.update(impl="diffusers (original)" if impl == "diffusers" else "vdit cpu (vdit.swap)", tokens=tokens,
+                                vdit_kernels=_kernels(),
+                                calls=", ".join(f"{k}={v}" for k, v in sorted(report.calls.items())) if report else "")
