@@ -7,6 +7,9 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from vdit._extension import build_info
 from vdit.backends import BACKENDS, BackendUnavailableError, use_backend
 from vdit import ops
+from vdit import swap  # noqa: E402  (callable package: vdit.swap(model) == vdit.swap.swap(model))
+from vdit.swap import SwapReport, unswap  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["build_info", "use_backend", "BACKENDS", "BackendUnavailableError", "ops", "__version__"]
+__all__ = ["build_info", "use_backend", "BACKENDS", "BackendUnavailableError", "ops", "swap", "unswap", "SwapReport",
+           "__version__"]

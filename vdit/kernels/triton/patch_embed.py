@@ -401,3 +401,33 @@ def patch_unembed_3d_varlen_backward(grads, tokens, weight, grids, patch, mask):
     _check_dtype(tokens.dtype)
     C, _, packing = _unembed_packing(_grid_list(grids), weight, patch, tokens.device)
     return _unembed_backward(_flat(grads), tokens, packing, C, patch, weight, mask)
+
+
+def aot_specs() -> list:
+    """Every shipped tile configuration of the three kernels, per dtype, for the static GPU check."""
+    from vdit.kernels.triton.aot import KernelSpec
+
+    common = {"meta_ptr": "*i64", "tiles_ptr": "*i32", "C": "i32", "D": "i32", "PT": "i32", "PH": "i32", "PW": "i32"}
+    specs = []
+    for dtype, size in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
+        t = "*" + dtype
+        kernels = {
+            "embed_kernel": (embed_kernel, EMBED_CONFIGS,
+                             {"video_ptr": t, "w_ptr": t, "bias_ptr": t, "out_ptr": t, **common, "stride_wf": "i32",
+                              "stride_wd": "i32"}, ("BLOCK_N", "BLOCK_D", "BLOCK_F"), {"HAS_BIAS": True}),
+            "project_kernel": (project_kernel, PROJECT_CONFIGS,
+                               {"tokens_ptr": t, "w_ptr": t, "bias_ptr": t, "video_ptr": t, **common, "stride_wd": "i32",
+                                "stride_wf": "i32"}, ("BLOCK_N", "BLOCK_F", "BLOCK_D"), {"HAS_BIAS": True}),
+            "reduce_kernel": (reduce_kernel, REDUCE_CONFIGS,
+                              {"video_ptr": t, "tokens_ptr": t, "out_ptr": "*fp32", "sum_f_ptr": "*fp32",
+                               "sum_d_ptr": "*fp32", "meta_ptr": "*i64", "tiles_ptr": "*i32", "num_tiles": "i32",
+                               "tiles_per_split": "i32", "C": "i32", "D": "i32", "PT": "i32", "PH": "i32", "PW": "i32"},
+                              ("BLOCK_F", "BLOCK_D", "BLOCK_N"), {"SUM_F": True, "SUM_D": True}),
+        }
+        for name, (fn, table, sig, blocks, flags) in kernels.items():
+            for a, b, c, warps, stages in table[size]:
+                constexprs = {**flags, **dict(zip(blocks, (a, b, c))),
+                              "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+                specs.append(KernelSpec(fn, sig, constexprs, warps, stages, f"{name} {dtype} {a}x{b}x{c}",
+                                        matmul=dtype != "fp32"))
+    return specs
