@@ -47,6 +47,25 @@ def test_patchify_round_trip(backend, b, c, grid, patch, dtype, contiguous, seed
     assert torch.equal(V.unpatchify_3d(tokens, grid, patch, backend=backend), x)
 
 
+@given(b=st.integers(1, 2), c=st.integers(1, 5), d=st.integers(1, 40), grid=st.tuples(*[st.integers(1, 3)] * 3),
+       patch=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 3)), dtype=st.sampled_from(DTYPES[:2]),
+       bias=st.booleans(), seed=st.integers(0, 2**16))
+@pytest.mark.parametrize("backend", cpu_backends("patch_embed"))
+def test_patch_embed_matches_conv3d(backend, b, c, d, grid, patch, dtype, bias, seed):
+    x = tensor((b, c, *(g * p for g, p in zip(grid, patch))), dtype, seed).requires_grad_()
+    w = tensor((d, c, *patch), dtype, seed + 1).requires_grad_()
+    bvec = tensor((d,), dtype, seed + 2).requires_grad_() if bias else None
+    out = V.patch_embed_3d(x, w, bvec, backend=backend)
+    expected = torch.nn.functional.conv3d(x.double(), w.double(), None if bvec is None else bvec.double(),
+                                          stride=patch).flatten(2).transpose(1, 2)
+    assert_close(out, expected, dtype, scale=4)
+    grad = tensor(out.shape, dtype, seed + 3)
+    got = torch.autograd.grad(out, [x, w], grad)
+    want = torch.autograd.grad(expected, [x, w], grad.double())
+    for g, e in zip(got, want):
+        assert_close(g, e, dtype, scale=8)
+
+
 @given(lq=lengths, cross=st.booleans(), heads=st.sampled_from([(1, 1), (4, 2), (3, 3), (6, 2)]),
        dim=st.sampled_from([8, 16, 32, 40]), causal=st.booleans(), dtype=st.sampled_from(DTYPES[:3]),
        seed=st.integers(0, 2**16), data=st.data())
