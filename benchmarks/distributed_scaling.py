@@ -37,7 +37,8 @@ def main() -> None:
         times, sent = [], None
         for it in range(4):
             if mode == "single":
-                qs, ks, vs, gs = (t.clone().requires_grad_() for t in (q, k, v)) + (g,)
+                qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+                gs = g
             else:
                 qs, ks, vs = (shard_packed(t).clone().requires_grad_() for t in (q, k, v))
                 gs = shard_packed(g)

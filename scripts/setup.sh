@@ -17,5 +17,5 @@ if ! .venv/bin/pip install -v --no-build-isolation -e . > build/pip-install.log 
 fi
 # Show what was compiled: the setup decisions and one line per compiled source.
 grep -E "\[vdit setup\]|/(cpu|cuda)/[a-z_]+\.(cpp|cu) -o|csrc/[a-z_]+\.cpp -o" build/pip-install.log \
-    | sed -E 's@^ *(\[[0-9]+/[0-9]+\]) ([^ ]+/)?([^ /]+) .* -c ([^ ]+) .*@\1 \3 \4@' | sort -u
+    | sed -E 's@^ *(\[[0-9]+/[0-9]+\]) ([^ ]+/)?([^ /]+) .* -c ([^ ]+) .*@\1 \3 \4@' | sort -V -u
 .venv/bin/python -c "import vdit; print('[setup] vdit.build_info():', vdit.build_info())"

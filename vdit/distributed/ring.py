@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from vdit.distributed.sharding import shard_range, shard_sizes, world
 from vdit.distributed.stats import record
-from vdit.ops import reference
+from vdit.ops import varlen_attention
+from vdit.ops.attention import varlen_attention_backward
 
 
 def local_offsets(cu: list[int], start: int, end: int) -> torch.Tensor:
@@ -29,46 +30,17 @@ def local_offsets(cu: list[int], start: int, end: int) -> torch.Tensor:
 
 
 def _block_forward(q, k, v, cu_q, cu_k, scale, causal):
-    return reference.varlen_attention(q, k, v, cu_q.to(q.device), cu_k.to(q.device), softmax_scale=scale,
-                                      causal=causal, return_lse=True)
+    return varlen_attention(q, k, v, cu_q.to(q.device), cu_k.to(q.device), softmax_scale=scale, causal=causal,
+                            return_lse=True)
+
+
+def _block_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal):
+    return varlen_attention_backward(dout, q, k, v, out, lse, cu_q.to(q.device), cu_k.to(q.device),
+                                     softmax_scale=scale, causal=causal)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _block_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal):
-    """Gradients of one (query, key/value) pair given the merged out and lse (float32 math; float64 for float64)."""
-    cd = _compute_dtype(q.dtype)
-    dq, dk, dv = (torch.zeros(t.shape, dtype=cd, device=t.device) for t in (q, k, v))
-    groups = q.shape[1] // k.shape[1]
-    cq, ck = cu_q.tolist(), cu_k.tolist()
-    for i in range(len(cq) - 1):
-        qs, qe, ks, ke = cq[i], cq[i + 1], ck[i], ck[i + 1]
-        if qe == qs or ke == ks:
-            continue
-        qi = q[qs:qe].to(cd).transpose(0, 1)
-        ki = k[ks:ke].to(cd).transpose(0, 1).repeat_interleave(groups, 0)
-        vi = v[ks:ke].to(cd).transpose(0, 1).repeat_interleave(groups, 0)
-        do = dout[qs:qe].to(cd).transpose(0, 1)
-        o = out[qs:qe].to(cd).transpose(0, 1)
-        s = (qi @ ki.transpose(1, 2)) * scale
-        if causal:
-            Lq, Lk = qe - qs, ke - ks
-            mask = torch.arange(Lk, device=q.device)[None] > torch.arange(Lq, device=q.device)[:, None] + (Lk - Lq)
-            s = s.masked_fill(mask, float("-inf"))
-        row_lse = lse[:, qs:qe].to(cd)
-        p = torch.exp(s - torch.where(torch.isinf(row_lse), torch.zeros_like(row_lse), row_lse)[..., None])
-        p = torch.where(torch.isinf(row_lse)[..., None], torch.zeros_like(p), p)
-        dvi = p.transpose(1, 2) @ do
-        dp = do @ vi.transpose(1, 2)
-        ds = p * (dp - (do * o).sum(-1, keepdim=True))
-        dq[qs:qe] = (ds @ ki).transpose(0, 1) * scale
-        dki = (ds.transpose(1, 2) @ qi) * scale
-        Hk = k.shape[1]
-        dk[ks:ke] = dki.reshape(Hk, groups, ke - ks, -1).sum(1).transpose(0, 1)
-        dv[ks:ke] = dvi.reshape(Hk, groups, ke - ks, -1).sum(1).transpose(0, 1)
-    return dq, dk, dv
 
 
 def _merge(out, lse, out_b, lse_b):
@@ -130,6 +102,7 @@ class RingAttention(torch.autograd.Function):
                 n = shard_sizes(total_k, size)[src]
                 kb, vb = _ring_pass([kb, vb], group, [n, n])
         out = out.to(q.dtype)
+        lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.pairs, ctx.scale, ctx.group, ctx.total_k, ctx.kv_replicated = pairs, scale, group, total_k, kv_replicated
         return out
@@ -153,9 +126,9 @@ class RingAttention(torch.autograd.Function):
             if pair is not None:
                 owner, cq, ck, blk_causal = pair
                 dq_b, dk_b, dv_b = _block_backward(dout, q, kb, vb, out, lse, cq, ck, ctx.scale, blk_causal)
-                dq += dq_b
-                dkv[owner, 0, : kb.shape[0]] += dk_b
-                dkv[owner, 1, : vb.shape[0]] += dv_b
+                dq += dq_b.to(cd)
+                dkv[owner, 0, : kb.shape[0]] += dk_b.to(cd)
+                dkv[owner, 1, : vb.shape[0]] += dv_b.to(cd)
             if step + 1 < len(ctx.pairs):
                 src = (rank - step - 1) % size
                 kb, vb = _ring_pass([kb, vb], ctx.group, [sizes[src], sizes[src]])

@@ -165,3 +165,31 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     out, lse = op(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q.contiguous(),
                   cu_seqlens_k.contiguous(), max_q, max_k, scale, causal)
     return (out, lse) if return_lse else out
+
+
+def varlen_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                              cu_seqlens_k: torch.Tensor, max_seqlen_q: int | None = None,
+                              max_seqlen_k: int | None = None, *, softmax_scale: float | None = None,
+                              causal: bool = False, backend: str = "auto"):
+    """Gradients (dq, dk, dv) of :func:`varlen_attention` from its output ``out`` and ``lse``.
+
+    For building blocks such as ring attention, where ``out`` / ``lse`` (Hq, total_q) are the merged
+    results over more keys than ``k``, ``v`` hold: each block's gradients follow exactly. Inputs as in
+    :func:`varlen_attention` plus ``dout`` like q; not differentiable itself.
+    Returns:
+        (dq, dk, dv) like q, k, v (the ``torch`` backend returns float32, float64 for float64 input).
+    """
+    max_q, max_k, scale = _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                        softmax_scale, causal)
+    chosen = select_backend("varlen_attention", KERNELS, q.device, backend)
+    if chosen == "triton" and (q.dtype not in TRITON_DTYPES or q.shape[2] > TRITON_MAX_HEAD_DIM
+                               or q.shape[0] == 0 or k.shape[0] == 0):
+        chosen = "torch"
+    if chosen == "torch":
+        return reference.varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                   softmax_scale=scale, causal=causal)
+    op = torch.ops.vdit.varlen_attention_bwd_triton if chosen == "triton" else torch.ops.vdit.varlen_attention_bwd
+    return op(dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(),
+              lse.to(_lse_dtype(q, chosen == "triton")).contiguous(), cu_seqlens_q.contiguous(),
+              cu_seqlens_k.contiguous(), max_q, max_k, scale, causal)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "patchify_3d", "unpatchify_3d", "patch_embed_3d", "patch_embed_3d_varlen", "varlen_attention",
-    "rope_3d", "rope_3d_qk", "rope_3d_angles", "adaln_modulate", "gated_residual", "segment_ids",
+    "varlen_attention_backward", "rope_3d", "rope_3d_qk", "rope_3d_angles", "adaln_modulate", "gated_residual", "segment_ids",
     "patch_unembed_3d", "patch_unembed_3d_varlen",
 ]
 
@@ -149,6 +149,47 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
         lse[:, qs:qe] = row_lse
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, softmax_scale, causal=False):
+    """Gradients (dq, dk, dv) of :func:`varlen_attention` given its output and log-sum-exp.
+
+    ``out`` and ``lse`` may come from a larger key set than ``k``, ``v`` (ring attention passes the merged
+    output of all key blocks): the probabilities are exp(scores - lse) and the softmax correction uses
+    rowsum(dout * out), so each block's gradients come out exactly. Shapes as in varlen_attention;
+    lse (Hq, total_q). Returns float32 tensors (float64 for float64 input).
+    """
+    cd = _compute_dtype(q.dtype)
+    scale, cu_q, cu_k = softmax_scale, cu_seqlens_q, cu_seqlens_k
+    dq, dk, dv = (torch.zeros(t.shape, dtype=cd, device=t.device) for t in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for i in range(len(cq) - 1):
+        qs, qe, ks, ke = cq[i], cq[i + 1], ck[i], ck[i + 1]
+        if qe == qs or ke == ks:
+            continue
+        qi = q[qs:qe].to(cd).transpose(0, 1)
+        ki = k[ks:ke].to(cd).transpose(0, 1).repeat_interleave(groups, 0)
+        vi = v[ks:ke].to(cd).transpose(0, 1).repeat_interleave(groups, 0)
+        do = dout[qs:qe].to(cd).transpose(0, 1)
+        o = out[qs:qe].to(cd).transpose(0, 1)
+        s = (qi @ ki.transpose(1, 2)) * scale
+        if causal:
+            Lq, Lk = qe - qs, ke - ks
+            mask = torch.arange(Lk, device=q.device)[None] > torch.arange(Lq, device=q.device)[:, None] + (Lk - Lq)
+            s = s.masked_fill(mask, float("-inf"))
+        row_lse = lse[:, qs:qe].to(cd)
+        p = torch.exp(s - torch.where(torch.isinf(row_lse), torch.zeros_like(row_lse), row_lse)[..., None])
+        p = torch.where(torch.isinf(row_lse)[..., None], torch.zeros_like(p), p)
+        dvi = p.transpose(1, 2) @ do
+        dp = do @ vi.transpose(1, 2)
+        ds = p * (dp - (do * o).sum(-1, keepdim=True))
+        dq[qs:qe] = (ds @ ki).transpose(0, 1) * scale
+        dki = (ds.transpose(1, 2) @ qi) * scale
+        Hk = k.shape[1]
+        dk[ks:ke] = dki.reshape(Hk, groups, ke - ks, -1).sum(1).transpose(0, 1)
+        dv[ks:ke] = dvi.reshape(Hk, groups, ke - ks, -1).sum(1).transpose(0, 1)
+    return dq, dk, dv
 
 
 # --------------------------------------------------------------------------------------------
