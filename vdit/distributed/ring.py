@@ -52,18 +52,35 @@ def _merge(out, lse, out_b, lse_b):
     return out * w_a + out_b.to(out.dtype) * w_b, new
 
 
-def _ring_pass(tensors, group, sizes_from):
-    """Send ``tensors`` to rank r+1, receive the ones of rank r-1 (whose leading sizes are ``sizes_from``)."""
+class _RingPass:
+    """Send ``tensors`` to rank r+1 and receive rank r-1's (leading sizes ``sizes_from``) in the background;
+    ``wait()`` returns the received tensors. Started before the current block's compute, so the transfer
+    overlaps it wherever the backend progresses point-to-point transfers asynchronously (NCCL, gloo)."""
+
+    def __init__(self, tensors, group, sizes_from):
+        rank, size = world(group)
+        nxt, prv = (rank + 1) % size, (rank - 1) % size
+        self.received = [t.new_empty((n, *t.shape[1:])) for t, n in zip(tensors, sizes_from)]
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(size))
+        self.sent = [t.contiguous() for t in tensors]  # keep the send buffers alive until wait()
+        ops = [dist.P2POp(dist.isend, t, ranks[nxt], group) for t in self.sent]
+        ops += [dist.P2POp(dist.irecv, r, ranks[prv], group) for r in self.received]
+        record("ring_p2p", sum(t.numel() * t.element_size() for t in self.sent))
+        self.requests = dist.batch_isend_irecv(ops)
+
+    def wait(self):
+        for req in self.requests:
+            req.wait()
+        return self.received
+
+
+def _next_block(step, steps, tensors, group, sizes):
+    """Start passing the current key/value block on, unless this is the last step."""
+    if step + 1 >= steps:
+        return None
     rank, size = world(group)
-    nxt, prv = (rank + 1) % size, (rank - 1) % size
-    received = [t.new_empty((n, *t.shape[1:])) for t, n in zip(tensors, sizes_from)]
-    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(size))
-    ops = [dist.P2POp(dist.isend, t.contiguous(), ranks[nxt], group) for t in tensors]
-    record("ring_p2p", sum(t.numel() * t.element_size() for t in tensors))
-    ops += [dist.P2POp(dist.irecv, r, ranks[prv], group) for r in received]
-    for req in dist.batch_isend_irecv(ops):
-        req.wait()
-    return received
+    n = sizes[(rank - step - 1) % size]
+    return _RingPass(tensors, group, [n] * len(tensors))
 
 
 def _pairs(rank, size, total_q, total_k, cu_q, cu_k, kv_replicated, causal):
@@ -92,15 +109,15 @@ class RingAttention(torch.autograd.Function):
         out = torch.zeros(q.shape, dtype=cd, device=q.device)
         lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=cd, device=q.device)
         kb, vb = k, v
+        sizes = shard_sizes(total_k, size)
         for step, pair in enumerate(pairs):
+            transfer = _next_block(step, len(pairs), [kb, vb], group, sizes)
             if pair is not None:
                 _, cq, ck, blk_causal = pair
                 o_b, l_b = _block_forward(q, kb, vb, cq, ck, scale, blk_causal)
                 out, lse = _merge(out, lse, o_b, l_b.to(cd))
-            if step + 1 < len(pairs):
-                src = (rank - step - 1) % size
-                n = shard_sizes(total_k, size)[src]
-                kb, vb = _ring_pass([kb, vb], group, [n, n])
+            if transfer is not None:
+                kb, vb = transfer.wait()
         out = out.to(q.dtype)
         lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -123,15 +140,15 @@ class RingAttention(torch.autograd.Function):
         dkv = torch.zeros((size, 2, longest, *k.shape[1:]), dtype=cd, device=k.device)
         kb, vb = k, v
         for step, pair in enumerate(ctx.pairs):
+            transfer = _next_block(step, len(ctx.pairs), [kb, vb], ctx.group, sizes)
             if pair is not None:
                 owner, cq, ck, blk_causal = pair
                 dq_b, dk_b, dv_b = _block_backward(dout, q, kb, vb, out, lse, cq, ck, ctx.scale, blk_causal)
                 dq += dq_b.to(cd)
                 dkv[owner, 0, : kb.shape[0]] += dk_b.to(cd)
                 dkv[owner, 1, : vb.shape[0]] += dv_b.to(cd)
-            if step + 1 < len(ctx.pairs):
-                src = (rank - step - 1) % size
-                kb, vb = _ring_pass([kb, vb], ctx.group, [sizes[src], sizes[src]])
+            if transfer is not None:
+                kb, vb = transfer.wait()
         mine = torch.empty((2, longest, *k.shape[1:]), dtype=cd, device=k.device)
         record("reduce_scatter", dkv.numel() * dkv.element_size() * (size - 1) // size)
         dist.reduce_scatter_tensor(mine.view(-1, *k.shape[1:]), dkv.view(-1, *k.shape[1:]), group=ctx.group)
