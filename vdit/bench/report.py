@@ -3,7 +3,8 @@
 Runs every ``benchmarks/bench_*.py`` module (pytest-benchmark) in one process, so each op and its
 baselines, and the machine's ceilings (bench_roofline.py), are measured in the same run. Writes
 ``<device>.md`` (machine, versions, date, one table per module: vdit time, each baseline's time,
-speedup, achieved GB/s or GFLOP/s, % of roofline), ``<device>.json`` (raw) and ``<device>-speedups.png``.
+speedup, achieved GB/s or GFLOP/s, % of roofline), ``<device>.json`` (raw) and three plots:
+``<device>-speedups.png``, ``<device>-attention-vs-seqlen.png``, ``<device>-packed-vs-padded.png``.
 
     vdit-bench --quick                 # under 5 minutes on a 2-core CPU
     vdit-bench --gpu-static            # static GPU report (no GPU needed): gpu-static.md
@@ -114,6 +115,56 @@ def plot_speedups(data: dict, path: str) -> str | None:
     return path
 
 
+def plot_attention_sweep(data: dict, path: str) -> str | None:
+    """GFLOP/s of each attention implementation against sequence length (benchmarks with extra_info seqlen)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for b in data["benchmarks"]:
+        info = b["extra_info"]
+        if "seqlen" in info and "flops" in info:
+            series.setdefault(info["impl"], []).append((info["seqlen"], info["flops"] / b["stats"]["median"] / 1e9))
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for impl, points in sorted(series.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=impl)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length (tokens)")
+    ax.set_ylabel("GFLOP/s (forward)")
+    ax.set_title("varlen attention throughput")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_packed_vs_padded(data: dict, path: str) -> str | None:
+    """Real tokens per second of the model step for each variant (benchmarks with extra_info tokens)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(b["extra_info"]["impl"], b["extra_info"]["tokens"] / b["stats"]["median"])
+            for b in data["benchmarks"] if "tokens" in b["extra_info"] and "forward+backward" not in b["group"]]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 0.5 * len(rows) + 1.2))
+    ax.barh([r[0] for r in rows], [r[1] for r in rows], color="tab:blue")
+    ax.set_xlabel("real (unpadded) tokens per second, VideoDiT forward")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="vdit-bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small shapes and few rounds (< 5 minutes on 2 CPU cores)")
@@ -135,9 +186,11 @@ def main(argv=None) -> int:
     with open(json_path) as f:
         data = json.load(f)
     print("wrote", write_report(data, args.out, device))
-    plot = plot_speedups(data, os.path.join(args.out, f"{device}-speedups.png"))
-    if plot:
-        print("wrote", plot)
+    for name, fn in (("speedups", plot_speedups), ("attention-vs-seqlen", plot_attention_sweep),
+                     ("packed-vs-padded", plot_packed_vs_padded)):
+        plot = fn(data, os.path.join(args.out, f"{device}-{name}.png"))
+        if plot:
+            print("wrote", plot)
     return status
 
 
