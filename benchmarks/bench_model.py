@@ -1,12 +1,14 @@
-"""VideoDiT step on a mixed-resolution packed batch (CPU, fp32).
+"""VideoDiT step on mixed-resolution packed batches (CPU, fp32).
 
 Model: the ``small`` preset (hidden 384, depth 12, 6 heads, 16-channel latents, patch 1x2x2: the
-latent and patch layout of Open-Sora / Wan, at a width a 2-core CPU can run; depth reduced to 4 under
-``--quick``). Batch: four latent videos of different duration and aspect ratio, (T, H, W) = (4, 16, 24),
-(2, 24, 16), (6, 12, 12), (3, 20, 20), i.e. 384, 192, 216 and 300 tokens.
+latent and patch layout of Open-Sora / Wan, at a width a 2-core CPU can run; depth 4 under ``--quick``).
+Batches of latent videos of different duration and aspect ratio:
+- ``4 videos, 1092 tokens``: (T, H, W) = (4, 16, 24), (2, 24, 16), (6, 12, 12), (3, 20, 20);
+- ``5 videos, 4920 tokens``: the packed batch of benchmarks/bench_attention.py, (8, 30, 40), (5, 24, 40),
+  (4, 24, 32), (3, 20, 24), (2, 16, 24) = 2400 + 1200 + 768 + 360 + 192 tokens.
 Compared in the same run: vdit kernels (auto backend) vs the same model on the reference ops
 (``vdit.use_backend("torch")``), and the packed batch vs the same videos zero-padded to the largest
-(T, H, W) (what a padding-based implementation computes).
+(T, H, W) (what a padding-based implementation computes). Throughput counts real tokens only.
 """
 import pytest
 import torch
@@ -15,53 +17,63 @@ import vdit
 from benchmarks.common import quick
 from vdit.models import VideoDiT, VideoDiTConfig
 
-SIZES = [(4, 16, 24), (2, 24, 16), (6, 12, 12), (3, 20, 20)]
+BATCHES = {
+    "4 videos, 1092 tokens": [(4, 16, 24), (2, 24, 16), (6, 12, 12), (3, 20, 20)],
+    "5 videos, 4920 tokens": [(8, 30, 40), (5, 24, 40), (4, 24, 32), (3, 20, 24), (2, 16, 24)],
+}
+ROUNDS = dict(rounds=3, iterations=1, warmup_rounds=1)
 
 
 @pytest.fixture(scope="module")
-def setup():
+def model():
     torch.manual_seed(0)
-    cfg = VideoDiTConfig.preset("small", depth=4 if quick() else 12, context_dim=128)
-    model = VideoDiT(cfg).eval()
-    videos = [torch.randn(16, *s) for s in SIZES]
-    context = torch.randn(40, cfg.context_dim)
-    cu_ctx = torch.tensor([0, 10, 20, 30, 40], dtype=torch.int32)
-    t = torch.rand(len(SIZES))
-    tokens = sum(t_ * (h // 2) * (w // 2) for t_, h, w in SIZES)
-    return model, videos, t, context, cu_ctx, tokens
+    return VideoDiT(VideoDiTConfig.preset("small", depth=4 if quick() else 12, context_dim=128)).eval()
 
 
-def _padded(videos):
-    T, H, W = (max(v.shape[i] for v in videos) for i in (1, 2, 3))
-    return [torch.nn.functional.pad(v, (0, W - v.shape[3], 0, H - v.shape[2], 0, T - v.shape[1])) for v in videos]
+def _inputs(sizes, padded=False):
+    g = torch.Generator().manual_seed(0)
+    videos = [torch.randn(16, *s, generator=g) for s in sizes]
+    if padded:
+        T, H, W = (max(s[i] for s in sizes) for i in range(3))
+        videos = [torch.nn.functional.pad(v, (0, W - v.shape[3], 0, H - v.shape[2], 0, T - v.shape[1])) for v in videos]
+    B = len(sizes)
+    context = torch.randn(10 * B, 128, generator=g)
+    cu_ctx = torch.arange(0, 10 * B + 1, 10, dtype=torch.int32)
+    return videos, torch.rand(B, generator=g), context, cu_ctx
 
 
-@pytest.mark.parametrize("variant", ["vdit kernels, packed", "reference ops, packed", "vdit kernels, padded to max"])
-def test_forward(benchmark, setup, variant):
-    model, videos, t, context, cu_ctx, tokens = setup
-    inputs = _padded(videos) if "padded" in variant else videos
-    backend = "torch" if "reference" in variant else "auto"
-    benchmark.group = f"VideoDiT small forward, 4 mixed videos ({tokens} real tokens)"
-    impl = {"vdit kernels, packed": "vdit auto", "vdit kernels, padded to max": "padded to max (vdit kernels)"}
-    benchmark.extra_info.update(impl=impl.get(variant, variant), tokens=tokens)
+VARIANTS = {"vdit auto": ("auto", False), "reference ops, packed": ("torch", False),
+            "padded to max (vdit kernels)": ("auto", True)}
+
+
+@pytest.mark.parametrize("batch", list(BATCHES))
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_forward(benchmark, model, batch, variant):
+    backend, padded = VARIANTS[variant]
+    sizes = BATCHES[batch]
+    videos, t, context, cu_ctx = _inputs(sizes, padded)
+    tokens = sum(a * (b // 2) * (c // 2) for a, b, c in sizes)
+    benchmark.group = f"VideoDiT small forward, {batch}"
+    benchmark.extra_info.update(impl=variant, tokens=tokens)
 
     def step():
         with torch.no_grad(), vdit.use_backend(backend):
-            return model(inputs, t, context, cu_ctx)
+            return model(videos, t, context, cu_ctx)
 
-    benchmark(step)
+    benchmark.pedantic(step, **ROUNDS)
 
 
-@pytest.mark.parametrize("variant", ["vdit kernels", "reference ops"])
-def test_forward_backward(benchmark, setup, variant):
-    model, videos, t, context, cu_ctx, tokens = setup
-    backend = "torch" if variant == "reference ops" else "auto"
-    benchmark.group = f"VideoDiT small forward+backward, 4 mixed videos ({tokens} tokens)"
-    benchmark.extra_info.update(impl="vdit auto" if backend == "auto" else variant, tokens=tokens)
+@pytest.mark.parametrize("batch", list(BATCHES))
+@pytest.mark.parametrize("variant", ["vdit auto", "reference ops, packed"])
+def test_forward_backward(benchmark, model, batch, variant):
+    backend, _ = VARIANTS[variant]
+    videos, t, context, cu_ctx = _inputs(BATCHES[batch])
+    benchmark.group = f"VideoDiT small forward+backward, {batch}"
+    benchmark.extra_info.update(impl=variant)
 
     def step():
         with vdit.use_backend(backend):
             out = model(videos, t, context, cu_ctx)
             sum(o.square().mean() for o in out).backward()
 
-    benchmark(step)
+    benchmark.pedantic(step, **ROUNDS)

@@ -151,7 +151,7 @@ def plot_packed_vs_padded(data: dict, path: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(b["extra_info"]["impl"], b["extra_info"]["tokens"] / b["stats"]["median"])
+    rows = [(f'{b["group"].split(", ", 1)[-1]}: {b["extra_info"]["impl"]}', b["extra_info"]["tokens"] / b["stats"]["median"])
             for b in data["benchmarks"] if "tokens" in b["extra_info"] and "forward+backward" not in b["group"]]
     if not rows:
         return None
