@@ -12,7 +12,7 @@ from vdit.data.shapes import vocabulary
 from vdit.models import VideoDiTConfig
 from vdit.pipelines.text_to_video import TextEncoderConfig, TextToVideo
 
-TINY_TRAIN = ["--hidden-size", "32", "--depth", "1", "--heads", "2", "--tokens-per-batch", "48", "--save-every", "2",
+TINY_TRAIN = ["--hidden-size", "48", "--depth", "1", "--heads", "2", "--patch-size", "1x4x4", "--tokens-per-batch", "48", "--save-every", "2",
               "--warmup", "1", "--device", "cpu"]
 
 
@@ -20,7 +20,7 @@ TINY_TRAIN = ["--hidden-size", "32", "--depth", "1", "--heads", "2", "--tokens-p
 def tiny_weights(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
-    model = TextToVideo(VideoDiTConfig.preset("tiny", context_dim=32, patch_size=(2, 4, 4)), vocabulary(),
+    model = TextToVideo(VideoDiTConfig.preset("tiny", context_dim=32, patch_size=(2, 4, 4), hidden_size=96), vocabulary(),
                         TextEncoderConfig(dim=32, depth=1, heads=2))
     model.save(str(directory))
     return str(directory / "model.safetensors")

@@ -9,7 +9,7 @@ import subprocess
 
 from vdit.checkpoint import load_tensors
 
-TINY = ["--hidden-size", "32", "--depth", "1", "--heads", "2", "--tokens-per-batch", "96", "--save-every", "3",
+TINY = ["--hidden-size", "48", "--depth", "1", "--heads", "2", "--patch-size", "1x4x4", "--tokens-per-batch", "96", "--save-every", "3",
         "--warmup", "1", "--device", "cpu", "--steps", "3", "--caption-dropout", "0.3", "--min-videos", "2"]
 
 
@@ -53,7 +53,7 @@ def test_sequence_parallel_generation_matches_one_process(tmp_path):
     from vdit.pipelines.text_to_video import TextEncoderConfig, TextToVideo
 
     torch.manual_seed(0)
-    model = TextToVideo(VideoDiTConfig.preset("tiny", context_dim=32, patch_size=(2, 4, 4)), vocabulary(),
+    model = TextToVideo(VideoDiTConfig.preset("tiny", context_dim=32, patch_size=(2, 4, 4), hidden_size=96), vocabulary(),
                         TextEncoderConfig(dim=32, depth=1, heads=2))
     for p in model.dit.parameters():
         torch.nn.init.normal_(p, std=0.1)

@@ -146,3 +146,13 @@ def test_block_compiles_fullgraph():
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(*args), block(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_config_warns_when_tokens_are_narrower_than_patches():
+    with pytest.warns(UserWarning, match="cannot represent every pixel's noise"):
+        VideoDiTConfig(in_channels=3, patch_size=(2, 8, 8), hidden_size=256)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        VideoDiTConfig(in_channels=3, patch_size=(1, 8, 8), hidden_size=256)

@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--patch-size", default="2x8x8", help="pt x ph x pw")
+    p.add_argument("--patch-size", default="1x8x8", help="pt x ph x pw (3 * pt*ph*pw must not exceed --hidden-size)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--min-videos", type=int, default=1,
                    help="at least this many videos per batch (>= the number of data-parallel ranks)")

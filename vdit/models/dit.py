@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -26,7 +27,7 @@ class VideoDiTConfig:
 
     in_channels: int = 3
     out_channels: int | None = None  # default: in_channels
-    patch_size: tuple[int, int, int] = (2, 8, 8)
+    patch_size: tuple[int, int, int] = (1, 8, 8)
     hidden_size: int = 256
     depth: int = 6
     heads: int = 4
@@ -43,6 +44,13 @@ class VideoDiTConfig:
             self.out_channels = self.in_channels
         if self.hidden_size % self.heads:
             raise ValueError(f"hidden_size {self.hidden_size} must be divisible by heads {self.heads}")
+        patch_features = self.in_channels * math.prod(self.patch_size)
+        if patch_features > self.hidden_size:
+            # A token narrower than its patch cannot carry the noise of every pixel: the predicted velocity
+            # misses those directions and samples keep that noise (seen with 2x8x8 RGB patches, width 256).
+            warnings.warn(f"VideoDiTConfig: a patch has {patch_features} features but tokens only {self.hidden_size} "
+                          "dimensions; the model cannot represent every pixel's noise (use smaller patches or a "
+                          "wider model)", stacklevel=3)
         if self.rope_dims is None:
             self.rope_dims = RotaryEmbedding3d.even_split(self.head_dim)
         self.rope_dims = tuple(self.rope_dims)
