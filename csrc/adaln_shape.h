@@ -45,6 +45,20 @@ inline AdalnShape adaln_shape(const char* op, const at::Tensor& x, const at::Ten
   return s;
 }
 
+// Accumulation type of the row statistics: float64 for float64 input, else float32.
+inline at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The backward's inputs besides the forward's: grad_out like x, and the forward's row statistics.
+inline void check_adaln_backward(const AdalnShape& sh, const at::Tensor& grad, const at::Tensor& x,
+                                 const at::Tensor& mean, const at::Tensor& rstd) {
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.is_contiguous() && grad.scalar_type() == x.scalar_type(),
+              "vdit::adaln_modulate_backward: grad_out must be like x");
+  const auto acc = acc_type_of(x.scalar_type());
+  TORCH_CHECK(mean.numel() == sh.rows && rstd.numel() == sh.rows && mean.scalar_type() == acc &&
+                  rstd.scalar_type() == acc && mean.is_contiguous() && rstd.is_contiguous(),
+              "vdit::adaln_modulate_backward: mean and rstd must be the forward's row statistics");
+}
+
 // Row statistics have x's shape without the feature dim.
 inline std::vector<int64_t> row_shape(const at::Tensor& x) {
   return std::vector<int64_t>(x.sizes().begin(), x.sizes().end() - 1);

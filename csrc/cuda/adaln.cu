@@ -366,7 +366,6 @@ void launch_param_grads(const T* grad, const T* other, const A* mean, const A* r
 
 // ---- operator entry points --------------------------------------------------------------------
 
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_cuda(const at::Tensor& x, const at::Tensor& shift,
                                                                    const at::Tensor& scale,
@@ -395,12 +394,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_backward_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& mean,
     const at::Tensor& rstd, const std::optional<at::Tensor>& cu_seqlens) {
   const AdalnShape sh = adaln_shape("vdit::adaln_modulate_backward", x, scale, cu_seqlens);
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.is_contiguous() && grad.scalar_type() == x.scalar_type(),
-              "vdit::adaln_modulate_backward: grad_out must be like x");
-  const auto acc = acc_type_of(x.scalar_type());
-  TORCH_CHECK(mean.numel() == sh.rows && rstd.numel() == sh.rows && mean.scalar_type() == acc &&
-                  rstd.scalar_type() == acc && mean.is_contiguous() && rstd.is_contiguous(),
-              "vdit::adaln_modulate_backward: mean and rstd must be the forward's row statistics");
+  check_adaln_backward(sh, grad, x, mean, rstd);
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor grad_x = new_output(x.sizes(), x.options());
   at::Tensor grad_shift = new_output(scale.sizes(), scale.options());

@@ -1,0 +1,34 @@
+"""Copy a training run's EMA weights into the package as the shipped demo model (float16 safetensors).
+
+    python scripts/export_demo_weights.py runs/demo-p188            # -> vdit/assets/demo/
+"""
+import argparse
+import json
+import os
+
+import torch
+
+from vdit.checkpoint import load_tensors, read_json
+from vdit.pipelines.text_to_video import TextToVideo
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vdit", "assets", "demo")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="vdit-train --out directory")
+    parser.add_argument("--out", default=ASSETS)
+    args = parser.parse_args()
+    model = TextToVideo.from_config(read_json(os.path.join(args.run, "config.json")))
+    ema = load_tensors(os.path.join(args.run, "ema.safetensors"))
+    model.load_state_dict(ema)
+    model.save(args.out, dtype=torch.float16)
+    step = read_json(os.path.join(args.run, "state.json"))["step"]
+    with open(os.path.join(args.out, "training.json"), "w") as f:
+        json.dump({"source_run": os.path.basename(os.path.normpath(args.run)), "step": step}, f, indent=2)
+    size = os.path.getsize(os.path.join(args.out, TextToVideo.WEIGHTS_FILE)) / 2**20
+    print(f"exported the EMA weights of step {step} to {args.out} ({size:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
