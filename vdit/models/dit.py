@@ -120,6 +120,11 @@ class VideoDiT(nn.Module):
             the final layer. Gradients of the replicated parameters are partial per rank: average them over
             the group (DDP over the group does this).
         Returns a list of B tensors (C_out, Ti, Hi, Wi): the predicted velocity (noise - data).
+
+    torch.compile: every block traces into one graph (``fullgraph=True``; tests/test_model.py). CUDA graphs:
+    the forward reads the batch layout on the host (grid positions, max_seqlen, per-sample lengths), so
+    capture the blocks for a fixed batch layout rather than the whole forward; the vdit kernels
+    themselves allocate no host memory and launch no host syncs when ``max_seqlen`` is given.
     """
 
     def __init__(self, cfg: VideoDiTConfig):
