@@ -123,8 +123,8 @@ class VideoDiT(nn.Module):
 
     torch.compile: every block traces into one graph (``fullgraph=True``; tests/test_model.py). CUDA graphs:
     the forward reads the batch layout on the host (grid positions, max_seqlen, per-sample lengths), so
-    capture the blocks for a fixed batch layout rather than the whole forward; the vdit kernels
-    themselves allocate no host memory and launch no host syncs when ``max_seqlen`` is given.
+    capture compiled blocks for a fixed batch layout rather than the whole forward (in eager mode the ops'
+    input validation also reads ``cu_seqlens`` on the host; under torch.compile it is skipped).
     """
 
     def __init__(self, cfg: VideoDiTConfig):
