@@ -151,11 +151,12 @@ def plot_packed_vs_padded(data: dict, path: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(f'{b["group"].split(", ", 1)[-1]}: {b["extra_info"]["impl"]}', b["extra_info"]["tokens"] / b["stats"]["median"])
-            for b in data["benchmarks"] if "tokens" in b["extra_info"] and "forward+backward" not in b["group"]]
+    rows = sorted((f'{b["group"].split(", ", 1)[-1]}: {b["extra_info"]["impl"]}', b["extra_info"]["tokens"] / b["stats"]["median"])
+                  for b in data["benchmarks"] if "tokens" in b["extra_info"] and b["group"].startswith("VideoDiT")
+                  and "forward+backward" not in b["group"])
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(6, 0.5 * len(rows) + 1.2))
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.2))
     ax.barh([r[0] for r in rows], [r[1] for r in rows], color="tab:blue")
     ax.set_xlabel("real (unpadded) tokens per second, VideoDiT forward")
     ax.invert_yaxis()
