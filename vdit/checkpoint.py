@@ -25,6 +25,7 @@ def save_tensors(path: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype
            for k, v in tensors.items()}
     tmp = path + ".tmp"
     save_file(out, tmp)
+    os.chmod(tmp, 0o644)  # safetensors writes 0600; weights may be shipped as package data
     os.replace(tmp, path)
 
 
