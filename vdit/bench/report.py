@@ -84,12 +84,24 @@ def write_report(data: dict, out_dir: str, device: str) -> str:
     return path
 
 
-def plot_speedups(data: dict, path: str) -> str | None:
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_speedups(data: dict, path: str) -> str | None:
     labels, values = [], []
     for group, rows in groups(data).items():
         ours = vdit_row(rows)
@@ -101,7 +113,7 @@ def plot_speedups(data: dict, path: str) -> str | None:
                 values.append(r["stats"]["median"] / ours["stats"]["median"])
     if not values:
         return None
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(values) + 1))
+    fig, ax = _pyplot().subplots(figsize=(9, 0.45 * len(values) + 1))
     colors = ["tab:green" if v >= 1 else "tab:red" for v in values]
     ax.barh(range(len(values)), values, color=colors)
     ax.set_yticks(range(len(values)), labels, fontsize=7)
@@ -109,19 +121,11 @@ def plot_speedups(data: dict, path: str) -> str | None:
     ax.set_xscale("log")
     ax.set_xlabel("vdit speedup (baseline time / vdit time, log scale)")
     ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_attention_sweep(data: dict, path: str) -> str | None:
     """GFLOP/s of each attention implementation against sequence length (benchmarks with extra_info seqlen)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     series: dict[str, list[tuple[int, float]]] = {}
     for b in data["benchmarks"]:
         info = b["extra_info"]
@@ -129,7 +133,7 @@ def plot_attention_sweep(data: dict, path: str) -> str | None:
             series.setdefault(info["impl"], []).append((info["seqlen"], info["flops"] / b["stats"]["median"] / 1e9))
     if not series:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
     for impl, points in sorted(series.items()):
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=impl)
@@ -138,32 +142,21 @@ def plot_attention_sweep(data: dict, path: str) -> str | None:
     ax.set_ylabel("GFLOP/s (forward)")
     ax.set_title("varlen attention throughput")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_packed_vs_padded(data: dict, path: str) -> str | None:
     """Real tokens per second of the model step for each variant (benchmarks with extra_info tokens)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = sorted((f'{b["group"].split(", ", 1)[-1]}: {b["extra_info"]["impl"]}', b["extra_info"]["tokens"] / b["stats"]["median"])
                   for b in data["benchmarks"] if "tokens" in b["extra_info"] and b["group"].startswith("VideoDiT")
                   and "forward+backward" not in b["group"])
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.2))
+    fig, ax = _pyplot().subplots(figsize=(9, 0.5 * len(rows) + 1.2))
     ax.barh([r[0] for r in rows], [r[1] for r in rows], color="tab:blue")
     ax.set_xlabel("real (unpadded) tokens per second, VideoDiT forward")
     ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def main(argv=None) -> int:
