@@ -71,3 +71,14 @@ def test_train_resumes_exactly(tmp_path):
         a, b = load_tensors(str(straight / name)), load_tensors(str(resumed / name))
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_train_init_weights_starts_from_them(tmp_path, tiny_weights):
+    out = tmp_path / "finetune"
+    torch.set_num_threads(1)
+    assert train.main(["--out", str(out), "--steps", "1", "--init-weights", tiny_weights, "--tokens-per-batch", "64",
+                       "--save-every", "1", "--warmup", "1", "--device", "cpu"]) == 0
+    start, after = load_tensors(tiny_weights), load_tensors(str(out / "model.safetensors"))
+    assert start.keys() == after.keys()  # the architecture came from the init weights' config
+    moved = [k for k in start if not torch.equal(start[k], after[k])]
+    assert moved and all((start[k] - after[k]).abs().max() < 0.01 for k in start)  # one small step away

@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sequence-parallel", type=int, default=1, help="ranks that split each batch's tokens")
     p.add_argument("--sp-mode", choices=("ulysses", "ring", "hybrid"), default="ulysses")
     p.add_argument("--ulysses-size", type=int, default=None, help="Ulysses group size for --sp-mode hybrid")
+    p.add_argument("--init-weights", default=None,
+                   help="start a new run from these TextToVideo weights (config.json beside them) instead of a "
+                        "random initialization; ignored when --out already holds a checkpoint")
     p.add_argument("--log-file", default=None, help="append one JSON line per step (step, loss, videos)")
     return p.parse_args(argv)
 
@@ -164,6 +167,11 @@ def main(argv=None) -> int:
     state_path = os.path.join(args.out, STATE_FILE)
     if os.path.exists(state_path):
         model = TextToVideo.load(os.path.join(args.out, TextToVideo.WEIGHTS_FILE), device=device).train()
+    elif args.init_weights:
+        # Fine-tuning / continuing from exported weights: the architecture comes from their config.
+        model = TextToVideo.load(args.init_weights, device=device).train()
+        if rank == 0:
+            print(f"initialized from {args.init_weights}", file=sys.stderr)
     else:
         model = new_model(args).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
