@@ -82,3 +82,12 @@ def test_train_init_weights_starts_from_them(tmp_path, tiny_weights):
     assert start.keys() == after.keys()  # the architecture came from the init weights' config
     moved = [k for k in start if not torch.equal(start[k], after[k])]
     assert moved and all((start[k] - after[k]).abs().max() < 0.01 for k in start)  # one small step away
+
+
+def test_timestep_shift_moves_training_towards_noise():
+    videos = [torch.zeros(3, 2, 8, 8) for _ in range(64)]
+    plain, noise = train.per_video_noise(0, range(64), videos, "cpu")
+    shifted, noise_shifted = train.per_video_noise(0, range(64), videos, "cpu", shift=3.0)
+    assert all(torch.equal(a, b) for a, b in zip(noise, noise_shifted))  # same noise, only t moves
+    torch.testing.assert_close(shifted, 3 * plain / (1 + 2 * plain))
+    assert (shifted > plain).all() and (shifted < 1).all()

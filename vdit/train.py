@@ -32,6 +32,7 @@ from vdit.checkpoint import CheckpointError, load_into, load_tensors, read_json,
 from vdit.data.shapes import ShapesDataset, vocabulary
 from vdit.models import VideoDiTConfig
 from vdit.pipelines.text_to_video import TextEncoderConfig, TextToVideo
+from vdit.sampling import time_shift
 from vdit.training import ema_update, flow_matching_loss
 
 STATE_FILE, EMA_FILE, OPTIM_FILE = "state.json", "ema.safetensors", "optimizer.safetensors"
@@ -46,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warmup steps")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay")
+    p.add_argument("--timestep-shift", type=float, default=1.0,
+                   help="train on t = time_shift(sigmoid(N(0, 1)), shift): > 1 puts more steps at high noise, where a "
+                        "video's layout and colours are decided; use the sampler's shift (3)")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="probability of an empty prompt (for CFG)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=200)
@@ -100,13 +104,14 @@ def next_batch(dataset: ShapesDataset, index: int, budget: int, patch, seed: int
     return mine, videos, captions, elements, len(indices), index
 
 
-def per_video_noise(seed: int, indices, videos, device):
+def per_video_noise(seed: int, indices, videos, device, shift: float = 1.0):
     """Timesteps (B,) and noise for each video, drawn from a generator keyed by (seed, sample index), so a
-    video gets the same noise whichever rank or batch it lands in."""
+    video gets the same noise whichever rank or batch it lands in. Timesteps are logit-normal, shifted
+    towards t = 1 by ``shift`` (vdit.sampling.time_shift)."""
     ts, noise = [], []
     for i, v in zip(indices, videos):
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        ts.append(torch.sigmoid(torch.randn(1, generator=g)))
+        ts.append(time_shift(torch.sigmoid(torch.randn(1, generator=g)), shift))
         noise.append(torch.randn(v.shape, generator=g).to(device))
     return torch.cat(ts).to(device), noise
 
@@ -201,7 +206,7 @@ def main(argv=None) -> int:
             dataset, data_index, args.tokens_per_batch, patch, args.seed, args.caption_dropout, dp_rank, dp_size,
             args.min_videos)
         videos = [v.to(device) for v in videos]
-        t, noise = per_video_noise(args.seed, indices, videos, device)
+        t, noise = per_video_noise(args.seed, indices, videos, device, args.timestep_shift)
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
         with autocast:
