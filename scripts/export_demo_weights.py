@@ -23,9 +23,12 @@ def main() -> None:
     ema = load_tensors(os.path.join(args.run, "ema.safetensors"))
     model.load_state_dict(ema)
     model.save(args.out, dtype=torch.float16)
-    step = read_json(os.path.join(args.run, "state.json"))["step"]
+    state = read_json(os.path.join(args.run, "state.json"))
+    step = state["step"]
     with open(os.path.join(args.out, "training.json"), "w") as f:
-        json.dump({"source_run": os.path.basename(os.path.normpath(args.run)), "step": step}, f, indent=2)
+        # args are those of the run's latest invocation (vdit-train resumes with the arguments it is given)
+        json.dump({"source_run": os.path.basename(os.path.normpath(args.run)), "step": step, "args": state["args"]},
+                  f, indent=2)
     size = os.path.getsize(os.path.join(args.out, TextToVideo.WEIGHTS_FILE)) / 2**20
     print(f"exported the EMA weights of step {step} to {args.out} ({size:.1f} MiB)")
 
