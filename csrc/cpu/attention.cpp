@@ -177,6 +177,7 @@ int64_t forward_tile_q(const int32_t* cu_q, int64_t batch, int64_t heads, int64_
   }
   return 32;
 }
+
 struct Problem {
   const int32_t* cu_q;
   const int32_t* cu_k;
