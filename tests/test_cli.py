@@ -91,3 +91,14 @@ def test_timestep_shift_moves_training_towards_noise():
     assert all(torch.equal(a, b) for a, b in zip(noise, noise_shifted))  # same noise, only t moves
     torch.testing.assert_close(shifted, 3 * plain / (1 + 2 * plain))
     assert (shifted > plain).all() and (shifted < 1).all()
+
+
+def test_learning_rate_warms_up_holds_and_cools_down():
+    args = train.parse_args(["--out", "x", "--steps", "100", "--lr", "1e-3", "--warmup", "10", "--decay-steps", "20"])
+    lrs = [train.learning_rate(s, args) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # warm-up
+    assert all(lr == pytest.approx(1e-3) for lr in lrs[9:81])  # constant until the last 20 steps
+    assert lrs[90] == pytest.approx(0.5e-3) and lrs[99] == pytest.approx(0.05e-3)  # linear to 0 at --steps
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    constant = train.parse_args(["--out", "x", "--steps", "100", "--warmup", "10"])
+    assert train.learning_rate(99, constant) == constant.lr  # --decay-steps 0: no cool-down

@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warmup steps")
+    p.add_argument("--decay-steps", type=int, default=0,
+                   help="decay the learning rate linearly to 0 over the last this many of --steps (0: constant); "
+                        "the schedule follows --steps, so a resumed run with fewer steps starts decaying earlier")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay")
     p.add_argument("--timestep-shift", type=float, default=1.0,
                    help="train on t = time_shift(sigmoid(N(0, 1)), shift): > 1 puts more steps at high noise, where a "
@@ -102,6 +105,16 @@ def next_batch(dataset: ShapesDataset, index: int, budget: int, patch, seed: int
         videos.append(video)
         captions.append("" if random.Random(f"dropout/{seed}/{i}").random() < dropout else caption)
     return mine, videos, captions, elements, len(indices), index
+
+
+def learning_rate(step: int, args: argparse.Namespace) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up over ``args.warmup`` steps, constant,
+    then, when ``args.decay_steps`` > 0, linear decay to 0 at ``args.steps`` (a cool-down that averages out
+    the last steps' gradient noise, like the EMA but in the weights trained on)."""
+    scale = min(1.0, (step + 1) / max(1, args.warmup))
+    if args.decay_steps > 0:
+        scale = min(scale, max(0.0, (args.steps - step) / args.decay_steps))
+    return args.lr * scale
 
 
 def per_video_noise(seed: int, indices, videos, device, shift: float = 1.0):
@@ -208,7 +221,7 @@ def main(argv=None) -> int:
         videos = [v.to(device) for v in videos]
         t, noise = per_video_noise(args.seed, indices, videos, device, args.timestep_shift)
         for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+            group["lr"] = learning_rate(step, args)
         with autocast:
             loss = flow_matching_loss(lambda x, tt, _c, _cu: net(x, tt, captions, sequence_parallel), videos, None,
                                       None, t=t, noise=noise, normalizer=elements)
