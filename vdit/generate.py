@@ -116,6 +116,12 @@ def main(argv=None) -> int:
             videos.append(video)
             labels.append(prompt if args.batch == 1 else f"{prompt} (seed {args.seed + b})")
     elapsed = time.perf_counter() - start
+    ranks = f" x {sequence_parallel.size} ranks ({sequence_parallel.mode})" if sequence_parallel else ""
+    if sequence_parallel is not None:
+        # All ranks leave together and tear the group down explicitly: a rank that exits while its peers
+        # still hold open gloo connections can abort (SIGABRT) during interpreter shutdown.
+        dist.barrier()
+        dist.destroy_process_group()
     if rank != 0:
         return 0
     for video, path in zip(videos, paths):
@@ -125,7 +131,6 @@ def main(argv=None) -> int:
     print(f"wrote {sheet}")
     from vdit.backends import default_backend
 
-    ranks = f" x {sequence_parallel.size} ranks ({sequence_parallel.mode})" if sequence_parallel else ""
     print(f"generated {len(videos)} video(s) of {args.frames}x{height}x{width} with {args.steps} {args.sampler} steps "
           f"in {elapsed:.1f} s on {args.device}{ranks} (vdit backend: {default_backend()})")
     return 0

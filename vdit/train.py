@@ -249,6 +249,7 @@ def main(argv=None) -> int:
     bar.close()
     if world_size > 1:
         dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 
