@@ -21,6 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from vdit.kernels.triton.attention_common import load_rows, sequence_bounds
+
 
 @triton.jit
 def attn_bwd_preprocess_kernel(O, DO, DELTA, total_q, num_heads,
@@ -39,13 +41,6 @@ def attn_bwd_preprocess_kernel(O, DO, DELTA, total_q, num_heads,
 
 
 @triton.jit
-def _load_rows(base, offs, row_ok, d_mask, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    if BLOCK_D != HEAD_DIM:
-        return tl.load(base + offs, mask=row_ok[:, None] & d_mask[None, :], other=0.0)
-    return tl.load(base + offs, mask=row_ok[:, None], other=0.0)
-
-
-@triton.jit
 def _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_offs, d_mask, start_m, q_len,
                stride_q, cols, diag, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -54,8 +49,8 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_offs, d_ma
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < q_len
     step = start_m * stride_q.to(tl.int64)
-    q = _load_rows(q_base + step, q_offs, row_ok, d_mask, HEAD_DIM, BLOCK_D)
-    do = _load_rows(do_base + step, q_offs, row_ok, d_mask, HEAD_DIM, BLOCK_D)
+    q = load_rows(q_base + step, q_offs, row_ok, d_mask, HEAD_DIM, BLOCK_D)
+    do = load_rows(do_base + step, q_offs, row_ok, d_mask, HEAD_DIM, BLOCK_D)
     lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
@@ -83,10 +78,7 @@ def attn_bwd_dkdv_kernel(
     if seq < 0:
         return
     tile = tl.load(WORK + 2 * pid + 1)
-    q_start = tl.load(CU_Q + seq)
-    q_len = tl.load(CU_Q + seq + 1) - q_start
-    k_start = tl.load(CU_K + seq)
-    k_len = tl.load(CU_K + seq + 1) - k_start
+    q_start, q_len, k_start, k_len = sequence_bounds(CU_Q, CU_K, seq)
     group = num_heads_q // num_heads_k
     stride_q = num_heads_q * HEAD_DIM
     stride_k = num_heads_k * HEAD_DIM
@@ -102,8 +94,8 @@ def attn_bwd_dkdv_kernel(
     kv_offs = offs_n[:, None] * stride_k + offs_d[None, :]
     kv_start = (k_start + n0).to(tl.int64) * stride_k + hk * HEAD_DIM
     # Launcher guarantee: 16-byte aligned tensors and HEAD_DIM % 8 == 0 (see attention_fwd.py).
-    k = _load_rows(tl.multiple_of(K + kv_start, 16), kv_offs, col_ok, d_mask, HEAD_DIM, BLOCK_D)
-    v = _load_rows(tl.multiple_of(V + kv_start, 16), kv_offs, col_ok, d_mask, HEAD_DIM, BLOCK_D)
+    k = load_rows(tl.multiple_of(K + kv_start, 16), kv_offs, col_ok, d_mask, HEAD_DIM, BLOCK_D)
+    v = load_rows(tl.multiple_of(V + kv_start, 16), kv_offs, col_ok, d_mask, HEAD_DIM, BLOCK_D)
     q_offs = offs_m[:, None] * stride_q + offs_d[None, :]
 
     if CAUSAL:
@@ -149,8 +141,8 @@ def _dq_step(dq, q, do, lse2, delta, k_base, v_base, kv_offs, d_mask, start_n, f
     a runtime branch in one loop keeps ptxas from serializing the wgmma on sm_90)."""
     step = start_n * stride_k.to(tl.int64)
     cols = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(k_base + step, kv_offs, cols < k_len, d_mask, HEAD_DIM, BLOCK_D)
-    v = _load_rows(v_base + step, kv_offs, cols < k_len, d_mask, HEAD_DIM, BLOCK_D)
+    k = load_rows(k_base + step, kv_offs, cols < k_len, d_mask, HEAD_DIM, BLOCK_D)
+    v = load_rows(v_base + step, kv_offs, cols < k_len, d_mask, HEAD_DIM, BLOCK_D)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     p = tl.math.exp2(qk - lse2[:, None])
     if start_n >= full:
@@ -177,10 +169,7 @@ def attn_bwd_dq_kernel(
     if seq < 0:
         return
     tile = tl.load(WORK + 2 * pid + 1)
-    q_start = tl.load(CU_Q + seq)
-    q_len = tl.load(CU_Q + seq + 1) - q_start
-    k_start = tl.load(CU_K + seq)
-    k_len = tl.load(CU_K + seq + 1) - k_start
+    q_start, q_len, k_start, k_len = sequence_bounds(CU_Q, CU_K, seq)
     hk = h // (num_heads_q // num_heads_k)
     stride_q = num_heads_q * HEAD_DIM
     stride_k = num_heads_k * HEAD_DIM
@@ -196,8 +185,8 @@ def attn_bwd_dq_kernel(
     q_offs = offs_m[:, None] * stride_q + offs_d[None, :]
     q_start_off = (q_start + m0).to(tl.int64) * stride_q + h * HEAD_DIM
     # Launcher guarantee: 16-byte aligned tensors and HEAD_DIM % 8 == 0 (see attention_fwd.py).
-    q = _load_rows(tl.multiple_of(Q + q_start_off, 16), q_offs, row_ok, d_mask, HEAD_DIM, BLOCK_D)
-    do = _load_rows(tl.multiple_of(DO + q_start_off, 16), q_offs, row_ok, d_mask, HEAD_DIM, BLOCK_D)
+    q = load_rows(tl.multiple_of(Q + q_start_off, 16), q_offs, row_ok, d_mask, HEAD_DIM, BLOCK_D)
+    do = load_rows(tl.multiple_of(DO + q_start_off, 16), q_offs, row_ok, d_mask, HEAD_DIM, BLOCK_D)
     lse_off = h.to(tl.int64) * total_q + q_start
     lse = tl.load(LSE + lse_off + rows, mask=row_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)

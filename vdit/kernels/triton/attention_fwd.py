@@ -20,11 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-@triton.jit
-def _load_kv(base, offs, cols, k_len, d_mask, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    if BLOCK_D != HEAD_DIM:
-        return tl.load(base + offs, mask=(cols < k_len)[:, None] & d_mask[None, :], other=0.0)
-    return tl.load(base + offs, mask=(cols < k_len)[:, None], other=0.0)
+from vdit.kernels.triton.attention_common import load_rows, sequence_bounds
 
 
 @triton.jit
@@ -37,7 +33,7 @@ def _fwd_step(acc, l_i, m_i, q, k_base, v_base, kv_offs, d_mask, start_n, full, 
     score mask (sequence tail, causal diagonal)."""
     step = start_n * stride_k.to(tl.int64)
     cols = start_n + tl.arange(0, BLOCK_N)
-    k = _load_kv(k_base + step, kv_offs, cols, k_len, d_mask, HEAD_DIM, BLOCK_D)
+    k = load_rows(k_base + step, kv_offs, cols < k_len, d_mask, HEAD_DIM, BLOCK_D)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     # A runtime branch inside the one key loop, not a second (masked) loop: with two loops ptxas
     # serializes every wgmma of the kernel on sm_90 (warning C7515); with one it does not.
@@ -52,7 +48,7 @@ def _fwd_step(acc, l_i, m_i, q, k_base, v_base, kv_offs, d_mask, start_n, full, 
     alpha = tl.math.exp2(m_i - m_use)
     p = tl.math.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_kv(v_base + step, kv_offs, cols, k_len, d_mask, HEAD_DIM, BLOCK_D)
+    v = load_rows(v_base + step, kv_offs, cols < k_len, d_mask, HEAD_DIM, BLOCK_D)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
     return acc, l_i, m_new
@@ -71,10 +67,7 @@ def attn_fwd_kernel(
     if seq < 0:  # padding item of the work list (its length is an upper bound)
         return
     tile = tl.load(WORK + 2 * pid + 1)
-    q_start = tl.load(CU_Q + seq)
-    q_len = tl.load(CU_Q + seq + 1) - q_start
-    k_start = tl.load(CU_K + seq)
-    k_len = tl.load(CU_K + seq + 1) - k_start
+    q_start, q_len, k_start, k_len = sequence_bounds(CU_Q, CU_K, seq)
     hk = h // (num_heads_q // num_heads_k)
     stride_q = num_heads_q * HEAD_DIM
     stride_k = num_heads_k * HEAD_DIM
