@@ -123,11 +123,19 @@ std::vector<double> inverse_frequencies(const RopeProblem& pb) {
   return f;
 }
 
-// Tokens per parallel task: enough rows to amortize scheduling, and at most 1024 tasks (the
-// backward keeps one weight-gradient partial per task).
-int64_t tokens_per_task(int64_t tokens, int64_t row_elems) {
-  int64_t t = std::max<int64_t>(1, 16384 / std::max<int64_t>(row_elems, 1));
-  return std::max(t, (tokens + 1023) / 1024);
+// How the B * L tokens split into parallel tasks: enough rows per task to amortize scheduling, and at
+// most 1024 tasks (the backward keeps one weight-gradient partial per task).
+struct TokenTasks {
+  int64_t tokens, per_task, count;
+};
+
+TokenTasks token_tasks(const RopeProblem& pb, const std::vector<RopeRows>& sets) {
+  int64_t row_elems = 0;
+  for (const RopeRows& r : sets) row_elems += r.heads * pb.layout.head_dim;
+  const int64_t tokens = pb.B * pb.L;
+  const int64_t per_task =
+      std::max({int64_t(1), 16384 / std::max<int64_t>(row_elems, 1), (tokens + 1023) / 1024});
+  return {tokens, per_task, (tokens + per_task - 1) / per_task};
 }
 
 template <typename T, typename P>
@@ -137,11 +145,8 @@ void forward_impl(const RopeProblem& pb, std::vector<RopeRows>& sets, bool inver
   const int D = L.head_dim;
   const A eps = static_cast<A>(eps_d);
   const std::vector<double> inv_freq = inverse_frequencies(pb);
-  int64_t row_elems = 0;
-  for (const RopeRows& r : sets) row_elems += r.heads * D;
-  const int64_t tokens = pb.B * pb.L;
-  const int64_t per_task = tokens_per_task(tokens, row_elems);
-  const int64_t tasks = (tokens + per_task - 1) / per_task;
+  const TokenTasks split = token_tasks(pb, sets);
+  const int64_t tokens = split.tokens, per_task = split.per_task, tasks = split.count;
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     AngleCache<A, P> angles(pb, inv_freq, inverse);
     std::vector<A> buf(D);
@@ -178,11 +183,8 @@ void backward_impl(const RopeProblem& pb, std::vector<RopeRows>& sets, std::vect
   const int D = L.head_dim;
   const A eps = static_cast<A>(eps_d);
   const std::vector<double> inv_freq = inverse_frequencies(pb);
-  int64_t row_elems = 0;
-  for (const RopeRows& r : sets) row_elems += r.heads * D;
-  const int64_t tokens = pb.B * pb.L;
-  const int64_t per_task = tokens_per_task(tokens, row_elems);
-  const int64_t tasks = (tokens + per_task - 1) / per_task;
+  const TokenTasks split = token_tasks(pb, sets);
+  const int64_t tokens = split.tokens, per_task = split.per_task, tasks = split.count;
   for (size_t s = 0; s < sets.size(); ++s) {
     partials[s] = sets[s].weight ? at::zeros({std::max<int64_t>(tasks, 1), D}, at::TensorOptions().dtype(
                                                  c10::CppTypeToScalarType<A>::value))
