@@ -51,8 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the schedule follows --steps, so a resumed run with fewer steps starts decaying earlier")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay")
     p.add_argument("--timestep-shift", type=float, default=1.0,
-                   help="train on t = time_shift(sigmoid(N(0, 1)), shift): > 1 puts more steps at high noise, where a "
-                        "video's layout and colours are decided; use the sampler's shift (3)")
+                   help="train on t = time_shift(u, shift): > 1 puts more steps at high noise, where a video's layout "
+                        "and colours are decided; use the sampler's shift")
+    p.add_argument("--timestep-sampling", choices=("logit-normal", "uniform"), default="logit-normal",
+                   help="distribution of u: sigmoid(N(0, 1)) (concentrated at mid noise) or U(0, 1) (the density of "
+                        "the sampler's own time grid, which covers t near 1 where large videos get their layout)")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="probability of an empty prompt (for CFG)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=200)
@@ -117,14 +120,15 @@ def learning_rate(step: int, args: argparse.Namespace) -> float:
     return args.lr * scale
 
 
-def per_video_noise(seed: int, indices, videos, device, shift: float = 1.0):
+def per_video_noise(seed: int, indices, videos, device, shift: float = 1.0, sampling: str = "logit-normal"):
     """Timesteps (B,) and noise for each video, drawn from a generator keyed by (seed, sample index), so a
-    video gets the same noise whichever rank or batch it lands in. Timesteps are logit-normal, shifted
-    towards t = 1 by ``shift`` (vdit.sampling.time_shift)."""
+    video gets the same noise whichever rank or batch it lands in. Timesteps are t = time_shift(u, shift)
+    (vdit.sampling.time_shift) with u logit-normal (``sampling="logit-normal"``) or uniform."""
     ts, noise = [], []
     for i, v in zip(indices, videos):
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        ts.append(time_shift(torch.sigmoid(torch.randn(1, generator=g)), shift))
+        u = torch.sigmoid(torch.randn(1, generator=g)) if sampling == "logit-normal" else torch.rand(1, generator=g)
+        ts.append(time_shift(u, shift))
         noise.append(torch.randn(v.shape, generator=g).to(device))
     return torch.cat(ts).to(device), noise
 
@@ -219,7 +223,8 @@ def main(argv=None) -> int:
             dataset, data_index, args.tokens_per_batch, patch, args.seed, args.caption_dropout, dp_rank, dp_size,
             args.min_videos)
         videos = [v.to(device) for v in videos]
-        t, noise = per_video_noise(args.seed, indices, videos, device, args.timestep_shift)
+        t, noise = per_video_noise(args.seed, indices, videos, device, args.timestep_shift,
+                                   args.timestep_sampling)
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, args)
         with autocast:
