@@ -22,8 +22,10 @@ def main() -> None:
     model = TextToVideo.from_config(read_json(os.path.join(args.run, "config.json")))
     ema = load_tensors(os.path.join(args.run, "ema.safetensors"))
     model.load_state_dict(ema)
-    model.save(args.out, dtype=torch.float16)
     state = read_json(os.path.join(args.run, "state.json"))
+    # Runs saved before config.json carried the sampling shift: sample at the shift they trained with.
+    model.sampling_shift = state["args"].get("timestep_shift", model.sampling_shift)
+    model.save(args.out, dtype=torch.float16)
     step = state["step"]
     with open(os.path.join(args.out, "training.json"), "w") as f:
         # args are those of the run's latest invocation (vdit-train resumes with the arguments it is given)

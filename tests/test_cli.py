@@ -52,6 +52,7 @@ def test_generate_end_to_end(tmp_path, tiny_weights):
     (["--size", "10x8"], "must be positive multiples of the patch size"),
     (["--weights", "/nonexistent/w.safetensors"], "weights file not found"),
     (["--out", "/nonexistent-dir/x.gif"], "is not writable"),
+    (["--shift", "0"], "--shift must be positive"),
 ])
 def test_generate_bad_input_is_one_line(args, message, tiny_weights):
     base = ["--prompt", "a red circle", "--weights", tiny_weights, "--frames", "2", "--steps", "1", "--out", "/tmp/vdit_bad.gif"]
@@ -91,6 +92,22 @@ def test_timestep_shift_moves_training_towards_noise():
     assert all(torch.equal(a, b) for a, b in zip(noise, noise_shifted))  # same noise, only t moves
     torch.testing.assert_close(shifted, 3 * plain / (1 + 2 * plain))
     assert (shifted > plain).all() and (shifted < 1).all()
+
+
+def test_uniform_timestep_sampling_follows_the_shifted_sampler_grid():
+    videos = [torch.zeros(3, 2, 8, 8) for _ in range(4000)]
+    t, _ = train.per_video_noise(0, range(4000), videos, "cpu", shift=8.0, sampling="uniform")
+    u = t / (8 - 7 * t)  # inverse of time_shift(u, 8): uniform on (0, 1) if t was drawn as the sampler's grid is
+    assert 0 < u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.02 and abs((u < 0.25).float().mean().item() - 0.25) < 0.02
+    logit_normal, _ = train.per_video_noise(0, range(4000), videos, "cpu", shift=8.0)
+    assert (t > 0.98).float().mean() > 2 * (logit_normal > 0.98).float().mean()  # more training near t = 1
+
+
+def test_train_saves_its_timestep_shift_for_sampling(tmp_path):
+    torch.set_num_threads(1)
+    assert train.main(["--out", str(tmp_path), "--steps", "1", "--timestep-shift", "6", *TINY_TRAIN]) == 0
+    assert TextToVideo.load(str(tmp_path / "model.safetensors")).sampling_shift == 6.0
 
 
 def test_learning_rate_warms_up_holds_and_cools_down():

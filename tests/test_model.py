@@ -107,6 +107,28 @@ def test_text_to_video_round_trip(tmp_path):
         generate(loaded, ["x"], frames=2, height=6, width=8, steps=1)
 
 
+def test_sampling_shift_is_saved_and_is_the_generate_default(tmp_path):
+    import json
+
+    torch.manual_seed(0)
+    model = TextToVideo(VideoDiTConfig.preset("tiny", context_dim=32), vocabulary(),
+                        TextEncoderConfig(dim=32, depth=1, heads=2), sampling_shift=8.0)
+    torch.nn.init.normal_(model.dit.unembed.weight, std=0.1)  # a zero-initialized output makes every shift agree
+    model.save(str(tmp_path))
+    loaded = TextToVideo.load(str(tmp_path / "model.safetensors"))
+    assert loaded.sampling_shift == 8.0
+    kwargs = dict(frames=2, height=8, width=8, steps=3, progress=False)
+    default, = generate(loaded, ["a red circle moves up"], **kwargs)
+    at_8, = generate(loaded, ["a red circle moves up"], shift=8.0, **kwargs)
+    at_3, = generate(loaded, ["a red circle moves up"], shift=3.0, **kwargs)
+    assert torch.equal(default, at_8) and not torch.allclose(default, at_3)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["sampling_shift"]  # configs from before the key: trained and sampled at 3
+    assert TextToVideo.from_config(config).sampling_shift == TextToVideo.DEFAULT_SAMPLING_SHIFT == 3.0
+    with pytest.raises(CheckpointError, match="sampling_shift must be > 0"):
+        TextToVideo.from_config({**config, "sampling_shift": 0})
+
+
 def test_bad_checkpoints_give_clear_errors(tmp_path):
     cfg = VideoDiTConfig.preset("tiny", context_dim=32)
     model = TextToVideo(cfg, vocabulary(), TextEncoderConfig(dim=32, depth=1, heads=2))

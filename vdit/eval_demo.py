@@ -79,7 +79,8 @@ def held_out_prompts(count: int, seed: int = 0) -> list[tuple[str, str, str, str
     return [(f"a {c} {s} {m} on a black background", c, s, m) for c, s, m in combos[:count]]
 
 
-def evaluate(model, prompts, *, frames=16, size=(48, 48), steps=20, guidance=4.0, seed=0, progress=True) -> dict:
+def evaluate(model, prompts, *, frames=16, size=(48, 48), steps=20, guidance=4.0, shift=None, seed=0,
+             progress=True) -> dict:
     from tqdm import tqdm
 
     from vdit.pipelines.text_to_video import generate
@@ -88,7 +89,7 @@ def evaluate(model, prompts, *, frames=16, size=(48, 48), steps=20, guidance=4.0
     diffs, ious, rows = [], [], []
     for i, (prompt, colour, _shape, motion) in enumerate(tqdm(prompts, desc="eval", disable=not progress)):
         video, = generate(model, [prompt], frames=frames, height=size[0], width=size[1], steps=steps,
-                          guidance=guidance, seed=seed + i, progress=False)
+                          guidance=guidance, shift=shift, seed=seed + i, progress=False)
         masks = foreground_masks(video, "black")
         got_colour, got_motion = classify_colour(video, masks), classify_motion(masks)
         colour_ok += got_colour == colour
@@ -113,6 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--shift", type=float, default=None, help="sampler time shift (default: the weights' own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--untrained", action="store_true", help="evaluate a freshly initialized model (the baseline)")
     p.add_argument("--verbose", action="store_true", help="print each prompt's classification")
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
         model = TextToVideo.from_config(model.config_dict()).eval()
     start = time.perf_counter()
     result = evaluate(model, held_out_prompts(args.prompts, args.seed), frames=args.frames, steps=args.steps,
-                      guidance=args.guidance, seed=args.seed)
+                      guidance=args.guidance, shift=args.shift, seed=args.seed)
     if args.verbose:
         for prompt, colour, motion in result["rows"]:
             print(f"  {prompt!r}: colour={colour} motion={motion}")

@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--sampler", choices=("euler", "heun"), default="euler")
+    p.add_argument("--shift", type=float, default=None,
+                   help="sampler time shift (default: the one the weights were trained with, from their config)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=1, help="videos per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--out", default="vdit_video.mp4",
@@ -87,6 +89,8 @@ def main(argv=None) -> int:
             raise UsageError(f"no prompts in {args.prompts_file}")
     if args.batch < 1 or args.steps < 1 or args.frames < 1:
         raise UsageError("--batch, --steps and --frames must be positive")
+    if args.shift is not None and not args.shift > 0:
+        raise UsageError(f"--shift must be positive, got {args.shift}")
     paths = output_paths(args.out, len(prompts) * args.batch)
     sheet = args.sheet or os.path.splitext(args.out)[0] + "_sheet.png"
     for path in paths + [sheet]:
@@ -109,7 +113,7 @@ def main(argv=None) -> int:
         for b in range(args.batch):
             try:
                 video, = generate(model, [prompt], frames=args.frames, height=height, width=width, steps=args.steps,
-                                  guidance=args.guidance, seed=args.seed + b, method=args.sampler,
+                                  guidance=args.guidance, seed=args.seed + b, method=args.sampler, shift=args.shift,
                                   progress=rank == 0, sequence_parallel=sequence_parallel)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None

@@ -196,6 +196,7 @@ def main(argv=None) -> int:
             print(f"initialized from {args.init_weights}", file=sys.stderr)
     else:
         model = new_model(args).to(device)
+    model.sampling_shift = args.timestep_shift  # saved in config.json: generate() samples at the training shift
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     names = [n for n, _ in model.named_parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))

@@ -21,12 +21,22 @@ class TextEncoderConfig:
 
 
 class TextToVideo(nn.Module):
-    """The demo text-to-video model: ``encode(prompts)`` -> packed context; ``dit`` predicts velocities."""
+    """The demo text-to-video model: ``encode(prompts)`` -> packed context; ``dit`` predicts velocities.
+
+    ``sampling_shift`` is the time shift (vdit.sampling.time_shift) :func:`generate` uses by default: the one
+    the weights were trained with, since a sampler that spends its steps where the model never trained (t
+    near 1 for a small training shift) gets layouts that do not hold from frame to frame.
+    """
 
     CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+    DEFAULT_SAMPLING_SHIFT = 3.0  # configs written before the key existed were trained and sampled at 3
 
-    def __init__(self, dit_config: VideoDiTConfig, vocabulary: Sequence[str], text_config: TextEncoderConfig | None = None):
+    def __init__(self, dit_config: VideoDiTConfig, vocabulary: Sequence[str], text_config: TextEncoderConfig | None = None,
+                 sampling_shift: float = DEFAULT_SAMPLING_SHIFT):
         super().__init__()
+        if not sampling_shift > 0:
+            raise ValueError(f"sampling_shift must be > 0, got {sampling_shift}")
+        self.sampling_shift = float(sampling_shift)
         self.text_config = text_config or TextEncoderConfig()
         if dit_config.context_dim != self.text_config.dim:
             raise ValueError(f"dit context_dim {dit_config.context_dim} must equal the text encoder dim {self.text_config.dim}")
@@ -49,7 +59,7 @@ class TextToVideo(nn.Module):
 
     def config_dict(self) -> dict:
         return {"dit": dataclasses.asdict(self.dit.config), "text_encoder": dataclasses.asdict(self.text_config),
-                "vocabulary": self.tokenizer.vocab[2:]}
+                "vocabulary": self.tokenizer.vocab[2:], "sampling_shift": self.sampling_shift}
 
     def save(self, directory: str, *, weights_name: str | None = None, dtype: torch.dtype | None = None,
              state_dict: dict | None = None) -> None:
@@ -60,13 +70,13 @@ class TextToVideo(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict, source: str = "config") -> "TextToVideo":
-        unknown = sorted(set(config) - {"dit", "text_encoder", "vocabulary"})
+        unknown = sorted(set(config) - {"dit", "text_encoder", "vocabulary", "sampling_shift"})
         if unknown:
             raise CheckpointError(f"{source}: unknown keys {unknown}")
         try:
             dit = dataclass_from_dict(VideoDiTConfig, config["dit"], source)
             text = dataclass_from_dict(TextEncoderConfig, config["text_encoder"], source)
-            return cls(dit, config["vocabulary"], text)
+            return cls(dit, config["vocabulary"], text, config.get("sampling_shift", cls.DEFAULT_SAMPLING_SHIFT))
         except KeyError as exc:
             raise CheckpointError(f"{source}: missing key {exc}") from None
         except (TypeError, ValueError) as exc:
@@ -83,9 +93,11 @@ class TextToVideo(nn.Module):
 
 
 def generate(model: TextToVideo, prompts: Sequence[str], *, frames: int = 16, height: int = 64, width: int = 64,
-             steps: int = 30, guidance: float = 4.0, seed: int = 0, method: str = "euler", shift: float | None = 3.0,
+             steps: int = 30, guidance: float = 4.0, seed: int = 0, method: str = "euler", shift: float | None = None,
              progress: bool = True, sequence_parallel=None) -> list[torch.Tensor]:
     """Generate one video per prompt with ``model``: list of float32 (3, frames, height, width) in [-1, 1].
+
+    ``shift`` is the sampler's time shift; None uses ``model.sampling_shift`` (the training shift).
 
     With ``sequence_parallel`` (a :class:`vdit.distributed.SequenceParallel`), every rank of the group runs
     this call with the same arguments and the transformer blocks split the tokens; all ranks return the
@@ -103,6 +115,7 @@ def generate(model: TextToVideo, prompts: Sequence[str], *, frames: int = 16, he
     def velocity(videos, t, context, cu_context):
         return model.dit(videos, t, context, cu_context, sequence_parallel=sequence_parallel)
 
+    shift = model.sampling_shift if shift is None else shift
     sampler = FlowSampler(velocity, steps=steps, method=method, shift=shift, guidance=guidance, progress=progress)
     shapes = [(cfg.out_channels, frames, height, width)] * len(prompts)
     videos = sampler(shapes, context, cu, uncond_context=uncond, uncond_cu_seqlens=cu_uncond, seed=seed,
