@@ -79,3 +79,26 @@ def test_sequence_parallel_generation_matches_one_process(tmp_path):
 
             diff = np.abs(np.asarray(Image.open(tmp_path / "one" / f), dtype=int) - np.asarray(Image.open(tmp_path / "two" / f), dtype=int))
             assert diff.max() <= 1, diff.max()
+
+
+def test_sequence_parallel_generation_bad_size_is_a_clean_error(tmp_path):
+    """A usage error raised after the process group exists still exits with status 2 on every rank (the group is
+    torn down first), never a signal."""
+    import torch
+
+    from vdit.data.shapes import vocabulary
+    from vdit.models import VideoDiTConfig
+    from vdit.pipelines.text_to_video import TextEncoderConfig, TextToVideo
+
+    TextToVideo(VideoDiTConfig.preset("tiny", context_dim=32, patch_size=(2, 4, 4), hidden_size=96), vocabulary(),
+                TextEncoderConfig(dim=32, depth=1, heads=2)).save(str(tmp_path / "w"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(_port()), "-m", "vdit.generate", "--prompt", "x",
+                          "--weights", str(tmp_path / "w" / "model.safetensors"), "--frames", "4", "--size", "10x12",
+                          "--steps", "1", "--out", str(tmp_path / "clip.gif")], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert two.returncode != 0
+    assert two.stderr.count("vdit-generate: error: frames x height x width = 4x10x12") == 2, two.stderr[-4000:]
+    # (torchrun's own summary carries a traceback of its ChildFailedError; the ranks print only the line above)
+    assert "exitcode: 2" in two.stderr and "SIGABRT" not in two.stderr and "Signal 6" not in two.stderr

@@ -106,26 +106,29 @@ def main(argv=None) -> int:
         if args.device.startswith("cuda"):
             args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
         sequence_parallel = SequenceParallel(None, args.sp_mode, args.ulysses_size)
-    model = TextToVideo.load(args.weights, args.config, device=args.device)
-    start = time.perf_counter()
-    videos, labels = [], []
-    for prompt in prompts:
-        for b in range(args.batch):
-            try:
-                video, = generate(model, [prompt], frames=args.frames, height=height, width=width, steps=args.steps,
-                                  guidance=args.guidance, seed=args.seed + b, method=args.sampler, shift=args.shift,
-                                  progress=rank == 0, sequence_parallel=sequence_parallel)
-            except ValueError as exc:
-                raise UsageError(str(exc)) from None
-            videos.append(video)
-            labels.append(prompt if args.batch == 1 else f"{prompt} (seed {args.seed + b})")
-    elapsed = time.perf_counter() - start
-    ranks = f" x {sequence_parallel.size} ranks ({sequence_parallel.mode})" if sequence_parallel else ""
-    if sequence_parallel is not None:
-        # All ranks leave together and tear the group down explicitly: a rank that exits while its peers
-        # still hold open gloo connections can abort (SIGABRT) during interpreter shutdown.
-        dist.barrier()
-        dist.destroy_process_group()
+    try:
+        model = TextToVideo.load(args.weights, args.config, device=args.device)
+        start = time.perf_counter()
+        videos, labels = [], []
+        for prompt in prompts:
+            for b in range(args.batch):
+                try:
+                    video, = generate(model, [prompt], frames=args.frames, height=height, width=width,
+                                      steps=args.steps, guidance=args.guidance, seed=args.seed + b, method=args.sampler,
+                                      shift=args.shift, progress=rank == 0, sequence_parallel=sequence_parallel)
+                except ValueError as exc:
+                    raise UsageError(str(exc)) from None
+                videos.append(video)
+                labels.append(prompt if args.batch == 1 else f"{prompt} (seed {args.seed + b})")
+        elapsed = time.perf_counter() - start
+        ranks = f" x {sequence_parallel.size} ranks ({sequence_parallel.mode})" if sequence_parallel else ""
+        if sequence_parallel is not None:
+            dist.barrier()  # all ranks leave together (errors above are raised on every rank alike)
+    finally:
+        if sequence_parallel is not None:
+            # Tear the group down explicitly, on errors too: a rank that exits while its peers still hold open
+            # gloo connections can abort (SIGABRT) during interpreter shutdown.
+            dist.destroy_process_group()
     if rank != 0:
         return 0
     for video, path in zip(videos, paths):
