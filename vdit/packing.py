@@ -73,6 +73,14 @@ def grid_positions(grids: torch.Tensor, *, offset: Sequence[float] | None = None
     return pos
 
 
+def grid_fractions(grids: torch.Tensor) -> torch.Tensor:
+    """Where every token of a packed batch lies within its own grid: (total, 3) float32 ``(pos + 0.5) / extent``
+    per (t, h, w) axis, in (0, 1) and in packing order (the same for a clip at any size or duration)."""
+    pos = grid_positions(grids).float()
+    extents = torch.repeat_interleave(grids.to(pos.device).float(), grids.prod(1).to(pos.device), dim=0)
+    return (pos + 0.5) / extents
+
+
 def dense_positions(grid: Sequence[int], *, batch: int | None = None, offset: Sequence[float] | None = None,
                     scale: Sequence[float] | None = None, device=None) -> torch.Tensor:
     """(t, h, w) coordinates of the tokens of one (Tp, Hp, Wp) grid, for dense (B, L, H, D) batches.

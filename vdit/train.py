@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sequence-parallel", type=int, default=1, help="ranks that split each batch's tokens")
     p.add_argument("--sp-mode", choices=("ulysses", "ring", "hybrid"), default="ulysses")
     p.add_argument("--ulysses-size", type=int, default=None, help="Ulysses group size for --sp-mode hybrid")
+    p.add_argument("--fractional-positions", action="store_true",
+                   help="give the tokens a learned embedding of their (t, h, w) place in the clip (VideoDiTConfig."
+                        "fractional_positions); with --init-weights it is added to the loaded model at zero")
     p.add_argument("--init-weights", default=None,
                    help="start a new run from these TextToVideo weights (config.json beside them) instead of a "
                         "random initialization; ignored when --out already holds a checkpoint")
@@ -80,8 +83,18 @@ def new_model(args) -> TextToVideo:
     patch = tuple(int(v) for v in args.patch_size.split("x"))
     text = TextEncoderConfig()
     cfg = VideoDiTConfig(in_channels=3, patch_size=patch, hidden_size=args.hidden_size, depth=args.depth,
-                         heads=args.heads, context_dim=text.dim)
+                         heads=args.heads, context_dim=text.dim, fractional_positions=args.fractional_positions)
     return TextToVideo(cfg, vocabulary(), text)
+
+
+def with_fractional_positions(model: TextToVideo) -> TextToVideo:
+    """``model`` with a FractionalPositionEmbedding added; its zero projection keeps the function unchanged."""
+    config = model.config_dict()
+    config["dit"]["fractional_positions"] = True
+    grown = TextToVideo.from_config(config).to(next(model.parameters()).device)
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("dit.position_embed.") for k in missing), (missing, unexpected)
+    return grown.train(model.training)
 
 
 def next_batch(dataset: ShapesDataset, index: int, budget: int, patch, seed: int, dropout: float,
@@ -192,6 +205,8 @@ def main(argv=None) -> int:
     elif args.init_weights:
         # Fine-tuning / continuing from exported weights: the architecture comes from their config.
         model = TextToVideo.load(args.init_weights, device=device).train()
+        if args.fractional_positions and not model.dit.config.fractional_positions:
+            model = with_fractional_positions(model)
         if rank == 0:
             print(f"initialized from {args.init_weights}", file=sys.stderr)
     else:

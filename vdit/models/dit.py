@@ -18,7 +18,7 @@ from torch import nn
 from vdit.distributed import SequenceParallel, gather_packed, local_offsets, shard_packed, shard_range
 from vdit.nn import AdaLNModulation, PatchEmbed3d, PatchUnembed3d, RotaryEmbedding3d, VarlenCrossAttention, VarlenSelfAttention
 from vdit.ops import adaln_modulate, gated_residual, reference
-from vdit.packing import grid_positions
+from vdit.packing import grid_fractions, grid_positions
 
 
 @dataclasses.dataclass
@@ -37,6 +37,7 @@ class VideoDiTConfig:
     rope_dims: tuple[int, int, int] | None = None  # default: a near-even split of the head dim
     rope_theta: float = 10000.0
     qk_norm: str | None = "rms"
+    fractional_positions: bool = False  # add FractionalPositionEmbedding to the tokens (see there)
 
     def __post_init__(self):
         self.patch_size = tuple(self.patch_size)
@@ -79,6 +80,30 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = (t.float() * 1000)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class FractionalPositionEmbedding(nn.Module):
+    """Learned embedding of where a token lies in its clip (NaViT's fractional positions, per axis).
+
+    3D RoPE tells attention only the offset between two tokens. A caption such as "moves to the left"
+    pins absolute places (on the right in the first frames, on the left in the last), which a model without
+    this embedding can only infer from the edges of the sequence and, from pure noise, cannot. Fractions
+    rather than indices keep the meaning the same at every size and duration.
+
+    ``forward(fractions)``: (n, 3) float in (0, 1) (:func:`vdit.packing.grid_fractions`) -> (n, dim). The
+    projection starts at zero, so adding the embedding to a trained model leaves its function unchanged.
+    """
+
+    def __init__(self, dim: int, frequencies: int = 8):
+        super().__init__()
+        self.register_buffer("freqs", math.pi * torch.arange(1, frequencies + 1, dtype=torch.float32), persistent=False)
+        self.proj = nn.Linear(6 * frequencies, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, fractions: torch.Tensor) -> torch.Tensor:
+        angles = (fractions.float()[:, :, None] * self.freqs).flatten(1)  # (n, 3 * frequencies)
+        return self.proj(torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1))
 
 
 class DiTBlock(nn.Module):
@@ -132,6 +157,7 @@ class VideoDiT(nn.Module):
         self.config = cfg
         d = cfg.hidden_size
         self.patch_embed = PatchEmbed3d(cfg.in_channels, d, cfg.patch_size)
+        self.position_embed = FractionalPositionEmbedding(d) if cfg.fractional_positions else None
         self.time_mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
         self.pooled_text = nn.Sequential(nn.Linear(cfg.context_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.rope = RotaryEmbedding3d(cfg.head_dim, cfg.rope_dims, cfg.rope_theta)
@@ -155,6 +181,8 @@ class VideoDiT(nn.Module):
             raise ValueError(f"got {len(videos)} videos, {timesteps.shape[0]} timesteps and "
                              f"{cu_seqlens_context.shape[0] - 1} prompts; they must match")
         x, cu, grids = self.patch_embed(list(videos))
+        if self.position_embed is not None:
+            x = x + self.position_embed(grid_fractions(grids)).to(x.dtype)
         positions = grid_positions(grids)
         max_len = int((cu[1:] - cu[:-1]).max())
         max_ctx = int((cu_seqlens_context[1:] - cu_seqlens_context[:-1]).max())
