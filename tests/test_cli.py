@@ -85,6 +85,20 @@ def test_train_init_weights_starts_from_them(tmp_path, tiny_weights):
     assert moved and all((start[k] - after[k]).abs().max() < 0.01 for k in start)  # one small step away
 
 
+def test_fractional_positions_join_init_weights_without_changing_them(tmp_path, tiny_weights):
+    loaded = TextToVideo.load(tiny_weights)
+    grown = train.with_fractional_positions(loaded).eval()
+    assert grown.dit.config.fractional_positions and not loaded.dit.config.fractional_positions
+    videos, context_prompts = [torch.randn(3, 4, 8, 12)], ["a red circle moves up"]
+    with torch.no_grad():
+        torch.testing.assert_close(grown(videos, torch.tensor([0.7]), context_prompts)[0],
+                                   loaded(videos, torch.tensor([0.7]), context_prompts)[0], rtol=0, atol=0)
+    out = tmp_path / "run"
+    assert train.main(["--out", str(out), "--steps", "1", "--init-weights", tiny_weights, "--fractional-positions",
+                       "--tokens-per-batch", "48", "--warmup", "1", "--device", "cpu"]) == 0
+    assert TextToVideo.load(str(out / "model.safetensors")).dit.config.fractional_positions
+
+
 def test_timestep_shift_moves_training_towards_noise():
     videos = [torch.zeros(3, 2, 8, 8) for _ in range(64)]
     plain, noise = train.per_video_noise(0, range(64), videos, "cpu")

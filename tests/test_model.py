@@ -27,8 +27,9 @@ def batch(model):
     return videos, torch.tensor([0.1, 0.5, 0.9]), context, cu_ctx
 
 
-def test_packed_batch_equals_each_video_alone():
-    model = tiny_model()
+@pytest.mark.parametrize("fractional_positions", [False, True])
+def test_packed_batch_equals_each_video_alone(fractional_positions):
+    model = tiny_model(fractional_positions=fractional_positions)
     videos, t, context, cu_ctx = batch(model)
     with torch.no_grad():
         packed = model(videos, t, context, cu_ctx)
@@ -50,13 +51,22 @@ def test_reference_backend_equals_kernel_backends():
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
 
 
-def test_gradients_reach_every_parameter():
-    model = tiny_model()
+@pytest.mark.parametrize("fractional_positions", [False, True])
+def test_gradients_reach_every_parameter(fractional_positions):
+    model = tiny_model(fractional_positions=fractional_positions)
     videos, _, context, cu_ctx = batch(model)
     loss = flow_matching_loss(model, videos, context, cu_ctx, generator=torch.Generator().manual_seed(0))
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not missing, missing
+
+
+def test_grid_fractions_place_tokens_within_their_own_clip():
+    from vdit.packing import grid_fractions
+
+    fractions = grid_fractions(torch.tensor([[2, 1, 2], [1, 2, 1]]))
+    expected = [[0.25, 0.5, 0.25], [0.25, 0.5, 0.75], [0.75, 0.5, 0.25], [0.75, 0.5, 0.75], [0.5, 0.25, 0.5], [0.5, 0.75, 0.5]]
+    torch.testing.assert_close(fractions, torch.tensor(expected))
 
 
 def test_training_steps_reduce_the_loss():

@@ -87,8 +87,8 @@ class FractionalPositionEmbedding(nn.Module):
 
     3D RoPE tells attention only the offset between two tokens. A caption such as "moves to the left"
     pins absolute places (on the right in the first frames, on the left in the last), which a model without
-    this embedding can only infer from the edges of the sequence and, from pure noise, cannot. Fractions
-    rather than indices keep the meaning the same at every size and duration.
+    this embedding must infer indirectly, from which offsets a token finds occupied at the clip's edges.
+    Fractions rather than indices keep the meaning the same at every size and duration.
 
     ``forward(fractions)``: (n, 3) float in (0, 1) (:func:`vdit.packing.grid_fractions`) -> (n, dim). The
     projection starts at zero, so adding the embedding to a trained model leaves its function unchanged.
