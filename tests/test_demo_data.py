@@ -50,3 +50,18 @@ def test_held_out_prompts_use_every_attribute_seen_in_training():
     assert len(prompts) == 10 and len({p for p, *_ in prompts}) == 10
     for prompt, colour, shape, motion in prompts:
         assert colour in COLORS and motion in MOTIONS and prompt.startswith(f"a {colour} {shape} {motion}")
+
+
+def test_evaluate_reports_every_figure_as_a_fraction():
+    from vdit.eval_demo import evaluate
+    from vdit.models import VideoDiTConfig
+    from vdit.pipelines.text_to_video import TextEncoderConfig, TextToVideo
+
+    torch.manual_seed(0)
+    model = TextToVideo(VideoDiTConfig.preset("tiny", context_dim=32), vocabulary(), TextEncoderConfig(dim=32, depth=1, heads=2))
+    result = evaluate(model, held_out_prompts(3), frames=2, size=(8, 8), steps=1, progress=False)
+    assert result["prompts"] == 3 and len(result["rows"]) == 3
+    for key in ("colour_accuracy", "motion_accuracy", "object_in_every_frame", "mask_iou"):
+        assert 0 <= result[key] <= 1, key
+    # an untrained model returns its input noise: foreground everywhere, in every frame
+    assert result["object_in_every_frame"] == 1 and result["frame_diff"] > 0.5

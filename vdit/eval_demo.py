@@ -6,6 +6,7 @@ generate one video per prompt and measure with simple image analysis:
   nearest, among the dataset's colours, to the prompt's colour;
 - motion accuracy: the foreground centroid's displacement from the first to the last quarter of the
   video points in the prompt's direction (one of 8 directions, or "still" below a threshold);
+- object persistence: the fraction of videos with foreground in every frame (needed for a motion track);
 - temporal consistency: mean absolute change between consecutive frames (lower is steadier) and the
   mean IoU of consecutive foreground masks.
 
@@ -85,7 +86,7 @@ def evaluate(model, prompts, *, frames=16, size=(48, 48), steps=20, guidance=4.0
 
     from vdit.pipelines.text_to_video import generate
 
-    colour_ok = motion_ok = 0
+    colour_ok = motion_ok = persistent = 0
     diffs, ious, rows = [], [], []
     for i, (prompt, colour, _shape, motion) in enumerate(tqdm(prompts, desc="eval", disable=not progress)):
         video, = generate(model, [prompt], frames=frames, height=size[0], width=size[1], steps=steps,
@@ -94,12 +95,14 @@ def evaluate(model, prompts, *, frames=16, size=(48, 48), steps=20, guidance=4.0
         got_colour, got_motion = classify_colour(video, masks), classify_motion(masks)
         colour_ok += got_colour == colour
         motion_ok += got_motion == motion
+        persistent += bool(masks.flatten(1).any(1).all())
         d, iou = temporal_consistency(video, masks)
         diffs.append(d)
         ious.append(iou)
         rows.append((prompt, got_colour, got_motion))
     n = len(prompts)
     return {"prompts": n, "colour_accuracy": colour_ok / n, "motion_accuracy": motion_ok / n,
+            "object_in_every_frame": persistent / n,
             "frame_diff": sum(diffs) / n, "mask_iou": sum(ious) / n, "rows": rows}
 
 
@@ -131,7 +134,8 @@ def main(argv=None) -> int:
             print(f"  {prompt!r}: colour={colour} motion={motion}")
     label = "untrained baseline" if args.untrained else args.weights
     print(f"{label}: {result['prompts']} held-out prompts, colour accuracy {result['colour_accuracy']:.0%}, "
-          f"motion accuracy {result['motion_accuracy']:.0%}, frame-to-frame change {result['frame_diff']:.3f}, "
+          f"motion accuracy {result['motion_accuracy']:.0%}, object in every frame "
+          f"{result['object_in_every_frame']:.0%}, frame-to-frame change {result['frame_diff']:.3f}, "
           f"foreground IoU {result['mask_iou']:.2f} ({time.perf_counter() - start:.0f} s)")
     return 0
 
