@@ -62,11 +62,13 @@ def test_gradients_reach_every_parameter(fractional_positions):
 
 
 def test_grid_fractions_place_tokens_within_their_own_clip():
-    from vdit.packing import grid_fractions
+    from vdit.packing import grid_fractions, grid_positions
 
     fractions = grid_fractions(torch.tensor([[2, 1, 2], [1, 2, 1]]))
     expected = [[0.25, 0.5, 0.25], [0.25, 0.5, 0.75], [0.75, 0.5, 0.25], [0.75, 0.5, 0.75], [0.5, 0.25, 0.5], [0.5, 0.75, 0.5]]
     torch.testing.assert_close(fractions, torch.tensor(expected))
+    grids = torch.tensor([[3, 2, 5], [1, 4, 2]])
+    assert torch.equal(grid_fractions(grids, grid_positions(grids)), grid_fractions(grids))
 
 
 def test_training_steps_reduce_the_loss():

@@ -73,10 +73,11 @@ def grid_positions(grids: torch.Tensor, *, offset: Sequence[float] | None = None
     return pos
 
 
-def grid_fractions(grids: torch.Tensor) -> torch.Tensor:
+def grid_fractions(grids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Where every token of a packed batch lies within its own grid: (total, 3) float32 ``(pos + 0.5) / extent``
-    per (t, h, w) axis, in (0, 1) and in packing order (the same for a clip at any size or duration)."""
-    pos = grid_positions(grids).float()
+    per (t, h, w) axis, in (0, 1) and in packing order (the same for a clip at any size or duration).
+    ``positions``: the integer :func:`grid_positions` of ``grids``, if the caller has them already."""
+    pos = (grid_positions(grids) if positions is None else positions).float()
     extents = torch.repeat_interleave(grids.to(pos.device).float(), grids.prod(1).to(pos.device), dim=0)
     return (pos + 0.5) / extents
 

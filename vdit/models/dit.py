@@ -181,9 +181,9 @@ class VideoDiT(nn.Module):
             raise ValueError(f"got {len(videos)} videos, {timesteps.shape[0]} timesteps and "
                              f"{cu_seqlens_context.shape[0] - 1} prompts; they must match")
         x, cu, grids = self.patch_embed(list(videos))
-        if self.position_embed is not None:
-            x = x + self.position_embed(grid_fractions(grids)).to(x.dtype)
         positions = grid_positions(grids)
+        if self.position_embed is not None:
+            x = x + self.position_embed(grid_fractions(grids, positions)).to(x.dtype)
         max_len = int((cu[1:] - cu[:-1]).max())
         max_ctx = int((cu_seqlens_context[1:] - cu_seqlens_context[:-1]).max())
         c = self.conditioning(timesteps, context, cu_seqlens_context)
