@@ -45,7 +45,9 @@ def test_two_ranks_match_one_process(tmp_path, layout):
     assert worst < 1e-4, worst
 
 
-def test_sequence_parallel_generation_matches_one_process(tmp_path):
+def _tiny_weights(directory, *, random_dit: bool = False) -> str:
+    """Save a tiny TextToVideo (patch 2x4x4) into ``directory``; its weights file. ``random_dit``: replace the DiT's
+    zero initializations with random values, so generated videos depend on every layer."""
     import torch
 
     from vdit.data.shapes import vocabulary
@@ -55,11 +57,16 @@ def test_sequence_parallel_generation_matches_one_process(tmp_path):
     torch.manual_seed(0)
     model = TextToVideo(VideoDiTConfig.preset("tiny", context_dim=32, patch_size=(2, 4, 4), hidden_size=96), vocabulary(),
                         TextEncoderConfig(dim=32, depth=1, heads=2))
-    for p in model.dit.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    model.save(str(tmp_path / "w"))
-    args = ["--prompt", "a red circle moves up", "--weights", str(tmp_path / "w" / "model.safetensors"), "--frames", "4",
-            "--size", "16x12", "--steps", "3"]
+    if random_dit:
+        for p in model.dit.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+    model.save(str(directory))
+    return str(directory / "model.safetensors")
+
+
+def test_sequence_parallel_generation_matches_one_process(tmp_path):
+    args = ["--prompt", "a red circle moves up", "--weights", _tiny_weights(tmp_path / "w", random_dit=True),
+            "--frames", "4", "--size", "16x12", "--steps", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "vdit.generate", *args, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env, timeout=300)
@@ -84,18 +91,11 @@ def test_sequence_parallel_generation_matches_one_process(tmp_path):
 def test_sequence_parallel_generation_bad_size_is_a_clean_error(tmp_path):
     """A usage error raised after the process group exists still exits with status 2 on every rank (the group is
     torn down first), never a signal."""
-    import torch
-
-    from vdit.data.shapes import vocabulary
-    from vdit.models import VideoDiTConfig
-    from vdit.pipelines.text_to_video import TextEncoderConfig, TextToVideo
-
-    TextToVideo(VideoDiTConfig.preset("tiny", context_dim=32, patch_size=(2, 4, 4), hidden_size=96), vocabulary(),
-                TextEncoderConfig(dim=32, depth=1, heads=2)).save(str(tmp_path / "w"))
+    weights = _tiny_weights(tmp_path / "w")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                           "127.0.0.1", "--master_port", str(_port()), "-m", "vdit.generate", "--prompt", "x",
-                          "--weights", str(tmp_path / "w" / "model.safetensors"), "--frames", "4", "--size", "10x12",
+                          "--weights", weights, "--frames", "4", "--size", "10x12",
                           "--steps", "1", "--out", str(tmp_path / "clip.gif")], capture_output=True, text=True, env=env,
                          timeout=300)
     assert two.returncode != 0
