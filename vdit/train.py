@@ -72,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fractional-positions", action="store_true",
                    help="give the tokens a learned embedding of their (t, h, w) place in the clip (VideoDiTConfig."
                         "fractional_positions); with --init-weights it is added to the loaded model at zero")
+    p.add_argument("--text-embedding-skip", action="store_true",
+                   help="add each word's own embedding to the text encoder's output through a learned map "
+                        "(TextEncoderConfig.embedding_skip); with --init-weights it is added at zero")
     p.add_argument("--init-weights", default=None,
                    help="start a new run from these TextToVideo weights (config.json beside them) instead of a "
                         "random initialization; ignored when --out already holds a checkpoint")
@@ -81,19 +84,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def new_model(args) -> TextToVideo:
     patch = tuple(int(v) for v in args.patch_size.split("x"))
-    text = TextEncoderConfig()
+    text = TextEncoderConfig(embedding_skip=args.text_embedding_skip)
     cfg = VideoDiTConfig(in_channels=3, patch_size=patch, hidden_size=args.hidden_size, depth=args.depth,
                          heads=args.heads, context_dim=text.dim, fractional_positions=args.fractional_positions)
     return TextToVideo(cfg, vocabulary(), text)
 
 
-def with_fractional_positions(model: TextToVideo) -> TextToVideo:
-    """``model`` with a FractionalPositionEmbedding added; its zero projection keeps the function unchanged."""
+def with_added_modules(model: TextToVideo, *, fractional_positions: bool = False,
+                       embedding_skip: bool = False) -> TextToVideo:
+    """``model`` with a FractionalPositionEmbedding and/or a text-encoder embedding skip added (where asked for
+    and not there yet); both start at zero, so the function stays unchanged."""
     config = model.config_dict()
-    config["dit"]["fractional_positions"] = True
+    config["dit"]["fractional_positions"] |= fractional_positions
+    config["text_encoder"]["embedding_skip"] |= embedding_skip
+    if config == model.config_dict():
+        return model
     grown = TextToVideo.from_config(config).to(next(model.parameters()).device)
     missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("dit.position_embed.") for k in missing), (missing, unexpected)
+    new = ("dit.position_embed.", "text_encoder.skip.")
+    assert not unexpected and all(k.startswith(new) for k in missing), (missing, unexpected)
     return grown.train(model.training)
 
 
@@ -205,8 +214,8 @@ def main(argv=None) -> int:
     elif args.init_weights:
         # Fine-tuning / continuing from exported weights: the architecture comes from their config.
         model = TextToVideo.load(args.init_weights, device=device).train()
-        if args.fractional_positions and not model.dit.config.fractional_positions:
-            model = with_fractional_positions(model)
+        model = with_added_modules(model, fractional_positions=args.fractional_positions,
+                                   embedding_skip=args.text_embedding_skip)
         if rank == 0:
             print(f"initialized from {args.init_weights}", file=sys.stderr)
     else:

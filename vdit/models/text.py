@@ -48,26 +48,40 @@ class TextEncoder(nn.Module):
     """Token + position embeddings and ``depth`` pre-norm transformer blocks over packed prompts.
 
     ``forward(ids, cu_seqlens)``: ids (total,) int64, cu_seqlens int32 (B + 1,) -> (total, dim).
+
+    ``embedding_skip`` adds a linear map of each token's own word embedding to its output. Trained jointly
+    with a DiT that does not use a word yet, the blocks get no gradient that tells such words apart and
+    mix them into their context: in the demo model "left" and "right" came out 0.66 apart (norm ~4) from
+    word embeddings 14.9 apart. The skip hands the DiT each word's identity directly. Its map starts at zero,
+    so adding it to a trained encoder leaves the encoder's function unchanged.
     """
 
-    def __init__(self, vocab_size: int, dim: int = 128, depth: int = 2, heads: int = 4, max_len: int = 64):
+    def __init__(self, vocab_size: int, dim: int = 128, depth: int = 2, heads: int = 4, max_len: int = 64,
+                 embedding_skip: bool = False):
         super().__init__()
         self.max_len = max_len
         self.embed = nn.Embedding(vocab_size, dim)
         self.pos = nn.Embedding(max_len, dim)
         self.blocks = nn.ModuleList(_TextBlock(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
+        self.skip = None
+        if embedding_skip:
+            self.skip = nn.Linear(dim, dim)
+            nn.init.zeros_(self.skip.weight)
+            nn.init.zeros_(self.skip.bias)
 
     def forward(self, ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         starts = cu_seqlens[:-1].long()
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         seq = torch.repeat_interleave(torch.arange(len(lengths), device=ids.device), lengths, output_size=ids.shape[0])
         position = torch.arange(ids.shape[0], device=ids.device) - starts[seq]
-        x = self.embed(ids) + self.pos(position.clamp_max(self.max_len - 1))
+        words = self.embed(ids)
+        x = words + self.pos(position.clamp_max(self.max_len - 1))
         max_seqlen = int(lengths.max()) if len(lengths) else 0
         for block in self.blocks:
             x = block(x, cu_seqlens, max_seqlen)
-        return self.norm(x)
+        x = self.norm(x)
+        return x if self.skip is None else x + self.skip(words)
 
 
 class _TextBlock(nn.Module):

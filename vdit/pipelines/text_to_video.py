@@ -18,6 +18,7 @@ class TextEncoderConfig:
     depth: int = 2
     heads: int = 4
     max_len: int = 64
+    embedding_skip: bool = False  # see vdit.models.TextEncoder
 
 
 class TextToVideo(nn.Module):
