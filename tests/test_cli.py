@@ -85,28 +85,34 @@ def test_train_init_weights_starts_from_them(tmp_path, tiny_weights):
     assert moved and all((start[k] - after[k]).abs().max() < 0.01 for k in start)  # one small step away
 
 
-@pytest.mark.parametrize("added", ["fractional_positions", "embedding_skip"])
+@pytest.mark.parametrize("added", ["fractional_positions", "prompt_velocity", "embedding_skip"])
 def test_added_modules_join_init_weights_without_changing_them(tmp_path, tiny_weights, added):
     loaded = TextToVideo.load(tiny_weights)
     grown = train.with_added_modules(loaded, **{added: True}).eval()
     config, grown_config = loaded.config_dict(), grown.config_dict()
-    section = "dit" if added == "fractional_positions" else "text_encoder"
+    section = "text_encoder" if added == "embedding_skip" else "dit"
     assert grown_config[section][added] and not config[section][added]
     grown_config[section][added] = False
+    if added == "prompt_velocity":  # needs (and brings) the fractional positions it moves
+        assert grown_config["dit"]["fractional_positions"]
+        grown_config["dit"]["fractional_positions"] = False
     assert grown_config == config  # nothing else changed
     videos, context_prompts = [torch.randn(3, 4, 8, 12)], ["a red circle moves up"]
     with torch.no_grad():
         torch.testing.assert_close(grown(videos, torch.tensor([0.7]), context_prompts)[0],
                                    loaded(videos, torch.tensor([0.7]), context_prompts)[0], rtol=0, atol=0)
     out = tmp_path / "run"
-    flag = "--fractional-positions" if added == "fractional_positions" else "--text-embedding-skip"
+    flag = "--" + {"embedding_skip": "text-embedding-skip"}.get(added, added.replace("_", "-"))
     assert train.main(["--out", str(out), "--steps", "1", "--init-weights", tiny_weights, flag,
                        "--tokens-per-batch", "48", "--warmup", "1", "--device", "cpu"]) == 0
     assert TextToVideo.load(str(out / "model.safetensors")).config_dict()[section][added]
-    # The new module learns although it starts at zero (once the output layer is not at zero too).
+    # The new module learns although it starts at zero (once the layers after it are trained, off zero).
     torch.nn.init.normal_(grown.dit.unembed.weight, std=0.1)
+    if grown.dit.position_embed is not None:
+        torch.nn.init.normal_(grown.dit.position_embed.proj.weight, std=0.1)
     grown(videos, torch.tensor([0.7]), context_prompts)[0].square().sum().backward()
-    new = [p.grad for name, p in grown.named_parameters() if name.startswith(("dit.position_embed.", "text_encoder.skip."))]
+    new = [p.grad for name, p in grown.named_parameters()
+           if name.startswith(("dit.position_embed.", "dit.prompt_velocity.", "text_encoder.skip."))]
     assert new and all(g is not None and g.abs().max() > 0 for g in new)
 
 

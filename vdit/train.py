@@ -72,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fractional-positions", action="store_true",
                    help="give the tokens a learned embedding of their (t, h, w) place in the clip (VideoDiTConfig."
                         "fractional_positions); with --init-weights it is added to the loaded model at zero")
+    p.add_argument("--prompt-velocity", action="store_true",
+                   help="measure those positions in a frame moving at a velocity read from the prompt (VideoDiTConfig."
+                        "prompt_velocity; implies --fractional-positions); with --init-weights it is added at zero")
     p.add_argument("--text-embedding-skip", action="store_true",
                    help="add each word's own embedding to the text encoder's output through a learned map "
                         "(TextEncoderConfig.embedding_skip); with --init-weights it is added at zero")
@@ -86,22 +89,25 @@ def new_model(args) -> TextToVideo:
     patch = tuple(int(v) for v in args.patch_size.split("x"))
     text = TextEncoderConfig(embedding_skip=args.text_embedding_skip)
     cfg = VideoDiTConfig(in_channels=3, patch_size=patch, hidden_size=args.hidden_size, depth=args.depth,
-                         heads=args.heads, context_dim=text.dim, fractional_positions=args.fractional_positions)
+                         heads=args.heads, context_dim=text.dim,
+                         fractional_positions=args.fractional_positions or args.prompt_velocity,
+                         prompt_velocity=args.prompt_velocity)
     return TextToVideo(cfg, vocabulary(), text)
 
 
-def with_added_modules(model: TextToVideo, *, fractional_positions: bool = False,
+def with_added_modules(model: TextToVideo, *, fractional_positions: bool = False, prompt_velocity: bool = False,
                        embedding_skip: bool = False) -> TextToVideo:
-    """``model`` with a FractionalPositionEmbedding and/or a text-encoder embedding skip added (where asked for
-    and not there yet); both start at zero, so the function stays unchanged."""
+    """``model`` with a FractionalPositionEmbedding, a PromptVelocity (with the former) and/or a text-encoder
+    embedding skip added, where asked for and not there yet; all start at zero, so the function stays unchanged."""
     config = model.config_dict()
-    config["dit"]["fractional_positions"] |= fractional_positions
+    config["dit"]["fractional_positions"] |= fractional_positions or prompt_velocity
+    config["dit"]["prompt_velocity"] |= prompt_velocity
     config["text_encoder"]["embedding_skip"] |= embedding_skip
     if config == model.config_dict():
         return model
     grown = TextToVideo.from_config(config).to(next(model.parameters()).device)
     missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
-    new = ("dit.position_embed.", "text_encoder.skip.")
+    new = ("dit.position_embed.", "dit.prompt_velocity.", "text_encoder.skip.")
     assert not unexpected and all(k.startswith(new) for k in missing), (missing, unexpected)
     return grown.train(model.training)
 
@@ -215,7 +221,7 @@ def main(argv=None) -> int:
         # Fine-tuning / continuing from exported weights: the architecture comes from their config.
         model = TextToVideo.load(args.init_weights, device=device).train()
         model = with_added_modules(model, fractional_positions=args.fractional_positions,
-                                   embedding_skip=args.text_embedding_skip)
+                                   prompt_velocity=args.prompt_velocity, embedding_skip=args.text_embedding_skip)
         if rank == 0:
             print(f"initialized from {args.init_weights}", file=sys.stderr)
     else:

@@ -38,11 +38,14 @@ class VideoDiTConfig:
     rope_theta: float = 10000.0
     qk_norm: str | None = "rms"
     fractional_positions: bool = False  # add FractionalPositionEmbedding to the tokens (see there)
+    prompt_velocity: bool = False  # shift those positions by a velocity read from the prompt (PromptVelocity)
 
     def __post_init__(self):
         self.patch_size = tuple(self.patch_size)
         if self.out_channels is None:
             self.out_channels = self.in_channels
+        if self.prompt_velocity and not self.fractional_positions:
+            raise ValueError("prompt_velocity moves the fractional positions: it needs fractional_positions=True")
         if self.hidden_size % self.heads:
             raise ValueError(f"hidden_size {self.hidden_size} must be divisible by heads {self.heads}")
         patch_features = self.in_channels * math.prod(self.patch_size)
@@ -90,7 +93,8 @@ class FractionalPositionEmbedding(nn.Module):
     this embedding must infer indirectly, from which offsets a token finds occupied at the clip's edges.
     Fractions rather than indices keep the meaning the same at every size and duration.
 
-    ``forward(fractions)``: (n, 3) float in (0, 1) (:func:`vdit.packing.grid_fractions`) -> (n, dim). The
+    ``forward(fractions)``: (n, 3) float, in (0, 1) as :func:`vdit.packing.grid_fractions` gives them (a
+    :class:`PromptVelocity` moves them outside at times) -> (n, dim). The
     projection starts at zero, so adding the embedding to a trained model leaves its function unchanged.
     """
 
@@ -104,6 +108,34 @@ class FractionalPositionEmbedding(nn.Module):
     def forward(self, fractions: torch.Tensor) -> torch.Tensor:
         angles = (fractions.float()[:, :, None] * self.freqs).flatten(1)  # (n, 3 * frequencies)
         return self.proj(torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1))
+
+
+class PromptVelocity(nn.Module):
+    """A velocity per prompt that moves the frame in which the fractional positions are measured.
+
+    Where a prompt names a motion ("moves to the left"), the place of the object depends on the product of
+    its position, the time and the motion word. Learning such a product through attention and MLPs starts
+    at a saddle: in the demo model the loss with the true and with the opposite motion word agreed to four
+    digits after 35,000 steps, and a probe training only at t = 1 did not move it. Measuring the (h, w)
+    fractions in a frame that moves with velocity v, (h, w) - v (t - 1/2), lets the layout the model already
+    places from those fractions (its objects' usual places) follow the prompt: the gradient with respect to
+    v is first order, and in that probe the velocities of opposite motion words moved apart within 300 steps.
+
+    ``forward(fractions, pooled, tokens_per_sample)``: fractions (n, 3) (t, h, w) in (0, 1), pooled (B, C)
+    prompt embeddings, tokens_per_sample (B,) -> (n, 3) moved fractions. The map starts at zero (no shift).
+    """
+
+    def __init__(self, context_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(context_dim, 2)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, fractions: torch.Tensor, pooled: torch.Tensor, tokens_per_sample: torch.Tensor) -> torch.Tensor:
+        velocity = torch.repeat_interleave(self.proj(pooled.float()), tokens_per_sample, dim=0,
+                                           output_size=fractions.shape[0])  # (n, 2): per clip, in fractions
+        t = fractions[:, :1].float()
+        return torch.cat([t, fractions[:, 1:].float() - velocity * (t - 0.5)], dim=1)
 
 
 class DiTBlock(nn.Module):
@@ -158,6 +190,7 @@ class VideoDiT(nn.Module):
         d = cfg.hidden_size
         self.patch_embed = PatchEmbed3d(cfg.in_channels, d, cfg.patch_size)
         self.position_embed = FractionalPositionEmbedding(d) if cfg.fractional_positions else None
+        self.prompt_velocity = PromptVelocity(cfg.context_dim) if cfg.prompt_velocity else None
         self.time_mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
         self.pooled_text = nn.Sequential(nn.Linear(cfg.context_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.rope = RotaryEmbedding3d(cfg.head_dim, cfg.rope_dims, cfg.rope_theta)
@@ -167,12 +200,17 @@ class VideoDiT(nn.Module):
         nn.init.zeros_(self.unembed.weight)  # start by predicting zero velocity
         nn.init.zeros_(self.unembed.bias)
 
-    def conditioning(self, timesteps: torch.Tensor, context: torch.Tensor, cu_ctx: torch.Tensor) -> torch.Tensor:
-        """(B, hidden) adaLN input: timestep embedding + pooled (mean) text embedding per sample."""
+    @staticmethod
+    def pooled_context(context: torch.Tensor, cu_ctx: torch.Tensor) -> torch.Tensor:
+        """(B, context_dim) mean of each sample's text tokens."""
         lengths = (cu_ctx[1:] - cu_ctx[:-1]).clamp_min(1).to(context.dtype)
         seg = reference.segment_ids(cu_ctx, context.shape[0])
         pooled = torch.zeros(len(lengths), context.shape[1], dtype=context.dtype, device=context.device)
-        pooled = pooled.index_add(0, seg, context) / lengths[:, None]
+        return pooled.index_add(0, seg, context) / lengths[:, None]
+
+    def conditioning(self, timesteps: torch.Tensor, context: torch.Tensor, cu_ctx: torch.Tensor) -> torch.Tensor:
+        """(B, hidden) adaLN input: timestep embedding + pooled (mean) text embedding per sample."""
+        pooled = self.pooled_context(context, cu_ctx)
         return self.time_mlp(timestep_embedding(timesteps, 256).to(context.dtype)) + self.pooled_text(pooled)
 
     def forward(self, videos: Sequence[torch.Tensor], timesteps: torch.Tensor, context: torch.Tensor,
@@ -183,7 +221,11 @@ class VideoDiT(nn.Module):
         x, cu, grids = self.patch_embed(list(videos))
         positions = grid_positions(grids)
         if self.position_embed is not None:
-            x = x + self.position_embed(grid_fractions(grids, positions)).to(x.dtype)
+            fractions = grid_fractions(grids, positions)
+            if self.prompt_velocity is not None:
+                fractions = self.prompt_velocity(fractions, self.pooled_context(context, cu_seqlens_context),
+                                                 grids.prod(1).to(fractions.device))
+            x = x + self.position_embed(fractions).to(x.dtype)
         max_len = int((cu[1:] - cu[:-1]).max())
         max_ctx = int((cu_seqlens_context[1:] - cu_seqlens_context[:-1]).max())
         c = self.conditioning(timesteps, context, cu_seqlens_context)
