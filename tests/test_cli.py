@@ -62,12 +62,14 @@ def test_generate_bad_input_is_one_line(args, message, tiny_weights):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_train_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--prompt-velocity", "--text-embedding-skip", "--added-lr-scale", "5"]],
+                         ids=["plain", "added-modules"])
+def test_train_resumes_exactly(tmp_path, extra):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     torch.set_num_threads(1)
-    assert train.main(["--out", str(straight), "--steps", "4", *TINY_TRAIN]) == 0
-    assert train.main(["--out", str(resumed), "--steps", "2", *TINY_TRAIN]) == 0
-    assert train.main(["--out", str(resumed), "--steps", "4", *TINY_TRAIN]) == 0
+    assert train.main(["--out", str(straight), "--steps", "4", *TINY_TRAIN, *extra]) == 0
+    assert train.main(["--out", str(resumed), "--steps", "2", *TINY_TRAIN, *extra]) == 0
+    assert train.main(["--out", str(resumed), "--steps", "4", *TINY_TRAIN, *extra]) == 0
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = load_tensors(str(straight / name)), load_tensors(str(resumed / name))
         assert a.keys() == b.keys()
@@ -150,3 +152,15 @@ def test_learning_rate_warms_up_holds_and_cools_down():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
     constant = train.parse_args(["--out", "x", "--steps", "100", "--warmup", "10"])
     assert train.learning_rate(99, constant) == constant.lr  # --decay-steps 0: no cool-down
+
+
+def test_added_modules_get_their_own_learning_rate():
+    args = train.parse_args(["--out", "unused", "--prompt-velocity", "--text-embedding-skip", "--added-lr-scale", "10",
+                             "--hidden-size", "48", "--depth", "1", "--heads", "2", "--patch-size", "1x4x4"])
+    model = train.new_model(args)
+    opt, names = train.optimizer(model, args)
+    base, added = opt.param_groups
+    assert (base["lr_scale"], added["lr_scale"]) == (1.0, 10.0)
+    added_names = names[len(base["params"]):]
+    assert added_names and all(n.startswith(train.ADDED_MODULES) for n in added_names)
+    assert {n for n, _ in model.named_parameters()} == set(names) and len(names) == len(set(names))

@@ -27,9 +27,12 @@ def batch(model):
     return videos, torch.tensor([0.1, 0.5, 0.9]), context, cu_ctx
 
 
-@pytest.mark.parametrize("fractional_positions", [False, True])
-def test_packed_batch_equals_each_video_alone(fractional_positions):
-    model = tiny_model(fractional_positions=fractional_positions)
+POSITION_OPTIONS = [{}, {"fractional_positions": True}, {"fractional_positions": True, "prompt_velocity": True}]
+
+
+@pytest.mark.parametrize("options", POSITION_OPTIONS, ids=["rope-only", "fractional", "prompt-velocity"])
+def test_packed_batch_equals_each_video_alone(options):
+    model = tiny_model(**options)
     videos, t, context, cu_ctx = batch(model)
     with torch.no_grad():
         packed = model(videos, t, context, cu_ctx)
@@ -51,14 +54,30 @@ def test_reference_backend_equals_kernel_backends():
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("fractional_positions", [False, True])
-def test_gradients_reach_every_parameter(fractional_positions):
-    model = tiny_model(fractional_positions=fractional_positions)
+@pytest.mark.parametrize("options", POSITION_OPTIONS, ids=["rope-only", "fractional", "prompt-velocity"])
+def test_gradients_reach_every_parameter(options):
+    model = tiny_model(**options)
     videos, _, context, cu_ctx = batch(model)
     loss = flow_matching_loss(model, videos, context, cu_ctx, generator=torch.Generator().manual_seed(0))
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not missing, missing
+
+
+def test_prompt_velocity_moves_each_clips_positions_with_time():
+    from vdit.models.dit import PromptVelocity
+
+    velocity = PromptVelocity(context_dim=2)
+    with torch.no_grad():
+        velocity.proj.weight.copy_(torch.eye(2))  # velocity (h, w) = the pooled prompt itself
+    fractions = torch.tensor([[0.25, 0.5, 0.5], [0.75, 0.5, 0.5], [0.5, 0.3, 0.6]])
+    pooled = torch.tensor([[0.0, 0.4], [1.0, -1.0]])  # clip 0: frame moving right (w grows); clip 1: another velocity
+    moved = velocity(fractions, pooled, torch.tensor([2, 1]))
+    # Clip 0: the frame moves 0.4 of the width per clip, so a still point drifts back in it: w - 0.4 (t - 1/2).
+    expected = [[0.25, 0.5, 0.6], [0.75, 0.5, 0.4], [0.5, 0.3, 0.6]]  # clip 1 at t = 1/2: no shift
+    torch.testing.assert_close(moved, torch.tensor(expected))
+    with pytest.raises(ValueError, match="prompt_velocity .* needs fractional_positions"):
+        VideoDiTConfig.preset("tiny", prompt_velocity=True)
 
 
 def test_grid_fractions_place_tokens_within_their_own_clip():

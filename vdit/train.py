@@ -78,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-embedding-skip", action="store_true",
                    help="add each word's own embedding to the text encoder's output through a learned map "
                         "(TextEncoderConfig.embedding_skip); with --init-weights it is added at zero")
+    p.add_argument("--added-lr-scale", type=float, default=1.0,
+                   help="learning-rate multiplier for the modules the three flags above add (they start at zero "
+                        "in a trained model and have to catch up with it)")
     p.add_argument("--init-weights", default=None,
                    help="start a new run from these TextToVideo weights (config.json beside them) instead of a "
                         "random initialization; ignored when --out already holds a checkpoint")
@@ -95,6 +98,10 @@ def new_model(args) -> TextToVideo:
     return TextToVideo(cfg, vocabulary(), text)
 
 
+# Modules that --fractional-positions, --prompt-velocity and --text-embedding-skip add to a model (at zero).
+ADDED_MODULES = ("dit.position_embed.", "dit.prompt_velocity.", "text_encoder.skip.")
+
+
 def with_added_modules(model: TextToVideo, *, fractional_positions: bool = False, prompt_velocity: bool = False,
                        embedding_skip: bool = False) -> TextToVideo:
     """``model`` with a FractionalPositionEmbedding, a PromptVelocity (with the former) and/or a text-encoder
@@ -107,9 +114,21 @@ def with_added_modules(model: TextToVideo, *, fractional_positions: bool = False
         return model
     grown = TextToVideo.from_config(config).to(next(model.parameters()).device)
     missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
-    new = ("dit.position_embed.", "dit.prompt_velocity.", "text_encoder.skip.")
-    assert not unexpected and all(k.startswith(new) for k in missing), (missing, unexpected)
+    assert not unexpected and all(k.startswith(ADDED_MODULES) for k in missing), (missing, unexpected)
     return grown.train(model.training)
+
+
+def optimizer(model: TextToVideo, args) -> tuple[torch.optim.Optimizer, list[str]]:
+    """AdamW and the parameter names in its order; the ADDED_MODULES' parameters form a second group whose
+    learning rate is scaled by ``args.added_lr_scale``."""
+    named = list(model.named_parameters())
+    base = [(n, p) for n, p in named if not n.startswith(ADDED_MODULES)]
+    added = [(n, p) for n, p in named if n.startswith(ADDED_MODULES)]
+    groups = [{"params": [p for _, p in base], "lr_scale": 1.0}]
+    if added:
+        groups.append({"params": [p for _, p in added], "lr_scale": args.added_lr_scale})
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+    return opt, [n for n, _ in base + added]
 
 
 def next_batch(dataset: ShapesDataset, index: int, budget: int, patch, seed: int, dropout: float,
@@ -161,16 +180,20 @@ def per_video_noise(seed: int, indices, videos, device, shift: float = 1.0, samp
     return torch.cat(ts).to(device), noise
 
 
+def _parameters(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
 def optimizer_tensors(opt: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:
-    out = {}
+    out, params = {}, _parameters(opt)
     for i, name in enumerate(names):
-        for key, value in opt.state.get(opt.param_groups[0]["params"][i], {}).items():
+        for key, value in opt.state.get(params[i], {}).items():
             out[f"{key}/{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
     return out
 
 
 def load_optimizer(opt: torch.optim.Optimizer, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
-    params = opt.param_groups[0]["params"]
+    params = _parameters(opt)
     for i, name in enumerate(names):
         state = {key.split("/", 1)[0]: v for key, v in tensors.items() if key.split("/", 1)[1] == name}
         if state:
@@ -228,8 +251,7 @@ def main(argv=None) -> int:
         model = new_model(args).to(device)
     model.sampling_shift = args.timestep_shift  # saved in config.json: generate() samples at the training shift
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    names = [n for n, _ in model.named_parameters()]
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+    opt, names = optimizer(model, args)
     step, data_index = 0, 0
     if os.path.exists(state_path):
         state = read_json(state_path)
@@ -257,7 +279,7 @@ def main(argv=None) -> int:
         t, noise = per_video_noise(args.seed, indices, videos, device, args.timestep_shift,
                                    args.timestep_sampling)
         for group in opt.param_groups:
-            group["lr"] = learning_rate(step, args)
+            group["lr"] = learning_rate(step, args) * group["lr_scale"]
         with autocast:
             loss = flow_matching_loss(lambda x, tt, _c, _cu: net(x, tt, captions, sequence_parallel), videos, None,
                                       None, t=t, noise=noise, normalizer=elements)
