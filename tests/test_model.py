@@ -69,9 +69,9 @@ def test_prompt_velocity_moves_each_clips_positions_with_time():
 
     velocity = PromptVelocity(context_dim=2)
     with torch.no_grad():
-        velocity.proj.weight.copy_(torch.eye(2))  # velocity (h, w) = the pooled prompt itself
+        velocity.proj.weight.copy_(torch.eye(2))  # velocity (h, w) = tanh(the pooled prompt)
     fractions = torch.tensor([[0.25, 0.5, 0.5], [0.75, 0.5, 0.5], [0.5, 0.3, 0.6]])
-    pooled = torch.tensor([[0.0, 0.4], [1.0, -1.0]])  # clip 0: frame moving right (w grows); clip 1: another velocity
+    pooled = torch.atanh(torch.tensor([[0.0, 0.4], [0.5, -0.5]]))  # clip 0: frame moving right; clip 1: another
     moved = velocity(fractions, pooled, torch.tensor([2, 1]))
     # Clip 0: the frame moves 0.4 of the width per clip, so a still point drifts back in it: w - 0.4 (t - 1/2).
     expected = [[0.25, 0.5, 0.6], [0.75, 0.5, 0.4], [0.5, 0.3, 0.6]]  # clip 1 at t = 1/2: no shift

@@ -79,8 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="add each word's own embedding to the text encoder's output through a learned map "
                         "(TextEncoderConfig.embedding_skip); with --init-weights it is added at zero")
     p.add_argument("--added-lr-scale", type=float, default=1.0,
-                   help="learning-rate multiplier for the modules the three flags above add (they start at zero "
-                        "in a trained model and have to catch up with it)")
+                   help="learning-rate multiplier for the parameters of the modules named by the three flags above "
+                        "in this command (they start at zero in a trained model and have to catch up with it)")
     p.add_argument("--init-weights", default=None,
                    help="start a new run from these TextToVideo weights (config.json beside them) instead of a "
                         "random initialization; ignored when --out already holds a checkpoint")
@@ -119,11 +119,14 @@ def with_added_modules(model: TextToVideo, *, fractional_positions: bool = False
 
 
 def optimizer(model: TextToVideo, args) -> tuple[torch.optim.Optimizer, list[str]]:
-    """AdamW and the parameter names in its order; the ADDED_MODULES' parameters form a second group whose
-    learning rate is scaled by ``args.added_lr_scale``."""
+    """AdamW and the parameter names in its order. The parameters of the modules named by this command's
+    --fractional-positions / --prompt-velocity / --text-embedding-skip form a second group whose learning rate
+    is scaled by ``args.added_lr_scale`` (from the arguments alone, so a resumed run gets the same groups)."""
+    flags = (args.fractional_positions, args.prompt_velocity, args.text_embedding_skip)
+    scaled = tuple(prefix for prefix, flag in zip(ADDED_MODULES, flags) if flag)
     named = list(model.named_parameters())
-    base = [(n, p) for n, p in named if not n.startswith(ADDED_MODULES)]
-    added = [(n, p) for n, p in named if n.startswith(ADDED_MODULES)]
+    base = [(n, p) for n, p in named if not (scaled and n.startswith(scaled))]
+    added = [(n, p) for n, p in named if scaled and n.startswith(scaled)]
     groups = [{"params": [p for _, p in base], "lr_scale": 1.0}]
     if added:
         groups.append({"params": [p for _, p in added], "lr_scale": args.added_lr_scale})

@@ -132,8 +132,11 @@ class PromptVelocity(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, fractions: torch.Tensor, pooled: torch.Tensor, tokens_per_sample: torch.Tensor) -> torch.Tensor:
-        velocity = torch.repeat_interleave(self.proj(pooled.float()), tokens_per_sample, dim=0,
-                                           output_size=fractions.shape[0])  # (n, 2): per clip, in fractions
+        # tanh: at most one frame height / width per clip. Unbounded, the velocities of a probe run grew to
+        # tens of frames per clip, a text-dependent phase of the sin/cos position features rather than a motion.
+        velocity = torch.tanh(self.proj(pooled.float()))
+        velocity = torch.repeat_interleave(velocity, tokens_per_sample, dim=0,
+                                           output_size=fractions.shape[0])  # (n, 2): (h, w) per clip, in fractions
         t = fractions[:, :1].float()
         return torch.cat([t, fractions[:, 1:].float() - velocity * (t - 0.5)], dim=1)
 
