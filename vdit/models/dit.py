@@ -214,9 +214,11 @@ class VideoDiT(nn.Module):
         pooled = torch.zeros(len(lengths), context.shape[1], dtype=context.dtype, device=context.device)
         return pooled.index_add(0, seg, context) / lengths[:, None]
 
-    def conditioning(self, timesteps: torch.Tensor, context: torch.Tensor, cu_ctx: torch.Tensor) -> torch.Tensor:
-        """(B, hidden) adaLN input: timestep embedding + pooled (mean) text embedding per sample."""
-        pooled = self.pooled_context(context, cu_ctx)
+    def conditioning(self, timesteps: torch.Tensor, context: torch.Tensor, cu_ctx: torch.Tensor,
+                     pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, hidden) adaLN input: timestep embedding + pooled (mean) text embedding per sample (``pooled``:
+        :meth:`pooled_context` of the same context, if the caller has it already)."""
+        pooled = self.pooled_context(context, cu_ctx) if pooled is None else pooled
         return self.time_mlp(timestep_embedding(timesteps, 256).to(context.dtype)) + self.pooled_text(pooled)
 
     def forward(self, videos: Sequence[torch.Tensor], timesteps: torch.Tensor, context: torch.Tensor,
@@ -226,15 +228,15 @@ class VideoDiT(nn.Module):
                              f"{cu_seqlens_context.shape[0] - 1} prompts; they must match")
         x, cu, grids = self.patch_embed(list(videos))
         positions = grid_positions(grids)
+        pooled = self.pooled_context(context, cu_seqlens_context)
         if self.position_embed is not None:
             fractions = grid_fractions(grids, positions)
             if self.prompt_velocity is not None:
-                fractions = self.prompt_velocity(fractions, self.pooled_context(context, cu_seqlens_context),
-                                                 grids.prod(1).to(fractions.device))
+                fractions = self.prompt_velocity(fractions, pooled, grids.prod(1).to(fractions.device))
             x = x + self.position_embed(fractions).to(x.dtype)
         max_len = int((cu[1:] - cu[:-1]).max())
         max_ctx = int((cu_seqlens_context[1:] - cu_seqlens_context[:-1]).max())
-        c = self.conditioning(timesteps, context, cu_seqlens_context)
+        c = self.conditioning(timesteps, context, cu_seqlens_context, pooled)
         cu_local = None
         if sequence_parallel is not None:
             total = x.shape[0]
