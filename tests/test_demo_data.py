@@ -65,3 +65,22 @@ def test_evaluate_reports_every_figure_as_a_fraction():
         assert 0 <= result[key] <= 1, key
     # an untrained model returns its input noise: foreground everywhere, in every frame
     assert result["object_in_every_frame"] == 1 and result["frame_diff"] > 0.5
+
+
+def test_pooled_weights_each_evaluation_by_its_videos():
+    from vdit.eval_demo import pooled
+
+    figures = dict(colour_accuracy=1.0, object_in_every_frame=1.0, frame_diff=0.1, mask_iou=0.5)
+    total = pooled([dict(figures, prompts=30, motion_accuracy=0.9), dict(figures, prompts=10, motion_accuracy=0.5)])
+    assert total["prompts"] == 40 and total["colour_accuracy"] == 1.0
+    assert abs(total["motion_accuracy"] - 0.8) < 1e-12
+    assert abs(total["motion_stderr"] - (0.8 * 0.2 / 40) ** 0.5) < 1e-12
+
+
+def test_eval_cli_prints_each_seed_and_the_pooled_figures(capsys):
+    from vdit.eval_demo import main
+
+    assert main(["--prompts", "2", "--frames", "2", "--steps", "1", "--seed", "0", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0].endswith(f"(seed {s})") for s, line in zip((0, 3), lines)] == [True, True]
+    assert "(seeds 0, 3 pooled): 4 held-out videos" in lines[2] and "one standard error" in lines[2]
