@@ -123,6 +123,7 @@ def pooled(results: list[dict]) -> dict:
 
 
 def summary(label: str, result: dict) -> str:
+    """One printed line of an ``evaluate`` (or ``pooled``) result, prefixed by ``label``."""
     return (f"{label}: {result['prompts']} held-out videos, colour accuracy {result['colour_accuracy']:.0%}, "
             f"motion accuracy {result['motion_accuracy']:.0%}, object in every frame "
             f"{result['object_in_every_frame']:.0%}, frame-to-frame change {result['frame_diff']:.3f}, "
