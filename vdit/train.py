@@ -125,8 +125,8 @@ def optimizer(model: TextToVideo, args) -> tuple[torch.optim.Optimizer, list[str
     flags = (args.fractional_positions, args.prompt_velocity, args.text_embedding_skip)
     scaled = tuple(prefix for prefix, flag in zip(ADDED_MODULES, flags) if flag)
     named = list(model.named_parameters())
-    base = [(n, p) for n, p in named if not (scaled and n.startswith(scaled))]
-    added = [(n, p) for n, p in named if scaled and n.startswith(scaled)]
+    base = [(n, p) for n, p in named if not n.startswith(scaled)]  # startswith(()) is False: no flags, no group
+    added = [(n, p) for n, p in named if n.startswith(scaled)]
     groups = [{"params": [p for _, p in base], "lr_scale": 1.0}]
     if added:
         groups.append({"params": [p for _, p in added], "lr_scale": args.added_lr_scale})
