@@ -108,7 +108,9 @@ def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     write_build_config(cuda_home, archs)
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    # One folder per op (csrc/README.md): <op>/cpu.cpp always, <op>/cuda.cu with CUDA; csrc/ is the
+    # include root ("common/alloc.h", "rope/math.h").
+    sources = ["csrc/module.cpp"] + sorted(glob.glob("csrc/common/*.cpp") + glob.glob("csrc/*/cpu.cpp"))
     march = os.environ.get("VDIT_CPU_ARCH", "native")
     cxx = ["-O3", "-fopenmp"]
     if march:
@@ -118,7 +120,7 @@ def extensions():
     if not cuda_home:
         return [CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **common)]
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
-    return [CUDAExtension(sources=sources + sorted(glob.glob("csrc/cuda/*.cu")),
+    return [CUDAExtension(sources=sources + sorted(glob.glob("csrc/*/cuda.cu")),
                           extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **common)]
 
 

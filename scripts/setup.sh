@@ -16,6 +16,6 @@ if ! .venv/bin/pip install -v --no-build-isolation -e . > build/pip-install.log 
     exit 1
 fi
 # Show what was compiled: the setup decisions and one line per compiled source.
-grep -E "\[vdit setup\]|/(cpu|cuda)/[a-z_]+\.(cpp|cu) -o|csrc/[a-z_]+\.cpp -o" build/pip-install.log \
+grep -E "\[vdit setup\]|csrc/([a-z_]+/)?[a-z_]+\.(cpp|cu) -o" build/pip-install.log \
     | sed -E 's@^ *(\[[0-9]+/[0-9]+\]) ([^ ]+/)?([^ /]+) .* -c ([^ ]+) .*@\1 \3 \4@' | sort -V -u
 .venv/bin/python -c "import vdit; print('[setup] vdit.build_info():', vdit.build_info())"

@@ -1,4 +1,4 @@
-// CPU kernels of the patch embedding ops (schemas in csrc/patch_embed.cpp).
+// CPU kernels of the patch embedding ops (schemas in vdit/kernels/schemas.py).
 //
 // patch_embed_3d is Conv3d with stride == kernel, i.e. tokens = patches @ W^T + b where patches is
 // the patchify of the video. Materializing all patches (im2col) and then running one GEMM writes and
@@ -19,7 +19,8 @@
 //
 // Dense (B, C, T, H, W) batches and packed lists of videos of different sizes use the same pass: a
 // dense batch is B samples of one size. Per-sample shapes and offsets live in a small int64 metadata
-// table (csrc/common/patch_embed.h); the pixel index math is patchify.h's.
+// table (patch_embed/math.h; built by patch_embed/shape.h, which also holds the shape checks); the
+// pixel index math is patchify/math.h's.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -38,8 +39,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "../alloc.h"
-#include "../common/patch_embed.h"
+#include "common/alloc.h"
+#include "patch_embed/shape.h"
 
 namespace vdit {
 namespace {
@@ -96,56 +97,26 @@ struct Block {
 // re-reads it.
 constexpr int64_t kBlockBytes = 1 << 20;
 
-struct Plan {
-  at::Tensor meta;  // int64 (B, kPackedMetaCols)
-  int64_t C = 0, pt = 0, ph = 0, pw = 0, F = 0, total_tokens = 0, max_block_tokens = 0;
+// The packed batch and its blocks.
+struct Plan : PackedPatches {
+  int64_t max_block_tokens = 0;
   std::vector<Block> blocks;
-
-  PatchGeometry geometry(int64_t s) const {
-    return packed_sample_geometry(meta.data_ptr<int64_t>(), s, C, pt, ph, pw);
-  }
 };
 
-Plan make_plan(const std::vector<std::array<int64_t, 3>>& sizes, int64_t C, at::IntArrayRef patch, int64_t D,
-               int64_t acc_bytes) {
+Plan make_plan(const VideoSizes& sizes, int64_t C, at::IntArrayRef patch, int64_t D, int64_t acc_bytes) {
   Plan plan;
-  plan.C = C;
-  plan.pt = patch[0];
-  plan.ph = patch[1];
-  plan.pw = patch[2];
-  plan.F = C * patch[0] * patch[1] * patch[2];
-  const int64_t B = static_cast<int64_t>(sizes.size());
-  plan.meta = at::empty({B, kPackedMetaCols}, at::kLong);
-  int64_t* meta = plan.meta.data_ptr<int64_t>();
-  int64_t tokens = 0, rows = 0, elems = 0;
-  for (int64_t s = 0; s < B; ++s) {
-    const auto& [T, H, W] = sizes[s];
-    TORCH_CHECK(T % plan.pt == 0 && H % plan.ph == 0 && W % plan.pw == 0, "vdit::patch_embed: patch size ",
-                patch, " must divide (T, H, W) = (", T, ", ", H, ", ", W, ") of sample ", s);
-    int64_t* row = meta + s * kPackedMetaCols;
-    row[kMetaTokenOffset] = tokens;
-    row[kMetaT] = T;
-    row[kMetaH] = H;
-    row[kMetaW] = W;
-    row[kMetaRowOffset] = rows;
-    row[kMetaVideoOffset] = elems;
-    const PatchGeometry g = plan.geometry(s);
-    tokens += g.num_tokens();
-    rows += g.grid_t() * g.grid_h();
-    elems += g.video_numel();
-  }
-  plan.total_tokens = tokens;
+  static_cast<PackedPatches&>(plan) = packed_patches(sizes, C, patch);
   // Enough blocks to keep every thread busy on small inputs, otherwise cache-sized ones.
   const int64_t threads = at::get_num_threads();
   int64_t target = std::max<int64_t>(1, kBlockBytes / ((D + plan.F) * acc_bytes));
-  target = std::min(target, std::max<int64_t>(1, tokens / (4 * threads)));
-  for (int64_t s = 0; s < B; ++s) {
+  target = std::min(target, std::max<int64_t>(1, plan.total_tokens / (4 * threads)));
+  for (int64_t s = 0; s < plan.batch(); ++s) {
     const PatchGeometry g = plan.geometry(s);
     const int64_t Wp = g.grid_w(), sample_rows = g.grid_t() * g.grid_h();
     const int64_t rows_per_block = std::max<int64_t>(1, target / Wp);
     for (int64_t r = 0; r < sample_rows; r += rows_per_block) {
       const int64_t end = std::min(r + rows_per_block, sample_rows);
-      plan.blocks.push_back({s, r, end, meta[s * kPackedMetaCols + kMetaTokenOffset] + r * Wp});
+      plan.blocks.push_back({s, r, end, plan.token_offset(s) + r * Wp});
       plan.max_block_tokens = std::max(plan.max_block_tokens, (end - r) * Wp);
     }
   }
@@ -276,57 +247,7 @@ PassResult dispatch_pass(const Plan& plan, const PassArgs& a, int64_t D, at::Sca
   return result;
 }
 
-at::ScalarType compute_dtype(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-int64_t compute_bytes(at::ScalarType dtype) { return dtype == at::kDouble ? 8 : 4; }
-
-at::Tensor to_compute(const at::Tensor& t) { return t.to(compute_dtype(t.scalar_type())).contiguous(); }
-
-void check_input(const char* op, const char* name, const at::Tensor& t, int64_t dim, const at::Tensor& like) {
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-              " but expected ", like.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
-}
-
-// Per-sample base pointers of a dense (B, ...) batch or of a list of tensors.
-std::vector<void*> batch_pointers(const at::Tensor& x) {
-  std::vector<void*> ptrs;
-  const int64_t stride = x.numel() / x.size(0) * x.element_size();
-  for (int64_t b = 0; b < x.size(0); ++b) ptrs.push_back(static_cast<char*>(x.data_ptr()) + b * stride);
-  return ptrs;
-}
-
-std::vector<void*> list_pointers(const std::vector<at::Tensor>& xs) {
-  std::vector<void*> ptrs;
-  for (const auto& x : xs) ptrs.push_back(x.data_ptr());
-  return ptrs;
-}
-
 // ---- patch_embed_3d -----------------------------------------------------------------------
-
-void check_embed_weight(const char* op, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                        const at::Tensor& like, int64_t C) {
-  check_input(op, "weight", weight, 5, like);
-  TORCH_CHECK(weight.size(1) == C, op, ": weight expects ", weight.size(1), " channels, got ", C);
-  if (bias.has_value()) {
-    check_input(op, "bias", *bias, 1, like);
-    TORCH_CHECK(bias->size(0) == weight.size(0), op, ": bias must have ", weight.size(0), " entries");
-  }
-}
-
-std::vector<std::array<int64_t, 3>> dense_sizes(const at::Tensor& x) {
-  return std::vector<std::array<int64_t, 3>>(x.size(0), {x.size(2), x.size(3), x.size(4)});
-}
-
-std::vector<std::array<int64_t, 3>> list_sizes(const at::TensorList videos) {
-  std::vector<std::array<int64_t, 3>> sizes;
-  for (const auto& v : videos) sizes.push_back({v.size(1), v.size(2), v.size(3)});
-  return sizes;
-}
 
 at::Tensor embed_tokens(const Plan& plan, std::vector<void*> videos, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias, const at::TensorOptions& options) {
@@ -389,14 +310,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_embed_3d_backward_cpu(const
   return {gx, gw, gb};
 }
 
-void check_video_list(const char* op, at::TensorList videos) {
-  TORCH_CHECK(!videos.empty(), op, ": videos must not be empty");
-  for (const auto& v : videos) {
-    check_input(op, "videos[i]", v, 4, videos[0]);
-    TORCH_CHECK(v.size(0) == videos[0].size(0), op, ": every video needs the same channel count");
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_embed_3d_varlen_cpu(at::TensorList videos,
                                                                          const at::Tensor& weight,
                                                                          const std::optional<at::Tensor>& bias) {
@@ -413,12 +326,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_embed_3d_varlen_cpu(at::Ten
   const int64_t B = static_cast<int64_t>(videos.size());
   at::Tensor cu_seqlens = at::empty({B + 1}, at::kInt);
   at::Tensor grids = at::empty({B, 3}, at::kInt);
-  const int64_t* meta = plan.meta.data_ptr<int64_t>();
   int32_t* cu = cu_seqlens.data_ptr<int32_t>();
   int32_t* grid = grids.data_ptr<int32_t>();
   for (int64_t s = 0; s < B; ++s) {
     const PatchGeometry g = plan.geometry(s);
-    cu[s] = static_cast<int32_t>(meta[s * kPackedMetaCols + kMetaTokenOffset]);
+    cu[s] = static_cast<int32_t>(plan.token_offset(s));
     grid[3 * s] = static_cast<int32_t>(g.grid_t());
     grid[3 * s + 1] = static_cast<int32_t>(g.grid_h());
     grid[3 * s + 2] = static_cast<int32_t>(g.grid_w());
@@ -441,37 +353,13 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> patch_embed_3d_varle
               grad.sizes());
   std::vector<at::Tensor> gx;
   if (mask[0]) {
-    for (const auto& v : videos) gx.push_back(new_output(v.sizes(), v.options()));
+    for (const auto& v : videos) gx.push_back(new_output_like(v));
   }
   auto [gw, gb] = embed_backward(plan, grad, list_pointers(videos.vec()), list_pointers(gx), weight, mask[1], mask[2]);
   return {gx, gw, gb};
 }
 
 // ---- patch_unembed_3d ---------------------------------------------------------------------
-
-void check_unembed(const char* op, const at::Tensor& tokens, int64_t token_dim, const at::Tensor& weight,
-                   const std::optional<at::Tensor>& bias, at::IntArrayRef patch) {
-  check_input(op, "tokens", tokens, token_dim, tokens);
-  check_input(op, "weight", weight, 2, tokens);
-  TORCH_CHECK(patch.size() == 3 && patch[0] > 0 && patch[1] > 0 && patch[2] > 0, op, ": bad patch_size ", patch);
-  const int64_t volume = patch[0] * patch[1] * patch[2];
-  TORCH_CHECK(weight.size(1) == tokens.size(-1) && weight.size(0) % volume == 0, op, ": weight ", weight.sizes(),
-              " does not fit tokens ", tokens.sizes(), " and patch_size ", patch);
-  if (bias.has_value()) {
-    check_input(op, "bias", *bias, 1, tokens);
-    TORCH_CHECK(bias->size(0) == weight.size(0), op, ": bias must have ", weight.size(0), " entries");
-  }
-}
-
-std::vector<std::array<int64_t, 3>> grid_sizes(at::IntArrayRef grids, at::IntArrayRef patch) {
-  TORCH_CHECK(grids.size() % 3 == 0 && !grids.empty(), "vdit::patch_unembed_3d: grids must hold 3 ints per sample");
-  std::vector<std::array<int64_t, 3>> sizes;
-  for (size_t i = 0; i < grids.size(); i += 3) {
-    TORCH_CHECK(grids[i] > 0 && grids[i + 1] > 0 && grids[i + 2] > 0, "vdit::patch_unembed_3d: bad grid");
-    sizes.push_back({grids[i] * patch[0], grids[i + 1] * patch[1], grids[i + 2] * patch[2]});
-  }
-  return sizes;
-}
 
 void unembed_videos(const Plan& plan, const at::Tensor& tokens, const at::Tensor& weight,
                     const std::optional<at::Tensor>& bias, std::vector<void*> videos) {
@@ -509,12 +397,12 @@ at::Tensor patch_unembed_3d_cpu(const at::Tensor& tokens, const at::Tensor& weig
                                 at::IntArrayRef grid, at::IntArrayRef patch) {
   const char* op = "vdit::patch_unembed_3d";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_unembed(op, tokens, 3, weight, bias, patch);
-  const int64_t B = tokens.size(0), C = weight.size(0) / (patch[0] * patch[1] * patch[2]);
+  const int64_t C = check_unembed(op, tokens, 3, weight, bias, patch);
+  const int64_t B = tokens.size(0);
   const auto sizes = grid_sizes(grid, patch);
   TORCH_CHECK(tokens.size(1) == grid[0] * grid[1] * grid[2], op, ": tokens ", tokens.sizes(), " do not fill grid ",
               grid);
-  const Plan plan = make_plan(std::vector<std::array<int64_t, 3>>(B, sizes[0]), C, patch, weight.size(1),
+  const Plan plan = make_plan(VideoSizes(B, sizes[0]), C, patch, weight.size(1),
                               compute_bytes(tokens.scalar_type()));
   at::Tensor video = new_large_output({B, C, sizes[0][0], sizes[0][1], sizes[0][2]}, tokens.options());
   unembed_videos(plan, tokens, weight, bias, batch_pointers(video));
@@ -529,14 +417,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_unembed_3d_backward_cpu(con
                                                                              std::array<bool, 3> mask) {
   const char* op = "vdit::patch_unembed_3d_backward";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_unembed(op, tokens, 3, weight, std::nullopt, patch);
+  const int64_t C = check_unembed(op, tokens, 3, weight, std::nullopt, patch);
   check_input(op, "grad", grad, 5, tokens);
-  const int64_t B = tokens.size(0), C = weight.size(0) / (patch[0] * patch[1] * patch[2]);
+  const int64_t B = tokens.size(0);
   const auto sizes = grid_sizes(grid, patch);
   TORCH_CHECK(grad.size(0) == B && grad.size(1) == C && grad.size(2) == sizes[0][0] && grad.size(3) == sizes[0][1] &&
                   grad.size(4) == sizes[0][2],
               op, ": grad has shape ", grad.sizes());
-  const Plan plan = make_plan(std::vector<std::array<int64_t, 3>>(B, sizes[0]), C, patch, weight.size(1),
+  const Plan plan = make_plan(VideoSizes(B, sizes[0]), C, patch, weight.size(1),
                               compute_bytes(tokens.scalar_type()));
   return unembed_backward(plan, batch_pointers(grad), tokens, weight, mask);
 }
@@ -546,8 +434,7 @@ std::vector<at::Tensor> patch_unembed_3d_varlen_cpu(const at::Tensor& tokens, co
                                                     at::IntArrayRef patch) {
   const char* op = "vdit::patch_unembed_3d_varlen";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_unembed(op, tokens, 2, weight, bias, patch);
-  const int64_t C = weight.size(0) / (patch[0] * patch[1] * patch[2]);
+  const int64_t C = check_unembed(op, tokens, 2, weight, bias, patch);
   const auto sizes = grid_sizes(grids, patch);
   const Plan plan = make_plan(sizes, C, patch, weight.size(1), compute_bytes(tokens.scalar_type()));
   TORCH_CHECK(plan.total_tokens == tokens.size(0), op, ": grids hold ", plan.total_tokens, " tokens, tokens has ",
@@ -563,8 +450,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_unembed_3d_varlen_backward_
     at::IntArrayRef patch, std::array<bool, 3> mask) {
   const char* op = "vdit::patch_unembed_3d_varlen_backward";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_unembed(op, tokens, 2, weight, std::nullopt, patch);
-  const int64_t C = weight.size(0) / (patch[0] * patch[1] * patch[2]);
+  const int64_t C = check_unembed(op, tokens, 2, weight, std::nullopt, patch);
   const auto sizes = grid_sizes(grids, patch);
   TORCH_CHECK(grads.size() == sizes.size(), op, ": expected ", sizes.size(), " gradients, got ", grads.size());
   for (size_t s = 0; s < sizes.size(); ++s) {

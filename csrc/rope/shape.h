@@ -1,4 +1,5 @@
-// Host-side description of the tensors of a 3D RoPE call, shared by the CPU and CUDA launchers.
+// Host-side description of the tensors of a 3D RoPE call and its checks, shared by rope/cpu.cpp
+// and rope/cuda.cu. Per-element math: rope/math.h.
 //
 // Every rotated tensor is viewed as (B, L, H, D) with unit channel stride and arbitrary batch,
 // token and head strides, so q / k slices of a fused qkv projection are read in place. Packed
@@ -7,19 +8,25 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <optional>
+#include <vector>
 
-#include "common/rope.h"
+#include "common/shape.h"
+#include "rope/math.h"
 
 namespace vdit {
 
+// One rotated tensor (a "row set": q, or k). Trivially copyable, so the CUDA kernels take it by value.
 struct RopeRows {
   const void* in = nullptr;  // input rows (or incoming gradient in the backward pass)
   void* out = nullptr;       // output rows, contiguous (B, L, H, D), or `in` for in-place
   const void* x = nullptr;   // backward with norm: the forward input
   const void* weight = nullptr;  // RMSNorm weight, (D,) contiguous in the compute type, or null
+  void* gw_partial = nullptr;    // CUDA backward with norm: per-block weight-gradient sums, or null
   int64_t heads = 0;
   int64_t in_sb = 0, in_sl = 0, in_sh = 0;
   int64_t out_sb = 0, out_sl = 0, out_sh = 0;
@@ -97,6 +104,40 @@ inline RopeRows rope_rows(const at::Tensor& in, const at::Tensor& out, const at:
   rope_strides(out, &r.out_sb, &r.out_sl, &r.out_sh);
   r.weight = weight_acc.defined() ? weight_acc.data_ptr() : nullptr;
   return r;
+}
+
+// Backward rows: the incoming gradient `grad` (like the forward input x) written to `out`, with x
+// read for the norm.
+inline RopeRows rope_backward_rows(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& out,
+                                   const at::Tensor& weight_acc) {
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(),
+              "vdit rope: gradients must be like their inputs");
+  RopeRows r = rope_rows(grad, out, weight_acc);
+  r.x = x.data_ptr();
+  rope_strides(x, &r.x_sb, &r.x_sl, &r.x_sh);
+  return r;
+}
+
+// The optional RMSNorm weight of a tensor x: (D,) on x's device, converted to the compute type
+// (contiguous), or an undefined tensor.
+inline at::Tensor weight_in_compute_type(const std::optional<at::Tensor>& w, const at::Tensor& x) {
+  if (!w.has_value() || !w->defined()) return at::Tensor();
+  TORCH_CHECK(w->dim() == 1 && w->size(0) == x.size(-1), "vdit rope: norm weight must be (", x.size(-1), ",)");
+  TORCH_CHECK(w->device() == x.device(), "vdit rope: norm weight must be on the tensors' device");
+  return w->to(acc_type_of(x.scalar_type())).contiguous();
+}
+
+// The weight gradient of each set from its partial sums (summed over the first dim), in the weight's
+// dtype; an empty tensor where the set has no weight.
+inline std::vector<at::Tensor> rope_weight_grads(const std::vector<at::Tensor>& partials,
+                                                 const std::vector<std::optional<at::Tensor>>& weights,
+                                                 const std::vector<at::Tensor>& xs) {
+  std::vector<at::Tensor> grads;
+  for (size_t s = 0; s < xs.size(); ++s) {
+    grads.push_back(partials[s].defined() ? partials[s].sum(0).to(weights[s]->scalar_type())
+                                          : at::empty({0}, xs[s].options()));
+  }
+  return grads;
 }
 
 // The same token grid, head dim and dtype for a second tensor of a q/k pair.

@@ -4,15 +4,16 @@
 // are a contiguous chunk of the token tensor and come from C * pt * ph contiguous video row
 // segments. The block moves the row segments through shared memory, so both global sides are
 // read and written with coalesced (and, when aligned, 16-byte) accesses. The index math is the
-// one the CPU kernel uses (csrc/common/patchify.h).
+// one the CPU kernel uses (patchify/math.h); shape checks: patchify/shape.h; packets, loops and
+// launches: common/cuda_helpers.cuh.
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../alloc.h"
-#include "../patchify_shape.h"
+#include "common/alloc.h"
+#include "common/cuda_helpers.cuh"
+#include "patchify/shape.h"
 
 namespace vdit {
 namespace {
@@ -20,16 +21,39 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kTileBytes = 16 * 1024;
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Packet {
-  T v[N];
-};
-
 struct TileLayout {
   PatchGeometry g;
   int64_t tile_w;   // tokens per tile
   int64_t tiles_w;  // tiles per token row
 };
+
+// Moves the `rows` video row segments of token row (tt, hh), seg_len pixels each from video_b on,
+// between the video and the tile in shared memory (kToTile: video -> tile), VEC pixels at a time.
+template <typename T, int VEC, bool kToTile>
+__device__ __forceinline__ void move_row_segments(const PatchGeometry& g, int64_t tt, int64_t hh, int64_t rows,
+                                                  int64_t seg_len, T* video_b, T* tile) {
+  block_stride_loop<kThreads, VEC>(rows * seg_len, [&](int64_t e) {
+    const int64_t r = e / seg_len, col = e % seg_len;
+    int64_t row, feature;
+    patch_row(g, tt, hh, r, &row, &feature);
+    if constexpr (kToTile) {
+      const Packet<T, VEC> p = load_packet<T, VEC>(video_b + row + col);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) tile[chunk_offset(g, feature, col + v)] = p.v[v];
+    } else {
+      Packet<T, VEC> p;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) p.v[v] = tile[chunk_offset(g, feature, col + v)];
+      store_packet(video_b + row + col, p);
+    }
+  });
+}
+
+// dst[0 .. n) = src[0 .. n), the block's threads moving VEC elements at a time.
+template <typename T, int VEC>
+__device__ __forceinline__ void copy_packets(T* dst, const T* src, int64_t n) {
+  block_stride_loop<kThreads, VEC>(n, [&](int64_t e) { store_packet(dst + e, load_packet<T, VEC>(src + e)); });
+}
 
 // kToTokens: video -> tokens (patchify); otherwise tokens -> video (unpatchify).
 template <typename T, int VEC, bool kToTokens>
@@ -54,49 +78,29 @@ __global__ void __launch_bounds__(kThreads) patch_transpose_kernel(T* __restrict
   const int64_t rows = g.rows_per_token_row();
   T* video_b = video + b * g.video_numel() + ww0 * g.pw;
   T* chunk = tokens + (b * g.num_tokens() + patch_token_index(g, tt, hh, ww0)) * F;
-  using P = Packet<T, VEC>;
 
+  // Each side of the tile is written by one phase and read by the other, after __syncthreads.
   if (kToTokens) {
-    for (int64_t e = threadIdx.x * VEC; e < rows * seg_len; e += kThreads * VEC) {
-      const int64_t r = e / seg_len, col = e % seg_len;
-      int64_t row, feature;
-      patch_row(g, tt, hh, r, &row, &feature);
-      const P p = *reinterpret_cast<const P*>(video_b + row + col);
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) tile[chunk_offset(g, feature, col + v)] = p.v[v];
-    }
+    move_row_segments<T, VEC, true>(g, tt, hh, rows, seg_len, video_b, tile);
     __syncthreads();
-    for (int64_t e = threadIdx.x * VEC; e < n_w * F; e += kThreads * VEC) {
-      *reinterpret_cast<P*>(chunk + e) = *reinterpret_cast<const P*>(tile + e);
-    }
+    copy_packets<T, VEC>(chunk, tile, n_w * F);
   } else {
-    for (int64_t e = threadIdx.x * VEC; e < n_w * F; e += kThreads * VEC) {
-      *reinterpret_cast<P*>(tile + e) = *reinterpret_cast<const P*>(chunk + e);
-    }
+    copy_packets<T, VEC>(tile, chunk, n_w * F);
     __syncthreads();
-    for (int64_t e = threadIdx.x * VEC; e < rows * seg_len; e += kThreads * VEC) {
-      const int64_t r = e / seg_len, col = e % seg_len;
-      int64_t row, feature;
-      patch_row(g, tt, hh, r, &row, &feature);
-      P p;
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) p.v[v] = tile[chunk_offset(g, feature, col + v)];
-      *reinterpret_cast<P*>(video_b + row + col) = p;
-    }
+    move_row_segments<T, VEC, false>(g, tt, hh, rows, seg_len, video_b, tile);
   }
 }
 
 // 16-byte packets need every row segment and chunk to start on a 16-byte boundary.
 template <typename T>
 int packet_width(const PatchGeometry& g, int64_t tile_w, const void* a, const void* b) {
-  constexpr int vec = 16 / sizeof(T);
-  const bool aligned = reinterpret_cast<uintptr_t>(a) % 16 == 0 && reinterpret_cast<uintptr_t>(b) % 16 == 0;
+  constexpr int vec = kPacketElems<T>;
   const bool divides = g.W % vec == 0 && (tile_w * g.pw) % vec == 0 && g.num_features() % vec == 0;
-  return aligned && divides ? vec : 1;
+  return aligned16({a, b}) && divides ? vec : 1;
 }
 
-template <typename T, bool kToTokens>
-void launch(const PatchGeometry& g, int64_t batch, void* video, void* tokens) {
+template <bool kToTokens, typename T>
+void launch(const PatchGeometry& g, int64_t batch, T* video, T* tokens) {
   const int64_t token_bytes = g.num_features() * sizeof(T);
   TORCH_CHECK(token_bytes <= 48 * 1024, "vdit: a token of ", token_bytes,
               " bytes exceeds the 48 KiB shared-memory tile of the CUDA patchify kernel");
@@ -106,45 +110,28 @@ void launch(const PatchGeometry& g, int64_t batch, void* video, void* tokens) {
   TileLayout L{g, tile_w, (g.grid_w() + tile_w - 1) / tile_w};
   const int64_t blocks = batch * g.grid_t() * g.grid_h() * L.tiles_w;
   if (blocks == 0) return;
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "vdit: patchify grid too large");
   const size_t smem = tile_w * token_bytes;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  T* v = static_cast<T*>(video);
-  T* t = static_cast<T*>(tokens);
   // 8-byte elements (float64) stay scalar: a two-element packet of them costs a stack frame.
-  constexpr int kVec = sizeof(T) >= 8 ? 1 : 16 / sizeof(T);
-  if (kVec > 1 && packet_width<T>(g, tile_w, video, tokens) == kVec) {
-    patch_transpose_kernel<T, kVec, kToTokens><<<blocks, kThreads, smem, stream>>>(v, t, L);
-  } else {
-    patch_transpose_kernel<T, 1, kToTokens><<<blocks, kThreads, smem, stream>>>(v, t, L);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <bool kToTokens>
-void dispatch_element_size(const PatchGeometry& g, int64_t batch, void* video, void* tokens, int64_t elem) {
-  switch (elem) {
-    case 1: return launch<uint8_t, kToTokens>(g, batch, video, tokens);
-    case 2: return launch<uint16_t, kToTokens>(g, batch, video, tokens);
-    case 4: return launch<uint32_t, kToTokens>(g, batch, video, tokens);
-    case 8: return launch<uint64_t, kToTokens>(g, batch, video, tokens);
-    default: TORCH_CHECK(false, "vdit: unsupported element size ", elem);
-  }
+  constexpr int kVec = sizeof(T) >= 8 ? 1 : kPacketElems<T>;
+  const bool vec = kVec > 1 && packet_width<T>(g, tile_w, video, tokens) == kVec;
+  launch_kernel(vec ? patch_transpose_kernel<T, kVec, kToTokens> : patch_transpose_kernel<T, 1, kToTokens>,
+                checked_grid_x(blocks, "vdit patchify"), kThreads, smem, c10::cuda::getCurrentCUDAStream(), video,
+                tokens, L);
 }
 
 at::Tensor patchify_3d_cuda(const at::Tensor& x, at::IntArrayRef patch) {
   const PatchGeometry g = geometry_from_video(x, patch);
   c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor tokens = new_output({x.size(0), g.num_tokens(), g.num_features()}, x.options());
-  dispatch_element_size<true>(g, x.size(0), x.data_ptr(), tokens.data_ptr(), x.element_size());
+  at::Tensor tokens = new_output(tokens_sizes(g, x.size(0)), x.options());
+  with_element_pointers(x, tokens, [&](auto* video, auto* tok) { launch<true>(g, x.size(0), video, tok); });
   return tokens;
 }
 
 at::Tensor unpatchify_3d_cuda(const at::Tensor& tokens, at::IntArrayRef grid, at::IntArrayRef patch) {
   const PatchGeometry g = geometry_from_tokens(tokens, grid, patch);
   c10::cuda::CUDAGuard guard(tokens.device());
-  at::Tensor x = new_output({tokens.size(0), g.C, g.T, g.H, g.W}, tokens.options());
-  dispatch_element_size<false>(g, tokens.size(0), x.data_ptr(), tokens.data_ptr(), tokens.element_size());
+  at::Tensor x = new_output(video_sizes(g, tokens.size(0)), tokens.options());
+  with_element_pointers(x, tokens, [&](auto* video, auto* tok) { launch<false>(g, tokens.size(0), video, tok); });
   return x;
 }
 

@@ -6,7 +6,7 @@
 // thread remembers the last coordinate of every axis and recomputes only the axis chunks whose
 // coordinate changed: in a (t, h, w) grid that is mostly the w chunk. Rows are rotated by plain
 // loops over contiguous pairs that the compiler vectorizes (-O3 -march=native); the per-element
-// math is csrc/common/rope.h, shared with the CUDA kernel.
+// math is rope/math.h, shared with the CUDA kernel; tensor views and checks: rope/shape.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -21,8 +21,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "../alloc.h"
-#include "../rope_views.h"
+#include "common/alloc.h"
+#include "rope/shape.h"
 
 namespace vdit {
 namespace {
@@ -138,35 +138,46 @@ TokenTasks token_tasks(const RopeProblem& pb, const std::vector<RopeRows>& sets)
   return {tokens, per_task, (tokens + per_task - 1) / per_task};
 }
 
+// Runs fn(task, b, l, cs, sn, scratch) for every token (b, l) of every task, in parallel over the
+// tasks; cs / sn are the token's cos / sin per pair (sin negated when `inverse`), scratch holds
+// scratch_rows * D compute-type values per thread.
+template <typename A, typename P, typename Fn>
+void for_each_token(const RopeProblem& pb, const TokenTasks& split, bool inverse, int scratch_rows, Fn&& fn) {
+  const std::vector<double> inv_freq = inverse_frequencies(pb);
+  at::parallel_for(0, split.count, 1, [&](int64_t t0, int64_t t1) {
+    AngleCache<A, P> angles(pb, inv_freq, inverse);
+    std::vector<A> scratch(size_t(scratch_rows) * pb.layout.head_dim);
+    for (int64_t task = t0; task < t1; ++task) {
+      for (int64_t n = task * split.per_task; n < std::min(split.tokens, (task + 1) * split.per_task); ++n) {
+        const int64_t b = n / pb.L, l = n % pb.L;
+        angles.update(b, l);
+        fn(task, b, l, angles.cs.data(), angles.sn.data(), scratch.data());
+      }
+    }
+  });
+}
+
 template <typename T, typename P>
 void forward_impl(const RopeProblem& pb, std::vector<RopeRows>& sets, bool inverse, double eps_d) {
   using A = at::opmath_type<T>;
   const RopeLayout& L = pb.layout;
   const int D = L.head_dim;
   const A eps = static_cast<A>(eps_d);
-  const std::vector<double> inv_freq = inverse_frequencies(pb);
-  const TokenTasks split = token_tasks(pb, sets);
-  const int64_t tokens = split.tokens, per_task = split.per_task, tasks = split.count;
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    AngleCache<A, P> angles(pb, inv_freq, inverse);
-    std::vector<A> buf(D);
-    for (int64_t n = t0 * per_task; n < std::min(tokens, t1 * per_task); ++n) {
-      const int64_t b = n / pb.L, l = n % pb.L;
-      angles.update(b, l);
-      for (const RopeRows& r : sets) {
-        const T* in = static_cast<const T*>(r.in) + b * r.in_sb + l * r.in_sl;
-        T* out = static_cast<T*>(r.out) + b * r.out_sb + l * r.out_sl;
-        const A* w = static_cast<const A*>(r.weight);
-        for (int64_t h = 0; h < r.heads; ++h) {
-          const T* src = in + h * r.in_sh;
-          T* dst = out + h * r.out_sh;
-          // fp32 / fp64 rows without a norm rotate straight from the input, unless in place.
-          if (std::is_same<A, T>::value && w == nullptr && static_cast<const void*>(src) != dst) {
-            rotate_row<A, T>(reinterpret_cast<const A*>(src), dst, angles.cs.data(), angles.sn.data(), L);
-          } else {
-            load_row<A, T>(src, buf.data(), w, D, eps);
-            rotate_row<A, T>(buf.data(), dst, angles.cs.data(), angles.sn.data(), L);
-          }
+  for_each_token<A, P>(pb, token_tasks(pb, sets), inverse, 1,
+                       [&](int64_t, int64_t b, int64_t l, const A* cs, const A* sn, A* buf) {
+    for (const RopeRows& r : sets) {
+      const T* in = static_cast<const T*>(r.in) + b * r.in_sb + l * r.in_sl;
+      T* out = static_cast<T*>(r.out) + b * r.out_sb + l * r.out_sl;
+      const A* w = static_cast<const A*>(r.weight);
+      for (int64_t h = 0; h < r.heads; ++h) {
+        const T* src = in + h * r.in_sh;
+        T* dst = out + h * r.out_sh;
+        // fp32 / fp64 rows without a norm rotate straight from the input, unless in place.
+        if (std::is_same<A, T>::value && w == nullptr && static_cast<const void*>(src) != dst) {
+          rotate_row<A, T>(reinterpret_cast<const A*>(src), dst, cs, sn, L);
+        } else {
+          load_row<A, T>(src, buf, w, D, eps);
+          rotate_row<A, T>(buf, dst, cs, sn, L);
         }
       }
     }
@@ -182,48 +193,42 @@ void backward_impl(const RopeProblem& pb, std::vector<RopeRows>& sets, std::vect
   const RopeLayout& L = pb.layout;
   const int D = L.head_dim;
   const A eps = static_cast<A>(eps_d);
-  const std::vector<double> inv_freq = inverse_frequencies(pb);
   const TokenTasks split = token_tasks(pb, sets);
-  const int64_t tokens = split.tokens, per_task = split.per_task, tasks = split.count;
   for (size_t s = 0; s < sets.size(); ++s) {
-    partials[s] = sets[s].weight ? at::zeros({std::max<int64_t>(tasks, 1), D}, at::TensorOptions().dtype(
+    partials[s] = sets[s].weight ? at::zeros({std::max<int64_t>(split.count, 1), D}, at::TensorOptions().dtype(
                                                  c10::CppTypeToScalarType<A>::value))
                                  : at::Tensor();
   }
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    AngleCache<A, P> angles(pb, inv_freq, /*inverse=*/true);
-    std::vector<A> gy(D), g(D), xh(D);
-    for (int64_t task = t0; task < t1; ++task) {
-      for (int64_t n = task * per_task; n < std::min(tokens, (task + 1) * per_task); ++n) {
-        const int64_t b = n / pb.L, l = n % pb.L;
-        angles.update(b, l);
-        for (size_t s = 0; s < sets.size(); ++s) {
-          const RopeRows& r = sets[s];
-          const T* gin = static_cast<const T*>(r.in) + b * r.in_sb + l * r.in_sl;
-          const T* xin = static_cast<const T*>(r.x) + b * r.x_sb + l * r.x_sl;
-          T* out = static_cast<T*>(r.out) + b * r.out_sb + l * r.out_sl;
-          const A* w = static_cast<const A*>(r.weight);
-          A* gw = w ? partials[s].template data_ptr<A>() + task * D : nullptr;
-          for (int64_t h = 0; h < r.heads; ++h) {
-            load_row<A, T>(gin + h * r.in_sh, gy.data(), nullptr, D, eps);
-            T* dst = out + h * r.out_sh;
-            if (w == nullptr) {
-              rotate_row<A, T>(gy.data(), dst, angles.cs.data(), angles.sn.data(), L);
-              continue;
-            }
-            // g = dL/d(normalized * weight): the inverse rotation of the incoming gradient.
-            rotate_row<A, A>(gy.data(), g.data(), angles.cs.data(), angles.sn.data(), L);
-            const T* x = xin + h * r.x_sh;
-            const A rr = rms_scale(dot_lanes<A>(x, x, D), D, eps);
-            for (int c = 0; c < D; ++c) {
-              xh[c] = static_cast<A>(x[c]) * rr;
-              gw[c] += g[c] * xh[c];
-              g[c] *= w[c];
-            }
-            const A dot = dot_lanes<A>(g.data(), xh.data(), D) / A(D);
-            for (int c = 0; c < D; ++c) dst[c] = static_cast<T>(rms_norm_grad(g[c], xh[c], rr, dot));
-          }
+  for_each_token<A, P>(pb, split, /*inverse=*/true, 3,
+                       [&](int64_t task, int64_t b, int64_t l, const A* cs, const A* sn, A* scratch) {
+    A* gy = scratch;
+    A* g = gy + D;
+    A* xh = g + D;
+    for (size_t s = 0; s < sets.size(); ++s) {
+      const RopeRows& r = sets[s];
+      const T* gin = static_cast<const T*>(r.in) + b * r.in_sb + l * r.in_sl;
+      const T* xin = static_cast<const T*>(r.x) + b * r.x_sb + l * r.x_sl;
+      T* out = static_cast<T*>(r.out) + b * r.out_sb + l * r.out_sl;
+      const A* w = static_cast<const A*>(r.weight);
+      A* gw = w ? partials[s].template data_ptr<A>() + task * D : nullptr;
+      for (int64_t h = 0; h < r.heads; ++h) {
+        load_row<A, T>(gin + h * r.in_sh, gy, nullptr, D, eps);
+        T* dst = out + h * r.out_sh;
+        if (w == nullptr) {
+          rotate_row<A, T>(gy, dst, cs, sn, L);
+          continue;
         }
+        // g = dL/d(normalized * weight): the inverse rotation of the incoming gradient.
+        rotate_row<A, A>(gy, g, cs, sn, L);
+        const T* x = xin + h * r.x_sh;
+        const A rr = rms_scale(dot_lanes<A>(x, x, D), D, eps);
+        for (int c = 0; c < D; ++c) {
+          xh[c] = static_cast<A>(x[c]) * rr;
+          gw[c] += g[c] * xh[c];
+          g[c] *= w[c];
+        }
+        const A dot = dot_lanes<A>(g, xh, D) / A(D);
+        for (int c = 0; c < D; ++c) dst[c] = static_cast<T>(rms_norm_grad(g[c], xh[c], rr, dot));
       }
     }
   });
@@ -255,17 +260,9 @@ void advise_huge_pages(const at::Tensor& t) {
 }
 
 at::Tensor new_large_output(const at::Tensor& like) {
-  at::Tensor out = new_output(like.sizes(), like.options());
+  at::Tensor out = new_output_like(like);
   advise_huge_pages(out);
   return out;
-}
-
-at::Tensor weight_in_compute_type(const c10::optional<at::Tensor>& w, const at::Tensor& x) {
-  if (!w.has_value() || !w->defined()) return at::Tensor();
-  TORCH_CHECK(w->dim() == 1 && w->size(0) == x.size(-1), "vdit rope: norm weight must be (", x.size(-1), ",)");
-  TORCH_CHECK(w->device() == x.device(), "vdit rope: norm weight must be on the tensors' device");
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return w->to(acc).contiguous();
 }
 
 void run_forward(const RopeProblem& pb, std::vector<RopeRows>& sets, at::ScalarType dtype, bool inverse, double eps) {
@@ -317,24 +314,13 @@ std::vector<at::Tensor> run_backward(const RopeProblem& pb, const std::vector<at
   for (size_t s = 0; s < xs.size(); ++s) {
     outs.push_back(new_large_output(xs[s]));
     ws.push_back(weight_in_compute_type(weights[s], xs[s]));
-    RopeRows r = rope_rows(grads[s], outs[s], ws[s]);
-    r.x = xs[s].data_ptr();
-    int64_t sh;
-    rope_strides(xs[s], &r.x_sb, &r.x_sl, &sh);
-    r.x_sh = sh;
-    sets.push_back(r);
+    sets.push_back(rope_backward_rows(grads[s], xs[s], outs[s], ws[s]));
   }
   std::vector<at::Tensor> partials(xs.size());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs[0].scalar_type(), "vdit_rope_3d_backward_cpu", [&] {
     dispatch_positions(pb.pos.dtype, [&](auto p) { backward_impl<scalar_t, decltype(p)>(pb, sets, partials, eps); });
   });
-  for (size_t s = 0; s < xs.size(); ++s) {
-    if (partials[s].defined()) {
-      outs.push_back(partials[s].sum(0).to(weights[s]->scalar_type()));
-    } else {
-      outs.push_back(at::empty({0}, xs[s].options()));
-    }
-  }
+  for (const at::Tensor& gw : rope_weight_grads(partials, weights, xs)) outs.push_back(gw);
   return outs;  // grad_x..., grad_w...
 }
 
@@ -342,7 +328,6 @@ std::tuple<at::Tensor, at::Tensor> rope_3d_backward_cpu(const at::Tensor& grad, 
                                                         const at::Tensor& positions, at::IntArrayRef dims, double theta,
                                                         bool interleaved, const c10::optional<at::Tensor>& weight,
                                                         double eps) {
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(), "vdit rope: grad must be like x");
   const RopeProblem pb = rope_problem(x, positions, dims, theta, interleaved);
   auto outs = run_backward(pb, {grad}, {x}, {weight}, eps);
   return {outs[0], outs[1]};
@@ -353,9 +338,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rope_3d_qk_backward_c
     const at::Tensor& positions, at::IntArrayRef dims, double theta, bool interleaved,
     const c10::optional<at::Tensor>& q_weight, const c10::optional<at::Tensor>& k_weight, double eps) {
   rope_check_pair(q, k);
-  TORCH_CHECK(grad_q.sizes() == q.sizes() && grad_k.sizes() == k.sizes() && grad_q.scalar_type() == q.scalar_type() &&
-                  grad_k.scalar_type() == k.scalar_type(),
-              "vdit rope: gradients must be like q and k");
   const RopeProblem pb = rope_problem(q, positions, dims, theta, interleaved);
   auto outs = run_backward(pb, {grad_q, grad_k}, {q, k}, {q_weight, k_weight}, eps);
   return {outs[0], outs[1], outs[2], outs[3]};

@@ -9,5 +9,7 @@ namespace vdit {
 bool poison_outputs();
 void set_poison_outputs(bool on);
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+// A new output with t's sizes, dtype and device (contiguous).
+at::Tensor new_output_like(const at::Tensor& t);
 
 }  // namespace vdit

@@ -5,8 +5,9 @@
 // is built. Each row is normalized two-pass (mean, then squared deviations) from a float copy in
 // cache; the inner loops are `omp simd` so the reductions vectorize.
 // Backward: fixed blocks of kRowsPerBlock rows, one task each; a task writes grad_x / grad_y for
-// its rows and one partial column sum per sample it touches (csrc/common/adaln.h), which a
-// second parallel pass adds per sample in block order (deterministic for any thread count).
+// its rows and one partial column sum per sample it touches (adaln/math.h), which a second
+// parallel pass adds per sample in block order (deterministic for any thread count).
+// Shape checks: adaln/shape.h; math: adaln/math.h, shared with adaln/cuda.cu.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -17,25 +18,13 @@
 #include <type_traits>
 #include <vector>
 
-#include "../adaln_shape.h"
-#include "../alloc.h"
+#include "adaln/shape.h"
+#include "common/alloc.h"
 
 namespace vdit {
 namespace {
 
 constexpr int64_t kRowsPerBlock = 32;
-
-// cu_seqlens values must describe exactly `rows` rows, or the kernels could index past them.
-void check_offsets(const AdalnShape& s) {
-  if (!s.seg.cu) return;
-  const int32_t* cu = s.seg.cu;
-  TORCH_CHECK(cu[0] == 0, "vdit adaln: cu_seqlens must start at 0, got ", cu[0]);
-  for (int64_t i = 0; i < s.seg.batch; ++i) {
-    TORCH_CHECK(cu[i + 1] >= cu[i], "vdit adaln: cu_seqlens must be non-decreasing");
-  }
-  TORCH_CHECK(cu[s.seg.batch] == s.rows, "vdit adaln: cu_seqlens[-1] = ", cu[s.seg.batch], " but x has ", s.rows,
-              " rows");
-}
 
 // `src` as a row of A: the row itself when T is A, else converted into `buf`.
 template <typename T, typename A>
@@ -119,53 +108,64 @@ void reduce_partials(const A* partials, const AdalnShape& sh, int64_t rows_per_b
   });
 }
 
-template <typename T, typename A>
-void adaln_backward(const T* grad, const T* x, const T* scale, const A* mean, const A* rstd, T* grad_x,
-                    T* grad_shift, T* grad_scale, const AdalnShape& sh) {
+// Parameter gradients as column sums over each sample's rows, kAcc of them: rows are cut into blocks of
+// kRowsPerBlock (in parallel); run(s, r0, r1, acc, scratch) adds rows [r0, r1) of sample s into acc
+// (kAcc * C values, zero on entry: the partial slot of this block and sample, adaln/math.h), with
+// scratch_rows * C values of per-thread scratch. The per-sample sums land in outs[j] (B, C), j < kAcc.
+template <typename T, typename A, int kAcc, typename F>
+void param_grads(const AdalnShape& sh, int64_t scratch_rows, T* const* outs, F&& run) {
   const int64_t C = sh.C, R = kRowsPerBlock;
   const int64_t blocks = num_row_blocks(sh.rows, R);
-  // Per slot: [sum of grad (-> grad_shift), sum of grad * xhat (-> grad_scale)].
-  std::vector<A> partials(num_partial_slots(blocks, sh.seg.batch) * 2 * C);
+  std::vector<A> partials(num_partial_slots(blocks, sh.seg.batch) * kAcc * C);
   at::parallel_for(0, blocks, 1, [&](int64_t kb, int64_t ke) {
-    std::vector<A> gbuf(C), xbuf(C), gain(C), xhat(C), dxhat(C);
+    std::vector<A> scratch(scratch_rows * C);
     for (int64_t k = kb; k < ke; ++k) {
       for_sample_runs(sh.seg, k * R, std::min(sh.rows, (k + 1) * R), [&](int64_t s, int64_t r0, int64_t r1) {
-        A* dshift = partials.data() + partial_slot(k, s) * 2 * C;
-        A* dscale = dshift + C;
-        for (int64_t c = 0; c < C; ++c) {
-          gain[c] = A(1) + static_cast<A>(scale[s * C + c]);
-          dshift[c] = A(0);
-          dscale[c] = A(0);
-        }
-        A* xh = xhat.data();
-        A* dxh = dxhat.data();
-        const A* gn = gain.data();
-        for (int64_t r = r0; r < r1; ++r) {
-          const A* gr = as_acc(grad + r * C, C, gbuf.data());
-          const A* xr = as_acc(x + r * C, C, xbuf.data());
-          const A m = mean[r], rs = rstd[r];
-          A sum_dxhat = 0, sum_dxhat_xhat = 0;
-#pragma omp simd reduction(+ : sum_dxhat, sum_dxhat_xhat)
-          for (int64_t c = 0; c < C; ++c) {
-            const A xv = (xr[c] - m) * rs;
-            const A dv = gr[c] * gn[c];
-            xh[c] = xv;
-            dxh[c] = dv;
-            sum_dxhat += dv;
-            sum_dxhat_xhat += dv * xv;
-            dshift[c] += gr[c];
-            dscale[c] += gr[c] * xv;
-          }
-          const A a = sum_dxhat / A(C), b = sum_dxhat_xhat / A(C);
-          T* gx = grad_x + r * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) gx[c] = static_cast<T>(adaln_grad_x(dxh[c], xh[c], rs, a, b));
-        }
+        A* acc = partials.data() + partial_slot(k, s) * kAcc * C;
+        std::fill(acc, acc + kAcc * C, A(0));
+        run(s, r0, r1, acc, scratch.data());
       });
     }
   });
+  reduce_partials<T, A, kAcc>(partials.data(), sh, R, outs);
+}
+
+template <typename T, typename A>
+void adaln_backward(const T* grad, const T* x, const T* scale, const A* mean, const A* rstd, T* grad_x,
+                    T* grad_shift, T* grad_scale, const AdalnShape& sh) {
+  const int64_t C = sh.C;
+  // Per slot: [sum of grad (-> grad_shift), sum of grad * xhat (-> grad_scale)].
   T* outs[2] = {grad_shift, grad_scale};
-  reduce_partials<T, A, 2>(partials.data(), sh, R, outs);
+  param_grads<T, A, 2>(sh, 5, outs, [&](int64_t s, int64_t r0, int64_t r1, A* dshift, A* scratch) {
+    A* dscale = dshift + C;
+    A* gbuf = scratch;
+    A* xbuf = gbuf + C;
+    A* gn = xbuf + C;
+    A* xh = gn + C;
+    A* dxh = xh + C;
+    for (int64_t c = 0; c < C; ++c) gn[c] = A(1) + static_cast<A>(scale[s * C + c]);
+    for (int64_t r = r0; r < r1; ++r) {
+      const A* gr = as_acc(grad + r * C, C, gbuf);
+      const A* xr = as_acc(x + r * C, C, xbuf);
+      const A m = mean[r], rs = rstd[r];
+      A sum_dxhat = 0, sum_dxhat_xhat = 0;
+#pragma omp simd reduction(+ : sum_dxhat, sum_dxhat_xhat)
+      for (int64_t c = 0; c < C; ++c) {
+        const A xv = (xr[c] - m) * rs;
+        const A dv = gr[c] * gn[c];
+        xh[c] = xv;
+        dxh[c] = dv;
+        sum_dxhat += dv;
+        sum_dxhat_xhat += dv * xv;
+        dshift[c] += gr[c];
+        dscale[c] += gr[c] * xv;
+      }
+      const A a = sum_dxhat / A(C), b = sum_dxhat_xhat / A(C);
+      T* gx = grad_x + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) gx[c] = static_cast<T>(adaln_grad_x(dxh[c], xh[c], rs, a, b));
+    }
+  });
 }
 
 // ---- gated_residual ---------------------------------------------------------------------------
@@ -197,43 +197,30 @@ void gated_forward(const T* x, const T* y, const T* gate, T* out, const AdalnSha
 
 template <typename T, typename A>
 void gated_gate_grad(const T* grad, const T* y, T* grad_gate, const AdalnShape& sh) {
-  const int64_t C = sh.C, R = kRowsPerBlock;
-  const int64_t blocks = num_row_blocks(sh.rows, R);
-  std::vector<A> partials(num_partial_slots(blocks, sh.seg.batch) * C);
-  at::parallel_for(0, blocks, 1, [&](int64_t kb, int64_t ke) {
-    std::vector<A> gbuf(C), ybuf(C);
-    for (int64_t k = kb; k < ke; ++k) {
-      for_sample_runs(sh.seg, k * R, std::min(sh.rows, (k + 1) * R), [&](int64_t s, int64_t r0, int64_t r1) {
-        A* acc = partials.data() + partial_slot(k, s) * C;
-        std::fill(acc, acc + C, A(0));
-        for (int64_t r = r0; r < r1; ++r) {
-          const A* gr = as_acc(grad + r * C, C, gbuf.data());
-          const A* yr = as_acc(y + r * C, C, ybuf.data());
+  const int64_t C = sh.C;
+  T* outs[1] = {grad_gate};
+  param_grads<T, A, 1>(sh, 2, outs, [&](int64_t, int64_t r0, int64_t r1, A* acc, A* scratch) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const A* gr = as_acc(grad + r * C, C, scratch);
+      const A* yr = as_acc(y + r * C, C, scratch + C);
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) acc[c] += gr[c] * yr[c];
-        }
-      });
+      for (int64_t c = 0; c < C; ++c) acc[c] += gr[c] * yr[c];
     }
   });
-  T* outs[1] = {grad_gate};
-  reduce_partials<T, A, 1>(partials.data(), sh, R, outs);
 }
 
 // ---- operator entry points --------------------------------------------------------------------
-
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_cpu(const at::Tensor& x, const at::Tensor& shift,
                                                                   const at::Tensor& scale,
                                                                   const std::optional<at::Tensor>& cu_seqlens,
                                                                   double eps) {
   const AdalnShape sh = adaln_shape("vdit::adaln_modulate", x, scale, cu_seqlens);
-  TORCH_CHECK(shift.sizes() == scale.sizes() && shift.is_contiguous() && shift.scalar_type() == x.scalar_type(),
-              "vdit::adaln_modulate: shift must be like scale");
-  check_offsets(sh);
-  at::Tensor out = new_output(x.sizes(), x.options());
-  const auto stats_options = x.options().dtype(acc_type_of(x.scalar_type()));
-  at::Tensor mean = new_output(row_shape(x), stats_options);
-  at::Tensor rstd = new_output(row_shape(x), stats_options);
+  check_like(shift, scale, "vdit::adaln_modulate: shift must be like scale");
+  check_adaln_offsets_host(sh);
+  at::Tensor out = new_output_like(x);
+  at::Tensor mean = new_row_stat(x);
+  at::Tensor rstd = new_row_stat(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "adaln_modulate_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     adaln_forward<scalar_t, A>(x.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
@@ -247,10 +234,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_backward_cpu(
     const at::Tensor& rstd, const std::optional<at::Tensor>& cu_seqlens) {
   const AdalnShape sh = adaln_shape("vdit::adaln_modulate_backward", x, scale, cu_seqlens);
   check_adaln_backward(sh, grad, x, mean, rstd);
-  check_offsets(sh);
-  at::Tensor grad_x = new_output(x.sizes(), x.options());
-  at::Tensor grad_shift = new_output(scale.sizes(), scale.options());
-  at::Tensor grad_scale = new_output(scale.sizes(), scale.options());
+  check_adaln_offsets_host(sh);
+  at::Tensor grad_x = new_output_like(x);
+  at::Tensor grad_shift = new_output_like(scale);
+  at::Tensor grad_scale = new_output_like(scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "adaln_modulate_backward_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     adaln_backward<scalar_t, A>(grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
@@ -263,10 +250,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_backward_cpu(
 at::Tensor gated_residual_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate,
                               const std::optional<at::Tensor>& cu_seqlens) {
   const AdalnShape sh = adaln_shape("vdit::gated_residual", x, gate, cu_seqlens);
-  TORCH_CHECK(y.sizes() == x.sizes() && y.is_contiguous() && y.scalar_type() == x.scalar_type(),
-              "vdit::gated_residual: y must be like x");
-  check_offsets(sh);
-  at::Tensor out = new_output(x.sizes(), x.options());
+  check_like(y, x, "vdit::gated_residual: y must be like x");
+  check_adaln_offsets_host(sh);
+  at::Tensor out = new_output_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gated_residual_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     gated_forward<scalar_t, A>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), gate.data_ptr<scalar_t>(),
@@ -279,11 +265,10 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_backward_cpu(const at::Tensor&
                                                                const at::Tensor& gate,
                                                                const std::optional<at::Tensor>& cu_seqlens) {
   const AdalnShape sh = adaln_shape("vdit::gated_residual_backward", y, gate, cu_seqlens);
-  TORCH_CHECK(grad.sizes() == y.sizes() && grad.is_contiguous() && grad.scalar_type() == y.scalar_type(),
-              "vdit::gated_residual_backward: grad_out must be like y");
-  check_offsets(sh);
-  at::Tensor grad_y = new_output(y.sizes(), y.options());
-  at::Tensor grad_gate = new_output(gate.sizes(), gate.options());
+  check_like(grad, y, "vdit::gated_residual_backward: grad_out must be like y");
+  check_adaln_offsets_host(sh);
+  at::Tensor grad_y = new_output_like(y);
+  at::Tensor grad_gate = new_output_like(gate);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "gated_residual_backward_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     gated_forward<scalar_t, A>(nullptr, grad.data_ptr<scalar_t>(), gate.data_ptr<scalar_t>(),

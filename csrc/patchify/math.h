@@ -10,7 +10,7 @@
 
 #include <cstdint>
 
-#include "macros.h"
+#include "common/macros.h"
 
 namespace vdit {
 

@@ -3,14 +3,15 @@
 // Work is split by token row (b, tt, hh): its tokens are one contiguous chunk of the output, fed by
 // C * pt * ph video rows, so every thread writes (or reads) a private chunk that fits in cache.
 // The copies move raw elements, so one instantiation per element size serves every dtype.
+// Index math: patchify/math.h, shared with patchify/cuda.cu; shape checks: patchify/shape.h.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <cstring>
 
-#include "../alloc.h"
-#include "../patchify_shape.h"
+#include "common/alloc.h"
+#include "patchify/shape.h"
 
 namespace vdit {
 namespace {
@@ -35,7 +36,7 @@ void copy_token_row(const PatchGeometry& g, T* video, T* chunk, int64_t tt, int6
   }
 }
 
-template <typename T, bool kToTokens>
+template <bool kToTokens, typename T>
 void patch_transpose(const PatchGeometry& g, int64_t batch, T* video, T* tokens) {
   const int64_t Tp = g.grid_t(), Hp = g.grid_h();
   const int64_t chunk = g.grid_w() * g.num_features();
@@ -50,28 +51,18 @@ void patch_transpose(const PatchGeometry& g, int64_t batch, T* video, T* tokens)
   });
 }
 
-template <bool kToTokens>
-void dispatch_element_size(const PatchGeometry& g, int64_t batch, void* video, void* tokens, int64_t elem) {
-  switch (elem) {
-    case 1: return patch_transpose<uint8_t, kToTokens>(g, batch, (uint8_t*)video, (uint8_t*)tokens);
-    case 2: return patch_transpose<uint16_t, kToTokens>(g, batch, (uint16_t*)video, (uint16_t*)tokens);
-    case 4: return patch_transpose<uint32_t, kToTokens>(g, batch, (uint32_t*)video, (uint32_t*)tokens);
-    case 8: return patch_transpose<uint64_t, kToTokens>(g, batch, (uint64_t*)video, (uint64_t*)tokens);
-    default: TORCH_CHECK(false, "vdit: unsupported element size ", elem);
-  }
-}
-
 at::Tensor patchify_3d_cpu(const at::Tensor& x, at::IntArrayRef patch) {
   const PatchGeometry g = geometry_from_video(x, patch);
-  at::Tensor tokens = new_output({x.size(0), g.num_tokens(), g.num_features()}, x.options());
-  dispatch_element_size<true>(g, x.size(0), x.data_ptr(), tokens.data_ptr(), x.element_size());
+  at::Tensor tokens = new_output(tokens_sizes(g, x.size(0)), x.options());
+  with_element_pointers(x, tokens, [&](auto* video, auto* tok) { patch_transpose<true>(g, x.size(0), video, tok); });
   return tokens;
 }
 
 at::Tensor unpatchify_3d_cpu(const at::Tensor& tokens, at::IntArrayRef grid, at::IntArrayRef patch) {
   const PatchGeometry g = geometry_from_tokens(tokens, grid, patch);
-  at::Tensor x = new_output({tokens.size(0), g.C, g.T, g.H, g.W}, tokens.options());
-  dispatch_element_size<false>(g, tokens.size(0), x.data_ptr(), tokens.data_ptr(), tokens.element_size());
+  at::Tensor x = new_output(video_sizes(g, tokens.size(0)), tokens.options());
+  with_element_pointers(x, tokens,
+                        [&](auto* video, auto* tok) { patch_transpose<false>(g, tokens.size(0), video, tok); });
   return x;
 }
 

@@ -8,19 +8,20 @@
 // registers; wider rows are re-read (from L1/L2) for each pass.
 // Parameter gradients: a column kernel sums over fixed blocks of kColRows rows with one thread
 // per column (coalesced), writing one partial per (block, sample) slot; a second kernel adds the
-// slots of each sample in block order (csrc/common/adaln.h). No atomics: results are
-// deterministic. The per-element math is the CPU kernels' (csrc/common/adaln.h).
+// slots of each sample in block order (adaln/math.h). No atomics: results are deterministic.
+// The per-element math is the CPU kernels' (adaln/math.h); shape checks: adaln/shape.h; packets,
+// warp sums and launches: common/cuda_helpers.cuh.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../adaln_shape.h"
-#include "../alloc.h"
+#include "adaln/shape.h"
+#include "common/alloc.h"
+#include "common/cuda_helpers.cuh"
 
 namespace vdit {
 namespace {
@@ -35,23 +36,6 @@ constexpr int64_t kColRows = 64;  // rows per partial-sum block of the column ke
 constexpr int kRowMinBlocks = 2;
 constexpr int kColMinBlocks = 4;
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Packet {
-  T v[N];
-};
-
-template <typename T, int N>
-__device__ __forceinline__ Packet<T, N> load_packet(const T* p) {
-  return *reinterpret_cast<const Packet<T, N>*>(p);
-}
-
-template <typename A>
-__device__ __forceinline__ A warp_sum(A v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
 // ---- adaln_modulate forward -------------------------------------------------------------------
 
 // ITEMS > 0: each lane keeps ITEMS packets of its row in registers (C <= 32 * VEC * ITEMS);
@@ -61,8 +45,7 @@ __global__ void __launch_bounds__(kThreads, ITEMS * VEC > 32 ? 1 : kRowMinBlocks
     adaln_forward_kernel(const T* __restrict__ x, const T* __restrict__ shift, const T* __restrict__ scale,
                          T* __restrict__ out, A* __restrict__ mean_out, A* __restrict__ rstd_out, Segments seg,
                          int64_t rows, int64_t C, A eps) {
-  const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
+  const auto [row, lane] = warp_row<kWarps>();
   if (row >= rows) return;
   const int64_t s = seg.sample_of(row);
   const T* xr = x + row * C;
@@ -107,7 +90,7 @@ __global__ void __launch_bounds__(kThreads, ITEMS * VEC > 32 ? 1 : kRowMinBlocks
           r.v[j] = static_cast<T>(adaln_element(v[i][j], mean, rstd, A(1) + static_cast<A>(ps.v[j]),
                                                 static_cast<A>(pf.v[j])));
         }
-        *reinterpret_cast<P*>(o + c) = r;
+        store_packet(o + c, r);
       }
     }
   } else {
@@ -134,7 +117,7 @@ __global__ void __launch_bounds__(kThreads, ITEMS * VEC > 32 ? 1 : kRowMinBlocks
         r.v[j] = static_cast<T>(adaln_element(static_cast<A>(p.v[j]), mean, rstd, A(1) + static_cast<A>(ps.v[j]),
                                               static_cast<A>(pf.v[j])));
       }
-      *reinterpret_cast<P*>(o + c) = r;
+      store_packet(o + c, r);
     }
   }
   if (lane == 0) {
@@ -150,8 +133,7 @@ __global__ void __launch_bounds__(kThreads, kRowMinBlocks)
     adaln_grad_x_kernel(const T* __restrict__ grad, const T* __restrict__ x, const T* __restrict__ scale,
                         const A* __restrict__ mean, const A* __restrict__ rstd, T* __restrict__ grad_x, Segments seg,
                         int64_t rows, int64_t C) {
-  const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
+  const auto [row, lane] = warp_row<kWarps>();
   if (row >= rows) return;
   const int64_t s = seg.sample_of(row);
   const T* gr = grad + row * C;
@@ -180,7 +162,7 @@ __global__ void __launch_bounds__(kThreads, kRowMinBlocks)
       const A dxhat = static_cast<A>(pg.v[j]) * (A(1) + static_cast<A>(ps.v[j]));
       r.v[j] = static_cast<T>(adaln_grad_x(dxhat, (static_cast<A>(px.v[j]) - m) * rs, rs, a, b));
     }
-    *reinterpret_cast<P*>(grad_x + row * C + c) = r;
+    store_packet(grad_x + row * C + c, r);
   }
 }
 
@@ -190,8 +172,7 @@ template <typename T, typename A, int VEC, bool kHasX>
 __global__ void __launch_bounds__(kThreads, kRowMinBlocks)
     gated_kernel(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ gate, T* __restrict__ out,
                  Segments seg, int64_t rows, int64_t C) {
-  const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
+  const auto [row, lane] = warp_row<kWarps>();
   if (row >= rows) return;
   const T* gt = gate + seg.sample_of(row) * C;
   using P = Packet<T, VEC>;
@@ -207,7 +188,7 @@ __global__ void __launch_bounds__(kThreads, kRowMinBlocks)
       const A xv = kHasX ? static_cast<A>(px.v[j]) : A(0);
       r.v[j] = static_cast<T>(gated_element(xv, static_cast<A>(pg.v[j]), static_cast<A>(py.v[j])));
     }
-    *reinterpret_cast<P*>(out + row * C + c) = r;
+    store_packet(out + row * C + c, r);
   }
 }
 
@@ -269,78 +250,48 @@ __global__ void __launch_bounds__(kColThreads, kColMinBlocks)
 
 // ---- launchers --------------------------------------------------------------------------------
 
-template <typename T>
-constexpr int kVec = 16 / sizeof(T);
-
-bool aligned16(std::initializer_list<const void*> ptrs) {
-  for (const void* p : ptrs) {
-    if (reinterpret_cast<uintptr_t>(p) % 16) return false;
-  }
-  return true;
-}
-
-unsigned row_blocks(int64_t rows) {
-  const int64_t blocks = (rows + kWarps - 1) / kWarps;
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "vdit adaln: too many rows for one launch");
-  return static_cast<unsigned>(blocks);
-}
+// Row kernels: one warp per row, kWarps rows per block.
+unsigned row_blocks(int64_t rows) { return checked_grid_x((rows + kWarps - 1) / kWarps, "vdit adaln"); }
 
 template <typename T, typename A>
 void launch_forward(const T* x, const T* shift, const T* scale, T* out, A* mean, A* rstd, const AdalnShape& sh,
                     A eps, cudaStream_t stream) {
-  constexpr int V = kVec<T>;
-  const dim3 grid(row_blocks(sh.rows));
+  constexpr int V = kPacketElems<T>;
   const int64_t C = sh.C;
+  auto kernel = adaln_forward_kernel<T, A, 1, 0>;
   if (C % V == 0 && aligned16({x, shift, scale, out})) {
     const int64_t per_lane = (C + 32 * V - 1) / (32 * V) * V;  // values per lane
     // Register-cached rows: up to 32 values per lane, or 96 for float math (C = 3072 at 16 bits or
     // fp32); doubles take two registers each, so double rows above 32 values per lane are re-read.
     constexpr int kWide = sizeof(A) == 4 ? 96 : 32;
     if (per_lane <= 32) {
-      adaln_forward_kernel<T, A, V, 32 / V><<<grid, kThreads, 0, stream>>>(x, shift, scale, out, mean, rstd, sh.seg,
-                                                                           sh.rows, C, eps);
+      kernel = adaln_forward_kernel<T, A, V, 32 / V>;
     } else if (kWide > 32 && per_lane <= kWide) {
-      adaln_forward_kernel<T, A, V, kWide / V><<<grid, kThreads, 0, stream>>>(x, shift, scale, out, mean, rstd,
-                                                                              sh.seg, sh.rows, C, eps);
+      kernel = adaln_forward_kernel<T, A, V, kWide / V>;
     } else {
-      adaln_forward_kernel<T, A, V, 0><<<grid, kThreads, 0, stream>>>(x, shift, scale, out, mean, rstd, sh.seg,
-                                                                      sh.rows, C, eps);
+      kernel = adaln_forward_kernel<T, A, V, 0>;
     }
-  } else {
-    adaln_forward_kernel<T, A, 1, 0><<<grid, kThreads, 0, stream>>>(x, shift, scale, out, mean, rstd, sh.seg,
-                                                                    sh.rows, C, eps);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kernel, row_blocks(sh.rows), kThreads, 0, stream, x, shift, scale, out, mean, rstd, sh.seg, sh.rows,
+                C, eps);
 }
 
 template <typename T, typename A>
 void launch_grad_x(const T* grad, const T* x, const T* scale, const A* mean, const A* rstd, T* grad_x,
                    const AdalnShape& sh, cudaStream_t stream) {
-  constexpr int V = kVec<T>;
-  const dim3 grid(row_blocks(sh.rows));
-  if (sh.C % V == 0 && aligned16({grad, x, scale, grad_x})) {
-    adaln_grad_x_kernel<T, A, V><<<grid, kThreads, 0, stream>>>(grad, x, scale, mean, rstd, grad_x, sh.seg, sh.rows,
-                                                                sh.C);
-  } else {
-    adaln_grad_x_kernel<T, A, 1><<<grid, kThreads, 0, stream>>>(grad, x, scale, mean, rstd, grad_x, sh.seg, sh.rows,
-                                                                sh.C);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  constexpr int V = kPacketElems<T>;
+  const bool vec = sh.C % V == 0 && aligned16({grad, x, scale, grad_x});
+  launch_kernel(vec ? adaln_grad_x_kernel<T, A, V> : adaln_grad_x_kernel<T, A, 1>, row_blocks(sh.rows), kThreads, 0,
+                stream, grad, x, scale, mean, rstd, grad_x, sh.seg, sh.rows, sh.C);
 }
 
 template <typename T, typename A>
 void launch_gated(const T* x, const T* y, const T* gate, T* out, const AdalnShape& sh, cudaStream_t stream) {
-  constexpr int V = kVec<T>;
-  const dim3 grid(row_blocks(sh.rows));
+  constexpr int V = kPacketElems<T>;
   const bool vec = sh.C % V == 0 && aligned16({x, y, gate, out});
-  if (x) {
-    if (vec) gated_kernel<T, A, V, true><<<grid, kThreads, 0, stream>>>(x, y, gate, out, sh.seg, sh.rows, sh.C);
-    else gated_kernel<T, A, 1, true><<<grid, kThreads, 0, stream>>>(x, y, gate, out, sh.seg, sh.rows, sh.C);
-  } else {
-    if (vec) gated_kernel<T, A, V, false><<<grid, kThreads, 0, stream>>>(x, y, gate, out, sh.seg, sh.rows, sh.C);
-    else gated_kernel<T, A, 1, false><<<grid, kThreads, 0, stream>>>(x, y, gate, out, sh.seg, sh.rows, sh.C);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto kernel = x ? (vec ? gated_kernel<T, A, V, true> : gated_kernel<T, A, 1, true>)
+                  : (vec ? gated_kernel<T, A, V, false> : gated_kernel<T, A, 1, false>);
+  launch_kernel(kernel, row_blocks(sh.rows), kThreads, 0, stream, x, y, gate, out, sh.seg, sh.rows, sh.C);
 }
 
 // Parameter gradients (B, C) into out0 (and out1 for adaln), via a float/double workspace.
@@ -355,31 +306,25 @@ void launch_param_grads(const T* grad, const T* other, const A* mean, const A* r
       at::empty({num_partial_slots(blocks, sh.seg.batch) * kAcc * sh.C}, options.dtype(c10::CppTypeToScalarType<A>::value));
   A* p = partials.data_ptr<A>();
   if (blocks > 0) {
-    column_partials_kernel<T, A, kAdaln><<<dim3(blocks, col_tiles), kColThreads, 0, stream>>>(grad, other, mean, rstd,
-                                                                                              p, sh.seg, sh.rows, sh.C);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(column_partials_kernel<T, A, kAdaln>, dim3(blocks, col_tiles), kColThreads, 0, stream, grad, other,
+                  mean, rstd, p, sh.seg, sh.rows, sh.C);
   }
-  reduce_partials_kernel<T, A, kAcc><<<dim3(sh.seg.batch, col_tiles), kColThreads, 0, stream>>>(p, out0, out1, sh.seg,
-                                                                                              sh.rows, sh.C);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(reduce_partials_kernel<T, A, kAcc>, dim3(sh.seg.batch, col_tiles), kColThreads, 0, stream, p, out0,
+                out1, sh.seg, sh.rows, sh.C);
 }
 
 // ---- operator entry points --------------------------------------------------------------------
-
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_cuda(const at::Tensor& x, const at::Tensor& shift,
                                                                    const at::Tensor& scale,
                                                                    const std::optional<at::Tensor>& cu_seqlens,
                                                                    double eps) {
   const AdalnShape sh = adaln_shape("vdit::adaln_modulate", x, scale, cu_seqlens);
-  TORCH_CHECK(shift.sizes() == scale.sizes() && shift.is_contiguous() && shift.scalar_type() == x.scalar_type() &&
-                  shift.device() == x.device(),
-              "vdit::adaln_modulate: shift must be like scale");
+  check_like(shift, scale, "vdit::adaln_modulate: shift must be like scale");
   c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = new_output(x.sizes(), x.options());
-  const auto stats_options = x.options().dtype(acc_type_of(x.scalar_type()));
-  at::Tensor mean = new_output(row_shape(x), stats_options);
-  at::Tensor rstd = new_output(row_shape(x), stats_options);
+  at::Tensor out = new_output_like(x);
+  at::Tensor mean = new_row_stat(x);
+  at::Tensor rstd = new_row_stat(x);
   if (sh.rows == 0) return {out, mean, rstd};
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "adaln_modulate_cuda", [&] {
@@ -396,9 +341,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_backward_cuda(
   const AdalnShape sh = adaln_shape("vdit::adaln_modulate_backward", x, scale, cu_seqlens);
   check_adaln_backward(sh, grad, x, mean, rstd);
   c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor grad_x = new_output(x.sizes(), x.options());
-  at::Tensor grad_shift = new_output(scale.sizes(), scale.options());
-  at::Tensor grad_scale = new_output(scale.sizes(), scale.options());
+  at::Tensor grad_x = new_output_like(x);
+  at::Tensor grad_shift = new_output_like(scale);
+  at::Tensor grad_scale = new_output_like(scale);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "adaln_modulate_backward_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
@@ -416,11 +361,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_backward_cuda(
 at::Tensor gated_residual_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate,
                                const std::optional<at::Tensor>& cu_seqlens) {
   const AdalnShape sh = adaln_shape("vdit::gated_residual", x, gate, cu_seqlens);
-  TORCH_CHECK(y.sizes() == x.sizes() && y.is_contiguous() && y.scalar_type() == x.scalar_type() &&
-                  y.device() == x.device(),
-              "vdit::gated_residual: y must be like x");
+  check_like(y, x, "vdit::gated_residual: y must be like x");
   c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = new_output(x.sizes(), x.options());
+  at::Tensor out = new_output_like(x);
   if (sh.rows == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gated_residual_cuda", [&] {
@@ -435,11 +378,10 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_backward_cuda(const at::Tensor
                                                                 const at::Tensor& gate,
                                                                 const std::optional<at::Tensor>& cu_seqlens) {
   const AdalnShape sh = adaln_shape("vdit::gated_residual_backward", y, gate, cu_seqlens);
-  TORCH_CHECK(grad.sizes() == y.sizes() && grad.is_contiguous() && grad.scalar_type() == y.scalar_type(),
-              "vdit::gated_residual_backward: grad_out must be like y");
+  check_like(grad, y, "vdit::gated_residual_backward: grad_out must be like y");
   c10::cuda::CUDAGuard guard(y.device());
-  at::Tensor grad_y = new_output(y.sizes(), y.options());
-  at::Tensor grad_gate = new_output(gate.sizes(), gate.options());
+  at::Tensor grad_y = new_output_like(y);
+  at::Tensor grad_gate = new_output_like(gate);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "gated_residual_backward_cuda", [&] {
     using A = at::opmath_type<scalar_t>;

@@ -9,7 +9,7 @@
 
 #include <cstdint>
 
-#include "patchify.h"
+#include "patchify/math.h"
 
 namespace vdit {
 

@@ -1,4 +1,4 @@
-#include "alloc.h"
+#include "common/alloc.h"
 
 #include <ATen/ATen.h>
 
@@ -25,5 +25,7 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   }
   return out;
 }
+
+at::Tensor new_output_like(const at::Tensor& t) { return new_output(t.sizes(), t.options()); }
 
 }  // namespace vdit

@@ -1,13 +1,17 @@
-// Host-side checks for the adaLN kernels. Python validates first with friendly messages; these
-// checks are the last line that keeps a kernel from reading out of bounds.
+// Host-side shape checks of the adaLN operators, shared by adaln/cpu.cpp and adaln/cuda.cu. Python
+// validates first with friendly messages; these checks are the last line that keeps a kernel from
+// reading out of bounds. Math: adaln/math.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <vector>
 
-#include "common/adaln.h"
+#include "adaln/math.h"
+#include "common/alloc.h"
+#include "common/shape.h"
 
 namespace vdit {
 
@@ -45,23 +49,34 @@ inline AdalnShape adaln_shape(const char* op, const at::Tensor& x, const at::Ten
   return s;
 }
 
-// Accumulation type of the row statistics: float64 for float64 input, else float32.
-inline at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+// A second tensor of the same role as `like` (shift like scale, y like x, grad_out like x or y): the
+// same sizes, dtype and device, contiguous. `what` is the message, e.g. "vdit::gated_residual: y must be like x".
+inline void check_like(const at::Tensor& t, const at::Tensor& like, const char* what) {
+  TORCH_CHECK(t.sizes() == like.sizes() && t.is_contiguous() && t.scalar_type() == like.scalar_type() &&
+                  t.device() == like.device(),
+              what);
+}
 
 // The backward's inputs besides the forward's: grad_out like x, and the forward's row statistics.
 inline void check_adaln_backward(const AdalnShape& sh, const at::Tensor& grad, const at::Tensor& x,
                                  const at::Tensor& mean, const at::Tensor& rstd) {
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.is_contiguous() && grad.scalar_type() == x.scalar_type(),
-              "vdit::adaln_modulate_backward: grad_out must be like x");
+  check_like(grad, x, "vdit::adaln_modulate_backward: grad_out must be like x");
   const auto acc = acc_type_of(x.scalar_type());
   TORCH_CHECK(mean.numel() == sh.rows && rstd.numel() == sh.rows && mean.scalar_type() == acc &&
                   rstd.scalar_type() == acc && mean.is_contiguous() && rstd.is_contiguous(),
               "vdit::adaln_modulate_backward: mean and rstd must be the forward's row statistics");
 }
 
-// Row statistics have x's shape without the feature dim.
-inline std::vector<int64_t> row_shape(const at::Tensor& x) {
-  return std::vector<int64_t>(x.sizes().begin(), x.sizes().end() - 1);
+// cu_seqlens values (host memory: CPU kernels only) must describe exactly the rows of x.
+inline void check_adaln_offsets_host(const AdalnShape& sh) {
+  if (sh.seg.cu) check_offsets_host("vdit adaln", "cu_seqlens", sh.seg.cu, sh.seg.batch, sh.rows);
+}
+
+// A new tensor for one row statistic of x (mean or rstd): x's shape without the feature dim, in the
+// accumulation dtype.
+inline at::Tensor new_row_stat(const at::Tensor& x) {
+  return new_output(std::vector<int64_t>(x.sizes().begin(), x.sizes().end() - 1),
+                    x.options().dtype(acc_type_of(x.scalar_type())));
 }
 
 }  // namespace vdit

@@ -1,11 +1,15 @@
-// Host-side shape checks for the patchify kernels. Python validates first with friendly
-// messages; these checks are the last line that keeps a kernel from reading out of bounds.
+// Host-side shape checks of the patchify operators, shared by patchify/cpu.cpp and patchify/cuda.cu.
+// Python validates first with friendly messages; these checks are the last line that keeps a kernel
+// from reading out of bounds. Index math: patchify/math.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include "common/patchify.h"
+#include <cstdint>
+#include <vector>
+
+#include "patchify/math.h"
 
 namespace vdit {
 
@@ -30,6 +34,27 @@ inline PatchGeometry geometry_from_tokens(const at::Tensor& tokens, at::IntArray
               "vdit::unpatchify_3d: N = ", tokens.size(1), " does not match grid ", grid);
   return PatchGeometry{tokens.size(2) / patch_volume, grid[0] * patch[0], grid[1] * patch[1],
                        grid[2] * patch[2], patch[0], patch[1], patch[2]};
+}
+
+// Output sizes: the tokens (B, N, F) of a batch of videos, and the videos (B, C, T, H, W) of a batch of tokens.
+inline std::vector<int64_t> tokens_sizes(const PatchGeometry& g, int64_t batch) {
+  return {batch, g.num_tokens(), g.num_features()};
+}
+inline std::vector<int64_t> video_sizes(const PatchGeometry& g, int64_t batch) { return {batch, g.C, g.T, g.H, g.W}; }
+
+// The kernels move raw elements, so one instantiation per element size serves every dtype: calls
+// f(video, tokens) with both data pointers as the unsigned integer type of the element size.
+template <typename F>
+void with_element_pointers(const at::Tensor& video, const at::Tensor& tokens, F&& f) {
+  void* v = video.data_ptr();
+  void* t = tokens.data_ptr();
+  switch (video.element_size()) {
+    case 1: return f(static_cast<uint8_t*>(v), static_cast<uint8_t*>(t));
+    case 2: return f(static_cast<uint16_t*>(v), static_cast<uint16_t*>(t));
+    case 4: return f(static_cast<uint32_t*>(v), static_cast<uint32_t*>(t));
+    case 8: return f(static_cast<uint64_t*>(v), static_cast<uint64_t*>(t));
+    default: TORCH_CHECK(false, "vdit: unsupported element size ", video.element_size());
+  }
 }
 
 }  // namespace vdit

@@ -18,7 +18,7 @@
 
 #include <cstdint>
 
-#include "macros.h"
+#include "common/macros.h"
 
 namespace vdit {
 

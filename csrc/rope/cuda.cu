@@ -9,20 +9,21 @@
 // Pair partners: in the interleaved layout a pair sits inside one vector; otherwise the partner is
 // read from global memory (L1 hit: the same group just read the row). Results are written only
 // after the whole group has read its row (__syncwarp), which makes the in-place op safe.
-// Per-element math: csrc/common/rope.h, shared with the CPU kernel.
+// Per-element math: rope/math.h, shared with the CPU kernel; tensor views and checks: rope/shape.h;
+// packets, group sums, loops and launches: common/cuda_helpers.cuh.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
-#include "../alloc.h"
-#include "../rope_views.h"
+#include "common/alloc.h"
+#include "common/cuda_helpers.cuh"
+#include "rope/shape.h"
 
 namespace vdit {
 namespace {
@@ -31,23 +32,13 @@ constexpr int kThreads = 256;
 constexpr int kMaxPerLane = 8;  // channels a lane holds: D <= 256 with G = 32
 constexpr int kMaxHeadDim = 256;
 
-struct RowSet {
-  const void* in;
-  void* out;
-  const void* x;       // backward: forward input
-  const void* weight;  // compute-type (D,) or null
-  void* gw_partial;    // backward: (blocks, D) compute type, or null
-  int64_t heads;
-  int64_t in_sb, in_sl, in_sh, out_sb, out_sl, out_sh, x_sb, x_sl, x_sh;
-};
-
 struct Problem {
   RopeLayout L;
   double log_theta;
   int64_t B, Lt;
   const double* pos;
   int64_t psb, psl, psa;
-  RowSet sets[2];
+  RopeRows sets[2];
   int nsets;
   int tok;    // tokens per block
   int group;  // lanes per row
@@ -56,57 +47,45 @@ struct Problem {
   double eps;
 };
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Packet {
-  T v[N];
-};
-
-template <typename A>
-__device__ __forceinline__ A group_sum(A v, int G) {
-  for (int off = G >> 1; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
+// Rows (heads of q and k) per token.
+__host__ __device__ __forceinline__ int64_t heads_per_token(const Problem& P) {
+  return P.sets[0].heads + (P.nsets > 1 ? P.sets[1].heads : 0);
 }
 
-// cos / sin of every (token, pair) of this block's tile into shared memory.
+// This block's tile, tokens [tok0, tok0 + ntok), and the cos / sin of each of its (token, pair) in
+// shared memory: cs[t * R + p], sn[t * R + p] for R = rotated / 2 pairs per token.
 template <typename A>
-__device__ void tile_angles(const Problem& P, int64_t tok0, int ntok, A* cs, A* sn, bool inverse) {
+struct AngleTile {
+  int64_t tok0;
+  int ntok, R;
+  A* cs;
+  A* sn;
+};
+
+// Fills the tile's cos / sin (sin negated for `inverse`) at the start of `smem`; the caller syncs.
+template <typename A>
+__device__ __forceinline__ AngleTile<A> angle_tile(const Problem& P, unsigned char* smem, bool inverse) {
+  AngleTile<A> tile;
   const int R = P.L.rotated / 2;
-  for (int i = threadIdx.x; i < ntok * R; i += blockDim.x) {
+  tile.R = R;
+  tile.cs = reinterpret_cast<A*>(smem);
+  tile.sn = tile.cs + P.tok * R;
+  const int64_t tokens = P.B * P.Lt;
+  tile.tok0 = int64_t(blockIdx.x) * P.tok;
+  tile.ntok = int(min(int64_t(P.tok), tokens - tile.tok0));
+  block_stride_loop(tile.ntok * R, [&](int i) {
     const int t = i / R, p = i % R;
-    const int64_t n = tok0 + t;
+    const int64_t n = tile.tok0 + t;
     const int64_t b = n / P.Lt, l = n % P.Lt;
     const int ax = rope_pair_axis(P.L, p);
     const double pos = P.pos[b * P.psb + l * P.psl + ax * P.psa];
     const A angle = rope_angle<A>(pos, rope_inv_freq(P.L, P.log_theta, p));
     A s, c;
     rope_sincos(angle, &s, &c);
-    cs[i] = c;
-    sn[i] = inverse ? -s : s;
-  }
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void load_vec(const T* p, typename at::opmath_type<T>* dst) {
-  using A = at::opmath_type<T>;
-  if constexpr (VEC == 1) {
-    dst[0] = static_cast<A>(*p);
-  } else {
-    const Packet<T, VEC> pk = *reinterpret_cast<const Packet<T, VEC>*>(p);
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) dst[e] = static_cast<A>(pk.v[e]);
-  }
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void store_vec(T* p, const typename at::opmath_type<T>* src) {
-  if constexpr (VEC == 1) {
-    *p = static_cast<T>(src[0]);
-  } else {
-    Packet<T, VEC> pk;
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) pk.v[e] = static_cast<T>(src[e]);
-    *reinterpret_cast<Packet<T, VEC>*>(p) = pk;
-  }
+    tile.cs[i] = c;
+    tile.sn[i] = inverse ? -s : s;
+  });
+  return tile;
 }
 
 // Rotated value of channel c = c0 + e from a lane's registers `v` (already normalized by
@@ -131,15 +110,46 @@ __device__ __forceinline__ at::opmath_type<T> rotated_value(const RopeLayout& L,
 
 // A copy of one row set, picked without indexing the kernel parameter array dynamically (which
 // would copy the parameters to local memory).
-__host__ __device__ __forceinline__ RowSet pick_set(const Problem& P, int s) { return s == 0 ? P.sets[0] : P.sets[1]; }
+__host__ __device__ __forceinline__ RopeRows pick_set(const Problem& P, int s) {
+  return s == 0 ? P.sets[0] : P.sets[1];
+}
 
 // Row `row` of the tile -> (set, token in tile, head).
 __device__ __forceinline__ void row_coords(const Problem& P, int64_t row, int* set, int* t, int64_t* h) {
-  const int64_t per_tok = P.sets[0].heads + (P.nsets > 1 ? P.sets[1].heads : 0);
+  const int64_t per_tok = heads_per_token(P);
   *t = int(row / per_tok);
   const int64_t hr = row % per_tok;
   *set = hr < P.sets[0].heads ? 0 : 1;
   *h = *set == 0 ? hr : hr - P.sets[0].heads;
+}
+
+// Row `row` of the tile as a kernel reads it: its set (q or k), its token t in the tile (cos / sin
+// at tile.cs / tile.sn + t * tile.R), channel 0 of the row in each of the set's tensors, and the
+// set's norm weight. An inactive row (row >= rows) gets the coordinates of the tile's first row and
+// must not be read or written.
+template <typename T, typename A>
+struct TileRow {
+  int set, t;
+  const T* in;  // input (forward) or incoming gradient (backward)
+  const T* x;   // backward: the forward input
+  T* out;
+  const A* w;   // norm weight in the compute type, or null
+};
+
+template <typename T, typename A>
+__device__ __forceinline__ TileRow<T, A> tile_row(const Problem& P, int64_t tok0, int64_t row, bool active) {
+  TileRow<T, A> r;
+  int64_t h = 0;
+  r.set = 0;
+  r.t = 0;
+  if (active) row_coords(P, row, &r.set, &r.t, &h);
+  const RopeRows S = pick_set(P, r.set);
+  const int64_t n = tok0 + r.t, b = n / P.Lt, l = n % P.Lt;
+  r.in = static_cast<const T*>(S.in) + b * S.in_sb + l * S.in_sl + h * S.in_sh;
+  r.x = static_cast<const T*>(S.x) + b * S.x_sb + l * S.x_sl + h * S.x_sh;
+  r.out = static_cast<T*>(S.out) + b * S.out_sb + l * S.out_sl + h * S.out_sh;
+  r.w = static_cast<const A*>(S.weight);
+  return r;
 }
 
 template <typename T, int VEC>
@@ -148,38 +158,25 @@ __global__ void __launch_bounds__(kThreads, 2) rope_fwd_kernel(Problem P) {
   using A = at::opmath_type<T>;
   constexpr int kIters = kMaxPerLane / VEC;
   extern __shared__ __align__(16) unsigned char smem[];
-  const int R = P.L.rotated / 2;
-  A* cs = reinterpret_cast<A*>(smem);
-  A* sn = cs + P.tok * R;
-  const int64_t tokens = P.B * P.Lt;
-  const int64_t tok0 = int64_t(blockIdx.x) * P.tok;
-  const int ntok = int(min(int64_t(P.tok), tokens - tok0));
-  tile_angles<A>(P, tok0, ntok, cs, sn, P.inverse);
+  const AngleTile<A> tile = angle_tile<A>(P, smem, P.inverse);
   __syncthreads();
 
-  const int G = P.group, lane = threadIdx.x % G, groups = blockDim.x / G;
+  const GroupRows walk = group_rows(int64_t(tile.ntok) * heads_per_token(P), P.group);
+  const int G = walk.G, lane = walk.lane;
   const int D = P.L.head_dim, nvec = D / VEC;
   const A eps = static_cast<A>(P.eps);
-  const int64_t rows = int64_t(ntok) * (P.sets[0].heads + (P.nsets > 1 ? P.sets[1].heads : 0));
   // Every lane runs the same number of iterations so that shuffles and __syncwarp see the whole warp.
-  for (int64_t base = 0; base < rows; base += groups) {
-    const int64_t row = base + threadIdx.x / G;
-    const bool active = row < rows;
-    int s = 0, t = 0;
-    int64_t h = 0;
-    if (active) row_coords(P, row, &s, &t, &h);
-    const RowSet S = pick_set(P, s);
-    const int64_t n = tok0 + t, b = n / P.Lt, l = n % P.Lt;
-    const T* in = static_cast<const T*>(S.in) + b * S.in_sb + l * S.in_sl + h * S.in_sh;
-    T* out = static_cast<T*>(S.out) + b * S.out_sb + l * S.out_sl + h * S.out_sh;
-    const A* w = static_cast<const A*>(S.weight);
+  for (const int64_t row : walk) {
+    const bool active = walk.active(row);
+    const TileRow<T, A> r = tile_row<T, A>(P, tile.tok0, row, active);
+    const A* w = r.w;
     A v[kIters][VEC];
     A ss = 0;
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
       const int vi = lane + i * G;
       if (active && vi < nvec) {
-        load_vec<T, VEC>(in + vi * VEC, v[i]);
+        load_packet_as<VEC>(r.in + vi * VEC, v[i]);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) ss += v[i][e] * v[i][e];
       }
@@ -200,7 +197,8 @@ __global__ void __launch_bounds__(kThreads, 2) rope_fwd_kernel(Problem P) {
         }
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          y[i][e] = rotated_value<T, VEC>(P.L, v[i], e, vi * VEC + e, in, w, scale, cs + t * R, sn + t * R);
+          y[i][e] = rotated_value<T, VEC>(P.L, v[i], e, vi * VEC + e, r.in, w, scale, tile.cs + r.t * tile.R,
+                                          tile.sn + r.t * tile.R);
         }
       }
     }
@@ -208,7 +206,7 @@ __global__ void __launch_bounds__(kThreads, 2) rope_fwd_kernel(Problem P) {
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
       const int vi = lane + i * G;
-      if (active && vi < nvec) store_vec<T, VEC>(out + vi * VEC, y[i]);
+      if (active && vi < nvec) store_packet_as<VEC>(r.out + vi * VEC, y[i]);
     }
     __syncwarp();
   }
@@ -219,34 +217,21 @@ __global__ void __launch_bounds__(kThreads) rope_bwd_kernel(Problem P) {
   using A = at::opmath_type<T>;
   constexpr int kIters = kMaxPerLane / VEC;
   extern __shared__ __align__(16) unsigned char smem[];
-  const int R = P.L.rotated / 2;
   const int D = P.L.head_dim;
-  A* cs = reinterpret_cast<A*>(smem);
-  A* sn = cs + P.tok * R;
-  A* gw_tile = sn + P.tok * R;  // (nsets, D) weight-gradient sums of this block
-  const int64_t tokens = P.B * P.Lt;
-  const int64_t tok0 = int64_t(blockIdx.x) * P.tok;
-  const int ntok = int(min(int64_t(P.tok), tokens - tok0));
-  tile_angles<A>(P, tok0, ntok, cs, sn, /*inverse=*/true);
-  for (int i = threadIdx.x; i < P.nsets * D; i += blockDim.x) gw_tile[i] = 0;
+  const AngleTile<A> tile = angle_tile<A>(P, smem, /*inverse=*/true);
+  A* gw_tile = tile.sn + P.tok * tile.R;  // (nsets, D) weight-gradient sums of this block
+  block_stride_loop(P.nsets * D, [&](int i) { gw_tile[i] = 0; });
   __syncthreads();
 
-  const int G = P.group, lane = threadIdx.x % G, groups = blockDim.x / G;
-  const int nvec = D / VEC;
+  const GroupRows walk = group_rows(int64_t(tile.ntok) * heads_per_token(P), P.group);
+  const int G = walk.G, lane = walk.lane, nvec = D / VEC;
   const A eps = static_cast<A>(P.eps);
-  const int64_t rows = int64_t(ntok) * (P.sets[0].heads + (P.nsets > 1 ? P.sets[1].heads : 0));
-  for (int64_t base = 0; base < rows; base += groups) {
-    const int64_t row = base + threadIdx.x / G;
-    const bool active = row < rows;
-    int s = 0, t = 0;
-    int64_t h = 0;
-    if (active) row_coords(P, row, &s, &t, &h);
-    const RowSet S = pick_set(P, s);
-    const int64_t n = tok0 + t, b = n / P.Lt, l = n % P.Lt;
-    const T* gin = static_cast<const T*>(S.in) + b * S.in_sb + l * S.in_sl + h * S.in_sh;
-    const T* xin = static_cast<const T*>(S.x) + b * S.x_sb + l * S.x_sl + h * S.x_sh;
-    T* out = static_cast<T*>(S.out) + b * S.out_sb + l * S.out_sl + h * S.out_sh;
-    const A* w = static_cast<const A*>(S.weight);
+  for (const int64_t row : walk) {
+    const bool active = walk.active(row);
+    const TileRow<T, A> r = tile_row<T, A>(P, tile.tok0, row, active);
+    const A* w = r.w;
+    const A* cs = tile.cs + r.t * tile.R;
+    const A* sn = tile.sn + r.t * tile.R;
     // g = inverse rotation of the incoming gradient (sn holds -sin).
     A gy[kIters][VEC], g[kIters][VEC], xh[kIters][VEC];
     A ss = 0;
@@ -254,9 +239,9 @@ __global__ void __launch_bounds__(kThreads) rope_bwd_kernel(Problem P) {
     for (int i = 0; i < kIters; ++i) {
       const int vi = lane + i * G;
       if (active && vi < nvec) {
-        load_vec<T, VEC>(gin + vi * VEC, gy[i]);
+        load_packet_as<VEC>(r.in + vi * VEC, gy[i]);
         if (w != nullptr) {
-          load_vec<T, VEC>(xin + vi * VEC, xh[i]);
+          load_packet_as<VEC>(r.x + vi * VEC, xh[i]);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) ss += xh[i][e] * xh[i][e];
         }
@@ -268,7 +253,7 @@ __global__ void __launch_bounds__(kThreads) rope_bwd_kernel(Problem P) {
       if (active && vi < nvec) {
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          g[i][e] = rotated_value<T, VEC>(P.L, gy[i], e, vi * VEC + e, gin, nullptr, A(1), cs + t * R, sn + t * R);
+          g[i][e] = rotated_value<T, VEC>(P.L, gy[i], e, vi * VEC + e, r.in, nullptr, A(1), cs, sn);
         }
       }
     }
@@ -284,7 +269,7 @@ __global__ void __launch_bounds__(kThreads) rope_bwd_kernel(Problem P) {
           for (int e = 0; e < VEC; ++e) {
             const int c = vi * VEC + e;
             xh[i][e] *= scale;
-            atomicAdd(gw_tile + s * D + c, g[i][e] * xh[i][e]);
+            atomicAdd(gw_tile + r.set * D + c, g[i][e] * xh[i][e]);
             g[i][e] *= w[c];
             dot += g[i][e] * xh[i][e];
           }
@@ -300,7 +285,7 @@ __global__ void __launch_bounds__(kThreads) rope_bwd_kernel(Problem P) {
 #pragma unroll
           for (int e = 0; e < VEC; ++e) g[i][e] = rms_norm_grad(g[i][e], xh[i][e], scale, dot);
         }
-        store_vec<T, VEC>(out + vi * VEC, g[i]);
+        store_packet_as<VEC>(r.out + vi * VEC, g[i]);
       }
     }
   }
@@ -308,21 +293,19 @@ __global__ void __launch_bounds__(kThreads) rope_bwd_kernel(Problem P) {
   for (int s = 0; s < P.nsets; ++s) {
     A* partial = static_cast<A*>(pick_set(P, s).gw_partial);
     if (partial == nullptr) continue;
-    for (int c = threadIdx.x; c < D; c += blockDim.x) partial[int64_t(blockIdx.x) * D + c] = gw_tile[s * D + c];
+    block_stride_loop(D, [&](int c) { partial[int64_t(blockIdx.x) * D + c] = gw_tile[s * D + c]; });
   }
 }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // 16-byte vectors need every row start of every tensor on a 16-byte boundary and D a multiple of VEC.
 bool can_vectorize(const Problem& P, int vec) {
   if (P.L.head_dim % vec != 0) return false;
   for (int s = 0; s < P.nsets; ++s) {
-    const RowSet S = pick_set(P, s);
+    const RopeRows S = pick_set(P, s);
     const int64_t strides[] = {S.in_sb, S.in_sl, S.in_sh, S.out_sb, S.out_sl, S.out_sh, S.x_sb, S.x_sl, S.x_sh};
     for (int64_t st : strides)
       if (st % vec != 0) return false;
-    if (!aligned16(S.in) || !aligned16(S.out) || (S.x != nullptr && !aligned16(S.x))) return false;
+    if (!aligned16({S.in, S.out, S.x})) return false;  // (a null x is aligned)
   }
   return true;
 }
@@ -330,13 +313,13 @@ bool can_vectorize(const Problem& P, int vec) {
 template <typename T>
 int64_t configure(Problem& P, int* vec) {
   using A = at::opmath_type<T>;
-  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kVec = kPacketElems<T>;
   *vec = can_vectorize(P, kVec) ? kVec : 1;
   const int nvec = P.L.head_dim / *vec;
   int G = 1;
   while (G < nvec && G < 32) G <<= 1;
   P.group = G;
-  const int64_t per_tok = P.sets[0].heads + (P.nsets > 1 ? P.sets[1].heads : 0);
+  const int64_t per_tok = heads_per_token(P);
   const int64_t rows_per_pass = kThreads / G;
   // About four passes of the block's row groups per tile, and at most 64 tokens.
   P.tok = int(std::max<int64_t>(1, std::min<int64_t>(64, (4 * rows_per_pass + per_tok - 1) / per_tok)));
@@ -353,26 +336,12 @@ void launch(Problem& P, bool backward) {
   int vec;
   const int64_t blocks = configure<T>(P, &vec);
   if (blocks == 0) return;
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "vdit rope: grid too large");
   size_t smem = 2 * size_t(P.tok) * (P.L.rotated / 2) * sizeof(A);
   if (backward) smem += size_t(P.nsets) * P.L.head_dim * sizeof(A);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  constexpr int kVec = 16 / sizeof(T);
-  if (backward) {
-    if (vec == kVec) rope_bwd_kernel<T, kVec><<<blocks, kThreads, smem, stream>>>(P);
-    else rope_bwd_kernel<T, 1><<<blocks, kThreads, smem, stream>>>(P);
-  } else {
-    if (vec == kVec) rope_fwd_kernel<T, kVec><<<blocks, kThreads, smem, stream>>>(P);
-    else rope_fwd_kernel<T, 1><<<blocks, kThreads, smem, stream>>>(P);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-at::Tensor weight_in_compute_type(const c10::optional<at::Tensor>& w, const at::Tensor& x) {
-  if (!w.has_value() || !w->defined()) return at::Tensor();
-  TORCH_CHECK(w->dim() == 1 && w->size(0) == x.size(-1), "vdit rope: norm weight must be (", x.size(-1), ",)");
-  TORCH_CHECK(w->device() == x.device(), "vdit rope: norm weight must be on the tensors' device");
-  return w->to(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  constexpr int kVec = kPacketElems<T>;
+  auto kernel = backward ? (vec == kVec ? rope_bwd_kernel<T, kVec> : rope_bwd_kernel<T, 1>)
+                         : (vec == kVec ? rope_fwd_kernel<T, kVec> : rope_fwd_kernel<T, 1>);
+  launch_kernel(kernel, checked_grid_x(blocks, "vdit rope"), kThreads, smem, c10::cuda::getCurrentCUDAStream(), P);
 }
 
 // The problem with positions converted to float64 (exact for integer coordinates below 2^53, so
@@ -399,18 +368,6 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& positions, at::IntAr
   return P;
 }
 
-RowSet row_set(const at::Tensor& in, const at::Tensor& out, const at::Tensor& w) {
-  const RopeRows r = rope_rows(in, out, w);
-  RowSet s{};
-  s.in = r.in;
-  s.out = r.out;
-  s.weight = r.weight;
-  s.heads = r.heads;
-  s.in_sb = r.in_sb, s.in_sl = r.in_sl, s.in_sh = r.in_sh;
-  s.out_sb = r.out_sb, s.out_sl = r.out_sl, s.out_sh = r.out_sh;
-  return s;
-}
-
 void dispatch(Problem& P, at::ScalarType dtype, bool backward) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "vdit_rope_3d_cuda",
                                   [&] { launch<scalar_t>(P, backward); });
@@ -421,10 +378,10 @@ void forward(const at::Tensor& q, const at::Tensor& q_out, const at::Tensor& qw,
              double theta, bool interleaved, bool inverse, double eps) {
   at::Tensor pos64;
   Problem P = make_problem(q, positions, dims, theta, interleaved, &pos64);
-  P.sets[0] = row_set(q, q_out, qw);
+  P.sets[0] = rope_rows(q, q_out, qw);
   P.nsets = 1;
   if (k != nullptr) {
-    P.sets[1] = row_set(*k, *k_out, kw);
+    P.sets[1] = rope_rows(*k, *k_out, kw);
     P.nsets = 2;
   }
   P.inverse = inverse;
@@ -436,7 +393,7 @@ void forward(const at::Tensor& q, const at::Tensor& q_out, const at::Tensor& qw,
 at::Tensor rope_3d_cuda(const at::Tensor& x, const at::Tensor& positions, at::IntArrayRef dims, double theta,
                         bool interleaved, bool inverse, const c10::optional<at::Tensor>& weight, double eps) {
   c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = new_output(x.sizes(), x.options());
+  at::Tensor out = new_output_like(x);
   forward(x, out, weight_in_compute_type(weight, x), nullptr, nullptr, at::Tensor(), positions, dims, theta,
           interleaved, inverse, eps);
   return out;
@@ -449,8 +406,8 @@ std::tuple<at::Tensor, at::Tensor> rope_3d_qk_cuda(const at::Tensor& q, const at
                                                    const c10::optional<at::Tensor>& k_weight, double eps) {
   rope_check_pair(q, k);
   c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor q_out = new_output(q.sizes(), q.options());
-  at::Tensor k_out = new_output(k.sizes(), k.options());
+  at::Tensor q_out = new_output_like(q);
+  at::Tensor k_out = new_output_like(k);
   forward(q, q_out, weight_in_compute_type(q_weight, q), &k, &k_out, weight_in_compute_type(k_weight, k), positions,
           dims, theta, interleaved, inverse, eps);
   return {q_out, k_out};
@@ -474,15 +431,9 @@ std::vector<at::Tensor> backward(const std::vector<at::Tensor>& grads, const std
   Problem P = make_problem(xs[0], positions, dims, theta, interleaved, &pos64);
   std::vector<at::Tensor> outs, ws;
   for (size_t s = 0; s < xs.size(); ++s) {
-    TORCH_CHECK(grads[s].sizes() == xs[s].sizes() && grads[s].scalar_type() == xs[s].scalar_type(),
-                "vdit rope: gradients must be like their inputs");
-    outs.push_back(new_output(xs[s].sizes(), xs[s].options()));
+    outs.push_back(new_output_like(xs[s]));
     ws.push_back(weight_in_compute_type(weights[s], xs[s]));
-    P.sets[s] = row_set(grads[s], outs[s], ws[s]);
-    P.sets[s].x = xs[s].data_ptr();
-    int64_t sh;
-    rope_strides(xs[s], &P.sets[s].x_sb, &P.sets[s].x_sl, &sh);
-    P.sets[s].x_sh = sh;
+    P.sets[s] = rope_backward_rows(grads[s], xs[s], outs[s], ws[s]);
   }
   P.nsets = int(xs.size());
   P.any_norm = false;
@@ -501,11 +452,8 @@ std::vector<at::Tensor> backward(const std::vector<at::Tensor>& grads, const std
     }
   }
   dispatch(P, xs[0].scalar_type(), /*backward=*/true);
-  for (size_t s = 0; s < xs.size(); ++s) {
-    outs.push_back(partials[s].defined() ? partials[s].sum(0).to(weights[s]->scalar_type())
-                                         : at::zeros({0}, xs[s].options()));
-  }
-  return outs;
+  for (const at::Tensor& gw : rope_weight_grads(partials, weights, xs)) outs.push_back(gw);
+  return outs;  // grad_x..., grad_w...
 }
 
 std::tuple<at::Tensor, at::Tensor> rope_3d_backward_cuda(const at::Tensor& grad, const at::Tensor& x,

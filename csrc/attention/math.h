@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-#include "macros.h"
+#include "common/macros.h"
 
 namespace vdit {
 

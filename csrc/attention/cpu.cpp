@@ -10,6 +10,7 @@
 // dk/dv partials that are summed per kv head afterwards (no atomics).
 // The tile products are GEMMs: the BLAS that libtorch_cpu exports (MKL in the x86 wheels) when
 // present, else a plain loop. Math is fp32 (fp64 for fp64 inputs); fp16/bf16 are converted.
+// Per-element math: attention/math.h; shape checks and the problem descriptor: attention/shape.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -28,8 +29,8 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
-#include "../alloc.h"
-#include "../common/attention.h"
+#include "attention/shape.h"
+#include "common/alloc.h"
 
 // Fortran BLAS entry points; weak so the extension still loads against a torch without them.
 extern "C" {
@@ -178,28 +179,7 @@ int64_t forward_tile_q(const int32_t* cu_q, int64_t batch, int64_t heads, int64_
   return 32;
 }
 
-struct Problem {
-  const int32_t* cu_q;
-  const int32_t* cu_k;
-  int64_t batch, Hq, Hk, D, total_q, total_k;
-  bool causal;
-  int64_t group() const { return Hq / Hk; }
-  int64_t q_start(int64_t b) const { return cu_q[b]; }
-  int64_t k_start(int64_t b) const { return cu_k[b]; }
-  int64_t len_q(int64_t b) const { return cu_q[b + 1] - cu_q[b]; }
-  int64_t len_k(int64_t b) const { return cu_k[b + 1] - cu_k[b]; }
-  // Keys that rows [i0, i0 + n) of sequence b can see: [0, key_end).
-  int64_t key_end(int64_t b, int64_t i0, int64_t n) const {
-    const int64_t Lk = len_k(b);
-    if (!causal) return Lk;
-    return std::clamp<int64_t>(causal_last_key(i0 + n - 1, len_q(b), Lk) + 1, 0, Lk);
-  }
-  // Columns [0, result) of key tile j0 (nk keys) that row i sees.
-  int64_t visible(int64_t b, int64_t i, int64_t j0, int64_t nk) const {
-    if (!causal) return nk;
-    return std::clamp<int64_t>(causal_last_key(i, len_q(b), len_k(b)) - j0 + 1, 0, nk);
-  }
-};
+using Problem = AttentionProblem;
 
 // Runs fn(item, scratch) over items [0, n) in order of the list, handing them out one at a time to
 // the ATen threads (dynamic balance); each thread makes its scratch once with make_scratch().
@@ -412,26 +392,12 @@ void backward(const Problem& p, T scale, const T* dout, const T* q, const T* k, 
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
                      const at::Tensor& cu_k, bool causal) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "vdit: q, k, v must be 3-D (total, heads, head_dim)");
-  TORCH_CHECK(k.sizes() == v.sizes(), "vdit: k and v must have the same shape");
-  TORCH_CHECK(q.size(2) == k.size(2), "vdit: q and k must have the same head dim");
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "vdit: q heads must be a multiple of k heads");
-  TORCH_CHECK(cu_q.scalar_type() == at::kInt && cu_k.scalar_type() == at::kInt, "vdit: cu_seqlens must be int32");
-  TORCH_CHECK(cu_q.is_contiguous() && cu_k.is_contiguous(), "vdit: cu_seqlens must be contiguous");
-  TORCH_CHECK(cu_q.dim() == 1 && cu_q.numel() >= 1 && cu_q.numel() == cu_k.numel(),
-              "vdit: cu_seqlens_q and cu_seqlens_k must be 1-D of the same length");
-  Problem p{cu_q.data_ptr<int32_t>(), cu_k.data_ptr<int32_t>(), cu_q.numel() - 1, q.size(1), k.size(1), q.size(2),
-            q.size(0), k.size(0), causal};
-  // Never read out of bounds, even if the Python checks were bypassed (e.g. under torch.compile).
-  for (const auto& [cu, total, name] : {std::tuple{p.cu_q, p.total_q, "cu_seqlens_q"},
-                                        std::tuple{p.cu_k, p.total_k, "cu_seqlens_k"}}) {
-    TORCH_CHECK(cu[0] == 0 && cu[p.batch] == total, "vdit: ", name, " must start at 0 and end at ", total);
-    for (int64_t b = 0; b < p.batch; ++b) TORCH_CHECK(cu[b + 1] >= cu[b], "vdit: ", name, " must be non-decreasing");
-  }
+  const Problem p = attention_problem(q, k, v, cu_q, cu_k, causal);
+  check_attention_offsets_host(p);
   return p;
 }
 
-at::ScalarType compute_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+at::ScalarType compute_type(const at::Tensor& t) { return acc_type_of(t.scalar_type()); }
 
 at::Tensor as_compute(const at::Tensor& t, at::ScalarType ct) { return t.to(ct).contiguous(); }
 
@@ -456,8 +422,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
     const at::Tensor& lse, const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     double softmax_scale, bool causal) {
   const Problem p = make_problem(q, k, v, cu_q, cu_k, causal);
-  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "vdit: dout and out must have q's shape");
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == p.Hq && lse.size(1) == p.total_q, "vdit: lse must be (Hq, total_q)");
+  check_attention_backward(p, q, dout, out, lse);
   const at::ScalarType ct = compute_type(q);
   const at::Tensor qc = as_compute(q, ct), kc = as_compute(k, ct), vc = as_compute(v, ct);
   const at::Tensor doc = as_compute(dout, ct), oc = as_compute(out, ct), lc = as_compute(lse, ct);

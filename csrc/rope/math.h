@@ -15,7 +15,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "macros.h"
+#include "common/macros.h"
 
 namespace vdit {
 
