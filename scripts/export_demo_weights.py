@@ -1,6 +1,6 @@
 """Copy a training run's EMA weights into the package as the shipped demo model (float16 safetensors).
 
-    python scripts/export_demo_weights.py runs/demo-p188            # -> vdit/assets/demo/
+    python scripts/export_demo_weights.py runs/demo-p188            # -> vdit/demo/assets/demo/
 """
 import argparse
 import json
@@ -8,10 +8,11 @@ import os
 
 import torch
 
-from vdit.checkpoint import load_tensors, read_json
-from vdit.pipelines.text_to_video import TextToVideo
+from vdit.demo.checkpoint import EMA_FILE, STATE_FILE, load_tensors, read_json
+from vdit.demo.pipeline import TextToVideo
 
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vdit", "assets", "demo")
+# The shipped weights of this checkout (vdit.demo.pipeline.ASSETS: those of the vdit that is imported).
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vdit", "demo", "assets", "demo")
 
 
 def main() -> None:
@@ -19,10 +20,10 @@ def main() -> None:
     parser.add_argument("run", help="vdit-train --out directory")
     parser.add_argument("--out", default=ASSETS)
     args = parser.parse_args()
-    model = TextToVideo.from_config(read_json(os.path.join(args.run, "config.json")))
-    ema = load_tensors(os.path.join(args.run, "ema.safetensors"))
+    model = TextToVideo.from_config(read_json(os.path.join(args.run, TextToVideo.CONFIG_FILE)))
+    ema = load_tensors(os.path.join(args.run, EMA_FILE))
     model.load_state_dict(ema)
-    state = read_json(os.path.join(args.run, "state.json"))
+    state = read_json(os.path.join(args.run, STATE_FILE))
     # Runs saved before config.json carried the sampling shift: sample at the shift they trained with.
     model.sampling_shift = state["args"].get("timestep_shift", model.sampling_shift)
     model.save(args.out, dtype=torch.float16)

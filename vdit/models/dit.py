@@ -111,21 +111,24 @@ class FractionalPositionEmbedding(nn.Module):
 
 
 class PromptVelocity(nn.Module):
-    """A velocity per prompt that moves the frame in which the fractional positions are measured.
+    """A velocity per prompt that moves the frame in which the fractional (h, w) positions are measured.
 
-    Where a prompt names a motion ("moves to the left"), the place of the object depends on a product of its
-    position, the time and the motion word, and gradient descent seems not to find such a product through
-    attention and MLPs: after 34,000 steps the demo model's loss with the true and with the opposite motion
-    word agreed to four digits, and 400-800 further steps at t = 1 only, with a text path that keeps word
-    identity and with joint (w +- t, h +- t) position features, did not make its prediction drift with the
-    word. Measuring the (h, w) fractions in a frame that moves with velocity v, (h, w) - v (t - 1/2), lets
-    the layout the model already places from those fractions (its objects' usual places) follow the prompt:
-    the gradient with respect to v is first order, and in the same probe the velocities of "right" and
-    "left" moved apart by 0.12 of the width within 350 steps. There is one velocity per clip: it moves one
-    object, or a whole scene like a camera pan; objects that move apart still rely on the attention path.
+    Where a prompt names a motion ("moves to the left"), where an object is depends on a product of its
+    position, the time and the motion word. Attention and MLPs can represent that product only through
+    features that all start near zero (position features and a difference between motion words), so its
+    gradient is second order and training may not find it. This module makes it first order: it reads a
+    velocity v = tanh(W pooled) from the pooled prompt, in fractions of the frame per clip (at most one
+    frame height / width), and measures each token's (h, w) in a frame moving with it,
+    (h, w) - v (t - 1/2). The layout the model already places from the fractions then follows the prompt.
+    There is one velocity per clip: it moves one object, or a whole scene like a camera pan; objects that
+    move apart still rely on attention. The map starts at zero (no shift), so adding the module to a trained
+    model leaves its function unchanged.
 
-    ``forward(fractions, pooled, tokens_per_sample)``: fractions (n, 3) (t, h, w) in (0, 1), pooled (B, C)
-    prompt embeddings, tokens_per_sample (B,) -> (n, 3) moved fractions. The map starts at zero (no shift).
+    ``forward(fractions, pooled, tokens_per_sample)``:
+        fractions: (n, 3) float (t, h, w) of the packed tokens, in (0, 1) (:func:`vdit.packing.grid_fractions`),
+        pooled: (B, C) pooled prompt embeddings (C = context_dim),
+        tokens_per_sample: (B,) int64 token count of each clip (sums to n),
+        returns (n, 3) float32: t unchanged, (h, w) - v (t - 1/2) with the v of the token's clip.
     """
 
     def __init__(self, context_dim: int):
@@ -184,7 +187,7 @@ class VideoDiT(nn.Module):
             the group (DDP over the group does this).
         Returns a list of B tensors (C_out, Ti, Hi, Wi): the predicted velocity (noise - data).
 
-    torch.compile: every block traces into one graph (``fullgraph=True``; tests/test_model.py). CUDA graphs:
+    torch.compile: every block traces into one graph (``fullgraph=True``; tests/models/test_dit.py). CUDA graphs:
     the forward reads the batch layout on the host (grid positions, max_seqlen, per-sample lengths), so
     capture compiled blocks for a fixed batch layout rather than the whole forward (in eager mode the ops'
     input validation also reads ``cu_seqlens`` on the host; under torch.compile it is skipped).

@@ -1,6 +1,6 @@
 """vdit-eval-demo: does the demo model follow its prompts?
 
-For held-out (colour, shape, motion) combinations that training never drew (vdit.data.shapes.HELD_OUT),
+For held-out (colour, shape, motion) combinations that training never drew (vdit.demo.data.HELD_OUT),
 generate one video per prompt and measure with simple image analysis:
 - colour accuracy: the mean colour of the foreground pixels (far from the background colour) is
   nearest, among the dataset's colours, to the prompt's colour;
@@ -10,7 +10,8 @@ generate one video per prompt and measure with simple image analysis:
 - temporal consistency: mean absolute change between consecutive frames (lower is steadier) and the
   mean IoU of consecutive foreground masks.
 
-    python -m vdit.eval_demo --weights runs/demo/ema.safetensors --config runs/demo/config.json
+    vdit-eval-demo --weights runs/demo/ema.safetensors --config runs/demo/config.json
+    python -m vdit.demo.cli.eval --prompts 12 --seed 0     # a quick look: 12 prompts, one seed
 
 One seed's 36 held-out prompts leave the motion accuracy uncertain by about +-7 points, so by default every
 held-out prompt is evaluated at seeds 0, 1 and 2 (each its own prompt order and noise) and the pooled
@@ -21,13 +22,15 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import sys
 import time
 
 import torch
 
-from vdit.checkpoint import CheckpointError
-from vdit.data.shapes import BACKGROUNDS, COLORS, HELD_OUT, MOTIONS
+from vdit.demo.cli import common
+from vdit.demo.data import BACKGROUNDS, COLORS, HELD_OUT, MOTIONS
+from vdit.demo.pipeline import DEFAULT_WEIGHTS, TextToVideo, generate
+
+PROG = "vdit-eval-demo"
 
 DIRECTIONS = {name: (dx, dy) for name, (dx, dy) in MOTIONS.items()}
 
@@ -88,8 +91,6 @@ def evaluate(model, prompts, *, frames=16, size=(48, 48), steps=20, guidance=4.0
              progress=True) -> dict:
     from tqdm import tqdm
 
-    from vdit.pipelines.text_to_video import generate
-
     colour_ok = motion_ok = persistent = 0
     diffs, ious, rows = [], [], []
     for i, (prompt, colour, _shape, motion) in enumerate(tqdm(prompts, desc="eval", disable=not progress)):
@@ -123,18 +124,19 @@ def pooled(results: list[dict]) -> dict:
 
 
 def summary(label: str, result: dict) -> str:
-    """One printed line of an ``evaluate`` (or ``pooled``) result, prefixed by ``label``."""
-    return (f"{label}: {result['prompts']} held-out videos, colour accuracy {result['colour_accuracy']:.0%}, "
+    """One printed line of an ``evaluate`` (or ``pooled``) result, prefixed by ``label``; a pooled result's
+    line ends with the motion accuracy's standard error."""
+    line = (f"{label}: {result['prompts']} held-out videos, colour accuracy {result['colour_accuracy']:.0%}, "
             f"motion accuracy {result['motion_accuracy']:.0%}, object in every frame "
             f"{result['object_in_every_frame']:.0%}, frame-to-frame change {result['frame_diff']:.3f}, "
             f"foreground IoU {result['mask_iou']:.2f}")
+    if "motion_stderr" in result:
+        line += f"; motion accuracy +- {result['motion_stderr']:.0%} (one standard error)"
+    return line
 
 
-def main(argv=None) -> int:
-    from vdit.generate import DEFAULT_WEIGHTS
-    from vdit.pipelines.text_to_video import TextToVideo
-
-    p = argparse.ArgumentParser(prog="vdit-eval-demo", description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--weights", default=DEFAULT_WEIGHTS)
     p.add_argument("--config", default=None)
     p.add_argument("--prompts", type=int, default=len(HELD_OUT),
@@ -147,7 +149,13 @@ def main(argv=None) -> int:
                    help="one or more seeds (prompt order and noise); with several, also the pooled figures")
     p.add_argument("--untrained", action="store_true", help="evaluate a freshly initialized model (the baseline)")
     p.add_argument("--verbose", action="store_true", help="print each prompt's classification")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Evaluate as the command line ``argv`` (default: ``sys.argv[1:]``) says, printing one line per seed (and
+    the pooled figures); returns the exit status, 0."""
+    args = parse_args(argv)
     trained = TextToVideo.load(args.weights, args.config)
     label = "untrained baseline" if args.untrained else args.weights
     results = []
@@ -165,20 +173,12 @@ def main(argv=None) -> int:
         print(f"{summary(f'{label} (seed {seed})', result)} ({time.perf_counter() - start:.0f} s)")
         results.append(result)
     if len(results) > 1:
-        total = pooled(results)
         seeds = ", ".join(map(str, args.seed))
-        print(f"{summary(f'{label} (seeds {seeds} pooled)', total)}; "
-              f"motion accuracy +- {total['motion_stderr']:.0%} (one standard error)")
+        print(summary(f"{label} (seeds {seeds} pooled)", pooled(results)))
     return 0
 
 
-def cli() -> None:
-    try:
-        sys.exit(main())
-    except CheckpointError as exc:
-        print(f"vdit-eval-demo: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
+cli = common.entry_point(PROG, main)
 
 if __name__ == "__main__":
     cli()

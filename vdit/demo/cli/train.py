@@ -4,9 +4,9 @@ Batches are packed videos of mixed sizes filled up to a token budget. Checkpoint
 are written to --out every --save-every steps and at the end; running the same command again resumes
 from the last checkpoint exactly (model, EMA, optimizer, data position; noise is drawn per video).
 
-    python -m vdit.train --out runs/demo --steps 4000
-    torchrun --nproc_per_node 2 -m vdit.train --out runs/demo-ddp    # data parallel (DDP; gloo on CPU)
-    torchrun --nproc_per_node 4 -m vdit.train --out runs/demo-sp --sequence-parallel 2   # 2 x 2
+    vdit-train --out runs/demo --steps 4000                      # or: python -m vdit.demo.cli.train ...
+    torchrun --nproc_per_node 2 -m vdit.demo.cli.train --out runs/demo-ddp    # data parallel (DDP; gloo on CPU)
+    torchrun --nproc_per_node 4 -m vdit.demo.cli.train --out runs/demo-sp --sequence-parallel 2   # 2 x 2
 
 Under torchrun the global batch is the same as in one process and its videos are dealt round-robin
 to the data-parallel groups; the loss is normalized globally, so any layout takes the same steps as one
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import dataclasses
+import json
 import os
 import random
 import sys
@@ -28,18 +28,21 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from vdit.checkpoint import CheckpointError, load_into, load_tensors, read_json, save_tensors, write_json
-from vdit.data.shapes import ShapesDataset, vocabulary
+from vdit.demo.checkpoint import has_checkpoint, resume_checkpoint, save_checkpoint
+from vdit.demo.cli import common
+from vdit.demo.cli.common import UsageError
+from vdit.demo.data import ShapesDataset, vocabulary
+from vdit.demo.growth import ADDED_MODULES, with_added_modules
+from vdit.demo.pipeline import TextEncoderConfig, TextToVideo
 from vdit.models import VideoDiTConfig
-from vdit.pipelines.text_to_video import TextEncoderConfig, TextToVideo
 from vdit.sampling import time_shift
 from vdit.training import ema_update, flow_matching_loss
 
-STATE_FILE, EMA_FILE, OPTIM_FILE = "state.json", "ema.safetensors", "optimizer.safetensors"
+PROG = "vdit-train"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="vdit-train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="checkpoint directory (resumed if it holds a checkpoint)")
     p.add_argument("--steps", type=int, default=4000, help="total optimizer steps")
     p.add_argument("--tokens-per-batch", type=int, default=2048, help="patch-token budget of one packed batch")
@@ -63,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--patch-size", default="1x8x8", help="pt x ph x pw (3 * pt*ph*pw must not exceed --hidden-size)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_device_argument(p)
     p.add_argument("--min-videos", type=int, default=1,
                    help="at least this many videos per batch (>= the number of data-parallel ranks)")
     p.add_argument("--sequence-parallel", type=int, default=1, help="ranks that split each batch's tokens")
@@ -89,6 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def new_model(args) -> TextToVideo:
+    """A randomly initialized TextToVideo over the shapes dataset's vocabulary, of the architecture that
+    --hidden-size, --depth, --heads, --patch-size and the module flags ask for."""
     patch = tuple(int(v) for v in args.patch_size.split("x"))
     text = TextEncoderConfig(embedding_skip=args.text_embedding_skip)
     cfg = VideoDiTConfig(in_channels=3, patch_size=patch, hidden_size=args.hidden_size, depth=args.depth,
@@ -96,26 +101,6 @@ def new_model(args) -> TextToVideo:
                          fractional_positions=args.fractional_positions or args.prompt_velocity,
                          prompt_velocity=args.prompt_velocity)
     return TextToVideo(cfg, vocabulary(), text)
-
-
-# Modules that --fractional-positions, --prompt-velocity and --text-embedding-skip add to a model (at zero).
-ADDED_MODULES = ("dit.position_embed.", "dit.prompt_velocity.", "text_encoder.skip.")
-
-
-def with_added_modules(model: TextToVideo, *, fractional_positions: bool = False, prompt_velocity: bool = False,
-                       embedding_skip: bool = False) -> TextToVideo:
-    """``model`` with a FractionalPositionEmbedding, a PromptVelocity (with the former) and/or a text-encoder
-    embedding skip added, where asked for and not there yet; all start at zero, so the function stays unchanged."""
-    config = model.config_dict()
-    config["dit"]["fractional_positions"] |= fractional_positions or prompt_velocity
-    config["dit"]["prompt_velocity"] |= prompt_velocity
-    config["text_encoder"]["embedding_skip"] |= embedding_skip
-    if config == model.config_dict():
-        return model
-    grown = TextToVideo.from_config(config).to(next(model.parameters()).device)
-    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith(ADDED_MODULES) for k in missing), (missing, unexpected)
-    return grown.train(model.training)
 
 
 def optimizer(model: TextToVideo, args) -> tuple[torch.optim.Optimizer, list[str]]:
@@ -138,8 +123,8 @@ def next_batch(dataset: ShapesDataset, index: int, budget: int, patch, seed: int
                rank: int = 0, world_size: int = 1, min_videos: int = 1):
     """Sample indices from ``index`` on until the token budget is reached (and at least ``min_videos``).
 
-    Returns (indices of this rank's videos, their videos, captions, element count of the whole batch,
-    videos in the whole batch, next index); rank r of ``world_size`` gets the batch's videos r, r + W, ...
+    Returns (indices of this rank's videos, their videos (3, T, H, W) each, captions, element count of the whole
+    batch, videos in the whole batch, next index); rank r of ``world_size`` gets the batch's videos r, r + W, ...
     """
     indices, tokens, elements = [], 0, 0
     while True:
@@ -183,144 +168,160 @@ def per_video_noise(seed: int, indices, videos, device, shift: float = 1.0, samp
     return torch.cat(ts).to(device), noise
 
 
-def _parameters(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return [p for group in opt.param_groups for p in group["params"]]
+@dataclasses.dataclass
+class Layout:
+    """How the ranks share the work: ``dp_size`` data-parallel groups of ``sp_size`` consecutive ranks; the
+    ranks of a group split its videos' tokens through ``sequence_parallel`` (None for groups of one)."""
+
+    ranks: common.Ranks
+    sp_size: int = 1
+    sequence_parallel: object | None = None  # a vdit.distributed.SequenceParallel
+
+    @property
+    def dp_size(self) -> int:
+        return self.ranks.world_size // self.sp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.ranks.rank // self.sp_size
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:
-    out, params = {}, _parameters(opt)
-    for i, name in enumerate(names):
-        for key, value in opt.state.get(params[i], {}).items():
-            out[f"{key}/{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    return out
-
-
-def load_optimizer(opt: torch.optim.Optimizer, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
-    params = _parameters(opt)
-    for i, name in enumerate(names):
-        state = {key.split("/", 1)[0]: v for key, v in tensors.items() if key.split("/", 1)[1] == name}
-        if state:
-            opt.state[params[i]] = state
-
-
-def save_checkpoint(out, model, ema, opt, names, step, data_index, args):
-    model.save(out)
-    save_tensors(os.path.join(out, EMA_FILE), ema.state_dict())
-    save_tensors(os.path.join(out, OPTIM_FILE), {**optimizer_tensors(opt, names), "rng/torch": torch.get_rng_state()})
-    write_json(os.path.join(out, STATE_FILE), {"step": step, "data_index": data_index, "args": vars(args)})
-
-
-def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) under torchrun (WORLD_SIZE > 1), else (0, 1, device)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 1, device
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    return dist.get_rank(), world_size, device
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    rank, world_size, device = init_distributed(torch.device(args.device))
+def parallel_layout(args: argparse.Namespace, ranks: common.Ranks) -> Layout:
+    """The :class:`Layout` that --sequence-parallel, --sp-mode and --ulysses-size ask for (creating the process
+    groups of the sequence-parallel ranks); a UsageError when the ranks cannot be laid out so."""
     sp_size = args.sequence_parallel
-    if sp_size < 1 or world_size % sp_size:
-        raise SystemExit(f"vdit-train: error: --sequence-parallel ({sp_size}) must divide the {world_size} ranks")
-    dp_size, dp_rank = world_size // sp_size, rank // sp_size
-    if args.min_videos < dp_size:
-        raise SystemExit(f"vdit-train: error: --min-videos ({args.min_videos}) must be >= the number of "
-                         f"data-parallel groups ({dp_size}), so that every group gets a video")
-    sequence_parallel = None
+    if sp_size < 1 or ranks.world_size % sp_size:
+        raise UsageError(f"--sequence-parallel ({sp_size}) must divide the {ranks.world_size} ranks")
+    layout = Layout(ranks, sp_size)
+    if args.min_videos < layout.dp_size:
+        raise UsageError(f"--min-videos ({args.min_videos}) must be >= the number of data-parallel groups "
+                         f"({layout.dp_size}), so that every group gets a video")
     if sp_size > 1:
         from vdit.distributed import SequenceParallel
 
-        groups = [dist.new_group(list(range(g * sp_size, (g + 1) * sp_size))) for g in range(dp_size)]
-        sequence_parallel = SequenceParallel(groups[dp_rank], args.sp_mode, args.ulysses_size)
-    state_path = os.path.join(args.out, STATE_FILE)
-    if os.path.exists(state_path):
-        model = TextToVideo.load(os.path.join(args.out, TextToVideo.WEIGHTS_FILE), device=device).train()
-    elif args.init_weights:
-        # Fine-tuning / continuing from exported weights: the architecture comes from their config.
-        model = TextToVideo.load(args.init_weights, device=device).train()
-        model = with_added_modules(model, fractional_positions=args.fractional_positions,
-                                   prompt_velocity=args.prompt_velocity, embedding_skip=args.text_embedding_skip)
-        if rank == 0:
-            print(f"initialized from {args.init_weights}", file=sys.stderr)
-    else:
-        model = new_model(args).to(device)
+        groups = [dist.new_group(list(range(g * sp_size, (g + 1) * sp_size))) for g in range(layout.dp_size)]
+        layout.sequence_parallel = SequenceParallel(groups[layout.dp_rank], args.sp_mode, args.ulysses_size)
+    return layout
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What a checkpoint holds: the model, its EMA, the optimizer with its parameters' names, and the position
+    (optimizer steps taken, index of the next dataset sample)."""
+
+    model: TextToVideo
+    ema: TextToVideo
+    opt: torch.optim.Optimizer
+    names: list[str]
+    step: int = 0
+    data_index: int = 0
+
+
+def initial_model(args: argparse.Namespace, device: torch.device, rank: int, resume: bool) -> TextToVideo:
+    """The model to train, in train mode on ``device``: the checkpoint's in --out when ``resume``, else the
+    --init-weights with the modules this command's flags add, else a new one."""
+    if resume:
+        return TextToVideo.load(os.path.join(args.out, TextToVideo.WEIGHTS_FILE), device=device).train()
+    if not args.init_weights:
+        return new_model(args).to(device)
+    # Fine-tuning / continuing from exported weights: the architecture comes from their config.
+    model = TextToVideo.load(args.init_weights, device=device).train()
+    model = with_added_modules(model, fractional_positions=args.fractional_positions,
+                               prompt_velocity=args.prompt_velocity, embedding_skip=args.text_embedding_skip)
+    if rank == 0:
+        print(f"initialized from {args.init_weights}", file=sys.stderr)
+    return model
+
+
+def start(args: argparse.Namespace, device: torch.device, rank: int) -> TrainState:
+    """The :class:`TrainState` to train from: resumed from the checkpoint in --out if it holds one."""
+    resume = has_checkpoint(args.out)
+    model = initial_model(args, device, rank, resume)
     model.sampling_shift = args.timestep_shift  # saved in config.json: generate() samples at the training shift
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt, names = optimizer(model, args)
-    step, data_index = 0, 0
-    if os.path.exists(state_path):
-        state = read_json(state_path)
-        step, data_index = state["step"], state["data_index"]
-        load_into(ema, load_tensors(os.path.join(args.out, EMA_FILE)), "", EMA_FILE)
-        optim = load_tensors(os.path.join(args.out, OPTIM_FILE))
-        torch.set_rng_state(optim.pop("rng/torch"))
-        load_optimizer(opt, names, {k: v.to(device) for k, v in optim.items()})
-        print(f"resuming from {args.out} at step {step}", file=sys.stderr)
-    dataset = ShapesDataset(seed=args.seed)
-    patch = model.dit.config.patch_size
-    params = sum(p.numel() for p in model.parameters())
-    if rank == 0:
-        print(f"vdit-train: {params / 1e6:.2f}M parameters on {device} x {world_size} rank(s), "
-              f"{args.tokens_per_batch} tokens per batch", file=sys.stderr)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True, disable=rank != 0)
+    state = TrainState(model, ema, *optimizer(model, args))
+    if resume:
+        state.step, state.data_index = resume_checkpoint(args.out, ema, state.opt, state.names, device)
+        print(f"resuming from {args.out} at step {state.step}", file=sys.stderr)
+    return state
+
+
+def train_step(args: argparse.Namespace, state: TrainState, net: torch.nn.Module, layout: Layout, indices: list[int],
+               videos: list[torch.Tensor], captions: list[str], elements: int) -> torch.Tensor:
+    """One optimizer step and EMA update on this rank's share of a batch: ``videos`` (3, T, H, W) each, the
+    dataset ``indices`` and ``captions`` of them, and the element count of the whole batch (the loss is its
+    mean over every element of the batch). Returns the batch's loss, a 0-d tensor (the same on every rank)."""
+    device = layout.ranks.device
+    t, noise = per_video_noise(args.seed, indices, videos, device, args.timestep_shift, args.timestep_sampling)
+    for group in state.opt.param_groups:
+        group["lr"] = learning_rate(state.step, args) * group["lr_scale"]
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    while step < args.steps:
-        start = time.perf_counter()
-        indices, videos, captions, elements, batch_videos, data_index = next_batch(
-            dataset, data_index, args.tokens_per_batch, patch, args.seed, args.caption_dropout, dp_rank, dp_size,
-            args.min_videos)
+    with autocast:
+        loss = flow_matching_loss(lambda x, tt, _c, _cu: net(x, tt, captions, layout.sequence_parallel), videos, None,
+                                  None, t=t, noise=noise, normalizer=elements)
+    state.opt.zero_grad(set_to_none=True)
+    # The loss is a share of the global mean and DDP averages over all ranks, of which each sequence-
+    # parallel group's sp_size ranks together carry sp_size copies of its gradient: scale by dp_size.
+    (loss * layout.dp_size).backward()
+    if layout.ranks.world_size > 1:
+        loss = loss.detach().clone()
+        dist.all_reduce(loss)
+        loss /= layout.sp_size
+    torch.nn.utils.clip_grad_norm_(state.model.parameters(), 1.0)
+    state.opt.step()
+    state.step += 1
+    ema_update(state.ema, state.model, min(args.ema, (1 + state.step) / (10 + state.step)))
+    return loss
+
+
+def log_and_save(args: argparse.Namespace, state: TrainState, loss: float, batch_videos: int) -> None:
+    """Rank 0's bookkeeping after a step: the --log-file line and, every --save-every steps and at the last
+    step, a checkpoint in --out."""
+    if args.log_file:
+        with open(args.log_file, "a") as f:
+            f.write(json.dumps({"step": state.step, "loss": loss, "videos": batch_videos}) + "\n")
+    if state.step % args.save_every == 0 or state.step == args.steps:
+        save_checkpoint(args.out, state.model, state.ema, state.opt, state.names, state.step, state.data_index, args)
+
+
+def train(args: argparse.Namespace, state: TrainState, layout: Layout) -> None:
+    """Train ``state`` from its step up to --steps, with a progress bar, the log and checkpoints on rank 0."""
+    rank, world_size, device = layout.ranks
+    dataset = ShapesDataset(seed=args.seed)
+    patch = state.model.dit.config.patch_size
+    if rank == 0:
+        params = sum(p.numel() for p in state.model.parameters())
+        print(f"{PROG}: {params / 1e6:.2f}M parameters on {device} x {world_size} rank(s), "
+              f"{args.tokens_per_batch} tokens per batch", file=sys.stderr)
+    net = torch.nn.parallel.DistributedDataParallel(state.model) if world_size > 1 else state.model
+    bar = tqdm(total=args.steps, initial=state.step, desc="train", dynamic_ncols=True, disable=rank != 0)
+    while state.step < args.steps:
+        start_time = time.perf_counter()
+        indices, videos, captions, elements, batch_videos, state.data_index = next_batch(
+            dataset, state.data_index, args.tokens_per_batch, patch, args.seed, args.caption_dropout, layout.dp_rank,
+            layout.dp_size, args.min_videos)
         videos = [v.to(device) for v in videos]
-        t, noise = per_video_noise(args.seed, indices, videos, device, args.timestep_shift,
-                                   args.timestep_sampling)
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(step, args) * group["lr_scale"]
-        with autocast:
-            loss = flow_matching_loss(lambda x, tt, _c, _cu: net(x, tt, captions, sequence_parallel), videos, None,
-                                      None, t=t, noise=noise, normalizer=elements)
-        opt.zero_grad(set_to_none=True)
-        # The loss is a share of the global mean and DDP averages over all ranks, of which each sequence-
-        # parallel group's sp_size ranks together carry sp_size copies of its gradient: scale by dp_size.
-        (loss * dp_size).backward()
-        if world_size > 1:
-            loss = loss.detach().clone()
-            dist.all_reduce(loss)
-            loss /= sp_size
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
+        loss = train_step(args, state, net, layout, indices, videos, captions, elements).item()
         tokens = sum((v.shape[1] // patch[0]) * (v.shape[2] // patch[1]) * (v.shape[3] // patch[2]) for v in videos)
-        tokens *= dp_size  # approximately: the data-parallel groups share the batch
+        tokens *= layout.dp_size  # approximately: the data-parallel groups share the batch
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
-        if rank == 0 and args.log_file:
-            with open(args.log_file, "a") as f:
-                f.write(json.dumps({"step": step, "loss": loss.item(), "videos": batch_videos}) + "\n")
-        if rank == 0 and (step % args.save_every == 0 or step == args.steps):
-            save_checkpoint(args.out, model, ema, opt, names, step, data_index, args)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / (time.perf_counter() - start_time):.0f}")
+        if rank == 0:
+            log_and_save(args, state, loss, batch_videos)
     bar.close()
-    if world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train as the command line ``argv`` (default: ``sys.argv[1:]``) says; returns the exit status, 0."""
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    with common.process_group(args.device) as ranks:
+        layout = parallel_layout(args, ranks)
+        train(args, start(args, ranks.device, ranks.rank), layout)
     return 0
 
 
-def cli() -> None:
-    try:
-        sys.exit(main())
-    except CheckpointError as exc:
-        print(f"vdit-train: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
+cli = common.entry_point(PROG, main)
 
 if __name__ == "__main__":
     cli()

@@ -2,7 +2,8 @@
 
 A checkpoint directory holds ``config.json`` and one or more ``*.safetensors`` files; loading checks
 that the configuration is known and that the tensors match the model exactly, with clear errors for
-truncated or corrupted files.
+truncated or corrupted files. Training checkpoints (:func:`save_checkpoint`) also hold what it takes to
+resume a run exactly.
 """
 from __future__ import annotations
 
@@ -77,3 +78,57 @@ def dataclass_from_dict(cls, data: dict, source: str):
     if unknown:
         raise CheckpointError(f"{source}: unknown {cls.__name__} keys {unknown}")
     return cls(**data)
+
+
+STATE_FILE, EMA_FILE, OPTIM_FILE = "state.json", "ema.safetensors", "optimizer.safetensors"
+
+
+def _parameters(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The optimizer's parameters, group after group (the order of ``names`` below)."""
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:
+    """Per-parameter state as ``{"<key>/<parameter name>": tensor}`` (AdamW: ``exp_avg``, ``exp_avg_sq`` of the
+    parameter's shape, ``step`` 0-d), keyed by name so that runs with other parameter groups can load it."""
+    out, params = {}, _parameters(opt)
+    for i, name in enumerate(names):
+        for key, value in opt.state.get(params[i], {}).items():
+            out[f"{key}/{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return out
+
+
+def load_optimizer(opt: torch.optim.Optimizer, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
+    """Load :func:`optimizer_tensors` into ``opt`` by parameter name; parameters without state start afresh."""
+    params = _parameters(opt)
+    for i, name in enumerate(names):
+        state = {key.split("/", 1)[0]: v for key, v in tensors.items() if key.split("/", 1)[1] == name}
+        if state:
+            opt.state[params[i]] = state
+
+
+def save_checkpoint(out: str, model, ema: torch.nn.Module, opt: torch.optim.Optimizer, names: list[str], step: int,
+                    data_index: int, args) -> None:
+    """Write ``model.save(out)``, the EMA weights, the optimizer and torch RNG state, and state.json (``step``,
+    ``data_index``: the next dataset sample, ``vars(args)``) into ``out``."""
+    model.save(out)
+    save_tensors(os.path.join(out, EMA_FILE), ema.state_dict())
+    save_tensors(os.path.join(out, OPTIM_FILE), {**optimizer_tensors(opt, names), "rng/torch": torch.get_rng_state()})
+    write_json(os.path.join(out, STATE_FILE), {"step": step, "data_index": data_index, "args": vars(args)})
+
+
+def has_checkpoint(out: str) -> bool:
+    """Whether ``out`` holds a training checkpoint to resume."""
+    return os.path.exists(os.path.join(out, STATE_FILE))
+
+
+def resume_checkpoint(out: str, ema: torch.nn.Module, opt: torch.optim.Optimizer, names: list[str],
+                      device: torch.device | str) -> tuple[int, int]:
+    """Load :func:`save_checkpoint`'s EMA and optimizer state (onto ``device``) from ``out`` and restore torch's
+    RNG state; returns (step, data_index). The model's weights are the caller's to load."""
+    state = read_json(os.path.join(out, STATE_FILE))
+    load_into(ema, load_tensors(os.path.join(out, EMA_FILE)), "", EMA_FILE)
+    optim = load_tensors(os.path.join(out, OPTIM_FILE))
+    torch.set_rng_state(optim.pop("rng/torch"))
+    load_optimizer(opt, names, {k: v.to(device) for k, v in optim.items()})
+    return state["step"], state["data_index"]

@@ -8,17 +8,24 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from vdit.checkpoint import CheckpointError, dataclass_from_dict, load_into, load_tensors, read_json, save_tensors, write_json
-from vdit.models import TextEncoder, VideoDiT, VideoDiTConfig, WordTokenizer
+from vdit.demo.checkpoint import (CheckpointError, dataclass_from_dict, load_into, load_tensors, read_json,
+                                  save_tensors, write_json)
+from vdit.demo.text import TextEncoder, WordTokenizer
+from vdit.models import VideoDiT, VideoDiTConfig
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")  # the shipped demo model
+DEFAULT_WEIGHTS = os.path.join(ASSETS, "model.safetensors")  # its config.json lies beside it
 
 
 @dataclasses.dataclass
 class TextEncoderConfig:
+    """Hyper-parameters of the demo's :class:`vdit.demo.text.TextEncoder` (``dim`` = the DiT's context_dim)."""
+
     dim: int = 128
     depth: int = 2
     heads: int = 4
     max_len: int = 64
-    embedding_skip: bool = False  # see vdit.models.TextEncoder
+    embedding_skip: bool = False  # see vdit.demo.text.TextEncoder
 
 
 class TextToVideo(nn.Module):
@@ -59,6 +66,7 @@ class TextToVideo(nn.Module):
         return self.dit(videos, timesteps, context, cu, sequence_parallel=sequence_parallel)
 
     def config_dict(self) -> dict:
+        """The JSON-serializable configuration that :meth:`from_config` rebuilds the model from."""
         return {"dit": dataclasses.asdict(self.dit.config), "text_encoder": dataclasses.asdict(self.text_config),
                 "vocabulary": self.tokenizer.vocab[2:], "sampling_shift": self.sampling_shift}
 
@@ -71,6 +79,8 @@ class TextToVideo(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict, source: str = "config") -> "TextToVideo":
+        """A freshly initialized model of ``config`` (a :meth:`config_dict`); bad configs raise CheckpointError
+        naming ``source``."""
         unknown = sorted(set(config) - {"dit", "text_encoder", "vocabulary", "sampling_shift"})
         if unknown:
             raise CheckpointError(f"{source}: unknown keys {unknown}")

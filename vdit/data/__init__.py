@@ -1,1 +1,0 @@
-"""Datasets for training the demo model."""

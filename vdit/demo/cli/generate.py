@@ -1,0 +1,164 @@
+"""vdit-generate: text-to-video with the demo model (shipped weights by default).
+
+    vdit-generate --prompt "a red circle moves to the left on a black background" --out red.mp4
+    torchrun --nproc_per_node 2 -m vdit.demo.cli.generate --prompt "..." --out red.mp4 --sp-mode ring  # 2 ranks
+
+Under torchrun every rank runs the sampler on its share of each video's tokens (vdit.distributed) and
+rank 0 writes the files.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import time
+from typing import NamedTuple
+
+import torch
+
+from vdit.backends import default_backend
+from vdit.demo.cli import common
+from vdit.demo.cli.common import UsageError
+from vdit.demo.pipeline import DEFAULT_WEIGHTS, TextToVideo, generate
+from vdit.demo.video_io import contact_sheet, save_video
+
+PROG = "vdit-generate"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """(height, width) of an ``HxW`` size such as ``64x48``."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m:
+        raise UsageError(f"--size must look like HxW (e.g. 64x64), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text prompt")
+    src.add_argument("--prompts-file", help="file with one prompt per line")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--size", default="64x64", help="HxW in pixels")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--sampler", choices=("euler", "heun"), default="euler")
+    p.add_argument("--shift", type=float, default=None,
+                   help="sampler time shift (default: the one the weights were trained with, from their config)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=1, help="videos per prompt (seeds seed, seed+1, ...)")
+    p.add_argument("--out", default="vdit_video.mp4",
+                   help="output .mp4 / .gif, or a folder (PNG frames); several videos get _<i> suffixes")
+    p.add_argument("--sheet", default=None, help="contact-sheet PNG (default: <out>_sheet.png)")
+    p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="safetensors weights (default: shipped demo model)")
+    p.add_argument("--config", default=None, help="JSON config (default: config.json beside the weights)")
+    common.add_device_argument(p)
+    p.add_argument("--sp-mode", choices=("ulysses", "ring", "hybrid"), default="ulysses",
+                   help="sequence-parallel scheme under torchrun")
+    p.add_argument("--ulysses-size", type=int, default=None, help="Ulysses group size for --sp-mode hybrid")
+    return p.parse_args(argv)
+
+
+def output_paths(out: str, count: int) -> list[str]:
+    """``[out]`` for one video, else ``<stem>_<i><suffix>`` for each of ``count``."""
+    if count == 1:
+        return [out]
+    stem, suffix = os.path.splitext(out)
+    return [f"{stem}_{i}{suffix}" for i in range(count)]
+
+
+def check_writable(path: str) -> None:
+    """A UsageError unless ``path``'s directory exists and is writable."""
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write {path}: directory {parent} does not exist or is not writable")
+
+
+class Job(NamedTuple):
+    """What to generate and where to write it: each prompt's --batch videos of (--frames, height, width) go to
+    ``paths`` (prompt-major), their contact sheet to ``sheet``."""
+
+    prompts: list[str]
+    height: int
+    width: int
+    paths: list[str]
+    sheet: str
+
+
+def plan(args: argparse.Namespace) -> Job:
+    """The :class:`Job` of the arguments, checked before any work (a UsageError on bad input)."""
+    height, width = parse_size(args.size)
+    if args.prompt is not None:
+        prompts = [args.prompt]
+    else:
+        if not os.path.isfile(args.prompts_file):
+            raise UsageError(f"prompts file not found: {args.prompts_file}")
+        with open(args.prompts_file) as f:
+            prompts = [line.strip() for line in f if line.strip()]
+        if not prompts:
+            raise UsageError(f"no prompts in {args.prompts_file}")
+    if args.batch < 1 or args.steps < 1 or args.frames < 1:
+        raise UsageError("--batch, --steps and --frames must be positive")
+    if args.shift is not None and not args.shift > 0:
+        raise UsageError(f"--shift must be positive, got {args.shift}")
+    paths = output_paths(args.out, len(prompts) * args.batch)
+    sheet = args.sheet or os.path.splitext(args.out)[0] + "_sheet.png"
+    for path in paths + [sheet]:
+        check_writable(path)
+    return Job(prompts, height, width, paths, sheet)
+
+
+def sample(model: TextToVideo, args: argparse.Namespace, job: Job, *, progress: bool = True,
+           sequence_parallel=None) -> tuple[list[torch.Tensor], list[str]]:
+    """Every video of ``job`` (float32 (3, frames, height, width) in [-1, 1], seeds --seed, --seed + 1, ... per
+    prompt) and its contact-sheet label. A size the model cannot generate raises UsageError."""
+    videos, labels = [], []
+    for prompt in job.prompts:
+        for b in range(args.batch):
+            try:
+                video, = generate(model, [prompt], frames=args.frames, height=job.height, width=job.width,
+                                  steps=args.steps, guidance=args.guidance, seed=args.seed + b, method=args.sampler,
+                                  shift=args.shift, progress=progress, sequence_parallel=sequence_parallel)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            videos.append(video)
+            labels.append(prompt if args.batch == 1 else f"{prompt} (seed {args.seed + b})")
+    return videos, labels
+
+
+def write(videos: list[torch.Tensor], labels: list[str], job: Job) -> None:
+    """Save each video (3, T, H, W) to its path in ``job`` and their contact sheet, naming each file written."""
+    for video, path in zip(videos, job.paths):
+        save_video(video, path)
+        print(f"wrote {path}")
+    contact_sheet(videos, job.sheet, labels=labels)
+    print(f"wrote {job.sheet}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Generate as the command line ``argv`` (default: ``sys.argv[1:]``) says; returns the exit status, 0."""
+    args = parse_args(argv)
+    job = plan(args)
+    with common.process_group(args.device) as ranks:
+        sequence_parallel, parallel = None, ""
+        if ranks.world_size > 1:
+            from vdit.distributed import SequenceParallel
+
+            sequence_parallel = SequenceParallel(None, args.sp_mode, args.ulysses_size)
+            parallel = f" x {sequence_parallel.size} ranks ({sequence_parallel.mode})"
+        model = TextToVideo.load(args.weights, args.config, device=ranks.device)
+        start = time.perf_counter()
+        videos, labels = sample(model, args, job, progress=ranks.rank == 0, sequence_parallel=sequence_parallel)
+        elapsed = time.perf_counter() - start
+    if ranks.rank == 0:
+        write(videos, labels, job)
+        print(f"generated {len(videos)} video(s) of {args.frames}x{job.height}x{job.width} with {args.steps} "
+              f"{args.sampler} steps in {elapsed:.1f} s on {ranks.device}{parallel} "
+              f"(vdit backend: {default_backend()})")
+    return 0
+
+
+cli = common.entry_point(PROG, main)
+
+if __name__ == "__main__":
+    cli()
