@@ -9,7 +9,7 @@ built once outside the timed region, as a model shares them across layers, so th
 at its per-layer cost only. "bytes" counts reading q and k and writing both outputs.
 
 Out-of-place outputs of this size spend much of their time in first-touch page faults; the vdit
-kernel asks for transparent huge pages on its outputs (see csrc/cpu/rope.cpp), the baselines run
+kernel asks for transparent huge pages on its outputs (see csrc/rope/cpu.cpp), the baselines run
 with torch's default allocator (THP_MEM_ALLOC_ENABLE unset). The in-place row shows the kernel
 without any allocation.
 

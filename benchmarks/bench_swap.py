@@ -21,8 +21,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from vdit.backends import select_backend  # noqa: E402
-from vdit.ops import adaln, attention, patch_embed, rope  # noqa: E402
+from vdit.backends import plan  # noqa: E402
 from vdit.swap import swap, unswap  # noqa: E402
 
 from benchmarks.common import quick  # noqa: E402
@@ -33,8 +32,8 @@ TEXT = 512
 
 
 def _kernels() -> str:
-    ops = {"patch_embed_3d": patch_embed, "varlen_attention": attention, "rope_3d": rope, "adaln_modulate": adaln}
-    return ", ".join(f"{name}={select_backend(name, mod.KERNELS, torch.device('cpu'))}" for name, mod in ops.items())
+    ops = ("patch_embed_3d", "varlen_attention", "rope_3d", "adaln_modulate")
+    return ", ".join(f"{name}={plan(name, device='cpu', dtype=torch.float32)[0]}" for name in ops)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one-command GPU validation run, for a machine with an NVIDIA GPU (no internet needed):
 # build vdit for the local GPU, run the whole test suite including `-m cuda`, run compute-sanitizer
-# memcheck over a small pass of every CUDA and Triton kernel, run the GPU benchmarks, and write
-# benchmarks/results/<gpu>.md, gpu-static.md and gpu-check.log. Prints a summary table last.
+# memcheck over a small pass of every CUDA and Triton kernel, run the GPU benchmarks (including every
+# dense-attention candidate against vdit.backends.plan's choice), and write benchmarks/results/<gpu>.md,
+# <gpu>-attention.md, gpu-static.md and gpu-check.log. Prints a summary table last.
 #
 #   bash benchmarks/gpu_check.sh          # from the repository root; ~10 minutes on an H100
 set -uo pipefail
@@ -34,12 +35,13 @@ else
     RESULT[memcheck]="${RESULT[memcheck]} (compute-sanitizer not found)"
 fi
 step benchmarks "$PY" -m vdit.bench.report --out "$OUT"
+step attention-candidates "$PY" benchmarks/gpu_attention.py --out "$OUT"  # prints whether plan() chose the fastest
 step gpu-static "$PY" -m vdit.bench.gpu_static --out "$OUT"
 
 echo
 echo "| step | result |"
 echo "|---|---|"
-for name in build tests cuda-tests memcheck benchmarks gpu-static; do
+for name in build tests cuda-tests memcheck benchmarks attention-candidates gpu-static; do
     echo "| $name | ${RESULT[$name]:-not run} |"
 done
 echo "log: $LOG"

@@ -1,30 +1,35 @@
 """Backend selection for vdit ops.
 
-Backends:
+Backends (the ``backend=`` argument of every op):
     ``torch``   pure-PyTorch reference (``vdit.ops.reference``); any device.
     ``cpu``     C++ kernels (``vdit._C``); CPU tensors.
     ``cuda``    CUDA C++ kernels (``vdit._C`` built with CUDA); CUDA tensors.
     ``triton``  Triton kernels; CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` (tests).
-    ``auto``    the fastest kernel the op has for the tensors' device, in the op's order of
-                preference; ``torch`` only when the op has no kernel for that device.
+    ``torch-varlen``, ``flash-attn``  attention kernels vdit calls but does not own (varlen_attention
+                on CUDA: ``torch.nn.attention.varlen.varlen_attn``, flash-attn's varlen function).
+    ``auto``    the first kernel in the op's declared order that runs on the tensors' device, is
+                installed and covers the call (dtype, head dim, the op's rules); ``torch`` where none does.
 
 The backend of a call is, by priority: the op's ``backend=`` argument when it is not ``"auto"``,
-then the innermost :func:`use_backend` context, then ``VDIT_BACKEND`` (read at import), then auto.
-A backend that is named explicitly must be built and applicable to the tensors' device, or the
-call raises :class:`BackendUnavailableError` (not built) or ``ValueError`` (wrong device).
+then the innermost :func:`use_backend` context, then the op's own ``VDIT_BACKEND_<OP>`` (e.g.
+``VDIT_BACKEND_VARLEN_ATTENTION=flash-attn``, read at each call), then ``VDIT_BACKEND`` (read at
+import), then auto.
+A backend that is named explicitly must be built and applicable to the call, or the call raises
+:class:`BackendUnavailableError` (not built), ``ValueError`` (wrong device or head dim) or
+``TypeError`` (dtype). Each op's kernels and what they cover are declared once in its
+``vdit/ops/<op>.py`` (see :mod:`vdit.ops._registry`); :func:`plan` shows the choice for a call.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import warnings
-from collections.abc import Sequence
 
 import torch
 
 from vdit._extension import HAS_CPU_KERNELS, HAS_CUDA_KERNELS, HAS_TRITON, LOAD_ERROR
 
-BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
+# vdit's own backends, then kernels vdit dispatches to but does not own (see vdit.kernels.external).
+BACKENDS = ("auto", "torch", "cpu", "cuda", "triton", "torch-varlen", "flash-attn")
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -33,13 +38,14 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend is not built or not installed in this environment."""
 
 
-def _check_name(name: str, what: str) -> str:
+def check_name(name: str, what: str) -> str:
+    """``name`` if it is one of :data:`BACKENDS`, else ValueError naming ``what``."""
     if name not in BACKENDS:
         raise ValueError(f"{what} must be one of {BACKENDS}, got {name!r}")
     return name
 
 
-_ENV_BACKEND = _check_name(os.environ.get("VDIT_BACKEND", "auto") or "auto", "VDIT_BACKEND")
+_ENV_BACKEND = check_name(os.environ.get("VDIT_BACKEND", "auto") or "auto", "VDIT_BACKEND")
 # A plain list rather than a thread-local keeps the lookup traceable by torch.compile.
 _stack: list[str] = []
 
@@ -51,11 +57,16 @@ def use_backend(name: str):
     ``with vdit.use_backend("torch"): model(x)`` runs every op on its reference implementation.
     Per-call ``backend=`` arguments other than ``"auto"`` still take priority. Not thread-local.
     """
-    _stack.append(_check_name(name, "backend"))
+    _stack.append(check_name(name, "backend"))
     try:
         yield
     finally:
         _stack.pop()
+
+
+def in_use_backend() -> bool:
+    """Whether a :func:`use_backend` context is active."""
+    return bool(_stack)
 
 
 def default_backend() -> str:
@@ -63,7 +74,7 @@ def default_backend() -> str:
     return _stack[-1] if _stack else _ENV_BACKEND
 
 
-def _unavailable_reason(backend: str, device: torch.device) -> str | None:
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot run on ``device`` in this install, or None if it can."""
     if backend in ("cpu", "cuda") and not HAS_CPU_KERNELS:
         return LOAD_ERROR
@@ -77,53 +88,14 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
     return None
 
 
-_DEVICE_OF_BACKEND = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda", "cpu"), "torch": None}
+def plan(op: str, *, device, dtype: torch.dtype | None = None, head_dim: int | None = None, backend: str = "auto",
+         **features) -> tuple[str, str]:
+    """Which kernel a call of ``op`` would run on, and why; runs nothing and needs no GPU.
 
-
-def select_backend(op: str, kernels: Sequence[str], device: torch.device, backend: str = "auto") -> str:
-    """Choose the backend for one call of ``op``.
-
-    Args:
-        op: op name, for messages.
-        kernels: the op's kernel backends in order of preference for auto (e.g. ``("cuda", "triton",
-            "cpu")``); ``torch`` is always available.
-        device: the device of the op's tensors.
-        backend: the per-call request.
-    Returns:
-        One of ``"torch"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
+    ``plan("rope_3d", device="cuda", dtype=torch.bfloat16, head_dim=128)`` -> ``("cuda", "...")``.
+    See :func:`vdit.ops._registry.plan` for the arguments.
     """
-    requested = _check_name(backend, "backend")
-    if requested == "auto":
-        requested = default_backend()
-    if requested == "torch":
-        return requested
-    if requested != "auto":
-        if requested not in kernels:
-            raise BackendUnavailableError(f"{op} has no {requested!r} kernel; it has {('torch', *kernels)}")
-        allowed = _DEVICE_OF_BACKEND[requested]
-        if device.type not in allowed:
-            raise ValueError(f"{op}: backend {requested!r} runs on {' or '.join(allowed)} tensors, "
-                             f"got tensors on {device}")
-        reason = _unavailable_reason(requested, device)
-        if reason:
-            raise BackendUnavailableError(f"{op}: backend {requested!r} is unavailable: {reason}")
-        return requested
-    # auto: the op's kernels that belong to this device (Triton on CPU only by explicit request).
-    native = [k for k in kernels if device.type in _DEVICE_OF_BACKEND[k] and not (k == "triton" and device.type == "cpu")]
-    for k in native:
-        if _unavailable_reason(k, device) is None:
-            return k
-    if native:
-        _warn_fallback(op, native, device)
-    return "torch"
+    import vdit.ops  # noqa: F401  (each op declares its kernels when vdit.ops is imported)
+    from vdit.ops import _registry
 
-
-_warned: set[tuple[str, str]] = set()
-
-
-def _warn_fallback(op: str, native: list[str], device: torch.device) -> None:
-    key = (op, device.type)
-    if key not in _warned:
-        _warned.add(key)
-        reasons = "; ".join(f"{k}: {_unavailable_reason(k, device)}" for k in native)
-        warnings.warn(f"vdit: {op} on {device.type} falls back to the torch reference ({reasons})", stacklevel=3)
+    return _registry.plan(op, device=device, dtype=dtype, head_dim=head_dim, backend=backend, **features)

@@ -1,4 +1,4 @@
-"""Static GPU report: what every shipped GPU kernel costs on sm_80 and sm_90, without a GPU.
+"""Static GPU report: what every shipped GPU kernel costs on sm_80, sm_86 and sm_90, without a GPU.
 
 Triton kernels: each shipped configuration (vdit.kernels.triton.registry) is compiled ahead of time
 and ptxas reports registers, spill bytes and stack; triton reports shared memory. CUDA C++ kernels:
@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
+import json
 import os
 import re
 import subprocess
 import sys
 
-ARCHS = (80, 90)
+ARCHS = (80, 86, 90)  # A100, sm_86/89 (99 KB shared memory), Hopper
 
 # CUDA kernels allowed a stack frame (never spills): (substrings of the demangled name, bytes, why).
 CUDA_STACK_ALLOWANCES = [
@@ -33,7 +34,7 @@ def cuda_allowance(row: dict) -> str | None:
             return why
     return None
 REGISTERS_PER_SM = 65536
-MAX_WARPS_PER_SM = {80: 64, 90: 64}
+MAX_WARPS_PER_SM = {80: 64, 86: 48, 90: 64}
 
 
 def occupancy(registers: int, num_warps: int, shared: int, arch: int) -> float:
@@ -60,10 +61,12 @@ def triton_rows(archs=ARCHS, jobs: int = 2) -> list[dict]:
             r = aot.spec_resources(spec, arch)
         except Exception as exc:  # a configuration that does not compile is a failure, not a crash
             return dict(module=module, label=spec.label, arch=arch, error=f"{type(exc).__name__}: {exc}"[:200])
+        matmul_sm90 = spec.matmul and arch == 90
         return dict(module=module, label=spec.label, arch=arch, warps=spec.num_warps, stages=spec.num_stages,
-                    registers=r.registers, spill=r.spills, stack=r.stack, shared=r.shared, fits=r.fits,
-                    occupancy=occupancy(r.registers, spec.num_warps, r.shared, arch),
-                    wgmma=r.uses_wgmma if spec.matmul and arch == 90 else None)
+                    aligned=spec.aligned, registers=r.registers, spill=r.spills, stack=r.stack, shared=r.shared,
+                    fits=r.fits, occupancy=occupancy(r.registers, spec.num_warps, r.shared, arch),
+                    wgmma=r.uses_wgmma if matmul_sm90 else None,
+                    wgmma_serialized=r.wgmma_serialized if matmul_sm90 else None)
 
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         return list(pool.map(one, work))
@@ -112,6 +115,9 @@ def failures(triton: list[dict], cuda: list[dict]) -> list[str]:
         elif r["spill"] or r["stack"] or not r["fits"]:
             bad.append(f"{r['module']} {r['label']} sm_{r['arch']}: spill {r['spill']} B, stack {r['stack']} B, "
                        f"shared {r['shared']} B")
+        elif r["wgmma"] is False or r["wgmma_serialized"]:
+            bad.append(f"{r['module']} {r['label']} sm_{r['arch']}: tl.dot without a pipelined wgmma "
+                       f"(wgmma {r['wgmma']}, serialized by ptxas {r['wgmma_serialized']})")
     for r in cuda:
         if (r["local"] or r["stack"]) and cuda_allowance(r) is None:
             bad.append(f"CUDA {r['kernel']} sm_{r['arch']}: stack {r['stack']} B, local {r['local']} B")
@@ -130,15 +136,20 @@ def report(triton: list[dict], cuda: list[dict]) -> str:
              f"`{info['cuda_archs'] or 'none'}`. No GPU is needed: Triton kernels are compiled ahead of time and "
              "ptxas reports their resources; CUDA kernels are read from the extension with cuobjdump.", "",
              "## Triton kernels", "",
-             "| module | configuration | arch | warps | stages | registers | spill (B) | stack (B) | shared (KiB) | occupancy | wgmma |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "Every configuration is compiled with the specialization the runtime applies: pointer arguments "
+             "16-byte aligned where the launcher guarantees it (`aligned`), and the unaligned variant too where a "
+             "kernel accepts unaligned views.", "",
+             "| module | configuration | arch | aligned | warps | stages | registers | spill (B) | stack (B) | shared (KiB) | occupancy | wgmma |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in triton:
         if "error" in r:
-            lines.append(f"| {r['module']} | {r['label']} | sm_{r['arch']} | | | | | | | | error: {r['error']} |")
+            lines.append(f"| {r['module']} | {r['label']} | sm_{r['arch']} | | | | | | | | | error: {r['error']} |")
             continue
-        wgmma = "" if r["wgmma"] is None else ("yes" if r["wgmma"] else "**no**")
-        lines.append(f"| {r['module']} | {r['label']} | sm_{r['arch']} | {r['warps']} | {r['stages']} | {r['registers']} | "
-                     f"{r['spill']} | {r['stack']} | {r['shared'] / 1024:.1f} | {r['occupancy']:.0%} | {wgmma} |")
+        wgmma = "" if r["wgmma"] is None else ("**serialized**" if r["wgmma_serialized"] else
+                                               "yes" if r["wgmma"] else "**no**")
+        lines.append(f"| {r['module']} | {r['label']} | sm_{r['arch']} | {'yes' if r['aligned'] else 'no'} | "
+                     f"{r['warps']} | {r['stages']} | {r['registers']} | {r['spill']} | {r['stack']} | "
+                     f"{r['shared'] / 1024:.1f} | {r['occupancy']:.0%} | {wgmma} |")
     lines += ["", "## CUDA C++ kernels (vdit._C)", ""]
     if cuda:
         lines += ["| kernel | arch | registers | stack (B) | local (B) | static shared (B) |", "|---|---|---:|---:|---:|---:|"]
@@ -149,6 +160,17 @@ def report(triton: list[dict], cuda: list[dict]) -> str:
             lines += ["", "Documented exceptions (stack frame, no spills): " + "; ".join(excused) + "."]
     else:
         lines.append("The extension was built without CUDA kernels.")
+    from vdit.kernels.triton.registry import gpu_only_notes
+
+    lines += ["", "## What is verified where", "",
+              "Statically, here, for every Triton configuration above: it compiles for its architecture with the "
+              "runtime's alignment specialization, uses no spill or stack, fits shared memory, and (sm_90, tl.dot "
+              "kernels) runs a pipelined wgmma; every kernel also passes its tests against the float64 reference "
+              "under `TRITON_INTERPRET=1` (fp16 and fp32). Scalar-argument specializations (an int equal to 1 or "
+              "divisible by 16) are not enumerated. Only on a GPU (`bash benchmarks/gpu_check.sh`):", ""]
+    lines += [f"- `{module}`: {note}" for module, note in gpu_only_notes().items()]
+    lines += ["- CUDA C++ kernels: speed and real-warp behaviour; their per-element math is shared with the C++ "
+              "CPU kernels and tested there."]
     bad = failures(triton, cuda)
     lines += ["", "## Result", "", "All configurations compile without spills and fit their shared memory." if not bad
               else "Failing configurations:\n\n" + "\n".join(f"- {b}" for b in bad), ""]
@@ -163,12 +185,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--json", help="also write the rows as JSON to this path (the tests read it)")
     args = parser.parse_args(argv)
     triton, cuda = triton_rows(jobs=args.jobs), cuda_rows()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "gpu-static.md")
     with open(path, "w") as f:
         f.write(report(triton, cuda))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton, "cuda": cuda}, f)
     bad = failures(triton, cuda)
     print(f"wrote {path}: {len(triton)} Triton configurations, {len(cuda)} CUDA kernels, {len(bad)} failing")
     for b in bad:

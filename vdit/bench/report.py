@@ -71,6 +71,7 @@ def write_report(data: dict, out_dir: str, device: str) -> str:
              f"fp32 matmul {ceiling.get('flops', 0) / 1e9:.1f} GFLOP/s", "",
              "Speedup = baseline time / vdit time (higher is better for vdit); % of roofline = "
              "max(bytes / copy bandwidth, FLOPs / matmul rate) / time.", ""]
+    lines += kernel_choices("cuda" if torch.cuda.is_available() else "cpu")
     by_module: dict[str, list] = {}
     for bench in data["benchmarks"]:
         by_module.setdefault(module_of(bench), []).append(bench)
@@ -82,6 +83,25 @@ def write_report(data: dict, out_dir: str, device: str) -> str:
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return path
+
+
+# Representative calls whose kernel choice the report states: (op, dtype, head dim).
+CHOICE_CALLS = [("varlen_attention", torch.bfloat16, 128), ("varlen_attention", torch.bfloat16, 72),
+                ("varlen_attention", torch.float32, 64), ("rope_3d_qk", torch.bfloat16, 128),
+                ("patch_embed_3d_varlen", torch.bfloat16, None), ("adaln_modulate", torch.bfloat16, None),
+                ("patchify_3d", torch.bfloat16, None)]
+
+
+def kernel_choices(device: str) -> list[str]:
+    """Markdown: which kernel ``auto`` runs for each representative call on ``device`` here, and why."""
+    from vdit.backends import plan
+
+    lines = [f"## Kernel choice on {device} (`vdit.backends.plan`)", "", "| op | dtype | head dim | kernel | why |",
+             "|---|---|---:|---|---|"]
+    for op, dtype, head_dim in CHOICE_CALLS:
+        kernel, why = plan(op, device=device, dtype=dtype, head_dim=head_dim)
+        lines.append(f"| `{op}` | {str(dtype).replace('torch.', '')} | {head_dim or '-'} | {kernel} | {why} |")
+    return lines + [""]
 
 
 def _pyplot():

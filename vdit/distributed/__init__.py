@@ -1,8 +1,7 @@
 """Sequence parallelism over torch.distributed: shard a packed batch across ranks, Ulysses / ring /
 hybrid attention on the shards."""
 from vdit.distributed.attention import SequenceParallel, sequence_parallel_attention
-from vdit.distributed.ring import local_offsets
-from vdit.distributed.sharding import gather_packed, shard_packed, shard_range
+from vdit.distributed.sharding import gather_packed, local_offsets, shard_packed, shard_range
 
 __all__ = ["SequenceParallel", "gather_packed", "local_offsets", "sequence_parallel_attention", "shard_packed",
            "shard_range"]

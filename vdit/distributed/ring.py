@@ -15,18 +15,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from vdit.distributed.sharding import shard_range, shard_sizes, world
+from vdit.distributed.sharding import local_offsets, shard_range, shard_sizes, world
 from vdit.distributed.stats import record
 from vdit.ops import varlen_attention
 from vdit.ops.attention import varlen_attention_backward
-
-
-def local_offsets(cu: list[int], start: int, end: int) -> torch.Tensor:
-    """int32 offsets of each sequence's tokens inside the range [start, end) of the packed batch."""
-    lengths = [max(0, min(b, end) - max(a, start)) for a, b in zip(cu[:-1], cu[1:])]
-    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    out[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
-    return out
+from vdit.ops.reference import compute_dtype
 
 
 def _block_forward(q, k, v, cu_q, cu_k, scale, causal):
@@ -37,10 +30,6 @@ def _block_forward(q, k, v, cu_q, cu_k, scale, causal):
 def _block_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal):
     return varlen_attention_backward(dout, q, k, v, out, lse, cu_q.to(q.device), cu_k.to(q.device),
                                      softmax_scale=scale, causal=causal)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _merge(out, lse, out_b, lse_b):
@@ -105,7 +94,7 @@ class RingAttention(torch.autograd.Function):
         cu_q_list, cu_k_list = cu_q.tolist(), cu_k.tolist()
         total_q, total_k = cu_q_list[-1], cu_k_list[-1]
         pairs = _pairs(rank, size, total_q, total_k, cu_q_list, cu_k_list, kv_replicated, causal)
-        cd = _compute_dtype(q.dtype)
+        cd = compute_dtype(q.dtype)
         out = torch.zeros(q.shape, dtype=cd, device=q.device)
         lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=cd, device=q.device)
         kb, vb = k, v
@@ -119,7 +108,7 @@ class RingAttention(torch.autograd.Function):
             if transfer is not None:
                 kb, vb = transfer.wait()
         out = out.to(q.dtype)
-        lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+        lse = lse.to(compute_dtype(q.dtype))
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.pairs, ctx.scale, ctx.group, ctx.total_k, ctx.kv_replicated = pairs, scale, group, total_k, kv_replicated
         return out
@@ -128,7 +117,7 @@ class RingAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         rank, size = world(ctx.group)
-        cd = _compute_dtype(q.dtype)
+        cd = compute_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=cd, device=q.device)
         if ctx.kv_replicated:
             _, cq, ck, blk_causal = ctx.pairs[0]

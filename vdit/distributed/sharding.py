@@ -26,6 +26,14 @@ def shard_sizes(total: int, world_size: int) -> list[int]:
     return [shard_range(total, world_size, r)[1] - shard_range(total, world_size, r)[0] for r in range(world_size)]
 
 
+def local_offsets(cu: list[int], start: int, end: int) -> torch.Tensor:
+    """int32 (B + 1,) offsets of each sequence's tokens inside the range [start, end) of the packed batch."""
+    lengths = [max(0, min(b, end) - max(a, start)) for a, b in zip(cu[:-1], cu[1:])]
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    out[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    return out
+
+
 def shard_packed(x: torch.Tensor, group=None) -> torch.Tensor:
     """This rank's range of a full packed tensor ``x`` (total, ...) along dim 0 (a view; no communication)."""
     rank, size = world(group)

@@ -10,6 +10,25 @@ from torch import nn
 from vdit.ops import patch_embed_3d, patch_embed_3d_varlen, patch_unembed_3d, patch_unembed_3d_varlen
 
 
+def patch_conv_reason(conv: nn.Module, *, allow_pointwise: bool = False) -> str | None:
+    """Why ``conv`` (an nn.Conv2d / nn.Conv3d) is not a patch embedding, or None if it is one.
+
+    A 1x1 convolution is exact as a patch embedding too, but a model swap leaves it alone (it is a
+    pointwise projection, not a patchifier) unless ``allow_pointwise``.
+    """
+    if tuple(conv.kernel_size) != tuple(conv.stride):
+        return f"kernel_size {tuple(conv.kernel_size)} != stride {tuple(conv.stride)}"
+    if math.prod(conv.kernel_size) == 1 and not allow_pointwise:
+        return "1x1 pointwise convolution, not a patch embedding"
+    if isinstance(conv.padding, str) or any(conv.padding):
+        return f"padding {conv.padding}"
+    if any(d != 1 for d in conv.dilation) or conv.groups != 1:
+        return f"dilation {tuple(conv.dilation)} / groups {conv.groups}"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode {conv.padding_mode!r}"
+    return None
+
+
 class PatchEmbed3d(nn.Module):
     """Spacetime patch embedding with ``nn.Conv3d``'s parameters (``weight`` (D, C, pt, ph, pw), ``bias`` (D,)),
     so Conv3d checkpoints load unchanged.
@@ -35,9 +54,10 @@ class PatchEmbed3d(nn.Module):
     @classmethod
     def from_conv3d(cls, conv: nn.Conv3d) -> "PatchEmbed3d":
         """A PatchEmbed3d sharing ``conv``'s parameters; needs kernel_size == stride, no padding/dilation/groups."""
-        if tuple(conv.kernel_size) != tuple(conv.stride) or any(conv.padding) or conv.groups != 1 or any(
-                d != 1 for d in conv.dilation) or conv.padding_mode != "zeros":
-            raise ValueError(f"from_conv3d needs kernel_size == stride and no padding, dilation or groups, got {conv}")
+        reason = patch_conv_reason(conv, allow_pointwise=True)
+        if reason is not None:
+            raise ValueError(f"from_conv3d needs kernel_size == stride and no padding, dilation or groups "
+                             f"({reason}), got {conv}")
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module.patch_size = tuple(conv.kernel_size)

@@ -1,6 +1,7 @@
 """Functional API of vdit: validated, differentiable, backend-dispatched ops.
 
-See ARCHITECTURE.md for the contract. Every op takes ``backend="auto"`` (see :mod:`vdit.backends`).
+Each op's contract (shapes, orders, semantics) is in its docstring and in :mod:`vdit.ops.reference`;
+docs/architecture.md maps the layers. Every op takes ``backend="auto"`` (see :mod:`vdit.backends`).
 """
 from vdit.ops import reference
 from vdit.ops.adaln import adaln_modulate, gated_residual

@@ -2,9 +2,12 @@
 (wrong shape, value or device) naming the offending argument, before any kernel launch."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
+
+from vdit._cache import TensorCache
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -53,12 +56,39 @@ def check_divides(patch_name: str, patch: Sequence[int], sizes_name: str, sizes:
         raise ValueError(f"{patch_name} {tuple(patch)} must divide {sizes_name} {tuple(sizes)}")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Offsets:
+    """What the checks need from a cu_seqlens tensor's values, read on the host once per tensor version."""
+
+    first: int
+    last: int
+    longest: int
+    decreasing_at: tuple | None  # the values, if they ever decrease (for the message)
+
+
+def _summarize(cu: torch.Tensor) -> _Offsets:
+    values = cu.tolist()
+    lengths = [b - a for a, b in zip(values, values[1:])]
+    return _Offsets(values[0], values[-1], max(lengths, default=0),
+                    tuple(values) if any(n < 0 for n in lengths) else None)
+
+
+# Eager calls that reuse a packing (every layer of a model, every sampling step) read each cu_seqlens
+# tensor on the host once, not once per call.
+_OFFSETS = TensorCache(size=64)
+
+
+def offsets_summary(cu: torch.Tensor) -> _Offsets:
+    return _OFFSETS.get((cu,), "offsets", lambda: _summarize(cu))
+
+
 def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> int:
     """Validate packed-sequence offsets and return the batch size B.
 
     ``cu`` must be an int32 (B + 1,) tensor on ``device``, start at 0, never decrease and end at
-    ``total``. The value checks read ``cu`` on the host (one small copy); under torch.compile they
-    are skipped so the graph stays whole.
+    ``total``. In eager mode the values are read on the host once per tensor version (cached). Under
+    torch.compile the graph must stay whole, so the same conditions become one device-side assertion
+    (``torch._assert_async``): a bad tensor raises when the graph runs instead of reaching a kernel.
     """
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
@@ -68,26 +98,37 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.devi
         raise ValueError(f"{name} must be 1-D with B + 1 >= 2 entries, got shape {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but the tensors it describes are on {device}")
-    if not torch.compiler.is_compiling():
-        values = cu.tolist()
-        if values[0] != 0:
-            raise ValueError(f"{name} must start at 0, got {values[0]}")
-        if any(b < a for a, b in zip(values, values[1:])):
-            raise ValueError(f"{name} must be non-decreasing, got {values}")
-        if values[-1] != total:
-            raise ValueError(f"{name}[-1] must equal the number of packed tokens {total}, got {values[-1]}")
+    if torch.compiler.is_compiling():
+        ok = (cu[0] == 0) & (cu[-1] == total) & (cu[1:] >= cu[:-1]).all()
+        torch._assert_async(ok, f"{name} must start at 0, be non-decreasing and end at {total}")
+        return cu.numel() - 1
+    summary = offsets_summary(cu)
+    if summary.first != 0:
+        raise ValueError(f"{name} must start at 0, got {summary.first}")
+    if summary.decreasing_at is not None:
+        raise ValueError(f"{name} must be non-decreasing, got {list(summary.decreasing_at)}")
+    if summary.last != total:
+        raise ValueError(f"{name}[-1] must equal the number of packed tokens {total}, got {summary.last}")
     return cu.numel() - 1
 
 
 def max_seqlen_of(name: str, cu: torch.Tensor, max_seqlen) -> int:
-    """``max_seqlen`` checked against ``cu`` (or computed from it when None; that syncs)."""
-    if max_seqlen is not None and torch.compiler.is_compiling():
+    """``max_seqlen`` checked against ``cu`` (or computed from it when None).
+
+    Under torch.compile a given ``max_seqlen`` is checked by a device-side assertion (kernels that size
+    their launch from it would otherwise leave output rows unwritten); None there reads ``cu`` on the host.
+    """
+    if max_seqlen is not None and not isinstance(max_seqlen, (int, torch.SymInt)):
+        raise TypeError(f"{name} must be an int or None, got {type(max_seqlen).__name__}")
+    if torch.compiler.is_compiling():
+        if max_seqlen is None:
+            return int((cu[1:] - cu[:-1]).max())
+        torch._assert_async((cu[1:] - cu[:-1]).max() <= max_seqlen,
+                            f"{name} is smaller than the longest sequence")
         return max_seqlen
-    longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    longest = offsets_summary(cu).longest
     if max_seqlen is None:
         return longest
-    if not isinstance(max_seqlen, int):
-        raise TypeError(f"{name} must be an int or None, got {type(max_seqlen).__name__}")
     if max_seqlen < longest:
         raise ValueError(f"{name} = {max_seqlen} is smaller than the longest sequence ({longest})")
     return max_seqlen

@@ -1,11 +1,9 @@
 """adaln_modulate (LayerNorm + per-sample shift/scale) and gated_residual (x + gate * y), over packed
 or dense tokens.
 
-Kernels: C++ (``cpu``) and CUDA C++ (``cuda``), sharing their math (csrc/common/adaln.h), and the
-reference (``torch``). The compiled ops ``vdit::adaln_modulate`` / ``vdit::gated_residual`` find each
-token's sample from ``cu_seqlens`` (no per-token index tensor), are registered with torch.library with
-fake implementations, and are differentiable through their backward ops
-``vdit::adaln_modulate_backward`` / ``vdit::gated_residual_backward`` (first order).
+Kernels (declared in ``SPEC``): CUDA C++ (``cuda``) and C++ (``cpu``), sharing their per-element math,
+and the reference (``torch``). The kernels find each token's sample from ``cu_seqlens`` (no per-token
+index tensor) and are differentiable through their backward operators (first order).
 """
 from __future__ import annotations
 
@@ -13,22 +11,22 @@ import math
 
 import torch
 
-from vdit._extension import HAS_CPU_KERNELS
-from vdit.backends import select_backend
-from vdit.ops import reference
+from vdit.ops import _registry, reference
+from vdit.ops._registry import ALL_FLOATS, Kernel
 from vdit.ops._validation import check_cu_seqlens, check_like, check_tensor
 
-KERNELS: tuple[str, ...] = ("cuda", "cpu")  # auto preference; each runs on its own device
+SPEC = _registry.declare(
+    "adaln_modulate",
+    Kernel("cuda", devices=("cuda",), dtypes=ALL_FLOATS, note="one warp per row, statistics in fp32"),
+    Kernel("cpu", devices=("cpu",), dtypes=ALL_FLOATS, note="OpenMP over rows"),
+)
+GATED_SPEC = _registry.declare("gated_residual", *SPEC.kernels)
 
 
-# ---- torch.library: fake implementations and autograd ---------------------------------------
-
-def _stats_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
+# ---- fake implementations and autograd --------------------------------------------------------
 
 def _adaln_fake(x, shift, scale, cu_seqlens, eps):
-    stats = x.new_empty(x.shape[:-1], dtype=_stats_dtype(x))
+    stats = x.new_empty(x.shape[:-1], dtype=reference.compute_dtype(x.dtype))
     return x.new_empty(x.shape), stats, torch.empty_like(stats)
 
 
@@ -44,38 +42,34 @@ def _gated_backward_fake(grad_out, y, gate, cu_seqlens):
     return y.new_empty(y.shape), gate.new_empty(gate.shape)
 
 
-def _adaln_setup(ctx, inputs, output):
-    x, _, scale, cu_seqlens, _ = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, scale, mean, rstd, cu_seqlens)
+def _autograd(family: _registry.Family) -> dict:
+    def adaln_setup(ctx, inputs, output):
+        x, _, scale, cu_seqlens, _ = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, scale, mean, rstd, cu_seqlens)
+
+    def adaln_backward(ctx, grad_out, grad_mean, grad_rstd):
+        # mean and rstd are internal outputs (never returned by the public op): their grads are unused.
+        x, scale, mean, rstd, cu_seqlens = ctx.saved_tensors
+        gx, gshift, gscale = family.op("adaln_modulate_backward")(grad_out.contiguous(), x, scale, mean, rstd,
+                                                                   cu_seqlens)
+        return gx, gshift, gscale, None, None
+
+    def gated_setup(ctx, inputs, output):
+        _, y, gate, cu_seqlens = inputs
+        ctx.save_for_backward(y, gate, cu_seqlens)
+
+    def gated_backward(ctx, grad_out):
+        y, gate, cu_seqlens = ctx.saved_tensors
+        grad_y, grad_gate = family.op("gated_residual_backward")(grad_out.contiguous(), y, gate, cu_seqlens)
+        return grad_out, grad_y, grad_gate, None
+
+    return {"adaln_modulate": (adaln_backward, adaln_setup), "gated_residual": (gated_backward, gated_setup)}
 
 
-def _adaln_backward(ctx, grad_out, grad_mean, grad_rstd):
-    # mean and rstd are internal outputs (never returned by the public op), so their grads are unused.
-    x, scale, mean, rstd, cu_seqlens = ctx.saved_tensors
-    gx, gshift, gscale = torch.ops.vdit.adaln_modulate_backward(grad_out.contiguous(), x, scale, mean, rstd,
-                                                                  cu_seqlens)
-    return gx, gshift, gscale, None, None
-
-
-def _gated_setup(ctx, inputs, output):
-    _, y, gate, cu_seqlens = inputs
-    ctx.save_for_backward(y, gate, cu_seqlens)
-
-
-def _gated_backward(ctx, grad_out):
-    y, gate, cu_seqlens = ctx.saved_tensors
-    grad_y, grad_gate = torch.ops.vdit.gated_residual_backward(grad_out.contiguous(), y, gate, cu_seqlens)
-    return grad_out, grad_y, grad_gate, None
-
-
-if HAS_CPU_KERNELS:
-    torch.library.register_fake("vdit::adaln_modulate")(_adaln_fake)
-    torch.library.register_fake("vdit::adaln_modulate_backward")(_adaln_backward_fake)
-    torch.library.register_fake("vdit::gated_residual")(_gated_fake)
-    torch.library.register_fake("vdit::gated_residual_backward")(_gated_backward_fake)
-    torch.library.register_autograd("vdit::adaln_modulate", _adaln_backward, setup_context=_adaln_setup)
-    torch.library.register_autograd("vdit::gated_residual", _gated_backward, setup_context=_gated_setup)
+_registry.register(fakes={"adaln_modulate": _adaln_fake, "adaln_modulate_backward": _adaln_backward_fake,
+                          "gated_residual": _gated_fake, "gated_residual_backward": _gated_backward_fake},
+                   autograd=_autograd)
 
 
 # ---- validation ------------------------------------------------------------------------------
@@ -124,10 +118,10 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, cu
     """
     _check_tokens_and_params(x, cu_seqlens, {"shift": shift, "scale": scale})
     eps = _check_eps(eps)
-    chosen = select_backend("adaln_modulate", KERNELS, x.device, backend)
+    chosen = _registry.select(SPEC, x.device, x.dtype, backend)
     if chosen == "torch":
         return reference.adaln_modulate(x, shift, scale, cu_seqlens, eps=eps)
-    out, _, _ = torch.ops.vdit.adaln_modulate(x.contiguous(), shift.contiguous(), scale.contiguous(),
+    out, _, _ = _registry.family_of(chosen).op("adaln_modulate")(x.contiguous(), shift.contiguous(), scale.contiguous(),
                                               _cu(cu_seqlens), eps)
     return out
 
@@ -151,7 +145,7 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, cu_seql
     check_like("y", y, "x", x)
     if y.shape != x.shape:
         raise ValueError(f"y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
-    chosen = select_backend("gated_residual", KERNELS, x.device, backend)
+    chosen = _registry.select(GATED_SPEC, x.device, x.dtype, backend)
     if chosen == "torch":
         return reference.gated_residual(x, y, gate, cu_seqlens)
-    return torch.ops.vdit.gated_residual(x.contiguous(), y.contiguous(), gate.contiguous(), _cu(cu_seqlens))
+    return _registry.family_of(chosen).op("gated_residual")(x.contiguous(), y.contiguous(), gate.contiguous(), _cu(cu_seqlens))

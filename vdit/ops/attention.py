@@ -1,16 +1,26 @@
 """varlen_attention: attention over packed variable-length sequences (FlashAttention varlen API).
 
-Kernels: Triton (``triton``, CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``), C++ (``cpu``),
-reference (``torch``). The kernels are torch.library operators with fake implementations and
-autograd formulas, so the op runs under ``torch.compile(fullgraph=True)``:
+Kernels, in auto's order (declared in ``SPEC``; ``vdit.backends.plan`` shows the choice for a call):
 
-    vdit::varlen_attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal) -> (out, lse)   C++
-    vdit::varlen_attention_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal)
-        -> (dq, dk, dv)                                                                           C++
-    vdit::varlen_attention_fwd_triton / vdit::varlen_attention_bwd_triton: same signatures, Triton.
+* ``flash-attn``: flash-attn's varlen function, when FlashAttention-3 is installed and the GPU is sm_90
+  (the fastest dense kernel there); FlashAttention-2 from the flash-attn package only when named,
+  since torch-varlen runs the same kernel.
+* ``torch-varlen``: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention-2 in-tree, cuDNN on
+  sm_90 / sm_100 for fp16 / bf16 without GQA): fp16 / bf16 on sm_80+, head dims that are multiples
+  of 8, when the backward need not be deterministic.
+* ``triton``: vdit's kernel, for everything the others do not run: fp32, any head dim up to 256,
+  deterministic backward, and the backward from a given output and lse (ring attention). CPU tensors
+  only when named, under ``TRITON_INTERPRET=1``.
+* ``cpu``: vdit's C++ kernel on CPU tensors (every float dtype).
+* ``torch``: the reference, where no kernel covers the call (float64 on CUDA, no kernel installed).
+
+The forward and the backward always run in one family: the external kernels carry their own
+autograd, and vdit's compiled and Triton operators each register an autograd formula that calls
+their own backward operator. All paths run under ``torch.compile(fullgraph=True)``.
 
 ``lse`` (Hq, total_q) is float32 (float64 for float64 inputs on the C++ kernel); it is returned for
-inspection and for the backward and is not differentiable. Both backwards are deterministic.
+inspection and for the backward and is not differentiable. A query that sees no key has lse -inf on
+every kernel. vdit's backwards are deterministic.
 """
 from __future__ import annotations
 
@@ -18,55 +28,101 @@ import math
 
 import torch
 
-from vdit._extension import HAS_CPU_KERNELS
-from vdit.backends import select_backend
-from vdit.ops import reference
+from vdit.kernels import external
+from vdit.ops import _registry, reference
+from vdit.ops._registry import ALL_FLOATS, GPU_FLOATS, MAX_GPU_HEAD_DIM, Call, Kernel
 from vdit.ops._validation import check_cu_seqlens, check_like, check_tensor, max_seqlen_of
 
-KERNELS: tuple[str, ...] = ("triton", "cpu")  # auto preference: Triton on CUDA tensors, C++ on CPU
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TRITON_MAX_HEAD_DIM = 256
+HALF_FLOATS = (torch.float16, torch.bfloat16)
 
 
-# ---- torch.library: Triton ops, fake implementations, autograd ------------------------------
+def _external(rule):
+    """A rule for a kernel vdit does not own: what both need (an sm_80+ GPU, something to launch, the
+    plain forward with its own backward), then the kernel's own ``rule``."""
+    def check(call: Call) -> str | None:
+        if call.capability is None or tuple(call.capability) < (8, 0):
+            return f"needs an sm_80 or newer GPU (capability {call.capability})"
+        if call.backward:
+            return "has no backward from a given output and lse (vdit's kernels do)"
+        if call.empty:
+            return "has nothing to launch for an empty batch"
+        return rule(call)
+    return check
 
-@torch.library.custom_op("vdit::varlen_attention_fwd_triton", mutates_args=())
-def _fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+
+@_external
+def _flash_attn_rule(call: Call) -> str | None:
+    version = external.flash_attn_version()
+    if version == 3 and tuple(call.capability)[0] != 9:
+        return "is FlashAttention-3, which runs on sm_90 only"
+    if version == 2 and call.auto and external.torch_varlen_missing() is None:
+        return "is FlashAttention-2, the kernel torch-varlen already runs (named explicitly, it runs)"
+    return None
+
+
+@_external
+def _torch_varlen_rule(call: Call) -> str | None:
+    if call.head_dim is not None and call.head_dim % 8:
+        return f"takes head dims that are multiples of 8, got {call.head_dim}"
+    if call.deterministic:
+        return "has a non-deterministic backward (vdit's Triton backward is deterministic)"
+    return None
+
+
+SPEC = _registry.declare(
+    "varlen_attention",
+    Kernel("flash-attn", devices=("cuda",), dtypes=HALF_FLOATS, max_head_dim=MAX_GPU_HEAD_DIM,
+           requires=_flash_attn_rule,
+           missing=lambda: None if external.flash_attn_version() else "not installed (pip install flash-attn)",
+           note="flash-attn varlen: FlashAttention-3 on sm_90 in auto; FlashAttention-2 only when named"),
+    Kernel("torch-varlen", devices=("cuda",), dtypes=HALF_FLOATS, max_head_dim=MAX_GPU_HEAD_DIM,
+           requires=_torch_varlen_rule, missing=external.torch_varlen_missing,
+           note="torch.nn.attention.varlen.varlen_attn (FlashAttention-2 / cuDNN): sm_80+, head dim % 8 == 0, "
+                "non-deterministic backward"),
+    Kernel("triton", devices=("cuda",), dtypes=GPU_FLOATS, max_head_dim=MAX_GPU_HEAD_DIM,
+           note="FlashAttention-2 style, cost-sorted work list, deterministic backward, any head dim"),
+    Kernel("cpu", devices=("cpu",), dtypes=ALL_FLOATS, note="FlashAttention-2 style tiles on BLAS GEMMs"),
+)
+
+
+# ---- Triton implementations ------------------------------------------------------------------
+
+@_registry.triton_impl("varlen_attention_fwd")
+def _fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
     from vdit.kernels.triton import attention  # imported lazily: triton is optional
 
     return attention.varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                               softmax_scale, causal)
 
 
-@torch.library.custom_op("vdit::varlen_attention_bwd_triton", mutates_args=())
-def _bwd_triton(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
-                max_seqlen_k: int, softmax_scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@_registry.triton_impl("varlen_attention_bwd")
+def _bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                causal):
     from vdit.kernels.triton import attention
 
     return attention.varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                max_seqlen_k, softmax_scale, causal)
 
 
-def _lse_dtype(q: torch.Tensor, triton: bool) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 and not triton else torch.float32
+# ---- fake implementations and autograd --------------------------------------------------------
+
+def _lse_dtype(q: torch.Tensor, family: _registry.Family) -> torch.dtype:
+    """The C++ kernel keeps lse in float64 for float64 inputs; Triton always in float32."""
+    return torch.float64 if q.dtype == torch.float64 and family is _registry.COMPILED else torch.float32
 
 
-def _register(fwd_name: str, bwd_name: str, triton: bool) -> None:
-    bwd_op = getattr(torch.ops.vdit, bwd_name.split("::")[1])
-
+def _fakes(family: _registry.Family) -> dict:
     def fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
-        return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q, triton))
+        return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q, family))
 
     def bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                  causal):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
-    torch.library.register_fake(fwd_name)(fwd_fake)
-    torch.library.register_fake(bwd_name)(bwd_fake)
+    return {"varlen_attention_fwd": fwd_fake, "varlen_attention_bwd": bwd_fake}
 
+
+def _autograd(family: _registry.Family) -> dict:
     def setup_context(ctx, inputs, output):
         q, k, v, cu_q, cu_k, max_q, max_k, scale, causal = inputs
         out, lse = output
@@ -78,18 +134,24 @@ def _register(fwd_name: str, bwd_name: str, triton: bool) -> None:
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        dq, dk, dv = bwd_op(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, *ctx.params)
+        dq, dk, dv = family.op("varlen_attention_bwd")(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k,
+                                                       *ctx.params)
         return dq, dk, dv, None, None, None, None, None, None
 
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+    return {"varlen_attention_fwd": (backward, setup_context)}
 
 
-_register("vdit::varlen_attention_fwd_triton", "vdit::varlen_attention_bwd_triton", triton=True)
-if HAS_CPU_KERNELS:
-    _register("vdit::varlen_attention_fwd", "vdit::varlen_attention_bwd", triton=False)
+_registry.register(fakes=_fakes, autograd=_autograd)
 
 
 # ---- public API ------------------------------------------------------------------------------
+
+def _select(q: torch.Tensor, k: torch.Tensor, causal: bool, backend: str, **features) -> str:
+    """The kernel of one call: the device, dtype and head dim plus what the attention rules read."""
+    return _registry.select(SPEC, q.device, q.dtype, backend, head_dim=q.shape[2], causal=causal,
+                            gqa=q.shape[1] != k.shape[1], empty=q.shape[0] == 0 or k.shape[0] == 0,
+                            deterministic=torch.are_deterministic_algorithms_enabled(), **features)
+
 
 def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
     check_tensor("q", q, ndim=3, floating=True, nonempty=False)
@@ -114,8 +176,8 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         softmax_scale = q.shape[2] ** -0.5
     elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    elif not math.isfinite(softmax_scale):
-        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    elif not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be positive and finite, got {softmax_scale}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     return max_seqlen_q, max_seqlen_k, float(softmax_scale)
@@ -137,7 +199,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             q[cu_q[i]:cu_q[i+1]] against k, v[cu_k[i]:cu_k[i+1]]. Empty sequences are allowed.
         max_seqlen_q, max_seqlen_k: longest sequence lengths (checked, or computed when None; pass them
             under torch.compile).
-        softmax_scale: scale of q @ k^T, default Dh ** -0.5.
+        softmax_scale: scale of q @ k^T, positive, default Dh ** -0.5.
         causal: mask aligned to the bottom-right corner (query i sees keys j <= i + Lk - Lq); a query
             that sees no key outputs 0 (lse -inf).
         backend: see :mod:`vdit.backends`.
@@ -150,21 +212,23 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """
     max_q, max_k, scale = _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                         softmax_scale, causal)
-    chosen = select_backend("varlen_attention", KERNELS, q.device, backend)
-    if chosen == "triton":
-        if q.dtype not in TRITON_DTYPES:
-            raise TypeError(f"q: backend 'triton' takes float16, bfloat16 or float32, got {q.dtype}")
-        if q.shape[2] > TRITON_MAX_HEAD_DIM:
-            raise ValueError(f"q: backend 'triton' takes head dim <= {TRITON_MAX_HEAD_DIM}, got {q.shape[2]}")
-        if q.shape[0] == 0 or k.shape[0] == 0:
-            chosen = "torch"  # nothing to launch; the reference handles empty batches
+    chosen = _select(q, k, causal, backend, lse=return_lse)
     if chosen == "torch":
         return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, softmax_scale=scale,
                                           causal=causal, return_lse=return_lse)
-    op = torch.ops.vdit.varlen_attention_fwd_triton if chosen == "triton" else torch.ops.vdit.varlen_attention_fwd
-    out, lse = op(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q.contiguous(),
-                  cu_seqlens_k.contiguous(), max_q, max_k, scale, causal)
-    return (out, lse) if return_lse else out
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+            max_q, max_k, scale, causal)
+    if chosen == "torch-varlen":
+        out, lse = external.torch_varlen_attention(*args)
+    elif chosen == "flash-attn":
+        out, lse = external.flash_attention(*args, deterministic=torch.are_deterministic_algorithms_enabled())
+    else:
+        out, lse = _registry.family_of(chosen).op("varlen_attention_fwd")(*args)
+    if not return_lse:
+        return out
+    if chosen in ("torch-varlen", "flash-attn"):  # they mark queries that see no key with +inf
+        lse = lse.masked_fill(lse == float("inf"), float("-inf"))
+    return out, lse
 
 
 def varlen_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -182,14 +246,12 @@ def varlen_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     """
     max_q, max_k, scale = _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                         softmax_scale, causal)
-    chosen = select_backend("varlen_attention", KERNELS, q.device, backend)
-    if chosen == "triton" and (q.dtype not in TRITON_DTYPES or q.shape[2] > TRITON_MAX_HEAD_DIM
-                               or q.shape[0] == 0 or k.shape[0] == 0):
-        chosen = "torch"
+    chosen = _select(q, k, causal, backend, backward=True)
     if chosen == "torch":
         return reference.varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                                    softmax_scale=scale, causal=causal)
-    op = torch.ops.vdit.varlen_attention_bwd_triton if chosen == "triton" else torch.ops.vdit.varlen_attention_bwd
-    return op(dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(),
-              lse.to(_lse_dtype(q, chosen == "triton")).contiguous(), cu_seqlens_q.contiguous(),
-              cu_seqlens_k.contiguous(), max_q, max_k, scale, causal)
+    family = _registry.family_of(chosen)
+    return family.op("varlen_attention_bwd")(
+        dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(),
+        lse.to(_lse_dtype(q, family)).contiguous(), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+        max_q, max_k, scale, causal)

@@ -1,29 +1,32 @@
 """patch_embed_3d (Conv3d with stride = kernel as one fused op) and patch_unembed_3d (final linear +
 unpatchify), dense and packed.
 
-Kernels: C++ (``cpu``: patch gather into cache-sized blocks + BLAS GEMM per block), Triton
-(``triton``: gather + ``tl.dot`` + bias in one kernel), reference (``torch``). Every kernel op is a
-torch.library operator with a fake implementation and an autograd formula whose backward is again
-one fused kernel op (``vdit::<op>_backward``, returning the input, weight and bias gradients that
-are needed), so the ops run under ``torch.compile(fullgraph=True)`` and train. The Triton operators
-carry a ``_triton`` suffix; the C++ ones are defined in csrc/patch_embed.cpp. The Triton kernels take
-fp16, bf16 and fp32; with ``backend="auto"`` fp64 CUDA tensors use the reference.
+Kernels (declared in ``SPECS``): Triton (``triton``: gather + ``tl.dot`` + bias in one kernel), C++
+(``cpu``: patch gather into cache-sized blocks + BLAS GEMM per block), reference (``torch``). Every
+kernel's backward is again one fused operator (``vdit::<op>_backward``, returning the input, weight and
+bias gradients that are needed), so the ops run under ``torch.compile(fullgraph=True)`` and train.
+The Triton kernels take fp16, bf16 and fp32; with ``backend="auto"`` fp64 CUDA tensors use the reference.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 
-from vdit._extension import HAS_CPU_KERNELS
-from vdit.backends import select_backend
-from vdit.ops import reference
+from vdit.ops import _registry, reference
+from vdit.ops._registry import ALL_FLOATS, GPU_FLOATS, Kernel
 from vdit.ops._validation import check_cu_seqlens, check_divides, check_like, check_tensor, check_triple
 
-KERNELS: tuple[str, ...] = ("triton", "cpu")  # auto: Triton on CUDA tensors, the C++ kernel on CPU tensors
+_KERNELS = (
+    Kernel("triton", devices=("cuda",), dtypes=GPU_FLOATS, note="gather + tl.dot + bias in one kernel"),
+    Kernel("cpu", devices=("cpu",), dtypes=ALL_FLOATS, note="patch gather into cache-sized blocks + BLAS GEMM"),
+)
+SPECS = {name: _registry.declare(name, *_KERNELS) for name in
+         ("patch_embed_3d", "patch_embed_3d_varlen", "patch_unembed_3d", "patch_unembed_3d_varlen")}
 
 
-# ---- torch.library: Triton ops ----------------------------------------------------------------
+# ---- Triton implementations -------------------------------------------------------------------
 
 def _triton():
     from vdit.kernels.triton import patch_embed
@@ -31,36 +34,36 @@ def _triton():
     return patch_embed
 
 
-@torch.library.custom_op("vdit::patch_embed_3d_triton", mutates_args=())
+@_registry.triton_impl("patch_embed_3d")
 def _embed_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return _triton().patch_embed_3d(x, weight, bias)
 
 
-@torch.library.custom_op("vdit::patch_embed_3d_backward_triton", mutates_args=())
+@_registry.triton_impl("patch_embed_3d_backward")
 def _embed_backward_triton(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                            output_mask: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _triton().patch_embed_3d_backward(grad, x, weight, tuple(output_mask))
 
 
-@torch.library.custom_op("vdit::patch_embed_3d_varlen_triton", mutates_args=())
+@_registry.triton_impl("patch_embed_3d_varlen")
 def _embed_varlen_triton(videos: list[torch.Tensor], weight: torch.Tensor,
                          bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _triton().patch_embed_3d_varlen(videos, weight, bias)
 
 
-@torch.library.custom_op("vdit::patch_embed_3d_varlen_backward_triton", mutates_args=())
+@_registry.triton_impl("patch_embed_3d_varlen_backward")
 def _embed_varlen_backward_triton(grad: torch.Tensor, videos: list[torch.Tensor], weight: torch.Tensor,
                                   output_mask: Sequence[bool]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     return _triton().patch_embed_3d_varlen_backward(grad, videos, weight, tuple(output_mask))
 
 
-@torch.library.custom_op("vdit::patch_unembed_3d_triton", mutates_args=())
+@_registry.triton_impl("patch_unembed_3d")
 def _unembed_triton(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, grid: Sequence[int],
                     patch_size: Sequence[int]) -> torch.Tensor:
     return _triton().patch_unembed_3d(tokens, weight, bias, tuple(grid), tuple(patch_size))
 
 
-@torch.library.custom_op("vdit::patch_unembed_3d_backward_triton", mutates_args=())
+@_registry.triton_impl("patch_unembed_3d_backward")
 def _unembed_backward_triton(grad: torch.Tensor, tokens: torch.Tensor, weight: torch.Tensor, grid: Sequence[int],
                              patch_size: Sequence[int],
                              output_mask: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,13 +71,13 @@ def _unembed_backward_triton(grad: torch.Tensor, tokens: torch.Tensor, weight: t
                                                tuple(output_mask))
 
 
-@torch.library.custom_op("vdit::patch_unembed_3d_varlen_triton", mutates_args=())
+@_registry.triton_impl("patch_unembed_3d_varlen")
 def _unembed_varlen_triton(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                            grids: Sequence[int], patch_size: Sequence[int]) -> list[torch.Tensor]:
     return _triton().patch_unembed_3d_varlen(tokens, weight, bias, list(grids), tuple(patch_size))
 
 
-@torch.library.custom_op("vdit::patch_unembed_3d_varlen_backward_triton", mutates_args=())
+@_registry.triton_impl("patch_unembed_3d_varlen_backward")
 def _unembed_varlen_backward_triton(grads: list[torch.Tensor], tokens: torch.Tensor, weight: torch.Tensor,
                                     grids: Sequence[int], patch_size: Sequence[int],
                                     output_mask: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -141,94 +144,91 @@ def _unembed_varlen_backward_fake(grads, tokens, weight, grids, patch_size, outp
 
 # ---- autograd -----------------------------------------------------------------------------------
 
-def _register(suffix: str) -> None:
-    """Fake implementations and autograd formulas of one kernel family (``""``: C++, ``"_triton"``)."""
-    ns = torch.ops.vdit
-    embed_bwd = getattr(ns, "patch_embed_3d_backward" + suffix)
-    embed_varlen_bwd = getattr(ns, "patch_embed_3d_varlen_backward" + suffix)
-    unembed_bwd = getattr(ns, "patch_unembed_3d_backward" + suffix)
-    unembed_varlen_bwd = getattr(ns, "patch_unembed_3d_varlen_backward" + suffix)
-    for name, fake in [("patch_embed_3d", _embed_fake), ("patch_embed_3d_backward", _embed_backward_fake),
-                       ("patch_embed_3d_varlen", _embed_varlen_fake),
-                       ("patch_embed_3d_varlen_backward", _embed_varlen_backward_fake),
-                       ("patch_unembed_3d", _unembed_fake), ("patch_unembed_3d_backward", _unembed_backward_fake),
-                       ("patch_unembed_3d_varlen", _unembed_varlen_fake),
-                       ("patch_unembed_3d_varlen_backward", _unembed_varlen_backward_fake)]:
-        torch.library.register_fake(f"vdit::{name}{suffix}")(fake)
-
-    def mask_of(ctx, has_bias: bool) -> list[bool]:
-        need = ctx.needs_input_grad
-        return [bool(need[0]), bool(need[1]), bool(has_bias and need[2])]
-
-    def grads_of(mask, gx, gw, gb):
-        return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None)
-
-    # patch_embed_3d: inputs (x, weight, bias)
-    def setup_embed(ctx, inputs, output):
-        x, weight, bias = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-
-    def backward_embed(ctx, grad):
-        x, weight = ctx.saved_tensors
-        mask = mask_of(ctx, ctx.has_bias)
-        return grads_of(mask, *embed_bwd(grad.contiguous(), x, weight, mask))
-
-    # patch_embed_3d_varlen: inputs (videos, weight, bias) -> (tokens, cu_seqlens, grids)
-    def setup_embed_varlen(ctx, inputs, output):
-        videos, weight, bias = inputs
-        ctx.save_for_backward(weight, *videos)
-        ctx.has_bias = bias is not None
-
-    def backward_embed_varlen(ctx, grad, _grad_cu, _grad_grids):
-        weight, *videos = ctx.saved_tensors
-        mask = mask_of(ctx, ctx.has_bias)
-        if grad is None:
-            return ([torch.zeros_like(v) for v in videos] if mask[0] else None,
-                    torch.zeros_like(weight) if mask[1] else None,
-                    weight.new_zeros(weight.shape[0]) if mask[2] else None)
-        gx, gw, gb = embed_varlen_bwd(grad.contiguous(), videos, weight, mask)
-        return grads_of(mask, list(gx), gw, gb)
-
-    # patch_unembed_3d: inputs (tokens, weight, bias, grid, patch_size)
-    def setup_unembed(ctx, inputs, output):
-        tokens, weight, bias, grid, patch = inputs
-        ctx.save_for_backward(tokens, weight)
-        ctx.has_bias, ctx.grid, ctx.patch = bias is not None, list(grid), list(patch)
-
-    def backward_unembed(ctx, grad):
-        tokens, weight = ctx.saved_tensors
-        mask = mask_of(ctx, ctx.has_bias)
-        return (*grads_of(mask, *unembed_bwd(grad.contiguous(), tokens, weight, ctx.grid, ctx.patch, mask)),
-                None, None)
-
-    # patch_unembed_3d_varlen: inputs (tokens, weight, bias, grids, patch_size) -> list of videos
-    def setup_unembed_varlen(ctx, inputs, output):
-        tokens, weight, bias, grids, patch = inputs
-        ctx.save_for_backward(tokens, weight)
-        ctx.has_bias, ctx.grids, ctx.patch = bias is not None, list(grids), list(patch)
-        ctx.shapes = [tuple(v.shape) for v in output]
-
-    def backward_unembed_varlen(ctx, grads):
-        tokens, weight = ctx.saved_tensors
-        mask = mask_of(ctx, ctx.has_bias)
-        grads = [g.contiguous() if g is not None else tokens.new_zeros(s) for g, s in zip(grads, ctx.shapes)]
-        return (*grads_of(mask, *unembed_varlen_bwd(grads, tokens, weight, ctx.grids, ctx.patch, mask)), None, None)
-
-    for name, backward, setup in [("patch_embed_3d", backward_embed, setup_embed),
-                                  ("patch_embed_3d_varlen", backward_embed_varlen, setup_embed_varlen),
-                                  ("patch_unembed_3d", backward_unembed, setup_unembed),
-                                  ("patch_unembed_3d_varlen", backward_unembed_varlen, setup_unembed_varlen)]:
-        torch.library.register_autograd(f"vdit::{name}{suffix}", backward, setup_context=setup)
+def _mask_of(ctx, has_bias: bool) -> list[bool]:
+    """output_mask of a backward operator: which of (input, weight, bias) gradients are needed."""
+    need = ctx.needs_input_grad
+    return [bool(need[0]), bool(need[1]), bool(has_bias and need[2])]
 
 
-_register("_triton")
-if HAS_CPU_KERNELS:
-    _register("")
+def _grads_of(mask, gx, gw, gb):
+    return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None)
 
 
-def _op(backend: str, name: str):
-    return getattr(torch.ops.vdit, name + "_triton" if backend == "triton" else name)
+# Each op's setup saves what its backward needs; each backward is one fused operator of the family
+# the forward ran in (bound with functools.partial when registered).
+
+def _setup_embed(ctx, inputs, output):  # patch_embed_3d(x, weight, bias)
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward_embed(family, ctx, grad):
+    x, weight = ctx.saved_tensors
+    mask = _mask_of(ctx, ctx.has_bias)
+    return _grads_of(mask, *family.op("patch_embed_3d_backward")(grad.contiguous(), x, weight, mask))
+
+
+def _setup_embed_varlen(ctx, inputs, output):  # patch_embed_3d_varlen(videos, weight, bias) -> (tokens, cu, grids)
+    videos, weight, bias = inputs
+    ctx.save_for_backward(weight, *videos)
+    ctx.has_bias = bias is not None
+
+
+def _backward_embed_varlen(family, ctx, grad, _grad_cu, _grad_grids):
+    weight, *videos = ctx.saved_tensors
+    mask = _mask_of(ctx, ctx.has_bias)
+    if grad is None:
+        return ([torch.zeros_like(v) for v in videos] if mask[0] else None,
+                torch.zeros_like(weight) if mask[1] else None,
+                weight.new_zeros(weight.shape[0]) if mask[2] else None)
+    gx, gw, gb = family.op("patch_embed_3d_varlen_backward")(grad.contiguous(), videos, weight, mask)
+    return _grads_of(mask, list(gx), gw, gb)
+
+
+def _setup_unembed(ctx, inputs, output):  # patch_unembed_3d(tokens, weight, bias, grid, patch_size)
+    tokens, weight, bias, grid, patch = inputs
+    ctx.save_for_backward(tokens, weight)
+    ctx.has_bias, ctx.grid, ctx.patch = bias is not None, list(grid), list(patch)
+
+
+def _backward_unembed(family, ctx, grad):
+    tokens, weight = ctx.saved_tensors
+    mask = _mask_of(ctx, ctx.has_bias)
+    grads = family.op("patch_unembed_3d_backward")(grad.contiguous(), tokens, weight, ctx.grid, ctx.patch, mask)
+    return (*_grads_of(mask, *grads), None, None)
+
+
+def _setup_unembed_varlen(ctx, inputs, output):  # patch_unembed_3d_varlen(tokens, weight, bias, grids, patch)
+    tokens, weight, bias, grids, patch = inputs
+    ctx.save_for_backward(tokens, weight)
+    ctx.has_bias, ctx.grids, ctx.patch = bias is not None, list(grids), list(patch)
+    ctx.shapes = [tuple(v.shape) for v in output]
+
+
+def _backward_unembed_varlen(family, ctx, grads):
+    tokens, weight = ctx.saved_tensors
+    mask = _mask_of(ctx, ctx.has_bias)
+    grads = [g.contiguous() if g is not None else tokens.new_zeros(s) for g, s in zip(grads, ctx.shapes)]
+    out = family.op("patch_unembed_3d_varlen_backward")(grads, tokens, weight, ctx.grids, ctx.patch, mask)
+    return (*_grads_of(mask, *out), None, None)
+
+
+def _autograd(family: _registry.Family) -> dict:
+    """Autograd formulas of one kernel family."""
+    return {"patch_embed_3d": (functools.partial(_backward_embed, family), _setup_embed),
+            "patch_embed_3d_varlen": (functools.partial(_backward_embed_varlen, family), _setup_embed_varlen),
+            "patch_unembed_3d": (functools.partial(_backward_unembed, family), _setup_unembed),
+            "patch_unembed_3d_varlen": (functools.partial(_backward_unembed_varlen, family), _setup_unembed_varlen)}
+
+
+_registry.register(
+    fakes={"patch_embed_3d": _embed_fake, "patch_embed_3d_backward": _embed_backward_fake,
+           "patch_embed_3d_varlen": _embed_varlen_fake, "patch_embed_3d_varlen_backward": _embed_varlen_backward_fake,
+           "patch_unembed_3d": _unembed_fake, "patch_unembed_3d_backward": _unembed_backward_fake,
+           "patch_unembed_3d_varlen": _unembed_varlen_fake,
+           "patch_unembed_3d_varlen_backward": _unembed_varlen_backward_fake},
+    autograd=_autograd)
 
 
 # ---- validation ---------------------------------------------------------------------------------
@@ -243,13 +243,10 @@ def _check_weight(weight, bias, ref_name, ref, *, embed: bool):
             raise ValueError(f"bias has {bias.shape[0]} entries but weight has {weight.shape[0]} output features")
 
 
-def _select(op: str, device: torch.device, dtype: torch.dtype, backend: str) -> str:
-    chosen = select_backend(op, KERNELS, device, backend)
-    # The Triton kernels have no fp64 dot: fp64 on CUDA uses the reference unless Triton is named,
-    # which then raises TypeError.
-    if chosen == "triton" and dtype == torch.float64 and backend == "auto":
-        return "torch"
-    return chosen
+def _run(op: str, device: torch.device, dtype: torch.dtype, backend: str):
+    """The operator ``op`` of the chosen kernel family, or None for the reference."""
+    chosen = _registry.select(SPECS[op], device, dtype, backend)
+    return None if chosen == "torch" else _registry.family_of(chosen).op(op)
 
 
 def _contiguous(t):
@@ -279,10 +276,10 @@ def patch_embed_3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight expects {weight.shape[1]} input channels but x has {x.shape[1]}")
     check_divides("patch size weight.shape[2:]", weight.shape[2:], "(T, H, W) of x", x.shape[2:])
-    chosen = _select("patch_embed_3d", x.device, x.dtype, backend)
-    if chosen == "torch":
+    kernel_op = _run("patch_embed_3d", x.device, x.dtype, backend)
+    if kernel_op is None:
         return reference.patch_embed_3d(x, weight, bias)
-    return _op(chosen, "patch_embed_3d")(x.contiguous(), weight.contiguous(), _contiguous(bias))
+    return kernel_op(x.contiguous(), weight.contiguous(), _contiguous(bias))
 
 
 def patch_embed_3d_varlen(videos: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -314,10 +311,10 @@ def patch_embed_3d_varlen(videos: Sequence[torch.Tensor], weight: torch.Tensor, 
         raise ValueError(f"weight expects {weight.shape[1]} input channels but the videos have {videos[0].shape[0]}")
     for i, v in enumerate(videos):
         check_divides("patch size weight.shape[2:]", weight.shape[2:], f"(T, H, W) of videos[{i}]", v.shape[1:])
-    chosen = _select("patch_embed_3d_varlen", videos[0].device, videos[0].dtype, backend)
-    if chosen == "torch":
+    kernel_op = _run("patch_embed_3d_varlen", videos[0].device, videos[0].dtype, backend)
+    if kernel_op is None:
         return reference.patch_embed_3d_varlen(videos, weight, bias)
-    return _op(chosen, "patch_embed_3d_varlen")([v.contiguous() for v in videos], weight.contiguous(),
+    return kernel_op([v.contiguous() for v in videos], weight.contiguous(),
                                                 _contiguous(bias))
 
 
@@ -340,10 +337,10 @@ def patch_unembed_3d(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     _check_unembed(tokens, weight, bias, patch)
     if tokens.shape[1] != grid[0] * grid[1] * grid[2]:
         raise ValueError(f"tokens has N = {tokens.shape[1]} tokens but grid {grid} holds {grid[0] * grid[1] * grid[2]}")
-    chosen = _select("patch_unembed_3d", tokens.device, tokens.dtype, backend)
-    if chosen == "torch":
+    kernel_op = _run("patch_unembed_3d", tokens.device, tokens.dtype, backend)
+    if kernel_op is None:
         return reference.patch_unembed_3d(tokens, weight, bias, grid, patch)
-    return _op(chosen, "patch_unembed_3d")(tokens.contiguous(), weight.contiguous(), _contiguous(bias),
+    return kernel_op(tokens.contiguous(), weight.contiguous(), _contiguous(bias),
                                            list(grid), list(patch))
 
 
@@ -373,11 +370,11 @@ def patch_unembed_3d_varlen(tokens: torch.Tensor, weight: torch.Tensor, bias: to
             raise ValueError(f"grids[{i}] = {(tp, hp, wp)} must be positive")
         if tp * hp * wp != n:
             raise ValueError(f"grids[{i}] = {(tp, hp, wp)} holds {tp * hp * wp} tokens but sequence {i} has {n}")
-    chosen = _select("patch_unembed_3d_varlen", tokens.device, tokens.dtype, backend)
-    if chosen == "torch":
+    kernel_op = _run("patch_unembed_3d_varlen", tokens.device, tokens.dtype, backend)
+    if kernel_op is None:
         return reference.patch_unembed_3d_varlen(tokens, weight, bias, cu_seqlens, grids, patch)
     flat = [int(v) for row in grid_list for v in row]
-    return list(_op(chosen, "patch_unembed_3d_varlen")(tokens.contiguous(), weight.contiguous(), _contiguous(bias),
+    return list(kernel_op(tokens.contiguous(), weight.contiguous(), _contiguous(bias),
                                                        flat, list(patch)))
 
 

@@ -1,9 +1,7 @@
 """patchify_3d / unpatchify_3d: videos <-> spacetime patch tokens.
 
-Kernels: C++ (``cpu``), CUDA C++ (``cuda``), Triton (``triton``), reference (``torch``). Each op is
-registered with torch.library (``vdit::patchify_3d``, ``vdit::unpatchify_3d`` for the compiled
-kernels, ``vdit::patchify_3d_triton`` / ``vdit::unpatchify_3d_triton``) with a fake implementation,
-and each is the other's backward, so both are differentiable to any order.
+Kernels (declared in ``SPEC``): CUDA C++ (``cuda``), Triton (``triton``), C++ (``cpu``), reference
+(``torch``). Each is the other's backward, so both are differentiable to any order.
 """
 from __future__ import annotations
 
@@ -11,29 +9,37 @@ from collections.abc import Sequence
 
 import torch
 
-from vdit._extension import HAS_CPU_KERNELS
-from vdit.backends import select_backend
-from vdit.ops import reference
+from vdit.ops import _registry, reference
+from vdit.ops._registry import ALL_FLOATS, Kernel
 from vdit.ops._validation import check_divides, check_tensor, check_triple
 
-KERNELS = ("cuda", "triton", "cpu")  # auto preference; cuda/cpu pick the compiled kernel by device
+# A pure data movement: every kernel takes every dtype (the tables list the float ones).
+SPEC = _registry.declare(
+    "patchify_3d",
+    Kernel("cuda", devices=("cuda",), dtypes=ALL_FLOATS, note="vectorized tile transpose"),
+    Kernel("triton", devices=("cuda",), dtypes=ALL_FLOATS),
+    Kernel("cpu", devices=("cpu",), dtypes=ALL_FLOATS, note="OpenMP copy per token row"),
+)
+UNPATCHIFY_SPEC = _registry.declare("unpatchify_3d", *SPEC.kernels)
 
 
-# ---- torch.library: Triton ops, fake implementations, autograd ------------------------------
+# ---- Triton implementations ------------------------------------------------------------------
 
-@torch.library.custom_op("vdit::patchify_3d_triton", mutates_args=())
+@_registry.triton_impl("patchify_3d")
 def _patchify_3d_triton(x: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
     from vdit.kernels.triton import patchify
 
     return patchify.patchify_3d(x, tuple(patch_size))
 
 
-@torch.library.custom_op("vdit::unpatchify_3d_triton", mutates_args=())
+@_registry.triton_impl("unpatchify_3d")
 def _unpatchify_3d_triton(tokens: torch.Tensor, grid: Sequence[int], patch_size: Sequence[int]) -> torch.Tensor:
     from vdit.kernels.triton import patchify
 
     return patchify.unpatchify_3d(tokens, tuple(grid), tuple(patch_size))
 
+
+# ---- fake implementations and autograd: each op is the other's backward ------------------------
 
 def _patchify_fake(x, patch_size):
     B, C, T, H, W = x.shape
@@ -46,37 +52,26 @@ def _unpatchify_fake(tokens, grid, patch_size):
     return tokens.new_empty((tokens.shape[0], tokens.shape[2] // (pt * ph * pw), Tp * pt, Hp * ph, Wp * pw))
 
 
-def _register(patchify_op: str, unpatchify_op: str) -> None:
-    patchify = getattr(torch.ops.vdit, patchify_op.split("::")[1])
-    unpatchify = getattr(torch.ops.vdit, unpatchify_op.split("::")[1])
-    torch.library.register_fake(patchify_op)(_patchify_fake)
-    torch.library.register_fake(unpatchify_op)(_unpatchify_fake)
-
+def _autograd(family: _registry.Family) -> dict:
     def setup_patchify(ctx, inputs, output):
         x, patch_size = inputs
         ctx.grid = [s // p for s, p in zip(x.shape[2:], patch_size)]
         ctx.patch_size = list(patch_size)
 
     def backward_patchify(ctx, grad):
-        return unpatchify(grad.contiguous(), ctx.grid, ctx.patch_size), None
+        return family.op("unpatchify_3d")(grad.contiguous(), ctx.grid, ctx.patch_size), None
 
     def setup_unpatchify(ctx, inputs, output):
         _, ctx.grid, ctx.patch_size = inputs
 
     def backward_unpatchify(ctx, grad):
-        return patchify(grad.contiguous(), ctx.patch_size), None, None
+        return family.op("patchify_3d")(grad.contiguous(), ctx.patch_size), None, None
 
-    torch.library.register_autograd(patchify_op, backward_patchify, setup_context=setup_patchify)
-    torch.library.register_autograd(unpatchify_op, backward_unpatchify, setup_context=setup_unpatchify)
-
-
-_register("vdit::patchify_3d_triton", "vdit::unpatchify_3d_triton")
-if HAS_CPU_KERNELS:
-    _register("vdit::patchify_3d", "vdit::unpatchify_3d")
+    return {"patchify_3d": (backward_patchify, setup_patchify),
+            "unpatchify_3d": (backward_unpatchify, setup_unpatchify)}
 
 
-def _op(backend: str, name: str):
-    return getattr(torch.ops.vdit, name + "_triton" if backend == "triton" else name)
+_registry.register(fakes={"patchify_3d": _patchify_fake, "unpatchify_3d": _unpatchify_fake}, autograd=_autograd)
 
 
 # ---- public API ------------------------------------------------------------------------------
@@ -97,10 +92,10 @@ def patchify_3d(x: torch.Tensor, patch_size: Sequence[int], *, backend: str = "a
     check_tensor("x", x, ndim=5)
     patch = check_triple("patch_size", patch_size)
     check_divides("patch_size", patch, "(T, H, W) of x", x.shape[2:])
-    chosen = select_backend("patchify_3d", KERNELS, x.device, backend)
+    chosen = _registry.select(SPEC, x.device, None, backend)
     if chosen == "torch":
         return reference.patchify_3d(x, patch)
-    return _op(chosen, "patchify_3d")(x.contiguous(), list(patch))
+    return _registry.family_of(chosen).op("patchify_3d")(x.contiguous(), list(patch))
 
 
 def unpatchify_3d(tokens: torch.Tensor, grid: Sequence[int], patch_size: Sequence[int], *,
@@ -125,7 +120,7 @@ def unpatchify_3d(tokens: torch.Tensor, grid: Sequence[int], patch_size: Sequenc
     if tokens.shape[2] % volume:
         raise ValueError(f"tokens has F = {tokens.shape[2]} features, not a multiple of the patch volume "
                          f"{volume} of patch_size {patch}")
-    chosen = select_backend("unpatchify_3d", KERNELS, tokens.device, backend)
+    chosen = _registry.select(UNPATCHIFY_SPEC, tokens.device, None, backend)
     if chosen == "torch":
         return reference.unpatchify_3d(tokens, grid, patch)
-    return _op(chosen, "unpatchify_3d")(tokens.contiguous(), list(grid), list(patch))
+    return _registry.family_of(chosen).op("unpatchify_3d")(tokens.contiguous(), list(grid), list(patch))

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 __all__ = [
     "patchify_3d", "unpatchify_3d", "patch_embed_3d", "patch_embed_3d_varlen", "varlen_attention",
     "varlen_attention_backward", "rope_3d", "rope_3d_qk", "rope_3d_angles", "adaln_modulate", "gated_residual", "segment_ids",
-    "patch_unembed_3d", "patch_unembed_3d_varlen",
+    "patch_unembed_3d", "patch_unembed_3d_varlen", "compute_dtype",
 ]
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype vdit computes in for inputs of ``dtype``: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -75,7 +76,7 @@ def patch_embed_3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """
     D = weight.shape[0]
     tokens = patchify_3d(x, weight.shape[2:])
-    cd = _compute_dtype(x.dtype)
+    cd = compute_dtype(x.dtype)
     out = tokens.to(cd) @ weight.reshape(D, -1).to(cd).t()
     if bias is not None:
         out = out + bias.to(cd)
@@ -124,7 +125,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
         out like q; with ``return_lse`` also lse (Hq, total_q) float32 (float64 for float64 input).
     """
     del max_seqlen_q, max_seqlen_k
-    cd = _compute_dtype(q.dtype)
+    cd = compute_dtype(q.dtype)
     Hq, Hk = q.shape[1], k.shape[1]
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     out = torch.zeros(q.shape, dtype=cd, device=q.device)
@@ -159,7 +160,7 @@ def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     rowsum(dout * out), so each block's gradients come out exactly. Shapes as in varlen_attention;
     lse (Hq, total_q). Returns float32 tensors (float64 for float64 input).
     """
-    cd = _compute_dtype(q.dtype)
+    cd = compute_dtype(q.dtype)
     scale, cu_q, cu_k = softmax_scale, cu_seqlens_q, cu_seqlens_k
     dq, dk, dv = (torch.zeros(t.shape, dtype=cd, device=t.device) for t in (q, k, v))
     groups = q.shape[1] // k.shape[1]
@@ -232,7 +233,7 @@ def rope_3d(x, positions, *, dims, theta=10000.0, interleaved=True, norm_weight=
     Returns:
         Tensor like x: pair (a, b) at angle phi becomes (a cos phi - b sin phi, a sin phi + b cos phi).
     """
-    cd = _compute_dtype(x.dtype)
+    cd = compute_dtype(x.dtype)
     xc = x.to(cd)
     if norm_weight is not None:
         xc = _rms_norm(xc, norm_weight.to(cd), eps)
@@ -296,7 +297,7 @@ def adaln_modulate(x, shift, scale, cu_seqlens=None, *, eps=1e-6):
     Returns:
         Tensor like x; statistics and modulation in float32 (float64 for float64 input).
     """
-    cd = _compute_dtype(x.dtype)
+    cd = compute_dtype(x.dtype)
     y = F.layer_norm(x.to(cd), (x.shape[-1],), eps=eps)
     y = y * (1 + _per_token(scale.to(cd), x, cu_seqlens)) + _per_token(shift.to(cd), x, cu_seqlens)
     return y.to(x.dtype)
@@ -311,7 +312,7 @@ def gated_residual(x, y, gate, cu_seqlens=None):
     Returns:
         Tensor like x.
     """
-    cd = _compute_dtype(x.dtype)
+    cd = compute_dtype(x.dtype)
     return (x.to(cd) + _per_token(gate.to(cd), x, cu_seqlens) * y.to(cd)).to(x.dtype)
 
 
@@ -324,7 +325,7 @@ def patch_unembed_3d(tokens, weight, bias, grid, patch_size):
     Returns:
         (B, C, Tp*pt, Hp*ph, Wp*pw) in tokens' dtype.
     """
-    cd = _compute_dtype(tokens.dtype)
+    cd = compute_dtype(tokens.dtype)
     out = tokens.to(cd) @ weight.to(cd).t()
     if bias is not None:
         out = out + bias.to(cd)

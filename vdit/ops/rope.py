@@ -1,9 +1,8 @@
 """rope_3d / rope_3d_qk: 3D (t, h, w) rotary position embedding, optionally with fused QK RMSNorm.
 
-Kernels: C++ (``cpu``), CUDA C++ (``cuda``), Triton (``triton``), reference (``torch``). The compiled
-kernels are ``vdit::rope_3d``, ``vdit::rope_3d_qk`` (q and k in one pass), the in-place
-``vdit::rope_3d_qk_`` and the backward ops ``vdit::rope_3d_backward`` / ``vdit::rope_3d_qk_backward``;
-the Triton ones carry a ``_triton`` suffix. All have fake implementations (torch.compile) and the
+Kernels (declared in ``SPEC``): CUDA C++ (``cuda``), Triton (``triton``), C++ (``cpu``), reference
+(``torch``). Operators per family: ``rope_3d``, ``rope_3d_qk`` (q and k in one pass), the in-place
+``rope_3d_qk_`` and the backward operators ``rope_3d_backward`` / ``rope_3d_qk_backward``. The
 out-of-place ops are differentiable: without a norm the backward is the inverse rotation (itself
 differentiable, so any order works); with the fused RMSNorm it is a dedicated kernel that also
 returns the weight gradient (first order only).
@@ -12,7 +11,7 @@ Strided inputs: any batch / token / head strides are read in place (e.g. q and k
 fused qkv projection); only a head dim with non-unit stride is copied first. Outputs are
 contiguous. Positions are used as given: integer grids, or float grids scaled / offset for
 resolution or length extrapolation (see :func:`vdit.packing.grid_positions`); they get no gradient.
-Half / bfloat16 / float32 kernels evaluate sin / cos with a shared polynomial (csrc/common/rope.h)
+Half / bfloat16 / float32 kernels evaluate sin / cos with a shared polynomial (csrc/rope/math.h)
 that is accurate for |position| < 1e5; float64 uses the library functions.
 """
 from __future__ import annotations
@@ -21,18 +20,23 @@ from collections.abc import Sequence
 
 import torch
 
-from vdit._extension import HAS_CPU_KERNELS
-from vdit.backends import default_backend, select_backend
-from vdit.ops import reference
+from vdit.ops import _registry, reference
+from vdit.ops._registry import ALL_FLOATS, MAX_GPU_HEAD_DIM, Kernel
 from vdit.ops._validation import check_like, check_tensor
 
-KERNELS: tuple[str, ...] = ("cuda", "triton", "cpu")  # auto preference; cuda/cpu pick the compiled kernel by device
-MAX_GPU_HEAD_DIM = 256  # the CUDA and Triton kernels hold a head row in registers; the CPU kernel has no limit
+SPEC = _registry.declare(
+    "rope_3d",
+    Kernel("cuda", devices=("cuda",), dtypes=ALL_FLOATS, max_head_dim=MAX_GPU_HEAD_DIM,
+           note="angles in registers, q and k in one pass, optional fused RMSNorm"),
+    Kernel("triton", devices=("cuda",), dtypes=ALL_FLOATS, max_head_dim=MAX_GPU_HEAD_DIM),
+    Kernel("cpu", devices=("cpu",), dtypes=ALL_FLOATS, note="no head-dim limit"),
+)
+QK_SPEC = _registry.declare("rope_3d_qk", *SPEC.kernels)
 
 
-# ---- torch.library: Triton ops, fake implementations, autograd ------------------------------
+# ---- Triton implementations ------------------------------------------------------------------
 
-@torch.library.custom_op("vdit::rope_3d_triton", mutates_args=())
+@_registry.triton_impl("rope_3d")
 def _rope_3d_triton(x: torch.Tensor, positions: torch.Tensor, dims: Sequence[int], theta: float, interleaved: bool,
                     inverse: bool, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     from vdit.kernels.triton import rope
@@ -41,7 +45,7 @@ def _rope_3d_triton(x: torch.Tensor, positions: torch.Tensor, dims: Sequence[int
     return out
 
 
-@torch.library.custom_op("vdit::rope_3d_qk_triton", mutates_args=())
+@_registry.triton_impl("rope_3d_qk")
 def _rope_3d_qk_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, dims: Sequence[int], theta: float,
                        interleaved: bool, inverse: bool, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +56,7 @@ def _rope_3d_qk_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
     return q_out, k_out
 
 
-@torch.library.custom_op("vdit::rope_3d_qk__triton", mutates_args=("q", "k"))
+@_registry.triton_impl("rope_3d_qk_")
 def _rope_3d_qk_inplace_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, dims: Sequence[int],
                                theta: float, interleaved: bool, q_weight: torch.Tensor | None,
                                k_weight: torch.Tensor | None, eps: float) -> None:
@@ -62,7 +66,7 @@ def _rope_3d_qk_inplace_triton(q: torch.Tensor, k: torch.Tensor, positions: torc
                       outputs=[q, k])
 
 
-@torch.library.custom_op("vdit::rope_3d_backward_triton", mutates_args=())
+@_registry.triton_impl("rope_3d_backward")
 def _rope_3d_backward_triton(grad: torch.Tensor, x: torch.Tensor, positions: torch.Tensor, dims: Sequence[int],
                              theta: float, interleaved: bool, weight: torch.Tensor | None,
                              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +76,7 @@ def _rope_3d_backward_triton(grad: torch.Tensor, x: torch.Tensor, positions: tor
     return gx, gw
 
 
-@torch.library.custom_op("vdit::rope_3d_qk_backward_triton", mutates_args=())
+@_registry.triton_impl("rope_3d_qk_backward")
 def _rope_3d_qk_backward_triton(grad_q: torch.Tensor, grad_k: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                                 positions: torch.Tensor, dims: Sequence[int], theta: float, interleaved: bool,
                                 q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
@@ -117,15 +121,11 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def _register(suffix: str) -> None:
-    ops = torch.ops.vdit
-    rope, rope_qk = getattr(ops, "rope_3d" + suffix), getattr(ops, "rope_3d_qk" + suffix)
-    backward, qk_backward = getattr(ops, "rope_3d_backward" + suffix), getattr(ops, "rope_3d_qk_backward" + suffix)
-    torch.library.register_fake("vdit::rope_3d" + suffix)(_fake_rope)
-    torch.library.register_fake("vdit::rope_3d_qk" + suffix)(_fake_rope_qk)
-    torch.library.register_fake("vdit::rope_3d_qk_" + suffix)(_fake_rope_qk_inplace)
-    torch.library.register_fake("vdit::rope_3d_backward" + suffix)(_fake_backward)
-    torch.library.register_fake("vdit::rope_3d_qk_backward" + suffix)(_fake_qk_backward)
+def _autograd(family: _registry.Family) -> dict:
+    """Without a norm weight the backward is the inverse rotation (itself differentiable); with one it
+    is the family's dedicated backward operator (first order)."""
+    rope, rope_qk = family.op("rope_3d"), family.op("rope_3d_qk")
+    backward, qk_backward = family.op("rope_3d_backward"), family.op("rope_3d_qk_backward")
 
     def setup_rope(ctx, inputs, output):
         x, positions, dims, theta, interleaved, inverse, weight, eps = inputs
@@ -171,17 +171,12 @@ def _register(suffix: str) -> None:
         return (gq, gk, None, None, None, None, None, gqw if ctx.has_weight[0] else None,
                 gkw if ctx.has_weight[1] else None, None)
 
-    torch.library.register_autograd("vdit::rope_3d" + suffix, backward_rope, setup_context=setup_rope)
-    torch.library.register_autograd("vdit::rope_3d_qk" + suffix, backward_rope_qk, setup_context=setup_rope_qk)
+    return {"rope_3d": (backward_rope, setup_rope), "rope_3d_qk": (backward_rope_qk, setup_rope_qk)}
 
 
-_register("_triton")
-if HAS_CPU_KERNELS:
-    _register("")
-
-
-def _op(backend: str, name: str):
-    return getattr(torch.ops.vdit, name + "_triton" if backend == "triton" else name)
+_registry.register(fakes={"rope_3d": _fake_rope, "rope_3d_qk": _fake_rope_qk, "rope_3d_qk_": _fake_rope_qk_inplace,
+                          "rope_3d_backward": _fake_backward, "rope_3d_qk_backward": _fake_qk_backward},
+                   autograd=_autograd)
 
 
 # ---- validation --------------------------------------------------------------------------------
@@ -209,15 +204,6 @@ def check_rope_args(name: str, x: torch.Tensor, positions: torch.Tensor, dims: S
     if sum(dims) > x.shape[-1]:
         raise ValueError(f"dims {dims} sum to {sum(dims)}, more than the head dim {x.shape[-1]} of {name}")
     return dims
-
-
-def _backend(op: str, device: torch.device, backend: str, head_dim: int) -> str:
-    chosen = select_backend(op, KERNELS, device, backend)
-    if chosen in ("cuda", "triton") and head_dim > MAX_GPU_HEAD_DIM:
-        if backend == "auto" and default_backend() == "auto":
-            return "torch"  # auto: fall back for head dims the GPU kernels do not cover
-        raise ValueError(f"{op}: the {chosen} kernel supports head dims up to {MAX_GPU_HEAD_DIM}, got {head_dim}")
-    return chosen
 
 
 def _check_theta(theta) -> float:
@@ -260,11 +246,11 @@ def rope_3d(x: torch.Tensor, positions: torch.Tensor, *, dims: Sequence[int], th
     dims = check_rope_args("x", x, positions, dims)
     theta = _check_theta(theta)
     _check_norm_weight("norm_weight", norm_weight, x)
-    chosen = _backend("rope_3d", x.device, backend, x.shape[-1])
+    chosen = _registry.select(SPEC, x.device, x.dtype, backend, head_dim=x.shape[-1])
     if chosen == "torch":
         return reference.rope_3d(x, positions, dims=dims, theta=theta, interleaved=interleaved,
                                  norm_weight=norm_weight, eps=eps)
-    return _op(chosen, "rope_3d")(_unit_stride(x), positions, list(dims), theta, bool(interleaved), False,
+    return _registry.family_of(chosen).op("rope_3d")(_unit_stride(x), positions, list(dims), theta, bool(interleaved), False,
                                   norm_weight, float(eps))
 
 
@@ -297,13 +283,13 @@ def rope_3d_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, *, dim
     theta = _check_theta(theta)
     _check_norm_weight("q_norm_weight", q_norm_weight, q)
     _check_norm_weight("k_norm_weight", k_norm_weight, k)
-    chosen = _backend("rope_3d_qk", q.device, backend, q.shape[-1])
+    chosen = _registry.select(QK_SPEC, q.device, q.dtype, backend, head_dim=q.shape[-1])
     if inplace:
         return _rope_3d_qk_inplace(chosen, q, k, positions, dims, theta, interleaved, q_norm_weight, k_norm_weight, eps)
     if chosen == "torch":
         return reference.rope_3d_qk(q, k, positions, dims=dims, theta=theta, interleaved=interleaved,
                                     q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, eps=eps)
-    return _op(chosen, "rope_3d_qk")(_unit_stride(q), _unit_stride(k), positions, list(dims), theta,
+    return _registry.family_of(chosen).op("rope_3d_qk")(_unit_stride(q), _unit_stride(k), positions, list(dims), theta,
                                      bool(interleaved), False, q_norm_weight, k_norm_weight, float(eps))
 
 
@@ -319,8 +305,7 @@ def _rope_3d_qk_inplace(chosen, q, k, positions, dims, theta, interleaved, q_nor
         q.copy_(out_q)
         k.copy_(out_k)
         return q, k
-    name = "rope_3d_qk__triton" if chosen == "triton" else "rope_3d_qk_"
-    getattr(torch.ops.vdit, name)(q, k, positions, list(dims), theta, bool(interleaved), q_norm_weight, k_norm_weight,
+    _registry.family_of(chosen).op("rope_3d_qk_")(q, k, positions, list(dims), theta, bool(interleaved), q_norm_weight, k_norm_weight,
                                   float(eps))
     return q, k
 

@@ -28,17 +28,19 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from vdit.backends import select_backend
-from vdit.ops import attention as attention_op
+from vdit.backends import plan
 from vdit.ops import varlen_attention
 
 _SDPA = F.scaled_dot_product_attention
 _DROP = -1.0e4  # additive-bias entries at or below this are treated as "masked out"
 
 
-def vdit_attention_kernel(device: torch.device) -> str:
-    """The backend vdit's varlen attention runs on for ``device`` ("torch" = the reference)."""
-    return select_backend("varlen_attention", attention_op.KERNELS, torch.device(device), "auto")
+def vdit_attention_kernel(device: torch.device, dtype: torch.dtype | None = None, head_dim: int | None = None,
+                          **features) -> str:
+    """The kernel vdit's varlen attention runs on for such a call ("torch" = the reference); ``features``
+    as :func:`vdit.backends.plan` takes them (``causal``, ``gqa``)."""
+    features.setdefault("deterministic", torch.are_deterministic_algorithms_enabled())
+    return plan("varlen_attention", device=device, dtype=dtype, head_dim=head_dim, **features)[0]
 
 
 def _key_padding(attn_mask: torch.Tensor, B: int, Hq: int, Lq: int, Lk: int):
@@ -65,6 +67,38 @@ def _key_padding(attn_mask: torch.Tensor, B: int, Hq: int, Lq: int, Lk: int):
     return first[:, 0, 0, :].expand(B, Lk)
 
 
+def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> str | None:
+    """Why an SDPA call cannot become one varlen call (shape, dtype, dropout, causal layout), or None."""
+    if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
+        return "non-tensor inputs"
+    if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape:
+        return "not (B, H, L, D) q/k/v with k.shape == v.shape"
+    if not query.is_floating_point() or key.dtype != query.dtype or value.dtype != query.dtype:
+        return "dtype"
+    B, Hq, Lq, Dh = query.shape
+    Hk, Lk = key.shape[1], key.shape[2]
+    if key.shape[0] != B or key.shape[3] != Dh:
+        return "q/k shapes"
+    if Hq != Hk and not (enable_gqa and Hk and Hq % Hk == 0):
+        return "head counts"
+    if dropout_p:
+        return "dropout"
+    if is_causal and (Lq != Lk or attn_mask is not None):
+        return "causal with Lq != Lk"
+    if B == 0 or Lq == 0 or Lk == 0:
+        return "empty"
+    return None
+
+
+def _pack(x: torch.Tensor, keep: torch.Tensor | None):
+    """(B, L, H, D) -> packed (total, H, D), int32 cu_seqlens and max_seqlen; ``keep`` (B, L) drops padding."""
+    B, L = x.shape[:2]
+    if keep is None:
+        return x.reshape(B * L, *x.shape[2:]), torch.arange(0, (B + 1) * L, L, dtype=torch.int32, device=x.device), L
+    lengths = keep.sum(1)
+    return x[keep], F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32), int(lengths.max())
+
+
 def sdpa_as_varlen(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                    enable_gqa=False, *, dense: bool = False, skip_padded_queries: bool = False):
     """Compute one SDPA call with :func:`vdit.ops.varlen_attention`.
@@ -78,54 +112,27 @@ def sdpa_as_varlen(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
         ``(out, "varlen")`` (padding skipped) or ``(out, "dense")`` with out (B, Hq, Lq, Dh) (a transposed
         view of the packed (B*Lq, Hq, Dh) output), or ``(None, reason)`` when the call is not convertible.
     """
-    if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
-        return None, "non-tensor inputs"
-    if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape:
-        return None, "not (B, H, L, D) q/k/v with k.shape == v.shape"
-    if not query.is_floating_point() or key.dtype != query.dtype or value.dtype != query.dtype:
-        return None, "dtype"
+    reason = _unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    if reason is not None:
+        return None, reason
     B, Hq, Lq, Dh = query.shape
-    Hk, Lk = key.shape[1], key.shape[2]
-    if key.shape[0] != B or key.shape[3] != Dh:
-        return None, "q/k shapes"
-    if Hq != Hk and not (enable_gqa and Hk and Hq % Hk == 0):
-        return None, "head counts"
-    if dropout_p:
-        return None, "dropout"
-    if is_causal and (Lq != Lk or attn_mask is not None):
-        return None, "causal with Lq != Lk"
-    if B == 0 or Lq == 0 or Lk == 0:
-        return None, "empty"
     keep = None
     if attn_mask is not None:
-        keep = _key_padding(attn_mask, B, Hq, Lq, Lk)
+        keep = _key_padding(attn_mask, B, Hq, Lq, key.shape[2])
         if isinstance(keep, str):
             return None, keep
         if bool(keep.all()):
             keep = None
     if keep is None and not dense:
         return None, "dense (no padding to skip)"
-    q = query.transpose(1, 2)  # (B, Lq, Hq, Dh); free when query is a permuted (B, L, H, D) tensor
-    k, v = key.transpose(1, 2), value.transpose(1, 2)
-    dev = query.device
-    if keep is None:
-        k_packed, v_packed = k.reshape(B * Lk, Hk, Dh), v.reshape(B * Lk, Hk, Dh)
-        cu_k = torch.arange(0, (B + 1) * Lk, Lk, dtype=torch.int32, device=dev)
-        max_k = Lk
-    else:
-        lengths = keep.sum(1)
-        if bool((lengths == 0).any()):
-            return None, "a sample with no valid key"
-        k_packed, v_packed = k[keep], v[keep]
-        cu_k = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        max_k = int(lengths.max())
-    q_keep = keep if (skip_padded_queries and keep is not None and Lq == Lk) else None
-    if q_keep is None:
-        q_packed = q.reshape(B * Lq, Hq, Dh)
-        cu_q = torch.arange(0, (B + 1) * Lq, Lq, dtype=torch.int32, device=dev)
-        max_q = Lq
-    else:
-        q_packed, cu_q, max_q = q[q_keep], cu_k, max_k
+    if keep is not None and bool((keep.sum(1) == 0).any()):
+        return None, "a sample with no valid key"
+    # (B, L, H, D) views: free when the host's tensors are permuted (B, L, H, D) projections.
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    k_packed, cu_k, max_k = _pack(k, keep)
+    v_packed = _pack(v, keep)[0]
+    q_keep = keep if (skip_padded_queries and keep is not None and Lq == key.shape[2]) else None
+    q_packed, cu_q, max_q = _pack(q, q_keep)
     out = varlen_attention(q_packed, k_packed, v_packed, cu_q, cu_k, max_q, max_k, softmax_scale=scale,
                            causal=is_causal)
     if q_keep is None:
@@ -143,7 +150,8 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 class VditAttentionMode(TorchFunctionMode):
     """TorchFunctionMode sending ``F.scaled_dot_product_attention`` calls through :func:`sdpa_as_varlen`.
 
-    ``calls`` (a Counter) records ``attention.varlen`` / ``attention.dense`` / ``attention.fallback:<why>``.
+    ``calls`` (a Counter) records ``attention.varlen`` / ``attention.dense`` / ``attention.fallback:<why>``,
+    and for each routed call the kernel it ran on (``attention.kernel:<name>``, see :func:`vdit.backends.plan`).
     """
 
     def __init__(self, *, dense: bool | str, skip_padded_queries: bool, calls: collections.Counter):
@@ -168,6 +176,10 @@ class VditAttentionMode(TorchFunctionMode):
                 out, why = sdpa_as_varlen(**bound, dense=dense, skip_padded_queries=self.skip_padded_queries)
                 if out is not None:
                     self.calls[f"attention.{why}"] += 1
+                    kernel = vdit_attention_kernel(query.device, query.dtype, query.shape[-1],
+                                                   causal=bool(bound.get("is_causal", False)),
+                                                   gqa=query.shape[1] != bound["key"].shape[1])
+                    self.calls[f"attention.kernel:{kernel}"] += 1
                     return out
                 self.calls[f"attention.fallback:{why}"] += 1
         return func(*args, **kwargs)

@@ -13,26 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from vdit.nn import PatchEmbed3d
+from vdit.nn.patch_embed import patch_conv_reason  # noqa: F401  (re-exported: vdit.swap uses it)
 from vdit.ops import patch_embed_3d
 
 # Attributes host code reads off a convolution (e.g. ``self.proj.kernel_size``, ``.weight.dtype``).
 _CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
                "padding_mode", "transposed", "output_padding")
-
-
-def patch_conv_reason(conv: nn.Module) -> str | None:
-    """Why ``conv`` (an nn.Conv2d / nn.Conv3d) is not a patch embedding, or None if it is one."""
-    if tuple(conv.kernel_size) != tuple(conv.stride):
-        return f"kernel_size {tuple(conv.kernel_size)} != stride {tuple(conv.stride)}"
-    if math.prod(conv.kernel_size) == 1:
-        return "1x1 pointwise convolution, not a patch embedding"
-    if isinstance(conv.padding, str) or any(conv.padding):
-        return f"padding {conv.padding}"
-    if any(d != 1 for d in conv.dilation) or conv.groups != 1:
-        return f"dilation {tuple(conv.dilation)} / groups {conv.groups}"
-    if conv.padding_mode != "zeros":
-        return f"padding_mode {conv.padding_mode!r}"
-    return None
 
 
 class ConvPatchEmbed(PatchEmbed3d):

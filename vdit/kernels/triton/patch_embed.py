@@ -13,10 +13,10 @@ Three kernels serve every op (F = C*pt*ph*pw patch features, D model width):
                       partial sums that the launcher adds (deterministic, no atomics).
 
 Dense batches and packed lists share the kernels: videos are addressed through a flat buffer and an
-int64 (B, 6) per-sample metadata table (columns as csrc/common/patch_embed.h: token offset, T, H, W,
+int64 (B, 6) per-sample metadata table (columns as csrc/patch_embed/math.h: token offset, T, H, W,
 token-row offset, video element offset), and programs through an int32 (tiles, 2) table of
 (sample, first token) so that a tile never straddles two samples. Pixel index math follows
-csrc/common/patchify.h. The weight operand is read through strides, so one kernel serves W and W^T.
+csrc/patchify/math.h. The weight operand is read through strides, so one kernel serves W and W^T.
 """
 from __future__ import annotations
 
@@ -26,11 +26,16 @@ import triton.language as tl
 
 from vdit._memory import new_output
 
-META_COLS = 6  # columns of the per-sample metadata table (csrc/common/patch_embed.h)
+# What only a GPU can verify (quoted by the static report): speed and bf16 tl.dot numerics. Patches
+# never overlap, so project_kernel's scatter has one writer per element, and reduce_kernel's split
+# partial sums are added by the launcher (no atomics).
+GPU_ONLY = "speed; bf16 tl.dot numerics (the interpreter's bf16 dot is wrong)"
+
+META_COLS = 6  # columns of the per-sample metadata table (csrc/patch_embed/math.h)
 
 # Shipped tile configurations per element size (2: fp16/bf16, 4: fp32), a large one for large
 # problems and a small one; every one is compiled ahead of time for sm_80 and sm_90 without spills by
-# tests/test_patch_embed_aot.py (the address math of the gathered operand costs registers, which is
+# the static GPU check (``aot_specs``; the address math of the gathered operand costs registers, which is
 # what bounds these tiles; fp32 dots without TF32 need the smaller ones).
 # embed / project: (BLOCK_N tokens, BLOCK_D or BLOCK_F output features, BLOCK_F or BLOCK_D reduced
 # features, num_warps, num_stages); reduce: (BLOCK_F, BLOCK_D, BLOCK_N, num_warps, num_stages).
@@ -405,29 +410,23 @@ def patch_unembed_3d_varlen_backward(grads, tokens, weight, grids, patch, mask):
 
 def aot_specs() -> list:
     """Every shipped tile configuration of the three kernels, per dtype, for the static GPU check."""
-    from vdit.kernels.triton.aot import KernelSpec
+    from vdit.kernels.triton.aot import KernelSpec, signature
 
-    common = {"meta_ptr": "*i64", "tiles_ptr": "*i32", "C": "i32", "D": "i32", "PT": "i32", "PH": "i32", "PW": "i32"}
+    kernels = {"embed_kernel": (embed_kernel, EMBED_CONFIGS, ("BLOCK_N", "BLOCK_D", "BLOCK_F"), {"HAS_BIAS": True}),
+               "project_kernel": (project_kernel, PROJECT_CONFIGS, ("BLOCK_N", "BLOCK_F", "BLOCK_D"), {"HAS_BIAS": True}),
+               "reduce_kernel": (reduce_kernel, REDUCE_CONFIGS, ("BLOCK_F", "BLOCK_D", "BLOCK_N"),
+                                 {"SUM_F": True, "SUM_D": True})}
     specs = []
     for dtype, size in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
-        t = "*" + dtype
-        kernels = {
-            "embed_kernel": (embed_kernel, EMBED_CONFIGS,
-                             {"video_ptr": t, "w_ptr": t, "bias_ptr": t, "out_ptr": t, **common, "stride_wf": "i32",
-                              "stride_wd": "i32"}, ("BLOCK_N", "BLOCK_D", "BLOCK_F"), {"HAS_BIAS": True}),
-            "project_kernel": (project_kernel, PROJECT_CONFIGS,
-                               {"tokens_ptr": t, "w_ptr": t, "bias_ptr": t, "video_ptr": t, **common, "stride_wd": "i32",
-                                "stride_wf": "i32"}, ("BLOCK_N", "BLOCK_F", "BLOCK_D"), {"HAS_BIAS": True}),
-            "reduce_kernel": (reduce_kernel, REDUCE_CONFIGS,
-                              {"video_ptr": t, "tokens_ptr": t, "out_ptr": "*fp32", "sum_f_ptr": "*fp32",
-                               "sum_d_ptr": "*fp32", "meta_ptr": "*i64", "tiles_ptr": "*i32", "num_tiles": "i32",
-                               "tiles_per_split": "i32", "C": "i32", "D": "i32", "PT": "i32", "PH": "i32", "PW": "i32"},
-                              ("BLOCK_F", "BLOCK_D", "BLOCK_N"), {"SUM_F": True, "SUM_D": True}),
-        }
-        for name, (fn, table, sig, blocks, flags) in kernels.items():
+        for name, (fn, table, blocks, flags) in kernels.items():
+            types = {"meta_ptr": "*i64", "tiles_ptr": "*i32"}
+            if name == "reduce_kernel":  # fp32 partial sums
+                types.update(out_ptr="*fp32", sum_f_ptr="*fp32", sum_d_ptr="*fp32")
+            sig = signature(fn, dtype, **types)
             for a, b, c, warps, stages in table[size]:
                 constexprs = {**flags, **dict(zip(blocks, (a, b, c))),
                               "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+                # wgmma takes M tiles of 64 rows per warpgroup; smaller tiles use mma.sync on sm_90 too.
                 specs.append(KernelSpec(fn, sig, constexprs, warps, stages, f"{name} {dtype} {a}x{b}x{c}",
-                                        matmul=dtype != "fp32"))
+                                        matmul=dtype != "fp32" and a >= 64))
     return specs

@@ -2,7 +2,7 @@
 
 One program moves a (BLOCK_N tokens x BLOCK_F features) tile of one video between the video layout
 (B, C, T, H, W) and the token layout (B, N, F). The token side is contiguous along features; the
-video side is contiguous in runs of pw pixels. Index math follows csrc/common/patchify.h.
+video side is contiguous in runs of pw pixels. Index math follows csrc/patchify/math.h.
 """
 from __future__ import annotations
 
@@ -12,8 +12,12 @@ import triton.language as tl
 
 from vdit._memory import new_output
 
+# What only a GPU can verify (quoted by the static report): speed. The kernel is a pure copy in which
+# every output element is written by exactly one program.
+GPU_ONLY = "speed (a copy: each output element has exactly one writer)"
+
 # (BLOCK_N, BLOCK_F, num_warps): every shipped configuration is compiled ahead of time for sm_80 and
-# sm_90 by the static GPU check (tests/test_triton_aot.py).
+# sm_90 by the static GPU check (``aot_specs``).
 CONFIGS = [(32, 64, 4), (64, 64, 8)]
 
 
@@ -93,17 +97,16 @@ def unpatchify_3d(tokens: torch.Tensor, grid: tuple[int, int, int], patch_size: 
 
 
 def aot_specs() -> list:
-    """Every shipped configuration, for the static GPU check (vdit.kernels.triton.registry)."""
-    from vdit.kernels.triton.aot import KernelSpec
+    """Every shipped configuration, both directions, for the static GPU check."""
+    from vdit.kernels.triton.aot import KernelSpec, signature
 
     specs = []
     for dtype in ("fp16", "bf16", "fp32"):
-        signature = {"video_ptr": f"*{dtype}", "tokens_ptr": f"*{dtype}", "C": "i32", "T": "i32", "H": "i32",
-                     "W": "i32", "PT": "i32", "PH": "i32", "PW": "i32"}
+        sig = signature(patch_transpose_kernel, dtype)
         for block_n, block_f, num_warps in CONFIGS:
             for to_tokens in (True, False):
                 label = f"{'patchify' if to_tokens else 'unpatchify'} {dtype} {block_n}x{block_f}"
-                specs.append(KernelSpec(patch_transpose_kernel, signature,
+                specs.append(KernelSpec(patch_transpose_kernel, sig,
                                         {"TO_TOKENS": to_tokens, "BLOCK_N": block_n, "BLOCK_F": block_f},
                                         num_warps, 1, label))
     return specs

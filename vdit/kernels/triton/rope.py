@@ -6,7 +6,7 @@ to every head of q and then of k. Channel c's pair partner, its sign in the rota
 (y_c = x_c cos + sign_c x_partner sin) and its frequency come from a small per-layout table built
 on the host in float64 (the reference's rounding), so one compiled kernel serves every axis split;
 pass-through channels have frequency 0, sign 0 and themselves as partner. Index math follows
-csrc/common/rope.h. Math in float32.
+csrc/rope/math.h. Math in float32.
 """
 from __future__ import annotations
 
@@ -15,14 +15,22 @@ import triton
 import triton.language as tl
 
 from vdit._memory import new_output
+from vdit.kernels import MAX_GPU_HEAD_DIM
+
+# What only a GPU can verify (quoted by the static report): speed, and the in-place ordering that
+# tl.debug_barrier gives (the interpreter runs a tile as one array, so it cannot show the race the
+# barrier prevents; tests/ops/test_rope.py has the cuda-marked test that would).
+GPU_ONLY = ("speed; the in-place ordering of loads before stores when a token row spans warps "
+            "(cuda-marked test at head dims 72, 120 and fp32 192)")
 
 # Tokens per program by padded head dim (BLOCK_D): 1024 elements per tile, the size at which the
 # cos / sin tiles that live across the head loop fit in registers with no spills. Every shipped
-# configuration is compiled ahead of time for sm_80 and sm_90 (tests/test_rope_triton_aot.py).
+# configuration is compiled ahead of time for sm_80 and sm_90 (``aot_specs``, the static GPU check).
 BLOCK_T = {16: 64, 32: 32, 64: 16, 128: 8, 256: 4}
 # The backward keeps more tiles alive (gradient, input, weight-gradient sums): half the tokens.
 BLOCK_T_BWD = {16: 16, 32: 16, 64: 8, 128: 4, 256: 2}
 NUM_WARPS = 4
+NUM_STAGES = 2  # no software-pipelined loop; stated so the launch and the AOT specs compile the same kernel
 # The d256 backward with 4 warps keeps an 8-byte stack frame (spill) in fp32 on sm_80; 8 warps do not.
 BWD_WARPS = {256: 8}
 
@@ -30,7 +38,7 @@ BWD_WARPS = {256: 8}
 @triton.jit
 def _sincos(x):
     """sin and cos of an fp32 tile: the same reduction and polynomials as rope_sincos in
-    csrc/common/rope.h (error <= 1e-6 for |x| < 1e5, see there). Plain arithmetic, so it runs the same in the
+    csrc/rope/math.h (error <= 1e-6 for |x| < 1e5, see there). Plain arithmetic, so it runs the same in the
     interpreter, and it avoids libdevice sinf's slow-path stack frame and call spills."""
     q = tl.floor(x * 0.6366197723675814 + 0.5)
     r = x - q * 1.5703125 - q * 4.837512969970703125e-4 - q * 7.54978995489188216e-8
@@ -60,6 +68,12 @@ def _rotate_tensor(in_ptr, out_ptr, w_ptr, in_sb, in_sl, in_sh, out_sb, out_sl, 
         row = in_rows + h * in_sh
         x = tl.load(row + c[None, :], mask=mask, other=0.0).to(tl.float32)
         xp = tl.load(row + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+        # In place (out_ptr == in_ptr, the rope_3d_qk_ op) a token row may be split across warps (head
+        # dims that are not a multiple of 16 or unaligned views, and fp32 above 128), so another warp's
+        # partner channel could be stored before this warp has read it. The barrier orders every load
+        # of this head's rows before any store of them; programs own disjoint tokens, so no other
+        # program touches these rows, and the next head's rows are other addresses.
+        tl.debug_barrier()
         if NORM:
             r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
             x = x * r[:, None] * w[None, :]
@@ -204,7 +218,7 @@ def _common(x: torch.Tensor, positions: torch.Tensor, dims, theta, interleaved):
     D = x.shape[-1]
     block_d = max(16, triton.next_power_of_2(D))
     if block_d not in BLOCK_T:
-        raise ValueError(f"the triton rope kernel supports head dims up to 256, got {D}")
+        raise ValueError(f"the triton rope kernel supports head dims up to {MAX_GPU_HEAD_DIM}, got {D}")
     B, L = (1, x.shape[0]) if x.dim() == 3 else x.shape[:2]
     table = channel_table(dims, theta, interleaved, D, block_d, x.device)
     return D, block_d, L, B * L, table
@@ -233,7 +247,7 @@ def rope_forward(xs, positions, dims, theta, interleaved, inverse, weights, eps,
             *_layout(q), *_layout(qo), *_layout(k), *_layout(ko),
             -1.0 if inverse else 1.0, float(eps),
             HAS_K=has_k, Q_NORM=qw is not None, K_NORM=has_k and kw is not None,
-            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=NUM_WARPS)
+            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return outputs
 
 
@@ -262,35 +276,30 @@ def rope_backward(grads, xs, positions, dims, theta, interleaved, weights, eps):
             *_layout(gq), *_layout(q), *_layout(gqo), *_layout(gk), *_layout(k), *_layout(gko),
             float(eps),
             HAS_K=has_k, Q_NORM=qw is not None, K_NORM=has_k and kw is not None,
-            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=BWD_WARPS.get(block_d, NUM_WARPS))
+            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=BWD_WARPS.get(block_d, NUM_WARPS),
+            num_stages=NUM_STAGES)
     grad_ws = []
     for w, p, x in zip(weights, partials, xs):
         grad_ws.append(p.sum(0)[:D].to(w.dtype) if w is not None else x.new_empty((0,)))
     return outs, grad_ws
 
 
-
 def aot_specs() -> list:
-    """Every shipped tile (BLOCK_D) of the forward and backward, in its most register-hungry variant
-    (fused RMS norm on q and k), for each dtype, for the static GPU check."""
-    from vdit.kernels.triton.aot import KernelSpec
+    """Every shipped tile (BLOCK_D) of the forward and backward in its most register-hungry variant
+    (fused RMS norm on q and k), per dtype, for the static GPU check. Both alignment variants ship:
+    q and k may be unaligned views (slices of a fused qkv projection)."""
+    from vdit.kernels.triton.aot import KernelSpec, signature
 
-    dims = {n: "i32" for n in ("L", "total", "D", "Hq", "Hk", "pos_sb", "pos_sl", "pos_sa")}
-
-    def strides(*prefixes):
-        return {f"{p}_{s}": "i64" for p in prefixes for s in ("sb", "sl", "sh")}
-
+    floats = dict(table_ptr="*fp32", qw_ptr="*fp32", kw_ptr="*fp32", eps="fp32")
     specs = []
     for dtype in ("fp16", "bf16", "fp32"):
-        t = "*" + dtype
-        fwd = dict(pos_ptr="*i32", table_ptr="*fp32", q_ptr=t, q_out_ptr=t, qw_ptr="*fp32", k_ptr=t, k_out_ptr=t,
-                   kw_ptr="*fp32", **dims, **strides("q", "qo", "k", "ko"), sin_sign="fp32", eps="fp32")
-        bwd = dict(pos_ptr="*i32", table_ptr="*fp32", gq_ptr=t, q_ptr=t, gq_out_ptr=t, qw_ptr="*fp32", gqw_ptr="*fp32",
-                   gk_ptr=t, k_ptr=t, gk_out_ptr=t, kw_ptr="*fp32", gkw_ptr="*fp32", **dims,
-                   **strides("gq", "q", "gqo", "gk", "k", "gko"), eps="fp32")
+        fwd = signature(rope_fwd_kernel, dtype, pos_ptr="*i32", sin_sign="fp32", **floats)
+        bwd = signature(rope_bwd_kernel, dtype, pos_ptr="*i32", gqw_ptr="*fp32", gkw_ptr="*fp32", **floats)
         for kind, kernel, sig, tiles in (("fwd", rope_fwd_kernel, fwd, BLOCK_T), ("bwd", rope_bwd_kernel, bwd, BLOCK_T_BWD)):
             for block_d, block_t in sorted(tiles.items()):
                 constexprs = dict(HAS_K=True, Q_NORM=True, K_NORM=True, BLOCK_T=block_t, BLOCK_D=block_d)
                 warps = BWD_WARPS.get(block_d, NUM_WARPS) if kind == "bwd" else NUM_WARPS
-                specs.append(KernelSpec(kernel, sig, constexprs, warps, 2, f"{kind} d{block_d} {dtype} norm"))
+                for aligned in (True, False):
+                    label = f"{kind} d{block_d} {dtype} norm"
+                    specs.append(KernelSpec(kernel, sig, constexprs, warps, NUM_STAGES, label, aligned=aligned))
     return specs

@@ -21,7 +21,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vdit.kernels.triton.attention_common import load_rows, sequence_bounds
+from vdit.kernels.triton.attention.configs import block_d_of, precision_of, shipped
+from vdit.kernels.triton.attention.common import (LOG2E, head_rows, load_lse2, load_rows, mask_scores, query_tile,
+                                                  program_item, visible_keys)
 
 
 @triton.jit
@@ -51,8 +53,7 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_offs, d_ma
     step = start_m * stride_q.to(tl.int64)
     q = load_rows(q_base + step, q_offs, row_ok, d_mask, HEAD_DIM, BLOCK_D)
     do = load_rows(do_base + step, q_offs, row_ok, d_mask, HEAD_DIM, BLOCK_D)
-    lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = load_lse2(lse_base, rows, row_ok)
     delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
     qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
     p_t = tl.math.exp2(qk_t - lse2[None, :])
@@ -72,31 +73,17 @@ def attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     hk = tl.program_id(1)
-    seq = tl.load(WORK + 2 * pid)
-    if seq < 0:
+    seq, tile, q_start, q_len, k_start, k_len, stride_q, stride_k, diag = program_item(
+        WORK, CU_Q, CU_K, num_heads_q, num_heads_k, HEAD_DIM)
+    if seq < 0:  # padding item of the work list (its length is an upper bound)
         return
-    tile = tl.load(WORK + 2 * pid + 1)
-    q_start, q_len, k_start, k_len = sequence_bounds(CU_Q, CU_K, seq)
     group = num_heads_q // num_heads_k
-    stride_q = num_heads_q * HEAD_DIM
-    stride_k = num_heads_k * HEAD_DIM
-    diag = k_len - q_len
-
-    n0 = tile * BLOCK_N
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    cols = n0 + offs_n
-    col_ok = cols < k_len
-    kv_offs = offs_n[:, None] * stride_k + offs_d[None, :]
-    kv_start = (k_start + n0).to(tl.int64) * stride_k + hk * HEAD_DIM
-    # Launcher guarantee: 16-byte aligned tensors and HEAD_DIM % 8 == 0 (see attention_fwd.py).
-    k = load_rows(tl.multiple_of(K + kv_start, 16), kv_offs, col_ok, d_mask, HEAD_DIM, BLOCK_D)
-    v = load_rows(tl.multiple_of(V + kv_start, 16), kv_offs, col_ok, d_mask, HEAD_DIM, BLOCK_D)
-    q_offs = offs_m[:, None] * stride_q + offs_d[None, :]
+    # The program's key tile plays the role the query tile plays in the forward.
+    n0, cols, col_ok, d_mask, kv_offs = query_tile(tile, k_len, stride_k, HEAD_DIM, BLOCK_N, BLOCK_D)
+    k = load_rows(head_rows(K, k_start + n0, stride_k, hk, HEAD_DIM), kv_offs, col_ok, d_mask, HEAD_DIM, BLOCK_D)
+    v = load_rows(head_rows(V, k_start + n0, stride_k, hk, HEAD_DIM), kv_offs, col_ok, d_mask, HEAD_DIM, BLOCK_D)
+    q_offs = tl.arange(0, BLOCK_M)[:, None] * stride_q + tl.arange(0, BLOCK_D)[None, :]
 
     if CAUSAL:
         # Query rows >= n0 - diag see some key of the tile; rows >= n0 + BLOCK_N - 1 - diag see all of
@@ -108,13 +95,13 @@ def attn_bwd_dkdv_kernel(
         m_begin = 0
         m_full = 0
 
-    qk_scale = softmax_scale * 1.4426950408889634
+    qk_scale = softmax_scale * LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(0, group):
         h = hk * group + g
-        q_base = tl.multiple_of(Q + q_start.to(tl.int64) * stride_q + h * HEAD_DIM, 16)
-        do_base = tl.multiple_of(DO + q_start.to(tl.int64) * stride_q + h * HEAD_DIM, 16)
+        q_base = head_rows(Q, q_start, stride_q, h, HEAD_DIM)
+        do_base = head_rows(DO, q_start, stride_q, h, HEAD_DIM)
         lse_base = LSE + h.to(tl.int64) * total_q + q_start
         delta_base = DELTA + h.to(tl.int64) * total_q + q_start
         for start_m in range(m_begin, m_full, BLOCK_M):
@@ -128,8 +115,8 @@ def attn_bwd_dkdv_kernel(
 
     dk = dk * softmax_scale
     store_mask = col_ok[:, None] & d_mask[None, :]
-    tl.store(tl.multiple_of(DK + kv_start, 16) + kv_offs, dk.to(DK.dtype.element_ty), mask=store_mask)
-    tl.store(tl.multiple_of(DV + kv_start, 16) + kv_offs, dv.to(DV.dtype.element_ty), mask=store_mask)
+    tl.store(head_rows(DK, k_start + n0, stride_k, hk, HEAD_DIM) + kv_offs, dk.to(DK.dtype.element_ty), mask=store_mask)
+    tl.store(head_rows(DV, k_start + n0, stride_k, hk, HEAD_DIM) + kv_offs, dv.to(DV.dtype.element_ty), mask=store_mask)
 
 
 @triton.jit
@@ -146,10 +133,7 @@ def _dq_step(dq, q, do, lse2, delta, k_base, v_base, kv_offs, d_mask, start_n, f
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     p = tl.math.exp2(qk - lse2[:, None])
     if start_n >= full:
-        valid = (cols < k_len)[None, :]
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= rows[:, None] + diag)
-        p = tl.where(valid, p, 0.0)
+        p = mask_scores(p, rows, cols, k_len, diag, 0.0, CAUSAL)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -163,53 +147,31 @@ def attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     h = tl.program_id(1)
-    seq = tl.load(WORK + 2 * pid)
-    if seq < 0:
+    seq, tile, q_start, q_len, k_start, k_len, stride_q, stride_k, diag = program_item(
+        WORK, CU_Q, CU_K, num_heads_q, num_heads_k, HEAD_DIM)
+    if seq < 0:  # padding item of the work list (its length is an upper bound)
         return
-    tile = tl.load(WORK + 2 * pid + 1)
-    q_start, q_len, k_start, k_len = sequence_bounds(CU_Q, CU_K, seq)
     hk = h // (num_heads_q // num_heads_k)
-    stride_q = num_heads_q * HEAD_DIM
-    stride_k = num_heads_k * HEAD_DIM
-    diag = k_len - q_len
-
-    m0 = tile * BLOCK_M
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    rows = m0 + offs_m
-    row_ok = rows < q_len
-    q_offs = offs_m[:, None] * stride_q + offs_d[None, :]
-    q_start_off = (q_start + m0).to(tl.int64) * stride_q + h * HEAD_DIM
-    # Launcher guarantee: 16-byte aligned tensors and HEAD_DIM % 8 == 0 (see attention_fwd.py).
-    q = load_rows(tl.multiple_of(Q + q_start_off, 16), q_offs, row_ok, d_mask, HEAD_DIM, BLOCK_D)
-    do = load_rows(tl.multiple_of(DO + q_start_off, 16), q_offs, row_ok, d_mask, HEAD_DIM, BLOCK_D)
+    m0, rows, row_ok, d_mask, q_offs = query_tile(tile, q_len, stride_q, HEAD_DIM, BLOCK_M, BLOCK_D)
+    q = load_rows(head_rows(Q, q_start + m0, stride_q, h, HEAD_DIM), q_offs, row_ok, d_mask, HEAD_DIM, BLOCK_D)
+    do = load_rows(head_rows(DO, q_start + m0, stride_q, h, HEAD_DIM), q_offs, row_ok, d_mask, HEAD_DIM, BLOCK_D)
     lse_off = h.to(tl.int64) * total_q + q_start
-    lse = tl.load(LSE + lse_off + rows, mask=row_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = load_lse2(LSE + lse_off, rows, row_ok)
     delta = tl.load(DELTA + lse_off + rows, mask=row_ok, other=0.0)
 
-    kv_offs = offs_n[:, None] * stride_k + offs_d[None, :]
-    k_base = tl.multiple_of(K + k_start.to(tl.int64) * stride_k + hk * HEAD_DIM, 16)
-    v_base = tl.multiple_of(V + k_start.to(tl.int64) * stride_k + hk * HEAD_DIM, 16)
-    if CAUSAL:
-        hi = tl.minimum(k_len, tl.maximum(m0 + BLOCK_M + diag, 0))
-        full = tl.minimum(hi, tl.maximum(m0 + diag + 1, 0))
-    else:
-        hi = k_len
-        full = k_len
-    full = (full // BLOCK_N) * BLOCK_N
+    kv_offs = tl.arange(0, BLOCK_N)[:, None] * stride_k + tl.arange(0, BLOCK_D)[None, :]
+    k_base = head_rows(K, k_start, stride_k, hk, HEAD_DIM)
+    v_base = head_rows(V, k_start, stride_k, hk, HEAD_DIM)
+    hi, full = visible_keys(m0, k_len, diag, BLOCK_M, BLOCK_N, CAUSAL)
 
-    qk_scale = softmax_scale * 1.4426950408889634
+    qk_scale = softmax_scale * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, hi, BLOCK_N):
         dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, kv_offs, d_mask, start_n, full, k_len,
                       stride_k, rows, diag, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, PRECISION)
     dq = dq * softmax_scale
-    tl.store(tl.multiple_of(DQ + q_start_off, 16) + q_offs, dq.to(DQ.dtype.element_ty),
+    tl.store(head_rows(DQ, q_start + m0, stride_q, h, HEAD_DIM) + q_offs, dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & d_mask[None, :])
 
 
@@ -225,7 +187,7 @@ def launch_preprocess(dout, out, delta, block_d):
         block_t = preprocess_block_t(block_d)
         attn_bwd_preprocess_kernel[(triton.cdiv(total_q, block_t), num_heads_q)](
             out, dout, delta, total_q, num_heads_q,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=4)
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=4, num_stages=1)
 
 
 def launch_dkdv(dout, q, k, v, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, work_k, softmax_scale,
@@ -253,3 +215,30 @@ def launch_dq(dout, q, k, v, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, work_q,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             CAUSAL=bool(causal), PRECISION=precision, num_warps=config.num_warps,
             num_stages=config.num_stages)
+
+
+_TENSOR_TYPES = dict(LSE="*fp32", DELTA="*fp32", CU_Q="*i32", CU_K="*i32", WORK="*i32", softmax_scale="fp32")
+
+
+def aot_specs() -> list:
+    """The backward's shipped configurations (``configs.shipped``), causal and not, as the runtime
+    compiles them, and the preprocess kernel at every BLOCK_D it uses."""
+    from vdit.kernels.triton.aot import KernelSpec, signature
+
+    specs = []
+    for name, kernel in (("bwd_dkdv", attn_bwd_dkdv_kernel), ("bwd_dq", attn_bwd_dq_kernel)):
+        for arch, head_dim, dtype, cfg in shipped(name):
+            sig = signature(kernel, dtype, **_TENSOR_TYPES)
+            for causal in (True, False):
+                constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d_of(head_dim), BLOCK_M=cfg.block_m,
+                                  BLOCK_N=cfg.block_n, CAUSAL=causal, PRECISION=precision_of(dtype))
+                label = f"{name} d{head_dim} {dtype} {cfg.block_m}x{cfg.block_n}{' causal' if causal else ''}"
+                specs.append(KernelSpec(kernel, sig, constexprs, cfg.num_warps, cfg.num_stages, label,
+                                        matmul=dtype != "fp32", archs=(arch,)))
+    for block_d in (16, 32, 64, 128, 256):
+        for dtype in ("bf16", "fp32"):
+            constexprs = dict(HEAD_DIM=block_d, BLOCK_D=block_d, BLOCK_T=preprocess_block_t(block_d))
+            sig = signature(attn_bwd_preprocess_kernel, dtype, DELTA="*fp32")
+            label = f"bwd_preprocess d{block_d} {dtype}"
+            specs.append(KernelSpec(attn_bwd_preprocess_kernel, sig, constexprs, 4, 1, label))
+    return specs
