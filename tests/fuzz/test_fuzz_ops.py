@@ -4,7 +4,6 @@ Valid random inputs (ragged lengths incl. 0 and 1, odd sizes, dtypes, non-contig
 the float64 reference within the per-dtype tolerance; invalid inputs must raise the documented
 ValueError / TypeError and leave every input tensor unmodified.
 """
-import importlib
 
 import pytest
 import torch
@@ -12,16 +11,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import vdit.ops as V
+from vdit.ops import _registry
 from vdit.ops import reference as R
 from conftest import TOLERANCES, assert_close, cu_seqlens_of
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
-def cpu_backends(op_module: str) -> list[str]:
+def cpu_backends(op: str) -> list[str]:
     """The backends of an op that run on CPU tensors here (the C++ kernel if it has one; the reference)."""
-    kernels = importlib.import_module(f"vdit.ops.{op_module}").KERNELS
-    return ["torch"] + (["cpu"] if "cpu" in kernels else [])
+    return ["torch"] + (["cpu"] if _registry.OPS[op].kernel("cpu") else [])
 
 
 def tensor(shape, dtype, seed, contiguous=True):
@@ -39,7 +38,7 @@ lengths = st.lists(st.integers(0, 40), min_size=1, max_size=5)
 @given(b=st.integers(1, 2), c=st.integers(1, 5), grid=st.tuples(*[st.integers(1, 3)] * 3),
        patch=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 3)), dtype=st.sampled_from(DTYPES),
        contiguous=st.booleans(), seed=st.integers(0, 2**16))
-@pytest.mark.parametrize("backend", cpu_backends("patchify"))
+@pytest.mark.parametrize("backend", cpu_backends("patchify_3d"))
 def test_patchify_round_trip(backend, b, c, grid, patch, dtype, contiguous, seed):
     x = tensor((b, c, *(g * p for g, p in zip(grid, patch))), dtype, seed, contiguous)
     tokens = V.patchify_3d(x, patch, backend=backend)
@@ -50,7 +49,7 @@ def test_patchify_round_trip(backend, b, c, grid, patch, dtype, contiguous, seed
 @given(b=st.integers(1, 2), c=st.integers(1, 5), d=st.integers(1, 40), grid=st.tuples(*[st.integers(1, 3)] * 3),
        patch=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 3)), dtype=st.sampled_from(DTYPES[:2]),
        bias=st.booleans(), seed=st.integers(0, 2**16))
-@pytest.mark.parametrize("backend", cpu_backends("patch_embed"))
+@pytest.mark.parametrize("backend", cpu_backends("patch_embed_3d"))
 def test_patch_embed_matches_conv3d(backend, b, c, d, grid, patch, dtype, bias, seed):
     x = tensor((b, c, *(g * p for g, p in zip(grid, patch))), dtype, seed).requires_grad_()
     w = tensor((d, c, *patch), dtype, seed + 1).requires_grad_()
@@ -69,7 +68,7 @@ def test_patch_embed_matches_conv3d(backend, b, c, d, grid, patch, dtype, bias, 
 @given(lq=lengths, cross=st.booleans(), heads=st.sampled_from([(1, 1), (4, 2), (3, 3), (6, 2)]),
        dim=st.sampled_from([8, 16, 32, 40]), causal=st.booleans(), dtype=st.sampled_from(DTYPES[:3]),
        seed=st.integers(0, 2**16), data=st.data())
-@pytest.mark.parametrize("backend", cpu_backends("attention"))
+@pytest.mark.parametrize("backend", cpu_backends("varlen_attention"))
 def test_varlen_attention_matches_reference(backend, lq, cross, heads, dim, causal, dtype, seed, data):
     lk = data.draw(st.lists(st.integers(0, 12), min_size=len(lq), max_size=len(lq))) if cross else lq
     Hq, Hk = heads
@@ -85,7 +84,7 @@ def test_varlen_attention_matches_reference(backend, lq, cross, heads, dim, caus
 @given(total=st.integers(1, 30), heads=st.integers(1, 4), dims=st.tuples(*[st.integers(0, 4)] * 3),
        extra=st.integers(0, 6), interleaved=st.booleans(), dtype=st.sampled_from(DTYPES),
        pos_dtype=st.sampled_from([torch.int32, torch.int64, torch.float32]), seed=st.integers(0, 2**16))
-@pytest.mark.parametrize("backend", cpu_backends("rope"))
+@pytest.mark.parametrize("backend", cpu_backends("rope_3d"))
 def test_rope_matches_reference(backend, total, heads, dims, extra, interleaved, dtype, pos_dtype, seed):
     dims = tuple(2 * d for d in dims)
     D = sum(dims) + 2 * extra or 2
@@ -98,7 +97,7 @@ def test_rope_matches_reference(backend, total, heads, dims, extra, interleaved,
 
 @given(lens=lengths.filter(lambda l: sum(l) > 0), c=st.integers(1, 70), dtype=st.sampled_from(DTYPES),
        packed=st.booleans(), seed=st.integers(0, 2**16))
-@pytest.mark.parametrize("backend", cpu_backends("adaln"))
+@pytest.mark.parametrize("backend", cpu_backends("adaln_modulate"))
 def test_adaln_and_gated_residual_match_reference(backend, lens, c, dtype, packed, seed):
     B = len(lens)
     if packed:

@@ -1,0 +1,277 @@
+"""The demo CLIs vdit-train and vdit-generate (vdit/demo/cli): end to end, resume, init weights and added
+modules, timestep sampling and learning-rate schedule, bad input; and under torchrun (2 gloo ranks: data
+parallel or sequence parallel) they take the same steps / generate the same frames as one process."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vdit.demo import growth
+from vdit.demo.checkpoint import load_tensors
+from vdit.demo.cli import train
+from vdit.demo.data import vocabulary
+from vdit.demo.pipeline import TextEncoderConfig, TextToVideo
+from vdit.models import VideoDiTConfig
+
+TINY_TRAIN = ["--hidden-size", "48", "--depth", "1", "--heads", "2", "--patch-size", "1x4x4", "--tokens-per-batch", "48", "--save-every", "2",
+              "--warmup", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    model = TextToVideo(VideoDiTConfig.preset("tiny", context_dim=32, patch_size=(2, 4, 4), hidden_size=96), vocabulary(),
+                        TextEncoderConfig(dim=32, depth=1, heads=2))
+    model.save(str(directory))
+    return str(directory / "model.safetensors")
+
+
+TRAIN, GENERATE = "vdit.demo.cli.train", "vdit.demo.cli.generate"
+
+
+def run_cli(module, *args, cwd=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=cwd)
+
+
+def test_generate_end_to_end(tmp_path, tiny_weights):
+    out = tmp_path / "clip.gif"
+    result = run_cli(GENERATE, "--prompt", "a red circle moves up", "--weights", tiny_weights, "--frames", "4",
+                     "--size", "16x8", "--steps", "2", "--batch", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "clip_0.gif").stat().st_size > 0 and (tmp_path / "clip_1.gif").stat().st_size > 0
+    assert (tmp_path / "clip_sheet.png").stat().st_size > 0
+    assert "generated 2 video(s) of 4x16x8" in result.stdout
+    frames = tmp_path / "frames"
+    result = run_cli(GENERATE, "--prompt", "x", "--weights", tiny_weights, "--frames", "2", "--size", "8x8",
+                     "--steps", "1", "--out", str(frames))
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(frames)) == ["frame_000.png", "frame_001.png"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--size", "64by64"], "--size must look like HxW"),
+    (["--size", "10x8"], "must be positive multiples of the patch size"),
+    (["--weights", "/nonexistent/w.safetensors"], "weights file not found"),
+    (["--out", "/nonexistent-dir/x.gif"], "is not writable"),
+    (["--shift", "0"], "--shift must be positive"),
+])
+def test_generate_bad_input_is_one_line(args, message, tiny_weights):
+    base = ["--prompt", "a red circle", "--weights", tiny_weights, "--frames", "2", "--steps", "1", "--out", "/tmp/vdit_bad.gif"]
+    result = run_cli(GENERATE, *base, *args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra", [[], ["--prompt-velocity", "--text-embedding-skip", "--added-lr-scale", "5"]],
+                         ids=["plain", "added-modules"])
+def test_train_resumes_exactly(tmp_path, extra):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    torch.set_num_threads(1)
+    assert train.main(["--out", str(straight), "--steps", "4", *TINY_TRAIN, *extra]) == 0
+    assert train.main(["--out", str(resumed), "--steps", "2", *TINY_TRAIN, *extra]) == 0
+    assert train.main(["--out", str(resumed), "--steps", "4", *TINY_TRAIN, *extra]) == 0
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_tensors(str(straight / name)), load_tensors(str(resumed / name))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sequence-parallel", "3"], "--sequence-parallel (3) must divide the 1 ranks"),
+    (["--min-videos", "0"], "--min-videos (0) must be >= the number of data-parallel groups (1)"),
+])
+def test_train_bad_layout_is_one_line(tmp_path, args, message):
+    result = run_cli(TRAIN, "--out", str(tmp_path / "run"), *TINY_TRAIN, *args)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"vdit-train: error: {message}") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_train_init_weights_starts_from_them(tmp_path, tiny_weights):
+    out = tmp_path / "finetune"
+    torch.set_num_threads(1)
+    assert train.main(["--out", str(out), "--steps", "1", "--init-weights", tiny_weights, "--tokens-per-batch", "64",
+                       "--save-every", "1", "--warmup", "1", "--device", "cpu"]) == 0
+    start, after = load_tensors(tiny_weights), load_tensors(str(out / "model.safetensors"))
+    assert start.keys() == after.keys()  # the architecture came from the init weights' config
+    moved = [k for k in start if not torch.equal(start[k], after[k])]
+    assert moved and all((start[k] - after[k]).abs().max() < 0.01 for k in start)  # one small step away
+
+
+@pytest.mark.parametrize("added", ["fractional_positions", "prompt_velocity", "embedding_skip"])
+def test_added_modules_join_init_weights_without_changing_them(tmp_path, tiny_weights, added):
+    loaded = TextToVideo.load(tiny_weights)
+    grown = growth.with_added_modules(loaded, **{added: True}).eval()
+    config, grown_config = loaded.config_dict(), grown.config_dict()
+    section = "text_encoder" if added == "embedding_skip" else "dit"
+    assert grown_config[section][added] and not config[section][added]
+    grown_config[section][added] = False
+    if added == "prompt_velocity":  # needs (and brings) the fractional positions it moves
+        assert grown_config["dit"]["fractional_positions"]
+        grown_config["dit"]["fractional_positions"] = False
+    assert grown_config == config  # nothing else changed
+    videos, context_prompts = [torch.randn(3, 4, 8, 12)], ["a red circle moves up"]
+    with torch.no_grad():
+        torch.testing.assert_close(grown(videos, torch.tensor([0.7]), context_prompts)[0],
+                                   loaded(videos, torch.tensor([0.7]), context_prompts)[0], rtol=0, atol=0)
+    out = tmp_path / "run"
+    flag = "--" + {"embedding_skip": "text-embedding-skip"}.get(added, added.replace("_", "-"))
+    assert train.main(["--out", str(out), "--steps", "1", "--init-weights", tiny_weights, flag,
+                       "--tokens-per-batch", "48", "--warmup", "1", "--device", "cpu"]) == 0
+    assert TextToVideo.load(str(out / "model.safetensors")).config_dict()[section][added]
+    # The new module learns although it starts at zero (once the layers after it are trained, off zero).
+    torch.nn.init.normal_(grown.dit.unembed.weight, std=0.1)
+    if grown.dit.position_embed is not None:
+        torch.nn.init.normal_(grown.dit.position_embed.proj.weight, std=0.1)
+    grown(videos, torch.tensor([0.7]), context_prompts)[0].square().sum().backward()
+    new = [p.grad for name, p in grown.named_parameters() if name.startswith(growth.ADDED_MODULES)]
+    assert new and all(g is not None and g.abs().max() > 0 for g in new)
+
+
+def test_timestep_shift_moves_training_towards_noise():
+    videos = [torch.zeros(3, 2, 8, 8) for _ in range(64)]
+    plain, noise = train.per_video_noise(0, range(64), videos, "cpu")
+    shifted, noise_shifted = train.per_video_noise(0, range(64), videos, "cpu", shift=3.0)
+    assert all(torch.equal(a, b) for a, b in zip(noise, noise_shifted))  # same noise, only t moves
+    torch.testing.assert_close(shifted, 3 * plain / (1 + 2 * plain))
+    assert (shifted > plain).all() and (shifted < 1).all()
+
+
+def test_uniform_timestep_sampling_follows_the_shifted_sampler_grid():
+    videos = [torch.zeros(3, 2, 8, 8) for _ in range(4000)]
+    t, _ = train.per_video_noise(0, range(4000), videos, "cpu", shift=8.0, sampling="uniform")
+    u = t / (8 - 7 * t)  # inverse of time_shift(u, 8): uniform on (0, 1) if t was drawn as the sampler's grid is
+    assert 0 < u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.02 and abs((u < 0.25).float().mean().item() - 0.25) < 0.02
+    logit_normal, _ = train.per_video_noise(0, range(4000), videos, "cpu", shift=8.0)
+    assert (t > 0.98).float().mean() > 2 * (logit_normal > 0.98).float().mean()  # more training near t = 1
+
+
+def test_train_saves_its_timestep_shift_for_sampling(tmp_path):
+    torch.set_num_threads(1)
+    assert train.main(["--out", str(tmp_path), "--steps", "1", "--timestep-shift", "6", *TINY_TRAIN]) == 0
+    assert TextToVideo.load(str(tmp_path / "model.safetensors")).sampling_shift == 6.0
+
+
+def test_learning_rate_warms_up_holds_and_cools_down():
+    args = train.parse_args(["--out", "x", "--steps", "100", "--lr", "1e-3", "--warmup", "10", "--decay-steps", "20"])
+    lrs = [train.learning_rate(s, args) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # warm-up
+    assert all(lr == pytest.approx(1e-3) for lr in lrs[9:81])  # constant until the last 20 steps
+    assert lrs[90] == pytest.approx(0.5e-3) and lrs[99] == pytest.approx(0.05e-3)  # linear to 0 at --steps
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    constant = train.parse_args(["--out", "x", "--steps", "100", "--warmup", "10"])
+    assert train.learning_rate(99, constant) == constant.lr  # --decay-steps 0: no cool-down
+
+
+def test_added_modules_get_their_own_learning_rate():
+    # The model has fractional positions (--prompt-velocity brings them), but only the modules this command
+    # names get the scaled rate: a position embedding trained earlier keeps the base one.
+    args = train.parse_args(["--out", "unused", "--prompt-velocity", "--text-embedding-skip", "--added-lr-scale", "10",
+                             "--hidden-size", "48", "--depth", "1", "--heads", "2", "--patch-size", "1x4x4"])
+    model = train.new_model(args)
+    assert model.dit.position_embed is not None
+    opt, names = train.optimizer(model, args)
+    base, added = opt.param_groups
+    assert (base["lr_scale"], added["lr_scale"]) == (1.0, 10.0)
+    added_names = names[len(base["params"]):]
+    assert {n.split(".")[0] + "." + n.split(".")[1] for n in added_names} == {"dit.prompt_velocity", "text_encoder.skip"}
+    assert {n for n, _ in model.named_parameters()} == set(names) and len(names) == len(set(names))
+
+
+# ---- under torchrun (2 gloo ranks) ----------------------------------------------------------------
+
+TINY_TORCHRUN = ["--hidden-size", "48", "--depth", "1", "--heads", "2", "--patch-size", "1x4x4", "--tokens-per-batch", "96", "--save-every", "3",
+                 "--warmup", "1", "--device", "cpu", "--steps", "3", "--caption-dropout", "0.3", "--min-videos", "2"]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(out, log, world_size, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if world_size == 1:
+        cmd = [sys.executable, "-m", TRAIN]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size),
+               "--master_addr", "127.0.0.1", "--master_port", str(_port()), "-m", TRAIN]
+    result = subprocess.run(cmd + ["--out", str(out), "--log-file", str(log), *TINY_TORCHRUN, *extra], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("layout", [["--sequence-parallel", "1"], ["--sequence-parallel", "2", "--sp-mode", "ring"]],
+                         ids=["ddp", "sequence-parallel"])
+def test_two_ranks_match_one_process(tmp_path, layout):
+    single = _train(tmp_path / "one", tmp_path / "one.jsonl", 1)
+    ddp = _train(tmp_path / "two", tmp_path / "two.jsonl", 2, *layout)
+    assert [r["step"] for r in ddp] == [1, 2, 3] and [r["videos"] for r in ddp] == [r["videos"] for r in single]
+    for a, b in zip(single, ddp):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (single, ddp)
+    w1, w2 = load_tensors(str(tmp_path / "one" / "model.safetensors")), load_tensors(str(tmp_path / "two" / "model.safetensors"))
+    worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    assert worst < 1e-4, worst
+
+
+def _tiny_weights(directory, *, random_dit: bool = False) -> str:
+    """Save a tiny TextToVideo (patch 2x4x4) into ``directory``; its weights file. ``random_dit``: replace the DiT's
+    zero initializations with random values, so generated videos depend on every layer."""
+    torch.manual_seed(0)
+    model = TextToVideo(VideoDiTConfig.preset("tiny", context_dim=32, patch_size=(2, 4, 4), hidden_size=96), vocabulary(),
+                        TextEncoderConfig(dim=32, depth=1, heads=2))
+    if random_dit:
+        for p in model.dit.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+    model.save(str(directory))
+    return str(directory / "model.safetensors")
+
+
+def test_sequence_parallel_generation_matches_one_process(tmp_path):
+    args = ["--prompt", "a red circle moves up", "--weights", _tiny_weights(tmp_path / "w", random_dit=True),
+            "--frames", "4", "--size", "16x12", "--steps", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", GENERATE, *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(_port()), "-m", GENERATE, *args, "--sp-mode", "ring",
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
+    # (the whole of the ranks' output: a rank's own error precedes torchrun's long summary)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stdout[-4000:] + two.stderr[-12000:]
+    assert "x 2 ranks (ring)" in two.stdout
+    frames = sorted(os.listdir(tmp_path / "one"))
+    assert len(frames) == 4 and frames == sorted(os.listdir(tmp_path / "two"))
+    for f in frames:  # the PNGs hold 8-bit pixels: equal unless an fp32 rounding crosses a level
+        a, b = (tmp_path / "one" / f).read_bytes(), (tmp_path / "two" / f).read_bytes()
+        if a != b:
+            from PIL import Image
+            import numpy as np
+
+            diff = np.abs(np.asarray(Image.open(tmp_path / "one" / f), dtype=int) - np.asarray(Image.open(tmp_path / "two" / f), dtype=int))
+            assert diff.max() <= 1, diff.max()
+
+
+def test_sequence_parallel_generation_bad_size_is_a_clean_error(tmp_path):
+    """A usage error raised after the process group exists still exits with status 2 on every rank (the group is
+    torn down first), never a signal."""
+    weights = _tiny_weights(tmp_path / "w")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(_port()), "-m", GENERATE, "--prompt", "x",
+                          "--weights", weights, "--frames", "4", "--size", "10x12",
+                          "--steps", "1", "--out", str(tmp_path / "clip.gif")], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert two.returncode != 0
+    assert two.stderr.count("vdit-generate: error: frames x height x width = 4x10x12") == 2, two.stderr[-4000:]
+    # (torchrun's own summary carries a traceback of its ChildFailedError; the ranks print only the line above)
+    assert "exitcode: 2" in two.stderr and "SIGABRT" not in two.stderr and "Signal 6" not in two.stderr

@@ -1,0 +1,163 @@
+"""vdit.distributed on CPU with gloo (2 and 4 processes): sequence-parallel attention (ulysses, ring, hybrid;
+forward and gradients) against single-process attention, a sequence-parallel VideoDiT forward + backward
+against one process, the process-group helpers (shard_packed / gather_packed / shard_range) and the
+cross-rank input checks. The torchrun CLI tests are in tests/demo/test_cli.py."""
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from vdit.distributed import gather_packed, sequence_parallel_attention, shard_packed, shard_range
+from vdit.ops import reference
+
+LENGTHS = [5, 1, 0, 13, 2, 1]  # 22 tokens: ranges cut through sequences, some ranks see no token of some
+CROSS = [3, 2, 1, 0, 4, 2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cu(lengths):
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    return cu
+
+
+def _case_inputs(dtype, Hq, Hk, kv_lengths):
+    g = torch.Generator().manual_seed(0)
+    total_q, total_k = sum(LENGTHS), sum(kv_lengths)
+    q = torch.randn(total_q, Hq, 8, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(total_k, Hk, 8, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(total_k, Hk, 8, generator=g, dtype=torch.float64).to(dtype)
+    dout = torch.randn(total_q, Hq, 8, generator=g, dtype=torch.float64).to(dtype)
+    return q, k, v, dout
+
+
+def _check(mode, dtype, Hq, Hk, causal, kv_replicated, ulysses_size=None):
+    rank, size = dist.get_rank(), dist.get_world_size()
+    kv_lengths = CROSS if kv_replicated else LENGTHS
+    q, k, v, dout = _case_inputs(dtype, Hq, Hk, kv_lengths)
+    cu_q, cu_k = _cu(LENGTHS), _cu(kv_lengths)
+    # single-process expectation
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = reference.varlen_attention(qr, kr, vr, cu_q, cu_k, softmax_scale=0.5, causal=causal)
+    ref.backward(dout)
+    # sharded
+    qs = shard_packed(q).clone().requires_grad_()
+    ks = (k if kv_replicated else shard_packed(k)).clone().requires_grad_()
+    vs = (v if kv_replicated else shard_packed(v)).clone().requires_grad_()
+    out = sequence_parallel_attention(qs, ks, vs, cu_q, cu_k, group=None, mode=mode, ulysses_size=ulysses_size,
+                                      softmax_scale=0.5, causal=causal, kv_replicated=kv_replicated)
+    out.backward(shard_packed(dout))
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    a, b = shard_range(q.shape[0], size, rank)
+    torch.testing.assert_close(out, ref.detach()[a:b], **tol)
+    torch.testing.assert_close(qs.grad, qr.grad[a:b], **tol)
+    if kv_replicated:
+        torch.testing.assert_close(ks.grad, kr.grad, **tol)
+        torch.testing.assert_close(vs.grad, vr.grad, **tol)
+    else:
+        c, d = shard_range(k.shape[0], size, rank)
+        torch.testing.assert_close(ks.grad, kr.grad[c:d], **tol)
+        torch.testing.assert_close(vs.grad, vr.grad[c:d], **tol)
+
+
+def _check_model(mode):
+    """A VideoDiT forward + backward over the group equals one process (gradients averaged over ranks)."""
+    from vdit.distributed import SequenceParallel
+    from vdit.models import VideoDiT, VideoDiTConfig
+
+    torch.manual_seed(0)
+    model = VideoDiT(VideoDiTConfig.preset("tiny", heads=4)).double()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    g = torch.Generator().manual_seed(1)
+    videos = [torch.randn(3, t, h, w, generator=g, dtype=torch.float64) for t, h, w in [(2, 8, 12), (1, 4, 4), (3, 12, 8)]]
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    context = torch.randn(7, 32, generator=g, dtype=torch.float64)
+    cu_ctx = torch.tensor([0, 3, 4, 7], dtype=torch.int32)
+
+    def run(sp):
+        model.zero_grad()
+        out = model(videos, t, context, cu_ctx, sequence_parallel=sp)
+        sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in out).backward()
+        return [o.detach() for o in out], {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref_out, ref_grads = run(None)
+    out, grads = run(SequenceParallel(mode=mode, ulysses_size=2 if mode == "hybrid" else None))
+    for a, b in zip(out, ref_out):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    for name, grad in grads.items():
+        dist.all_reduce(grad)
+        torch.testing.assert_close(grad / dist.get_world_size(), ref_grads[name], rtol=1e-8, atol=1e-9, msg=name)
+
+
+def _worker(rank, size, port, cases, errors):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    try:
+        x = torch.arange(22.0).reshape(22, 1).requires_grad_()
+        full = gather_packed(shard_packed(x), 22)
+        assert torch.equal(full, x)
+        full.sum().backward()  # every rank's loss uses every token: gradient = world size
+        assert torch.equal(x.grad[slice(*shard_range(22, size, rank))], torch.full((shard_range(22, size, rank)[1] - shard_range(22, size, rank)[0], 1), float(size)))
+        for case in cases:
+            if case[0] == "model":
+                _check_model(case[1])
+            else:
+                _check(*case)
+        # bad input: cu_seqlens differing across ranks raises on every rank (no hang)
+        cu = _cu(LENGTHS)
+        if rank == 1:
+            cu = _cu([6, 0, 0, 13, 2, 1])
+        q = torch.zeros(shard_range(22, size, rank)[1] - shard_range(22, size, rank)[0], 4, 8)
+        try:
+            sequence_parallel_attention(q, q, q, cu, cu, mode="ring")
+            raise AssertionError("differing cu_seqlens were accepted")
+        except ValueError as exc:
+            assert "identical on every rank" in str(exc)
+        try:  # a shard of the wrong size
+            sequence_parallel_attention(q[1:] if rank == 0 else q, q, q, _cu(LENGTHS), _cu(LENGTHS), mode="ulysses")
+            raise AssertionError("a wrong shard size was accepted")
+        except ValueError as exc:
+            assert "do not follow the contract" in str(exc)
+    except Exception:
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(size, cases):
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, size, port, cases, errors)) for r in range(size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    messages = []
+    while not errors.empty():
+        messages.append(errors.get())
+    assert all(p.exitcode == 0 for p in procs) and not messages, "\n".join(messages)
+
+
+def test_two_ranks():
+    f64, f32 = torch.float64, torch.float32
+    _run(2, [("ulysses", f64, 4, 2, False, False), ("ulysses", f32, 4, 2, True, False), ("ulysses", f64, 4, 2, False, True),
+             ("ring", f64, 4, 2, False, False), ("ring", f32, 4, 1, True, False), ("ring", f64, 3, 3, False, True),
+             ("model", "ulysses"), ("model", "ring")])
+
+
+def test_four_ranks():
+    f64 = torch.float64
+    _run(4, [("ulysses", f64, 4, 4, False, False), ("ring", f64, 4, 2, True, False),
+             ("hybrid", f64, 4, 2, False, False, 2), ("hybrid", f64, 4, 2, True, False, 2),
+             ("hybrid", f64, 4, 2, False, True, 2), ("model", "hybrid")])
