@@ -10,158 +10,24 @@
 // dk/dv partials that are summed per kv head afterwards (no atomics).
 // The tile products are GEMMs: the BLAS that libtorch_cpu exports (MKL in the x86 wheels) when
 // present, else a plain loop. Math is fp32 (fp64 for fp64 inputs); fp16/bf16 are converted.
-// Per-element math: attention/math.h; shape checks and the problem descriptor: attention/shape.h.
+// Tile machinery (GEMMs, online-softmax step, backward tile steps, scratch, work list), shared with
+// the block-sparse kernel (sparse_attention/cpu.cpp): attention/tiles.h. Per-element math:
+// attention/math.h; shape checks and the problem descriptor: attention/shape.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <limits>
-#include <memory>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-// GCC 12's AVX-512 headers build unmasked intrinsics from an intentionally undefined vector, which
-// -Wmaybe-uninitialized reports wherever they are inlined; nothing here reads an undefined lane.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-
 #include "attention/shape.h"
+#include "attention/tiles.h"
 #include "common/alloc.h"
-
-// Fortran BLAS entry points; weak so the extension still loads against a torch without them.
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc) __attribute__((weak));
-}
 
 namespace vdit {
 namespace {
 
-// Row-major C (M x N) = alpha * op(A) (M x K) * op(B) (K x N) + beta * C. With ta, A is stored K x M;
-// with tb, B is stored N x K. Leading dimensions are row strides.
-template <typename T>
-void gemm_loops(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
-                int64_t ldb, T beta, T* C, int64_t ldc) {
-  std::vector<T> row(N);
-  for (int64_t i = 0; i < M; ++i) {
-    std::fill(row.begin(), row.end(), T(0));
-    for (int64_t kk = 0; kk < K; ++kk) {
-      const T a = ta ? A[kk * lda + i] : A[i * lda + kk];
-      if (tb) {
-        for (int64_t j = 0; j < N; ++j) row[j] += a * B[j * ldb + kk];
-      } else {
-        const T* b = B + kk * ldb;
-        for (int64_t j = 0; j < N; ++j) row[j] += a * b[j];
-      }
-    }
-    T* c = C + i * ldc;
-    for (int64_t j = 0; j < N; ++j) c[j] = alpha * row[j] + (beta == T(0) ? T(0) : beta * c[j]);
-  }
-}
-
-template <typename T>
-void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
-          int64_t ldb, T beta, T* C, int64_t ldc) {
-  // Column-major BLAS sees each row-major matrix transposed: compute C^T = op(B)^T op(A)^T.
-  const char opa = ta ? 'T' : 'N', opb = tb ? 'T' : 'N';
-  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-  if constexpr (std::is_same_v<T, float>) {
-    if (sgemm_ != nullptr) return sgemm_(&opb, &opa, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
-  } else {
-    if (dgemm_ != nullptr) return dgemm_(&opb, &opa, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
-  }
-  gemm_loops(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-}
-
-// Scores are kept in log2 units (scaled by log2(e) in the GEMM's alpha), so the softmax calls 2^x.
-inline float exp2_t(float x) { return exp2_approx(x); }
-inline double exp2_t(double x) { return std::exp2(x); }
-template <typename T>
-constexpr T kLog2e = T(1.4426950408889634074);
-template <typename T>
-constexpr T kLn2 = T(0.6931471805599453094);
-
-// max(row[0 .. n)); -inf for n = 0.
-template <typename T>
-T row_max(const T* row, int64_t n) {
-  T mx = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : mx)
-  for (int64_t c = 0; c < n; ++c) mx = row[c] > mx ? row[c] : mx;  // (std::max does not vectorize)
-  return mx;
-}
-
-// row[c] = 2^(row[c] - m) for c < n, returning their sum: the online softmax's hot loop.
-template <typename T>
-T exp2_shifted_sum(T* row, int64_t n, T m) {
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t c = 0; c < n; ++c) {
-    const T e = exp2_t(row[c] - m);
-    row[c] = e;
-    sum += e;
-  }
-  return sum;
-}
-
-#if defined(__AVX512F__)
-// AVX-512 versions for float: full-width vectors (compilers tuned for recent x86 prefer 256-bit ones
-// for auto-vectorized loops) and vscalefps, which applies 2^n in one instruction. Same polynomial and
-// the same "0 below 2^-126" rule as exp2_approx.
-inline __m512 exp2_avx512(__m512 x) {
-  const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));  // x <= 0 in the softmax
-  const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(xc, n);
-  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
-  for (int k = 1; k < 7; ++k) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[k]));
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
-  return _mm512_maskz_scalef_ps(live, p, n);
-}
-
-template <>
-inline float row_max<float>(const float* row, int64_t n) {
-  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t c = 0; c < n; c += 16) {
-    const __mmask16 tail = n - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - c)) - 1);
-    mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, row + c));
-  }
-  return _mm512_reduce_max_ps(mx);
-}
-
-template <>
-inline float exp2_shifted_sum<float>(float* row, int64_t n, float m) {
-  const __m512 vm = _mm512_set1_ps(m);
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t c = 0; c < n; c += 16) {
-    const __mmask16 tail = n - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - c)) - 1);
-    const __m512 e = exp2_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, row + c), vm));
-    _mm512_mask_storeu_ps(row + c, tail, e);
-    sum = _mm512_mask_add_ps(sum, tail, sum, e);
-  }
-  return _mm512_reduce_add_ps(sum);
-}
-#endif
-
-// A per-thread buffer of at least n elements, kept across calls and not zeroed: allocating and faulting
-// in the half-megabyte score tile on every call costs as much as a short sequence's whole attention.
-template <typename T>
-T* thread_buffer(int64_t n) {
-  thread_local std::unique_ptr<T[]> buffer;
-  thread_local int64_t capacity = 0;
-  if (capacity < n) {
-    buffer.reset(new T[n]);
-    capacity = n;
-  }
-  return buffer.get();
-}
+using namespace attention_tiles;
 
 // Tile sizes, measured on AVX-512 Xeon and EPYC machines: the larger the query tile, the closer the
 // GEMMs run to peak (up to 256 rows; 512 keys per tile).
@@ -181,28 +47,9 @@ int64_t forward_tile_q(const int32_t* cu_q, int64_t batch, int64_t heads, int64_
 
 using Problem = AttentionProblem;
 
-// Runs fn(item, scratch) over items [0, n) in order of the list, handing them out one at a time to
-// the ATen threads (dynamic balance); each thread makes its scratch once with make_scratch().
-template <typename MakeScratch, typename Fn>
-void run_items(int64_t n, MakeScratch make_scratch, Fn fn) {
-  if (n == 0) return;
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    auto scratch = make_scratch();
-    for (int64_t w = begin; w < end; ++w) {
-      for (int64_t it = next.fetch_add(1); it < n; it = next.fetch_add(1)) fn(it, scratch);
-    }
-  });
-}
-
 struct Item {
   int64_t b, h, i0, n, cost;
 };
-
-void sort_by_cost(std::vector<Item>& items) {
-  std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
-}
 
 // ---- forward ----------------------------------------------------------------------------------
 
@@ -229,48 +76,16 @@ void forward_tile(const Problem& p, const Item& it, T scale, const T* q, const T
   const T* V = v + p.k_start(it.b) * ldk + hk * D;
   T* S = sc.s;
   T* acc = sc.acc;
-  std::fill_n(acc, nq * D, T(0));
-  std::fill_n(sc.m, nq, -std::numeric_limits<T>::infinity());
-  std::fill_n(sc.l, nq, T(0));
+  start_rows(nq, D, acc, sc.m, sc.l);
   const int64_t kend = p.key_end(it.b, it.i0, nq);
   for (int64_t j0 = 0; j0 < kend; j0 += kFwdTileK) {
     const int64_t nk = std::min(kFwdTileK, kend - j0);
     gemm<T>(false, true, nq, nk, D, scale * kLog2e<T>, Q, ldq, K + j0 * ldk, ldk, T(0), S, kFwdTileK);
-    for (int64_t r = 0; r < nq; ++r) {
-      T* row = S + r * kFwdTileK;
-      const int64_t vis = p.visible(it.b, it.i0 + r, j0, nk);
-      if (vis == 0) {
-        std::fill_n(row, nk, T(0));
-        continue;
-      }
-      const T m_old = sc.m[r], m_new = std::max(m_old, row_max(row, vis));
-      const T sum = exp2_shifted_sum(row, vis, m_new);
-      std::fill(row + vis, row + nk, T(0));
-      const T alpha = exp2_t(m_old - m_new);  // 0 on the first visible tile (m_old = -inf)
-      sc.l[r] = sc.l[r] * alpha + sum;
-      sc.m[r] = m_new;
-      if (alpha != T(1)) {
-        T* a = acc + r * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
-      }
-    }
+    online_softmax_tile(S, kFwdTileK, nq, nk, [&](int64_t r) { return p.visible(it.b, it.i0 + r, j0, nk); }, sc.m,
+                        sc.l, acc, D);
     gemm<T>(false, false, nq, D, nk, T(1), S, kFwdTileK, V + j0 * ldk, ldk, T(1), acc, D);
   }
-  for (int64_t r = 0; r < nq; ++r) {
-    T* o = out + (qrow + r) * ldq + it.h * D;
-    const T l = sc.l[r];
-    if (l > T(0)) {
-      const T inv = T(1) / l;
-      const T* a = acc + r * D;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) o[d] = a[d] * inv;
-      lse[it.h * p.total_q + qrow + r] = (sc.m[r] + std::log2(l)) * kLn2<T>;
-    } else {  // the row sees no key
-      std::fill_n(o, D, T(0));
-      lse[it.h * p.total_q + qrow + r] = -std::numeric_limits<T>::infinity();
-    }
-  }
+  finish_rows(nq, D, acc, sc.m, sc.l, out + qrow * ldq + it.h * D, ldq, lse + it.h * p.total_q + qrow);
 }
 
 template <typename T>
@@ -324,14 +139,7 @@ void backward_head(const Problem& p, const Item& it, T scale, const T* dout, con
   if (Lq == 0 || Lk == 0) return;
   // delta_i = sum_d dO[i, d] * O[i, d] = sum_j P[i, j] dP[i, j], the softmax backward's row term.
   sc.delta.resize(Lq);
-  for (int64_t i = 0; i < Lq; ++i) {
-    T s = 0;
-    const T* a = dO + i * ldq;
-    const T* o = O + i * ldq;
-#pragma omp simd reduction(+ : s)
-    for (int64_t d = 0; d < D; ++d) s += a[d] * o[d];
-    sc.delta[i] = s;
-  }
+  row_dots(Lq, D, dO, O, ldq, sc.delta.data());
   T* P = sc.p;
   T* dS = sc.dp;
   const int64_t offset = Lk - Lq;  // causal: row i sees keys j <= i + offset
@@ -340,30 +148,11 @@ void backward_head(const Problem& p, const Item& it, T scale, const T* dout, con
     const int64_t first_row = p.causal ? std::max<int64_t>(0, j0 - offset) : 0;
     for (int64_t i0 = first_row; i0 < Lq; i0 += kBwdTileQ) {
       const int64_t nq = std::min(kBwdTileQ, Lq - i0);
-      gemm<T>(false, true, nq, nk, D, scale * kLog2e<T>, Q + i0 * ldq, ldq, K + j0 * ldk, ldk, T(0), P, kBwdTileK);
-      for (int64_t r = 0; r < nq; ++r) {
-        T* row = P + r * kBwdTileK;
-        const T l = L[i0 + r];
-        const int64_t vis = l == -std::numeric_limits<T>::infinity() ? 0 : p.visible(b, i0 + r, j0, nk);
-        const T l2 = l * kLog2e<T>;
-#pragma omp simd
-        for (int64_t c = 0; c < vis; ++c) row[c] = exp2_t(row[c] - l2);
-        std::fill(row + vis, row + nk, T(0));
-      }
-      // dV_j += P^T dO_i
-      gemm<T>(true, false, nk, D, nq, T(1), P, kBwdTileK, dO + i0 * ldq, ldq, T(1), dV + j0 * ld_dkv, ld_dkv);
-      // dP = dO_i V_j^T, then dS = P * (dP - delta)
-      gemm<T>(false, true, nq, nk, D, T(1), dO + i0 * ldq, ldq, V + j0 * ldk, ldk, T(0), dS, kBwdTileK);
-      for (int64_t r = 0; r < nq; ++r) {
-        const T* pr = P + r * kBwdTileK;
-        T* dr = dS + r * kBwdTileK;
-        const T dl = sc.delta[i0 + r];
-#pragma omp simd
-        for (int64_t c = 0; c < nk; ++c) dr[c] = pr[c] * (dr[c] - dl);
-      }
-      // dK_j += scale dS^T Q_i;  dQ_i += scale dS K_j
-      gemm<T>(true, false, nk, D, nq, scale, dS, kBwdTileK, Q + i0 * ldq, ldq, T(1), dK + j0 * ld_dkv, ld_dkv);
-      gemm<T>(false, false, nq, D, nk, scale, dS, kBwdTileK, K + j0 * ldk, ldk, T(1), dQ + i0 * ldq, ldq);
+      // dV_j += P^T dO_i, dK_j += scale dS^T Q_i, dQ_i += scale dS K_j
+      backward_tile_pair<true, true>(nq, nk, D, scale, Q + i0 * ldq, dO + i0 * ldq, ldq, K + j0 * ldk, V + j0 * ldk,
+                                     ldk, L + i0, sc.delta.data() + i0, P, dS, kBwdTileK, dQ + i0 * ldq,
+                                     dK + j0 * ld_dkv, dV + j0 * ld_dkv, ld_dkv,
+                                     [&](int64_t r) { return p.visible(b, i0 + r, j0, nk); });
     }
   }
 }
