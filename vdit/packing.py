@@ -1,7 +1,9 @@
 """Packing of variable-size videos into one token sequence (NaViT-style Patch n' Pack).
 
 A batch of B videos with token grids (Tp_i, Hp_i, Wp_i) becomes ``total = sum(Tp_i * Hp_i * Wp_i)``
-tokens, with ``cu_seqlens`` int32 (B + 1,) marking where each video's tokens start.
+tokens, with ``cu_seqlens`` int32 (B + 1,) marking where each video's tokens start. Each video's tokens
+are in raster order (row-major over (t, h, w)) or, for block-sparse attention, in tile order
+(:func:`tile_permutation`, :meth:`PackedVideos.to_tile_order`).
 """
 from __future__ import annotations
 
@@ -11,6 +13,10 @@ from collections.abc import Sequence
 import torch
 
 from vdit.ops import patchify_3d, unpatchify_3d
+from vdit.ops.tiles import TileLayout, tile_layout, tile_permutation
+
+__all__ = ["PackedVideos", "TileLayout", "cu_seqlens_from_lengths", "dense_positions", "grid_fractions",
+           "grid_positions", "pack_videos", "tile_layout", "tile_permutation", "unpack"]
 
 
 @dataclasses.dataclass
@@ -23,6 +29,7 @@ class PackedVideos:
         max_seqlen: longest video, in tokens.
         grids: int32 (B, 3) token grid (Tp, Hp, Wp) of each video.
         positions: int32 (total, 3) (t, h, w) grid coordinates of each token.
+        tile: the (tt, th, tw) tile whose order the tokens are in, or None for raster order.
     """
 
     tokens: torch.Tensor
@@ -30,6 +37,7 @@ class PackedVideos:
     max_seqlen: int
     grids: torch.Tensor
     positions: torch.Tensor
+    tile: tuple[int, int, int] | None = None
 
     def __len__(self) -> int:
         return self.grids.shape[0]
@@ -37,6 +45,21 @@ class PackedVideos:
     @property
     def lengths(self) -> list[int]:
         return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
+
+    def to_tile_order(self, tile) -> "PackedVideos":
+        """The same batch with each video's tokens (and positions, which travel with them) in tile order
+        for ``tile`` (tt, th, tw); differentiable in ``tokens`` (a gather)."""
+        batch = self.to_raster_order()
+        perm = tile_permutation(batch.grids, tile)
+        return dataclasses.replace(batch, tokens=batch.tokens[perm], positions=batch.positions[perm],
+                                   tile=tuple(int(t) for t in tile))
+
+    def to_raster_order(self) -> "PackedVideos":
+        """The same batch with each video's tokens in raster order again (itself if it already is)."""
+        if self.tile is None:
+            return self
+        inverse = tile_permutation(self.grids, self.tile).argsort()
+        return dataclasses.replace(self, tokens=self.tokens[inverse], positions=self.positions[inverse], tile=None)
 
 
 def cu_seqlens_from_lengths(lengths: Sequence[int], device=None) -> torch.Tensor:

@@ -3,8 +3,9 @@
 Runs every ``benchmarks/bench_*.py`` module (pytest-benchmark) in one process, so each op and its
 baselines, and the machine's ceilings (bench_roofline.py), are measured in the same run. Writes
 ``<device>.md`` (machine, versions, date, one table per module: vdit time, each baseline's time,
-speedup, achieved GB/s or GFLOP/s, % of roofline), ``<device>.json`` (raw) and three plots:
-``<device>-speedups.png``, ``<device>-attention-vs-seqlen.png``, ``<device>-packed-vs-padded.png``.
+speedup, achieved GB/s or GFLOP/s, % of roofline), ``<device>.json`` (raw) and four plots:
+``<device>-speedups.png``, ``<device>-attention-vs-seqlen.png``, ``<device>-packed-vs-padded.png``,
+``<device>-sparse-attention-vs-visible.png``.
 
     vdit-bench --quick                 # under 5 minutes on a 2-core CPU
     vdit-bench --gpu-static            # static GPU report (no GPU needed): gpu-static.md
@@ -179,6 +180,29 @@ def plot_packed_vs_padded(data: dict, path: str) -> str | None:
     return _save(fig, path)
 
 
+def plot_sparse_sweep(data: dict, path: str) -> str | None:
+    """Sliding-tile attention time against the fraction of visible tiles (benchmarks with extra_info window)."""
+    points = sorted((b["extra_info"]["visible"], b["stats"]["median"] * 1e3, str(b["extra_info"]["window"]))
+                    for b in data["benchmarks"] if "window" in b["extra_info"] and "visible" in b["extra_info"])
+    sparse = [p for p in points if p[2] != "dense"]
+    if not sparse:
+        return None
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
+    ax.plot([p[0] for p in sparse], [p[1] for p in sparse], marker="o", label="vdit sliding-tile (C++)")
+    for x, y, label in sparse:
+        ax.annotate(label.replace(", ", "x").strip("[]"), (x, y), fontsize=7, textcoords="offset points", xytext=(4, -8))
+    for x, y, label in points:
+        if label == "dense":
+            ax.axhline(y, color="tab:red", linestyle="--", label="dense vdit varlen_attention (C++)")
+    ax.set_xlabel("fraction of key tiles visible per query tile")
+    ax.set_ylabel("forward time (ms)")
+    ax.set_xlim(0, 1.05)
+    ax.set_ylim(0, None)
+    ax.set_title("spacetime block-sparse attention: time vs visible tiles")
+    ax.legend()
+    return _save(fig, path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="vdit-bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small shapes and few rounds (< 5 minutes on 2 CPU cores)")
@@ -201,7 +225,7 @@ def main(argv=None) -> int:
         data = json.load(f)
     print("wrote", write_report(data, args.out, device))
     for name, fn in (("speedups", plot_speedups), ("attention-vs-seqlen", plot_attention_sweep),
-                     ("packed-vs-padded", plot_packed_vs_padded)):
+                     ("packed-vs-padded", plot_packed_vs_padded), ("sparse-attention-vs-visible", plot_sparse_sweep)):
         plot = fn(data, os.path.join(args.out, f"{device}-{name}.png"))
         if plot:
             print("wrote", plot)

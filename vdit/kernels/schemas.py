@@ -51,6 +51,15 @@ SCHEMAS: dict[str, str] = {
     "varlen_attention_bwd": "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
                             "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
                             "float softmax_scale, bool causal) -> (Tensor, Tensor, Tensor)",
+    # block_sparse_attention: q (total, Hq, D), k / v (total, Hk, D) in tile order; tile_offsets int32
+    # (num_tiles + 1,) token offset of each tile; kv_tiles int32 (num_tiles, Hq, K) global key tiles of each
+    # query tile and head, -1 unused; q_tiles int32 (num_tiles, Hk, M) the transposed lists (entries
+    # query_tile * Hq + query_head, ascending, -1 unused) for dk / dv; max_tile the largest tile's tokens.
+    "block_sparse_attention_fwd": "(Tensor q, Tensor k, Tensor v, Tensor tile_offsets, Tensor kv_tiles, int max_tile, "
+                                  "float softmax_scale) -> (Tensor, Tensor)",
+    "block_sparse_attention_bwd": "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+                                  "Tensor tile_offsets, Tensor kv_tiles, Tensor q_tiles, int max_tile, "
+                                  "float softmax_scale) -> (Tensor, Tensor, Tensor)",
     # rope_3d: x (total, H, D) or (B, L, H, D), unit stride along D; positions (L, 3) or (B, L, 3).
     # With a weight each head is RMS-normalized (times the weight) before rotating. The backward ops
     # return (grad_x, grad_weight) per tensor; grad_weight is empty when the weight is None.
@@ -81,7 +90,7 @@ TRITON_SCHEMAS: tuple[str, ...] = (
     "patchify_3d", "unpatchify_3d",
     "patch_embed_3d", "patch_embed_3d_backward", "patch_embed_3d_varlen", "patch_embed_3d_varlen_backward",
     "patch_unembed_3d", "patch_unembed_3d_backward", "patch_unembed_3d_varlen", "patch_unembed_3d_varlen_backward",
-    "varlen_attention_fwd", "varlen_attention_bwd",
+    "varlen_attention_fwd", "varlen_attention_bwd", "block_sparse_attention_fwd", "block_sparse_attention_bwd",
     "rope_3d", "rope_3d_qk", "rope_3d_qk_", "rope_3d_backward", "rope_3d_qk_backward",
 )
 

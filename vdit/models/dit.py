@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from vdit.distributed import SequenceParallel, gather_packed, local_offsets, shard_packed, shard_range
-from vdit.nn import AdaLNModulation, PatchEmbed3d, PatchUnembed3d, RotaryEmbedding3d, VarlenCrossAttention, VarlenSelfAttention
+from vdit.nn import (AdaLNModulation, PatchEmbed3d, PatchUnembed3d, RotaryEmbedding3d, TileSparseAttention,
+                     VarlenCrossAttention, VarlenSelfAttention)
 from vdit.ops import adaln_modulate, gated_residual, reference
-from vdit.packing import grid_fractions, grid_positions
+from vdit.packing import grid_fractions, grid_positions, tile_permutation
 
 
 @dataclasses.dataclass
@@ -39,6 +40,12 @@ class VideoDiTConfig:
     qk_norm: str | None = "rms"
     fractional_positions: bool = False  # add FractionalPositionEmbedding to the tokens (see there)
     prompt_velocity: bool = False  # shift those positions by a velocity read from the prompt (PromptVelocity)
+    # Self-attention: "dense", or spacetime block-sparse over tiles of `tile` tokens (vdit.nn.TileSparseAttention):
+    # "sliding_tile" (a window of `window` tiles) or "topk_tile" (the `topk` best tiles plus a gated coarse pass).
+    attention: str = "dense"
+    tile: tuple[int, int, int] = (2, 4, 4)
+    window: tuple[int, int, int] = (3, 3, 3)
+    topk: int = 8
 
     def __post_init__(self):
         self.patch_size = tuple(self.patch_size)
@@ -58,6 +65,9 @@ class VideoDiTConfig:
         if self.rope_dims is None:
             self.rope_dims = RotaryEmbedding3d.even_split(self.head_dim)
         self.rope_dims = tuple(self.rope_dims)
+        if self.attention not in ("dense", "sliding_tile", "topk_tile"):
+            raise ValueError(f"attention must be 'dense', 'sliding_tile' or 'topk_tile', got {self.attention!r}")
+        self.tile, self.window = tuple(self.tile), tuple(self.window)
 
     @property
     def head_dim(self) -> int:
@@ -154,20 +164,26 @@ class DiTBlock(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.modulation = AdaLNModulation(d, d, chunks=6)
-        self.attn = VarlenSelfAttention(d, cfg.heads, kv_heads=cfg.kv_heads, qk_norm=cfg.qk_norm)
+        if cfg.attention == "dense":
+            self.attn = VarlenSelfAttention(d, cfg.heads, kv_heads=cfg.kv_heads, qk_norm=cfg.qk_norm)
+        else:
+            self.attn = TileSparseAttention(d, cfg.heads, mode=cfg.attention, tile=cfg.tile, window=cfg.window,
+                                            topk=cfg.topk, kv_heads=cfg.kv_heads, qk_norm=cfg.qk_norm)
         self.cross_norm = nn.LayerNorm(d, eps=1e-6)
         self.cross = VarlenCrossAttention(d, cfg.context_dim, cfg.heads, qk_norm=cfg.qk_norm)
         hidden = int(d * cfg.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
 
     def forward(self, x, c, cu, max_len, positions, rope, context, cu_ctx, max_ctx, *, sequence_parallel=None,
-                cu_local=None):
+                cu_local=None, grids=None):
         """x (n, hidden) packed tokens; with ``sequence_parallel`` x is this rank's shard, ``cu`` describes
-        the whole batch (for self-attention) and ``cu_local`` the shard (per-sample adaLN, cross-attention)."""
+        the whole batch (for self-attention) and ``cu_local`` the shard (per-sample adaLN, cross-attention).
+        With tile-sparse attention x is in tile order and ``grids`` (B, 3) are the videos' token grids."""
         cu_local = cu if cu_local is None else cu_local
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
+        sparse = {} if grids is None else {"grids": grids}
         h = self.attn(adaln_modulate(x, shift1, scale1, cu_local), cu, max_len, positions, rope,
-                      sequence_parallel=sequence_parallel)
+                      sequence_parallel=sequence_parallel, **sparse)
         x = gated_residual(x, h, gate1, cu_local)
         x = x + self.cross(self.cross_norm(x), cu_local, context, cu_ctx, max_len, max_ctx)
         h = self.mlp(adaln_modulate(x, shift2, scale2, cu_local))
@@ -240,7 +256,13 @@ class VideoDiT(nn.Module):
         max_len = int((cu[1:] - cu[:-1]).max())
         max_ctx = int((cu_seqlens_context[1:] - cu_seqlens_context[:-1]).max())
         c = self.conditioning(timesteps, context, cu_seqlens_context, pooled)
-        cu_local = None
+        cu_local, sparse = None, {}
+        if self.config.attention != "dense":
+            if sequence_parallel is not None:
+                raise NotImplementedError(f"attention={self.config.attention!r} does not run sequence-parallel yet")
+            # Tile order for the blocks, once; per-sample ops (adaLN, cross-attention) are order-free.
+            perm = tile_permutation(grids, self.config.tile)
+            x, positions, sparse = x[perm], positions[perm], {"grids": grids}
         if sequence_parallel is not None:
             total = x.shape[0]
             start, end = shard_range(total, sequence_parallel.size, sequence_parallel.rank)
@@ -248,8 +270,10 @@ class VideoDiT(nn.Module):
             cu_local = local_offsets(cu.tolist(), start, end).to(cu.device)
         for block in self.blocks:
             x = block(x, c, cu, max_len, positions, self.rope, context, cu_seqlens_context, max_ctx,
-                      sequence_parallel=sequence_parallel, cu_local=cu_local)
+                      sequence_parallel=sequence_parallel, cu_local=cu_local, **sparse)
         if sequence_parallel is not None:
             x = gather_packed(x, total, sequence_parallel.group)
+        if sparse:
+            x = x[perm.argsort()]  # back to raster order for unpatchify
         shift, scale = self.final_modulation(c)
         return self.unembed(adaln_modulate(x, shift, scale, cu), cu_seqlens=cu, grids=grids)

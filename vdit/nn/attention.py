@@ -74,6 +74,14 @@ class VarlenSelfAttention(nn.Module):
                 raise ValueError("dense input takes no positions/rope; pack it first")
             packed, cu, max_len, keep = _pack_dense(x, key_padding_mask)
             return _unpack_dense(self.forward(packed, cu, max_len), x.shape, keep)
+        q, k, v = self.project(x, positions, rope)
+        attend = varlen_attention if sequence_parallel is None else sequence_parallel.attention
+        out = attend(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+        return self.proj(out.reshape(x.shape[0], -1))
+
+    def project(self, x: torch.Tensor, positions=None, rope=None):
+        """q (total, heads, head_dim), k and v (total, kv_heads, head_dim) of packed x (total, dim):
+        projections, QK-norm and RoPE (the norm fused into the rotation when it is an RMSNorm)."""
         total = x.shape[0]
         q, k, v = self.qkv(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
                                      self.kv_heads * self.head_dim], dim=-1)
@@ -89,9 +97,7 @@ class VarlenSelfAttention(nn.Module):
                 raise ValueError("rope needs positions (total, 3)")
             norms = (self.q_norm.weight, self.k_norm.weight) if fuse_norm else (None, None)
             q, k = rope(q, k, positions, *norms, eps=self.q_norm.eps if fuse_norm else 1e-6)
-        attend = varlen_attention if sequence_parallel is None else sequence_parallel.attention
-        out = attend(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
-        return self.proj(out.reshape(total, -1))
+        return q, k, v
 
 
 class VarlenCrossAttention(nn.Module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
@@ -132,3 +133,30 @@ def max_seqlen_of(name: str, cu: torch.Tensor, max_seqlen) -> int:
     if max_seqlen < longest:
         raise ValueError(f"{name} = {max_seqlen} is smaller than the longest sequence ({longest})")
     return max_seqlen
+
+
+def check_qkv(q, k, v) -> None:
+    """q (total_q, Hq, D), k and v (total_k, Hk, D) of one float dtype and device, Hq % Hk == 0, D >= 1."""
+    check_tensor("q", q, ndim=3, floating=True, nonempty=False)
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(name, t, ndim=3, floating=True, nonempty=False)
+        check_like(name, t, "q", q)
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"q has head dim {q.shape[2]} but k has {k.shape[2]}")
+    if q.shape[2] == 0:
+        raise ValueError(f"q must have a head dim >= 1, got shape {tuple(q.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
+
+
+def check_softmax_scale(softmax_scale, head_dim: int) -> float:
+    """The softmax scale: ``head_dim ** -0.5`` for None, else a positive finite float."""
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be positive and finite, got {softmax_scale}")
+    return float(softmax_scale)

@@ -24,14 +24,12 @@ every kernel. vdit's backwards are deterministic.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from vdit.kernels import external
 from vdit.ops import _registry, reference
 from vdit.ops._registry import ALL_FLOATS, GPU_FLOATS, MAX_GPU_HEAD_DIM, Call, Kernel
-from vdit.ops._validation import check_cu_seqlens, check_like, check_tensor, max_seqlen_of
+from vdit.ops._validation import check_cu_seqlens, check_qkv, check_softmax_scale, max_seqlen_of
 
 HALF_FLOATS = (torch.float16, torch.bfloat16)
 
@@ -154,33 +152,17 @@ def _select(q: torch.Tensor, k: torch.Tensor, causal: bool, backend: str, **feat
 
 
 def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
-    check_tensor("q", q, ndim=3, floating=True, nonempty=False)
-    for name, t in (("k", k), ("v", v)):
-        check_tensor(name, t, ndim=3, floating=True, nonempty=False)
-        check_like(name, t, "q", q)
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[2] != q.shape[2]:
-        raise ValueError(f"q has head dim {q.shape[2]} but k has {k.shape[2]}")
-    if q.shape[2] == 0:
-        raise ValueError(f"q must have a head dim >= 1, got shape {tuple(q.shape)}")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
-        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
+    check_qkv(q, k, v)
     batch_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
     batch_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
     if batch_q != batch_k:
         raise ValueError(f"cu_seqlens_q describes {batch_q} sequences but cu_seqlens_k describes {batch_k}")
     max_seqlen_q = max_seqlen_of("max_seqlen_q", cu_seqlens_q, max_seqlen_q)
     max_seqlen_k = max_seqlen_of("max_seqlen_k", cu_seqlens_k, max_seqlen_k)
-    if softmax_scale is None:
-        softmax_scale = q.shape[2] ** -0.5
-    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    elif not (math.isfinite(softmax_scale) and softmax_scale > 0):
-        raise ValueError(f"softmax_scale must be positive and finite, got {softmax_scale}")
+    scale = check_softmax_scale(softmax_scale, q.shape[2])
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    return max_seqlen_q, max_seqlen_k, float(softmax_scale)
+    return max_seqlen_q, max_seqlen_k, scale
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,

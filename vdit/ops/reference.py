@@ -15,7 +15,8 @@ import torch.nn.functional as F
 __all__ = [
     "patchify_3d", "unpatchify_3d", "patch_embed_3d", "patch_embed_3d_varlen", "varlen_attention",
     "varlen_attention_backward", "rope_3d", "rope_3d_qk", "rope_3d_angles", "adaln_modulate", "gated_residual", "segment_ids",
-    "patch_unembed_3d", "patch_unembed_3d_varlen", "compute_dtype",
+    "patch_unembed_3d", "patch_unembed_3d_varlen", "compute_dtype", "block_sparse_attention",
+    "block_sparse_attention_tiles",
 ]
 
 
@@ -196,6 +197,60 @@ def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
 # --------------------------------------------------------------------------------------------
 # 3D rotary position embedding
 # --------------------------------------------------------------------------------------------
+
+def block_sparse_attention_tiles(q, k, v, tile_offsets, kv_tiles, *, softmax_scale=None, return_lse=False):
+    """Block-sparse attention over a packed batch in tile order, as the kernels see it.
+
+    Args:
+        q: (total, Hq, Dh); k, v: (total, Hk, Dh), Hq % Hk == 0, tokens in tile order.
+        tile_offsets: int (num_tiles + 1,) token offset of each tile.
+        kv_tiles: int (num_tiles, Hq or 1, K) global key-tile indices per query tile (and head), -1 unused.
+            A query attends every key of every tile its tile lists (whole tiles, no token mask).
+        softmax_scale: defaults to Dh ** -0.5.
+    Returns:
+        out like q (a query that sees no key outputs 0), with ``return_lse`` also lse (Hq, total) float32
+        (float64 for float64 input), -inf where a query sees no key.
+    """
+    cd = compute_dtype(q.dtype)
+    Hq, Hk = q.shape[1], k.shape[1]
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    offsets = tile_offsets.long().cpu()
+    num_tiles = offsets.numel() - 1
+    token_tile = torch.repeat_interleave(torch.arange(num_tiles), offsets[1:] - offsets[:-1]).to(q.device)
+    lists = kv_tiles.long().to(q.device)
+    visible = torch.zeros(lists.shape[1], num_tiles, num_tiles + 1, dtype=torch.bool, device=q.device)
+    rows = torch.arange(num_tiles, device=q.device)[:, None].expand(num_tiles, lists.shape[2])
+    for h in range(lists.shape[1]):  # -1 slots land in the extra last column, which is dropped
+        visible[h, rows, torch.where(lists[:, h] >= 0, lists[:, h], num_tiles)] = True
+    mask = visible[:, :, :num_tiles][:, token_tile][:, :, token_tile]  # (Hq or 1, total, total)
+    qh = q.to(cd).transpose(0, 1)
+    kh = k.to(cd).transpose(0, 1).repeat_interleave(Hq // Hk, dim=0)
+    vh = v.to(cd).transpose(0, 1).repeat_interleave(Hq // Hk, dim=0)
+    scores = ((qh @ kh.transpose(1, 2)) * scale).masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    p = torch.exp(scores - lse.clamp_min(torch.finfo(cd).min)[..., None])
+    out = (p @ vh).transpose(0, 1).to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def block_sparse_attention(q, k, v, cu_seqlens, grids, tile, kv_tiles, *, softmax_scale=None, return_lse=False):
+    """Block-sparse spacetime attention over packed videos in tile order (see :mod:`vdit.ops.tiles`).
+
+    Args:
+        q: (total, Hq, Dh); k, v: (total, Hk, Dh); each video's tokens in tile order.
+        cu_seqlens: int32 (B + 1,); grids: int (B, 3) token grids; tile: (tt, th, tw).
+        kv_tiles: int (total_query_tiles, Hq or 1, K): per query tile (videos in batch order, tiles in
+            tile order) and head, key tiles local to the video, -1 unused.
+    Returns:
+        As :func:`block_sparse_attention_tiles`.
+    """
+    from vdit.ops.tiles import tile_layout, to_global
+
+    del cu_seqlens
+    layout = tile_layout(grids, tile)
+    return block_sparse_attention_tiles(q, k, v, layout.offsets, to_global(layout, kv_tiles.to(torch.int32)),
+                                        softmax_scale=softmax_scale, return_lse=return_lse)
+
 
 def rope_3d_angles(positions: torch.Tensor, dims: Sequence[int], theta: float = 10000.0,
                    dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:

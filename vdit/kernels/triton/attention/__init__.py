@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from vdit._memory import new_output
+from vdit.kernels.triton._launch import aligned, pad_head_dim
 from vdit.kernels.triton.attention import backward, forward
 from vdit.kernels.triton.attention.configs import (AUTOTUNE_ENV, CONFIGS, FP32_CONFIGS, INTERPRETER_CONFIGS,
                                                    MAX_HEAD_DIM, Config, block_d_of, candidate_configs,
@@ -51,18 +52,6 @@ def _check_head_dim(head_dim: int) -> None:
         raise ValueError(f"the triton attention kernels take head dims in [1, {MAX_HEAD_DIM}], got {head_dim}")
 
 
-def _padded(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with its head dim zero-padded to a multiple of 8 (unchanged if it is one)."""
-    pad = -t.shape[-1] % 8
-    return torch.nn.functional.pad(t, (0, pad)) if pad else t
-
-
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    # The kernels index contiguous rows and promise the compiler 16-byte aligned rows (vectorized
-    # loads); a contiguous view into a larger buffer can start anywhere, so such inputs are copied.
-    # (Inputs are validated as contiguous, but autograd may hand the backward an expanded dout.)
-    t = t.contiguous()
-    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def varlen_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -82,11 +71,12 @@ def varlen_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     del max_seqlen_q, max_seqlen_k
     _check_head_dim(q.shape[2])
     if not supports_head_dim(q.shape[2]):
-        out, lse = varlen_attention_forward(_padded(q), _padded(k), _padded(v), cu_seqlens_q, cu_seqlens_k, 0, 0,
-                                            softmax_scale, causal, config=config)
+        q8, k8, v8 = (pad_head_dim(t) for t in (q, k, v))
+        out, lse = varlen_attention_forward(q8, k8, v8, cu_seqlens_q, cu_seqlens_k, 0, 0, softmax_scale, causal,
+                                            config=config)
         return out[..., :q.shape[2]].contiguous(), lse
     total_q, num_heads_q, head_dim = q.shape
-    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    q, k, v = aligned(q), aligned(k), aligned(v)
     out = new_output(q.shape, dtype=q.dtype, device=q.device)
     lse = new_output((num_heads_q, total_q), dtype=torch.float32, device=q.device)
     block_d, precision = block_d_of(head_dim), precision_of(q.dtype)
@@ -117,13 +107,13 @@ def varlen_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     del max_seqlen_q, max_seqlen_k
     _check_head_dim(q.shape[2])
     if not supports_head_dim(q.shape[2]):
-        grads = varlen_attention_backward(_padded(dout), _padded(q), _padded(k), _padded(v), _padded(out), lse,
-                                          cu_seqlens_q, cu_seqlens_k, 0, 0, softmax_scale, causal,
+        padded = (pad_head_dim(t) for t in (dout, q, k, v, out))
+        grads = varlen_attention_backward(*padded, lse, cu_seqlens_q, cu_seqlens_k, 0, 0, softmax_scale, causal,
                                           dkdv_config=dkdv_config, dq_config=dq_config)
         return tuple(g[..., :q.shape[2]].contiguous() for g in grads)
     total_q, num_heads_q, head_dim = q.shape
     total_k = k.shape[0]
-    dout, q, k, v, out = (_aligned(t) for t in (dout.to(q.dtype), q, k, v, out))
+    dout, q, k, v, out = (aligned(t) for t in (dout.to(q.dtype), q, k, v, out))
     dq = new_output(q.shape, dtype=q.dtype, device=q.device)
     dk = new_output(k.shape, dtype=k.dtype, device=k.device)
     dv = new_output(v.shape, dtype=v.dtype, device=v.device)

@@ -43,7 +43,7 @@ def attn_bwd_preprocess_kernel(O, DO, DELTA, total_q, num_heads,
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_offs, d_mask, start_m, q_len,
+def dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_offs, d_mask, start_m, q_len,
                stride_q, cols, diag, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                MASKED: tl.constexpr, PRECISION: tl.constexpr):
@@ -105,11 +105,11 @@ def attn_bwd_dkdv_kernel(
         lse_base = LSE + h.to(tl.int64) * total_q + q_start
         delta_base = DELTA + h.to(tl.int64) * total_q + q_start
         for start_m in range(m_begin, m_full, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_offs, d_mask,
+            dk, dv = dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_offs, d_mask,
                                 start_m, q_len, stride_q, cols, diag, qk_scale,
                                 HEAD_DIM, BLOCK_D, BLOCK_M, True, PRECISION)
         for start_m in range(m_full, q_len, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_offs, d_mask,
+            dk, dv = dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_offs, d_mask,
                                 start_m, q_len, stride_q, cols, diag, qk_scale,
                                 HEAD_DIM, BLOCK_D, BLOCK_M, False, PRECISION)
 
@@ -120,11 +120,11 @@ def attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, k_base, v_base, kv_offs, d_mask, start_n, full, k_len, stride_k,
+def dq_step(dq, q, do, lse2, delta, k_base, v_base, kv_offs, d_mask, start_n, full, k_len, stride_k,
              rows, diag, qk_scale,
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
              CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    """One key tile for dq; tiles from ``full`` on need the mask (as in the forward's _fwd_step,
+    """One key tile for dq; tiles from ``full`` on need the mask (as in the forward's fwd_step,
     a runtime branch in one loop keeps ptxas from serializing the wgmma on sm_90)."""
     step = start_n * stride_k.to(tl.int64)
     cols = start_n + tl.arange(0, BLOCK_N)
@@ -168,7 +168,7 @@ def attn_bwd_dq_kernel(
     qk_scale = softmax_scale * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, hi, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, kv_offs, d_mask, start_n, full, k_len,
+        dq = dq_step(dq, q, do, lse2, delta, k_base, v_base, kv_offs, d_mask, start_n, full, k_len,
                       stride_k, rows, diag, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, PRECISION)
     dq = dq * softmax_scale
     tl.store(head_rows(DQ, q_start + m0, stride_q, h, HEAD_DIM) + q_offs, dq.to(DQ.dtype.element_ty),

@@ -37,7 +37,7 @@ def _load_kv(src, kv_offs, start_n, cols, k_len, stride_k, d_mask,
 
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q, k_src, v_src, kv_offs, d_mask, start_n, full, k_len, stride_k,
+def fwd_step(acc, l_i, m_i, q, k_src, v_src, kv_offs, d_mask, start_n, full, k_len, stride_k,
               rows, diag, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
               CAUSAL: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
@@ -104,7 +104,7 @@ def attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_src, v_src, kv_offs, d_mask, start_n, full, k_len,
+        acc, l_i, m_i = fwd_step(acc, l_i, m_i, q, k_src, v_src, kv_offs, d_mask, start_n, full, k_len,
                                   stride_k, rows, diag, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL,
                                   PRECISION, USE_TMA)
 

@@ -1,0 +1,164 @@
+"""Block-sparse spacetime attention in Triton (sliding-tile windows, listed tiles): the entry points the
+ops layer calls.
+
+Files, by role (as the dense ``attention`` package):
+
+* ``forward.py``   the forward kernel: per (query tile block, head), an online softmax over the key tiles
+  of its list.
+* ``backward.py``  the deterministic backward: dq per (query tile block, head) over its key tiles, dk / dv
+  per (key tile block, kv head) over its transposed list; delta is the dense preprocess kernel.
+* ``scheduler.py`` the (tile, row block) work list built on the device, and the prologue that reads it.
+* ``configs.py``   tile configurations per (kernel, arch, head dim, dtype).
+
+The inner-loop steps are the dense attention's (``attention/forward.py``, ``attention/backward.py``) and
+the prologue helpers its ``common.py`` (``head_rows``, ``load_rows``, ``load_lse2``, ``query_tile``), so
+both operators share their numerics.
+
+Semantics are those of ``vdit.ops.reference.block_sparse_attention_tiles``: tokens in tile order, tile t
+the token range [tile_offsets[t], tile_offsets[t + 1]) (sizes differ: edge tiles are partial); query
+tile t with query head h attends every key of the key tiles ``kv_tiles[t, h, :]`` (whole tiles, -1 an
+unused slot anywhere in a row); query head h uses kv head h // (Hq / Hk); a query that sees no key gets
+out 0, lse -inf and zero gradients.
+
+Race-freedom: every output row is written by exactly one program. The work lists hold each (tile, row
+block) once, so out, lse and dq rows of (tile, block, head) belong to the program (item, head), dk and dv
+rows of (tile, block, kv head) to the program (item, kv head); no kernel reads memory another program of
+its launch writes (delta is written by an earlier launch). No atomics: the backward is bitwise
+deterministic.
+
+What the launchers guarantee the kernels: q, k, v, dout, out and every output contiguous (total, heads,
+HEAD_DIM) with HEAD_DIM % 8 == 0 and 16-byte aligned data (copied otherwise), so each head row starts
+16-byte aligned (``head_rows``' hint); lse and delta (Hq, total) float32; the work lists sized from shapes
+only (never from ``max_tile``). What they take from ``vdit.ops`` (validated there, once per tensor):
+tile_offsets int32 starting at 0, non-decreasing, ending at total; lists with in-range entries and no tile
+twice in a row (a repeated tile would be counted twice). The kernels still treat entries outside [0,
+num_tiles) (kv_tiles) or [0, num_tiles * Hq) (q_tiles), and q_tiles entries of a head outside the
+program's group, as unused slots, so malformed lists give wrong numbers but never an out-of-bounds
+access. Rows past a tile's end are masked on load and store. Token offsets are int32 (total < 2**31);
+row offsets of a head are taken in int64.
+
+Head dims: any up to 256. Multiples of 8 run as they are (padded to a power of two inside the kernels
+with masked loads); others are zero-padded here to the next multiple of 8 (a copy, which changes no
+score) and the outputs cut back. Above 256: ValueError. fp16 / bf16 use tensor cores with fp32
+accumulation, fp32 exact fp32 dot products (no tf32).
+"""
+from __future__ import annotations
+
+import torch
+
+from vdit._memory import new_output
+from vdit.kernels.triton._launch import aligned, pad_head_dim
+from vdit.kernels.triton.attention import backward as dense_backward
+from vdit.kernels.triton.attention.configs import MAX_HEAD_DIM, Config, block_d_of, supports_head_dim
+from vdit.kernels.triton.sparse_attention import backward, forward
+from vdit.kernels.triton.sparse_attention.configs import (CONFIGS, FP32_CONFIGS, INTERPRETER_CONFIG,
+                                                          select_config)
+from vdit.kernels.triton.sparse_attention.scheduler import cached_work_items, work_items
+
+# What only a GPU can verify (the static report quotes this; the static check covers compilation,
+# registers, spills, shared memory and wgmma pipelining of every shipped configuration).
+GPU_ONLY = ("speed against dense attention at the same visible-key count (the inner loops are dense attention's, "
+            "but a program walks several key tiles, each a short pipelined loop with its own prologue: only timing "
+            "tells what that costs); bf16 tl.dot numerics (the interpreter's bf16 dot is wrong). Race-freedom is by "
+            "construction: each out / lse / dq row belongs to one (query tile block, head) program and each dk / dv "
+            "row to one (key tile block, kv head) program, and no kernel writes memory another program reads.")
+
+__all__ = ["block_sparse_attention_forward", "block_sparse_attention_backward", "work_items", "Config", "CONFIGS",
+           "FP32_CONFIGS", "INTERPRETER_CONFIG", "select_config", "aot_specs", "GPU_ONLY"]
+
+
+def _check_head_dim(head_dim: int) -> None:
+    if not 0 < head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"the triton block-sparse attention kernels take head dims in [1, {MAX_HEAD_DIM}], "
+                         f"got {head_dim}")
+
+
+
+
+def _index(t: torch.Tensor, contiguous: bool = False) -> torch.Tensor:
+    """An int32 index tensor with unit stride along its last dim (fully contiguous if asked); unchanged
+    when it already is one, so the work-list cache, keyed by the tensor object, keeps hitting."""
+    if t.dtype != torch.int32:
+        t = t.to(torch.int32)
+    if contiguous:
+        return t.contiguous()
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def block_sparse_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile_offsets: torch.Tensor,
+                                   kv_tiles: torch.Tensor, max_tile: int, softmax_scale: float, *,
+                                   config: Config | None = None):
+    """Forward of block-sparse attention over a packed batch in tile order (inputs validated by vdit.ops).
+
+    Args:
+        q: (total, Hq, D) fp16/bf16/fp32; k, v: (total, Hk, D), Hq % Hk == 0, same dtype.
+        tile_offsets: int32 (num_tiles + 1,) token offsets of the tiles, on q's device.
+        kv_tiles: int32 (num_tiles, Hq or 1, K) global key tiles per query tile and head, -1 unused.
+        max_tile: the largest tile's token count: schema parity, unused (coverage never depends on it).
+        softmax_scale: multiplier of q k^T (positive). config: tile configuration override (tests).
+    Returns:
+        out (total, Hq, D) like q; lse (Hq, total) float32 natural log, -inf where a query sees no key.
+    """
+    del max_tile
+    _check_head_dim(q.shape[2])
+    if not supports_head_dim(q.shape[2]):
+        q8, k8, v8 = (pad_head_dim(t) for t in (q, k, v))
+        out, lse = block_sparse_attention_forward(q8, k8, v8, tile_offsets, kv_tiles, 0, softmax_scale, config=config)
+        return out[..., :q.shape[2]].contiguous(), lse
+    total, num_heads_q, head_dim = q.shape
+    q, k, v = aligned(q), aligned(k), aligned(v)
+    tile_offsets, kv_tiles = _index(tile_offsets, contiguous=True), _index(kv_tiles)
+    out = new_output(q.shape, dtype=q.dtype, device=q.device)
+    lse = new_output((num_heads_q, total), dtype=torch.float32, device=q.device)
+    cfg = config or select_config("fwd", q.device, head_dim, q.dtype)
+    work = cached_work_items(tile_offsets, kv_tiles, total, cfg.block_m)
+    forward.launch(q, k, v, out, lse, tile_offsets, kv_tiles, work, softmax_scale, cfg)
+    return out, lse
+
+
+def block_sparse_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                    out: torch.Tensor, lse: torch.Tensor, tile_offsets: torch.Tensor,
+                                    kv_tiles: torch.Tensor, q_tiles: torch.Tensor, max_tile: int,
+                                    softmax_scale: float, *, dkdv_config: Config | None = None,
+                                    dq_config: Config | None = None):
+    """Backward of :func:`block_sparse_attention_forward`; deterministic (no atomics).
+
+    Args:
+        dout: (total, Hq, D) (any strides: made contiguous); out, lse: the forward's outputs.
+        q_tiles: int32 (num_tiles, Hk, M): per key tile and kv head, ``query_tile * Hq + query_head`` of
+            every (query tile, head) that lists it, -1 unused (``vdit.ops.tiles.query_lists``).
+        The rest as in the forward; dkdv_config / dq_config: tile configuration overrides (tests).
+    Returns:
+        dq (total, Hq, D), dk, dv (total, Hk, D) in the dtypes of q, k, v.
+    """
+    del max_tile
+    _check_head_dim(q.shape[2])
+    if not supports_head_dim(q.shape[2]):
+        padded = (pad_head_dim(t) for t in (dout, q, k, v, out))
+        grads = block_sparse_attention_backward(*padded, lse, tile_offsets, kv_tiles, q_tiles, 0, softmax_scale,
+                                                dkdv_config=dkdv_config, dq_config=dq_config)
+        return tuple(g[..., :q.shape[2]].contiguous() for g in grads)
+    total, num_heads_q, head_dim = q.shape
+    dout, q, k, v, out = (aligned(t) for t in (dout.to(q.dtype), q, k, v, out))
+    lse = lse.contiguous()
+    tile_offsets, kv_tiles, q_tiles = (_index(tile_offsets, contiguous=True), _index(kv_tiles),
+                                       _index(q_tiles, contiguous=True))
+    dq = new_output(q.shape, dtype=q.dtype, device=q.device)
+    dk = new_output(k.shape, dtype=k.dtype, device=k.device)
+    dv = new_output(v.shape, dtype=v.dtype, device=v.device)
+    delta = new_output((num_heads_q, total), dtype=torch.float32, device=q.device)
+    dense_backward.launch_preprocess(dout, out, delta, block_d_of(head_dim))  # delta = rowsum(dout * out)
+
+    cfg = dkdv_config or select_config("bwd_dkdv", q.device, head_dim, q.dtype)
+    work = cached_work_items(tile_offsets, q_tiles, total, cfg.block_n, num_heads_q)
+    backward.launch_dkdv(dout, q, k, v, lse, delta, dk, dv, tile_offsets, q_tiles, work, softmax_scale, cfg)
+    cfg = dq_config or select_config("bwd_dq", q.device, head_dim, q.dtype)
+    work = cached_work_items(tile_offsets, kv_tiles, total, cfg.block_m)
+    backward.launch_dq(dout, q, k, v, lse, delta, dq, tile_offsets, kv_tiles, work, softmax_scale, cfg)
+    return dq, dk, dv
+
+
+def aot_specs() -> list:
+    """Every shipped configuration of the three kernels (fp16, bf16, fp32; head dims 64, 128, 256 and the
+    padded 96; sm_90, and the sm_80 tiles on sm_80 and sm_86), for the static GPU check."""
+    return forward.aot_specs() + backward.aot_specs()

@@ -1,0 +1,91 @@
+"""Work lists of the block-sparse attention kernels: built on the device from tile_offsets, read by
+every program's prologue.
+
+A program's work item is (tile, row block): the rows [block * B, (block + 1) * B) of that tile, B the
+kernel's row block (BLOCK_M for the forward and dq, BLOCK_N for dk / dv). Tiles have different sizes
+(edge tiles are partial, a tile may span several blocks), so the launcher builds a flat list of items
+with a few torch ops on the tensors' device (no host synchronisation), heaviest first so the tail of the
+launch is made of short items; its length is a bound from shapes only, and the unused slots at its end
+are padding items that exit at once.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vdit._cache import TensorCache
+
+
+@triton.jit
+def tile_span(OFFSETS, tile, valid):
+    """(first token, token count) of tile ``tile``; count 0 (an empty loop) when not ``valid``, and then
+    tile 0 is read instead, an in-bounds dummy."""
+    t = tl.where(valid, tile, 0)
+    start = tl.load(OFFSETS + t)
+    return start, tl.where(valid, tl.load(OFFSETS + t + 1) - start, 0)
+
+
+@triton.jit
+def work_item(WORK, OFFSETS):
+    """The prologue of every program: its work item (see :func:`work_items`) as (tile, row block, the
+    tile's first token, its token count); tile is -1 for the padding items at the end of the list (the
+    caller returns at once)."""
+    pid = tl.program_id(0)
+    tile = tl.load(WORK + 2 * pid)
+    block = tl.load(WORK + 2 * pid + 1)
+    start, length = tile_span(OFFSETS, tile, tile >= 0)
+    return tile, block, start, length
+
+
+def work_items(tile_offsets: torch.Tensor, lists: torch.Tensor, total: int, block_rows: int,
+               entries_per_tile: int = 1) -> torch.Tensor:
+    """Flat, cost-sorted list of (tile, row block) work items, built on tile_offsets' device.
+
+    Args:
+        tile_offsets: int32 (num_tiles + 1,) token offsets of the tiles.
+        lists: int32 (num_tiles, heads, L): what each tile visits (kv_tiles for the forward and dq, whose
+            entries are tiles; q_tiles for dk / dv, whose entries are tile * Hq + head), -1 unused. Only
+            the order of the items depends on it.
+        total: tile_offsets[-1] (a shape: no device synchronisation).
+        block_rows: rows per item (BLOCK_M for the forward and dq, BLOCK_N for dk / dv).
+        entries_per_tile: the divisor from an entry to its tile (1 for kv_tiles, Hq for q_tiles).
+    Returns:
+        int32 (n, 2): (tile, block) per item, heaviest first (cost: the tokens of the listed tiles, over
+        all heads), then unused slots (tile -1). n = (total + num_tiles * (block_rows - 1)) // block_rows
+        bounds sum_t ceil(size_t / block_rows) for any tile sizes summing to total, so the list covers
+        every row block whatever the sizes are (``max_tile`` plays no part: it is a hint vdit.ops cannot
+        check under torch.compile).
+    """
+    device = tile_offsets.device
+    num_tiles = tile_offsets.numel() - 1
+    n = (total + num_tiles * (block_rows - 1)) // block_rows if num_tiles > 0 else 0
+    if n <= 0:
+        return torch.empty((0, 2), dtype=torch.int32, device=device)
+    offsets = tile_offsets.long()
+    sizes = offsets[1:] - offsets[:-1]
+    blocks = (sizes + block_rows - 1) // block_rows
+    ends = blocks.cumsum(0)
+    idx = torch.arange(n, device=device, dtype=torch.long)
+    tile = torch.searchsorted(ends, idx, right=True)
+    valid = tile < num_tiles
+    tile = tile.clamp_max(num_tiles - 1)
+    block = idx - (ends[tile] - blocks[tile])
+    other = lists.long().div(entries_per_tile, rounding_mode="floor")
+    listed = (lists >= 0) & (other < num_tiles)
+    tile_cost = torch.where(listed, sizes[other.clamp(0, num_tiles - 1)], 0).sum((1, 2))
+    cost = torch.where(valid, tile_cost[tile], -1)
+    order = torch.argsort(cost, descending=True, stable=True)
+    items = torch.stack([torch.where(valid, tile, -1), block], dim=1)[order]
+    return items.to(torch.int32).contiguous()
+
+
+# A model calls attention with the same tiles in every layer and sampling step: build each list once per
+# (tile_offsets, lists) tensors and versions, block size and divisor.
+_WORK = TensorCache(size=32)
+
+
+def cached_work_items(tile_offsets, lists, total, block_rows, entries_per_tile=1) -> torch.Tensor:
+    """:func:`work_items`, cached per (tile_offsets, lists) tensor objects and versions (vdit._cache)."""
+    return _WORK.get((tile_offsets, lists), (total, block_rows, entries_per_tile),
+                     lambda: work_items(tile_offsets, lists, total, block_rows, entries_per_tile))

@@ -1,0 +1,309 @@
+"""Spacetime block-sparse attention over packed videos of any sizes: sliding-tile windows and listed
+(top-k) tiles, forward and backward.
+
+Every video's tokens are in tile order (:func:`vdit.ops.tiles.tile_permutation`; tiles of (tt, th, tw)
+tokens, edge tiles partial, no padding). A query attends every key of the tiles its tile lists, whole
+tiles, within its own video:
+
+* ``sliding_tile_attention``: the tiles of a window of (wt, wh, ww) tiles centred on the query's tile and
+  shifted inward at the grid's edges (on an axis with n tiles the window starts at
+  ``min(max(a - (w - 1) // 2, 0), max(n - w, 0))``; where n <= w every tile is visible). One window for
+  all heads, or one per head.
+* ``block_sparse_attention``: explicit lists ``kv_tiles`` (e.g. from :func:`topk_tiles`).
+
+Kernels (declared in ``SPEC``): Triton (``triton``) on CUDA, C++ (``cpu``) on CPU, and the reference
+(``torch``): dense attention with the tile mask. Both kernels visit only the listed tiles, so their time
+scales with the number of visible tiles. The backward recomputes from lse and is deterministic; it runs
+in the forward's kernel family. The tile lists are built once per (grids, tile, window) and cached.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+
+from vdit._cache import TensorCache
+from vdit.ops import _registry, reference
+from vdit.ops._registry import ALL_FLOATS, GPU_FLOATS, MAX_GPU_HEAD_DIM, Kernel
+from vdit.ops._validation import check_cu_seqlens, check_qkv, check_softmax_scale, check_triple
+from vdit.ops.tiles import TileLayout, query_lists, sliding_window_tiles, tile_layout, to_global
+
+SPEC = _registry.declare(
+    "block_sparse_attention",
+    Kernel("triton", devices=("cuda",), dtypes=GPU_FLOATS, max_head_dim=MAX_GPU_HEAD_DIM,
+           note="FlashAttention-style loop over the listed key tiles only; deterministic backward"),
+    Kernel("cpu", devices=("cpu",), dtypes=ALL_FLOATS, note="BLAS tile GEMMs over the listed key tiles only"),
+)
+SLIDING_SPEC = _registry.declare("sliding_tile_attention", *SPEC.kernels)
+
+
+# ---- Triton implementations, fakes, autograd --------------------------------------------------
+
+@_registry.triton_impl("block_sparse_attention_fwd")
+def _fwd_triton(q, k, v, tile_offsets, kv_tiles, max_tile, softmax_scale):
+    from vdit.kernels.triton import sparse_attention  # imported lazily: triton is optional
+
+    return sparse_attention.block_sparse_attention_forward(q, k, v, tile_offsets, kv_tiles, max_tile, softmax_scale)
+
+
+@_registry.triton_impl("block_sparse_attention_bwd")
+def _bwd_triton(dout, q, k, v, out, lse, tile_offsets, kv_tiles, q_tiles, max_tile, softmax_scale):
+    from vdit.kernels.triton import sparse_attention
+
+    return sparse_attention.block_sparse_attention_backward(dout, q, k, v, out, lse, tile_offsets, kv_tiles, q_tiles,
+                                                            max_tile, softmax_scale)
+
+
+def _fakes(family: _registry.Family) -> dict:
+    lse_dtype = (lambda q: reference.compute_dtype(q.dtype)) if family is _registry.COMPILED else (
+        lambda q: torch.float32)
+
+    def fwd_fake(q, k, v, tile_offsets, kv_tiles, max_tile, softmax_scale):
+        return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype(q))
+
+    def bwd_fake(dout, q, k, v, out, lse, tile_offsets, kv_tiles, q_tiles, max_tile, softmax_scale):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    return {"block_sparse_attention_fwd": fwd_fake, "block_sparse_attention_bwd": bwd_fake}
+
+
+# The transposed lists the backward needs, built once per (global) list tensor.
+_QUERY_LISTS = TensorCache(size=32)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, tile_offsets, kv_tiles, max_tile, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, tile_offsets, kv_tiles)
+    ctx.params = (max_tile, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(family, ctx, grad_out, grad_lse):
+    q, k, v, out, lse, tile_offsets, kv_tiles = ctx.saved_tensors
+    num_tiles = tile_offsets.numel() - 1
+    q_tiles = _QUERY_LISTS.get((kv_tiles,), (num_tiles, q.shape[1], k.shape[1]),
+                               lambda: query_lists(kv_tiles, num_tiles, q.shape[1], k.shape[1]))
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
+    dq, dk, dv = family.op("block_sparse_attention_bwd")(grad_out, q, k, v, out, lse, tile_offsets, kv_tiles, q_tiles,
+                                                         *ctx.params)
+    return dq, dk, dv, None, None, None, None
+
+
+_registry.register(fakes=_fakes, autograd=lambda family: {
+    "block_sparse_attention_fwd": (functools.partial(_backward, family), _setup)})
+
+
+# ---- validation and the tile lists -----------------------------------------------------------
+
+def _grids_error(grids: torch.Tensor, cu_seqlens: torch.Tensor) -> str | None:
+    rows = grids.tolist()
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+        if min(row) <= 0:
+            return f"grids[{i}] = {tuple(row)} must be positive"
+        if row[0] * row[1] * row[2] != n:
+            return (f"grids[{i}] = {tuple(row)} holds {row[0] * row[1] * row[2]} tokens but sequence {i} of "
+                    f"cu_seqlens has {n}")
+    return None
+
+
+# Read on the host once per (grids, cu_seqlens) tensors and versions.
+_GRID_CHECKS = TensorCache(size=64)
+
+
+def _check_grids(grids, cu_seqlens, total: int, device) -> int:
+    """grids int (B, 3) on the tokens' device, positive, one per sequence of cu_seqlens with T*H*W tokens."""
+    batch = check_cu_seqlens("cu_seqlens", cu_seqlens, total, device)
+    if not isinstance(grids, torch.Tensor):
+        raise TypeError(f"grids must be a torch.Tensor, got {type(grids).__name__}")
+    if grids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"grids must be int32 or int64, got {grids.dtype}")
+    if grids.shape != (batch, 3):
+        raise ValueError(f"grids must be ({batch}, 3) (one (T, H, W) per sequence of cu_seqlens), "
+                         f"got {tuple(grids.shape)}")
+    error = _GRID_CHECKS.get((grids, cu_seqlens), "grids", lambda: _grids_error(grids, cu_seqlens))
+    if error:
+        raise ValueError(error)
+    return batch
+
+
+def _layout_of(grids: torch.Tensor, tile) -> TileLayout:
+    """The batch's tile layout; a video smaller than one tile on every axis is refused."""
+    tile = check_triple("tile", tile)
+    layout = tile_layout(grids, tile)
+    for i, row in enumerate(layout.grids):
+        if all(t > n for t, n in zip(tile, row)):
+            raise ValueError(f"tile {tile} is larger than grids[{i}] = {row} on every axis: the video is less than "
+                             f"one tile (tile sizes count tokens, not pixels)")
+    return layout
+
+
+def _check_window(window, heads: int) -> torch.Tensor:
+    """window: 3 ints or an int tensor (heads, 3), all >= 1 -> int64 (1 or heads, 3) on the CPU."""
+    if isinstance(window, torch.Tensor):
+        if window.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"window must be 3 ints or an int32/int64 tensor (heads, 3), got {window.dtype}")
+        if window.shape != (heads, 3):
+            raise ValueError(f"window must be ({heads}, 3) (one window per query head), got {tuple(window.shape)}")
+        out = window.detach().to("cpu", torch.int64)
+    else:
+        try:
+            out = torch.tensor([[int(w) for w in window]], dtype=torch.int64)
+        except (TypeError, ValueError):
+            raise TypeError(f"window must be 3 ints or an int tensor (heads, 3), got {window!r}") from None
+        if out.shape != (1, 3):
+            raise ValueError(f"window must have 3 entries (tiles along t, h, w), got {window!r}")
+    if (out < 1).any():
+        raise ValueError(f"window sizes must be >= 1 tile, got {out.tolist()}")
+    return out
+
+
+def _check_kv_tiles(kv_tiles, layout: TileLayout, heads: int) -> None:
+    if not isinstance(kv_tiles, torch.Tensor):
+        raise TypeError(f"kv_tiles must be a torch.Tensor, got {type(kv_tiles).__name__}")
+    if kv_tiles.dtype != torch.int32:
+        raise TypeError(f"kv_tiles must be int32, got {kv_tiles.dtype}")
+    if kv_tiles.dim() != 3 or kv_tiles.shape[0] != layout.num_tiles or kv_tiles.shape[1] not in (1, heads):
+        raise ValueError(f"kv_tiles must be ({layout.num_tiles}, {heads} or 1, k) (query tiles of the batch, heads, "
+                         f"slots), got {tuple(kv_tiles.shape)}")
+    if kv_tiles.shape[2] == 0 or torch.compiler.is_compiling():
+        return
+    counts = torch.tensor([b - a for a, b in zip(layout.first_tile, layout.first_tile[1:])])
+    limit = torch.repeat_interleave(counts, counts)[:, None, None].to(kv_tiles.device)
+    bad = (kv_tiles < -1) | (kv_tiles >= limit)
+    if bool(bad.any()):
+        t, h, s = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"kv_tiles[{t}, {h}, {s}] = {int(kv_tiles[t, h, s])} is not a tile of its video "
+                         f"(0 .. {int(limit[t, 0, 0]) - 1}, or -1 for an unused slot)")
+    ordered = kv_tiles.sort(dim=2).values
+    dup = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
+    if bool(dup.any()):
+        t, h, _ = (int(i) for i in dup.nonzero()[0])
+        raise ValueError(f"kv_tiles[{t}, {h}] lists a key tile twice: {kv_tiles[t, h].tolist()}")
+
+
+# Kernel-side lists: global tile indices, one row per query head, built once per tensor / window.
+_GLOBAL_LISTS = TensorCache(size=32)
+
+
+def _global_lists(layout: TileLayout, kv_tiles: torch.Tensor, heads: int) -> torch.Tensor:
+    return _GLOBAL_LISTS.get((kv_tiles,), (layout, heads),
+                             lambda: to_global(layout, kv_tiles).expand(-1, heads, -1).contiguous())
+
+
+@functools.lru_cache(maxsize=64)
+def _window_lists(layout: TileLayout, window: tuple, device: str) -> torch.Tensor:
+    return sliding_window_tiles(layout, torch.tensor(window)).to(device)
+
+
+def _run(spec, q, k, v, layout: TileLayout, kv_tiles, scale: float, backend: str, return_lse: bool):
+    chosen = _registry.select(spec, q.device, q.dtype, backend, head_dim=q.shape[2])
+    lists = _global_lists(layout, kv_tiles, q.shape[1])
+    if chosen == "torch":
+        return reference.block_sparse_attention_tiles(q, k, v, layout.offsets, lists, softmax_scale=scale,
+                                                      return_lse=return_lse)
+    out, lse = _registry.family_of(chosen).op("block_sparse_attention_fwd")(
+        q.contiguous(), k.contiguous(), v.contiguous(), layout.offsets, lists, layout.max_tile, scale)
+    return (out, lse) if return_lse else out
+
+
+# ---- public API ------------------------------------------------------------------------------
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                           grids: torch.Tensor, tile: Sequence[int], kv_tiles: torch.Tensor, *,
+                           softmax_scale: float | None = None, return_lse: bool = False, backend: str = "auto"):
+    """Attention of each query to the key tiles its tile lists, over packed videos in tile order.
+
+    Args:
+        q: (total, Hq, Dh); k, v: (total, Hk, Dh), Hq % Hk == 0 (grouped-query); each video's tokens in
+            tile order (:func:`vdit.packing.tile_permutation`).
+        cu_seqlens: int32 (B + 1,) offsets of the videos; grids: int (B, 3) their token grids (T, H, W).
+        tile: (tt, th, tw) tokens per tile (edge tiles partial).
+        kv_tiles: int32 (total_query_tiles, Hq or 1, k): rows are the query tiles (videos in batch order,
+            each video's tiles row-major over (a, b, c)); each holds key tiles local to that video
+            (row-major over (a, b, c)) or -1 for an unused slot; no tile twice in a row.
+        softmax_scale: positive, default Dh ** -0.5.
+        return_lse: also return lse (Hq, total) float32 (float64 for float64 input on ``cpu`` / ``torch``).
+        backend: see :mod:`vdit.backends`.
+    Returns:
+        out like q (0 for a query whose row lists no tile); with ``return_lse`` the pair (out, lse).
+        Differentiable in q, k and v.
+    Raises:
+        TypeError / ValueError naming the argument, before any kernel runs.
+    """
+    check_qkv(q, k, v)
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"q has {q.shape[0]} tokens but k has {k.shape[0]} (self-attention over one packing)")
+    _check_grids(grids, cu_seqlens, q.shape[0], q.device)
+    layout = _layout_of(grids, tile)
+    _check_kv_tiles(kv_tiles, layout, q.shape[1])
+    scale = check_softmax_scale(softmax_scale, q.shape[2])
+    return _run(SPEC, q, k, v, layout, kv_tiles, scale, backend, return_lse)
+
+
+def sliding_tile_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                           grids: torch.Tensor, tile: Sequence[int], window, *, softmax_scale: float | None = None,
+                           return_lse: bool = False, backend: str = "auto"):
+    """Sliding-tile attention (STA) over packed videos of any sizes, in tile order.
+
+    Args:
+        q, k, v, cu_seqlens, grids, tile, softmax_scale, return_lse, backend: as :func:`block_sparse_attention`.
+        window: (wt, wh, ww) tiles per axis, each >= 1, or an int tensor (Hq, 3) with one window per query
+            head. A query in tile (a, b, c) sees the keys of the tiles of its own video whose index on each
+            axis lies in [s, s + w), s = min(max(a - (w - 1) // 2, 0), max(n - w, 0)) for an axis of n
+            tiles; a window at least as large as the grid is dense attention.
+    Returns:
+        As :func:`block_sparse_attention`.
+    """
+    check_qkv(q, k, v)
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"q has {q.shape[0]} tokens but k has {k.shape[0]} (self-attention over one packing)")
+    _check_grids(grids, cu_seqlens, q.shape[0], q.device)
+    layout = _layout_of(grids, tile)
+    windows = _check_window(window, q.shape[1])
+    scale = check_softmax_scale(softmax_scale, q.shape[2])
+    kv_tiles = _window_lists(layout, tuple(map(tuple, windows.tolist())), str(q.device))
+    return _run(SLIDING_SPEC, q, k, v, layout, kv_tiles, scale, backend, return_lse)
+
+
+def pooled_tiles(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+    """Mean of each tile's tokens: x (total, H, D) in tile order -> (total_tiles, H, D), in x's dtype."""
+    offsets = layout.offsets.long()
+    sizes = (offsets[1:] - offsets[:-1]).to(x.device)
+    tile_of_token = torch.repeat_interleave(torch.arange(layout.num_tiles, device=x.device), sizes,
+                                            output_size=x.shape[0])
+    sums = torch.zeros((layout.num_tiles, *x.shape[1:]), dtype=torch.float32, device=x.device)
+    sums.index_add_(0, tile_of_token, x.float())
+    return (sums / sizes.clamp_min(1).to(torch.float32)[:, None, None]).to(x.dtype)
+
+
+def topk_tiles(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, grids: torch.Tensor,
+               tile: Sequence[int], topk: int) -> torch.Tensor:
+    """The top-k key tiles of every query tile and head, from tile-pooled q and k (VSA's coarse stage).
+
+    Args:
+        q: (total, Hq, Dh); k: (total, Hk, Dh); in tile order; cu_seqlens, grids, tile as
+            :func:`block_sparse_attention`.
+        topk: key tiles kept per (query tile, head), >= 1; a video with fewer tiles keeps all of them and
+            pads with -1.
+    Returns:
+        kv_tiles int32 (total_query_tiles, Hq, topk) for :func:`block_sparse_attention`, ascending per
+        row. Not differentiable (a selection).
+    """
+    check_qkv(q, k, k)
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk must be an int >= 1, got {topk!r}")
+    _check_grids(grids, cu_seqlens, q.shape[0], q.device)
+    layout = _layout_of(grids, tile)
+    with torch.no_grad():
+        pq = pooled_tiles(q, layout).float()
+        pk = pooled_tiles(k, layout).float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        rows = []
+        for a, b in zip(layout.first_tile, layout.first_tile[1:]):
+            scores = torch.einsum("ihd,jhd->hij", pq[a:b], pk[a:b])  # (Hq, n, n) within one video
+            keep = min(topk, b - a)
+            chosen = scores.topk(keep, dim=-1).indices.sort(dim=-1).values.permute(1, 0, 2)  # (n, Hq, keep)
+            rows.append(torch.nn.functional.pad(chosen, (0, topk - keep), value=-1))
+        return torch.cat(rows).to(torch.int32)

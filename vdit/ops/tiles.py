@@ -1,0 +1,207 @@
+"""Spacetime tiles of a packed batch: the tile layout and the key-tile lists of block-sparse attention.
+
+A video with token grid (T, H, W) and tile (tt, th, tw) has ceil(T/tt) x ceil(H/th) x ceil(W/tw) tiles,
+ordered row-major over their (a, b, c) index; inside a tile, tokens are row-major over (t, h, w). Edge
+tiles are partial: no padding token is ever added, and each video keeps its own token count. A packed
+batch in *tile order* holds each video's tokens in that order, videos one after another, so every tile
+is a contiguous run of tokens: ``offsets`` (int32, total tiles + 1) marks where each starts.
+
+Everything here is host-side index bookkeeping on small tensors (one entry per tile, not per token,
+except the permutation), computed once per (grids, tile[, window]) and cached.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import torch
+
+from vdit._cache import TensorCache
+
+
+@dataclasses.dataclass(frozen=True)
+class TileLayout:
+    """The tiles of a packed batch.
+
+    Attributes:
+        grids: token grid (T, H, W) of each video.
+        tile: (tt, th, tw).
+        tile_grids: tile grid (ceil(T/tt), ceil(H/th), ceil(W/tw)) of each video.
+        first_tile: (B + 1,) index of each video's first tile (global tile indices); the last is the total.
+        offsets: int32 (total_tiles + 1,) token offset of each tile in tile order (on the grids' device).
+        max_tile: the largest tile's token count.
+    """
+
+    grids: tuple[tuple[int, int, int], ...]
+    tile: tuple[int, int, int]
+    tile_grids: tuple[tuple[int, int, int], ...]
+    first_tile: tuple[int, ...]
+    offsets: torch.Tensor
+    max_tile: int
+
+    @property
+    def num_tiles(self) -> int:
+        return self.first_tile[-1]
+
+
+def _edges(n: int, t: int) -> list[int]:
+    """Extents of the ceil(n / t) tiles along an axis of n tokens (the last one partial)."""
+    return [min(t, n - i) for i in range(0, n, t)]
+
+
+def _video_tile_sizes(grid, tile) -> torch.Tensor:
+    """(na * nb * nc,) token counts of one video's tiles, in tile order."""
+    et, eh, ew = (torch.tensor(_edges(n, t)) for n, t in zip(grid, tile))
+    return (et[:, None, None] * eh[None, :, None] * ew[None, None, :]).reshape(-1)
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(grids: tuple, tile: tuple, device: str) -> TileLayout:
+    sizes = [_video_tile_sizes(g, tile) for g in grids]
+    counts = [len(s) for s in sizes]
+    first = [0]
+    for n in counts:
+        first.append(first[-1] + n)
+    all_sizes = torch.cat(sizes) if sizes else torch.zeros(0, dtype=torch.long)
+    offsets = torch.zeros(len(all_sizes) + 1, dtype=torch.int32)
+    offsets[1:] = all_sizes.cumsum(0)
+    tile_grids = tuple(tuple(-(-n // t) for n, t in zip(g, tile)) for g in grids)
+    return TileLayout(grids, tile, tile_grids, tuple(first), offsets.to(device),
+                      int(all_sizes.max()) if len(all_sizes) else 0)
+
+
+_LAYOUTS = TensorCache(size=64)
+
+
+def tile_layout(grids: torch.Tensor, tile: Sequence[int]) -> TileLayout:
+    """The :class:`TileLayout` of a packed batch with token grids ``grids`` (int (B, 3)) and ``tile``
+    (read on the host once per grids tensor and version)."""
+    tile = tuple(int(t) for t in tile)
+
+    def build():
+        key = tuple(tuple(int(v) for v in g) for g in grids.tolist())
+        return _layout(key, tile, str(grids.device))
+
+    return _LAYOUTS.get((grids,), ("layout", tile), build)
+
+
+def _video_permutation(grid, tile) -> torch.Tensor:
+    """(N,) raster index of each token of one video in tile order."""
+    T, H, W = grid
+    tt, th, tw = tile
+    t, h, w = torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")
+    t, h, w = t.reshape(-1), h.reshape(-1), w.reshape(-1)
+    na, nb, nc = -(-T // tt), -(-H // th), -(-W // tw)
+    a, b, c = t // tt, h // th, w // tw
+    eh = torch.clamp(H - b * th, max=th)  # extents of each token's tile along h and w
+    ew = torch.clamp(W - c * tw, max=tw)
+    sizes = _video_tile_sizes(grid, tile)
+    starts = torch.zeros_like(sizes)
+    starts[1:] = sizes.cumsum(0)[:-1]
+    tile_index = (a * nb + b) * nc + c
+    local = ((t - a * tt) * eh + (h - b * th)) * ew + (w - c * tw)
+    tiled_position = starts[tile_index] + local  # where raster token r goes
+    perm = torch.empty_like(tiled_position)
+    perm[tiled_position] = torch.arange(T * H * W)
+    return perm
+
+
+_PERMUTATIONS = TensorCache(size=16)
+
+
+def tile_permutation(grids: torch.Tensor, tile: Sequence[int]) -> torch.Tensor:
+    """Permutation from raster order to tile order of a packed batch.
+
+    Args:
+        grids: int32 (B, 3) token grids (as ``PackedVideos.grids``), videos packed one after another,
+            each video's tokens row-major over (t, h, w).
+        tile: (tt, th, tw) positive.
+    Returns:
+        int64 (total,) ``perm`` on the grids' device: ``x_tiled = x_raster[perm]``; the inverse is
+        ``perm.argsort()``.
+    """
+    tile = tuple(int(t) for t in tile)
+
+    def build():
+        parts, start = [], 0
+        for g in grids.tolist():
+            parts.append(_video_permutation(g, tile) + start)
+            start += g[0] * g[1] * g[2]
+        perm = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        return perm.to(grids.device)
+
+    return _PERMUTATIONS.get((grids,), ("perm", tile), build)
+
+
+def _window_starts(n: int, w: int) -> torch.Tensor:
+    """First visible tile of every query tile along an axis of n tiles, window w (centred, shifted inward)."""
+    a = torch.arange(n)
+    return torch.clamp(torch.clamp(a - (w - 1) // 2, min=0), max=max(n - w, 0))
+
+
+def sliding_window_tiles(layout: TileLayout, window: torch.Tensor) -> torch.Tensor:
+    """Key tiles of a sliding-tile window, per query tile and head.
+
+    Args:
+        layout: the batch's :class:`TileLayout`.
+        window: int (Hw, 3) tiles per axis (Hw = 1: every head alike).
+    Returns:
+        int32 (total_tiles, Hw, K) key-tile indices local to each video (row-major over (a, b, c)),
+        -1 in unused slots (heads with smaller windows); K the largest visible count.
+    """
+    windows = [tuple(int(v) for v in row) for row in window.tolist()]
+    per_video = []
+    for (na, nb, nc) in layout.tile_grids:
+        heads = []
+        for wa, wb, wc in windows:
+            sa, sb, sc = (_window_starts(n, w) for n, w in ((na, wa), (nb, wb), (nc, wc)))
+            ma, mb, mc = min(wa, na), min(wb, nb), min(wc, nc)
+            ka = sa[:, None] + torch.arange(ma)  # (na, ma)
+            kb = sb[:, None] + torch.arange(mb)
+            kc = sc[:, None] + torch.arange(mc)
+            keys = ((ka[:, None, None, :, None, None] * nb + kb[None, :, None, None, :, None]) * nc
+                    + kc[None, None, :, None, None, :])  # (na, nb, nc, ma, mb, mc)
+            heads.append(keys.reshape(na * nb * nc, -1))
+        width = max(h.shape[1] for h in heads)
+        padded = [torch.nn.functional.pad(h, (0, width - h.shape[1]), value=-1) for h in heads]
+        per_video.append(torch.stack(padded, 1))  # (tiles, Hw, K_video)
+    width = max(v.shape[2] for v in per_video)
+    lists = [torch.nn.functional.pad(v, (0, width - v.shape[2]), value=-1) for v in per_video]
+    return torch.cat(lists).to(torch.int32)
+
+
+def to_global(layout: TileLayout, kv_tiles: torch.Tensor) -> torch.Tensor:
+    """Local key-tile indices (per video) -> global ones (into ``layout.offsets``); -1 stays -1."""
+    first = torch.tensor(layout.first_tile[:-1], dtype=torch.int32, device=kv_tiles.device)
+    counts = torch.tensor([b - a for a, b in zip(layout.first_tile, layout.first_tile[1:])], device=kv_tiles.device)
+    video_first = torch.repeat_interleave(first, counts)  # (total_tiles,)
+    return torch.where(kv_tiles >= 0, kv_tiles + video_first[:, None, None], -1).to(torch.int32)
+
+
+def query_lists(kv_tiles: torch.Tensor, num_tiles: int, heads_q: int, heads_k: int) -> torch.Tensor:
+    """The transposed lists the backward's dk / dv pass needs.
+
+    Args:
+        kv_tiles: int32 (total_tiles, Hq, K) global key-tile indices, -1 unused.
+    Returns:
+        int32 (total_tiles, Hk, M): for each key tile and kv head, ``query_tile * Hq + query_head`` of every
+        (query tile, query head) whose list holds it, ascending, -1 in unused slots.
+    """
+    device = kv_tiles.device
+    tiles, hq, k = kv_tiles.shape
+    q_tile = torch.arange(tiles, device=device)[:, None, None].expand(tiles, hq, k)
+    q_head = torch.arange(hq, device=device)[None, :, None].expand(tiles, hq, k)
+    used = kv_tiles >= 0
+    key = kv_tiles[used].long() * heads_k + q_head[used] // (heads_q // heads_k)
+    value = q_tile[used] * heads_q + q_head[used]
+    order = torch.argsort(key * (tiles * heads_q) + value)  # by (key tile, kv head), then query entry
+    key, value = key[order], value[order]
+    counts = torch.bincount(key, minlength=num_tiles * heads_k)
+    width = int(counts.max()) if counts.numel() else 0
+    starts = torch.zeros_like(counts)
+    starts[1:] = counts.cumsum(0)[:-1]
+    slot = torch.arange(key.numel(), device=device) - starts[key]
+    out = torch.full((num_tiles * heads_k, max(width, 1)), -1, dtype=torch.int64, device=device)
+    out[key, slot] = value
+    return out.view(num_tiles, heads_k, -1).to(torch.int32)
