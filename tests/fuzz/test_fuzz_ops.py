@@ -7,7 +7,7 @@ ValueError / TypeError and leave every input tensor unmodified.
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import vdit.ops as V
@@ -178,3 +178,25 @@ def test_patchify_rejects_non_dividing_patches(sizes, patch):
     with pytest.raises(ValueError, match="must divide"):
         V.patchify_3d(x, patch)
     assert torch.equal(x, saved)
+
+
+grid_lists = st.lists(st.tuples(st.integers(1, 5), st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=3)
+
+
+@given(grids=grid_lists, tile=st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4)),
+       window=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3)),
+       heads=st.sampled_from([(1, 1), (4, 2), (2, 2)]), dtype=st.sampled_from(DTYPES[:3]),
+       seed=st.integers(0, 2**16))
+@pytest.mark.parametrize("backend", cpu_backends("sliding_tile_attention"))
+def test_sliding_tile_attention_matches_reference(backend, grids, tile, window, heads, dtype, seed):
+    """Random packings, tiles (larger than the grid on some axes) and windows (larger than the grid)."""
+    assume(all(any(t <= n for t, n in zip(tile, g)) for g in grids))  # no video smaller than one tile
+    Hq, Hk = heads
+    total = sum(t * h * w for t, h, w in grids)
+    q = tensor((total, Hq, 8), dtype, seed)
+    k, v = tensor((total, Hk, 8), dtype, seed + 1), tensor((total, Hk, 8), dtype, seed + 2)
+    cu, g = cu_seqlens_of([t * h * w for t, h, w in grids]), torch.tensor(grids, dtype=torch.int32)
+    out = V.sliding_tile_attention(q, k, v, cu, g, tile, window, backend=backend)
+    expected = V.sliding_tile_attention(q.double(), k.double(), v.double(), cu, g, tile, window, backend="torch")
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert_close(out, expected, dtype, scale=4 if dtype == torch.bfloat16 else 2)

@@ -1,0 +1,263 @@
+"""The Triton block-sparse attention kernels (vdit/kernels/triton/sparse_attention.py), called directly.
+
+block_sparse_attention_forward / block_sparse_attention_backward against the float64 oracle
+(vdit.ops.reference.block_sparse_attention_tiles, gradients by autograd): out, lse, dq, dk, dv on packed
+batches of videos in tile order built with vdit.ops.tiles (grids not divisible by the tile, a 1-frame
+video, tiles larger than a kernel block, per-head windows, grouped-query heads, -1 slots in the middle
+of a row, rows with no tile at all, key tiles nobody attends), a window covering the whole grid against
+dense attention, the work list, alignment, head-dim padding, and determinism. Without a GPU the kernels
+run under TRITON_INTERPRET=1 on CPU tensors (conftest.py), in fp16 and fp32 only (the interpreter's bf16
+tl.dot is wrong), with small blocks on small shapes. Outputs are NaN-poisoned (conftest's autouse
+fixture), so a row a kernel forgets fails.
+
+The op contract (validation, dispatch, autograd) is tested with the ops layer in tests/ops/.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import HAS_GPU, assert_close, cu_seqlens_of
+from vdit.ops import reference
+from vdit.ops.tiles import query_lists, sliding_window_tiles, tile_layout, to_global
+
+try:
+    import triton  # noqa: F401
+except ImportError:
+    S = None
+else:
+    from vdit.kernels.triton import sparse_attention as S
+pytestmark = pytest.mark.skipif(S is None, reason="could not import 'triton'")
+
+DEVICE = "cuda" if HAS_GPU else "cpu"
+# bf16 tl.dot only works compiled, on a GPU.
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if HAS_GPU else [])
+# Gradients go through two more roundings to the input dtype (p and ds before their dot products).
+GRAD_SCALE = {torch.float16: 4.0, torch.bfloat16: 4.0, torch.float32: 2.0}
+# The brief's batch: grids not divisible by the tile (5, 6, 7), a 1-frame video, a larger one.
+GRIDS = [[5, 6, 7], [1, 4, 4], [4, 8, 8]]
+
+
+def _layout(grids, tile):
+    return tile_layout(torch.tensor(grids, dtype=torch.int32), tile)
+
+
+def _window_lists(layout, window, hq):
+    """Global kv_tiles (num_tiles, Hq, K) of a sliding window: one (3,) window for all heads or (Hq, 3)."""
+    window = torch.tensor(window)
+    window = window[None] if window.dim() == 1 else window
+    lists = to_global(layout, sliding_window_tiles(layout, window))
+    return lists.expand(-1, hq, -1).contiguous().to(DEVICE)
+
+
+def _inputs(total, hq, hk, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(total, h, d, generator=g).to(DEVICE, dtype) for h in (hq, hk, hk))
+    dout = torch.randn(total, hq, d, generator=g).to(DEVICE, dtype)
+    return q, k, v, dout
+
+
+def _reference(q, k, v, dout, offsets, kv_tiles, scale):
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out, lse = reference.block_sparse_attention_tiles(qd, kd, vd, offsets, kv_tiles, softmax_scale=scale,
+                                                      return_lse=True)
+    out.backward(dout.double())
+    return out.detach(), lse.detach(), qd.grad, kd.grad, vd.grad
+
+
+def _run(q, k, v, dout, layout, kv_tiles, scale, fwd_config=None, bwd_config=None):
+    hq, hk = q.shape[1], k.shape[1]
+    offsets = layout.offsets.to(DEVICE)
+    q_tiles = query_lists(kv_tiles.expand(-1, hq, -1), layout.num_tiles, hq, hk)
+    out, lse = S.block_sparse_attention_forward(q, k, v, offsets, kv_tiles, layout.max_tile, scale, config=fwd_config)
+    grads = S.block_sparse_attention_backward(dout, q, k, v, out, lse, offsets, kv_tiles, q_tiles, layout.max_tile,
+                                              scale, dkdv_config=bwd_config, dq_config=bwd_config)
+    return (out, lse, *grads)
+
+
+def _check(layout, kv_tiles, hq, hk, d, dtype, scale=None, seed=0, fwd_config=None, bwd_config=None):
+    """Run both kernels and compare every output with the float64 oracle; returns the kernels' outputs."""
+    total = int(layout.offsets[-1])
+    q, k, v, dout = _inputs(total, hq, hk, d, dtype, seed)
+    scale = d ** -0.5 if scale is None else scale
+    got = _run(q, k, v, dout, layout, kv_tiles, scale, fwd_config, bwd_config)
+    out, lse, dq, dk, dv = got
+    r_out, r_lse, r_dq, r_dk, r_dv = _reference(q, k, v, dout, layout.offsets, kv_tiles, scale)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (hq, total)
+    assert (dq.dtype, dk.dtype, dv.dtype) == (dtype,) * 3
+    assert_close(out, r_out, dtype)
+    assert torch.equal(torch.isneginf(lse).cpu(), torch.isneginf(r_lse).cpu())
+    assert_close(lse, r_lse, torch.float32, scale=4.0)  # lse is fp32 whatever the input dtype
+    for grad, want in ((dq, r_dq), (dk, r_dk), (dv, r_dv)):
+        assert torch.isfinite(grad).all()
+        assert_close(grad, want, dtype, scale=GRAD_SCALE[dtype])
+    return got
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sliding_window_over_a_packed_batch(dtype):
+    # 482 tokens in tiles of (2, 4, 4) = 32 tokens (edge tiles partial), more than one 16-row block each.
+    layout = _layout(GRIDS, (2, 4, 4))
+    assert layout.max_tile > S.INTERPRETER_CONFIG.block_m or HAS_GPU
+    _check(layout, _window_lists(layout, [1, 3, 3], 2), 2, 1, 16, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_per_head_windows_grouped_query(dtype):
+    # Four query heads on two kv heads, each head its own window (so rows have -1 tails of different
+    # lengths); dk / dv sum both query heads of a group inside one program.
+    layout = _layout([[3, 5, 6], [1, 4, 4]], (2, 2, 4))
+    windows = [[1, 1, 1], [2, 3, 1], [1, 2, 2], [3, 3, 3]]
+    _check(layout, _window_lists(layout, windows, 4), 4, 2, 16, dtype, scale=0.4)
+
+
+def test_unused_slots_empty_rows_and_unattended_key_tiles():
+    # Hand-written lists over one video of 2 x 3 x 3 tiles: -1 slots in the middle of rows, a row with no
+    # tile at all (its queries: out 0, lse -inf, dq 0), and key tile 8 that no query lists (dk = dv = 0).
+    layout = _layout([[3, 5, 6]], (2, 2, 2))
+    n = layout.num_tiles
+    assert n == 18
+    g = torch.Generator().manual_seed(5)
+    kv = torch.stack([torch.randperm(n, generator=g)[:5] for _ in range(n * 2)]).view(n, 2, 5).to(torch.int32)
+    kv[kv == 8] = -1
+    kv[:, :, 2] = -1
+    kv[3, 1] = -1  # tile 3, head 1 sees nothing
+    kv[7, 0, 1] = -1
+    out, lse, dq, dk, dv = _check(layout, kv.to(DEVICE), 2, 2, 16, torch.float32)
+    start, end = int(layout.offsets[3]), int(layout.offsets[4])
+    assert torch.all(out[start:end, 1] == 0) and torch.all(torch.isneginf(lse[1, start:end]))
+    assert torch.all(dq[start:end, 1] == 0) and torch.isfinite(lse[0, start:end]).all()
+    k0, k1 = int(layout.offsets[8]), int(layout.offsets[9])
+    assert torch.all(dk[k0:k1] == 0) and torch.all(dv[k0:k1] == 0)
+
+
+@pytest.mark.parametrize("block_m,block_n", [(16, 32), (32, 16), (64, 64)])
+def test_tiles_larger_than_a_block(block_m, block_n):
+    # Tile (2, 8, 8) = 128 tokens: several query blocks per tile and several key blocks per listed tile
+    # (and, at 64x64, blocks larger than the partial edge tiles). The dk / dv kernel tiles keys by
+    # block_n and loops over queries by block_m.
+    layout = _layout([[3, 8, 10], [2, 8, 8]], (2, 8, 8))
+    assert layout.max_tile == 128
+    cfg = S.Config(block_m, block_n, 4, 1)
+    _check(layout, _window_lists(layout, [2, 1, 1], 1), 1, 1, 16, torch.float32, fwd_config=cfg, bwd_config=cfg)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_window_covering_the_grid_is_dense_attention(dtype):
+    # Every tile of its video visible: per video this is dense attention (tile order permutes queries
+    # and keys alike), so it must match varlen_attention as well as the sparse oracle.
+    grids = [[3, 5, 6], [1, 4, 4], [2, 3, 3]]
+    layout = _layout(grids, (2, 4, 4))
+    kv = _window_lists(layout, [9, 9, 9], 2)
+    out, lse, dq, dk, dv = _check(layout, kv, 2, 1, 16, dtype)
+    lengths = [t * h * w for t, h, w in grids]
+    total = sum(lengths)
+    q, k, v, dout = _inputs(total, 2, 1, 16, dtype)
+    cu = cu_seqlens_of(lengths, DEVICE)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    r_out, r_lse = reference.varlen_attention(qd, kd, vd, cu, cu, softmax_scale=16 ** -0.5, return_lse=True)
+    r_out.backward(dout.double())
+    assert_close(out, r_out.detach(), dtype)
+    assert_close(lse, r_lse.detach(), torch.float32, scale=4.0)
+    for grad, want in ((dq, qd.grad), (dk, kd.grad), (dv, vd.grad)):
+        assert_close(grad, want, dtype, scale=GRAD_SCALE[dtype])
+
+
+def test_one_list_for_all_heads_broadcasts():
+    # kv_tiles (num_tiles, 1, K) (the oracle's "Hq or 1") reads the same row for every head.
+    layout = _layout([[3, 5, 6]], (2, 4, 4))
+    kv = _window_lists(layout, [1, 2, 2], 1)
+    assert kv.shape[1] == 1
+    _check(layout, kv, 3, 1, 16, torch.float32)
+    _check(layout, kv.expand(-1, 3, -1), 3, 1, 16, torch.float32)  # an expanded (stride 0) head dim
+
+
+@pytest.mark.parametrize("head_dim", [12, 40])
+def test_head_dims_that_are_not_multiples_of_8_are_padded(head_dim):
+    # 12 is zero-padded to 16 by the launcher (a copy); 40 runs as it is, padded to BLOCK_D 64 in-kernel.
+    layout = _layout([[3, 5, 6]], (2, 4, 4))
+    _check(layout, _window_lists(layout, [1, 3, 1], 2), 2, 2, head_dim, torch.float32)
+
+
+def test_head_dims_above_256_raise():
+    layout = _layout([[1, 2, 2]], (1, 2, 2))
+    q, k, v, _ = _inputs(4, 1, 1, 264, torch.float32)
+    with pytest.raises(ValueError, match="head dim"):
+        S.block_sparse_attention_forward(q, k, v, layout.offsets, _window_lists(layout, [1, 1, 1], 1), 4, 1.0)
+
+
+def test_misaligned_inputs_and_expanded_dout():
+    # A contiguous view 4 bytes into its buffer is copied (the kernels promise 16-byte aligned rows);
+    # an expanded dout (as autograd may pass) is made contiguous.
+    layout = _layout([[3, 5, 6]], (2, 4, 4))
+    kv = _window_lists(layout, [1, 3, 3], 2)
+    total = int(layout.offsets[-1])
+    q, k, v, _ = _inputs(total, 2, 1, 16, torch.float32)
+    buf = torch.empty(q.numel() + 1, dtype=q.dtype, device=q.device)
+    q_view = buf[1:].view(q.shape)
+    q_view.copy_(q)
+    assert q_view.data_ptr() % 16 != 0
+    dout = torch.ones(1, 1, 1, dtype=q.dtype, device=q.device).expand(q.shape)
+    out, lse, dq, dk, dv = _run(q_view, k, v, dout, layout, kv, 0.3)
+    r_out, r_lse, r_dq, r_dk, r_dv = _reference(q, k, v, dout.contiguous(), layout.offsets, kv, 0.3)
+    assert_close(out, r_out)
+    assert_close(lse, r_lse)
+    for grad, want in ((dq, r_dq), (dk, r_dk), (dv, r_dv)):
+        assert_close(grad, want, scale=GRAD_SCALE[torch.float32])
+
+
+def test_backward_is_deterministic():
+    # Grouped-query (both query heads feed one kv head's dk / dv): no atomics, so bitwise equal.
+    layout = _layout([[3, 5, 6]], (2, 4, 4))
+    kv = _window_lists(layout, [2, 3, 3], 2)
+    q, k, v, dout = _inputs(int(layout.offsets[-1]), 2, 1, 16, torch.float16, seed=3)
+    first = _run(q, k, v, dout, layout, kv, 0.25)
+    second = _run(q, k, v, dout, layout, kv, 0.25)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_no_tiles():
+    offsets = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    q, k, v, dout = _inputs(0, 2, 1, 16, torch.float32)
+    kv = torch.full((0, 2, 1), -1, dtype=torch.int32, device=DEVICE)
+    qt = torch.full((0, 1, 1), -1, dtype=torch.int32, device=DEVICE)
+    out, lse = S.block_sparse_attention_forward(q, k, v, offsets, kv, 0, 1.0)
+    assert out.shape == q.shape and lse.shape == (2, 0)
+    dq, dk, dv = S.block_sparse_attention_backward(dout, q, k, v, out, lse, offsets, kv, qt, 0, 1.0)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+
+
+@pytest.mark.parametrize("block_rows", [16, 64])
+def test_work_items_cover_every_block_once_heaviest_first(block_rows):
+    # Tiles of very different sizes (a 1-token edge tile next to 128-token ones); the list's length
+    # depends on shapes only, and its order on the listed tiles' sizes.
+    layout = _layout([[5, 9, 17], [1, 1, 1], [2, 8, 8]], (2, 8, 8))
+    kv = _window_lists(layout, [[1, 1, 1], [3, 2, 2]], 2)
+    total = int(layout.offsets[-1])
+    items = S.work_items(layout.offsets, kv, total, block_rows)
+    assert items.dtype == torch.int32 and items.shape[1] == 2
+    valid = items[:, 0] >= 0
+    count = int(valid.sum())
+    assert torch.all(valid[:count]) and not torch.any(valid[count:])
+    sizes = (layout.offsets[1:] - layout.offsets[:-1]).tolist()
+    assert items.shape[0] - count <= layout.num_tiles
+    got = sorted(map(tuple, items[valid].tolist()))
+    assert got == sorted((t, b) for t, n in enumerate(sizes) for b in range(-(-n // block_rows)))
+
+    def cost(t):
+        return sum(sizes[j] for j in kv[t].flatten().tolist() if j >= 0)
+
+    costs = [cost(t) for t, _ in items[valid].tolist()]
+    assert costs == sorted(costs, reverse=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 256])
+def test_shipped_configs_on_gpu(dtype, head_dim):
+    # The real per-architecture tiles: (6, 8, 8) = 384-token tiles (several blocks of every kernel),
+    # partial edge tiles, per-head windows, grouped-query heads (GPU only).
+    layout = _layout([[13, 30, 45], [1, 8, 8], [7, 17, 9]], (6, 8, 8))
+    kv = _window_lists(layout, [[3, 3, 3], [1, 3, 3], [2, 1, 3], [3, 3, 1]], 4)
+    _check(layout, kv, 4, 2, head_dim, dtype)

@@ -1,0 +1,46 @@
+"""TileSparseAttention (vdit/nn/sparse_attention.py): shares VarlenSelfAttention's parameters and state_dict,
+equals it with a window covering the grid, and in topk_tile mode starts as pure block-sparse attention
+(zero gate) and trains its coarse gate."""
+import pytest
+import torch
+
+from vdit.nn import RotaryEmbedding3d, TileSparseAttention, VarlenSelfAttention
+from vdit.packing import cu_seqlens_from_lengths, grid_positions, tile_permutation
+
+GRIDS = torch.tensor([[3, 4, 6], [1, 4, 4]], dtype=torch.int32)
+TILE = (1, 2, 2)
+
+
+def _inputs(dim=32):
+    torch.manual_seed(0)
+    total = int(GRIDS.prod(1).sum())
+    perm = tile_permutation(GRIDS, TILE)
+    return (torch.randn(total, dim), cu_seqlens_from_lengths(GRIDS.prod(1).tolist()), grid_positions(GRIDS)[perm])
+
+
+def test_same_state_dict_as_the_dense_module_and_equal_with_a_whole_grid_window():
+    dense = VarlenSelfAttention(32, 4, kv_heads=2)
+    sparse = TileSparseAttention(32, 4, kv_heads=2, mode="sliding_tile", tile=TILE, window=(8, 8, 8))
+    assert dense.state_dict().keys() == sparse.state_dict().keys()
+    sparse.load_state_dict(dense.state_dict())
+    x, cu, pos = _inputs()
+    rope = RotaryEmbedding3d(8, (2, 2, 4))
+    torch.testing.assert_close(sparse(x, cu, None, pos, rope, grids=GRIDS), dense(x, cu, None, pos, rope),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_topk_mode_starts_as_block_sparse_attention_and_its_gate_trains():
+    module = TileSparseAttention(32, 4, mode="topk_tile", tile=TILE, topk=2)
+    x, cu, pos = _inputs()
+    out = module(x, cu, None, grids=GRIDS)
+    assert torch.equal(module.coarse_gate.weight, torch.zeros_like(module.coarse_gate.weight))
+    out.square().sum().backward()
+    assert module.coarse_gate.weight.grad.abs().sum() > 0  # the coarse output reaches the loss through the gate
+
+
+def test_refuses_dense_input_and_unknown_modes():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        TileSparseAttention(32, 4, mode="local", tile=TILE)
+    module = TileSparseAttention(32, 4, mode="sliding_tile", tile=TILE)
+    with pytest.raises(ValueError, match="packed x"):
+        module(torch.randn(2, 5, 32))

@@ -1,0 +1,219 @@
+"""The spacetime block-sparse attention ops (vdit/ops/sparse_attention.py) and the tile layout
+(vdit/ops/tiles.py, vdit.packing): every backend against the float64 reference, forward, lse and
+gradients, for packed batches that mix grids not divisible by the tile, a 1-frame image, windows larger
+than the grid (equal to dense attention), per-head windows, GQA and top-k lists with unused slots; the
+window and tile semantics pinned by the issue, and bad inputs rejected before any kernel runs.
+
+The reference itself is checked against an independent formulation: a per-token mask built from the
+window rule, applied to dense attention."""
+import importlib.util
+
+import pytest
+import torch
+
+import vdit
+from vdit.ops import block_sparse_attention, reference, sliding_tile_attention, topk_tiles, varlen_attention
+from vdit.ops.tiles import tile_layout
+from vdit.packing import PackedVideos, cu_seqlens_from_lengths, grid_positions, tile_permutation
+from conftest import HAS_GPU, assert_close
+
+TRITON = "cuda" if HAS_GPU else "cpu"
+BACKENDS = [pytest.param("cpu", "cpu", id="cpu"),
+            pytest.param("triton", TRITON, id="triton", marks=pytest.mark.skipif(
+                importlib.util.find_spec("triton") is None or not (HAS_GPU or vdit.backends.TRITON_INTERPRET),
+                reason="triton cannot run here"))]
+GRIDS = [[5, 6, 7], [1, 4, 4], [4, 8, 8]]  # not divisible by the tile; a 1-frame image
+TILE = (2, 4, 4)
+
+
+def _batch(grids, hq, hk, d, dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    grids = torch.tensor(grids, dtype=torch.int32)
+    total = int(grids.prod(1).sum())
+    q, k, v = (torch.randn(total, h, d, generator=g, dtype=torch.float64).to(dtype).to(device) for h in (hq, hk, hk))
+    return q, k, v, cu_seqlens_from_lengths(grids.prod(1).tolist(), device), grids.to(device)
+
+
+def _window_mask(grids, tile, windows, heads):
+    """(heads, total, total) bool, built token by token from the window rule in the issue, in tile order."""
+    masks, start = [], 0
+    total = sum(t * h * w for t, h, w in grids)
+    full = torch.zeros(heads, total, total, dtype=torch.bool)
+    for grid in grids:
+        pos = grid_positions(torch.tensor([grid]))[tile_permutation(torch.tensor([grid], dtype=torch.int32), tile)]
+        tiles = pos // torch.tensor(tile)
+        n = [-(-g // t) for g, t in zip(grid, tile)]
+        for h in range(heads):
+            w = windows[h] if len(windows) > 1 else windows[0]
+            ok = torch.ones(len(pos), len(pos), dtype=torch.bool)
+            for axis in range(3):
+                a = tiles[:, axis]
+                s = torch.clamp(torch.clamp(a - (w[axis] - 1) // 2, min=0), max=max(n[axis] - w[axis], 0))
+                ok &= (tiles[None, :, axis] >= s[:, None]) & (tiles[None, :, axis] < s[:, None] + w[axis])
+            full[h, start:start + len(pos), start:start + len(pos)] = ok
+        start += len(pos)
+    return full
+
+
+def _masked_attention(q, k, v, mask):
+    hq, hk = q.shape[1], k.shape[1]
+    qh, kh, vh = (t.double().transpose(0, 1) for t in (q, k, v))
+    kh, vh = (t.repeat_interleave(hq // hk, 0) for t in (kh, vh))
+    s = (qh @ kh.transpose(1, 2)) * q.shape[-1] ** -0.5
+    return torch.softmax(s.masked_fill(~mask, float("-inf")), -1).matmul(vh).transpose(0, 1)
+
+
+def test_tile_permutation_semantics():
+    grids = torch.tensor([[3, 5, 6], [1, 2, 3]], dtype=torch.int32)
+    perm = tile_permutation(grids, (2, 2, 4))
+    assert perm.dtype == torch.int64 and sorted(perm.tolist()) == list(range(3 * 5 * 6 + 6))
+    pos = grid_positions(grids)[perm]
+    # video 0, first tile (a, b, c) = (0, 0, 0): (t, h, w) row-major over t < 2, h < 2, w < 4
+    assert pos[:16].tolist() == [[t, h, w] for t in range(2) for h in range(2) for w in range(4)]
+    # its last tile (1, 2, 1) is partial: t = 2, h = 4, w = 4..5
+    assert pos[3 * 5 * 6 - 2:3 * 5 * 6].tolist() == [[2, 4, 4], [2, 4, 5]]
+    assert torch.equal(grid_positions(grids)[perm][perm.argsort()], grid_positions(grids))
+    layout = tile_layout(grids, (2, 2, 4))
+    assert layout.tile_grids == ((2, 3, 2), (1, 1, 1)) and layout.num_tiles == 13 and layout.max_tile == 16
+
+
+def test_packed_videos_tile_order_round_trip_is_differentiable():
+    tokens = torch.randn(90 + 6, 4, requires_grad=True)
+    grids = torch.tensor([[3, 5, 6], [1, 2, 3]], dtype=torch.int32)
+    packed = PackedVideos(tokens, cu_seqlens_from_lengths([90, 6]), 90, grids, grid_positions(grids))
+    tiled = packed.to_tile_order((2, 2, 4))
+    assert tiled.tile == (2, 2, 4) and torch.equal(tiled.positions, grid_positions(grids)[tile_permutation(grids, (2, 2, 4))])
+    back = tiled.to_raster_order()
+    assert back.tile is None and torch.equal(back.tokens, tokens) and torch.equal(back.positions, packed.positions)
+    back.tokens.sum().backward()
+    assert torch.equal(tokens.grad, torch.ones_like(tokens))
+
+
+@pytest.mark.parametrize("windows", [[(1, 1, 1)], [(3, 3, 3)], [(1, 2, 1), (2, 1, 3), (3, 3, 1), (1, 1, 2)]],
+                         ids=["1x1x1", "3x3x3", "per-head"])
+def test_reference_matches_the_window_rule_token_by_token(windows):
+    q, k, v, cu, grids = _batch(GRIDS, 4, 2, 8, torch.float64)
+    window = torch.tensor(windows) if len(windows) > 1 else windows[0]
+    out = sliding_tile_attention(q, k, v, cu, grids, TILE, window, backend="torch")
+    expected = _masked_attention(q, k, v, _window_mask(GRIDS, TILE, windows, 4))
+    torch.testing.assert_close(out, expected)
+
+
+def _check(backend, device, dtype, out_fn, ref_fn, q, k, v):
+    q, k, v = (t.to(device).requires_grad_() for t in (q, k, v))
+    out, lse = out_fn(q, k, v, backend)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    r_out, r_lse = ref_fn(*leaves)
+    r_grads = torch.autograd.grad(r_out, leaves, dout.cpu().double())
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close(out, r_out, dtype, scale=2.0)
+    assert torch.equal(torch.isneginf(lse.cpu()), torch.isneginf(r_lse))
+    assert_close(lse[~torch.isneginf(lse)], r_lse[~torch.isneginf(r_lse)], torch.float32, scale=4.0)
+    for got, want in zip(grads, r_grads):
+        assert_close(got, want, dtype, scale=8.0)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("window", [(1, 1, 1), (3, 3, 3), (9, 9, 9), "per-head"])
+def test_sliding_tile_attention_matches_the_reference(backend, device, dtype, window):
+    q, k, v, cu, grids = _batch(GRIDS, 4, 2, 16, dtype)
+    if window == "per-head":
+        window = torch.tensor([(1, 2, 1), (2, 1, 3), (3, 3, 1), (1, 1, 2)])
+    run = lambda q, k, v, b: sliding_tile_attention(q, k, v, cu.to(q.device), grids.to(q.device), TILE,  # noqa: E731
+                                                    window, backend=b, return_lse=True)
+    ref = lambda q, k, v: sliding_tile_attention(q, k, v, cu, grids, TILE, window, backend="torch",  # noqa: E731
+                                                 return_lse=True)
+    _check(backend, device, dtype, run, ref, q, k, v)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_block_sparse_lists_with_unused_slots_and_an_empty_row(backend, device):
+    q, k, v, cu, grids = _batch(GRIDS, 4, 4, 16, torch.float32)
+    layout = tile_layout(grids, TILE)
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for a, b in zip(layout.first_tile, layout.first_tile[1:]):
+        for _ in range(b - a):
+            head_rows = []
+            for _h in range(4):
+                pick = torch.randperm(b - a, generator=g)[:3].tolist()
+                pick += [-1] * (5 - len(pick))
+                head_rows.append([pick[i] for i in torch.randperm(5, generator=g).tolist()])  # -1 anywhere
+            rows.append(head_rows)
+    kv = torch.tensor(rows, dtype=torch.int32)
+    kv[2, 1] = -1  # a query tile and head that sees nothing: out 0, lse -inf, no gradient
+    run = lambda q, k, v, b: block_sparse_attention(q, k, v, cu.to(q.device), grids.to(q.device), TILE,  # noqa: E731
+                                                    kv.to(q.device), backend=b, return_lse=True)
+    ref = lambda q, k, v: reference.block_sparse_attention(q, k, v, cu, grids, TILE, kv, return_lse=True)  # noqa: E731
+    _check(backend, device, torch.float32, run, ref, q, k, v)
+    out, lse = run(q.to(device), k.to(device), v.to(device), backend)
+    start, end = (int(x) for x in layout.offsets[2:4])
+    assert torch.equal(out[start:end, 1].cpu(), torch.zeros_like(out[start:end, 1].cpu()))
+    assert torch.isneginf(lse[1, start:end]).all()
+
+
+def test_whole_grid_window_is_dense_attention():
+    q, k, v, cu, grids = _batch(GRIDS, 4, 2, 16, torch.float64)
+    out = sliding_tile_attention(q, k, v, cu, grids, TILE, (9, 9, 9))
+    torch.testing.assert_close(out, varlen_attention(q, k, v, cu, cu, backend="torch"))
+
+
+def test_topk_tiles_keep_the_best_pooled_scores():
+    q, k, v, cu, grids = _batch(GRIDS, 2, 1, 8, torch.float32)
+    kv = topk_tiles(q, k, cu, grids, TILE, 3)
+    layout = tile_layout(grids, TILE)
+    assert kv.dtype == torch.int32 and kv.shape == (layout.num_tiles, 2, 3)
+    assert kv[12].tolist() == [[0, -1, -1], [0, -1, -1]]  # the 1-frame image has one tile: padded
+    a, b = layout.first_tile[0], layout.first_tile[1]
+    from vdit.ops.sparse_attention import pooled_tiles
+    pq, pk = pooled_tiles(q, layout)[a:b], pooled_tiles(k, layout)[a:b]
+    scores = torch.einsum("ihd,jhd->hij", pq, pk.expand(-1, 2, -1))
+    for t in range(b - a):
+        for h in range(2):
+            assert sorted(kv[t, h].tolist()) == sorted(scores[h, t].topk(3).indices.tolist())
+    out = block_sparse_attention(q, k, v, cu, grids, TILE, kv)
+    assert torch.isfinite(out).all()
+
+
+def _bad(name):
+    q, k, v, cu, grids = _batch(GRIDS, 4, 2, 8, torch.float32)
+    layout = tile_layout(grids, TILE)
+    kv = torch.zeros(layout.num_tiles, 1, 2, dtype=torch.int32)
+    kv[:, 0, 1] = -1
+    base = dict(q=q, k=k, v=v, cu_seqlens=cu, grids=grids, tile=TILE)
+    cases = {
+        "tile-too-large": (dict(tile=(8, 9, 9)), {}, ValueError, "less than one tile"),
+        "tile-zero": (dict(tile=(0, 4, 4)), {}, ValueError, "tile must be positive"),
+        "window-zero": ({}, dict(window=(0, 3, 3)), ValueError, "window sizes must be >= 1"),
+        "window-negative": ({}, dict(window=(3, -1, 3)), ValueError, "window sizes must be >= 1"),
+        "window-heads": ({}, dict(window=torch.ones(3, 3, dtype=torch.int64)), ValueError, r"window must be \(4, 3\)"),
+        "window-float": ({}, dict(window=torch.ones(4, 3)), TypeError, "window must be 3 ints"),
+        "grids-mismatch": (dict(grids=torch.tensor([[5, 6, 7], [1, 4, 4], [4, 8, 9]], dtype=torch.int32)), {},
+                           ValueError, r"grids\[2\] = \(4, 8, 9\) holds 288 tokens but sequence 2"),
+        "grids-float": (dict(grids=grids.float()), {}, TypeError, "grids must be int32 or int64"),
+        "grids-shape": (dict(grids=grids[:2]), {}, ValueError, r"grids must be \(3, 3\)"),
+        "kv-out-of-range": ({}, dict(kv_tiles=torch.full_like(kv, 12)), ValueError, "is not a tile of its video"),
+        "kv-duplicate": ({}, dict(kv_tiles=torch.zeros_like(kv)), ValueError, "lists a key tile twice"),
+        "kv-int64": ({}, dict(kv_tiles=kv.long()), TypeError, "kv_tiles must be int32"),
+        "kv-rows": ({}, dict(kv_tiles=kv[:-1]), ValueError, r"kv_tiles must be \(21, 4 or 1, k\)"),
+    }
+    common, extra, exc, msg = cases[name]
+    args = {**base, **common}
+    if "kv_tiles" in extra:
+        return (lambda: block_sparse_attention(**args, kv_tiles=extra["kv_tiles"])), exc, msg, (q, k, v)
+    return (lambda: sliding_tile_attention(**args, window=extra.get("window", (3, 3, 3)))), exc, msg, (q, k, v)
+
+
+@pytest.mark.parametrize("name", ["tile-too-large", "tile-zero", "window-zero", "window-negative", "window-heads",
+                                  "window-float", "grids-mismatch", "grids-float", "grids-shape", "kv-out-of-range",
+                                  "kv-duplicate", "kv-int64", "kv-rows"])
+def test_rejects_bad_input_before_any_kernel_and_leaves_inputs_unmodified(name):
+    call, exc, msg, tensors = _bad(name)
+    before = [t.clone() for t in tensors]
+    with pytest.raises(exc, match=msg):
+        call()
+    for a, b in zip(tensors, before):
+        assert torch.equal(a, b)
