@@ -2,53 +2,11 @@
 Triton kernels' large tile configurations, and token outputs large enough (>= 4 MiB) for the C++
 kernel's huge-page allocation and streaming stores. The op contract is tested in
 tests/ops/test_patch_embed.py."""
-import math
-
 import pytest
 import torch
 
 from vdit.ops import patch_embed_3d, patch_unembed_3d, reference
-from vdit.ops.patch_embed import SPECS
-from conftest import TOLERANCES, kernel_backends
-
-# Helpers shared with tests/ops/test_patch_embed.py.
-
-
-def backends():
-    """The kernel backends this op has (no CUDA C++ kernel: Triton serves CUDA tensors)."""
-    return [p for p in kernel_backends() if SPECS["patch_embed_3d"].kernel(p.values[0])]
-
-
-def dtypes_of(backend):
-    # bf16 tl.dot is broken in the Triton interpreter (ENV.md) and Triton has no fp64 dot here.
-    if backend == "triton":
-        return [torch.float32, torch.float16]
-    return [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-
-
-def close(actual, expected, dtype):
-    """Per-dtype tolerance scaled by the magnitude of the result (the error of a sum of products grows
-    with it)."""
-    scale = max(1.0, expected.abs().max().item())
-    rtol, atol = TOLERANCES[dtype]
-    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol * scale, atol=atol * scale)
-
-
-def make_embed(shape, patch, D, dtype, device, bias=True):
-    B, C = shape[:2]
-    x = torch.randn(shape, dtype=torch.float64).to(dtype).to(device)
-    fan_in = C * math.prod(patch)
-    w = (torch.randn(D, C, *patch, dtype=torch.float64) / math.sqrt(fan_in)).to(dtype).to(device)
-    b = torch.randn(D, dtype=torch.float64).to(dtype).to(device) if bias else None
-    return x, w, b
-
-
-def as_leaf64(*ts):
-    return [None if t is None else t.detach().double().requires_grad_() for t in ts]
-
-
-def as_leaf(*ts):
-    return [None if t is None else t.detach().clone().requires_grad_() for t in ts]
+from ops.test_patch_embed import as_leaf, as_leaf64, backends, close, dtypes_of, make_embed  # the op tests' helpers
 
 
 @pytest.mark.parametrize("backend,device", backends())

@@ -5,14 +5,7 @@ import torch
 
 from vdit.nn import PatchEmbed3d, PatchUnembed3d
 from vdit.ops import reference
-from conftest import TOLERANCES
-
-
-def close(actual, expected, dtype):
-    """Per-dtype tolerance scaled by the magnitude of the result (as in tests/ops/test_patch_embed.py)."""
-    scale = max(1.0, expected.abs().max().item())
-    rtol, atol = TOLERANCES[dtype]
-    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol * scale, atol=atol * scale)
+from ops.test_patch_embed import close  # the op tests' magnitude-scaled tolerance
 
 
 def test_from_conv3d_reproduces_conv3d():
