@@ -29,11 +29,7 @@ else:
     from vdit.kernels.triton import sparse_attention as S
 pytestmark = pytest.mark.skipif(S is None, reason="could not import 'triton'")
 
-DEVICE = "cuda" if HAS_GPU else "cpu"
-# bf16 tl.dot only works compiled, on a GPU.
-DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if HAS_GPU else [])
-# Gradients go through two more roundings to the input dtype (p and ds before their dot products).
-GRAD_SCALE = {torch.float16: 4.0, torch.bfloat16: 4.0, torch.float32: 2.0}
+from kernels.test_attention import DEVICE, DTYPES, GRAD_SCALE  # the dense kernel tests' dtypes and tolerances
 # The brief's batch: grids not divisible by the tile (5, 6, 7), a 1-frame video, a larger one.
 GRIDS = [[5, 6, 7], [1, 4, 4], [4, 8, 8]]
 

@@ -277,6 +277,11 @@ class Family:
         """The ``torch.ops.vdit`` packet of operator ``name`` in this family."""
         return getattr(torch.ops.vdit, name + self.suffix)
 
+    def lse_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of an attention lse this family returns for inputs of ``dtype``: the compiled kernels
+        keep float64 statistics for float64 inputs, Triton (no float64 dot) always float32."""
+        return torch.float64 if dtype == torch.float64 and self is COMPILED else torch.float32
+
     def has(self, name: str) -> bool:
         return name in schemas.SCHEMAS and (not self.suffix or name in schemas.TRITON_SCHEMAS)
 

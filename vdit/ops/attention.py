@@ -104,14 +104,9 @@ def _bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_
 
 # ---- fake implementations and autograd --------------------------------------------------------
 
-def _lse_dtype(q: torch.Tensor, family: _registry.Family) -> torch.dtype:
-    """The C++ kernel keeps lse in float64 for float64 inputs; Triton always in float32."""
-    return torch.float64 if q.dtype == torch.float64 and family is _registry.COMPILED else torch.float32
-
-
 def _fakes(family: _registry.Family) -> dict:
     def fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
-        return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q, family))
+        return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=family.lse_dtype(q.dtype))
 
     def bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                  causal):
@@ -235,5 +230,5 @@ def varlen_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     family = _registry.family_of(chosen)
     return family.op("varlen_attention_bwd")(
         dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(),
-        lse.to(_lse_dtype(q, family)).contiguous(), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+        lse.to(family.lse_dtype(q.dtype)).contiguous(), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
         max_q, max_k, scale, causal)

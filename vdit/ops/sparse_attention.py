@@ -56,11 +56,8 @@ def _bwd_triton(dout, q, k, v, out, lse, tile_offsets, kv_tiles, q_tiles, max_ti
 
 
 def _fakes(family: _registry.Family) -> dict:
-    lse_dtype = (lambda q: reference.compute_dtype(q.dtype)) if family is _registry.COMPILED else (
-        lambda q: torch.float32)
-
     def fwd_fake(q, k, v, tile_offsets, kv_tiles, max_tile, softmax_scale):
-        return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype(q))
+        return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=family.lse_dtype(q.dtype))
 
     def bwd_fake(dout, q, k, v, out, lse, tile_offsets, kv_tiles, q_tiles, max_tile, softmax_scale):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
