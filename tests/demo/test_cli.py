@@ -275,3 +275,100 @@ def test_sequence_parallel_generation_bad_size_is_a_clean_error(tmp_path):
     assert two.stderr.count("vdit-generate: error: frames x height x width = 4x10x12") == 2, two.stderr[-4000:]
     # (torchrun's own summary carries a traceback of its ChildFailedError; the ranks print only the line above)
     assert "exitcode: 2" in two.stderr and "SIGABRT" not in two.stderr and "Signal 6" not in two.stderr
+
+
+# ---- spacetime block-sparse attention in the demo -------------------------------------------------
+
+SPARSE = ["--attention", "topk_tile", "--tile", "2,4,4", "--topk", "2"]
+
+
+def _velocity(model, videos, prompts=("a red circle moves up",)):
+    with torch.no_grad():
+        return model(videos, torch.tensor([0.7] * len(videos)), list(prompts))[0]
+
+
+def test_with_attention_carries_the_weights_over(tiny_weights):
+    dense = TextToVideo.load(tiny_weights)
+    torch.manual_seed(0)
+    for parameter in dense.parameters():  # trained-like: the zero-initialized gates and output off zero
+        parameter.data.normal_(0, 0.2)
+    videos = [torch.randn(3, 8, 32, 48)]  # token grid 4 x 8 x 12: 2 x 2 x 3 tiles of (2, 4, 4)
+    sliding = growth.with_attention(dense, attention="sliding_tile", tile=(2, 4, 4), window=(1, 1, 1))
+    assert sliding.dit.config.attention == "sliding_tile" and not sliding.training
+    assert sliding.state_dict().keys() == dense.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(sliding.state_dict().values(), dense.state_dict().values()))
+    assert (_velocity(sliding, videos) - _velocity(dense, videos)).abs().max() > 1e-3  # it attends less
+    whole = growth.with_attention(sliding, window=(9, 9, 9))  # other fields kept
+    assert whole.dit.config.tile == (2, 4, 4)
+    torch.testing.assert_close(_velocity(whole, videos), _velocity(dense, videos), rtol=1e-5, atol=1e-5)
+    topk = growth.with_attention(dense, attention="topk_tile", tile=(2, 4, 4), topk=12)  # all 12 tiles
+    gates = [k for k in topk.state_dict() if ".attn.coarse_gate." in k]
+    assert gates and all(topk.state_dict()[k].abs().max() == 0 for k in gates)  # added at zero
+    torch.testing.assert_close(_velocity(topk, videos), _velocity(dense, videos), rtol=1e-5, atol=1e-5)
+    back = growth.with_attention(topk, attention="dense")
+    assert back.state_dict().keys() == dense.state_dict().keys()
+    assert growth.with_attention(dense) is dense and growth.with_attention(dense, attention="dense") is dense
+
+
+def test_generate_with_sparse_attention(tmp_path, tiny_weights):
+    out = tmp_path / "clip.gif"
+    result = run_cli(GENERATE, "--prompt", "a red circle moves up", "--weights", tiny_weights, "--frames", "8",
+                     "--size", "32x48", "--steps", "2", "--out", str(out), "--attention", "sliding_tile",
+                     "--tile", "2,4,4", "--window", "1,2,1")
+    assert result.returncode == 0, result.stderr
+    assert out.stat().st_size > 0
+    assert "attention sliding_tile, tile 2x4x4, window 1x2x1" in result.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--attention", "sliding_tile", "--tile", "2,4"], "--tile must be three positive integers t,h,w"),
+    (["--attention", "sliding_tile", "--window", "0,1,1"], "--window must be three positive integers"),
+    (["--attention", "topk_tile", "--topk", "0"], "--topk must be positive"),
+])
+def test_bad_attention_options_are_one_line(args, message, tiny_weights):
+    base = ["--prompt", "a red circle", "--weights", tiny_weights, "--frames", "2", "--steps", "1", "--out", "/tmp/vdit_bad.gif"]
+    result = run_cli(GENERATE, *base, *args)
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = run_cli("vdit.demo.cli.eval", "--weights", tiny_weights, "--prompts", "1", *args)
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_eval_with_sparse_attention_writes_json(tmp_path, tiny_weights):
+    from vdit.demo.cli.eval import main
+
+    path = tmp_path / "eval.json"
+    assert main(["--weights", tiny_weights, "--prompts", "2", "--frames", "8", "--size", "32x48", "--steps", "1",
+                 "--seed", "0", "--json", str(path), *SPARSE]) == 0
+    record = json.loads(path.read_text())
+    assert record["attention"] == {"attention": "topk_tile", "tile": [2, 4, 4], "window": [3, 3, 3], "topk": 2}
+    assert record["size"] == [32, 48] and record["summary"] == "attention topk_tile, tile 2x4x4, top 2 tiles"
+    assert record["pooled"]["prompts"] == 2 and len(record["per_seed"][0]["rows"]) == 2
+
+
+def test_sparse_fine_tune_resumes_exactly(tmp_path, tiny_weights):
+    torch.set_num_threads(1)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    options = ["--init-weights", tiny_weights, *SPARSE, "--sides", "32,48", "--frame-counts", "8",
+               "--tokens-per-batch", "200", "--warmup", "1", "--save-every", "2", "--device", "cpu"]
+    assert train.main(["--out", str(straight), "--steps", "4", *options]) == 0
+    assert train.main(["--out", str(resumed), "--steps", "2", *options]) == 0
+    assert train.main(["--out", str(resumed), "--steps", "4", *options]) == 0
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_tensors(str(straight / name)), load_tensors(str(resumed / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    weights = load_tensors(str(straight / "model.safetensors"))
+    assert any(".attn.coarse_gate." in k for k in weights)  # the gate joined and trained
+    assert any(weights[k].abs().max() > 0 for k in weights if ".attn.coarse_gate." in k)
+    config = TextToVideo.load(str(straight / "model.safetensors")).dit.config
+    assert (config.attention, config.tile, config.topk) == ("topk_tile", (2, 4, 4), 2)
+
+
+def test_train_sizes_options_choose_the_videos(tmp_path):
+    from vdit.demo.data import ShapesDataset
+
+    args = train.parse_args(["--out", str(tmp_path), "--sides", "48,64", "--frame-counts", "12"])
+    dataset = ShapesDataset(seed=0, **train.dataset_sizes(args))
+    specs = [dataset.spec(i)[0] for i in range(20)]
+    assert {s.frames for s in specs} == {12} and {s.height for s in specs} | {s.width for s in specs} == {48, 64}
+    with pytest.raises(train.UsageError, match="--sides must be comma-separated positive integers"):
+        train.dataset_sizes(train.parse_args(["--out", str(tmp_path), "--sides", "48,x"]))

@@ -217,3 +217,93 @@ def test_rejects_bad_input_before_any_kernel_and_leaves_inputs_unmodified(name):
         call()
     for a, b in zip(tensors, before):
         assert torch.equal(a, b)
+
+
+# ---- global tokens ------------------------------------------------------------------------------
+
+GLOBALS = [5, 0, 3]  # per video of GRIDS: none for the 1-frame image
+
+
+def _with_globals(q, k, v, grids, globals_):
+    """Each video's tokens followed by its global tokens (fresh random ones), cu_seqlens of the result."""
+    g = torch.Generator().manual_seed(7)
+    parts = {name: [] for name in "qkv"}
+    start, lengths = 0, []
+    for grid, n_global in zip(grids.tolist(), globals_):
+        n = grid[0] * grid[1] * grid[2]
+        for name, t in zip("qkv", (q, k, v)):
+            extra = torch.randn(n_global, *t.shape[1:], generator=g, dtype=torch.float64).to(t.dtype)
+            parts[name] += [t[start:start + n], extra]
+        start += n
+        lengths.append(n + n_global)
+    return (*(torch.cat(parts[name]) for name in "qkv"), cu_seqlens_from_lengths(lengths))
+
+
+def _global_mask(grids, tile, windows, heads, globals_):
+    """(heads, total, total) bool from first principles: video queries see their window (token-by-token
+    rule above) and every global token of their sequence; global queries see their whole sequence."""
+    video = _window_mask(grids, tile, windows, heads)
+    sizes = [t * h * w for t, h, w in grids]
+    total = sum(sizes) + sum(globals_)
+    full = torch.zeros(heads, total, total, dtype=torch.bool)
+    v0 = s0 = 0
+    for n, g in zip(sizes, globals_):
+        full[:, s0:s0 + n, s0:s0 + n] = video[:, v0:v0 + n, v0:v0 + n]
+        full[:, s0:s0 + n + g, s0 + n:s0 + n + g] = True  # everyone sees the global tokens
+        full[:, s0 + n:s0 + n + g, s0:s0 + n + g] = True  # global queries see everything
+        v0, s0 = v0 + n, s0 + n + g
+    return full
+
+
+@pytest.mark.parametrize("windows", [[(1, 1, 1)], [(1, 2, 1), (2, 1, 3), (3, 3, 1), (1, 1, 2)]], ids=["1x1x1", "per-head"])
+def test_global_tokens_reference_matches_the_rule_token_by_token(windows):
+    q, k, v, _, grids = _batch(GRIDS, 4, 2, 8, torch.float64)
+    q, k, v, cu = _with_globals(q, k, v, grids, GLOBALS)
+    window = torch.tensor(windows) if len(windows) > 1 else windows[0]
+    out = sliding_tile_attention(q, k, v, cu, grids, TILE, window, global_tokens=GLOBALS, backend="torch")
+    torch.testing.assert_close(out, _masked_attention(q, k, v, _global_mask(GRIDS, TILE, windows, 4, GLOBALS)))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_global_tokens_match_the_reference(backend, device, dtype):
+    q, k, v, _, grids = _batch(GRIDS, 4, 2, 16, dtype)
+    q, k, v, cu = _with_globals(q, k, v, grids, GLOBALS)
+    counts = torch.tensor(GLOBALS)  # a tensor works as well as a list
+    run = lambda q, k, v, b: sliding_tile_attention(q, k, v, cu.to(q.device), grids.to(q.device), TILE,  # noqa: E731
+                                                    (1, 2, 1), global_tokens=counts, backend=b, return_lse=True)
+    ref = lambda q, k, v: sliding_tile_attention(q, k, v, cu, grids, TILE, (1, 2, 1),  # noqa: E731
+                                                 global_tokens=GLOBALS, backend="torch", return_lse=True)
+    _check(backend, device, dtype, run, ref, q, k, v)
+
+
+def test_global_tokens_with_a_whole_grid_window_are_dense_attention_and_topk_ignores_them():
+    q, k, v, _, grids = _batch(GRIDS, 4, 4, 8, torch.float64)
+    q, k, v, cu = _with_globals(q, k, v, grids, GLOBALS)
+    out = sliding_tile_attention(q, k, v, cu, grids, TILE, (9, 9, 9), global_tokens=GLOBALS, backend="cpu")
+    torch.testing.assert_close(out, varlen_attention(q, k, v, cu, cu, backend="torch"))
+    kv = topk_tiles(q, k, cu, grids, TILE, 3, global_tokens=GLOBALS)
+    layout = tile_layout(grids, TILE)
+    assert kv.shape == (layout.num_tiles, 4, 3)  # video tiles only, and only video tiles are chosen
+    limits = torch.repeat_interleave(torch.tensor([layout.video_tiles(b) for b in range(3)]),
+                                     torch.tensor([layout.video_tiles(b) for b in range(3)]))
+    assert bool((kv < limits[:, None, None]).all())
+    listed = block_sparse_attention(q, k, v, cu, grids, TILE, kv, global_tokens=GLOBALS, backend="cpu")
+    ref = block_sparse_attention(q, k, v, cu, grids, TILE, kv, global_tokens=GLOBALS, backend="torch")
+    torch.testing.assert_close(listed, ref)
+
+
+@pytest.mark.parametrize("value,exc,msg", [
+    (-1, ValueError, "global_tokens must be >= 0"),
+    ([5, 0], ValueError, r"one entry per sequence \(3\)"),
+    (2.5, TypeError, "global_tokens must be an int or B ints"),
+    (torch.tensor([5.0, 0.0, 3.0]), TypeError, "global_tokens must hold ints"),
+    ([5, 0, 4], ValueError, r"grids\[2\] = \(4, 8, 8\) holds 256 tokens \+ 4 global tokens but sequence 2"),
+])
+def test_bad_global_tokens_are_rejected_before_any_kernel(value, exc, msg):
+    q, k, v, _, grids = _batch(GRIDS, 4, 2, 8, torch.float32)
+    q, k, v, cu = _with_globals(q, k, v, grids, GLOBALS)
+    before = [t.clone() for t in (q, k, v)]
+    with pytest.raises(exc, match=msg):
+        sliding_tile_attention(q, k, v, cu, grids, TILE, (1, 1, 1), global_tokens=value)
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v), before))

@@ -90,8 +90,10 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-def random_spec(rng: random.Random, *, frames=None, height=None, width=None, max_objects: int = 2) -> VideoSpec:
-    """Draw a sample description; sizes are drawn unless given."""
+def random_spec(rng: random.Random, *, frames=None, height=None, width=None, max_objects: int = 2,
+                sides: tuple[int, ...] = SIDES, frame_counts: tuple[int, ...] = FRAME_COUNTS) -> VideoSpec:
+    """Draw a sample description; sizes are drawn (height and width from ``sides``, frames from
+    ``frame_counts``) unless given."""
     n_objects = 1 if max_objects == 1 or rng.random() < 0.7 else 2
     background = rng.choice(list(BACKGROUNDS))
     background2 = None
@@ -104,7 +106,7 @@ def random_spec(rng: random.Random, *, frames=None, height=None, width=None, max
         while (color, shape, motion) in HELD_OUT:
             shape, motion = rng.choice(SHAPES), rng.choice(list(MOTIONS))
         objects.append(ObjectSpec(shape, color, rng.choice(list(SIZES)), motion, rng.choice(["", "", "", "grows", "shrinks"])))
-    return VideoSpec(frames or rng.choice(FRAME_COUNTS), height or rng.choice(SIDES), width or rng.choice(SIDES),
+    return VideoSpec(frames or rng.choice(frame_counts), height or rng.choice(sides), width or rng.choice(sides),
                      background, background2, objects)
 
 
@@ -162,17 +164,23 @@ class ShapesDataset:
         seed: dataset seed; sample i depends only on (seed, i).
         length: nominal length (for iteration and samplers).
         max_objects: 1 or 2.
+        sides: the heights and widths (pixels) drawn from; the default is what the demo model trained on.
+        frame_counts: the frame counts drawn from.
     """
 
-    def __init__(self, seed: int = 0, length: int = 1_000_000, max_objects: int = 2):
+    def __init__(self, seed: int = 0, length: int = 1_000_000, max_objects: int = 2,
+                 sides: tuple[int, ...] = SIDES, frame_counts: tuple[int, ...] = FRAME_COUNTS):
+        if not sides or not frame_counts or min(sides) < 1 or min(frame_counts) < 1:
+            raise ValueError(f"sides and frame_counts must be non-empty and positive, got {sides}, {frame_counts}")
         self.seed, self.length, self.max_objects = seed, length, max_objects
+        self.sides, self.frame_counts = tuple(sides), tuple(frame_counts)
 
     def __len__(self) -> int:
         return self.length
 
     def spec(self, index: int) -> tuple[VideoSpec, random.Random]:
         rng = random.Random(f"shapes/{self.seed}/{index}")
-        return random_spec(rng, max_objects=self.max_objects), rng
+        return random_spec(rng, max_objects=self.max_objects, sides=self.sides, frame_counts=self.frame_counts), rng
 
     def __getitem__(self, index: int):
         spec, rng = self.spec(index)

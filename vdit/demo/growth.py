@@ -28,3 +28,31 @@ def with_added_modules(model: TextToVideo, *, fractional_positions: bool = False
     missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and all(k.startswith(ADDED_MODULES) for k in missing), (missing, unexpected)
     return grown.train(model.training)
+
+
+ATTENTION_KEYS = ("attention", "tile", "window", "topk")  # the VideoDiTConfig fields of the self-attention
+
+
+def with_attention(model: TextToVideo, *, attention: str | None = None, tile=None, window=None,
+                   topk: int | None = None) -> TextToVideo:
+    """``model`` with its self-attention replaced (VideoDiTConfig ``attention`` / ``tile`` / ``window`` /
+    ``topk``; None keeps the model's own value), on its device and in its train/eval mode; ``model`` itself
+    when nothing changes.
+
+    The attention weights carry over unchanged, so dense weights run block-sparse without retraining.
+    ``"topk_tile"`` adds a per-head coarse gate at zero (see :class:`vdit.nn.TileSparseAttention`), so
+    a dense model switched to it computes pure top-k block-sparse attention; leaving ``"topk_tile"`` drops
+    that gate and what it had learnt.
+    """
+    config = model.config_dict()
+    asked = {"attention": attention, "tile": tile, "window": window, "topk": topk}
+    for key, value in asked.items():
+        if value is not None:
+            config["dit"][key] = tuple(int(v) for v in value) if key in ("tile", "window") else value
+    if config == model.config_dict():
+        return model
+    switched = TextToVideo.from_config(config).to(next(model.parameters()).device)
+    missing, unexpected = switched.load_state_dict(model.state_dict(), strict=False)
+    gate = ".attn.coarse_gate."
+    assert all(gate in k for k in missing + unexpected), (missing, unexpected)
+    return switched.train(model.training)

@@ -26,12 +26,14 @@ attention processor, which is replaced by a vdit processor.
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
 from torch import nn
 
 from vdit.ops import adaln_modulate, gated_residual, rope_3d_qk
+from vdit.swap import sparse
 from vdit.swap.rope import TableRope
 
 
@@ -259,6 +261,31 @@ def _attention_modules(model, cls_name: str):
     return [(p, m) for p, m in model.named_modules() if type(m).__name__ == cls_name]
 
 
+def _latent_grid(patch, args, kwargs):
+    """(T, H, W) tokens of the forward's ``hidden_states`` (B, C, F, H, W) patchified by ``patch``, or None."""
+    x = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(x, torch.Tensor) or x.dim() != 5:
+        return None
+    return tuple(n // p for n, p in zip(x.shape[2:], patch))
+
+
+def _wan_self_attention(model):
+    modules = [(p, m) for p, m in _attention_modules(model, "WanAttention") if not getattr(m, "is_cross_attention", True)]
+    return modules, tuple(model.config.patch_size)
+
+
+def _hunyuan_joint_attention(model):
+    # The dual- and single-stream blocks' joint [video, text] attention; the token refiner's is text only.
+    modules = [(p, m) for p, m in model.named_modules()
+               if type(getattr(m, "processor", None)).__name__ == "HunyuanVideoAttnProcessor2_0"]
+    return modules, (model.config.patch_size_t, model.config.patch_size, model.config.patch_size)
+
+
+# Models whose video self-attention can run block-sparse: -> (its modules, the latent patch size (t, h, w)).
+_SPARSE_SELF_ATTENTION = {"WanTransformer3DModel": _wan_self_attention,
+                          "HunyuanVideoTransformer3DModel": _hunyuan_joint_attention}
+
+
 def swap_model(model: nn.Module, state, *, attention, patch_embed: bool, rope: bool, norm: bool):
     """Model-specific part of :func:`vdit.swap.swap` for a diffusers model.
 
@@ -271,6 +298,9 @@ def swap_model(model: nn.Module, state, *, attention, patch_embed: bool, rope: b
     name = type(model).__name__
     cfg = model.config
     safe_query_skip = False
+    if state.sparse is not None and name in _SPARSE_SELF_ATTENTION:
+        modules, patch = _SPARSE_SELF_ATTENTION[name](model)
+        sparse.install(model, state, modules, functools.partial(_latent_grid, patch))
     if name == "WanTransformer3DModel":
         if rope:
             try:

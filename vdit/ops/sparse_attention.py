@@ -11,6 +11,12 @@ tiles, within its own video:
   all heads, or one per head.
 * ``block_sparse_attention``: explicit lists ``kv_tiles`` (e.g. from :func:`topk_tiles`).
 
+``global_tokens`` (both ops): a number of tokens per sequence, after its video's tokens, that attend and
+are attended densely, as STA does for the text tokens of a joint text-video attention (HunyuanVideo):
+every video query sees its listed tiles and all its sequence's global tokens, and every global query
+sees its whole sequence. They form one more tile per video (:func:`vdit.ops.tiles.with_global_tiles`),
+so the same kernels run them.
+
 Kernels (declared in ``SPEC``): Triton (``triton``) on CUDA, C++ (``cpu``) on CPU, and the reference
 (``torch``): dense attention with the tile mask. Both kernels visit only the listed tiles, so their time
 scales with the number of visible tiles. The backward recomputes from lse and is deterministic; it runs
@@ -27,7 +33,8 @@ from vdit._cache import TensorCache
 from vdit.ops import _registry, reference
 from vdit.ops._registry import ALL_FLOATS, GPU_FLOATS, MAX_GPU_HEAD_DIM, Kernel
 from vdit.ops._validation import check_cu_seqlens, check_qkv, check_softmax_scale, check_triple
-from vdit.ops.tiles import TileLayout, query_lists, sliding_window_tiles, tile_layout, to_global
+from vdit.ops.tiles import (TileLayout, lists_with_global_tiles, query_lists, sliding_window_tiles, tile_layout,
+                             to_global, with_global_tiles)
 
 SPEC = _registry.declare(
     "block_sparse_attention",
@@ -94,14 +101,16 @@ _registry.register(fakes=_fakes, autograd=lambda family: {
 
 # ---- validation and the tile lists -----------------------------------------------------------
 
-def _grids_error(grids: torch.Tensor, cu_seqlens: torch.Tensor) -> str | None:
+def _grids_error(grids: torch.Tensor, cu_seqlens: torch.Tensor, global_tokens: tuple) -> str | None:
     rows = grids.tolist()
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    for i, (row, n) in enumerate(zip(rows, lengths)):
+    extra = global_tokens or (0,) * len(rows)
+    for i, (row, n, g) in enumerate(zip(rows, lengths, extra)):
         if min(row) <= 0:
             return f"grids[{i}] = {tuple(row)} must be positive"
-        if row[0] * row[1] * row[2] != n:
-            return (f"grids[{i}] = {tuple(row)} holds {row[0] * row[1] * row[2]} tokens but sequence {i} of "
+        if row[0] * row[1] * row[2] + g != n:
+            plus = f" + {g} global tokens" if global_tokens else ""
+            return (f"grids[{i}] = {tuple(row)} holds {row[0] * row[1] * row[2]} tokens{plus} but sequence {i} of "
                     f"cu_seqlens has {n}")
     return None
 
@@ -110,8 +119,33 @@ def _grids_error(grids: torch.Tensor, cu_seqlens: torch.Tensor) -> str | None:
 _GRID_CHECKS = TensorCache(size=64)
 
 
-def _check_grids(grids, cu_seqlens, total: int, device) -> int:
-    """grids int (B, 3) on the tokens' device, positive, one per sequence of cu_seqlens with T*H*W tokens."""
+def _check_global_tokens(global_tokens, batch: int) -> tuple:
+    """global_tokens: None, an int or an int tensor / sequence (B,), all >= 0 -> a tuple of B ints, () for None."""
+    if global_tokens is None:
+        return ()
+    if isinstance(global_tokens, bool):
+        raise TypeError(f"global_tokens must be an int or B ints, got {global_tokens!r}")
+    if isinstance(global_tokens, int):
+        values = (global_tokens,) * batch
+    else:
+        if isinstance(global_tokens, torch.Tensor) and (global_tokens.dtype.is_floating_point
+                                                        or global_tokens.dtype == torch.bool):
+            raise TypeError(f"global_tokens must hold ints, got {global_tokens.dtype}")
+        try:
+            values = tuple(int(g) for g in (global_tokens.tolist() if isinstance(global_tokens, torch.Tensor)
+                                            else global_tokens))
+        except (TypeError, ValueError):
+            raise TypeError(f"global_tokens must be an int or B ints, got {global_tokens!r}") from None
+        if len(values) != batch:
+            raise ValueError(f"global_tokens must have one entry per sequence ({batch}), got {len(values)}")
+    if any(g < 0 for g in values):
+        raise ValueError(f"global_tokens must be >= 0, got {list(values)}")
+    return values
+
+
+def _check_grids(grids, cu_seqlens, total: int, device, global_tokens: tuple = ()) -> int:
+    """grids int (B, 3) on the tokens' device, positive, one per sequence of cu_seqlens with T*H*W tokens
+    (plus its global tokens)."""
     batch = check_cu_seqlens("cu_seqlens", cu_seqlens, total, device)
     if not isinstance(grids, torch.Tensor):
         raise TypeError(f"grids must be a torch.Tensor, got {type(grids).__name__}")
@@ -120,7 +154,8 @@ def _check_grids(grids, cu_seqlens, total: int, device) -> int:
     if grids.shape != (batch, 3):
         raise ValueError(f"grids must be ({batch}, 3) (one (T, H, W) per sequence of cu_seqlens), "
                          f"got {tuple(grids.shape)}")
-    error = _GRID_CHECKS.get((grids, cu_seqlens), "grids", lambda: _grids_error(grids, cu_seqlens))
+    error = _GRID_CHECKS.get((grids, cu_seqlens), ("grids", global_tokens),
+                             lambda: _grids_error(grids, cu_seqlens, global_tokens))
     if error:
         raise ValueError(error)
     return batch
@@ -195,8 +230,19 @@ def _window_lists(layout: TileLayout, window: tuple, device: str) -> torch.Tenso
     return sliding_window_tiles(layout, torch.tensor(window)).to(device)
 
 
-def _run(spec, q, k, v, layout: TileLayout, kv_tiles, scale: float, backend: str, return_lse: bool):
+_WITH_GLOBALS = TensorCache(size=32)
+
+
+def _lists_with_globals(layout: TileLayout, kv_tiles: torch.Tensor) -> torch.Tensor:
+    return _WITH_GLOBALS.get((kv_tiles,), ("globals", layout), lambda: lists_with_global_tiles(layout, kv_tiles))
+
+
+def _run(spec, q, k, v, layout: TileLayout, kv_tiles, scale: float, backend: str, return_lse: bool,
+         global_tokens: tuple = ()):
     chosen = _registry.select(spec, q.device, q.dtype, backend, head_dim=q.shape[2])
+    if global_tokens:
+        layout = with_global_tiles(layout, global_tokens)
+        kv_tiles = _lists_with_globals(layout, kv_tiles)
     lists = _global_lists(layout, kv_tiles, q.shape[1])
     if chosen == "torch":
         return reference.block_sparse_attention_tiles(q, k, v, layout.offsets, lists, softmax_scale=scale,
@@ -210,7 +256,8 @@ def _run(spec, q, k, v, layout: TileLayout, kv_tiles, scale: float, backend: str
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                            grids: torch.Tensor, tile: Sequence[int], kv_tiles: torch.Tensor, *,
-                           softmax_scale: float | None = None, return_lse: bool = False, backend: str = "auto"):
+                           global_tokens=None, softmax_scale: float | None = None, return_lse: bool = False,
+                           backend: str = "auto"):
     """Attention of each query to the key tiles its tile lists, over packed videos in tile order.
 
     Args:
@@ -221,6 +268,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         kv_tiles: int32 (total_query_tiles, Hq or 1, k): rows are the query tiles (videos in batch order,
             each video's tiles row-major over (a, b, c)); each holds key tiles local to that video
             (row-major over (a, b, c)) or -1 for an unused slot; no tile twice in a row.
+        global_tokens: None, an int, or B ints (a list or an int tensor): that many tokens follow each
+            video's T*H*W tokens in its sequence (cu_seqlens counts them); they attend and are attended
+            densely within their sequence (module docstring). ``kv_tiles`` lists video tiles only.
         softmax_scale: positive, default Dh ** -0.5.
         return_lse: also return lse (Hq, total) float32 (float64 for float64 input on ``cpu`` / ``torch``).
         backend: see :mod:`vdit.backends`.
@@ -233,20 +283,22 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     check_qkv(q, k, v)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"q has {q.shape[0]} tokens but k has {k.shape[0]} (self-attention over one packing)")
-    _check_grids(grids, cu_seqlens, q.shape[0], q.device)
+    global_tokens = _check_global_tokens(global_tokens, cu_seqlens.shape[0] - 1)
+    _check_grids(grids, cu_seqlens, q.shape[0], q.device, global_tokens)
     layout = _layout_of(grids, tile)
     _check_kv_tiles(kv_tiles, layout, q.shape[1])
     scale = check_softmax_scale(softmax_scale, q.shape[2])
-    return _run(SPEC, q, k, v, layout, kv_tiles, scale, backend, return_lse)
+    return _run(SPEC, q, k, v, layout, kv_tiles, scale, backend, return_lse, global_tokens)
 
 
 def sliding_tile_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                           grids: torch.Tensor, tile: Sequence[int], window, *, softmax_scale: float | None = None,
-                           return_lse: bool = False, backend: str = "auto"):
+                           grids: torch.Tensor, tile: Sequence[int], window, *, global_tokens=None,
+                           softmax_scale: float | None = None, return_lse: bool = False, backend: str = "auto"):
     """Sliding-tile attention (STA) over packed videos of any sizes, in tile order.
 
     Args:
-        q, k, v, cu_seqlens, grids, tile, softmax_scale, return_lse, backend: as :func:`block_sparse_attention`.
+        q, k, v, cu_seqlens, grids, tile, global_tokens, softmax_scale, return_lse, backend: as
+            :func:`block_sparse_attention`.
         window: (wt, wh, ww) tiles per axis, each >= 1, or an int tensor (Hq, 3) with one window per query
             head. A query in tile (a, b, c) sees the keys of the tiles of its own video whose index on each
             axis lies in [s, s + w), s = min(max(a - (w - 1) // 2, 0), max(n - w, 0)) for an axis of n
@@ -257,12 +309,13 @@ def sliding_tile_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     check_qkv(q, k, v)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"q has {q.shape[0]} tokens but k has {k.shape[0]} (self-attention over one packing)")
-    _check_grids(grids, cu_seqlens, q.shape[0], q.device)
+    global_tokens = _check_global_tokens(global_tokens, cu_seqlens.shape[0] - 1)
+    _check_grids(grids, cu_seqlens, q.shape[0], q.device, global_tokens)
     layout = _layout_of(grids, tile)
     windows = _check_window(window, q.shape[1])
     scale = check_softmax_scale(softmax_scale, q.shape[2])
     kv_tiles = _window_lists(layout, tuple(map(tuple, windows.tolist())), str(q.device))
-    return _run(SLIDING_SPEC, q, k, v, layout, kv_tiles, scale, backend, return_lse)
+    return _run(SLIDING_SPEC, q, k, v, layout, kv_tiles, scale, backend, return_lse, global_tokens)
 
 
 def pooled_tiles(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
@@ -277,7 +330,7 @@ def pooled_tiles(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
 
 
 def topk_tiles(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, grids: torch.Tensor,
-               tile: Sequence[int], topk: int) -> torch.Tensor:
+               tile: Sequence[int], topk: int, *, global_tokens=None) -> torch.Tensor:
     """The top-k key tiles of every query tile and head, from tile-pooled q and k (VSA's coarse stage).
 
     Args:
@@ -285,6 +338,8 @@ def topk_tiles(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, grids
             :func:`block_sparse_attention`.
         topk: key tiles kept per (query tile, head), >= 1; a video with fewer tiles keeps all of them and
             pads with -1.
+        global_tokens: as :func:`block_sparse_attention`; they take no part in the selection (the attention
+            adds them to every row).
     Returns:
         kv_tiles int32 (total_query_tiles, Hq, topk) for :func:`block_sparse_attention`, ascending per
         row. Not differentiable (a selection).
@@ -292,13 +347,16 @@ def topk_tiles(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, grids
     check_qkv(q, k, k)
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise ValueError(f"topk must be an int >= 1, got {topk!r}")
-    _check_grids(grids, cu_seqlens, q.shape[0], q.device)
+    global_tokens = _check_global_tokens(global_tokens, cu_seqlens.shape[0] - 1)
+    _check_grids(grids, cu_seqlens, q.shape[0], q.device, global_tokens)
     layout = _layout_of(grids, tile)
+    pooled_layout = with_global_tiles(layout, global_tokens) if global_tokens else layout
     with torch.no_grad():
-        pq = pooled_tiles(q, layout).float()
-        pk = pooled_tiles(k, layout).float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        pq = pooled_tiles(q, pooled_layout).float()
+        pk = pooled_tiles(k, pooled_layout).float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         rows = []
-        for a, b in zip(layout.first_tile, layout.first_tile[1:]):
+        for video, a in enumerate(pooled_layout.first_tile[:-1]):
+            b = a + layout.video_tiles(video)  # the video's own tiles: global tiles are not candidates
             scores = torch.einsum("ihd,jhd->hij", pq[a:b], pk[a:b])  # (Hq, n, n) within one video
             keep = min(topk, b - a)
             chosen = scores.topk(keep, dim=-1).indices.sort(dim=-1).values.permute(1, 0, 2)  # (n, Hq, keep)

@@ -6,6 +6,10 @@ tiles are partial: no padding token is ever added, and each video keeps its own 
 batch in *tile order* holds each video's tokens in that order, videos one after another, so every tile
 is a contiguous run of tokens: ``offsets`` (int32, total tiles + 1) marks where each starts.
 
+*Global tokens* (e.g. the text tokens of a joint text-video attention) follow a video's tokens in its
+sequence: :func:`with_global_tiles` gives each video one more tile holding them, after its video tiles,
+and :func:`lists_with_global_tiles` makes every video tile see it and it see every tile of its video.
+
 Everything here is host-side index bookkeeping on small tensors (one entry per tile, not per token,
 except the permutation), computed once per (grids, tile[, window]) and cached.
 """
@@ -31,6 +35,8 @@ class TileLayout:
         first_tile: (B + 1,) index of each video's first tile (global tile indices); the last is the total.
         offsets: int32 (total_tiles + 1,) token offset of each tile in tile order (on the grids' device).
         max_tile: the largest tile's token count.
+        global_tokens: with :func:`with_global_tiles`, the global token count of each video, whose last
+            tile holds them; () without.
     """
 
     grids: tuple[tuple[int, int, int], ...]
@@ -39,10 +45,16 @@ class TileLayout:
     first_tile: tuple[int, ...]
     offsets: torch.Tensor
     max_tile: int
+    global_tokens: tuple[int, ...] = ()
 
     @property
     def num_tiles(self) -> int:
         return self.first_tile[-1]
+
+    def video_tiles(self, b: int) -> int:
+        """Tiles of video ``b``'s own tokens (its global tile, if any, not counted)."""
+        na, nb, nc = self.tile_grids[b]
+        return na * nb * nc
 
 
 def _edges(n: int, t: int) -> list[int]:
@@ -84,6 +96,57 @@ def tile_layout(grids: torch.Tensor, tile: Sequence[int]) -> TileLayout:
         return _layout(key, tile, str(grids.device))
 
     return _LAYOUTS.get((grids,), ("layout", tile), build)
+
+
+@functools.lru_cache(maxsize=64)
+def _with_global_tiles(layout: TileLayout, global_tokens: tuple) -> TileLayout:
+    sizes = (layout.offsets[1:] - layout.offsets[:-1]).cpu().long()
+    parts, first = [], [0]
+    for b, g in enumerate(global_tokens):
+        parts += [sizes[layout.first_tile[b]:layout.first_tile[b + 1]], torch.tensor([g])]
+        first.append(first[-1] + layout.video_tiles(b) + 1)
+    all_sizes = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    offsets = torch.zeros(len(all_sizes) + 1, dtype=torch.int32)
+    offsets[1:] = all_sizes.cumsum(0)
+    return dataclasses.replace(layout, first_tile=tuple(first), offsets=offsets.to(layout.offsets.device),
+                               max_tile=max([layout.max_tile, *global_tokens]), global_tokens=global_tokens)
+
+
+def with_global_tiles(layout: TileLayout, global_tokens: Sequence[int]) -> TileLayout:
+    """``layout`` (of videos only) with one more tile per video, after its video tiles: the
+    ``global_tokens[b]`` (>= 0, an empty tile for 0) tokens that follow video b's tokens in its sequence.
+    Its ``offsets`` then cover sequences of T*H*W + global_tokens[b] tokens."""
+    if layout.global_tokens:
+        raise ValueError("the layout has global tiles already")
+    global_tokens = tuple(int(g) for g in global_tokens)
+    if len(global_tokens) != len(layout.grids):
+        raise ValueError(f"global_tokens has {len(global_tokens)} entries for {len(layout.grids)} videos")
+    return _with_global_tiles(layout, global_tokens)
+
+
+def lists_with_global_tiles(layout: TileLayout, kv_tiles: torch.Tensor) -> torch.Tensor:
+    """Key-tile lists over a layout with global tiles (:func:`with_global_tiles`).
+
+    Args:
+        layout: with global tiles.
+        kv_tiles: int (video tiles of the batch, Hw, K) local key tiles of each video tile, -1 unused (as
+            for a layout without global tiles).
+    Returns:
+        int32 (layout.num_tiles, Hw, K') local key tiles: each video tile's row is its ``kv_tiles`` row plus
+        its video's global tile; a global tile's row lists every tile of its video (its queries attend
+        densely); -1 pads.
+    """
+    hw = kv_tiles.shape[1]
+    rows, start = [], 0
+    for b in range(len(layout.grids)):
+        n = layout.video_tiles(b)
+        video = kv_tiles[start:start + n].long()
+        start += n
+        own_global = torch.full((n, hw, 1), n, dtype=torch.long, device=kv_tiles.device)
+        everything = torch.arange(n + 1, device=kv_tiles.device).expand(1, hw, n + 1)
+        rows += [torch.cat([video, own_global], 2), everything]
+    width = max(r.shape[2] for r in rows)
+    return torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[2]), value=-1) for r in rows]).to(torch.int32)
 
 
 def _video_permutation(grid, tile) -> torch.Tensor:

@@ -12,6 +12,10 @@ What is replaced (each can be turned off):
   only masked calls; ``attention="all"`` routes unmasked ones too (measured on CPU, vdit's C++
   kernel is on par with torch's flash-attention CPU kernel for unpadded batches, so there is no
   default gain to take there).
+- ``attention="sliding_tile"`` / ``"topk_tile"``: the video self-attention of diffusers' Wan and
+  HunyuanVideo runs spacetime block-sparse (:mod:`vdit.swap.sparse`: ``tile``, ``window`` (3 ints, an
+  int tensor (heads, 3) or a JSON file of per-head windows), ``topk``); text tokens of a joint attention
+  stay global (dense). Other SDPA calls are routed as with ``attention=True``.
 - ``rope`` / ``norm``: model-specific; done by :mod:`vdit.integrations.diffusers` for diffusers' video
   transformers (RoPE application through :func:`vdit.ops.rope_3d`, adaLN-Zero norms through
   :func:`vdit.ops.adaln_modulate`). Plain PyTorch models have no recognizable pattern for these.
@@ -28,6 +32,8 @@ from torch import nn
 
 from vdit.swap.attention import VditAttentionMode
 from vdit.swap.patch_embed import ConvPatchEmbed, patch_conv_reason
+from vdit.swap.sparse import MODES as SPARSE_MODES
+from vdit.swap.sparse import SparseAttention
 from vdit.swap.report import Replacement, Skip, SwapReport
 
 __all__ = ["swap", "unswap", "SwapReport", "Replacement", "Skip", "SwapState"]
@@ -43,6 +49,7 @@ class SwapState:
         self.undo: list = []  # callables, run in reverse by unswap
         self.scoped: list[tuple[object, str, object]] = []  # (owner, attr, replacement) set during forward
         self.mode: VditAttentionMode | None = None
+        self.sparse: SparseAttention | None = None  # block-sparse self-attention options, if asked for
         self._saved: list = []
         self._depth = 0
 
@@ -107,14 +114,20 @@ def _swap_patch_convs(model: nn.Module, state: SwapState, handled: set[str]) -> 
 
 
 def swap(model: nn.Module, *, attention: bool | str = True, patch_embed: bool = True, rope: bool = True,
-         norm: bool = True, skip_padded_queries: bool | None = None) -> SwapReport:
+         norm: bool = True, skip_padded_queries: bool | None = None, tile=None, window=(3, 3, 3),
+         topk: int = 8) -> SwapReport:
     """Replace the parts of ``model`` that vdit has kernels for, in place.
 
     Args:
         model: any ``nn.Module``; diffusers' video transformers get model-specific handling too.
         attention: True or ``"masked"`` (SDPA calls with a key-padding mask), ``"all"`` (every
             convertible SDPA call, unmasked ones too), ``"auto"`` (masked ones, plus unmasked ones when
-            vdit has a compiled attention kernel for the device), or False.
+            vdit has a compiled attention kernel for the device), ``"sliding_tile"`` / ``"topk_tile"``
+            (video self-attention block-sparse, Wan and HunyuanVideo; other calls as True), or False.
+        tile: sparse modes: (tt, th, tw) tokens per tile (required).
+        window: sliding_tile: (wt, wh, ww) tiles, an int tensor (heads, 3), or the path of a JSON file of
+            per-head (optionally per-module) windows (:func:`vdit.swap.sparse.load_windows`).
+        topk: topk_tile: key tiles per query tile and head.
         patch_embed, rope, norm: turn those replacements on or off.
         skip_padded_queries: in masked self-attention (Lq == Lk), skip the padded queries (their
             outputs become 0). None = only where the integration knows it is safe (e.g. HunyuanVideo's
@@ -126,10 +139,13 @@ def swap(model: nn.Module, *, attention: bool | str = True, patch_embed: bool = 
     """
     if getattr(model, _ATTR, None) is not None:
         raise ValueError("model is already swapped; call vdit.unswap(model) first")
-    if attention not in (True, False, "all", "masked", "auto"):
-        raise ValueError(f"attention must be True, False, 'all', 'masked' or 'auto', got {attention!r}")
+    if attention not in (True, False, "all", "masked", "auto", *SPARSE_MODES):
+        raise ValueError(f"attention must be True, False, 'all', 'masked', 'auto', 'sliding_tile' or 'topk_tile', "
+                         f"got {attention!r}")
     report = SwapReport(model=type(model).__name__)
     state = SwapState(report)
+    if attention in SPARSE_MODES:
+        state.sparse = SparseAttention.from_options(attention, tile, window, topk)
     options = dict(attention=attention, patch_embed=patch_embed, rope=rope, norm=norm)
 
     handled: set[str] = set()
@@ -140,10 +156,14 @@ def swap(model: nn.Module, *, attention: bool | str = True, patch_embed: bool = 
 
     if patch_embed:
         _swap_patch_convs(model, state, handled)
+    if state.sparse is not None and not any(r.kind == "attention" for r in report.replacements):
+        report.skip("", "attention", f"{attention} needs the video's token grid and which modules are its "
+                    "self-attention: vdit knows them for diffusers' Wan and HunyuanVideo")
     if attention:
         dense = {"all": True, "auto": "auto"}.get(attention, False)
         skip_q = safe_query_skip if skip_padded_queries is None else bool(skip_padded_queries)
-        state.mode = VditAttentionMode(dense=dense, skip_padded_queries=skip_q, calls=report.calls)
+        state.mode = VditAttentionMode(dense=dense, skip_padded_queries=skip_q, calls=report.calls,
+                                       sparse=state.sparse)
         where = {True: "all calls", False: "masked calls"}.get(dense, "masked calls; unmasked too with a compiled kernel")
         report.add("", "attention", "F.scaled_dot_product_attention",
                    f"vdit.ops.varlen_attention ({where}; padded queries "

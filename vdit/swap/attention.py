@@ -30,9 +30,10 @@ from torch.overrides import TorchFunctionMode
 
 from vdit.backends import plan
 from vdit.ops import varlen_attention
+from vdit.swap.masks import key_padding
+from vdit.swap.sparse import SparseAttention, sparse_sdpa
 
 _SDPA = F.scaled_dot_product_attention
-_DROP = -1.0e4  # additive-bias entries at or below this are treated as "masked out"
 
 
 def vdit_attention_kernel(device: torch.device, dtype: torch.dtype | None = None, head_dim: int | None = None,
@@ -41,30 +42,6 @@ def vdit_attention_kernel(device: torch.device, dtype: torch.dtype | None = None
     as :func:`vdit.backends.plan` takes them (``causal``, ``gqa``)."""
     features.setdefault("deterministic", torch.are_deterministic_algorithms_enabled())
     return plan("varlen_attention", device=device, dtype=dtype, head_dim=head_dim, **features)[0]
-
-
-def _key_padding(attn_mask: torch.Tensor, B: int, Hq: int, Lq: int, Lk: int):
-    """(B, Lk) bool key mask if ``attn_mask`` is a key-padding mask for SDPA shape (B, Hq, Lq, Lk), else a
-    reason string."""
-    m = attn_mask
-    if m.dim() > 4 or m.shape[-1] != Lk:
-        return "mask shape"
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
-    if m.shape[0] not in (1, B) or m.shape[1] not in (1, Hq) or m.shape[2] not in (1, Lq):
-        return "mask shape"
-    if m.dtype == torch.bool:
-        keep = m
-    elif m.is_floating_point():
-        keep = m == 0
-        if not bool(torch.logical_or(keep, m <= _DROP).all()):
-            return "float mask with values other than 0 / <= -1e4"
-    else:
-        return "mask dtype"
-    first = keep[:, :1, :1, :]
-    if (keep.shape[1] > 1 or keep.shape[2] > 1) and not bool((keep == first).all()):
-        return "mask differs across heads or query rows"
-    return first[:, 0, 0, :].expand(B, Lk)
 
 
 def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> str | None:
@@ -118,7 +95,7 @@ def sdpa_as_varlen(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
     B, Hq, Lq, Dh = query.shape
     keep = None
     if attn_mask is not None:
-        keep = _key_padding(attn_mask, B, Hq, Lq, key.shape[2])
+        keep = key_padding(attn_mask, B, Hq, Lq, key.shape[2])
         if isinstance(keep, str):
             return None, keep
         if bool(keep.all()):
@@ -154,9 +131,12 @@ class VditAttentionMode(TorchFunctionMode):
     and for each routed call the kernel it ran on (``attention.kernel:<name>``, see :func:`vdit.backends.plan`).
     """
 
-    def __init__(self, *, dense: bool | str, skip_padded_queries: bool, calls: collections.Counter):
+    def __init__(self, *, dense: bool | str, skip_padded_queries: bool, calls: collections.Counter,
+                 sparse: SparseAttention | None = None):
         super().__init__()
         self.dense, self.skip_padded_queries, self.calls = dense, skip_padded_queries, calls
+        self.sparse = sparse  # block-sparse routing of the calls made inside `sparse_path`'s module
+        self.sparse_path: str | None = None
         self._dense_by_device: dict[torch.device, bool] = {}
 
     def _dense(self, device: torch.device) -> bool:
@@ -166,12 +146,29 @@ class VditAttentionMode(TorchFunctionMode):
             self._dense_by_device[device] = vdit_attention_kernel(device) != "torch"
         return self._dense_by_device[device]
 
+    def _sparse(self, bound: dict) -> torch.Tensor | None:
+        """The block-sparse result of a self-attention call inside a sparse-routed module, or None."""
+        reason = _unsupported(*(bound.get(n, d) for n, d in (("query", None), ("key", None), ("value", None),
+                                                              ("attn_mask", None), ("dropout_p", 0.0),
+                                                              ("is_causal", False), ("enable_gqa", False))))
+        out = None
+        if reason is None:
+            out, reason = sparse_sdpa(bound["query"], bound["key"], bound["value"], bound.get("attn_mask"),
+                                      bool(bound.get("is_causal", False)), bound.get("scale"), self.sparse,
+                                      self.sparse.window_for(self.sparse_path))
+        self.calls["attention.sparse" if out is not None else f"attention.sparse_fallback:{reason}"] += 1
+        return out
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is _SDPA:
             bound = dict(zip(_SDPA_ARGS, args), **kwargs)
             if set(bound) <= set(_SDPA_ARGS) and len(args) <= len(_SDPA_ARGS):
                 query = bound.get("query")
+                if self.sparse is not None and self.sparse_path is not None:
+                    out = self._sparse(bound)
+                    if out is not None:
+                        return out
                 dense = self._dense(query.device) if isinstance(query, torch.Tensor) else False
                 out, why = sdpa_as_varlen(**bound, dense=dense, skip_padded_queries=self.skip_padded_queries)
                 if out is not None:

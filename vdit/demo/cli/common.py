@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -26,6 +27,56 @@ class Ranks(NamedTuple):
     rank: int
     world_size: int
     device: torch.device
+
+
+def parse_size(text: str, name: str = "--size") -> tuple[int, int]:
+    """(height, width) of an ``HxW`` size such as ``64x48`` given to option ``name``; a UsageError otherwise."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m:
+        raise UsageError(f"{name} must look like HxW (e.g. 64x64), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def triple(text: str, name: str) -> tuple[int, int, int]:
+    """Three positive ints of ``t,h,w`` (e.g. ``4,4,4``) for option ``name``; a UsageError otherwise."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 1:
+        raise UsageError(f"{name} must be three positive integers t,h,w (e.g. 4,4,4), got {text!r}")
+    return values
+
+
+def add_attention_arguments(parser: argparse.ArgumentParser, *, default_help: str) -> None:
+    """``--attention``, ``--tile``, ``--window``, ``--topk``: the model's self-attention (VideoDiTConfig);
+    each option left out keeps ``default_help``'s value."""
+    group = parser.add_argument_group("self-attention", f"spacetime block-sparse attention; unset options: {default_help}")
+    group.add_argument("--attention", choices=("dense", "sliding_tile", "topk_tile"), default=None,
+                       help="dense, a sliding window of tiles (STA) or the top-k tiles per query tile (VSA)")
+    group.add_argument("--tile", default=None, help="tokens per tile t,h,w (e.g. 4,4,4)")
+    group.add_argument("--window", default=None, help="sliding_tile: tiles visible per axis t,h,w (e.g. 4,2,2)")
+    group.add_argument("--topk", type=int, default=None, help="topk_tile: key tiles per query tile and head")
+
+
+def attention_options(args: argparse.Namespace) -> dict:
+    """The ``attention`` / ``tile`` / ``window`` / ``topk`` keywords of :func:`vdit.demo.growth.with_attention`
+    from the options of :func:`add_attention_arguments` (None where not given); a UsageError on bad values."""
+    if args.topk is not None and args.topk < 1:
+        raise UsageError(f"--topk must be positive, got {args.topk}")
+    return {"attention": args.attention, "topk": args.topk,
+            "tile": None if args.tile is None else triple(args.tile, "--tile"),
+            "window": None if args.window is None else triple(args.window, "--window")}
+
+
+def attention_summary(config) -> str:
+    """How a VideoDiTConfig attends, e.g. ``attention sliding_tile, tile 4x4x4, window 4x2x2``."""
+    if config.attention == "dense":
+        return "attention dense"
+    detail = (f"window {'x'.join(map(str, config.window))}" if config.attention == "sliding_tile"
+              else f"top {config.topk} tiles")
+    return f"attention {config.attention}, tile {'x'.join(map(str, config.tile))}, {detail}"
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ generate one video per prompt and measure with simple image analysis:
   mean IoU of consecutive foreground masks.
 
     vdit-eval-demo --weights runs/demo/ema.safetensors --config runs/demo/config.json
+    vdit-eval-demo --size 128x128 --attention sliding_tile --tile 4,4,4 --window 4,2,2 --json sta.json
     python -m vdit.demo.cli.eval --prompts 12 --seed 0     # a quick look: 12 prompts, one seed
 
 One seed's 36 held-out prompts leave the motion accuracy uncertain by about +-7 points, so by default every
@@ -20,6 +21,7 @@ figures are printed with a standard error (about 4 minutes on a 2-core CPU).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import time
@@ -27,7 +29,9 @@ import time
 import torch
 
 from vdit.demo.cli import common
+from vdit.demo.cli.common import parse_size
 from vdit.demo.data import BACKGROUNDS, COLORS, HELD_OUT, MOTIONS
+from vdit.demo.growth import with_attention
 from vdit.demo.pipeline import DEFAULT_WEIGHTS, TextToVideo, generate
 
 PROG = "vdit-eval-demo"
@@ -144,11 +148,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--size", default="48x48", help="HxW in pixels (the model trained on 32 to 64)")
     p.add_argument("--shift", type=float, default=None, help="sampler time shift (default: the weights' own)")
     p.add_argument("--seed", type=int, nargs="+", default=[0, 1, 2],
                    help="one or more seeds (prompt order and noise); with several, also the pooled figures")
     p.add_argument("--untrained", action="store_true", help="evaluate a freshly initialized model (the baseline)")
     p.add_argument("--verbose", action="store_true", help="print each prompt's classification")
+    p.add_argument("--json", default=None, help="also write every result (per seed, pooled, per prompt) to this file")
+    common.add_attention_arguments(p, default_help="the weights' own (dense for the shipped model)")
     return p.parse_args(argv)
 
 
@@ -156,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     """Evaluate as the command line ``argv`` (default: ``sys.argv[1:]``) says, printing one line per seed (and
     the pooled figures); returns the exit status, 0."""
     args = parse_args(argv)
-    trained = TextToVideo.load(args.weights, args.config)
+    size, attention = parse_size(args.size), common.attention_options(args)
+    trained = with_attention(TextToVideo.load(args.weights, args.config), **attention)
     label = "untrained baseline" if args.untrained else args.weights
+    label = f"{label} ({common.attention_summary(trained.dit.config)}, {args.frames}x{size[0]}x{size[1]})"
     results = []
     for seed in args.seed:
         model = trained
@@ -165,16 +174,25 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(seed)
             model = TextToVideo.from_config(trained.config_dict()).eval()
         start = time.perf_counter()
-        result = evaluate(model, held_out_prompts(args.prompts, seed), frames=args.frames, steps=args.steps,
-                          guidance=args.guidance, shift=args.shift, seed=seed)
+        result = evaluate(model, held_out_prompts(args.prompts, seed), frames=args.frames, size=size,
+                          steps=args.steps, guidance=args.guidance, shift=args.shift, seed=seed)
+        result["seconds"] = time.perf_counter() - start
         if args.verbose:
             for prompt, colour, motion in result["rows"]:
                 print(f"  {prompt!r}: colour={colour} motion={motion}")
-        print(f"{summary(f'{label} (seed {seed})', result)} ({time.perf_counter() - start:.0f} s)")
+        print(f"{summary(f'{label} (seed {seed})', result)} ({result['seconds']:.0f} s)")
         results.append(result)
     if len(results) > 1:
         seeds = ", ".join(map(str, args.seed))
         print(summary(f"{label} (seeds {seeds} pooled)", pooled(results)))
+    if args.json:
+        cfg = trained.dit.config
+        record = {"weights": args.weights, "frames": args.frames, "size": list(size), "steps": args.steps,
+                  "attention": {k: getattr(cfg, k) for k in ("attention", "tile", "window", "topk")},
+                  "summary": common.attention_summary(cfg), "seeds": args.seed, "per_seed": results,
+                  "pooled": pooled(results)}
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
     return 0
 
 

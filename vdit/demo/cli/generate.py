@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import time
 from typing import NamedTuple
 
@@ -18,19 +17,12 @@ import torch
 
 from vdit.backends import default_backend
 from vdit.demo.cli import common
-from vdit.demo.cli.common import UsageError
+from vdit.demo.cli.common import UsageError, parse_size
+from vdit.demo.growth import with_attention
 from vdit.demo.pipeline import DEFAULT_WEIGHTS, TextToVideo, generate
 from vdit.demo.video_io import contact_sheet, save_video
 
 PROG = "vdit-generate"
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """(height, width) of an ``HxW`` size such as ``64x48``."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not m:
-        raise UsageError(f"--size must look like HxW (e.g. 64x64), got {text!r}")
-    return int(m.group(1)), int(m.group(2))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sheet", default=None, help="contact-sheet PNG (default: <out>_sheet.png)")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="safetensors weights (default: shipped demo model)")
     p.add_argument("--config", default=None, help="JSON config (default: config.json beside the weights)")
+    common.add_attention_arguments(p, default_help="the weights' own (dense for the shipped model)")
     common.add_device_argument(p)
     p.add_argument("--sp-mode", choices=("ulysses", "ring", "hybrid"), default="ulysses",
                    help="sequence-parallel scheme under torchrun")
@@ -83,11 +76,13 @@ class Job(NamedTuple):
     width: int
     paths: list[str]
     sheet: str
+    attention: dict  # keywords of vdit.demo.growth.with_attention
 
 
 def plan(args: argparse.Namespace) -> Job:
     """The :class:`Job` of the arguments, checked before any work (a UsageError on bad input)."""
-    height, width = parse_size(args.size)
+    height, width = parse_size(args.size, "--size")
+    attention = common.attention_options(args)
     if args.prompt is not None:
         prompts = [args.prompt]
     else:
@@ -105,7 +100,7 @@ def plan(args: argparse.Namespace) -> Job:
     sheet = args.sheet or os.path.splitext(args.out)[0] + "_sheet.png"
     for path in paths + [sheet]:
         check_writable(path)
-    return Job(prompts, height, width, paths, sheet)
+    return Job(prompts, height, width, paths, sheet, attention)
 
 
 def sample(model: TextToVideo, args: argparse.Namespace, job: Job, *, progress: bool = True,
@@ -146,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
 
             sequence_parallel = SequenceParallel(None, args.sp_mode, args.ulysses_size)
             parallel = f" x {sequence_parallel.size} ranks ({sequence_parallel.mode})"
-        model = TextToVideo.load(args.weights, args.config, device=ranks.device)
+        model = with_attention(TextToVideo.load(args.weights, args.config, device=ranks.device), **job.attention)
+        if sequence_parallel is not None and model.dit.config.attention != "dense":
+            raise UsageError(f"{model.dit.config.attention} attention does not run sequence-parallel yet")
         start = time.perf_counter()
         videos, labels = sample(model, args, job, progress=ranks.rank == 0, sequence_parallel=sequence_parallel)
         elapsed = time.perf_counter() - start
@@ -154,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         write(videos, labels, job)
         print(f"generated {len(videos)} video(s) of {args.frames}x{job.height}x{job.width} with {args.steps} "
               f"{args.sampler} steps in {elapsed:.1f} s on {ranks.device}{parallel} "
-              f"(vdit backend: {default_backend()})")
+              f"(vdit backend: {default_backend()}; {common.attention_summary(model.dit.config)})")
     return 0
 
 

@@ -5,6 +5,8 @@ are written to --out every --save-every steps and at the end; running the same c
 from the last checkpoint exactly (model, EMA, optimizer, data position; noise is drawn per video).
 
     vdit-train --out runs/demo --steps 4000                      # or: python -m vdit.demo.cli.train ...
+    vdit-train --out runs/sta --init-weights vdit/demo/assets/demo/model.safetensors --attention sliding_tile \
+        --tile 4,4,4 --window 4,2,2 --sides 96,112,128 --tokens-per-batch 4096   # fine-tune to sparse attention
     torchrun --nproc_per_node 2 -m vdit.demo.cli.train --out runs/demo-ddp    # data parallel (DDP; gloo on CPU)
     torchrun --nproc_per_node 4 -m vdit.demo.cli.train --out runs/demo-sp --sequence-parallel 2   # 2 x 2
 
@@ -32,7 +34,7 @@ from vdit.demo.checkpoint import has_checkpoint, resume_checkpoint, save_checkpo
 from vdit.demo.cli import common
 from vdit.demo.cli.common import UsageError
 from vdit.demo.data import ShapesDataset, vocabulary
-from vdit.demo.growth import ADDED_MODULES, with_added_modules
+from vdit.demo.growth import ADDED_MODULES, with_added_modules, with_attention
 from vdit.demo.pipeline import TextEncoderConfig, TextToVideo
 from vdit.models import VideoDiTConfig
 from vdit.sampling import time_shift
@@ -87,7 +89,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init-weights", default=None,
                    help="start a new run from these TextToVideo weights (config.json beside them) instead of a "
                         "random initialization; ignored when --out already holds a checkpoint")
-    p.add_argument("--log-file", default=None, help="append one JSON line per step (step, loss, videos)")
+    p.add_argument("--sides", default=None,
+                   help="comma-separated video heights / widths in pixels to train on (default: the dataset's 32 to 64)")
+    p.add_argument("--frame-counts", default=None,
+                   help="comma-separated frame counts to train on (default: the dataset's 8 to 16)")
+    common.add_attention_arguments(p, default_help="dense for a new model, the --init-weights' own otherwise "
+                                                     "(a resumed run keeps its checkpoint's)")
+    p.add_argument("--log-file", default=None,
+                   help="append one JSON line per step (step, loss, videos, wall-clock seconds of the step)")
     return p.parse_args(argv)
 
 
@@ -96,10 +105,11 @@ def new_model(args) -> TextToVideo:
     --hidden-size, --depth, --heads, --patch-size and the module flags ask for."""
     patch = tuple(int(v) for v in args.patch_size.split("x"))
     text = TextEncoderConfig(embedding_skip=args.text_embedding_skip)
+    attention = {k: v for k, v in common.attention_options(args).items() if v is not None}
     cfg = VideoDiTConfig(in_channels=3, patch_size=patch, hidden_size=args.hidden_size, depth=args.depth,
                          heads=args.heads, context_dim=text.dim,
                          fractional_positions=args.fractional_positions or args.prompt_velocity,
-                         prompt_velocity=args.prompt_velocity)
+                         prompt_velocity=args.prompt_velocity, **attention)
     return TextToVideo(cfg, vocabulary(), text)
 
 
@@ -228,6 +238,7 @@ def initial_model(args: argparse.Namespace, device: torch.device, rank: int, res
     model = TextToVideo.load(args.init_weights, device=device).train()
     model = with_added_modules(model, fractional_positions=args.fractional_positions,
                                prompt_velocity=args.prompt_velocity, embedding_skip=args.text_embedding_skip)
+    model = with_attention(model, **common.attention_options(args))
     if rank == 0:
         print(f"initialized from {args.init_weights}", file=sys.stderr)
     return model
@@ -274,20 +285,40 @@ def train_step(args: argparse.Namespace, state: TrainState, net: torch.nn.Module
     return loss
 
 
-def log_and_save(args: argparse.Namespace, state: TrainState, loss: float, batch_videos: int) -> None:
-    """Rank 0's bookkeeping after a step: the --log-file line and, every --save-every steps and at the last
-    step, a checkpoint in --out."""
+def log_and_save(args: argparse.Namespace, state: TrainState, loss: float, batch_videos: int, seconds: float) -> None:
+    """Rank 0's bookkeeping after a step: the --log-file line (step, loss, videos, the step's wall-clock
+    seconds) and, every --save-every steps and at the last step, a checkpoint in --out."""
     if args.log_file:
         with open(args.log_file, "a") as f:
-            f.write(json.dumps({"step": state.step, "loss": loss, "videos": batch_videos}) + "\n")
+            f.write(json.dumps({"step": state.step, "loss": loss, "videos": batch_videos,
+                                "seconds": round(seconds, 4)}) + "\n")
     if state.step % args.save_every == 0 or state.step == args.steps:
         save_checkpoint(args.out, state.model, state.ema, state.opt, state.names, state.step, state.data_index, args)
+
+
+def dataset_sizes(args: argparse.Namespace) -> dict:
+    """The ``sides`` / ``frame_counts`` keywords of ShapesDataset that --sides / --frame-counts ask for."""
+    sizes = {}
+    for option, key in (("sides", "sides"), ("frame_counts", "frame_counts")):
+        text = getattr(args, option)
+        if text is None:
+            continue
+        try:
+            values = tuple(int(v) for v in text.split(","))
+        except ValueError:
+            values = ()
+        if not values or min(values) < 1:
+            raise UsageError(f"--{option.replace('_', '-')} must be comma-separated positive integers, got {text!r}")
+        sizes[key] = values
+    return sizes
 
 
 def train(args: argparse.Namespace, state: TrainState, layout: Layout) -> None:
     """Train ``state`` from its step up to --steps, with a progress bar, the log and checkpoints on rank 0."""
     rank, world_size, device = layout.ranks
-    dataset = ShapesDataset(seed=args.seed)
+    if layout.sequence_parallel is not None and state.model.dit.config.attention != "dense":
+        raise UsageError(f"{state.model.dit.config.attention} attention does not run sequence-parallel yet")
+    dataset = ShapesDataset(seed=args.seed, **dataset_sizes(args))
     patch = state.model.dit.config.patch_size
     if rank == 0:
         params = sum(p.numel() for p in state.model.parameters())
@@ -307,13 +338,14 @@ def train(args: argparse.Namespace, state: TrainState, layout: Layout) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / (time.perf_counter() - start_time):.0f}")
         if rank == 0:
-            log_and_save(args, state, loss, batch_videos)
+            log_and_save(args, state, loss, batch_videos, time.perf_counter() - start_time)
     bar.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Train as the command line ``argv`` (default: ``sys.argv[1:]``) says; returns the exit status, 0."""
     args = parse_args(argv)
+    dataset_sizes(args), common.attention_options(args)  # bad values raise before any work
     torch.manual_seed(args.seed)
     with common.process_group(args.device) as ranks:
         layout = parallel_layout(args, ranks)
