@@ -1,6 +1,7 @@
 """The demo CLIs vdit-train and vdit-generate (vdit/demo/cli): end to end, resume, init weights and added
-modules, timestep sampling and learning-rate schedule, bad input; and under torchrun (2 gloo ranks: data
-parallel or sequence parallel) they take the same steps / generate the same frames as one process."""
+modules, timestep sampling and learning-rate schedule, bad input, sparse attention options; and under torchrun
+(2 gloo ranks: data parallel or sequence parallel, with the device-placement checker on) they take the same
+steps / generate the same frames as one process."""
 import json
 import os
 import socket
@@ -198,8 +199,12 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+# The torchrun runs check device placement (vdit.distributed.check_placement), as NCCL would on GPUs.
+CHECKED = {"OMP_NUM_THREADS": "1", "VDIT_CHECK_PLACEMENT": "1"}
+
+
 def _train(out, log, world_size, *extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **CHECKED}
     if world_size == 1:
         cmd = [sys.executable, "-m", TRAIN]
     else:
@@ -240,7 +245,7 @@ def _tiny_weights(directory, *, random_dit: bool = False) -> str:
 def test_sequence_parallel_generation_matches_one_process(tmp_path):
     args = ["--prompt", "a red circle moves up", "--weights", _tiny_weights(tmp_path / "w", random_dit=True),
             "--frames", "4", "--size", "16x12", "--steps", "3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **CHECKED}
     one = subprocess.run([sys.executable, "-m", GENERATE, *args, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env, timeout=300)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
@@ -265,7 +270,7 @@ def test_sequence_parallel_generation_bad_size_is_a_clean_error(tmp_path):
     """A usage error raised after the process group exists still exits with status 2 on every rank (the group is
     torn down first), never a signal."""
     weights = _tiny_weights(tmp_path / "w")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **CHECKED}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                           "127.0.0.1", "--master_port", str(_port()), "-m", GENERATE, "--prompt", "x",
                           "--weights", weights, "--frames", "4", "--size", "10x12",

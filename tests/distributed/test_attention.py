@@ -1,7 +1,11 @@
 """vdit.distributed on CPU with gloo (2 and 4 processes): sequence-parallel attention (ulysses, ring, hybrid;
 forward and gradients) against single-process attention, a sequence-parallel VideoDiT forward + backward
 against one process, the process-group helpers (shard_packed / gather_packed / shard_range) and the
-cross-rank input checks. The torchrun CLI tests are in tests/demo/test_cli.py."""
+cross-rank input checks; a data-parallel x sequence-parallel layout (groups made up front, vdit.distributed.build_mesh)
+repeated with fresh groups; the device-placement checker itself. Every worker runs under
+vdit.distributed.check_placement, so a collective given a tensor off the data's device, or a tensor made in
+vdit.distributed without a device, fails here as NCCL would fail on a GPU. The torchrun CLI tests are in
+tests/demo/test_cli.py (under VDIT_CHECK_PLACEMENT=1)."""
 import os
 import socket
 import traceback
@@ -11,7 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vdit.distributed import gather_packed, sequence_parallel_attention, shard_packed, shard_range
+from vdit.distributed import (PlacementError, build_mesh, check_placement, gather_packed, sequence_parallel_attention,
+                              shard_packed, shard_range)
 from vdit.ops import reference
 
 LENGTHS = [5, 1, 0, 13, 2, 1]  # 22 tokens: ranges cut through sequences, some ranks see no token of some
@@ -69,13 +74,14 @@ def _check(mode, dtype, Hq, Hk, causal, kv_replicated, ulysses_size=None):
         torch.testing.assert_close(vs.grad, vr.grad[c:d], **tol)
 
 
-def _check_model(mode):
-    """A VideoDiT forward + backward over the group equals one process (gradients averaged over ranks)."""
+def _check_model(mode, checker=None, depth=2):
+    """A VideoDiT forward + backward over the group equals one process (gradients averaged over ranks);
+    returns the host reads vdit.distributed made in the sequence-parallel forward + backward."""
     from vdit.distributed import SequenceParallel
     from vdit.models import VideoDiT, VideoDiTConfig
 
     torch.manual_seed(0)
-    model = VideoDiT(VideoDiTConfig.preset("tiny", heads=4)).double()
+    model = VideoDiT(VideoDiTConfig.preset("tiny", heads=4, depth=depth)).double()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.2)
     g = torch.Generator().manual_seed(1)
@@ -91,47 +97,88 @@ def _check_model(mode):
         return [o.detach() for o in out], {n: p.grad.clone() for n, p in model.named_parameters()}
 
     ref_out, ref_grads = run(None)
+    reads_before = sum(checker.host_reads.values()) if checker else 0
     out, grads = run(SequenceParallel(mode=mode, ulysses_size=2 if mode == "hybrid" else None))
+    reads = (sum(checker.host_reads.values()) if checker else 0) - reads_before
     for a, b in zip(out, ref_out):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     for name, grad in grads.items():
         dist.all_reduce(grad)
         torch.testing.assert_close(grad / dist.get_world_size(), ref_grads[name], rtol=1e-8, atol=1e-9, msg=name)
+    return reads
+
+
+def _check_no_host_reads_per_layer(mode, checker):
+    """The sequence-parallel model reads the batch layout on the host once per batch: three blocks make no
+    more host reads in vdit.distributed than one."""
+    one, three = _check_model(mode, checker, depth=1), _check_model(mode, checker, depth=3)
+    assert one == three, (mode, one, three, dict(checker.host_reads))
+
+
+def _check_mesh_repeated(repeats):
+    """dp x sp = 2 x 2 with hybrid sequence parallelism inside each data-parallel group, every group made up
+    front by every rank; repeated with fresh groups. Each data-parallel group attends its own batch."""
+    for _ in range(repeats):
+        layout = build_mesh("cpu", sp=2, mode="hybrid", ulysses_size=1)
+        assert layout.dp_size == 2 and layout.sp_size == 2
+        sp = layout.sequence_parallel
+        g = torch.Generator().manual_seed(layout.dp_rank)
+        q, k, v = (torch.randn(sum(LENGTHS), 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+        cu = _cu(LENGTHS)
+        ref = reference.varlen_attention(q, k, v, cu, cu)
+        a, b = shard_range(q.shape[0], sp.size, sp.rank)
+        qs = q[a:b].clone().requires_grad_()
+        out = sp.attention(qs, k[a:b], v[a:b], cu, cu)
+        torch.testing.assert_close(out, ref[a:b], rtol=1e-9, atol=1e-9)
+        out.sum().backward()
+        assert torch.isfinite(qs.grad).all()
+        dist.barrier()
 
 
 def _worker(rank, size, port, cases, errors):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     try:
-        x = torch.arange(22.0).reshape(22, 1).requires_grad_()
-        full = gather_packed(shard_packed(x), 22)
-        assert torch.equal(full, x)
-        full.sum().backward()  # every rank's loss uses every token: gradient = world size
-        assert torch.equal(x.grad[slice(*shard_range(22, size, rank))], torch.full((shard_range(22, size, rank)[1] - shard_range(22, size, rank)[0], 1), float(size)))
-        for case in cases:
-            if case[0] == "model":
-                _check_model(case[1])
-            else:
-                _check(*case)
-        # bad input: cu_seqlens differing across ranks raises on every rank (no hang)
-        cu = _cu(LENGTHS)
-        if rank == 1:
-            cu = _cu([6, 0, 0, 13, 2, 1])
-        q = torch.zeros(shard_range(22, size, rank)[1] - shard_range(22, size, rank)[0], 4, 8)
-        try:
-            sequence_parallel_attention(q, q, q, cu, cu, mode="ring")
-            raise AssertionError("differing cu_seqlens were accepted")
-        except ValueError as exc:
-            assert "identical on every rank" in str(exc)
-        try:  # a shard of the wrong size
-            sequence_parallel_attention(q[1:] if rank == 0 else q, q, q, _cu(LENGTHS), _cu(LENGTHS), mode="ulysses")
-            raise AssertionError("a wrong shard size was accepted")
-        except ValueError as exc:
-            assert "do not follow the contract" in str(exc)
+        with check_placement("cpu") as checker:
+            _cases(rank, size, cases, checker)
     except Exception:
         errors.put(f"rank {rank}: {traceback.format_exc()}")
         raise
     finally:
         dist.destroy_process_group()
+
+
+def _cases(rank, size, cases, checker):
+    """The gather round trip, the listed cases, and bad input raising on every rank instead of hanging."""
+    x = torch.arange(22.0).reshape(22, 1).requires_grad_()
+    full = gather_packed(shard_packed(x), 22)
+    assert torch.equal(full, x)
+    full.sum().backward()  # every rank's loss uses every token: gradient = world size
+    assert torch.equal(x.grad[slice(*shard_range(22, size, rank))], torch.full((shard_range(22, size, rank)[1] - shard_range(22, size, rank)[0], 1), float(size)))
+    for case in cases:
+        if case[0] == "model":
+            _check_model(case[1])
+        elif case[0] == "host-reads":
+            _check_no_host_reads_per_layer(case[1], checker)
+        elif case[0] == "mesh":
+            _check_mesh_repeated(case[1])
+        else:
+            _check(*case)
+    # bad input: cu_seqlens differing across ranks raises on every rank (no hang)
+    cu = _cu(LENGTHS)
+    if rank == 1:
+        cu = _cu([6, 0, 0, 13, 2, 1])
+    q = torch.zeros(shard_range(22, size, rank)[1] - shard_range(22, size, rank)[0], 4, 8)
+    try:
+        sequence_parallel_attention(q, q, q, cu, cu, mode="ring")
+        raise AssertionError("differing cu_seqlens were accepted")
+    except ValueError as exc:
+        assert "identical on every rank" in str(exc)
+    try:  # a shard of the wrong size
+        sequence_parallel_attention(q[1:] if rank == 0 else q, q, q, _cu(LENGTHS), _cu(LENGTHS), mode="ulysses")
+        raise AssertionError("a wrong shard size was accepted")
+    except ValueError as exc:
+        assert "do not follow the contract" in str(exc)
+    assert checker.collectives["all_gather"] > 0 and checker.collectives["all_to_all_single"] > 0
 
 
 def _run(size, cases):
@@ -153,11 +200,36 @@ def test_two_ranks():
     f64, f32 = torch.float64, torch.float32
     _run(2, [("ulysses", f64, 4, 2, False, False), ("ulysses", f32, 4, 2, True, False), ("ulysses", f64, 4, 2, False, True),
              ("ring", f64, 4, 2, False, False), ("ring", f32, 4, 1, True, False), ("ring", f64, 3, 3, False, True),
-             ("model", "ulysses"), ("model", "ring")])
+             ("model", "ulysses"), ("model", "ring"), ("host-reads", "ulysses"), ("host-reads", "ring")])
 
 
 def test_four_ranks():
     f64 = torch.float64
     _run(4, [("ulysses", f64, 4, 4, False, False), ("ring", f64, 4, 2, True, False),
              ("hybrid", f64, 4, 2, False, False, 2), ("hybrid", f64, 4, 2, True, False, 2),
-             ("hybrid", f64, 4, 2, False, True, 2), ("model", "hybrid")])
+             ("hybrid", f64, 4, 2, False, True, 2), ("model", "hybrid"), ("mesh", 20)])
+
+
+def test_placement_checker_catches_what_nccl_would_refuse(tmp_path):
+    """The checker itself, in one gloo process: a collective given a tensor off the declared data device, and a
+    factory call without a device from code in vdit/distributed, both raise before anything runs."""
+    import vdit.distributed as package
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        with check_placement("cuda") as checker:  # the data would be on a GPU: a CPU tensor must be refused
+            with pytest.raises(PlacementError, match="all_reduce got a tensor on cpu"):
+                dist.all_reduce(torch.zeros(2))
+        assert checker.collectives["all_reduce"] == 0
+        inside = os.path.join(os.path.dirname(package.__file__), "made_up.py")
+        code = compile("import torch\nx = torch.zeros(2)\ny = torch.zeros(2, device='cpu')\nx.tolist()\n", inside, "exec")
+        with check_placement("cpu") as checker:
+            with pytest.raises(PlacementError, match="made_up.py:2: zeros"):
+                exec(code, {})
+            exec(compile("import torch\ny = torch.zeros(2, device='cpu')\ny.tolist()\n", inside, "exec"), {})
+            dist.all_reduce(torch.zeros(2))
+        assert checker.collectives["all_reduce"] == 1
+        assert checker.host_reads == {"distributed/made_up.py:3": 1}
+        assert dist.all_reduce is not checker.wrap  # restored on exit
+    finally:
+        dist.destroy_process_group()

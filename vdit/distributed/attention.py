@@ -6,8 +6,9 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from vdit.distributed.ring import RingAttention
-from vdit.distributed.sharding import check_consistent, check_shard_sizes, replicated, shard_range, shard_sizes, world
+from vdit._cache import TensorCache
+from vdit.distributed.ring import BatchPlan, RingAttention
+from vdit.distributed.sharding import check_consistent, check_shard_sizes, replicated, shard_sizes, world
 from vdit.distributed.ulysses import HeadsToTokens, TokensToHeads, head_chunk
 from vdit.ops import varlen_attention
 
@@ -22,6 +23,7 @@ class SequenceParallel:
     group: object = None
     mode: str = "ulysses"
     ulysses_size: int | None = None
+    subgroups: tuple | None = None  # hybrid: this rank's (Ulysses group, ring group), made up front
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -37,38 +39,74 @@ class SequenceParallel:
 
     def attention(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, **kwargs):
         return sequence_parallel_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                           group=self.group, mode=self.mode, ulysses_size=self.ulysses_size, **kwargs)
+                                           group=self.group, mode=self.mode, ulysses_size=self.ulysses_size,
+                                           subgroups=self.subgroups, **kwargs)
 
 
 def _hybrid_groups(group, ulysses_size: int):
-    """(ulysses group, ring group) of this rank: ranks g*U .. g*U+U-1 share a Ulysses group (adjacent
-    token ranges); ranks with the same index inside their Ulysses group form a ring."""
+    """(ulysses group, ring group) of this rank when ``group`` is the whole world: ranks g*U .. g*U+U-1
+    share a Ulysses group (adjacent token ranges); ranks with the same index inside their Ulysses group
+    form a ring. Created on first use by every rank, in the same order (every rank of the world runs the
+    same attention calls); inside a subgroup they must exist beforehand (:func:`vdit.distributed.build_mesh`)."""
     rank, size = world(group)
-    key = (id(group), ulysses_size)
+    if group is not None and size != dist.get_world_size():
+        raise ValueError("hybrid sequence parallelism inside a subgroup needs its Ulysses and ring groups created up "
+                         "front on every rank: build the groups with vdit.distributed.build_mesh")
+    key = (size, ulysses_size)
     if key not in _SUBGROUPS:
-        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(size))
         rings = size // ulysses_size
-        ulysses = [dist.new_group([ranks[g * ulysses_size + u] for u in range(ulysses_size)]) for g in range(rings)]
-        ring = [dist.new_group([ranks[g * ulysses_size + u] for g in range(rings)]) for u in range(ulysses_size)]
+        ulysses = [dist.new_group([g * ulysses_size + u for u in range(ulysses_size)]) for g in range(rings)]
+        ring = [dist.new_group([g * ulysses_size + u for g in range(rings)]) for u in range(ulysses_size)]
         _SUBGROUPS[key] = (ulysses, ring)
     ulysses, ring = _SUBGROUPS[key]
     return ulysses[rank // ulysses_size], ring[rank % ulysses_size]
 
 
+# One entry per batch: its checks ran and its host-side offsets were read once, not per layer.
+_BATCHES = TensorCache(size=16)
+
+
+def _batch_plan(q, k, cu_seqlens_q, cu_seqlens_k, group, causal: bool, kv_replicated: bool) -> BatchPlan:
+    """The batch's :class:`BatchPlan`, checked across ranks on its first call (raises ValueError on every rank
+    for inputs that differ across ranks or break the sharding contract)."""
+    Hq, Hk = q.shape[1], k.shape[1]
+
+    def build() -> BatchPlan:
+        check_consistent(group, q.device, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                         heads=Hq * 1000 + Hk, causal=int(causal), kv_replicated=int(kv_replicated))
+        plan = BatchPlan(cu_seqlens_q.tolist(), cu_seqlens_k.tolist())  # the batch's one host read
+        check_shard_sizes(q.shape[0], plan.total_q, group, q.device)
+        if kv_replicated and k.shape[0] != plan.total_k:
+            raise ValueError(f"kv_replicated=True needs the full k/v ({plan.total_k} tokens), got {k.shape[0]}")
+        if not kv_replicated:
+            check_shard_sizes(k.shape[0], plan.total_k, group, q.device)
+        if causal and (kv_replicated or plan.cu_q != plan.cu_k):
+            raise ValueError("causal sequence-parallel attention needs self-attention (cu_seqlens_q == cu_seqlens_k)")
+        return plan
+
+    key = (id(group), q.shape[0], k.shape[0], Hq, Hk, causal, kv_replicated, str(q.device))
+    return _BATCHES.get((cu_seqlens_q, cu_seqlens_k), key, build)
+
+
 def sequence_parallel_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
                                 group=None, mode: str = "ulysses", ulysses_size: int | None = None,
                                 softmax_scale: float | None = None, causal: bool = False,
-                                kv_replicated: bool = False) -> torch.Tensor:
+                                kv_replicated: bool = False, subgroups=None) -> torch.Tensor:
     """This rank's shard of ``vdit.ops.varlen_attention`` on the batch gathered over ``group``.
 
     Args:
         q: (n_r, Hq, D), this rank's contract range of the packed queries (see
             :mod:`vdit.distributed.sharding`); k, v: (m_r, Hk, D) shards likewise, or the full (total_k, Hk, D)
             tensors with ``kv_replicated=True`` (e.g. cross-attention to short text).
-        cu_seqlens_q, cu_seqlens_k: int32 (B + 1,) offsets of the WHOLE batch, identical on every rank.
+        cu_seqlens_q, cu_seqlens_k: int32 (B + 1,) offsets of the WHOLE batch, identical on every rank, on the
+            data's device. They are read on the host once per batch (the first call with these tensors); the
+            layers after it make no host synchronisation.
         mode: ``"ulysses"`` (all-to-all over heads; Hq and Hk divisible by the group size),
             ``"ring"`` (key/value shards travel around the ring; any head count), or ``"hybrid"``
             (Ulysses inside groups of ``ulysses_size`` ranks, ring across them).
+        subgroups: hybrid: this rank's (Ulysses group, ring group), created up front on every rank
+            (:func:`vdit.distributed.build_mesh`); None creates them on first use, which only works when
+            ``group`` is the whole world.
         causal: supported for self-attention (cu_seqlens_q == cu_seqlens_k, not kv_replicated).
     Returns:
         (n_r, Hq, D), this rank's range of the output. Differentiable with respect to the shards.
@@ -78,41 +116,30 @@ def sequence_parallel_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     rank, size = world(group)
-    total_q, total_k = int(cu_seqlens_q[-1]), int(cu_seqlens_k[-1])
     Hq, Hk, D = q.shape[1], k.shape[1], q.shape[2]
-    check_consistent(group, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, heads=Hq * 1000 + Hk,
-                     causal=int(causal), kv_replicated=int(kv_replicated))
-    check_shard_sizes(q.shape[0], total_q, group)
+    plan = _batch_plan(q, k, cu_seqlens_q, cu_seqlens_k, group, causal, kv_replicated)
     if kv_replicated:
-        if k.shape[0] != total_k:
-            raise ValueError(f"kv_replicated=True needs the full k/v ({total_k} tokens), got {k.shape[0]}")
         k, v = replicated(k, group), replicated(v, group)
-    else:
-        check_shard_sizes(k.shape[0], total_k, group)
-    if causal and (kv_replicated or not torch.equal(cu_seqlens_q, cu_seqlens_k)):
-        raise ValueError("causal sequence-parallel attention needs self-attention (cu_seqlens_q == cu_seqlens_k)")
     scale = D ** -0.5 if softmax_scale is None else softmax_scale
     if mode == "ring":
-        return RingAttention.apply(q, k, v, cu_seqlens_q.cpu(), cu_seqlens_k.cpu(), scale, causal, kv_replicated, group)
+        return RingAttention.apply(q, k, v, plan, scale, causal, kv_replicated, group)
     u = size if mode == "ulysses" else (ulysses_size or 0)
     if u <= 0 or size % u:
         raise ValueError(f"ulysses_size must divide the group size {size}, got {ulysses_size}")
     if Hq % u or (Hk % u):
         raise ValueError(f"Ulysses over {u} ranks needs q heads ({Hq}) and k/v heads ({Hk}) divisible by {u}")
-    ugroup, rgroup = (group, None) if mode == "ulysses" else _hybrid_groups(group, u)
-    urank = rank % u
-    # Token counts of the ranks of this Ulysses group (adjacent contract ranges).
-    first = rank - urank
-    sizes_q = [shard_sizes(total_q, size)[first + j] for j in range(u)]
+    ugroup, rgroup = (group, None) if mode == "ulysses" else (subgroups or _hybrid_groups(group, u))
+    first = rank - rank % u  # token counts of the ranks of this Ulysses group (adjacent contract ranges)
+    sizes_q = shard_sizes(plan.total_q, size)[first:first + u]
     qh = TokensToHeads.apply(q, sizes_q, ugroup)
     if kv_replicated:
         kh, vh = head_chunk(k, ugroup), head_chunk(v, ugroup)
     else:
-        sizes_k = [shard_sizes(total_k, size)[first + j] for j in range(u)]
+        sizes_k = shard_sizes(plan.total_k, size)[first:first + u]
         kh, vh = TokensToHeads.apply(k, sizes_k, ugroup), TokensToHeads.apply(v, sizes_k, ugroup)
     if rgroup is None:
-        out = varlen_attention(qh, kh, vh, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                               softmax_scale=scale, causal=causal)
+        out = varlen_attention(qh, kh, vh, cu_seqlens_q, cu_seqlens_k, max_seqlen_q or plan.max_q,
+                               max_seqlen_k or plan.max_k, softmax_scale=scale, causal=causal)
     else:
-        out = RingAttention.apply(qh, kh, vh, cu_seqlens_q.cpu(), cu_seqlens_k.cpu(), scale, causal, kv_replicated, rgroup)
+        out = RingAttention.apply(qh, kh, vh, plan, scale, causal, kv_replicated, rgroup)
     return HeadsToTokens.apply(out, sizes_q, ugroup)

@@ -12,24 +12,81 @@ backward does) and reduce-scatters the key/value gradients back to their owners.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 
-from vdit.distributed.sharding import local_offsets, shard_range, shard_sizes, world
+from vdit.distributed.sharding import shard_range, shard_sizes, world
 from vdit.distributed.stats import record
 from vdit.ops import varlen_attention
 from vdit.ops.attention import varlen_attention_backward
 from vdit.ops.reference import compute_dtype
 
 
-def _block_forward(q, k, v, cu_q, cu_k, scale, causal):
-    return varlen_attention(q, k, v, cu_q.to(q.device), cu_k.to(q.device), softmax_scale=scale, causal=causal,
-                            return_lse=True)
+class Step(NamedTuple):
+    """One ring step of this rank: whose key/value block it holds, and the block pair's offsets (int32, on
+    the data's device) and longest sequences, cut from the batch's global offsets."""
+
+    owner: int
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    causal: bool
 
 
-def _block_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal):
-    return varlen_attention_backward(dout, q, k, v, out, lse, cu_q.to(q.device), cu_k.to(q.device),
-                                     softmax_scale=scale, causal=causal)
+def _local(cu: list[int], start: int, end: int) -> list[int]:
+    """Offsets of each sequence's tokens inside the range [start, end) of a batch with offsets ``cu``."""
+    out = [0]
+    for a, b in zip(cu[:-1], cu[1:]):
+        out.append(out[-1] + max(0, min(b, end) - max(a, start)))
+    return out
+
+
+class BatchPlan:
+    """What every layer of one batch shares, read on the host once: the global offsets (host ints), their
+    totals and longest sequences, and per ring layout the ring's steps (:class:`Step`, offsets on the data's
+    device), so that layers after the first make no host synchronisation and no host-to-device copy."""
+
+    def __init__(self, cu_q: list[int], cu_k: list[int]):
+        self.cu_q, self.cu_k = cu_q, cu_k
+        self.total_q, self.total_k = cu_q[-1], cu_k[-1]
+        self.max_q = max((b - a for a, b in zip(cu_q, cu_q[1:])), default=0)
+        self.max_k = max((b - a for a, b in zip(cu_k, cu_k[1:])), default=0)
+        self._steps: dict = {}
+
+    def ring_steps(self, rank: int, size: int, causal: bool, kv_replicated: bool, device) -> list[Step | None]:
+        """For each ring step of ``rank`` in a ring of ``size``: its :class:`Step`, or None when causal
+        attention skips it (the key block lies after the queries)."""
+        key = (rank, size, causal, kv_replicated, str(device))
+        if key not in self._steps:
+            q0, q1 = shard_range(self.total_q, size, rank)
+            cq = _local(self.cu_q, q0, q1)
+            cq_device = torch.tensor(cq, dtype=torch.int32, device=device)
+            steps = []
+            for step in range(1 if kv_replicated else size):
+                owner = (rank - step) % size
+                if causal and owner > rank:
+                    steps.append(None)
+                    continue
+                k0, k1 = (0, self.total_k) if kv_replicated else shard_range(self.total_k, size, owner)
+                ck = _local(self.cu_k, k0, k1)
+                steps.append(Step(owner, cq_device, torch.tensor(ck, dtype=torch.int32, device=device),
+                                  max(b - a for a, b in zip(cq, cq[1:])), max(b - a for a, b in zip(ck, ck[1:])),
+                                  causal and owner == rank))
+            self._steps[key] = steps
+        return self._steps[key]
+
+
+def _block_forward(q, k, v, step: Step, scale):
+    return varlen_attention(q, k, v, step.cu_q, step.cu_k, step.max_q, step.max_k, softmax_scale=scale,
+                            causal=step.causal, return_lse=True)
+
+
+def _block_backward(dout, q, k, v, out, lse, step: Step, scale):
+    return varlen_attention_backward(dout, q, k, v, out, lse, step.cu_q, step.cu_k, softmax_scale=scale,
+                                     causal=step.causal)
 
 
 def _merge(out, lse, out_b, lse_b):
@@ -72,28 +129,12 @@ def _next_block(step, steps, tensors, group, sizes):
     return _RingPass(tensors, group, [n] * len(tensors))
 
 
-def _pairs(rank, size, total_q, total_k, cu_q, cu_k, kv_replicated, causal):
-    """For each ring step: (owner of the key/value block, local q offsets, local k offsets, causal) or None."""
-    q0, q1 = shard_range(total_q, size, rank)
-    cq = local_offsets(cu_q, q0, q1)
-    steps = []
-    for step in range(1 if kv_replicated else size):
-        owner = (rank - step) % size
-        k0, k1 = (0, total_k) if kv_replicated else shard_range(total_k, size, owner)
-        if causal and owner > rank:
-            steps.append(None)
-            continue
-        steps.append((owner, cq, local_offsets(cu_k, k0, k1), causal and owner == rank))
-    return steps
-
-
 class RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, scale, causal, kv_replicated, group):
+    def forward(ctx, q, k, v, plan: BatchPlan, scale, causal, kv_replicated, group):
         rank, size = world(group)
-        cu_q_list, cu_k_list = cu_q.tolist(), cu_k.tolist()
-        total_q, total_k = cu_q_list[-1], cu_k_list[-1]
-        pairs = _pairs(rank, size, total_q, total_k, cu_q_list, cu_k_list, kv_replicated, causal)
+        total_k = plan.total_k
+        pairs = plan.ring_steps(rank, size, causal, kv_replicated, q.device)
         cd = compute_dtype(q.dtype)
         out = torch.zeros(q.shape, dtype=cd, device=q.device)
         lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=cd, device=q.device)
@@ -102,8 +143,7 @@ class RingAttention(torch.autograd.Function):
         for step, pair in enumerate(pairs):
             transfer = _next_block(step, len(pairs), [kb, vb], group, sizes)
             if pair is not None:
-                _, cq, ck, blk_causal = pair
-                o_b, l_b = _block_forward(q, kb, vb, cq, ck, scale, blk_causal)
+                o_b, l_b = _block_forward(q, kb, vb, pair, scale)
                 out, lse = _merge(out, lse, o_b, l_b.to(cd))
             if transfer is not None:
                 kb, vb = transfer.wait()
@@ -120,9 +160,8 @@ class RingAttention(torch.autograd.Function):
         cd = compute_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=cd, device=q.device)
         if ctx.kv_replicated:
-            _, cq, ck, blk_causal = ctx.pairs[0]
-            dq, dk, dv = _block_backward(dout, q, k, v, out, lse, cq, ck, ctx.scale, blk_causal)
-            return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+            dq, dk, dv = _block_backward(dout, q, k, v, out, lse, ctx.pairs[0], ctx.scale)
+            return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
         sizes = shard_sizes(ctx.total_k, size)
         longest = max(sizes)
         # Partial key/value gradients for every owner, padded so one reduce-scatter returns them.
@@ -131,8 +170,8 @@ class RingAttention(torch.autograd.Function):
         for step, pair in enumerate(ctx.pairs):
             transfer = _next_block(step, len(ctx.pairs), [kb, vb], ctx.group, sizes)
             if pair is not None:
-                owner, cq, ck, blk_causal = pair
-                dq_b, dk_b, dv_b = _block_backward(dout, q, kb, vb, out, lse, cq, ck, ctx.scale, blk_causal)
+                owner = pair.owner
+                dq_b, dk_b, dv_b = _block_backward(dout, q, kb, vb, out, lse, pair, ctx.scale)
                 dq += dq_b.to(cd)
                 dkv[owner, 0, : kb.shape[0]] += dk_b.to(cd)
                 dkv[owner, 1, : vb.shape[0]] += dv_b.to(cd)
@@ -142,4 +181,4 @@ class RingAttention(torch.autograd.Function):
         record("reduce_scatter", dkv.numel() * dkv.element_size() * (size - 1) // size)
         dist.reduce_scatter_tensor(mine.view(-1, *k.shape[1:]), dkv.view(-1, *k.shape[1:]), group=ctx.group)
         n = sizes[rank]
-        return (dq.to(q.dtype), mine[0, :n].to(k.dtype), mine[1, :n].to(v.dtype), None, None, None, None, None, None)
+        return (dq.to(q.dtype), mine[0, :n].to(k.dtype), mine[1, :n].to(v.dtype), None, None, None, None, None)

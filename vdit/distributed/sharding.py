@@ -26,12 +26,13 @@ def shard_sizes(total: int, world_size: int) -> list[int]:
     return [shard_range(total, world_size, r)[1] - shard_range(total, world_size, r)[0] for r in range(world_size)]
 
 
-def local_offsets(cu: list[int], start: int, end: int) -> torch.Tensor:
-    """int32 (B + 1,) offsets of each sequence's tokens inside the range [start, end) of the packed batch."""
-    lengths = [max(0, min(b, end) - max(a, start)) for a, b in zip(cu[:-1], cu[1:])]
-    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    out[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
-    return out
+def local_offsets(cu: list[int], start: int, end: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """int32 (B + 1,) offsets on ``device`` of each sequence's tokens inside the range [start, end) of the
+    packed batch whose offsets are ``cu`` (host ints)."""
+    offsets = [0]
+    for a, b in zip(cu[:-1], cu[1:]):
+        offsets.append(offsets[-1] + max(0, min(b, end) - max(a, start)))
+    return torch.tensor(offsets, dtype=torch.int32, device=device)
 
 
 def shard_packed(x: torch.Tensor, group=None) -> torch.Tensor:
@@ -46,7 +47,7 @@ class _GatherPacked(torch.autograd.Function):
     def forward(ctx, x, total, group):
         rank, size = world(group)
         sizes = shard_sizes(total, size)
-        check_shard_sizes(x.shape[0], total, group)
+        check_shard_sizes(x.shape[0], total, group, x.device)
         ctx.group, ctx.total = group, total
         longest = max(sizes)
         padded = x.new_zeros((longest, *x.shape[1:]))
@@ -97,10 +98,11 @@ def replicated(x: torch.Tensor, group=None) -> torch.Tensor:
     return _ReplicatedInput.apply(x, group)
 
 
-def check_shard_sizes(local_tokens: int, total: int, group=None) -> None:
-    """Every rank must hold its contract range of ``total`` tokens; raises on every rank otherwise."""
+def check_shard_sizes(local_tokens: int, total: int, group=None, device: torch.device | str = "cpu") -> None:
+    """Every rank must hold its contract range of ``total`` tokens; raises on every rank otherwise.
+    ``device``: the data's (the collective's tensors live there; NCCL takes CUDA tensors only)."""
     rank, size = world(group)
-    mine = torch.tensor([local_tokens, total], dtype=torch.int64)
+    mine = torch.tensor([local_tokens, total], dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(size)]
     dist.all_gather(everyone, mine, group=group)
     expected = shard_sizes(total, size)
@@ -110,20 +112,22 @@ def check_shard_sizes(local_tokens: int, total: int, group=None) -> None:
                          f"(expected sizes {expected}); rank: size of the offenders {wrong}")
 
 
-def check_consistent(group, **values: torch.Tensor | int) -> None:
+def check_consistent(group, device: torch.device | str, **values: torch.Tensor | int) -> None:
     """Raise the same ValueError on every rank if any value differs across ranks (instead of hanging later).
 
-    Tensors are compared by content; every rank must call this with the same names.
+    Tensors are compared by content (a checksum computed on ``device``, the data's, where the collective
+    runs); every rank must call this with the same names.
     """
     rank, size = world(group)
     local = []
     for v in values.values():
         if isinstance(v, torch.Tensor):
-            flat = v.detach().to("cpu", torch.float64).flatten()
-            local += [float(flat.numel()), float(flat.sum()), float((flat * torch.arange(1, flat.numel() + 1)).sum())]
+            flat = v.detach().to(device, torch.float64).flatten()
+            weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=device)
+            local.append(torch.stack([flat.new_tensor(float(flat.numel())), flat.sum(), (flat * weights).sum()]))
         else:
-            local.append(float(v))
-    mine = torch.tensor(local, dtype=torch.float64)
+            local.append(torch.tensor([float(v)], dtype=torch.float64, device=device))
+    mine = torch.cat(local)
     everyone = [torch.empty_like(mine) for _ in range(size)]
     dist.all_gather(everyone, mine, group=group)
     bad = [r for r, other in enumerate(everyone) if not torch.equal(other, everyone[0])]

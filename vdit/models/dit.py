@@ -267,7 +267,7 @@ class VideoDiT(nn.Module):
             total = x.shape[0]
             start, end = shard_range(total, sequence_parallel.size, sequence_parallel.rank)
             x, positions = shard_packed(x, sequence_parallel.group), positions[start:end]
-            cu_local = local_offsets(cu.tolist(), start, end).to(cu.device)
+            cu_local = local_offsets(cu.tolist(), start, end, cu.device)
         for block in self.blocks:
             x = block(x, c, cu, max_len, positions, self.rope, context, cu_seqlens_context, max_ctx,
                       sequence_parallel=sequence_parallel, cu_local=cu_local, **sparse)

@@ -86,11 +86,14 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
 
 @contextlib.contextmanager
 def process_group(device: str | torch.device) -> Iterator[Ranks]:
-    """Under torchrun (WORLD_SIZE > 1): start the process group (NCCL for a CUDA ``device``, else gloo) and
-    yield this rank's :class:`Ranks`, its device ``cuda:LOCAL_RANK`` for CUDA. On leaving, the ranks wait for
-    each other and the group is torn down, on errors too (without waiting): a rank that exits while its
-    peers still hold open gloo connections can abort (SIGABRT) during interpreter shutdown. A group that
-    was already running is left running. Without torchrun: yields (0, 1, device)."""
+    """Under torchrun (WORLD_SIZE > 1): start the process group and yield this rank's :class:`Ranks`, its
+    device ``cuda:LOCAL_RANK`` for CUDA. A CUDA run selects its GPU first (``torch.cuda.set_device``) and
+    starts ``cpu:gloo,cuda:nccl``, so that collectives on CUDA tensors use NCCL and any on CPU tensors gloo;
+    a CPU run starts gloo. With ``VDIT_CHECK_PLACEMENT=1`` the block runs under
+    :func:`vdit.distributed.check_placement` (every collective's tensors on the data's device). On leaving,
+    the ranks wait for each other and the group is torn down, on errors too (without waiting): a rank that
+    exits while its peers still hold open gloo connections can abort (SIGABRT) during interpreter shutdown.
+    A group that was already running is left running. Without torchrun: yields (0, 1, device)."""
     device = torch.device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
@@ -98,15 +101,20 @@ def process_group(device: str | torch.device) -> Iterator[Ranks]:
         return
     import torch.distributed as dist
 
+    from vdit.distributed import check_placement
+    from vdit.distributed.placement import placement_checking_requested
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     owned = not dist.is_initialized()
     if owned:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+    checking = check_placement(device) if placement_checking_requested() else contextlib.nullcontext()
     try:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        yield Ranks(dist.get_rank(), world_size, device)
-        dist.barrier()  # all ranks leave together (errors are raised on every rank alike)
+        with checking:
+            yield Ranks(dist.get_rank(), world_size, device)
+            dist.barrier()  # all ranks leave together (errors are raised on every rank alike)
     finally:
         if owned:
             dist.destroy_process_group()

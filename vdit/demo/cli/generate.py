@@ -137,9 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     with common.process_group(args.device) as ranks:
         sequence_parallel, parallel = None, ""
         if ranks.world_size > 1:
-            from vdit.distributed import SequenceParallel
+            from vdit.distributed import build_mesh
 
-            sequence_parallel = SequenceParallel(None, args.sp_mode, args.ulysses_size)
+            try:
+                sequence_parallel = build_mesh(ranks.device.type, ranks.world_size, args.sp_mode,
+                                               args.ulysses_size).sequence_parallel
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
             parallel = f" x {sequence_parallel.size} ranks ({sequence_parallel.mode})"
         model = with_attention(TextToVideo.load(args.weights, args.config, device=ranks.device), **job.attention)
         if sequence_parallel is not None and model.dit.config.attention != "dense":

@@ -207,10 +207,13 @@ def parallel_layout(args: argparse.Namespace, ranks: common.Ranks) -> Layout:
         raise UsageError(f"--min-videos ({args.min_videos}) must be >= the number of data-parallel groups "
                          f"({layout.dp_size}), so that every group gets a video")
     if sp_size > 1:
-        from vdit.distributed import SequenceParallel
+        from vdit.distributed import build_mesh
 
-        groups = [dist.new_group(list(range(g * sp_size, (g + 1) * sp_size))) for g in range(layout.dp_size)]
-        layout.sequence_parallel = SequenceParallel(groups[layout.dp_rank], args.sp_mode, args.ulysses_size)
+        try:  # every group of the layout, made now by every rank in the same order
+            layout.sequence_parallel = build_mesh(ranks.device.type, sp_size, args.sp_mode,
+                                                  args.ulysses_size).sequence_parallel
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     return layout
 
 

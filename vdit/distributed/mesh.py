@@ -1,0 +1,81 @@
+"""Process groups of a data-parallel x sequence-parallel layout, created up front on every rank.
+
+``torch.distributed.new_group`` must be entered by every rank of the world, with the same rank lists, in
+the same order, even by ranks that will not be members; a group created lazily by the ranks that need it
+hangs (or fails) the others. :func:`build_mesh` therefore creates every group of the layout at once:
+
+    ranks (world W = dp * sp, sp = ring * ulysses), row-major over (dp, ring, ulysses):
+      sequence-parallel group g: ranks g*sp .. g*sp + sp - 1 (adjacent token ranges of one batch share);
+      Ulysses groups: ulysses consecutive ranks inside it; ring groups: the ranks of equal Ulysses index;
+      data-parallel groups: the ranks of equal sequence-parallel index.
+
+It uses ``torch.distributed.device_mesh`` (the layout FSDP2 takes as well).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from vdit.distributed.attention import MODES, SequenceParallel
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelMesh:
+    """This rank's groups in a dp x sp layout (see the module docstring).
+
+    Attributes:
+        mesh: DeviceMesh over (dp, ring, ulysses); sp_mesh: DeviceMesh over (dp, sp).
+        dp_group: this rank's data-parallel group (its peers holding the same token ranges of other batches).
+        sequence_parallel: what the model's attention takes (None for sp == 1).
+    """
+
+    mesh: DeviceMesh
+    sp_mesh: DeviceMesh
+    dp_group: object
+    sequence_parallel: SequenceParallel | None
+
+    @property
+    def dp_size(self) -> int:
+        return self.sp_mesh.size(0)
+
+    @property
+    def sp_size(self) -> int:
+        return self.sp_mesh.size(1)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.sp_mesh.get_local_rank(0)
+
+
+def build_mesh(device_type: str, sp: int = 1, mode: str = "ulysses", ulysses_size: int | None = None) -> ParallelMesh:
+    """Every process group of a dp x sp layout over the whole world, created now on every rank in the same
+    order (all ranks must call this together).
+
+    Args:
+        device_type: ``"cuda"`` or ``"cpu"`` (the data's device type).
+        sp: ranks per sequence-parallel group (divides the world size); dp = world // sp.
+        mode: sequence-parallel scheme (``ulysses``, ``ring``, ``hybrid``).
+        ulysses_size: hybrid: Ulysses ranks per ring position (divides sp); default: all sp ranks (ulysses),
+            1 (ring).
+    Raises:
+        ValueError on a layout the world cannot hold.
+    """
+    world = dist.get_world_size()
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if sp < 1 or world % sp:
+        raise ValueError(f"sp ({sp}) must divide the world size {world}")
+    u = {"ulysses": sp, "ring": 1}.get(mode, ulysses_size)
+    if u is None or u < 1 or sp % u:
+        raise ValueError(f"hybrid needs ulysses_size dividing sp ({sp}), got {ulysses_size}")
+    dp = world // sp
+    mesh = init_device_mesh(device_type, (dp, sp // u, u), mesh_dim_names=("dp", "ring", "ulysses"))
+    sp_mesh = init_device_mesh(device_type, (dp, sp), mesh_dim_names=("dp", "sp"))
+    sequence_parallel = None
+    if sp > 1:
+        subgroups = (mesh.get_group("ulysses"), mesh.get_group("ring")) if mode == "hybrid" else None
+        sequence_parallel = SequenceParallel(sp_mesh.get_group("sp"), mode, u if mode == "hybrid" else None,
+                                             subgroups=subgroups)
+    return ParallelMesh(mesh, sp_mesh, sp_mesh.get_group("dp"), sequence_parallel)
