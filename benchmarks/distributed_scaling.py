@@ -1,6 +1,7 @@
 """Sequence-parallel attention on CPU (gloo): time and bytes sent per rank for 1, 2, 4 ranks.
 
     torchrun --nproc_per_node 2 benchmarks/distributed_scaling.py      # prints markdown rows (rank 0)
+    python benchmarks/distributed_scaling.py --plan                      # ring transfers and work per rank
 
 Batch: a mixed packed batch of four latent videos (patch 1x2x2) of 1536, 768, 384 and 96 tokens,
 8 heads of dim 64, fp32; forward + backward of one self-attention, median of 3 runs after a warm-up.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -62,5 +64,33 @@ def main() -> None:
         dist.destroy_process_group()
 
 
+def ring_plan_table(lengths=LENGTHS, sizes=(2, 4, 8)) -> str:
+    """Markdown: per ring size, the block transfers of one ring attention forward (relayed around the ring,
+    as before, against sent directly to the ranks that need them) and the attention work per rank
+    (query-key pairs), max / mean and max / min, for the contract's token-range sharding. From the batch
+    plan alone: no process group needed."""
+    from vdit.distributed.ring import BatchPlan, _lengths
+    from vdit.distributed.sharding import shard_range
+
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    plan = BatchPlan(cu, cu)
+    rows = ["| ranks | transfers relayed (before) | transfers direct (after) | work max / mean | work max / min |",
+            "|---|---|---|---|---|"]
+    for size in sizes:
+        needed = plan.needed(size, False, False)
+        direct = sum(needed[r][o] for r in range(size) for o in range(size) if r != o)
+        q = [_lengths(cu, *shard_range(cu[-1], size, r)) for r in range(size)]
+        work = [sum(a * b for o in range(size) for a, b in zip(q[r], q[o])) for r in range(size)]
+        mean = sum(work) / size
+        rows.append(f"| {size} | {size * (size - 1)} | {direct} | {max(work) / mean:.2f} | "
+                    f"{max(work) / max(min(work), 1):.1f} |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
-    main()
+    if os.environ.get("WORLD_SIZE") is None and "--plan" in sys.argv:
+        print(ring_plan_table())
+    else:
+        main()

@@ -233,3 +233,21 @@ def test_placement_checker_catches_what_nccl_would_refuse(tmp_path):
         assert dist.all_reduce is not checker.wrap  # restored on exit
     finally:
         dist.destroy_process_group()
+
+
+def test_ring_moves_only_the_blocks_a_rank_attends():
+    """The ring's routing plan (no process group): a block goes to a rank only when their token ranges share a
+    sequence, and, causal, only to ranks after its owner; the steps a rank skips are the ones it is sent nothing
+    for."""
+    from vdit.distributed.ring import BatchPlan
+
+    cu = [0, 1536, 2304, 2688, 2784]  # the benchmark batch
+    plan = BatchPlan(cu, cu)
+    needed = plan.needed(8, False, False)
+    assert sum(needed[r][o] for r in range(8) for o in range(8) if r != o) == 28  # of 56 relayed before
+    assert all(needed[r][r] for r in range(8)) and all(needed[r][o] == needed[o][r] for r in range(8) for o in range(8))
+    causal = plan.needed(8, True, False)
+    assert all(causal[r][o] == (needed[r][o] and o <= r) for r in range(8) for o in range(8))
+    steps = plan.ring_steps(3, 8, False, False, "cpu")
+    assert [s is not None for s in steps] == [needed[3][(3 - s) % 8] for s in range(8)]
+    assert steps[0].cu_q.dtype == torch.int32 and steps[0].cu_q.device.type == "cpu"

@@ -7,8 +7,14 @@ inside them are again contiguous, so the pair is one ordinary varlen attention c
 from the global ``cu_seqlens``. Causal self-attention: shards s < r see all keys, s == r is the causal
 diagonal (same ranges, so the bottom-right alignment is exact), s > r is skipped.
 
+Blocks go straight from their owner to the ranks that need them: at step s rank r attends owner
+(r - s)'s block, which that owner sends it directly, and only when the two ranges share a sequence (and,
+causal, the keys do not lie after the queries). A packed batch of many short sequences thus moves only the
+blocks that are used, instead of relaying every block around the whole ring.
+
 The backward recomputes each pair with the merged output and log-sum-exp (as FlashAttention's
-backward does) and reduce-scatters the key/value gradients back to their owners.
+backward does) and reduce-scatters the key/value gradients back to their owners, in the input dtype
+(each rank accumulates its partial gradients in fp32 first).
 """
 from __future__ import annotations
 
@@ -36,6 +42,11 @@ class Step(NamedTuple):
     causal: bool
 
 
+def _lengths(cu: list[int], start: int, end: int) -> list[int]:
+    """Each sequence's token count inside the range [start, end) of a batch with offsets ``cu``."""
+    return [max(0, min(b, end) - max(a, start)) for a, b in zip(cu[:-1], cu[1:])]
+
+
 def _local(cu: list[int], start: int, end: int) -> list[int]:
     """Offsets of each sequence's tokens inside the range [start, end) of a batch with offsets ``cu``."""
     out = [0]
@@ -55,19 +66,33 @@ class BatchPlan:
         self.max_q = max((b - a for a, b in zip(cu_q, cu_q[1:])), default=0)
         self.max_k = max((b - a for a, b in zip(cu_k, cu_k[1:])), default=0)
         self._steps: dict = {}
+        self._needed: dict = {}
+
+    def needed(self, size: int, causal: bool, kv_replicated: bool) -> list[list[bool]]:
+        """``needed[r][o]``: rank r's queries attend some key of owner o's block (a sequence in both ranges;
+        with ``causal`` also o <= r), in a ring of ``size``."""
+        key = (size, causal, kv_replicated)
+        if key not in self._needed:
+            q_lengths = [_lengths(self.cu_q, *shard_range(self.total_q, size, r)) for r in range(size)]
+            k_lengths = ([_lengths(self.cu_k, 0, self.total_k)] * size if kv_replicated else
+                         [_lengths(self.cu_k, *shard_range(self.total_k, size, o)) for o in range(size)])
+            self._needed[key] = [[any(a and b for a, b in zip(q_lengths[r], k_lengths[o])) and not (causal and o > r)
+                                  for o in range(size)] for r in range(size)]
+        return self._needed[key]
 
     def ring_steps(self, rank: int, size: int, causal: bool, kv_replicated: bool, device) -> list[Step | None]:
-        """For each ring step of ``rank`` in a ring of ``size``: its :class:`Step`, or None when causal
-        attention skips it (the key block lies after the queries)."""
+        """For each ring step of ``rank`` in a ring of ``size``: its :class:`Step`, or None when the block
+        is not needed (no shared sequence, or causal attention with the keys after the queries)."""
         key = (rank, size, causal, kv_replicated, str(device))
         if key not in self._steps:
+            needed = self.needed(size, causal, kv_replicated)
             q0, q1 = shard_range(self.total_q, size, rank)
             cq = _local(self.cu_q, q0, q1)
             cq_device = torch.tensor(cq, dtype=torch.int32, device=device)
             steps = []
             for step in range(1 if kv_replicated else size):
                 owner = (rank - step) % size
-                if causal and owner > rank:
+                if not needed[rank][owner]:
                     steps.append(None)
                     continue
                 k0, k1 = (0, self.total_k) if kv_replicated else shard_range(self.total_k, size, owner)
@@ -98,35 +123,52 @@ def _merge(out, lse, out_b, lse_b):
     return out * w_a + out_b.to(out.dtype) * w_b, new
 
 
-class _RingPass:
-    """Send ``tensors`` to rank r+1 and receive rank r-1's (leading sizes ``sizes_from``) in the background;
-    ``wait()`` returns the received tensors. Started before the current block's compute, so the transfer
-    overlaps it wherever the backend progresses point-to-point transfers asynchronously (NCCL, gloo)."""
+class _Transfer:
+    """One step's point-to-point transfers, started in the background: this rank's own key/value block to
+    the rank that needs it, the block it needs from another; ``wait()`` returns the received tensors ([]
+    when it receives none). Started before the previous block's compute, so the transfer overlaps it
+    wherever the backend progresses point-to-point transfers asynchronously (NCCL, gloo)."""
 
-    def __init__(self, tensors, group, sizes_from):
-        rank, size = world(group)
-        nxt, prv = (rank + 1) % size, (rank - 1) % size
-        self.received = [t.new_empty((n, *t.shape[1:])) for t, n in zip(tensors, sizes_from)]
-        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(size))
-        self.sent = [t.contiguous() for t in tensors]  # keep the send buffers alive until wait()
-        ops = [dist.P2POp(dist.isend, t, ranks[nxt], group) for t in self.sent]
-        ops += [dist.P2POp(dist.irecv, r, ranks[prv], group) for r in self.received]
+    def __init__(self, send: list[torch.Tensor], dst: int | None, like: list[torch.Tensor], src: int | None,
+                 recv_tokens: int, group):
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+        self.sent = [t.contiguous() for t in send] if dst is not None else []  # kept alive until wait()
+        self.received = [t.new_empty((recv_tokens, *t.shape[1:])) for t in like] if src is not None else []
+        ops = [dist.P2POp(dist.isend, t, ranks[dst], group) for t in self.sent]
+        ops += [dist.P2POp(dist.irecv, r, ranks[src], group) for r in self.received]
         record("ring_p2p", sum(t.numel() * t.element_size() for t in self.sent))
         self.requests = dist.batch_isend_irecv(ops)
 
-    def wait(self):
+    def wait(self) -> list[torch.Tensor]:
         for req in self.requests:
             req.wait()
         return self.received
 
 
-def _next_block(step, steps, tensors, group, sizes):
-    """Start passing the current key/value block on, unless this is the last step."""
-    if step + 1 >= steps:
-        return None
+def _start_step(step: int, needed, k, v, group, sizes) -> _Transfer | None:
+    """Start the transfers of ring step ``step``: this rank's block to rank + step if that rank needs it,
+    and rank - step's block if this rank needs it; None when neither (or past the last step)."""
     rank, size = world(group)
-    n = sizes[(rank - step - 1) % size]
-    return _RingPass(tensors, group, [n] * len(tensors))
+    if step >= size:
+        return None
+    dst, src = (rank + step) % size, (rank - step) % size
+    send, recv = needed[dst][rank], needed[rank][src]
+    if not (send or recv):
+        return None
+    return _Transfer([k, v], dst if send else None, [k, v], src if recv else None, sizes[src], group)
+
+
+def _blocks(k, v, steps: list, needed, group, sizes):
+    """Yield (step index, that step's key/value block, or None when this rank receives none) in ring
+    order. Step i + 1's transfer starts before step i's block is yielded, so it overlaps the caller's
+    compute on it."""
+    upcoming = _start_step(1, needed, k, v, group, sizes) if len(steps) > 1 else None
+    yield 0, (k, v)  # this rank's own block
+    for index in range(1, len(steps)):
+        current = upcoming
+        upcoming = _start_step(index + 1, needed, k, v, group, sizes) if index + 1 < len(steps) else None
+        received = current.wait() if current is not None else []
+        yield index, (tuple(received) or None)
 
 
 class RingAttention(torch.autograd.Function):
@@ -135,22 +177,20 @@ class RingAttention(torch.autograd.Function):
         rank, size = world(group)
         total_k = plan.total_k
         pairs = plan.ring_steps(rank, size, causal, kv_replicated, q.device)
+        needed = plan.needed(size, causal, kv_replicated)
         cd = compute_dtype(q.dtype)
         out = torch.zeros(q.shape, dtype=cd, device=q.device)
         lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=cd, device=q.device)
-        kb, vb = k, v
         sizes = shard_sizes(total_k, size)
-        for step, pair in enumerate(pairs):
-            transfer = _next_block(step, len(pairs), [kb, vb], group, sizes)
-            if pair is not None:
-                o_b, l_b = _block_forward(q, kb, vb, pair, scale)
+        for index, block in _blocks(k, v, pairs, needed, group, sizes):
+            if pairs[index] is not None:
+                o_b, l_b = _block_forward(q, *block, pairs[index], scale)
                 out, lse = _merge(out, lse, o_b, l_b.to(cd))
-            if transfer is not None:
-                kb, vb = transfer.wait()
         out = out.to(q.dtype)
         lse = lse.to(compute_dtype(q.dtype))
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.pairs, ctx.scale, ctx.group, ctx.total_k, ctx.kv_replicated = pairs, scale, group, total_k, kv_replicated
+        ctx.pairs, ctx.needed, ctx.scale, ctx.group = pairs, needed, scale, group
+        ctx.total_k, ctx.kv_replicated = total_k, kv_replicated
         return out
 
     @staticmethod
@@ -160,24 +200,26 @@ class RingAttention(torch.autograd.Function):
         cd = compute_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=cd, device=q.device)
         if ctx.kv_replicated:
+            if ctx.pairs[0] is None:  # no query of this rank sees any key
+                return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None, None
             dq, dk, dv = _block_backward(dout, q, k, v, out, lse, ctx.pairs[0], ctx.scale)
             return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
         sizes = shard_sizes(ctx.total_k, size)
         longest = max(sizes)
         # Partial key/value gradients for every owner, padded so one reduce-scatter returns them.
         dkv = torch.zeros((size, 2, longest, *k.shape[1:]), dtype=cd, device=k.device)
-        kb, vb = k, v
-        for step, pair in enumerate(ctx.pairs):
-            transfer = _next_block(step, len(ctx.pairs), [kb, vb], ctx.group, sizes)
+        for index, block in _blocks(k, v, ctx.pairs, ctx.needed, ctx.group, sizes):
+            pair = ctx.pairs[index]
             if pair is not None:
-                owner = pair.owner
+                kb, vb = block
                 dq_b, dk_b, dv_b = _block_backward(dout, q, kb, vb, out, lse, pair, ctx.scale)
                 dq += dq_b.to(cd)
-                dkv[owner, 0, : kb.shape[0]] += dk_b.to(cd)
-                dkv[owner, 1, : vb.shape[0]] += dv_b.to(cd)
-            if transfer is not None:
-                kb, vb = transfer.wait()
-        mine = torch.empty((2, longest, *k.shape[1:]), dtype=cd, device=k.device)
+                dkv[pair.owner, 0, : kb.shape[0]] += dk_b.to(cd)
+                dkv[pair.owner, 1, : vb.shape[0]] += dv_b.to(cd)
+        # Summed over ranks in the input dtype: the bytes of the gradients themselves (fp32 accumulation
+        # happened inside each rank above).
+        dkv = dkv.to(k.dtype)
+        mine = torch.empty((2, longest, *k.shape[1:]), dtype=k.dtype, device=k.device)
         record("reduce_scatter", dkv.numel() * dkv.element_size() * (size - 1) // size)
         dist.reduce_scatter_tensor(mine.view(-1, *k.shape[1:]), dkv.view(-1, *k.shape[1:]), group=ctx.group)
         n = sizes[rank]
