@@ -377,3 +377,14 @@ def test_train_sizes_options_choose_the_videos(tmp_path):
     assert {s.frames for s in specs} == {12} and {s.height for s in specs} | {s.width for s in specs} == {48, 64}
     with pytest.raises(train.UsageError, match="--sides must be comma-separated positive integers"):
         train.dataset_sizes(train.parse_args(["--out", str(tmp_path), "--sides", "48,x"]))
+
+
+def test_activation_checkpointing_trains_the_same_steps(tmp_path):
+    torch.set_num_threads(1)
+    logs = []
+    for flag in ([], ["--activation-checkpointing"]):
+        log = tmp_path / f"log{len(logs)}.jsonl"
+        assert train.main(["--out", str(tmp_path / f"run{len(logs)}"), "--steps", "2", *TINY_TRAIN, *flag,
+                           "--log-file", str(log)]) == 0
+        logs.append([json.loads(line)["loss"] for line in log.read_text().splitlines()])
+    assert logs[0] == pytest.approx(logs[1], rel=1e-5, abs=1e-7)

@@ -74,9 +74,10 @@ def _check(mode, dtype, Hq, Hk, causal, kv_replicated, ulysses_size=None):
         torch.testing.assert_close(vs.grad, vr.grad[c:d], **tol)
 
 
-def _check_model(mode, checker=None, depth=2):
-    """A VideoDiT forward + backward over the group equals one process (gradients averaged over ranks);
-    returns the host reads vdit.distributed made in the sequence-parallel forward + backward."""
+def _check_model(mode, checker=None, depth=2, checkpointing=False):
+    """A VideoDiT forward + backward over the group equals one process (gradients averaged over ranks), also
+    with activation checkpointing (the recompute replays the collectives); returns the host reads
+    vdit.distributed made in the sequence-parallel forward + backward."""
     from vdit.distributed import SequenceParallel
     from vdit.models import VideoDiT, VideoDiTConfig
 
@@ -97,6 +98,7 @@ def _check_model(mode, checker=None, depth=2):
         return [o.detach() for o in out], {n: p.grad.clone() for n, p in model.named_parameters()}
 
     ref_out, ref_grads = run(None)
+    model.enable_activation_checkpointing(checkpointing)
     reads_before = sum(checker.host_reads.values()) if checker else 0
     out, grads = run(SequenceParallel(mode=mode, ulysses_size=2 if mode == "hybrid" else None))
     reads = (sum(checker.host_reads.values()) if checker else 0) - reads_before
@@ -157,6 +159,8 @@ def _cases(rank, size, cases, checker):
     for case in cases:
         if case[0] == "model":
             _check_model(case[1])
+        elif case[0] == "model-checkpointing":
+            _check_model(case[1], checkpointing=True)
         elif case[0] == "host-reads":
             _check_no_host_reads_per_layer(case[1], checker)
         elif case[0] == "mesh":
@@ -200,14 +204,15 @@ def test_two_ranks():
     f64, f32 = torch.float64, torch.float32
     _run(2, [("ulysses", f64, 4, 2, False, False), ("ulysses", f32, 4, 2, True, False), ("ulysses", f64, 4, 2, False, True),
              ("ring", f64, 4, 2, False, False), ("ring", f32, 4, 1, True, False), ("ring", f64, 3, 3, False, True),
-             ("model", "ulysses"), ("model", "ring"), ("host-reads", "ulysses"), ("host-reads", "ring")])
+             ("model", "ulysses"), ("model", "ring"), ("host-reads", "ulysses"), ("host-reads", "ring"),
+             ("model-checkpointing", "ulysses"), ("model-checkpointing", "ring")])
 
 
 def test_four_ranks():
     f64 = torch.float64
     _run(4, [("ulysses", f64, 4, 4, False, False), ("ring", f64, 4, 2, True, False),
              ("hybrid", f64, 4, 2, False, False, 2), ("hybrid", f64, 4, 2, True, False, 2),
-             ("hybrid", f64, 4, 2, False, True, 2), ("model", "hybrid"), ("mesh", 20)])
+             ("hybrid", f64, 4, 2, False, True, 2), ("model", "hybrid"), ("model-checkpointing", "hybrid"), ("mesh", 20)])
 
 
 def test_placement_checker_catches_what_nccl_would_refuse(tmp_path):
@@ -251,3 +256,14 @@ def test_ring_moves_only_the_blocks_a_rank_attends():
     steps = plan.ring_steps(3, 8, False, False, "cpu")
     assert [s is not None for s in steps] == [needed[3][(3 - s) % 8] for s in range(8)]
     assert steps[0].cu_q.dtype == torch.int32 and steps[0].cu_q.device.type == "cpu"
+
+
+def test_balanced_split_deals_videos_by_tokens():
+    from vdit.distributed.sharding import balanced_split
+
+    tokens = [1024, 64, 512, 64, 400, 64]
+    split = balanced_split(tokens, 2)
+    assert sorted(i for part in split for i in part) == list(range(6)) and all(p == sorted(p) for p in split)
+    loads = [sum(tokens[i] for i in part) for part in split]
+    assert max(loads) == 1024 + 64 and min(loads) == 1040  # round-robin by count gave 1936 / 192
+    assert all(balanced_split([5, 5, 5], 3)) and balanced_split([], 2) == [[], []]

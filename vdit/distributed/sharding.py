@@ -26,6 +26,18 @@ def shard_sizes(total: int, world_size: int) -> list[int]:
     return [shard_range(total, world_size, r)[1] - shard_range(total, world_size, r)[0] for r in range(world_size)]
 
 
+def balanced_split(costs: list[int], parts: int) -> list[list[int]]:
+    """Indices of ``costs`` dealt to ``parts`` ranks so that their summed costs are close (longest first, each
+    to the least loaded rank; ties to the lower rank), each rank's indices ascending. Deterministic: every
+    rank computes the same split. With at least ``parts`` items every rank gets one."""
+    loads, split = [0] * parts, [[] for _ in range(parts)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(parts), key=lambda r: (loads[r], r))
+        loads[r] += costs[i]
+        split[r].append(i)
+    return [sorted(part) for part in split]
+
+
 def local_offsets(cu: list[int], start: int, end: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """int32 (B + 1,) offsets on ``device`` of each sequence's tokens inside the range [start, end) of the
     packed batch whose offsets are ``cu`` (host ints)."""

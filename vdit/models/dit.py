@@ -203,6 +203,8 @@ class VideoDiT(nn.Module):
             the group (DDP over the group does this).
         Returns a list of B tensors (C_out, Ti, Hi, Wi): the predicted velocity (noise - data).
 
+    ``enable_activation_checkpointing()`` recomputes each block in the backward (sequence-parallel runs too).
+
     torch.compile: every block traces into one graph (``fullgraph=True``; tests/models/test_dit.py). CUDA graphs:
     the forward reads the batch layout on the host (grid positions, max_seqlen, per-sample lengths), so
     capture compiled blocks for a fixed batch layout rather than the whole forward (in eager mode the ops'
@@ -224,6 +226,13 @@ class VideoDiT(nn.Module):
         self.unembed = PatchUnembed3d(d, cfg.out_channels, cfg.patch_size)
         nn.init.zeros_(self.unembed.weight)  # start by predicting zero velocity
         nn.init.zeros_(self.unembed.bias)
+        self.activation_checkpointing = False  # see enable_activation_checkpointing
+
+    def enable_activation_checkpointing(self, enabled: bool = True) -> "VideoDiT":
+        """Keep only each block's inputs in the forward and recompute the block in the backward (memory for
+        time: activations of one block instead of all); outputs and gradients are unchanged. Returns self."""
+        self.activation_checkpointing = bool(enabled)
+        return self
 
     @staticmethod
     def pooled_context(context: torch.Tensor, cu_ctx: torch.Tensor) -> torch.Tensor:
@@ -269,8 +278,14 @@ class VideoDiT(nn.Module):
             x, positions = shard_packed(x, sequence_parallel.group), positions[start:end]
             cu_local = local_offsets(cu.tolist(), start, end, cu.device)
         for block in self.blocks:
-            x = block(x, c, cu, max_len, positions, self.rope, context, cu_seqlens_context, max_ctx,
-                      sequence_parallel=sequence_parallel, cu_local=cu_local, **sparse)
+            args = (x, c, cu, max_len, positions, self.rope, context, cu_seqlens_context, max_ctx)
+            options = dict(sequence_parallel=sequence_parallel, cu_local=cu_local, **sparse)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # Recomputed in the backward, collectives of sequence parallelism included: every rank
+                # recomputes its blocks in the same (reverse) order, so they pair up again.
+                x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, **options)
+            else:
+                x = block(*args, **options)
         if sequence_parallel is not None:
             x = gather_packed(x, total, sequence_parallel.group)
         if sparse:

@@ -10,8 +10,8 @@ from the last checkpoint exactly (model, EMA, optimizer, data position; noise is
     torchrun --nproc_per_node 2 -m vdit.demo.cli.train --out runs/demo-ddp    # data parallel (DDP; gloo on CPU)
     torchrun --nproc_per_node 4 -m vdit.demo.cli.train --out runs/demo-sp --sequence-parallel 2   # 2 x 2
 
-Under torchrun the global batch is the same as in one process and its videos are dealt round-robin
-to the data-parallel groups; the loss is normalized globally, so any layout takes the same steps as one
+Under torchrun the global batch is the same as in one process and its videos are dealt to the
+data-parallel groups by token count; the loss is normalized globally, so any layout takes the same steps as one
 process. With --sequence-parallel N, groups of N consecutive ranks split each video's tokens
 (vdit.distributed; --sp-mode ulysses, ring or hybrid).
 """
@@ -36,6 +36,7 @@ from vdit.demo.cli.common import UsageError
 from vdit.demo.data import ShapesDataset, vocabulary
 from vdit.demo.growth import ADDED_MODULES, with_added_modules, with_attention
 from vdit.demo.pipeline import TextEncoderConfig, TextToVideo
+from vdit.distributed.sharding import balanced_split
 from vdit.models import VideoDiTConfig
 from vdit.sampling import time_shift
 from vdit.training import ema_update, flow_matching_loss
@@ -89,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init-weights", default=None,
                    help="start a new run from these TextToVideo weights (config.json beside them) instead of a "
                         "random initialization; ignored when --out already holds a checkpoint")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each transformer block in the backward instead of keeping its activations")
     p.add_argument("--sides", default=None,
                    help="comma-separated video heights / widths in pixels to train on (default: the dataset's 32 to 64)")
     p.add_argument("--frame-counts", default=None,
@@ -134,19 +137,22 @@ def next_batch(dataset: ShapesDataset, index: int, budget: int, patch, seed: int
     """Sample indices from ``index`` on until the token budget is reached (and at least ``min_videos``).
 
     Returns (indices of this rank's videos, their videos (3, T, H, W) each, captions, element count of the whole
-    batch, videos in the whole batch, next index); rank r of ``world_size`` gets the batch's videos r, r + W, ...
+    batch, videos in the whole batch, next index); the videos are dealt to the ``world_size`` data-parallel ranks
+    by token count (vdit.distributed.sharding.balanced_split), so no rank waits for one that holds all the long
+    videos.
     """
-    indices, tokens, elements = [], 0, 0
+    indices, tokens, elements, counts = [], 0, 0, []
     while True:
         spec, _ = dataset.spec(index)
         n = (spec.frames // patch[0]) * (spec.height // patch[1]) * (spec.width // patch[2])
         if len(indices) >= min_videos and tokens + n > budget:
             break
         indices.append(index)
+        counts.append(n)
         tokens += n
         elements += 3 * spec.frames * spec.height * spec.width
         index += 1
-    mine = indices[rank::world_size]
+    mine = [indices[i] for i in balanced_split(counts, world_size)[rank]]
     videos, captions = [], []
     for i in mine:
         video, caption, _ = dataset[i]
@@ -327,6 +333,7 @@ def train(args: argparse.Namespace, state: TrainState, layout: Layout) -> None:
         params = sum(p.numel() for p in state.model.parameters())
         print(f"{PROG}: {params / 1e6:.2f}M parameters on {device} x {world_size} rank(s), "
               f"{args.tokens_per_batch} tokens per batch", file=sys.stderr)
+    state.model.dit.enable_activation_checkpointing(args.activation_checkpointing)
     net = torch.nn.parallel.DistributedDataParallel(state.model) if world_size > 1 else state.model
     bar = tqdm(total=args.steps, initial=state.step, desc="train", dynamic_ncols=True, disable=rank != 0)
     while state.step < args.steps:
