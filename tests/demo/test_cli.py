@@ -216,8 +216,10 @@ def _train(out, log, world_size, *extra):
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("layout", [["--sequence-parallel", "1"], ["--sequence-parallel", "2", "--sp-mode", "ring"]],
-                         ids=["ddp", "sequence-parallel"])
+@pytest.mark.parametrize("layout", [["--sequence-parallel", "1"], ["--sequence-parallel", "2", "--sp-mode", "ring"],
+                                    ["--fsdp"], ["--fsdp", "--sequence-parallel", "2"],
+                                    ["--fsdp", "--activation-checkpointing"]],
+                         ids=["ddp", "sequence-parallel", "fsdp", "fsdp-sequence-parallel", "fsdp-checkpointing"])
 def test_two_ranks_match_one_process(tmp_path, layout):
     single = _train(tmp_path / "one", tmp_path / "one.jsonl", 1)
     ddp = _train(tmp_path / "two", tmp_path / "two.jsonl", 2, *layout)
@@ -227,6 +229,21 @@ def test_two_ranks_match_one_process(tmp_path, layout):
     w1, w2 = load_tensors(str(tmp_path / "one" / "model.safetensors")), load_tensors(str(tmp_path / "two" / "model.safetensors"))
     worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
     assert worst < 1e-4, worst
+
+
+def test_fsdp_checkpoint_resumes_at_another_world_size(tmp_path):
+    """A sharded checkpoint written by 4 ranks resumes on 2 and takes the same next step as one process."""
+    out, log = tmp_path / "sharded", tmp_path / "sharded.jsonl"
+    _train(out, log, 4, "--fsdp", "--steps", "2", "--min-videos", "4")
+    assert (out / "state.json").exists() and any(p.name.startswith("sharded-") for p in out.iterdir())
+    resumed = _train(out, log, 2, "--fsdp", "--min-videos", "4")
+    single = _train(tmp_path / "one4", tmp_path / "one4.jsonl", 1, "--min-videos", "4")
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    assert abs(resumed[2]["loss"] - single[2]["loss"]) <= 1e-5 * max(1.0, abs(single[2]["loss"])), (resumed, single)
+    w1, w2 = load_tensors(str(tmp_path / "one4" / "ema.safetensors")), load_tensors(str(out / "ema.safetensors"))
+    assert w1.keys() == w2.keys() and max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
+    result = run_cli(TRAIN, "--out", str(out), *TINY_TORCHRUN, "--steps", "4")  # not the way it was saved
+    assert result.returncode == 2 and "resume it the way it was saved" in result.stderr
 
 
 def _tiny_weights(directory, *, random_dit: bool = False) -> str:

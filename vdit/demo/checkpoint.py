@@ -132,3 +132,68 @@ def resume_checkpoint(out: str, ema: torch.nn.Module, opt: torch.optim.Optimizer
     torch.set_rng_state(optim.pop("rng/torch"))
     load_optimizer(opt, names, {k: v.to(device) for k, v in optim.items()})
     return state["step"], state["data_index"]
+
+
+SHARDED_PREFIX = "sharded-"  # FSDP runs: one torch.distributed.checkpoint folder per save, named by step
+
+
+def save_sharded(out: str, model, ema: torch.nn.Module, opt: torch.optim.Optimizer, step: int, data_index: int,
+                 args, rank: int, *, export: bool = False) -> None:
+    """Checkpoint of an FSDP run (every rank calls it): model, EMA and optimizer state written shard by shard
+    with ``torch.distributed.checkpoint`` into ``out/sharded-<step>`` (resumable at any world size), then from
+    rank 0 ``config.json`` and ``state.json`` (``sharded``: that folder), older folders removed. With
+    ``export`` the full weights are gathered too and rank 0 writes ``model.safetensors`` / ``ema.safetensors``
+    (what vdit-generate loads)."""
+    import shutil
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    folder = f"{SHARDED_PREFIX}{step}"
+    dcp.save({"model": get_model_state_dict(model), "ema": get_model_state_dict(ema),
+              "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=os.path.join(out, folder))
+    if export:
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights, ema_weights = get_model_state_dict(model, options=full), get_model_state_dict(ema, options=full)
+        if rank == 0:
+            model.save(out, state_dict=weights)
+            save_tensors(os.path.join(out, EMA_FILE), ema_weights)
+    dist.barrier()  # every shard is written before state.json points at the folder
+    if rank == 0:
+        write_json(os.path.join(out, model.CONFIG_FILE), model.config_dict())
+        write_json(os.path.join(out, STATE_FILE), {"step": step, "data_index": data_index, "sharded": folder,
+                                                   "args": vars(args)})
+        for name in os.listdir(out):
+            if name.startswith(SHARDED_PREFIX) and name != folder:
+                shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+    dist.barrier()
+
+
+def sharded_state(out: str) -> dict | None:
+    """The state.json of a checkpoint saved by :func:`save_sharded`, or None (no checkpoint, or a
+    single-file one)."""
+    if not has_checkpoint(out):
+        return None
+    state = read_json(os.path.join(out, STATE_FILE))
+    return state if "sharded" in state else None
+
+
+def load_sharded(out: str, model, ema: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[int, int]:
+    """Load :func:`save_sharded`'s model, EMA and optimizer state into the (already sharded) ``model``,
+    ``ema`` and ``opt``, resharding to this world size; returns (step, data_index)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    meta = sharded_state(out)
+    if meta is None:
+        raise CheckpointError(f"{out} holds no sharded (FSDP) checkpoint")
+    state = {"model": get_model_state_dict(model), "ema": get_model_state_dict(ema),
+             "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=os.path.join(out, meta["sharded"]))
+    set_model_state_dict(model, state["model"])
+    set_model_state_dict(ema, state["ema"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    return meta["step"], meta["data_index"]

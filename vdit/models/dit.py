@@ -75,7 +75,7 @@ class VideoDiTConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "VideoDiTConfig":
-        """``tiny`` (tests), ``small`` (CPU benchmarks, demo size class) or ``xl`` (~700M parameters, the
+        """``tiny`` (tests), ``small`` (CPU benchmarks, demo size class) or ``xl`` (~1.0B parameters, the
         size class of Open-Sora / Latte XL, for GPU benchmarks), on 16-channel latents for small/xl."""
         presets = {
             "tiny": dict(in_channels=3, patch_size=(1, 4, 4), hidden_size=64, depth=2, heads=4, context_dim=32),

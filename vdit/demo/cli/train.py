@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from vdit.demo.checkpoint import has_checkpoint, resume_checkpoint, save_checkpoint
+from vdit.demo.checkpoint import (has_checkpoint, load_sharded, read_json, resume_checkpoint, save_checkpoint,
+                                  save_sharded, sharded_state)
 from vdit.demo.cli import common
 from vdit.demo.cli.common import UsageError
 from vdit.demo.data import ShapesDataset, vocabulary
@@ -90,6 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init-weights", default=None,
                    help="start a new run from these TextToVideo weights (config.json beside them) instead of a "
                         "random initialization; ignored when --out already holds a checkpoint")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients, optimizer state and EMA over the ranks (FSDP2; "
+                        "bf16 compute with fp32 reduction on GPUs) and checkpoint shard by shard "
+                        "(torch.distributed.checkpoint, resumable at another world size)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each transformer block in the backward instead of keeping its activations")
     p.add_argument("--sides", default=None,
@@ -253,9 +258,14 @@ def initial_model(args: argparse.Namespace, device: torch.device, rank: int, res
     return model
 
 
-def start(args: argparse.Namespace, device: torch.device, rank: int) -> TrainState:
+def start(args: argparse.Namespace, device: torch.device, rank: int, world_size: int = 1) -> TrainState:
     """The :class:`TrainState` to train from: resumed from the checkpoint in --out if it holds one."""
     resume = has_checkpoint(args.out)
+    if resume and (sharded_state(args.out) is not None) != (args.fsdp and world_size > 1):
+        kind = "sharded (--fsdp under torchrun)" if sharded_state(args.out) else "single-file (without --fsdp)"
+        raise UsageError(f"{args.out} holds a {kind} checkpoint; resume it the way it was saved")
+    if args.fsdp and world_size > 1:
+        return start_sharded(args, device, rank, resume)
     model = initial_model(args, device, rank, resume)
     model.sampling_shift = args.timestep_shift  # saved in config.json: generate() samples at the training shift
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -263,6 +273,27 @@ def start(args: argparse.Namespace, device: torch.device, rank: int) -> TrainSta
     if resume:
         state.step, state.data_index = resume_checkpoint(args.out, ema, state.opt, state.names, device)
         print(f"resuming from {args.out} at step {state.step}", file=sys.stderr)
+    return state
+
+
+def start_sharded(args: argparse.Namespace, device: torch.device, rank: int, resume: bool) -> TrainState:
+    """:func:`start` for --fsdp: the model and its EMA sharded over the ranks (vdit.distributed.fsdp), the
+    optimizer over the shards, resumed from the sharded checkpoint in --out if there is one."""
+    from vdit.distributed.fsdp import shard_model
+
+    if resume:  # the architecture from the run's config; the weights come from the shards below
+        model = TextToVideo.from_config(read_json(os.path.join(args.out, TextToVideo.CONFIG_FILE))).to(device).train()
+    else:
+        model = initial_model(args, device, rank, False)
+    model.sampling_shift = args.timestep_shift
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    for m in (model, ema):
+        shard_model(m, m.dit.blocks, device.type, mixed_precision=device.type == "cuda")
+    state = TrainState(model, ema, *optimizer(model, args))
+    if resume:
+        state.step, state.data_index = load_sharded(args.out, model, ema, state.opt)
+        if rank == 0:
+            print(f"resuming from {args.out} at step {state.step} (sharded)", file=sys.stderr)
     return state
 
 
@@ -275,7 +306,8 @@ def train_step(args: argparse.Namespace, state: TrainState, net: torch.nn.Module
     t, noise = per_video_noise(args.seed, indices, videos, device, args.timestep_shift, args.timestep_sampling)
     for group in state.opt.param_groups:
         group["lr"] = learning_rate(state.step, args) * group["lr_scale"]
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    mixed = device.type == "cuda" and not args.fsdp  # FSDP casts through its MixedPrecisionPolicy instead
+    autocast = torch.autocast("cuda", torch.bfloat16) if mixed else torch.autocast("cpu", enabled=False)
     with autocast:
         loss = flow_matching_loss(lambda x, tt, _c, _cu: net(x, tt, captions, layout.sequence_parallel), videos, None,
                                   None, t=t, noise=noise, normalizer=elements)
@@ -294,14 +326,22 @@ def train_step(args: argparse.Namespace, state: TrainState, net: torch.nn.Module
     return loss
 
 
-def log_and_save(args: argparse.Namespace, state: TrainState, loss: float, batch_videos: int, seconds: float) -> None:
-    """Rank 0's bookkeeping after a step: the --log-file line (step, loss, videos, the step's wall-clock
-    seconds) and, every --save-every steps and at the last step, a checkpoint in --out."""
-    if args.log_file:
+def log_and_save(args: argparse.Namespace, state: TrainState, layout: Layout, loss: float, batch_videos: int,
+                 seconds: float) -> None:
+    """The bookkeeping after a step: rank 0 appends the --log-file line (step, loss, videos, the step's
+    wall-clock seconds); every --save-every steps and at the last step a checkpoint goes to --out (from rank 0,
+    or from every rank, shard by shard, with --fsdp)."""
+    rank = layout.ranks.rank
+    if args.log_file and rank == 0:
         with open(args.log_file, "a") as f:
             f.write(json.dumps({"step": state.step, "loss": loss, "videos": batch_videos,
                                 "seconds": round(seconds, 4)}) + "\n")
-    if state.step % args.save_every == 0 or state.step == args.steps:
+    if not (state.step % args.save_every == 0 or state.step == args.steps):
+        return
+    if args.fsdp and layout.ranks.world_size > 1:
+        save_sharded(args.out, state.model, state.ema, state.opt, state.step, state.data_index, args, rank,
+                     export=state.step == args.steps)
+    elif rank == 0:
         save_checkpoint(args.out, state.model, state.ema, state.opt, state.names, state.step, state.data_index, args)
 
 
@@ -334,7 +374,8 @@ def train(args: argparse.Namespace, state: TrainState, layout: Layout) -> None:
         print(f"{PROG}: {params / 1e6:.2f}M parameters on {device} x {world_size} rank(s), "
               f"{args.tokens_per_batch} tokens per batch", file=sys.stderr)
     state.model.dit.enable_activation_checkpointing(args.activation_checkpointing)
-    net = torch.nn.parallel.DistributedDataParallel(state.model) if world_size > 1 else state.model
+    ddp = world_size > 1 and not args.fsdp  # FSDP averages the gradients itself
+    net = torch.nn.parallel.DistributedDataParallel(state.model) if ddp else state.model
     bar = tqdm(total=args.steps, initial=state.step, desc="train", dynamic_ncols=True, disable=rank != 0)
     while state.step < args.steps:
         start_time = time.perf_counter()
@@ -347,8 +388,7 @@ def train(args: argparse.Namespace, state: TrainState, layout: Layout) -> None:
         tokens *= layout.dp_size  # approximately: the data-parallel groups share the batch
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / (time.perf_counter() - start_time):.0f}")
-        if rank == 0:
-            log_and_save(args, state, loss, batch_videos, time.perf_counter() - start_time)
+        log_and_save(args, state, layout, loss, batch_videos, time.perf_counter() - start_time)
     bar.close()
 
 
@@ -359,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     with common.process_group(args.device) as ranks:
         layout = parallel_layout(args, ranks)
-        train(args, start(args, ranks.device, ranks.rank), layout)
+        train(args, start(args, ranks.device, ranks.rank, ranks.world_size), layout)
     return 0
 
 
