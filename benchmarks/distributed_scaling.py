@@ -67,25 +67,26 @@ def main() -> None:
 def ring_plan_table(lengths=LENGTHS, sizes=(2, 4, 8)) -> str:
     """Markdown: per ring size, the block transfers of one ring attention forward (relayed around the ring,
     as before, against sent directly to the ranks that need them) and the attention work per rank
-    (query-key pairs), max / mean and max / min, for the contract's token-range sharding. From the batch
-    plan alone: no process group needed."""
+    (query-key pairs) as max / mean and max / min, for equal token counts per rank (before) and for the
+    ``"work"`` layout (after). From the batch plan alone: no process group needed."""
     from vdit.distributed.ring import BatchPlan, _lengths
-    from vdit.distributed.sharding import shard_range
+    from vdit.distributed.sharding import shard_bounds
 
     cu = [0]
     for n in lengths:
         cu.append(cu[-1] + n)
-    plan = BatchPlan(cu, cu)
-    rows = ["| ranks | transfers relayed (before) | transfers direct (after) | work max / mean | work max / min |",
-            "|---|---|---|---|---|"]
+    rows = ["| ranks | block transfers, relayed (before) | direct, equal tokens | direct, work layout | work per rank "
+            "max / mean, max / min: equal tokens (before) | work layout |", "|---|---|---|---|---|---|"]
     for size in sizes:
-        needed = plan.needed(size, False, False)
-        direct = sum(needed[r][o] for r in range(size) for o in range(size) if r != o)
-        q = [_lengths(cu, *shard_range(cu[-1], size, r)) for r in range(size)]
-        work = [sum(a * b for o in range(size) for a, b in zip(q[r], q[o])) for r in range(size)]
-        mean = sum(work) / size
-        rows.append(f"| {size} | {size * (size - 1)} | {direct} | {max(work) / mean:.2f} | "
-                    f"{max(work) / max(min(work), 1):.1f} |")
+        balance, direct = [], []
+        for layout in ("tokens", "work"):
+            bounds = shard_bounds(cu, size, layout)
+            q = [_lengths(cu, bounds[r], bounds[r + 1]) for r in range(size)]
+            work = [sum(a * (e - s_) for a, s_, e in zip(q[r], cu, cu[1:])) for r in range(size)]
+            balance.append(f"{max(work) / (sum(work) / size):.2f}, {max(work) / max(min(work), 1):.1f}")
+            needed = BatchPlan(cu, cu, bounds, bounds).needed(size, False, False)
+            direct.append(sum(needed[r][o] for r in range(size) for o in range(size) if r != o))
+        rows.append(f"| {size} | {size * (size - 1)} | {direct[0]} | {direct[1]} | {balance[0]} | {balance[1]} |")
     return "\n".join(rows)
 
 

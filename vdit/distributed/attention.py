@@ -8,7 +8,8 @@ import torch.distributed as dist
 
 from vdit._cache import TensorCache
 from vdit.distributed.ring import BatchPlan, RingAttention
-from vdit.distributed.sharding import check_consistent, check_shard_sizes, replicated, shard_sizes, world
+from vdit.distributed.sharding import (check_consistent, check_shard_sizes, replicated, shard_bounds, shard_sizes,
+                                       world)
 from vdit.distributed.ulysses import HeadsToTokens, TokensToHeads, head_chunk
 from vdit.ops import varlen_attention
 
@@ -24,6 +25,7 @@ class SequenceParallel:
     mode: str = "ulysses"
     ulysses_size: int | None = None
     subgroups: tuple | None = None  # hybrid: this rank's (Ulysses group, ring group), made up front
+    layout: str = "tokens"  # how the tokens are split over the ranks (vdit.distributed.sharding)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -40,7 +42,7 @@ class SequenceParallel:
     def attention(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, **kwargs):
         return sequence_parallel_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                            group=self.group, mode=self.mode, ulysses_size=self.ulysses_size,
-                                           subgroups=self.subgroups, **kwargs)
+                                           subgroups=self.subgroups, layout=self.layout, **kwargs)
 
 
 def _hybrid_groups(group, ulysses_size: int):
@@ -66,7 +68,7 @@ def _hybrid_groups(group, ulysses_size: int):
 _BATCHES = TensorCache(size=16)
 
 
-def _batch_plan(q, k, cu_seqlens_q, cu_seqlens_k, group, causal: bool, kv_replicated: bool) -> BatchPlan:
+def _batch_plan(q, k, cu_seqlens_q, cu_seqlens_k, group, causal: bool, kv_replicated: bool, layout: str) -> BatchPlan:
     """The batch's :class:`BatchPlan`, checked across ranks on its first call (raises ValueError on every rank
     for inputs that differ across ranks or break the sharding contract)."""
     Hq, Hk = q.shape[1], k.shape[1]
@@ -74,24 +76,26 @@ def _batch_plan(q, k, cu_seqlens_q, cu_seqlens_k, group, causal: bool, kv_replic
     def build() -> BatchPlan:
         check_consistent(group, q.device, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                          heads=Hq * 1000 + Hk, causal=int(causal), kv_replicated=int(kv_replicated))
-        plan = BatchPlan(cu_seqlens_q.tolist(), cu_seqlens_k.tolist())  # the batch's one host read
-        check_shard_sizes(q.shape[0], plan.total_q, group, q.device)
+        cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()  # the batch's one host read
+        size = world(group)[1]
+        plan = BatchPlan(cu_q, cu_k, shard_bounds(cu_q, size, layout), shard_bounds(cu_k, size, layout))
+        check_shard_sizes(q.shape[0], plan.total_q, group, q.device, plan.bounds(size))
         if kv_replicated and k.shape[0] != plan.total_k:
             raise ValueError(f"kv_replicated=True needs the full k/v ({plan.total_k} tokens), got {k.shape[0]}")
         if not kv_replicated:
-            check_shard_sizes(k.shape[0], plan.total_k, group, q.device)
+            check_shard_sizes(k.shape[0], plan.total_k, group, q.device, plan.bounds(size, keys=True))
         if causal and (kv_replicated or plan.cu_q != plan.cu_k):
             raise ValueError("causal sequence-parallel attention needs self-attention (cu_seqlens_q == cu_seqlens_k)")
         return plan
 
-    key = (id(group), q.shape[0], k.shape[0], Hq, Hk, causal, kv_replicated, str(q.device))
+    key = (id(group), q.shape[0], k.shape[0], Hq, Hk, causal, kv_replicated, layout, str(q.device))
     return _BATCHES.get((cu_seqlens_q, cu_seqlens_k), key, build)
 
 
 def sequence_parallel_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
                                 group=None, mode: str = "ulysses", ulysses_size: int | None = None,
                                 softmax_scale: float | None = None, causal: bool = False,
-                                kv_replicated: bool = False, subgroups=None) -> torch.Tensor:
+                                kv_replicated: bool = False, subgroups=None, layout: str = "tokens") -> torch.Tensor:
     """This rank's shard of ``vdit.ops.varlen_attention`` on the batch gathered over ``group``.
 
     Args:
@@ -104,6 +108,8 @@ def sequence_parallel_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
         mode: ``"ulysses"`` (all-to-all over heads; Hq and Hk divisible by the group size),
             ``"ring"`` (key/value shards travel around the ring; any head count), or ``"hybrid"``
             (Ulysses inside groups of ``ulysses_size`` ranks, ring across them).
+        layout: how the shards split the tokens, ``"tokens"`` or ``"work"`` (:mod:`vdit.distributed.sharding`;
+            the shards must follow it).
         subgroups: hybrid: this rank's (Ulysses group, ring group), created up front on every rank
             (:func:`vdit.distributed.build_mesh`); None creates them on first use, which only works when
             ``group`` is the whole world.
@@ -117,7 +123,7 @@ def sequence_parallel_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     rank, size = world(group)
     Hq, Hk, D = q.shape[1], k.shape[1], q.shape[2]
-    plan = _batch_plan(q, k, cu_seqlens_q, cu_seqlens_k, group, causal, kv_replicated)
+    plan = _batch_plan(q, k, cu_seqlens_q, cu_seqlens_k, group, causal, kv_replicated, layout)
     if kv_replicated:
         k, v = replicated(k, group), replicated(v, group)
     scale = D ** -0.5 if softmax_scale is None else softmax_scale
@@ -130,12 +136,12 @@ def sequence_parallel_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
         raise ValueError(f"Ulysses over {u} ranks needs q heads ({Hq}) and k/v heads ({Hk}) divisible by {u}")
     ugroup, rgroup = (group, None) if mode == "ulysses" else (subgroups or _hybrid_groups(group, u))
     first = rank - rank % u  # token counts of the ranks of this Ulysses group (adjacent contract ranges)
-    sizes_q = shard_sizes(plan.total_q, size)[first:first + u]
+    sizes_q = shard_sizes(plan.total_q, size, plan.bounds(size))[first:first + u]
     qh = TokensToHeads.apply(q, sizes_q, ugroup)
     if kv_replicated:
         kh, vh = head_chunk(k, ugroup), head_chunk(v, ugroup)
     else:
-        sizes_k = shard_sizes(plan.total_k, size)[first:first + u]
+        sizes_k = shard_sizes(plan.total_k, size, plan.bounds(size, keys=True))[first:first + u]
         kh, vh = TokensToHeads.apply(k, sizes_k, ugroup), TokensToHeads.apply(v, sizes_k, ugroup)
     if rgroup is None:
         out = varlen_attention(qh, kh, vh, cu_seqlens_q, cu_seqlens_k, max_seqlen_q or plan.max_q,

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from vdit.distributed.attention import MODES, SequenceParallel
+from vdit.distributed.sharding import LAYOUTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +50,8 @@ class ParallelMesh:
         return self.sp_mesh.get_local_rank(0)
 
 
-def build_mesh(device_type: str, sp: int = 1, mode: str = "ulysses", ulysses_size: int | None = None) -> ParallelMesh:
+def build_mesh(device_type: str, sp: int = 1, mode: str = "ulysses", ulysses_size: int | None = None,
+               layout: str = "tokens") -> ParallelMesh:
     """Every process group of a dp x sp layout over the whole world, created now on every rank in the same
     order (all ranks must call this together).
 
@@ -59,10 +61,14 @@ def build_mesh(device_type: str, sp: int = 1, mode: str = "ulysses", ulysses_siz
         mode: sequence-parallel scheme (``ulysses``, ``ring``, ``hybrid``).
         ulysses_size: hybrid: Ulysses ranks per ring position (divides sp); default: all sp ranks (ulysses),
             1 (ring).
+        layout: how a batch's tokens are split over the sequence-parallel ranks (``"tokens"``, ``"work"``:
+            :mod:`vdit.distributed.sharding`).
     Raises:
         ValueError on a layout the world cannot hold.
     """
     world = dist.get_world_size()
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if sp < 1 or world % sp:
@@ -77,5 +83,5 @@ def build_mesh(device_type: str, sp: int = 1, mode: str = "ulysses", ulysses_siz
     if sp > 1:
         subgroups = (mesh.get_group("ulysses"), mesh.get_group("ring")) if mode == "hybrid" else None
         sequence_parallel = SequenceParallel(sp_mesh.get_group("sp"), mode, u if mode == "hybrid" else None,
-                                             subgroups=subgroups)
+                                             subgroups=subgroups, layout=layout)
     return ParallelMesh(mesh, sp_mesh, sp_mesh.get_group("dp"), sequence_parallel)

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from vdit.distributed.sharding import shard_range, shard_sizes, world
+from vdit.distributed.sharding import world
 from vdit.distributed.stats import record
 from vdit.ops import varlen_attention
 from vdit.ops.attention import varlen_attention_backward
@@ -60,22 +60,33 @@ class BatchPlan:
     totals and longest sequences, and per ring layout the ring's steps (:class:`Step`, offsets on the data's
     device), so that layers after the first make no host synchronisation and no host-to-device copy."""
 
-    def __init__(self, cu_q: list[int], cu_k: list[int]):
+    def __init__(self, cu_q: list[int], cu_k: list[int], bounds_q: list[int] | None = None,
+                 bounds_k: list[int] | None = None):
         self.cu_q, self.cu_k = cu_q, cu_k
         self.total_q, self.total_k = cu_q[-1], cu_k[-1]
+        self._bounds = (bounds_q, bounds_k)  # the group's range boundaries (vdit.distributed.sharding)
         self.max_q = max((b - a for a, b in zip(cu_q, cu_q[1:])), default=0)
         self.max_k = max((b - a for a, b in zip(cu_k, cu_k[1:])), default=0)
         self._steps: dict = {}
         self._needed: dict = {}
+
+    def bounds(self, size: int, keys: bool = False) -> list[int]:
+        """Range boundaries of the queries (or ``keys``) in a ring of ``size``: the group's own, or every
+        (group size / size)-th of them for a ring across Ulysses groups (each holds its group's ranges)."""
+        full, total = (self._bounds[1], self.total_k) if keys else (self._bounds[0], self.total_q)
+        if full is None:
+            return [r * total // size for r in range(size + 1)]
+        return full[::(len(full) - 1) // size]
 
     def needed(self, size: int, causal: bool, kv_replicated: bool) -> list[list[bool]]:
         """``needed[r][o]``: rank r's queries attend some key of owner o's block (a sequence in both ranges;
         with ``causal`` also o <= r), in a ring of ``size``."""
         key = (size, causal, kv_replicated)
         if key not in self._needed:
-            q_lengths = [_lengths(self.cu_q, *shard_range(self.total_q, size, r)) for r in range(size)]
+            bq, bk = self.bounds(size), self.bounds(size, keys=True)
+            q_lengths = [_lengths(self.cu_q, bq[r], bq[r + 1]) for r in range(size)]
             k_lengths = ([_lengths(self.cu_k, 0, self.total_k)] * size if kv_replicated else
-                         [_lengths(self.cu_k, *shard_range(self.total_k, size, o)) for o in range(size)])
+                         [_lengths(self.cu_k, bk[o], bk[o + 1]) for o in range(size)])
             self._needed[key] = [[any(a and b for a, b in zip(q_lengths[r], k_lengths[o])) and not (causal and o > r)
                                   for o in range(size)] for r in range(size)]
         return self._needed[key]
@@ -86,8 +97,8 @@ class BatchPlan:
         key = (rank, size, causal, kv_replicated, str(device))
         if key not in self._steps:
             needed = self.needed(size, causal, kv_replicated)
-            q0, q1 = shard_range(self.total_q, size, rank)
-            cq = _local(self.cu_q, q0, q1)
+            bq, bk = self.bounds(size), self.bounds(size, keys=True)
+            cq = _local(self.cu_q, bq[rank], bq[rank + 1])
             cq_device = torch.tensor(cq, dtype=torch.int32, device=device)
             steps = []
             for step in range(1 if kv_replicated else size):
@@ -95,7 +106,7 @@ class BatchPlan:
                 if not needed[rank][owner]:
                     steps.append(None)
                     continue
-                k0, k1 = (0, self.total_k) if kv_replicated else shard_range(self.total_k, size, owner)
+                k0, k1 = (0, self.total_k) if kv_replicated else (bk[owner], bk[owner + 1])
                 ck = _local(self.cu_k, k0, k1)
                 steps.append(Step(owner, cq_device, torch.tensor(ck, dtype=torch.int32, device=device),
                                   max(b - a for a, b in zip(cq, cq[1:])), max(b - a for a, b in zip(ck, ck[1:])),
@@ -175,13 +186,13 @@ class RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: BatchPlan, scale, causal, kv_replicated, group):
         rank, size = world(group)
-        total_k = plan.total_k
         pairs = plan.ring_steps(rank, size, causal, kv_replicated, q.device)
         needed = plan.needed(size, causal, kv_replicated)
         cd = compute_dtype(q.dtype)
         out = torch.zeros(q.shape, dtype=cd, device=q.device)
         lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=cd, device=q.device)
-        sizes = shard_sizes(total_k, size)
+        bounds = plan.bounds(size, keys=True)
+        sizes = [b - a for a, b in zip(bounds, bounds[1:])]
         for index, block in _blocks(k, v, pairs, needed, group, sizes):
             if pairs[index] is not None:
                 o_b, l_b = _block_forward(q, *block, pairs[index], scale)
@@ -190,7 +201,7 @@ class RingAttention(torch.autograd.Function):
         lse = lse.to(compute_dtype(q.dtype))
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.pairs, ctx.needed, ctx.scale, ctx.group = pairs, needed, scale, group
-        ctx.total_k, ctx.kv_replicated = total_k, kv_replicated
+        ctx.sizes, ctx.kv_replicated = sizes, kv_replicated
         return out
 
     @staticmethod
@@ -204,7 +215,7 @@ class RingAttention(torch.autograd.Function):
                 return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None, None
             dq, dk, dv = _block_backward(dout, q, k, v, out, lse, ctx.pairs[0], ctx.scale)
             return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
-        sizes = shard_sizes(ctx.total_k, size)
+        sizes = ctx.sizes
         longest = max(sizes)
         # Partial key/value gradients for every owner, padded so one reduce-scatter returns them.
         dkv = torch.zeros((size, 2, longest, *k.shape[1:]), dtype=cd, device=k.device)

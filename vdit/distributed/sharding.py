@@ -1,8 +1,16 @@
 """Sharding of a packed token sequence over a process group, and collectives with autograd.
 
-Contract: with W ranks and ``total`` packed tokens, rank r holds tokens ``[r*total//W, (r+1)*total//W)``.
+Contract: each rank holds one contiguous range of the packed tokens, ``[bounds[r], bounds[r + 1])``, with
+``bounds`` from :func:`shard_bounds` for the batch's ``cu_seqlens`` and a layout:
+
+* ``"tokens"`` (default): equal token counts, ``[r*total//W, (r+1)*total//W)``;
+* ``"work"``: equal attention work: a token of a sequence of n tokens attends n keys, so ranks holding a
+  long video's tokens hold fewer of them. This balances ring attention (whose work per rank is its
+  queries times their sequences' lengths), at the price of uneven token counts for the per-token layers.
+
 A range may cut through a sequence and may hold no token of some sequence; ``cu_seqlens`` always
-describe the whole batch and are identical on every rank.
+describe the whole batch and are identical on every rank. ``bounds=None`` everywhere means the
+``"tokens"`` layout.
 """
 from __future__ import annotations
 
@@ -22,8 +30,36 @@ def shard_range(total: int, world_size: int, rank: int) -> tuple[int, int]:
     return rank * total // world_size, (rank + 1) * total // world_size
 
 
-def shard_sizes(total: int, world_size: int) -> list[int]:
-    return [shard_range(total, world_size, r)[1] - shard_range(total, world_size, r)[0] for r in range(world_size)]
+def shard_sizes(total: int, world_size: int, bounds: list[int] | None = None) -> list[int]:
+    """Token count of every rank's range (``bounds``: see the module docstring; None: equal counts)."""
+    bounds = bounds or [r * total // world_size for r in range(world_size + 1)]
+    return [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+LAYOUTS = ("tokens", "work")
+
+
+def shard_bounds(cu: list[int], world_size: int, layout: str = "tokens") -> list[int]:
+    """The ``world_size + 1`` range boundaries of a packed batch with offsets ``cu`` (host ints) in
+    ``layout`` (``"tokens"`` or ``"work"``, module docstring): rank r holds ``[bounds[r], bounds[r + 1])``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    total = cu[-1]
+    if layout == "tokens":
+        return [r * total // world_size for r in range(world_size + 1)]
+    lengths = [b - a for a, b in zip(cu, cu[1:])]
+    total_work = sum(n * n for n in lengths)
+    bounds = [0]
+    for r in range(1, world_size):
+        # The first token t whose work before it reaches r / W of the total, in integers.
+        goal, done, t = r * total_work, 0, total
+        for start, n in zip(cu, lengths):
+            if n and (done + n * n) * world_size >= goal:
+                t = start + max(0, -(-(goal - done * world_size) // (n * world_size)))
+                break
+            done += n * n
+        bounds.append(max(t, bounds[-1]))
+    return bounds + [total]
 
 
 def balanced_split(costs: list[int], parts: int) -> list[list[int]]:
@@ -47,20 +83,21 @@ def local_offsets(cu: list[int], start: int, end: int, device: torch.device | st
     return torch.tensor(offsets, dtype=torch.int32, device=device)
 
 
-def shard_packed(x: torch.Tensor, group=None) -> torch.Tensor:
-    """This rank's range of a full packed tensor ``x`` (total, ...) along dim 0 (a view; no communication)."""
+def shard_packed(x: torch.Tensor, group=None, bounds: list[int] | None = None) -> torch.Tensor:
+    """This rank's range of a full packed tensor ``x`` (total, ...) along dim 0 (a view; no communication);
+    ``bounds``: the layout's range boundaries (:func:`shard_bounds`), None for equal token counts."""
     rank, size = world(group)
-    start, end = shard_range(x.shape[0], size, rank)
+    start, end = (bounds[rank], bounds[rank + 1]) if bounds else shard_range(x.shape[0], size, rank)
     return x[start:end]
 
 
 class _GatherPacked(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, total, group):
+    def forward(ctx, x, total, group, bounds):
         rank, size = world(group)
-        sizes = shard_sizes(total, size)
-        check_shard_sizes(x.shape[0], total, group, x.device)
-        ctx.group, ctx.total = group, total
+        sizes = shard_sizes(total, size, bounds)
+        check_shard_sizes(x.shape[0], total, group, x.device, bounds)
+        ctx.group, ctx.total, ctx.bounds = group, total, bounds
         longest = max(sizes)
         padded = x.new_zeros((longest, *x.shape[1:]))
         padded[: x.shape[0]] = x
@@ -77,15 +114,15 @@ class _GatherPacked(torch.autograd.Function):
         size = dist.get_world_size(ctx.group)
         record("all_reduce", 2 * (size - 1) * grad.numel() * grad.element_size() // size)  # ring all-reduce
         dist.all_reduce(grad, group=ctx.group)
-        return shard_packed(grad, ctx.group), None, None
+        return shard_packed(grad, ctx.group, ctx.bounds), None, None, None
 
 
-def gather_packed(x_shard: torch.Tensor, total: int, group=None) -> torch.Tensor:
-    """Inverse of :func:`shard_packed`: all-gather the shards into the full (total, ...) tensor.
+def gather_packed(x_shard: torch.Tensor, total: int, group=None, bounds: list[int] | None = None) -> torch.Tensor:
+    """Inverse of :func:`shard_packed` (same ``bounds``): all-gather the shards into the full (total, ...) tensor.
 
     Differentiable: the gradient of each rank's shard is the sum over ranks of the gradient of its range.
     """
-    return _GatherPacked.apply(x_shard, total, group)
+    return _GatherPacked.apply(x_shard, total, group, bounds)
 
 
 class _ReplicatedInput(torch.autograd.Function):
@@ -110,14 +147,16 @@ def replicated(x: torch.Tensor, group=None) -> torch.Tensor:
     return _ReplicatedInput.apply(x, group)
 
 
-def check_shard_sizes(local_tokens: int, total: int, group=None, device: torch.device | str = "cpu") -> None:
-    """Every rank must hold its contract range of ``total`` tokens; raises on every rank otherwise.
-    ``device``: the data's (the collective's tensors live there; NCCL takes CUDA tensors only)."""
+def check_shard_sizes(local_tokens: int, total: int, group=None, device: torch.device | str = "cpu",
+                      bounds: list[int] | None = None) -> None:
+    """Every rank must hold its contract range of ``total`` tokens (``bounds``: the layout's, None for equal
+    counts); raises on every rank otherwise. ``device``: the data's (the collective's tensors live there;
+    NCCL takes CUDA tensors only)."""
     rank, size = world(group)
     mine = torch.tensor([local_tokens, total], dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(size)]
     dist.all_gather(everyone, mine, group=group)
-    expected = shard_sizes(total, size)
+    expected = shard_sizes(total, size, bounds)
     wrong = [(r, int(t[0])) for r, t in enumerate(everyone) if int(t[0]) != expected[r] or int(t[1]) != total]
     if wrong:
         raise ValueError(f"shards do not follow the contract for total = {total} tokens over {size} ranks "

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from vdit.distributed import SequenceParallel, gather_packed, local_offsets, shard_packed, shard_range
+from vdit.distributed import SequenceParallel, gather_packed, local_offsets, shard_bounds, shard_packed
 from vdit.nn import (AdaLNModulation, PatchEmbed3d, PatchUnembed3d, RotaryEmbedding3d, TileSparseAttention,
                      VarlenCrossAttention, VarlenSelfAttention)
 from vdit.ops import adaln_modulate, gated_residual, reference
@@ -274,9 +274,11 @@ class VideoDiT(nn.Module):
             x, positions, sparse = x[perm], positions[perm], {"grids": grids}
         if sequence_parallel is not None:
             total = x.shape[0]
-            start, end = shard_range(total, sequence_parallel.size, sequence_parallel.rank)
-            x, positions = shard_packed(x, sequence_parallel.group), positions[start:end]
-            cu_local = local_offsets(cu.tolist(), start, end, cu.device)
+            cu_host = cu.tolist()
+            bounds = shard_bounds(cu_host, sequence_parallel.size, sequence_parallel.layout)
+            start, end = bounds[sequence_parallel.rank], bounds[sequence_parallel.rank + 1]
+            x, positions = shard_packed(x, sequence_parallel.group, bounds), positions[start:end]
+            cu_local = local_offsets(cu_host, start, end, cu.device)
         for block in self.blocks:
             args = (x, c, cu, max_len, positions, self.rope, context, cu_seqlens_context, max_ctx)
             options = dict(sequence_parallel=sequence_parallel, cu_local=cu_local, **sparse)
@@ -287,7 +289,7 @@ class VideoDiT(nn.Module):
             else:
                 x = block(*args, **options)
         if sequence_parallel is not None:
-            x = gather_packed(x, total, sequence_parallel.group)
+            x = gather_packed(x, total, sequence_parallel.group, bounds)
         if sparse:
             x = x[perm.argsort()]  # back to raster order for unpatchify
         shift, scale = self.final_modulation(c)

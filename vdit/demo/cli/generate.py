@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sp-mode", choices=("ulysses", "ring", "hybrid"), default="ulysses",
                    help="sequence-parallel scheme under torchrun")
     p.add_argument("--ulysses-size", type=int, default=None, help="Ulysses group size for --sp-mode hybrid")
+    p.add_argument("--sp-layout", choices=("tokens", "work"), default="tokens",
+                   help="split each batch's tokens over the sequence-parallel ranks by count or by attention work "
+                        "(balances ring attention on batches of mixed lengths)")
     return p.parse_args(argv)
 
 
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
             try:
                 sequence_parallel = build_mesh(ranks.device.type, ranks.world_size, args.sp_mode,
-                                               args.ulysses_size).sequence_parallel
+                                               args.ulysses_size, args.sp_layout).sequence_parallel
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
             parallel = f" x {sequence_parallel.size} ranks ({sequence_parallel.mode})"

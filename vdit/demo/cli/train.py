@@ -76,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sequence-parallel", type=int, default=1, help="ranks that split each batch's tokens")
     p.add_argument("--sp-mode", choices=("ulysses", "ring", "hybrid"), default="ulysses")
     p.add_argument("--ulysses-size", type=int, default=None, help="Ulysses group size for --sp-mode hybrid")
+    p.add_argument("--sp-layout", choices=("tokens", "work"), default="tokens",
+                   help="split each batch's tokens over the sequence-parallel ranks by count or by attention work "
+                        "(balances ring attention on batches of mixed lengths)")
     p.add_argument("--fractional-positions", action="store_true",
                    help="give the tokens a learned embedding of their (t, h, w) place in the clip (VideoDiTConfig."
                         "fractional_positions); with --init-weights it is added to the loaded model at zero")
@@ -222,7 +225,7 @@ def parallel_layout(args: argparse.Namespace, ranks: common.Ranks) -> Layout:
 
         try:  # every group of the layout, made now by every rank in the same order
             layout.sequence_parallel = build_mesh(ranks.device.type, sp_size, args.sp_mode,
-                                                  args.ulysses_size).sequence_parallel
+                                                  args.ulysses_size, args.sp_layout).sequence_parallel
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     return layout
