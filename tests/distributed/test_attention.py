@@ -55,7 +55,7 @@ def _check(mode, dtype, Hq, Hk, causal, kv_replicated, ulysses_size=None, layout
     ref = reference.varlen_attention(qr, kr, vr, cu_q, cu_k, softmax_scale=0.5, causal=causal)
     ref.backward(dout)
     # sharded
-    bq, bk = shard_bounds(cu_q.tolist(), size, layout), shard_bounds(cu_k.tolist(), size, layout)
+    bq, bk = shard_bounds(cu_q.tolist(), size, layout, causal), shard_bounds(cu_k.tolist(), size, layout, causal)
     qs = shard_packed(q, bounds=bq).clone().requires_grad_()
     ks = (k if kv_replicated else shard_packed(k, bounds=bk)).clone().requires_grad_()
     vs = (v if kv_replicated else shard_packed(v, bounds=bk)).clone().requires_grad_()
@@ -219,7 +219,8 @@ def test_four_ranks():
              ("hybrid", f64, 4, 2, False, False, 2), ("hybrid", f64, 4, 2, True, False, 2),
              ("hybrid", f64, 4, 2, False, True, 2), ("model", "hybrid"), ("model-checkpointing", "hybrid"), ("mesh", 20),
              ("ring", f64, 4, 2, False, False, None, "work"), ("hybrid", f64, 4, 2, False, False, 2, "work"),
-             ("ring", f64, 4, 2, False, True, None, "work"), ("model-work-layout", "hybrid")])
+             ("ring", f64, 4, 2, False, True, None, "work"), ("ring", f64, 4, 2, True, False, None, "work"),
+             ("model-work-layout", "hybrid")])
 
 
 def test_placement_checker_catches_what_nccl_would_refuse(tmp_path):
@@ -288,6 +289,10 @@ def test_work_layout_balances_ring_attention():
                 for r in range(size)]
         assert max(work) / (sum(work) / size) < 1.01, (size, work)
     assert shard_bounds([0, 0, 5, 5, 9], 3, "work") == [0, 3, 6, 9]
+    causal = shard_bounds(cu, 4, "work", causal=True)  # a query at position i sees i + 1 keys
+    work = [sum(sum(i + 1 for i in range(n) if causal[r] <= a + i < causal[r + 1]) for a, n in
+                zip(cu, [b - a for a, b in zip(cu, cu[1:])])) for r in range(4)]
+    assert max(work) / (sum(work) / 4) < 1.01, work
     assert shard_bounds(cu, 4) == [0, 696, 1392, 2088, 2784]
     with pytest.raises(ValueError, match="layout must be one of"):
         shard_bounds(cu, 2, "heads")

@@ -78,7 +78,7 @@ def _batch_plan(q, k, cu_seqlens_q, cu_seqlens_k, group, causal: bool, kv_replic
                          heads=Hq * 1000 + Hk, causal=int(causal), kv_replicated=int(kv_replicated))
         cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()  # the batch's one host read
         size = world(group)[1]
-        plan = BatchPlan(cu_q, cu_k, shard_bounds(cu_q, size, layout), shard_bounds(cu_k, size, layout))
+        plan = BatchPlan(cu_q, cu_k, shard_bounds(cu_q, size, layout, causal), shard_bounds(cu_k, size, layout, causal))
         check_shard_sizes(q.shape[0], plan.total_q, group, q.device, plan.bounds(size))
         if kv_replicated and k.shape[0] != plan.total_k:
             raise ValueError(f"kv_replicated=True needs the full k/v ({plan.total_k} tokens), got {k.shape[0]}")
@@ -109,7 +109,7 @@ def sequence_parallel_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
             ``"ring"`` (key/value shards travel around the ring; any head count), or ``"hybrid"``
             (Ulysses inside groups of ``ulysses_size`` ranks, ring across them).
         layout: how the shards split the tokens, ``"tokens"`` or ``"work"`` (:mod:`vdit.distributed.sharding`;
-            the shards must follow it).
+            the shards must follow ``shard_bounds(cu_seqlens, group size, layout, causal)``).
         subgroups: hybrid: this rank's (Ulysses group, ring group), created up front on every rank
             (:func:`vdit.distributed.build_mesh`); None creates them on first use, which only works when
             ``group`` is the whole world.

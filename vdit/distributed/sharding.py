@@ -39,25 +39,35 @@ def shard_sizes(total: int, world_size: int, bounds: list[int] | None = None) ->
 LAYOUTS = ("tokens", "work")
 
 
-def shard_bounds(cu: list[int], world_size: int, layout: str = "tokens") -> list[int]:
+def shard_bounds(cu: list[int], world_size: int, layout: str = "tokens", causal: bool = False) -> list[int]:
     """The ``world_size + 1`` range boundaries of a packed batch with offsets ``cu`` (host ints) in
-    ``layout`` (``"tokens"`` or ``"work"``, module docstring): rank r holds ``[bounds[r], bounds[r + 1])``."""
+    ``layout`` (``"tokens"`` or ``"work"``, module docstring): rank r holds ``[bounds[r], bounds[r + 1])``.
+    With ``causal`` the work layout counts the keys a causal query sees (its position in its sequence
+    plus one), which balances each rank's total; it is contiguous, not a zigzag, so the ring's steps
+    are not balanced one by one."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     total = cu[-1]
     if layout == "tokens":
         return [r * total // world_size for r in range(world_size + 1)]
     lengths = [b - a for a, b in zip(cu, cu[1:])]
-    total_work = sum(n * n for n in lengths)
+
+    def work(n: int, first: int) -> int:  # work of the first `first` tokens of an n-token sequence
+        return first * (first + 1) // 2 if causal else first * n
+
     bounds = [0]
     for r in range(1, world_size):
-        # The first token t whose work before it reaches r / W of the total, in integers.
-        goal, done, t = r * total_work, 0, total
+        # The first token whose work before it reaches r / W of the total (integers: scaled by W).
+        goal, done, t = r * sum(work(n, n) for n in lengths), 0, total
         for start, n in zip(cu, lengths):
-            if n and (done + n * n) * world_size >= goal:
-                t = start + max(0, -(-(goal - done * world_size) // (n * world_size)))
+            if n and (done + work(n, n)) * world_size >= goal:
+                low, high = 0, n  # smallest j with (done + work(n, j)) * W >= goal
+                while low < high:
+                    mid = (low + high) // 2
+                    low, high = (low, mid) if (done + work(n, mid)) * world_size >= goal else (mid + 1, high)
+                t = start + low
                 break
-            done += n * n
+            done += work(n, n)
         bounds.append(max(t, bounds[-1]))
     return bounds + [total]
 

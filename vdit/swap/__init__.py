@@ -91,12 +91,22 @@ class SwapState:
         self._saved = []
 
 
+def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The modules a host may run on their own, outside the model's forward: the entries of the root's
+    ``nn.ModuleList`` children (transformer blocks), which gradient checkpointing recomputes in the backward."""
+    return [block for child in model.children() if isinstance(child, nn.ModuleList) for block in child]
+
+
 def _install_hooks(model: nn.Module, state: SwapState) -> None:
-    pre = model.register_forward_pre_hook(lambda module, args: state.enter())
-    # always_call: leave the scope even when forward raises.
-    post = model.register_forward_hook(lambda module, args, out: state.exit(), always_call=True)
-    state.undo.append(pre.remove)
-    state.undo.append(post.remove)
+    """Enter the swap's scope (patched functions, attention routing) around the model's forward and around
+    each of its blocks: a checkpointed block is recomputed during the backward, after the model's forward
+    has returned, and must run the same code as in the forward. Nested entries are counted, not repeated."""
+    for module in [model, *_repeated_blocks(model)]:
+        pre = module.register_forward_pre_hook(lambda module, args: state.enter())
+        # always_call: leave the scope even when forward raises.
+        post = module.register_forward_hook(lambda module, args, out: state.exit(), always_call=True)
+        state.undo.append(pre.remove)
+        state.undo.append(post.remove)
 
 
 def _swap_patch_convs(model: nn.Module, state: SwapState, handled: set[str]) -> None:
