@@ -121,7 +121,7 @@ def test_routing_is_scoped_to_the_forward_and_survives_errors():
     with pytest.raises(RuntimeError):
         model(x, text[:, :, :7], mask)  # wrong width: raises inside forward
     F.scaled_dot_product_attention(q, q, q)
-    assert sum(report.calls.values()) == 0
+    assert not [k for k in report.calls if k.startswith("attention")]  # the patch embedding ran, SDPA was not routed
     unswap(model)
 
 

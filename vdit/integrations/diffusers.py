@@ -64,9 +64,11 @@ def _vdit_apply_rotary_emb(original, tables: TableRope, calls):
             if positions is not None and positions.shape[0] == x.shape[sequence_dim] and cos.shape[-1] == x.shape[-1]:
                 calls["rope"] += 1
                 return tables.apply(x, positions.to(x.device), sequence_dim)
-            calls["rope.fallback:tables"] += 1
+            if not torch.compiler.is_compiling():  # no host-side bookkeeping inside a compiled graph
+                calls["rope.fallback:tables"] += 1
         else:
-            calls["rope.fallback:layout"] += 1
+            if not torch.compiler.is_compiling():
+                calls["rope.fallback:layout"] += 1
         return original(x, freqs_cis, use_real=use_real, use_real_unbind_dim=use_real_unbind_dim,
                         sequence_dim=sequence_dim)
 
@@ -92,16 +94,17 @@ def _wan_processor_class():
         (1, L, 1, Dh). Tables it cannot read positions from run the replaced processor unchanged.
         """
 
-        def __init__(self, original, tables: TableRope, calls):
+        def __init__(self, original, tables: TableRope, calls, site: str = ""):
             self.__dict__.update(vars(original))  # keeps a per-instance attention backend / parallel config
-            self.original, self.tables, self.calls = original, tables, calls
+            self.original, self.tables, self.calls, self.site = original, tables, calls, site
 
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
             positions = None
             if rotary_emb is not None:
                 positions = self.tables.positions(*rotary_emb)
                 if positions is None or positions.shape[0] != hidden_states.shape[1]:
-                    self.calls["rope.fallback:tables"] += 1
+                    if not torch.compiler.is_compiling():  # no host-side bookkeeping inside a compiled graph
+                        self.calls["rope.fallback:tables"] += 1
                     return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
             image_context = None
             if attn.add_k_proj is not None:  # I2V: image tokens precede the 512 text tokens
@@ -113,6 +116,7 @@ def _wan_processor_class():
             v = v.unflatten(2, (attn.heads, -1))
             if positions is not None:
                 self.calls["rope"] += 1
+                self.calls[f"rope:{self.site}"] += 1
                 q, k = rope_3d_qk(q, k, positions.to(q.device), dims=self.tables.dims, theta=self.tables.theta)
             image_out = None
             if image_context is not None:
@@ -193,47 +197,44 @@ class VditCogVideoXLayerNormZero(nn.Module):
                 gate[:, None, :], enc_gate[:, None, :])
 
 
-class VditWanTransformerBlock(nn.Module):
-    """diffusers ``WanTransformerBlock`` whose adaLN steps run as vdit ops: ``norm1``/``norm3`` +
-    shift/scale as :func:`vdit.ops.adaln_modulate` (one pass instead of LayerNorm, multiply, add and
-    casts) and the gated residuals as :func:`vdit.ops.gated_residual`.
+def _wan_block_forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
+    """``WanTransformerBlock.forward`` with the adaLN steps as vdit ops: ``norm1``/``norm3`` + shift/scale as
+    :func:`vdit.ops.adaln_modulate` (one pass instead of LayerNorm, multiply, add and casts) and the gated
+    residuals as :func:`vdit.ops.gated_residual`. hidden_states (B, L, C), encoder_hidden_states (B, S, C),
+    temb (B, 6, C) -> (B, L, C); per-token modulation (Wan 2.2 TI2V, temb (B, L, 6, C)) runs the host's forward."""
+    if temb.ndim != 3 or hidden_states.dim() != 3:
+        return super(type(self), self).forward(hidden_states, encoder_hidden_states, temb, rotary_emb)
+    x = hidden_states
+    mod = (self.scale_shift_table + temb.float()).to(x.dtype)  # (B, 6, C)
+    shift, scale, gate, c_shift, c_scale, c_gate = (m.contiguous() for m in mod.unbind(1))
+    h = adaln_modulate(x, shift, scale, eps=self.norm1.eps)
+    x = gated_residual(x, self.attn1(h, None, None, rotary_emb), gate)
+    h = self.norm2(x.float()).type_as(x)
+    x = x + self.attn2(h, encoder_hidden_states, None, None)
+    h = adaln_modulate(x, c_shift, c_scale, eps=self.norm3.eps)
+    return gated_residual(x, self.ffn(h).to(x.dtype), c_gate)
 
-    Holds the replaced block's parameters and children themselves (same state_dict keys and order).
-    ``forward(hidden_states (B, L, C), encoder_hidden_states (B, S, C), temb (B, 6, C), rotary_emb)``
-    -> (B, L, C). Per-token modulation (Wan 2.2 TI2V, temb (B, L, 6, C)) runs the original forward.
-    """
 
-    def __init__(self, original: nn.Module):
-        super().__init__()
-        for store in ("_parameters", "_buffers", "_modules"):
-            getattr(self, store).update(getattr(original, store))
-        object.__setattr__(self, "original", original)
-
-    def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
-        if temb.ndim != 3 or hidden_states.dim() != 3:
-            return type(self.original).forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb)
-        x = hidden_states
-        mod = (self.scale_shift_table + temb.float()).to(x.dtype)  # (B, 6, C)
-        shift, scale, gate, c_shift, c_scale, c_gate = (m.contiguous() for m in mod.unbind(1))
-        h = adaln_modulate(x, shift, scale, eps=self.norm1.eps)
-        x = gated_residual(x, self.attn1(h, None, None, rotary_emb), gate)
-        h = self.norm2(x.float()).type_as(x)
-        x = x + self.attn2(h, encoder_hidden_states, None, None)
-        h = adaln_modulate(x, c_shift, c_scale, eps=self.norm3.eps)
-        return gated_residual(x, self.ffn(h).to(x.dtype), c_gate)
+@functools.lru_cache(maxsize=None)
+def vdit_wan_block_class(cls: type) -> type:
+    """A subclass of the host's ``WanTransformerBlock`` class with :func:`_wan_block_forward`, under the same
+    class name: swapped blocks keep their parameters, their state_dict and the name diffusers'
+    ``compile_repeated_blocks`` looks blocks up by; unswap restores the original class."""
+    return type(cls.__name__, (cls,), {"forward": _wan_block_forward, "__module__": __name__,
+                                       "__qualname__": f"vdit_{cls.__qualname__}", "__doc__": _wan_block_forward.__doc__})
 
 
 def _swap_wan_blocks(model, state) -> None:
     for path, block in list(model.named_modules()):
-        if type(block).__name__ != "WanTransformerBlock":
+        if type(block).__name__ != "WanTransformerBlock" or type(block).__module__ == __name__:
             continue
         plain = all(isinstance(n, nn.LayerNorm) and not n.elementwise_affine for n in (block.norm1, block.norm3))
         if not plain or getattr(block.scale_shift_table, "shape", None) != (1, 6, block.norm1.normalized_shape[0]):
             state.report.skip(path, "norm", "WanTransformerBlock with an unexpected norm / modulation layout")
             continue
-        state.replace_module(model, path, VditWanTransformerBlock(block))
+        state.set_class(block, vdit_wan_block_class(type(block)), path)
         state.report.add(path, "norm", "WanTransformerBlock (inline LayerNorm + modulation)",
-                         "VditWanTransformerBlock (vdit.ops.adaln_modulate, gated_residual)")
+                         "WanTransformerBlock with vdit.ops.adaln_modulate, gated_residual (same class name)")
 
 
 def _swap_norms(model, state) -> None:
@@ -312,7 +313,7 @@ def swap_model(model: nn.Module, state, *, attention, patch_embed: bool, rope: b
                 for path, attn in _attention_modules(model, "WanAttention"):
                     if getattr(attn, "is_cross_attention", False):  # text/image cross-attention has no RoPE
                         continue
-                    state.set_attr(attn, "processor", processor_cls(attn.processor, tables, report.calls))
+                    state.set_attr(attn, "processor", processor_cls(attn.processor, tables, report.calls, path))
                     report.add(path, "rope", type(attn.processor.original).__name__,
                                "VditWanAttnProcessor (vdit.ops.rope_3d_qk)")
         if norm:

@@ -20,7 +20,11 @@ What is replaced (each can be turned off):
   transformers (RoPE application through :func:`vdit.ops.rope_3d`, adaLN-Zero norms through
   :func:`vdit.ops.adaln_modulate`). Plain PyTorch models have no recognizable pattern for these.
 
-Weights are shared, never copied; ``model.state_dict()`` keys and values are unchanged. The swap
+Weights are shared, never copied; ``model.state_dict()`` keys and values are unchanged. The patched
+functions and the attention routing are active around the model's forward and around each of its blocks
+(the entries of its top-level ``nn.ModuleList``\ s), so gradient checkpointing, which recomputes blocks during
+the backward, runs the same code. Under ``torch.compile`` the data-dependent routing is not taken (the host's
+own SDPA and RoPE code run inside the graph). The swap
 state lives on the model (``model._vdit_swap``) and :func:`unswap` restores the original modules,
 processors and hooks, so outputs are bit-identical to the unswapped model again.
 """
@@ -54,11 +58,27 @@ class SwapState:
         self._depth = 0
 
     def replace_module(self, model: nn.Module, path: str, new: nn.Module) -> None:
+        """Put ``new`` at ``path`` (its runs counted in the report as ``module:<path>``); unswap restores the old."""
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path)
         old = getattr(parent, name)
         setattr(parent, name, new)
         self.undo.append(lambda: setattr(parent, name, old))
+        self.count_runs(new, path)
+
+    def set_class(self, module: nn.Module, cls: type, path: str) -> None:
+        """Give ``module`` the class ``cls`` (a subclass of its own) now, its runs counted as ``module:<path>``;
+        unswap restores the old class. The module object, its parameters and hooks stay."""
+        old = module.__class__
+        module.__class__ = cls
+        self.undo.append(lambda: setattr(module, "__class__", old))
+        self.count_runs(module, path)
+
+    def count_runs(self, module: nn.Module, path: str) -> None:
+        """Count each run of ``module`` in the report (``module:<path>``) until unswap."""
+        calls = self.report.calls
+        handle = module.register_forward_hook(lambda m, args, out: calls.update((f"module:{path}",)))
+        self.undo.append(handle.remove)
 
     def set_attr(self, owner, name: str, value) -> None:
         """Set ``owner.name`` now and restore it on unswap."""
@@ -100,7 +120,10 @@ def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
 def _install_hooks(model: nn.Module, state: SwapState) -> None:
     """Enter the swap's scope (patched functions, attention routing) around the model's forward and around
     each of its blocks: a checkpointed block is recomputed during the backward, after the model's forward
-    has returned, and must run the same code as in the forward. Nested entries are counted, not repeated."""
+    has returned, and must run the same code as in the forward. Nested entries are counted, not repeated.
+    The report's last-forward counts start at each model forward."""
+    start = model.register_forward_pre_hook(lambda module, args: state.report.forward_started())
+    state.undo.append(start.remove)
     for module in [model, *_repeated_blocks(model)]:
         pre = module.register_forward_pre_hook(lambda module, args: state.enter())
         # always_call: leave the scope even when forward raises.
@@ -178,8 +201,7 @@ def swap(model: nn.Module, *, attention: bool | str = True, patch_embed: bool = 
         report.add("", "attention", "F.scaled_dot_product_attention",
                    f"vdit.ops.varlen_attention ({where}; padded queries "
                    f"{'skipped' if skip_q else 'computed'}; TorchFunctionMode during forward)")
-    if state.scoped or state.mode is not None:
-        _install_hooks(model, state)
+    _install_hooks(model, state)
     mentioned = {r.kind for r in report.replacements} | {s.kind for s in report.skipped}
     if norm and "norm" not in mentioned:
         report.skip("", "norm", "no LayerNorm + modulation module recognized (inline modulation in forward code "

@@ -157,11 +157,15 @@ class VditAttentionMode(TorchFunctionMode):
                                       bool(bound.get("is_causal", False)), bound.get("scale"), self.sparse,
                                       self.sparse.window_for(self.sparse_path))
         self.calls["attention.sparse" if out is not None else f"attention.sparse_fallback:{reason}"] += 1
+        if out is not None:
+            self.calls[f"sparse:{self.sparse_path}"] += 1
         return out
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is _SDPA:
+        # Under torch.compile the routing decisions (is a mask padding? which keys are valid?) would read
+        # tensor values: a compiled model keeps torch's own SDPA, which the compiler handles itself.
+        if func is _SDPA and not torch.compiler.is_compiling():
             bound = dict(zip(_SDPA_ARGS, args), **kwargs)
             if set(bound) <= set(_SDPA_ARGS) and len(args) <= len(_SDPA_ARGS):
                 query = bound.get("query")

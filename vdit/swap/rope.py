@@ -31,7 +31,11 @@ class TableRope:
         self._positions: torch.Tensor | None = None
 
     def positions(self, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
-        """(L, 3) float32 positions behind tables (.., L, .., Dh) with one non-1 dim before the last, or None."""
+        """(L, 3) float32 positions behind tables (.., L, .., Dh) with one non-1 dim before the last, or None.
+        None under torch.compile: reading positions from the tables' values is a data-dependent decision, so a
+        compiled model runs the host's own RoPE code there (which the compiler fuses itself)."""
+        if torch.compiler.is_compiling():
+            return None
         if self._key is not None and self._key[0] is cos and self._key[1] is sin:
             return self._positions
         pos = self._recover(cos, sin)
