@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="runs/sparse-eval", help="folder of the per-configuration JSON records")
     p.add_argument("--out", default=None, help="write the markdown table here")
     p.add_argument("--only", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--prompts", type=int, default=36)
+    p.add_argument("--prompts", type=int, default=24)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-timing", action="store_true", help="skip the forward-time column")

@@ -287,6 +287,22 @@ _SPARSE_SELF_ATTENTION = {"WanTransformer3DModel": _wan_self_attention,
                           "HunyuanVideoTransformer3DModel": _hunyuan_joint_attention}
 
 
+def _swap_wan_rope(model, state) -> None:
+    """Wan's self-attention processors -> :class:`VditWanAttnProcessor` (RoPE through vdit.ops.rope_3d_qk)."""
+    report = state.report
+    try:
+        processor_cls = _wan_processor_class()
+    except ImportError as e:
+        report.skip("", "rope", f"this diffusers version lacks the Wan processor helpers ({e})")
+        return
+    tables = TableRope((model.rope.t_dim, model.rope.h_dim, model.rope.w_dim), 10000.0)
+    for path, attn in _attention_modules(model, "WanAttention"):
+        if getattr(attn, "is_cross_attention", False):  # text/image cross-attention has no RoPE
+            continue
+        state.set_attr(attn, "processor", processor_cls(attn.processor, tables, report.calls, path))
+        report.add(path, "rope", type(attn.processor.original).__name__, "VditWanAttnProcessor (vdit.ops.rope_3d_qk)")
+
+
 def swap_model(model: nn.Module, state, *, attention, patch_embed: bool, rope: bool, norm: bool):
     """Model-specific part of :func:`vdit.swap.swap` for a diffusers model.
 
@@ -304,18 +320,7 @@ def swap_model(model: nn.Module, state, *, attention, patch_embed: bool, rope: b
         sparse.install(model, state, modules, functools.partial(_latent_grid, patch))
     if name == "WanTransformer3DModel":
         if rope:
-            try:
-                processor_cls = _wan_processor_class()
-            except ImportError as e:
-                report.skip("", "rope", f"this diffusers version lacks the Wan processor helpers ({e})")
-            else:
-                tables = TableRope((model.rope.t_dim, model.rope.h_dim, model.rope.w_dim), 10000.0)
-                for path, attn in _attention_modules(model, "WanAttention"):
-                    if getattr(attn, "is_cross_attention", False):  # text/image cross-attention has no RoPE
-                        continue
-                    state.set_attr(attn, "processor", processor_cls(attn.processor, tables, report.calls, path))
-                    report.add(path, "rope", type(attn.processor.original).__name__,
-                               "VditWanAttnProcessor (vdit.ops.rope_3d_qk)")
+            _swap_wan_rope(model, state)
         if norm:
             _swap_wan_blocks(model, state)
     elif name == "CogVideoXTransformer3DModel":

@@ -146,6 +146,17 @@ def _swap_patch_convs(model: nn.Module, state: SwapState, handled: set[str]) -> 
             report.skip(path, "patch_embed", reason)
 
 
+def _route_attention(state: SwapState, attention, skip_padded_queries: bool) -> None:
+    """The SDPA router of ``attention`` (see :func:`swap`) on ``state``, reported."""
+    dense = {"all": True, "auto": "auto"}.get(attention, False)
+    state.mode = VditAttentionMode(dense=dense, skip_padded_queries=skip_padded_queries, calls=state.report.calls,
+                                   sparse=state.sparse)
+    where = {True: "all calls", False: "masked calls"}.get(dense, "masked calls; unmasked too with a compiled kernel")
+    state.report.add("", "attention", "F.scaled_dot_product_attention",
+                     f"vdit.ops.varlen_attention ({where}; padded queries "
+                     f"{'skipped' if skip_padded_queries else 'computed'}; TorchFunctionMode during forward)")
+
+
 def swap(model: nn.Module, *, attention: bool | str = True, patch_embed: bool = True, rope: bool = True,
          norm: bool = True, skip_padded_queries: bool | None = None, tile=None, window=(3, 3, 3),
          topk: int = 8) -> SwapReport:
@@ -193,14 +204,7 @@ def swap(model: nn.Module, *, attention: bool | str = True, patch_embed: bool = 
         report.skip("", "attention", f"{attention} needs the video's token grid and which modules are its "
                     "self-attention: vdit knows them for diffusers' Wan and HunyuanVideo")
     if attention:
-        dense = {"all": True, "auto": "auto"}.get(attention, False)
-        skip_q = safe_query_skip if skip_padded_queries is None else bool(skip_padded_queries)
-        state.mode = VditAttentionMode(dense=dense, skip_padded_queries=skip_q, calls=report.calls,
-                                       sparse=state.sparse)
-        where = {True: "all calls", False: "masked calls"}.get(dense, "masked calls; unmasked too with a compiled kernel")
-        report.add("", "attention", "F.scaled_dot_product_attention",
-                   f"vdit.ops.varlen_attention ({where}; padded queries "
-                   f"{'skipped' if skip_q else 'computed'}; TorchFunctionMode during forward)")
+        _route_attention(state, attention, safe_query_skip if skip_padded_queries is None else bool(skip_padded_queries))
     _install_hooks(model, state)
     mentioned = {r.kind for r in report.replacements} | {s.kind for s in report.skipped}
     if norm and "norm" not in mentioned:

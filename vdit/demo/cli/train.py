@@ -79,18 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sp-layout", choices=("tokens", "work"), default="tokens",
                    help="split each batch's tokens over the sequence-parallel ranks by count or by attention work "
                         "(balances ring attention on batches of mixed lengths)")
-    p.add_argument("--fractional-positions", action="store_true",
-                   help="give the tokens a learned embedding of their (t, h, w) place in the clip (VideoDiTConfig."
-                        "fractional_positions); with --init-weights it is added to the loaded model at zero")
-    p.add_argument("--prompt-velocity", action="store_true",
-                   help="measure those positions in a frame moving at a velocity read from the prompt (VideoDiTConfig."
-                        "prompt_velocity; implies --fractional-positions); with --init-weights it is added at zero")
-    p.add_argument("--text-embedding-skip", action="store_true",
-                   help="add each word's own embedding to the text encoder's output through a learned map "
-                        "(TextEncoderConfig.embedding_skip); with --init-weights it is added at zero")
-    p.add_argument("--added-lr-scale", type=float, default=1.0,
-                   help="learning-rate multiplier for the parameters of the modules named by the three flags above "
-                        "in this command (they start at zero in a trained model and have to catch up with it)")
+    _add_growth_arguments(p)
     p.add_argument("--init-weights", default=None,
                    help="start a new run from these TextToVideo weights (config.json beside them) instead of a "
                         "random initialization; ignored when --out already holds a checkpoint")
@@ -109,6 +98,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-file", default=None,
                    help="append one JSON line per step (step, loss, videos, wall-clock seconds of the step)")
     return p.parse_args(argv)
+
+
+def _add_growth_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that add modules to a model (at zero with --init-weights) and their learning rate."""
+    p.add_argument("--fractional-positions", action="store_true",
+                   help="give the tokens a learned embedding of their (t, h, w) place in the clip (VideoDiTConfig."
+                        "fractional_positions); with --init-weights it is added to the loaded model at zero")
+    p.add_argument("--prompt-velocity", action="store_true",
+                   help="measure those positions in a frame moving at a velocity read from the prompt (VideoDiTConfig."
+                        "prompt_velocity; implies --fractional-positions); with --init-weights it is added at zero")
+    p.add_argument("--text-embedding-skip", action="store_true",
+                   help="add each word's own embedding to the text encoder's output through a learned map "
+                        "(TextEncoderConfig.embedding_skip); with --init-weights it is added at zero")
+    p.add_argument("--added-lr-scale", type=float, default=1.0,
+                   help="learning-rate multiplier for the parameters of the modules named by the three flags above "
+                        "in this command (they start at zero in a trained model and have to catch up with it)")
 
 
 def new_model(args) -> TextToVideo:
