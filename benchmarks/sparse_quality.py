@@ -29,7 +29,7 @@ from vdit.ops.tiles import sliding_window_tiles, tile_layout
 FRAMES, SIZE, TILE = 16, (128, 128), (4, 4, 4)
 GRID = (FRAMES, SIZE[0] // 8, SIZE[1] // 8)  # the demo model's 1x8x8 patches
 
-# name -> (label, attention options (vdit-eval-demo flags), weights (None: shipped))
+# name -> (label, attention options (vdit-eval-demo flags), weights (None: shipped; else inside --runs))
 CONFIGS = {
     "dense": ("dense", {}, None),
     "sta-1/2": ("sliding_tile, window 4x4x2", {"attention": "sliding_tile", "window": (4, 4, 2)}, None),
@@ -37,8 +37,8 @@ CONFIGS = {
     "sta-1/8": ("sliding_tile, window 2x2x2", {"attention": "sliding_tile", "window": (2, 2, 2)}, None),
     "topk-1/4": ("topk_tile, top 16", {"attention": "topk_tile", "topk": 16}, None),
     "topk-1/8": ("topk_tile, top 8", {"attention": "topk_tile", "topk": 8}, None),
-    "ft-sta-1/4": ("sliding_tile, window 4x2x2, fine-tuned", {}, "runs/ft-sta/ema.safetensors"),
-    "ft-topk-1/4": ("topk_tile, top 16, fine-tuned", {}, "runs/ft-topk/ema.safetensors"),
+    "ft-sta-1/4": ("sliding_tile, window 4x2x2, fine-tuned", {}, "ft-sta/ema.safetensors"),
+    "ft-topk-1/4": ("topk_tile, top 16, fine-tuned", {}, "ft-topk/ema.safetensors"),
 }
 
 
@@ -69,13 +69,13 @@ def flags(options: dict) -> list[str]:
     return out
 
 
-def run_eval(name: str, work: str, prompts: int, steps: int, seed: int) -> dict | None:
+def run_eval(name: str, work: str, prompts: int, steps: int, seed: int, runs: str = "runs") -> dict | None:
     """The configuration's evaluation record (computed now unless its JSON exists); None if its weights
     are missing."""
     label, options, weights = CONFIGS[name]
     path = os.path.join(work, name.replace("/", "_") + ".json")
     if not os.path.exists(path):
-        weights = weights or DEFAULT_WEIGHTS
+        weights = os.path.join(runs, weights) if weights else DEFAULT_WEIGHTS
         if not os.path.exists(weights):
             print(f"{name}: {weights} not found, skipped")
             return None
@@ -133,6 +133,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="runs/sparse-eval", help="folder of the per-configuration JSON records")
     p.add_argument("--out", default=None, help="write the markdown table here")
+    p.add_argument("--runs", default="runs", help="folder of the fine-tuning runs ft-sta, ft-topk (vdit-train --out)")
     p.add_argument("--only", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--prompts", type=int, default=24)
     p.add_argument("--steps", type=int, default=12)
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
     os.makedirs(args.work, exist_ok=True)
     records = {}
     for name in args.only:
-        record = run_eval(name, args.work, args.prompts, args.steps, args.seed)
+        record = run_eval(name, args.work, args.prompts, args.steps, args.seed, args.runs)
         if record is not None:
             records[name] = record
     shipped = [n for n in args.only if CONFIGS[n][2] is None]
