@@ -146,8 +146,9 @@ def main(argv=None) -> int:
         record = run_eval(name, args.work, args.prompts, args.steps, args.seed, args.runs)
         if record is not None:
             records[name] = record
-    shipped = [n for n in args.only if CONFIGS[n][2] is None]
-    seconds = {} if args.no_timing else forward_seconds(shipped)
+    # Fine-tuned weights run the same kernels as their shipped-weight configuration: time those.
+    timed = list(dict.fromkeys(n.replace("ft-", "") for n in ["dense", *args.only]))
+    seconds = {} if args.no_timing else forward_seconds(timed)
     for name in records:  # fine-tuned weights run the same kernels as their shipped-weight configuration
         base = name.replace("ft-", "")
         if name not in seconds and base in seconds:

@@ -21,3 +21,19 @@ def test_shipped_weights_load_and_generate():
     video, = generate(model, ["a red circle moves up on a black background"], frames=2 * pt, height=2 * ph,
                       width=2 * pw, steps=2, progress=False)
     assert video.shape == (3, 2 * pt, 2 * ph, 2 * pw) and torch.isfinite(video).all()
+
+
+def test_shipped_sparse_weights_are_the_demo_model_with_sliding_tile_attention():
+    from vdit.demo.pipeline import SHIPPED_WEIGHTS
+
+    path = SHIPPED_WEIGHTS["sta"]
+    assert os.path.getsize(path) <= 30 * 2**20
+    sparse, dense = TextToVideo.load(path), TextToVideo.load(DEFAULT_WEIGHTS)
+    cfg = sparse.dit.config
+    assert (cfg.attention, cfg.tile, cfg.window) == ("sliding_tile", (4, 4, 4), (4, 2, 2))
+    assert sparse.state_dict().keys() == dense.state_dict().keys()  # same architecture, fine-tuned weights
+    with open(os.path.join(os.path.dirname(path), "training.json")) as f:
+        assert json.load(f)["args"]["attention"] == "sliding_tile"
+    video, = generate(sparse, ["a red circle moves up on a black background"], frames=4, height=32, width=32,
+                      steps=2, progress=False)
+    assert video.shape == (3, 4, 32, 32) and torch.isfinite(video).all()

@@ -32,7 +32,7 @@ from vdit.demo.cli import common
 from vdit.demo.cli.common import parse_size
 from vdit.demo.data import BACKGROUNDS, COLORS, HELD_OUT, MOTIONS
 from vdit.demo.growth import with_attention
-from vdit.demo.pipeline import DEFAULT_WEIGHTS, TextToVideo, generate
+from vdit.demo.pipeline import DEFAULT_WEIGHTS, SHIPPED_WEIGHTS, TextToVideo, generate
 
 PROG = "vdit-eval-demo"
 
@@ -141,7 +141,8 @@ def summary(label: str, result: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("--weights", default=DEFAULT_WEIGHTS)
+    p.add_argument("--weights", default=DEFAULT_WEIGHTS,
+                   help="safetensors weights, or a shipped model by name: dense (default) or sta")
     p.add_argument("--config", default=None)
     p.add_argument("--prompts", type=int, default=len(HELD_OUT),
                    help=f"number of held-out prompts (default: all {len(HELD_OUT)})")
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     the pooled figures); returns the exit status, 0."""
     args = parse_args(argv)
     size, attention = parse_size(args.size), common.attention_options(args)
-    trained = with_attention(TextToVideo.load(args.weights, args.config), **attention)
+    trained = with_attention(TextToVideo.load(SHIPPED_WEIGHTS.get(args.weights, args.weights), args.config), **attention)
     label = "untrained baseline" if args.untrained else args.weights
     label = f"{label} ({common.attention_summary(trained.dit.config)}, {args.frames}x{size[0]}x{size[1]})"
     results = []

@@ -19,7 +19,7 @@ from vdit.backends import default_backend
 from vdit.demo.cli import common
 from vdit.demo.cli.common import UsageError, parse_size
 from vdit.demo.growth import with_attention
-from vdit.demo.pipeline import DEFAULT_WEIGHTS, TextToVideo, generate
+from vdit.demo.pipeline import DEFAULT_WEIGHTS, SHIPPED_WEIGHTS, TextToVideo, generate
 from vdit.demo.video_io import contact_sheet, save_video
 
 PROG = "vdit-generate"
@@ -42,7 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="vdit_video.mp4",
                    help="output .mp4 / .gif, or a folder (PNG frames); several videos get _<i> suffixes")
     p.add_argument("--sheet", default=None, help="contact-sheet PNG (default: <out>_sheet.png)")
-    p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="safetensors weights (default: shipped demo model)")
+    p.add_argument("--weights", default=DEFAULT_WEIGHTS,
+                   help="safetensors weights, or a shipped model by name: dense (the default demo model) or sta "
+                        "(fine-tuned to sliding-tile attention)")
     p.add_argument("--config", default=None, help="JSON config (default: config.json beside the weights)")
     common.add_attention_arguments(p, default_help="the weights' own (dense for the shipped model)")
     common.add_device_argument(p)
@@ -148,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
             parallel = f" x {sequence_parallel.size} ranks ({sequence_parallel.mode})"
-        model = with_attention(TextToVideo.load(args.weights, args.config, device=ranks.device), **job.attention)
+        weights = SHIPPED_WEIGHTS.get(args.weights, args.weights)
+        model = with_attention(TextToVideo.load(weights, args.config, device=ranks.device), **job.attention)
         if sequence_parallel is not None and model.dit.config.attention != "dense":
             raise UsageError(f"{model.dit.config.attention} attention does not run sequence-parallel yet")
         start = time.perf_counter()
