@@ -62,7 +62,7 @@ def test_save_load_round_trip_after_swap(name, tmp_path):
     unswap(model)
 
 
-@pytest.mark.parametrize("name", ["wan", "hunyuan"])
+@pytest.mark.parametrize("name", list(MODELS))
 def test_lora_loaded_after_swap(name):
     pytest.importorskip("peft")
     from peft import LoraConfig
