@@ -69,8 +69,8 @@ def ring_plan_table(lengths=LENGTHS, sizes=(2, 4, 8)) -> str:
     as before, against sent directly to the ranks that need them) and the attention work per rank
     (query-key pairs) as max / mean and max / min, for equal token counts per rank (before) and for the
     ``"work"`` layout (after). From the batch plan alone: no process group needed."""
-    from vdit.distributed.ring import BatchPlan, _lengths
-    from vdit.distributed.sharding import shard_bounds
+    from vdit.distributed.ring import BatchPlan
+    from vdit.distributed.sharding import range_lengths, shard_bounds
 
     cu = [0]
     for n in lengths:
@@ -81,7 +81,7 @@ def ring_plan_table(lengths=LENGTHS, sizes=(2, 4, 8)) -> str:
         balance, direct = [], []
         for layout in ("tokens", "work"):
             bounds = shard_bounds(cu, size, layout)
-            q = [_lengths(cu, bounds[r], bounds[r + 1]) for r in range(size)]
+            q = [range_lengths(cu, bounds[r], bounds[r + 1]) for r in range(size)]
             work = [sum(a * (e - s_) for a, s_, e in zip(q[r], cu, cu[1:])) for r in range(size)]
             balance.append(f"{max(work) / (sum(work) / size):.2f}, {max(work) / max(min(work), 1):.1f}")
             needed = BatchPlan(cu, cu, bounds, bounds).needed(size, False, False)

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from vdit.distributed.sharding import world
+from vdit.distributed.sharding import range_lengths, range_offsets, world
 from vdit.distributed.stats import record
 from vdit.ops import varlen_attention
 from vdit.ops.attention import varlen_attention_backward
@@ -40,19 +40,6 @@ class Step(NamedTuple):
     max_q: int
     max_k: int
     causal: bool
-
-
-def _lengths(cu: list[int], start: int, end: int) -> list[int]:
-    """Each sequence's token count inside the range [start, end) of a batch with offsets ``cu``."""
-    return [max(0, min(b, end) - max(a, start)) for a, b in zip(cu[:-1], cu[1:])]
-
-
-def _local(cu: list[int], start: int, end: int) -> list[int]:
-    """Offsets of each sequence's tokens inside the range [start, end) of a batch with offsets ``cu``."""
-    out = [0]
-    for a, b in zip(cu[:-1], cu[1:]):
-        out.append(out[-1] + max(0, min(b, end) - max(a, start)))
-    return out
 
 
 class BatchPlan:
@@ -84,9 +71,9 @@ class BatchPlan:
         key = (size, causal, kv_replicated)
         if key not in self._needed:
             bq, bk = self.bounds(size), self.bounds(size, keys=True)
-            q_lengths = [_lengths(self.cu_q, bq[r], bq[r + 1]) for r in range(size)]
-            k_lengths = ([_lengths(self.cu_k, 0, self.total_k)] * size if kv_replicated else
-                         [_lengths(self.cu_k, bk[o], bk[o + 1]) for o in range(size)])
+            q_lengths = [range_lengths(self.cu_q, bq[r], bq[r + 1]) for r in range(size)]
+            k_lengths = ([range_lengths(self.cu_k, 0, self.total_k)] * size if kv_replicated else
+                         [range_lengths(self.cu_k, bk[o], bk[o + 1]) for o in range(size)])
             self._needed[key] = [[any(a and b for a, b in zip(q_lengths[r], k_lengths[o])) and not (causal and o > r)
                                   for o in range(size)] for r in range(size)]
         return self._needed[key]
@@ -98,7 +85,7 @@ class BatchPlan:
         if key not in self._steps:
             needed = self.needed(size, causal, kv_replicated)
             bq, bk = self.bounds(size), self.bounds(size, keys=True)
-            cq = _local(self.cu_q, bq[rank], bq[rank + 1])
+            cq = range_offsets(self.cu_q, bq[rank], bq[rank + 1])
             cq_device = torch.tensor(cq, dtype=torch.int32, device=device)
             steps = []
             for step in range(1 if kv_replicated else size):
@@ -107,7 +94,7 @@ class BatchPlan:
                     steps.append(None)
                     continue
                 k0, k1 = (0, self.total_k) if kv_replicated else (bk[owner], bk[owner + 1])
-                ck = _local(self.cu_k, k0, k1)
+                ck = range_offsets(self.cu_k, k0, k1)
                 steps.append(Step(owner, cq_device, torch.tensor(ck, dtype=torch.int32, device=device),
                                   max(b - a for a, b in zip(cq, cq[1:])), max(b - a for a, b in zip(ck, ck[1:])),
                                   causal and owner == rank))

@@ -84,13 +84,23 @@ def balanced_split(costs: list[int], parts: int) -> list[list[int]]:
     return [sorted(part) for part in split]
 
 
+def range_lengths(cu: list[int], start: int, end: int) -> list[int]:
+    """Each sequence's token count inside the range [start, end) of a packed batch with offsets ``cu`` (host ints)."""
+    return [max(0, min(b, end) - max(a, start)) for a, b in zip(cu[:-1], cu[1:])]
+
+
+def range_offsets(cu: list[int], start: int, end: int) -> list[int]:
+    """(B + 1) host offsets of each sequence's tokens inside the range [start, end) (see :func:`range_lengths`)."""
+    offsets = [0]
+    for n in range_lengths(cu, start, end):
+        offsets.append(offsets[-1] + n)
+    return offsets
+
+
 def local_offsets(cu: list[int], start: int, end: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """int32 (B + 1,) offsets on ``device`` of each sequence's tokens inside the range [start, end) of the
     packed batch whose offsets are ``cu`` (host ints)."""
-    offsets = [0]
-    for a, b in zip(cu[:-1], cu[1:]):
-        offsets.append(offsets[-1] + max(0, min(b, end) - max(a, start)))
-    return torch.tensor(offsets, dtype=torch.int32, device=device)
+    return torch.tensor(range_offsets(cu, start, end), dtype=torch.int32, device=device)
 
 
 def shard_packed(x: torch.Tensor, group=None, bounds: list[int] | None = None) -> torch.Tensor:

@@ -161,6 +161,17 @@ def _check_grids(grids, cu_seqlens, total: int, device, global_tokens: tuple = (
     return batch
 
 
+def _check_packing(q, k, v, cu_seqlens, grids, tile, global_tokens) -> tuple[TileLayout, tuple]:
+    """The checks both sparse ops share (q, k, v of one packing; grids, global tokens and tile against
+    cu_seqlens); returns the batch's tile layout and the global-token counts (() for none)."""
+    check_qkv(q, k, v)
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"q has {q.shape[0]} tokens but k has {k.shape[0]} (self-attention over one packing)")
+    global_tokens = _check_global_tokens(global_tokens, cu_seqlens.shape[0] - 1)
+    _check_grids(grids, cu_seqlens, q.shape[0], q.device, global_tokens)
+    return _layout_of(grids, tile), global_tokens
+
+
 def _layout_of(grids: torch.Tensor, tile) -> TileLayout:
     """The batch's tile layout; a video smaller than one tile on every axis is refused."""
     tile = check_triple("tile", tile)
@@ -280,12 +291,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     Raises:
         TypeError / ValueError naming the argument, before any kernel runs.
     """
-    check_qkv(q, k, v)
-    if k.shape[0] != q.shape[0]:
-        raise ValueError(f"q has {q.shape[0]} tokens but k has {k.shape[0]} (self-attention over one packing)")
-    global_tokens = _check_global_tokens(global_tokens, cu_seqlens.shape[0] - 1)
-    _check_grids(grids, cu_seqlens, q.shape[0], q.device, global_tokens)
-    layout = _layout_of(grids, tile)
+    layout, global_tokens = _check_packing(q, k, v, cu_seqlens, grids, tile, global_tokens)
     _check_kv_tiles(kv_tiles, layout, q.shape[1])
     scale = check_softmax_scale(softmax_scale, q.shape[2])
     return _run(SPEC, q, k, v, layout, kv_tiles, scale, backend, return_lse, global_tokens)
@@ -306,12 +312,7 @@ def sliding_tile_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     Returns:
         As :func:`block_sparse_attention`.
     """
-    check_qkv(q, k, v)
-    if k.shape[0] != q.shape[0]:
-        raise ValueError(f"q has {q.shape[0]} tokens but k has {k.shape[0]} (self-attention over one packing)")
-    global_tokens = _check_global_tokens(global_tokens, cu_seqlens.shape[0] - 1)
-    _check_grids(grids, cu_seqlens, q.shape[0], q.device, global_tokens)
-    layout = _layout_of(grids, tile)
+    layout, global_tokens = _check_packing(q, k, v, cu_seqlens, grids, tile, global_tokens)
     windows = _check_window(window, q.shape[1])
     scale = check_softmax_scale(softmax_scale, q.shape[2])
     kv_tiles = _window_lists(layout, tuple(map(tuple, windows.tolist())), str(q.device))
