@@ -34,6 +34,19 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol * scale, atol=atol * scale)
 
 
+def reordered_sum_tolerance(dtype: torch.dtype, length: int, *, layers: int = 1) -> dict:
+    """``rtol`` / ``atol`` for comparing two computations in ``dtype`` that add the same ``length`` terms
+    in different orders (tiles against raster order, AVX2 against AVX-512 vector widths, packed
+    against alone), repeated through ``layers`` stacked reductions.
+
+    Each order's rounding error is at most ``(length - 1) * eps`` relative to the terms' magnitudes
+    (the first-order bound of recursive summation), so two orders differ by at most twice that, and
+    stacked layers add their errors. A fixed 1e-5 holds for small sums on one CPU and fails on another.
+    """
+    tol = 2 * max(length - 1, 1) * layers * torch.finfo(dtype).eps
+    return dict(rtol=tol, atol=tol)
+
+
 def ragged_lengths(rng: random.Random, batch: int, max_len: int, *, allow_empty: bool = True) -> list[int]:
     """Sequence lengths for a ragged batch: always includes a length-1 sequence and, if allowed, an empty one."""
     lengths = [rng.randint(1, max_len) for _ in range(batch)]

@@ -18,6 +18,8 @@ from vdit.demo.data import vocabulary
 from vdit.demo.pipeline import TextEncoderConfig, TextToVideo
 from vdit.models import VideoDiTConfig
 
+from tests.conftest import reordered_sum_tolerance
+
 TINY_TRAIN = ["--hidden-size", "48", "--depth", "1", "--heads", "2", "--patch-size", "1x4x4", "--tokens-per-batch", "48", "--save-every", "2",
               "--warmup", "1", "--device", "cpu"]
 
@@ -333,11 +335,13 @@ def test_with_attention_carries_the_weights_over(tiny_weights):
     assert (_velocity(sliding, videos) - _velocity(dense, videos)).abs().max() > 1e-3  # it attends less
     whole = growth.with_attention(sliding, window=(9, 9, 9))  # other fields kept
     assert whole.dit.config.tile == (2, 4, 4)
-    torch.testing.assert_close(_velocity(whole, videos), _velocity(dense, videos), rtol=1e-5, atol=1e-5)
+    # 384 keys per query (4 x 8 x 12 tokens) summed in tile order against raster order, through every block
+    tol = reordered_sum_tolerance(torch.float32, 4 * 8 * 12, layers=dense.dit.config.depth)
+    torch.testing.assert_close(_velocity(whole, videos), _velocity(dense, videos), **tol)
     topk = growth.with_attention(dense, attention="topk_tile", tile=(2, 4, 4), topk=12)  # all 12 tiles
     gates = [k for k in topk.state_dict() if ".attn.coarse_gate." in k]
     assert gates and all(topk.state_dict()[k].abs().max() == 0 for k in gates)  # added at zero
-    torch.testing.assert_close(_velocity(topk, videos), _velocity(dense, videos), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_velocity(topk, videos), _velocity(dense, videos), **tol)
     back = growth.with_attention(topk, attention="dense")
     assert back.state_dict().keys() == dense.state_dict().keys()
     assert growth.with_attention(dense) is dense and growth.with_attention(dense, attention="dense") is dense

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import vdit.ops as V
 from vdit.ops import _registry
 from vdit.ops import reference as R
-from conftest import TOLERANCES, assert_close, cu_seqlens_of
+from tests.conftest import TOLERANCES, assert_close, cu_seqlens_of
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from integrations.test_diffusers import cogvideox, hunyuan, ltx, wan  # noqa: E402  (models and inputs)
+from tests.integrations.test_diffusers import cogvideox, hunyuan, ltx, wan  # noqa: E402  (models and inputs)
 
 from vdit.swap import swap, unswap  # noqa: E402
 

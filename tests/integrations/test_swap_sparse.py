@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("diffusers")
 
-from integrations.test_diffusers import hunyuan, wan  # noqa: E402  (the models and inputs of the dense swap tests)
+from tests.integrations.test_diffusers import hunyuan, wan  # noqa: E402  (the models and inputs of the dense swap tests)
 
 from vdit.swap import swap, unswap  # noqa: E402
 from vdit.swap.sparse import SparseAttention, load_windows, sparse_sdpa  # noqa: E402

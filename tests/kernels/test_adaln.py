@@ -3,7 +3,7 @@ operator re-checks its offsets itself. The op contract is tested in tests/ops/te
 import pytest
 import torch
 
-from conftest import cu_seqlens_of
+from tests.conftest import cu_seqlens_of
 
 
 def _good():

@@ -18,7 +18,7 @@ import random
 import pytest
 import torch
 
-from conftest import HAS_GPU, assert_close, cu_seqlens_of, ragged_lengths
+from tests.conftest import HAS_GPU, assert_close, cu_seqlens_of, ragged_lengths
 from vdit.ops import reference
 
 try:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vdit.ops import patch_embed_3d, patch_unembed_3d, reference
-from ops.test_patch_embed import as_leaf, as_leaf64, backends, close, dtypes_of, make_embed  # the op tests' helpers
+from tests.ops.test_patch_embed import as_leaf, as_leaf64, backends, close, dtypes_of, make_embed  # the op tests' helpers
 
 
 @pytest.mark.parametrize("backend,device", backends())

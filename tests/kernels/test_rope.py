@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vdit.ops import reference, rope_3d_qk
-from conftest import assert_close
+from tests.conftest import assert_close
 
 
 @pytest.mark.cuda

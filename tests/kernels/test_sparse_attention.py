@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_close
+from tests.conftest import assert_close
 from vdit.ops import reference
 from vdit.ops.tiles import query_lists, sliding_window_tiles, tile_layout, to_global
 

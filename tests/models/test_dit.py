@@ -13,6 +13,8 @@ from vdit.models import VideoDiT, VideoDiTConfig
 from vdit.sampling import FlowSampler
 from vdit.training import flow_matching_loss
 
+from tests.conftest import reordered_sum_tolerance
+
 
 def tiny_model(**overrides) -> VideoDiT:
     torch.manual_seed(0)
@@ -43,7 +45,9 @@ def test_packed_batch_equals_each_video_alone(options):
             s, e = int(cu_ctx[i]), int(cu_ctx[i + 1])
             alone = model([v], t[i:i + 1], context[s:e], torch.tensor([0, e - s], dtype=torch.int32))[0]
             assert packed[i].shape == v.shape
-            torch.testing.assert_close(packed[i], alone, rtol=1e-5, atol=1e-5)
+            # GEMMs of another row count may block their inner sums differently; the MLP's is the longest
+            tol = reordered_sum_tolerance(torch.float32, 4 * model.config.hidden_size, layers=model.config.depth)
+            torch.testing.assert_close(packed[i], alone, **tol)
 
 
 def test_reference_backend_equals_kernel_backends():
@@ -143,7 +147,8 @@ def test_whole_grid_window_model_equals_the_dense_model():
     videos, t, context, cu_ctx = batch(dense)
     with torch.no_grad():
         for a, b in zip(dense(videos, t, context, cu_ctx), sparse(videos, t, context, cu_ctx)):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            # the longest video's 96 keys per query, in tile order against raster order, through every block
+            torch.testing.assert_close(a, b, **reordered_sum_tolerance(torch.float32, 96, layers=dense.config.depth))
 
 
 def test_sampler_shapes_and_determinism():

@@ -5,7 +5,7 @@ import torch
 
 from vdit.nn import AdaLNModulation
 from vdit.ops import adaln_modulate, gated_residual, reference
-from conftest import assert_close, cu_seqlens_of
+from tests.conftest import assert_close, cu_seqlens_of
 
 
 def test_adaln_modulation_module():

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from vdit.nn import RotaryEmbedding3d, VarlenCrossAttention, VarlenSelfAttention
 from vdit.ops import reference
 from vdit.packing import grid_positions
-from conftest import assert_close, cu_seqlens_of
+from tests.conftest import assert_close, cu_seqlens_of
 
 LENGTHS = [5, 1, 23, 12]
 

@@ -5,7 +5,7 @@ import torch
 
 from vdit.nn import PatchEmbed3d, PatchUnembed3d
 from vdit.ops import reference
-from ops.test_patch_embed import close  # the op tests' magnitude-scaled tolerance
+from tests.ops.test_patch_embed import close  # the op tests' magnitude-scaled tolerance
 
 
 def test_from_conv3d_reproduces_conv3d():

@@ -8,7 +8,7 @@ import torch
 from vdit.nn import RotaryEmbedding3d
 from vdit.nn.rope import PRESETS
 from vdit.packing import dense_positions, grid_positions
-from conftest import assert_close, kernel_backends
+from tests.conftest import assert_close, kernel_backends
 
 
 def _axis_freqs(d, theta):

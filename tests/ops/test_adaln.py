@@ -12,7 +12,7 @@ import torch
 
 import vdit
 from vdit.ops import adaln_modulate, gated_residual, reference
-from conftest import HAS_GPU, TOLERANCES, assert_close, cu_seqlens_of, ragged_lengths
+from tests.conftest import HAS_GPU, TOLERANCES, assert_close, cu_seqlens_of, ragged_lengths
 
 BACKENDS = [pytest.param("cpu", "cpu", id="cpu"), pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

@@ -19,7 +19,7 @@ from vdit.backends import plan
 from vdit.ops import reference, varlen_attention
 from vdit.ops import attention as attention_ops
 from vdit.ops.attention import varlen_attention_backward
-from conftest import HAS_GPU, assert_close, cu_seqlens_of, kernel_backends
+from tests.conftest import HAS_GPU, assert_close, cu_seqlens_of, kernel_backends
 
 TRITON_FUNCTIONS = ("varlen_attention_forward", "varlen_attention_backward")
 

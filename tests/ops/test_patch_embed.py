@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import vdit
 from vdit.ops import patch_embed_3d, patch_embed_3d_varlen, patch_unembed_3d, patch_unembed_3d_varlen, reference
 from vdit.ops.patch_embed import SPECS
-from conftest import TOLERANCES, kernel_backends
+from tests.conftest import TOLERANCES, kernel_backends
 
 
 def backends():

@@ -5,7 +5,7 @@ import torch
 
 import vdit
 from vdit.ops import patchify_3d, reference, unpatchify_3d
-from conftest import kernel_backends
+from tests.conftest import kernel_backends
 
 SHAPES = [  # (B, C, T, H, W), patch
     ((1, 1, 1, 2, 2), (1, 2, 2)),

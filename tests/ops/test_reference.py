@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from vdit.ops import reference as R
-from conftest import cu_seqlens_of, ragged_lengths
+from tests.conftest import cu_seqlens_of, ragged_lengths
 
 
 def test_patchify_matches_elementwise_definition():

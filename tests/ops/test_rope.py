@@ -13,7 +13,7 @@ import torch
 import vdit
 from vdit.ops import reference, rope_3d, rope_3d_qk
 from vdit.packing import grid_positions
-from conftest import assert_close, kernel_backends
+from tests.conftest import assert_close, kernel_backends
 
 CASES = [  # (head_dim, dims)
     (16, (4, 6, 6)),        # full head, uneven split

@@ -15,7 +15,7 @@ import vdit
 from vdit.ops import block_sparse_attention, reference, sliding_tile_attention, topk_tiles, varlen_attention
 from vdit.ops.tiles import tile_layout
 from vdit.packing import PackedVideos, cu_seqlens_from_lengths, grid_positions, tile_permutation
-from conftest import HAS_GPU, assert_close
+from tests.conftest import HAS_GPU, assert_close
 
 TRITON = "cuda" if HAS_GPU else "cpu"
 BACKENDS = [pytest.param("cpu", "cpu", id="cpu"),
