@@ -10,9 +10,10 @@ from vdit.ops.patch_embed import patch_embed_3d, patch_embed_3d_varlen, patch_un
 from vdit.ops.patchify import patchify_3d, unpatchify_3d
 from vdit.ops.rope import rope_3d, rope_3d_qk
 from vdit.ops.sparse_attention import block_sparse_attention, sliding_tile_attention, topk_tiles
+from vdit.ops.sparse_pattern import SparsePattern
 
 __all__ = [
     "reference", "patchify_3d", "unpatchify_3d", "patch_embed_3d", "patch_embed_3d_varlen", "patch_unembed_3d",
     "patch_unembed_3d_varlen", "varlen_attention", "rope_3d", "rope_3d_qk", "adaln_modulate", "gated_residual",
-    "sliding_tile_attention", "block_sparse_attention", "topk_tiles",
+    "sliding_tile_attention", "block_sparse_attention", "topk_tiles", "SparsePattern",
 ]
