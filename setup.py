@@ -4,7 +4,7 @@ C++ CPU kernels are always built. CUDA kernels are built whenever a CUDA toolkit
 of torch are found, GPU present or not. Environment:
 
     VDIT_BUILD_CUDA=0|1     force CUDA off / on (on + no toolkit = error); unset: auto
-    TORCH_CUDA_ARCH_LIST    CUDA architectures, default "8.0;9.0"
+    TORCH_CUDA_ARCH_LIST    CUDA architectures, default "8.0;9.0+PTX" (PTX: newer GPUs JIT-compile it)
     MAX_JOBS                parallel compile jobs (ninja)
     CUDA_HOME / CUDA_PATH   toolkit location (else /usr/local/cuda, else nvcc on PATH)
     VDIT_CPU_ARCH           value for -march= of the CPU kernels, default "native"; "" to omit
@@ -99,7 +99,7 @@ def write_build_config(cuda_home, archs):
 
 def extensions():
     cuda_home = want_cuda()
-    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     if cuda_home:
         # cpp_extension reads CUDA_HOME when it is imported; point it at the real toolkit
         # (a wrapper nvcc on PATH would make it guess /usr/local and fail to link cudart).

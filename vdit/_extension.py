@@ -6,6 +6,7 @@ compiled backends are then unavailable and say why.
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import torch
 
@@ -46,3 +47,31 @@ def build_info() -> dict:
     info.update(torch=torch.__version__, torch_cuda=torch.version.cuda, triton=triton_version,
                 gpu_available=torch.cuda.is_available(), error=LOAD_ERROR)
     return info
+
+
+def _parse_archs(archs: str) -> list[tuple[int, int, bool]]:
+    """"8.0;9.0+PTX" -> [(8, 0, False), (9, 0, True)] (major, minor, PTX embedded)."""
+    out = []
+    for entry in archs.replace(",", ";").replace(" ", ";").split(";"):
+        m = re.fullmatch(r"(\d+)\.(\d+)a?(\+PTX)?", entry.strip())
+        if m:
+            out.append((int(m.group(1)), int(m.group(2)), bool(m.group(3))))
+    return out
+
+
+def cuda_code_missing(capability, archs: str | None = None) -> str | None:
+    """Why the compiled CUDA kernels cannot run on a GPU of ``capability`` (major, minor), or None.
+
+    A cubin for sm_XY runs on sm_XZ with Z >= Y (same major); embedded PTX for sm_XY is compiled by the driver
+    for any newer GPU. ``archs`` defaults to this build's ``TORCH_CUDA_ARCH_LIST`` (``build_info()``).
+    """
+    if archs is None:
+        if not HAS_CUDA_KERNELS:
+            return "the extension has no CUDA kernels"
+        archs = _C.build_info()["cuda_archs"]
+    major, minor = (int(c) for c in tuple(capability)[:2])
+    for a_major, a_minor, ptx in _parse_archs(archs):
+        if (a_major == major and a_minor <= minor) or (ptx and (a_major, a_minor) <= (major, minor)):
+            return None
+    return (f"the extension holds no code for sm_{major}{minor} (built for {archs or 'no arch'}; "
+            f"rebuild with TORCH_CUDA_ARCH_LIST including {major}.{minor} or a lower arch +PTX)")

@@ -16,8 +16,27 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import inspect
 
 import torch
+
+# The keywords vdit passes to each external kernel. Older releases lack some (torch 2.9 / 2.10's varlen_attn
+# has is_causal instead of scale / window_size / enable_gqa; early FA3 builds have no return_attn_probs), and a
+# call with them would raise TypeError on every dense attention, so such a release is not offered at all.
+TORCH_VARLEN_KEYWORDS = ("return_aux", "scale", "window_size", "enable_gqa")
+FLASH_ATTN_KEYWORDS = ("softmax_scale", "causal", "deterministic", "return_attn_probs")
+
+
+def missing_keywords(fn, keywords) -> list[str]:
+    """The ``keywords`` that ``fn``'s signature does not accept ([] when it takes ``**kwargs`` or has no
+    inspectable signature: then the call itself is the test)."""
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return []
+    return [k for k in keywords if k not in parameters]
 
 
 @functools.lru_cache(maxsize=None)
@@ -27,21 +46,44 @@ def torch_varlen_missing() -> str | None:
         return f"torch {torch.__version__} is not a CUDA build"
     if importlib.util.find_spec("torch.nn.attention.varlen") is None:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen (added in 2.9)"
+    from torch.nn.attention.varlen import varlen_attn
+
+    missing = missing_keywords(varlen_attn, TORCH_VARLEN_KEYWORDS)
+    if missing:
+        return f"torch {torch.__version__}'s varlen_attn takes no {', '.join(missing)} (vdit passes them)"
     return None
 
 
 @functools.lru_cache(maxsize=None)
 def flash_attn_version() -> int | None:
-    """3 when FlashAttention-3 (``flash_attn_interface``) imports, 2 for ``flash_attn``, else None."""
+    """3 when FlashAttention-3 (``flash_attn_interface``) imports, 2 for ``flash_attn``, else None. A build
+    whose ``flash_attn_varlen_func`` lacks a keyword vdit passes counts as not installed
+    (:func:`flash_attn_missing` says why)."""
     for module, version in (("flash_attn_interface", 3), ("flash_attn", 2)):
-        if importlib.util.find_spec(module) is None:
-            continue
-        try:
-            importlib.import_module(module)
-        except Exception:  # installed but built for another torch / CUDA: not usable
-            continue
-        return version
+        if _flash_attn_module_missing(module) is None:
+            return version
     return None
+
+
+def flash_attn_missing() -> str | None:
+    """Why neither flash-attn module can be used, or None."""
+    reasons = [r for r in map(_flash_attn_module_missing, ("flash_attn_interface", "flash_attn")) if r]
+    if len(reasons) < 2:
+        return None
+    found = [r for r in reasons if not r.endswith("not installed")]
+    return "; ".join(found) if found else "not installed (pip install flash-attn)"
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_attn_module_missing(module: str) -> str | None:
+    if importlib.util.find_spec(module) is None:
+        return f"{module} not installed"
+    try:
+        fn = importlib.import_module(module).flash_attn_varlen_func
+    except Exception as exc:  # installed but built for another torch / CUDA: not usable
+        return f"{module} does not import ({type(exc).__name__})"
+    missing = missing_keywords(fn, FLASH_ATTN_KEYWORDS)
+    return f"{module}.flash_attn_varlen_func takes no {', '.join(missing)} (vdit passes them)" if missing else None
 
 
 def torch_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
