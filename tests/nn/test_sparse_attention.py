@@ -58,7 +58,7 @@ def test_refuses_dense_input_unknown_modes_and_windows_of_other_heads():
 
 def test_per_head_and_per_module_windows_reach_the_op(tmp_path):
     """The module attends through its pattern: per-head windows, and a window file's entry for its own path."""
-    x, cu, pos = _inputs()
+    x, cu, _ = _inputs()
     heads = [[1, 1, 1], [1, 2, 2], [3, 2, 3], [1, 1, 3]]
     per_head = TileSparseAttention(32, 4, pattern=SparsePattern("sliding_tile", TILE, window=heads))
     file = tmp_path / "windows.json"
