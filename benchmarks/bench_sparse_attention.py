@@ -8,8 +8,9 @@ Cases:
     a sweep of windows from 1 tile to the whole grid on the single video (forward), for the plot of time
         against the fraction of visible tiles.
 Baselines: dense vdit ``varlen_attention`` (C++ kernel) on the same tokens, the per-sequence SDPA loop
-(dense), and FlexAttention (torch.compile, CPU forward) with the equivalent block mask (the same
-sliding-tile mask as a mask_mod over tile coordinates). Under ``--quick`` the video is 8x32x32 tokens.
+(dense), and FlexAttention (torch.compile, CPU forward) with the equivalent block mask (a mask_mod that
+allows the key tiles of the op's own lists, ``SparsePattern.window_tiles``, so it follows the window rule).
+Under ``--quick`` the video is 8x32x32 tokens.
 
     pytest benchmarks/bench_sparse_attention.py --benchmark-only
 """
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import quick
-from vdit.ops import sliding_tile_attention, varlen_attention
+from vdit.ops import SparsePattern, varlen_attention
 from vdit.ops.tiles import tile_layout
 from vdit.packing import cu_seqlens_from_lengths
 
@@ -38,34 +39,40 @@ def _inputs(grids):
     return q, k, v, cu_seqlens_from_lengths(lengths), grids
 
 
+def _pattern(window) -> SparsePattern:
+    return SparsePattern("sliding_tile", TILE, window=window)
+
+
 def visible_fraction(grids, window) -> float:
-    """Visible key tiles per query tile over all tiles, token-weighted over the batch."""
-    layout = tile_layout(torch.tensor(grids, dtype=torch.int32), TILE)
-    seen = total = 0
-    for (na, nb, nc), grid in zip(layout.tile_grids, layout.grids):
+    """Visible key tiles per query tile over all tiles, token-weighted over the batch, counted in the key-tile
+    lists the op attends (SparsePattern.window_tiles)."""
+    grids = torch.tensor(grids, dtype=torch.int32)
+    layout = tile_layout(grids, TILE)
+    visible = (_pattern(window).window_tiles(grids)[:, 0] >= 0).sum(1).double()  # per query tile
+    seen = total = 0.0
+    for grid, a, b in zip(layout.grids, layout.first_tile, layout.first_tile[1:]):
         tokens = grid[0] * grid[1] * grid[2]
-        seen += tokens * min(window[0], na) * min(window[1], nb) * min(window[2], nc)
-        total += tokens * na * nb * nc
+        seen += tokens * float(visible[a:b].mean())
+        total += tokens * (b - a)
     return seen / total
 
 
 def _flex(q, k, v, grid, window):
-    """FlexAttention on one video (tile order) with the sliding-tile mask over tile coordinates."""
+    """FlexAttention on one video (tile order) with the sliding-tile mask: a mask_mod over the tiles of each
+    token, allowing the key tiles that the op's own lists (SparsePattern.window_tiles) name."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    layout = tile_layout(torch.tensor([grid], dtype=torch.int32), TILE)
-    na, nb, nc = layout.tile_grids[0]
-    sizes = (layout.offsets[1:] - layout.offsets[:-1]).long()
-    tile_of = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
-    coords = torch.stack([tile_of // (nb * nc), tile_of // nc % nb, tile_of % nc], 1)
-    starts = torch.stack([torch.clamp(torch.clamp(coords[:, i] - (w - 1) // 2, min=0), max=max(n - w, 0))
-                          for i, (n, w) in enumerate(zip((na, nb, nc), window))], 1)
+    grids = torch.tensor([grid], dtype=torch.int32)
+    layout = tile_layout(grids, TILE)
+    kv_tiles = _pattern(window).window_tiles(grids)[:, 0].long()  # (tiles, K), -1 in unused slots
+    tiles = kv_tiles.shape[0]
+    allowed = torch.zeros(tiles, tiles + 1, dtype=torch.bool)  # the last column takes the unused slots
+    allowed[torch.arange(tiles)[:, None].expand_as(kv_tiles), torch.where(kv_tiles >= 0, kv_tiles, tiles)] = True
+    allowed = allowed[:, :tiles].contiguous()
+    tile_of = torch.repeat_interleave(torch.arange(tiles), (layout.offsets[1:] - layout.offsets[:-1]).long())
 
     def mask_mod(b, h, qi, ki):
-        ok = torch.ones_like(qi, dtype=torch.bool)
-        for i, w in enumerate(window):
-            ok = ok & (coords[ki, i] >= starts[qi, i]) & (coords[ki, i] < starts[qi, i] + w)
-        return ok
+        return allowed[tile_of[qi], tile_of[ki]]
 
     n = q.shape[0]
     mask = create_block_mask(mask_mod, 1, 1, n, n, device="cpu", BLOCK_SIZE=64)
@@ -84,7 +91,8 @@ def _sdpa_loop(q, k, v, cu):
 def _case(impl, grids, window):
     q, k, v, cu, g = _inputs(grids)
     if impl == "vdit cpu sliding-tile":
-        return (q, k, v), lambda q, k, v: sliding_tile_attention(q, k, v, cu, g, TILE, window, backend="cpu")
+        pattern = _pattern(window)
+        return (q, k, v), lambda q, k, v: pattern.attend(q, k, v, cu, g, backend="cpu")
     if impl == "dense vdit cpu (varlen_attention)":
         longest = int((cu[1:] - cu[:-1]).max())
         return (q, k, v), lambda q, k, v: varlen_attention(q, k, v, cu, cu, longest, longest, backend="cpu")
@@ -124,7 +132,7 @@ def test_flex_attention_block_mask(benchmark):
             out = fn()[0].transpose(0, 1)
     except Exception as exc:  # a baseline that does not run on this CPU build is reported, not failed
         pytest.skip(f"FlexAttention does not run here: {type(exc).__name__}: {exc}")
-    expected = sliding_tile_attention(q, k, v, cu, g, TILE, WINDOW, backend="cpu")
+    expected = _pattern(WINDOW).attend(q, k, v, cu, g, backend="cpu")
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)  # same answer as ours
     benchmark.group = (f"sliding_tile_attention fp32 one video {'x'.join(map(str, VIDEO))} H{HEADS} D{HEAD_DIM} "
                        f"tile {TILE} window {WINDOW} fwd")

@@ -17,6 +17,7 @@ from vdit.demo.cli import train
 from vdit.demo.data import vocabulary
 from vdit.demo.pipeline import TextEncoderConfig, TextToVideo
 from vdit.models import VideoDiTConfig
+from vdit.ops import SparsePattern
 
 from tests.conftest import reordered_sum_tolerance
 
@@ -345,6 +346,13 @@ def test_with_attention_carries_the_weights_over(tiny_weights):
     back = growth.with_attention(topk, attention="dense")
     assert back.state_dict().keys() == dense.state_dict().keys()
     assert growth.with_attention(dense) is dense and growth.with_attention(dense, attention="dense") is dense
+    as_pattern = growth.with_attention(dense, attention=SparsePattern("sliding_tile", (2, 4, 4), window=(1, 1, 1)))
+    assert as_pattern.dit.config == sliding.dit.config
+    assert growth.with_attention(sliding, attention=sliding.dit.config.sparse_pattern()) is sliding
+    with pytest.raises(ValueError, match="sets tile, window and topk"):
+        growth.with_attention(dense, attention=SparsePattern("topk_tile", (2, 4, 4)), topk=2)
+    with pytest.raises(ValueError, match="holds one window"):
+        growth.with_attention(dense, attention=SparsePattern("sliding_tile", (2, 4, 4), window=[[1, 1, 1]] * 4))
 
 
 def test_generate_with_sparse_attention(tmp_path, tiny_weights):
@@ -360,7 +368,7 @@ def test_generate_with_sparse_attention(tmp_path, tiny_weights):
 @pytest.mark.parametrize("args,message", [
     (["--attention", "sliding_tile", "--tile", "2,4"], "--tile must be three positive integers t,h,w"),
     (["--attention", "sliding_tile", "--window", "0,1,1"], "--window must be three positive integers"),
-    (["--attention", "topk_tile", "--topk", "0"], "--topk must be positive"),
+    (["--attention", "topk_tile", "--topk", "0"], "--topk must be an int >= 1"),
 ])
 def test_bad_attention_options_are_one_line(args, message, tiny_weights):
     base = ["--prompt", "a red circle", "--weights", tiny_weights, "--frames", "2", "--steps", "1", "--out", "/tmp/vdit_bad.gif"]
@@ -368,6 +376,28 @@ def test_bad_attention_options_are_one_line(args, message, tiny_weights):
     assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     result = run_cli("vdit.demo.cli.eval", "--weights", tiny_weights, "--prompts", "1", *args)
     assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_attention_options_are_checked_by_sparse_pattern():
+    """Each given option is checked by SparsePattern, the error naming the option; left-out ones stay None."""
+    import argparse
+
+    from vdit.demo.cli import common
+
+    def options(**given):
+        return common.attention_options(argparse.Namespace(**{**dict.fromkeys(("attention", "tile", "window",
+                                                                              "topk")), **given}))
+
+    assert options(window="4,2,2") == {"attention": None, "tile": None, "window": (4, 2, 2), "topk": None}
+    assert options(attention="topk_tile", tile="2x4x4", topk=3)["tile"] == (2, 4, 4)
+    with pytest.raises(common.UsageError, match="^--topk must be an int >= 1, got 0$"):
+        options(attention="sliding_tile", topk=0)  # checked whichever mode reads it
+    parser = argparse.ArgumentParser()
+    common.add_attention_arguments(parser, default_help="dense")
+    assert parser.parse_args(["--attention", "topk_tile"]).attention == "topk_tile"
+    cfg = VideoDiTConfig.preset("tiny", attention="sliding_tile", tile=(2, 4, 4), window=(1, 2, 1))
+    assert common.attention_summary(cfg) == f"attention {cfg.sparse_pattern().describe()}"
+    assert common.attention_summary(VideoDiTConfig.preset("tiny")) == "attention dense"
 
 
 def test_eval_with_sparse_attention_writes_json(tmp_path, tiny_weights):
@@ -378,7 +408,7 @@ def test_eval_with_sparse_attention_writes_json(tmp_path, tiny_weights):
                  "--seed", "0", "--json", str(path), *SPARSE]) == 0
     record = json.loads(path.read_text())
     assert record["attention"] == {"attention": "topk_tile", "tile": [2, 4, 4], "window": [3, 3, 3], "topk": 2}
-    assert record["size"] == [32, 48] and record["summary"] == "attention topk_tile, tile 2x4x4, top 2 tiles"
+    assert record["size"] == [32, 48] and record["summary"] == "attention topk_tile, tile 2x4x4, top 2"
     assert record["pooled"]["prompts"] == 2 and len(record["per_seed"][0]["rows"]) == 2
 
 

@@ -138,6 +138,26 @@ def test_tile_sparse_attention_model_trains_and_samples(attention):
     assert [tuple(x.shape) for x in samples] == shapes and all(torch.isfinite(x).all() for x in samples)
 
 
+def test_config_validates_its_sparse_attention_through_sparse_pattern():
+    """The config keeps its keys; a block-sparse one is one SparsePattern, checked at construction, errors naming
+    the config field; each mode reads its own fields."""
+    assert VideoDiTConfig.preset("tiny").sparse_pattern() is None
+    cfg = VideoDiTConfig.preset("tiny", attention="sliding_tile", tile=[1, 2, 2], window=[2, 1, 3], topk=0)
+    assert cfg.sparse_pattern() == vdit.SparsePattern("sliding_tile", (1, 2, 2), window=(2, 1, 3))
+    assert cfg.tile == (1, 2, 2) and cfg.window == (2, 1, 3)  # saved as before
+    topk = VideoDiTConfig.preset("tiny", attention="topk_tile", window=(0, 0, 0), topk=3).sparse_pattern()
+    assert topk == vdit.SparsePattern("topk_tile", (2, 4, 4), topk=3)
+    assert VideoDiT(VideoDiTConfig.preset("tiny", attention="topk_tile", topk=3)).blocks[0].attn.pattern == topk
+    with pytest.raises(ValueError, match="attention must be one of"):
+        VideoDiTConfig.preset("tiny", attention="local")
+    with pytest.raises(ValueError, match=r"VideoDiTConfig.tile must be 3 positive ints"):
+        VideoDiTConfig.preset("tiny", attention="sliding_tile", tile=(0, 2, 2))
+    with pytest.raises(ValueError, match=r"VideoDiTConfig.window sizes must be >= 1"):
+        VideoDiTConfig.preset("tiny", attention="sliding_tile", window=(0, 2, 2))
+    with pytest.raises(ValueError, match=r"VideoDiTConfig.topk must be an int >= 1"):
+        VideoDiTConfig.preset("tiny", attention="topk_tile", topk=0)
+
+
 def test_whole_grid_window_model_equals_the_dense_model():
     torch.manual_seed(0)
     dense = VideoDiT(VideoDiTConfig.preset("tiny"))

@@ -7,6 +7,7 @@ the grown model computes exactly what the loaded one did until training moves it
 from __future__ import annotations
 
 from vdit.demo.pipeline import TextToVideo
+from vdit.ops import SparsePattern
 
 # Parameter-name prefixes of the modules that the three flags add, in the order of the flags.
 ADDED_MODULES = ("dit.position_embed.", "dit.prompt_velocity.", "text_encoder.skip.")
@@ -33,19 +34,23 @@ def with_added_modules(model: TextToVideo, *, fractional_positions: bool = False
 ATTENTION_KEYS = ("attention", "tile", "window", "topk")  # the VideoDiTConfig fields of the self-attention
 
 
-def with_attention(model: TextToVideo, *, attention: str | None = None, tile=None, window=None,
+def with_attention(model: TextToVideo, *, attention: str | SparsePattern | None = None, tile=None, window=None,
                    topk: int | None = None) -> TextToVideo:
     """``model`` with its self-attention replaced (VideoDiTConfig ``attention`` / ``tile`` / ``window`` /
     ``topk``; None keeps the model's own value), on its device and in its train/eval mode; ``model`` itself
-    when nothing changes.
+    when nothing changes. ``attention`` may be a :class:`vdit.ops.SparsePattern` instead, which sets all four
+    (one window for every head: a VideoDiTConfig holds no per-head windows). The new config validates through
+    SparsePattern (:meth:`VideoDiTConfig.sparse_pattern`); bad values raise CheckpointError.
 
     The attention weights carry over unchanged, so dense weights run block-sparse without retraining.
     ``"topk_tile"`` adds a per-head coarse gate at zero (see :class:`vdit.nn.TileSparseAttention`), so
     a dense model switched to it computes pure top-k block-sparse attention; leaving ``"topk_tile"`` drops
     that gate and what it had learnt.
     """
-    config = model.config_dict()
     asked = {"attention": attention, "tile": tile, "window": window, "topk": topk}
+    if isinstance(attention, SparsePattern):
+        asked = _pattern_fields(attention, tile, window, topk)
+    config = model.config_dict()
     for key, value in asked.items():
         if value is not None:
             config["dit"][key] = tuple(int(v) for v in value) if key in ("tile", "window") else value
@@ -56,3 +61,12 @@ def with_attention(model: TextToVideo, *, attention: str | None = None, tile=Non
     gate = ".attn.coarse_gate."
     assert all(gate in k for k in missing + unexpected), (missing, unexpected)
     return switched.train(model.training)
+
+
+def _pattern_fields(pattern: SparsePattern, tile, window, topk) -> dict:
+    """The VideoDiTConfig fields of a SparsePattern given as with_attention's ``attention``."""
+    if (tile, window, topk) != (None, None, None):
+        raise ValueError("with_attention: a SparsePattern as attention sets tile, window and topk; give none of them")
+    if pattern.mode == "sliding_tile" and not isinstance(pattern.window, tuple):
+        raise ValueError(f"with_attention: a VideoDiTConfig holds one window [t, h, w], not {pattern.describe()!r}")
+    return {"attention": pattern.mode, "tile": pattern.tile, "window": pattern.window, "topk": pattern.topk}

@@ -18,7 +18,8 @@ from torch import nn
 from vdit.distributed import SequenceParallel, gather_packed, local_offsets, shard_bounds, shard_packed
 from vdit.nn import (AdaLNModulation, PatchEmbed3d, PatchUnembed3d, RotaryEmbedding3d, TileSparseAttention,
                      VarlenCrossAttention, VarlenSelfAttention)
-from vdit.ops import adaln_modulate, gated_residual, reference
+from vdit.ops import SparsePattern, adaln_modulate, gated_residual, reference
+from vdit.ops.sparse_pattern import MODES
 from vdit.packing import grid_fractions, grid_positions, tile_permutation
 
 
@@ -41,7 +42,8 @@ class VideoDiTConfig:
     fractional_positions: bool = False  # add FractionalPositionEmbedding to the tokens (see there)
     prompt_velocity: bool = False  # shift those positions by a velocity read from the prompt (PromptVelocity)
     # Self-attention: "dense", or spacetime block-sparse over tiles of `tile` tokens (vdit.nn.TileSparseAttention):
-    # "sliding_tile" (a window of `window` tiles) or "topk_tile" (the `topk` best tiles plus a gated coarse pass).
+    # "sliding_tile" (a window of `window` tiles) or "topk_tile" (the `topk` best tiles plus a gated coarse pass),
+    # validated and used as one vdit.ops.SparsePattern (sparse_pattern()).
     attention: str = "dense"
     tile: tuple[int, int, int] = (2, 4, 4)
     window: tuple[int, int, int] = (3, 3, 3)
@@ -65,9 +67,20 @@ class VideoDiTConfig:
         if self.rope_dims is None:
             self.rope_dims = RotaryEmbedding3d.even_split(self.head_dim)
         self.rope_dims = tuple(self.rope_dims)
-        if self.attention not in ("dense", "sliding_tile", "topk_tile"):
-            raise ValueError(f"attention must be 'dense', 'sliding_tile' or 'topk_tile', got {self.attention!r}")
+        if self.attention not in ("dense", *MODES):
+            raise ValueError(f"attention must be one of {('dense', *MODES)}, got {self.attention!r}")
         self.tile, self.window = tuple(self.tile), tuple(self.window)
+        self.sparse_pattern()  # validates tile and window or topk of a block-sparse attention
+
+    def sparse_pattern(self) -> SparsePattern | None:
+        """The self-attention's :class:`~vdit.ops.SparsePattern` (None for dense attention); each mode reads
+        its own fields (``window`` or ``topk``) and ignores the other's. Errors name the config field."""
+        if self.attention == "dense":
+            return None
+        try:
+            return SparsePattern.of(self.attention, self.tile, window=self.window, topk=self.topk)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(str(exc).replace("SparsePattern.", "VideoDiTConfig.")) from None
 
     @property
     def head_dim(self) -> int:
@@ -167,8 +180,8 @@ class DiTBlock(nn.Module):
         if cfg.attention == "dense":
             self.attn = VarlenSelfAttention(d, cfg.heads, kv_heads=cfg.kv_heads, qk_norm=cfg.qk_norm)
         else:
-            self.attn = TileSparseAttention(d, cfg.heads, mode=cfg.attention, tile=cfg.tile, window=cfg.window,
-                                            topk=cfg.topk, kv_heads=cfg.kv_heads, qk_norm=cfg.qk_norm)
+            self.attn = TileSparseAttention(d, cfg.heads, pattern=cfg.sparse_pattern(), kv_heads=cfg.kv_heads,
+                                            qk_norm=cfg.qk_norm)
         self.cross_norm = nn.LayerNorm(d, eps=1e-6)
         self.cross = VarlenCrossAttention(d, cfg.context_dim, cfg.heads, qk_norm=cfg.qk_norm)
         hidden = int(d * cfg.mlp_ratio)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from vdit.ops.sparse_attention import block_sparse_attention, sliding_tile_attention, topk_tiles
+from vdit.ops.tiles import sliding_window_tiles, tile_layout
 
 MODES = ("sliding_tile", "topk_tile")
 
@@ -144,6 +145,18 @@ class SparsePattern:
             raise ValueError(f"SparsePattern.window: {rows.shape[0]} per-head windows for {heads} heads"
                              + (f" at {path!r}" if path else ""))
         return rows
+
+    def window_tiles(self, grids: torch.Tensor, *, path: str | None = None, heads: int | None = None) -> torch.Tensor:
+        """sliding_tile: the key tiles each query tile sees, as the op computes them
+        (:func:`vdit.ops.tiles.sliding_window_tiles`), for baselines that need the same pattern as a mask.
+
+        Args:
+            grids: int (B, 3) token grids; path, heads: as :meth:`window_for`.
+        Returns:
+            int32 (total_tiles, Hw, K) key-tile indices local to each video (row-major over the video's tile
+            grid), -1 in unused slots; Hw = 1 for one window, else one row per head.
+        """
+        return sliding_window_tiles(tile_layout(grids, self.tile), self.window_for(path, heads))
 
     def key_tiles(self, q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, grids: torch.Tensor, *,
                   global_tokens=None) -> torch.Tensor:

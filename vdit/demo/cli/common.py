@@ -13,6 +13,9 @@ from typing import NamedTuple
 import torch
 
 from vdit.demo.checkpoint import CheckpointError
+from vdit.models import VideoDiTConfig
+from vdit.ops import SparsePattern
+from vdit.ops.sparse_pattern import MODES
 
 USAGE_ERROR = 2  # exit status of bad input, as argparse uses
 
@@ -53,7 +56,7 @@ def add_attention_arguments(parser: argparse.ArgumentParser, *, default_help: st
     """``--attention``, ``--tile``, ``--window``, ``--topk``: the model's self-attention (VideoDiTConfig);
     each option left out keeps ``default_help``'s value."""
     group = parser.add_argument_group("self-attention", f"spacetime block-sparse attention; unset options: {default_help}")
-    group.add_argument("--attention", choices=("dense", "sliding_tile", "topk_tile"), default=None,
+    group.add_argument("--attention", choices=("dense", *MODES), default=None,
                        help="dense, a sliding window of tiles (STA) or the top-k tiles per query tile (VSA)")
     group.add_argument("--tile", default=None, help="tokens per tile t,h,w (e.g. 4,4,4)")
     group.add_argument("--window", default=None, help="sliding_tile: tiles visible per axis t,h,w (e.g. 4,2,2)")
@@ -62,21 +65,26 @@ def add_attention_arguments(parser: argparse.ArgumentParser, *, default_help: st
 
 def attention_options(args: argparse.Namespace) -> dict:
     """The ``attention`` / ``tile`` / ``window`` / ``topk`` keywords of :func:`vdit.demo.growth.with_attention`
-    from the options of :func:`add_attention_arguments` (None where not given); a UsageError on bad values."""
-    if args.topk is not None and args.topk < 1:
-        raise UsageError(f"--topk must be positive, got {args.topk}")
-    return {"attention": args.attention, "topk": args.topk,
-            "tile": None if args.tile is None else triple(args.tile, "--tile"),
-            "window": None if args.window is None else triple(args.window, "--window")}
+    from the options of :func:`add_attention_arguments` (None where not given); a UsageError naming the option
+    on bad values, which :class:`vdit.ops.SparsePattern` checks (over VideoDiTConfig's defaults for the others)."""
+    options = {"attention": args.attention, "topk": args.topk,
+               "tile": None if args.tile is None else triple(args.tile, "--tile"),
+               "window": None if args.window is None else triple(args.window, "--window")}
+    given = {key: getattr(VideoDiTConfig, key) if options[key] is None else options[key]
+             for key in ("tile", "window", "topk")}
+    try:
+        for mode in MODES:  # each option as the mode that reads it
+            SparsePattern.of(mode, given["tile"], window=given["window"], topk=given["topk"])
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc).replace("SparsePattern.", "--")) from None
+    return options
 
 
 def attention_summary(config) -> str:
-    """How a VideoDiTConfig attends, e.g. ``attention sliding_tile, tile 4x4x4, window 4x2x2``."""
-    if config.attention == "dense":
-        return "attention dense"
-    detail = (f"window {'x'.join(map(str, config.window))}" if config.attention == "sliding_tile"
-              else f"top {config.topk} tiles")
-    return f"attention {config.attention}, tile {'x'.join(map(str, config.tile))}, {detail}"
+    """How a VideoDiTConfig attends: ``attention dense``, or ``attention`` and its SparsePattern's description,
+    e.g. ``attention sliding_tile, tile 4x4x4, window 4x2x2``."""
+    pattern = config.sparse_pattern()
+    return "attention dense" if pattern is None else f"attention {pattern.describe()}"
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
