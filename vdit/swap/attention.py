@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 from vdit.backends import plan
 from vdit.ops import varlen_attention
 from vdit.swap.masks import key_padding
-from vdit.swap.sparse import SparseAttention, sparse_sdpa
+from vdit.swap.sparse import SparseRouting, sparse_sdpa
 
 _SDPA = F.scaled_dot_product_attention
 
@@ -132,7 +132,7 @@ class VditAttentionMode(TorchFunctionMode):
     """
 
     def __init__(self, *, dense: bool | str, skip_padded_queries: bool, calls: collections.Counter,
-                 sparse: SparseAttention | None = None):
+                 sparse: SparseRouting | None = None):
         super().__init__()
         self.dense, self.skip_padded_queries, self.calls = dense, skip_padded_queries, calls
         self.sparse = sparse  # block-sparse routing of the calls made inside `sparse_path`'s module
@@ -155,7 +155,7 @@ class VditAttentionMode(TorchFunctionMode):
         if reason is None:
             out, reason = sparse_sdpa(bound["query"], bound["key"], bound["value"], bound.get("attn_mask"),
                                       bool(bound.get("is_causal", False)), bound.get("scale"), self.sparse,
-                                      self.sparse.window_for(self.sparse_path))
+                                      self.sparse_path)
         self.calls["attention.sparse" if out is not None else f"attention.sparse_fallback:{reason}"] += 1
         if out is not None:
             self.calls[f"sparse:{self.sparse_path}"] += 1

@@ -8,6 +8,7 @@ import dataclasses
 _ROUTED = {"attention": (("attention.varlen", "attention.dense", "attention.sparse"),
                         ("attention.fallback:", "attention.sparse_fallback:")),
            "rope": (("rope",), ("rope.fallback:",))}
+_NOT_COUNTED = "runs under torch.compile are not counted"
 _HINTS = {"dense (no padding to skip)": "pass attention='all' to route them"}
 
 
@@ -41,6 +42,9 @@ class SwapReport:
     last forward only. ``str(report)`` says per replaced site whether vdit ran in the last forward and ends
     with one summary line per routed kind (e.g. ``attention: 0 of 12 calls used vdit - dense (no padding to
     skip); pass attention='all' to route them``).
+
+    Only eager runs are counted: inside a torch.compile'd graph (the whole model, or its blocks through
+    ``compile_repeated_blocks``) the counting hooks do nothing, so that a second call never recompiles.
     """
     model: str
     replacements: list[Replacement] = dataclasses.field(default_factory=list)
@@ -121,4 +125,5 @@ class SwapReport:
             lines.append("  (run the model to see which kernels run)")
         if self.calls:
             lines.append("  calls since the swap: " + ", ".join(f"{k}={v}" for k, v in sorted(self.calls.items())))
+        lines.append(f"  ({_NOT_COUNTED})")
         return "\n".join(lines)

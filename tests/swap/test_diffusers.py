@@ -1,7 +1,7 @@
-"""vdit.swap on diffusers' video transformers (vdit/integrations/diffusers.py; tiny random configs, CPU,
+"""vdit.swap on diffusers' video transformers (vdit/swap/diffusers.py; tiny random configs, CPU,
 fp32): swapped outputs equal the originals for several input sizes with and without text padding,
 unswap is bit-identical, the report lists the expected replacements, and the vdit paths actually ran
-(report.calls)."""
+(report.calls); one row of the adapter table is what supports a model class."""
 from __future__ import annotations
 
 import pytest
@@ -192,3 +192,23 @@ def test_bf16_within_bf16_tolerance(name):
         unswap(model)
     assert report.calls["rope"] + report.calls["attention.varlen"] + report.calls["attention.dense"] > 0
     assert (out - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+def test_a_model_class_is_supported_by_one_adapter_row(monkeypatch):
+    from vdit.swap.diffusers import ADAPTERS
+    assert [n for n, a in ADAPTERS.items() if a.sparse_sites] == ["WanTransformer3DModel",
+                                                                  "HunyuanVideoTransformer3DModel"]
+    assert [n for n, a in ADAPTERS.items() if a.skip_padded_queries] == ["HunyuanVideoTransformer3DModel"]
+    model, inputs, expected, _ = wan((3, 8, 6), False)
+    model.__class__ = type("MyWan", (WanTransformer3DModel,), {})  # a class the table does not name
+    report = swap(model)
+    assert any(s.kind == "model" and "MyWan has no model-specific" in s.reason for s in report.skipped)
+    assert not report.paths("rope") and not report.paths("norm")
+    unswap(model)
+    monkeypatch.setitem(ADAPTERS, "MyWan", ADAPTERS["WanTransformer3DModel"])
+    report = swap(model)
+    assert sorted(report.paths("rope")) == expected["rope"] and sorted(report.paths("norm")) == expected["norm"]
+    with torch.no_grad():
+        model(**inputs)
+    assert report.calls["rope"] == 2
+    unswap(model)

@@ -1,7 +1,9 @@
 """vdit for diffusers' video transformers (optional dependency; diffusers is imported only when a
 diffusers model is swapped).
 
-``vdit.swap.swap(pipe.transformer)`` calls :func:`swap_model` for diffusers models. Per model:
+``vdit.swap.swap(pipe.transformer)`` calls :func:`swap_model` for diffusers models, which runs the model's row
+of :data:`ADAPTERS` (its RoPE, norm, patch-embedding and block-sparse-site handlers, and whether its padded
+queries may be skipped; supporting another model adds one row). Per model:
 
 | model | patch embedding | attention | rotary application | norm |
 |---|---|---|---|---|
@@ -9,6 +11,9 @@ diffusers model is swapped).
 | CogVideoXTransformer3DModel | per-frame Conv2d -> vdit (1.0); Linear (1.5): skipped | SDPA -> vdit | ``rope_3d`` | ``CogVideoXLayerNormZero`` -> ``adaln_modulate`` |
 | HunyuanVideoTransformer3DModel | Conv3d -> vdit | text-padding mask -> varlen, padded text queries skipped | ``rope_3d`` | ``AdaLayerNormZero(Single)`` -> ``adaln_modulate`` |
 | LTXVideoTransformer3DModel | Linear on pre-patchified latents: skipped | text-padding bias -> varlen | own frequency schedule: skipped | inline: skipped |
+
+``sparse=SparsePattern(...)`` runs the video self-attention of Wan and HunyuanVideo block-sparse
+(:mod:`vdit.swap.sparse`); the other models have no sparse sites.
 
 Attention backend: diffusers 0.42's dispatcher (``diffusers.models.attention_dispatch``) keys its
 registry on the closed enum ``AttentionBackendName``, so a third-party backend cannot be registered
@@ -26,12 +31,15 @@ attention processor, which is replaced by a vdit processor.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from vdit.nn import RotaryEmbedding3d
 from vdit.ops import adaln_modulate, gated_residual, rope_3d_qk
 from vdit.swap import sparse
 from vdit.swap.rope import TableRope
@@ -109,7 +117,8 @@ def _wan_processor_class():
             image_context = None
             if attn.add_k_proj is not None:  # I2V: image tokens precede the 512 text tokens
                 split = encoder_hidden_states.shape[1] - 512
-                image_context, encoder_hidden_states = encoder_hidden_states[:, :split], encoder_hidden_states[:, split:]
+                image_context, encoder_hidden_states = (encoder_hidden_states[:, :split],
+                                                        encoder_hidden_states[:, split:])
             q, k, v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
             q = attn.norm_q(q).unflatten(2, (attn.heads, -1))  # (B, L, H, Dh)
             k = attn.norm_k(k).unflatten(2, (attn.heads, -1))
@@ -126,9 +135,9 @@ def _wan_processor_class():
                 image_out = dispatch_attention_fn(q, k_img, v_img, attn_mask=None, dropout_p=0.0, is_causal=False,
                                                   backend=self._attention_backend, parallel_config=None)
                 image_out = image_out.flatten(2, 3).type_as(q)
+            parallel = self._parallel_config if encoder_hidden_states is None else None
             out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                        backend=self._attention_backend,
-                                        parallel_config=self._parallel_config if encoder_hidden_states is None else None)
+                                        backend=self._attention_backend, parallel_config=parallel)
             out = out.flatten(2, 3).type_as(q)
             if image_out is not None:
                 out = out + image_out
@@ -193,8 +202,8 @@ class VditCogVideoXLayerNormZero(nn.Module):
 
     def forward(self, hidden_states, encoder_hidden_states, temb):
         shift, scale, gate, enc_shift, enc_scale, enc_gate = self.linear(self.silu(temb)).chunk(6, dim=1)
-        return (self._modulate(hidden_states, shift, scale), self._modulate(encoder_hidden_states, enc_shift, enc_scale),
-                gate[:, None, :], enc_gate[:, None, :])
+        return (self._modulate(hidden_states, shift, scale),
+                self._modulate(encoder_hidden_states, enc_shift, enc_scale), gate[:, None, :], enc_gate[:, None, :])
 
 
 def _wan_block_forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
@@ -221,7 +230,8 @@ def vdit_wan_block_class(cls: type) -> type:
     class name: swapped blocks keep their parameters, their state_dict and the name diffusers'
     ``compile_repeated_blocks`` looks blocks up by; unswap restores the original class."""
     return type(cls.__name__, (cls,), {"forward": _wan_block_forward, "__module__": __name__,
-                                       "__qualname__": f"vdit_{cls.__qualname__}", "__doc__": _wan_block_forward.__doc__})
+                                       "__qualname__": f"vdit_{cls.__qualname__}",
+                                       "__doc__": _wan_block_forward.__doc__})
 
 
 def _swap_wan_blocks(model, state) -> None:
@@ -255,7 +265,7 @@ def _swap_norms(model, state) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Per-model entry point
+# Per-model handlers and the table of supported models
 # --------------------------------------------------------------------------------------------
 
 def _attention_modules(model, cls_name: str):
@@ -271,7 +281,8 @@ def _latent_grid(patch, args, kwargs):
 
 
 def _wan_self_attention(model):
-    modules = [(p, m) for p, m in _attention_modules(model, "WanAttention") if not getattr(m, "is_cross_attention", True)]
+    modules = [(p, m) for p, m in _attention_modules(model, "WanAttention")
+               if not getattr(m, "is_cross_attention", True)]
     return modules, tuple(model.config.patch_size)
 
 
@@ -280,11 +291,6 @@ def _hunyuan_joint_attention(model):
     modules = [(p, m) for p, m in model.named_modules()
                if type(getattr(m, "processor", None)).__name__ == "HunyuanVideoAttnProcessor2_0"]
     return modules, (model.config.patch_size_t, model.config.patch_size, model.config.patch_size)
-
-
-# Models whose video self-attention can run block-sparse: -> (its modules, the latent patch size (t, h, w)).
-_SPARSE_SELF_ATTENTION = {"WanTransformer3DModel": _wan_self_attention,
-                          "HunyuanVideoTransformer3DModel": _hunyuan_joint_attention}
 
 
 def _swap_wan_rope(model, state) -> None:
@@ -303,55 +309,94 @@ def _swap_wan_rope(model, state) -> None:
         report.add(path, "rope", type(attn.processor.original).__name__, "VditWanAttnProcessor (vdit.ops.rope_3d_qk)")
 
 
-def swap_model(model: nn.Module, state, *, attention, patch_embed: bool, rope: bool, norm: bool):
-    """Model-specific part of :func:`vdit.swap.swap` for a diffusers model.
+def _scoped_rope(tables_of):
+    """A RoPE handler replacing ``apply_rotary_emb`` during forward, with the tables ``tables_of(model)``."""
+
+    def swap_rope(model, state) -> None:
+        _scope_apply_rotary_emb(state, tables_of(model))
+        state.report.add("", "rope", "diffusers.models.embeddings.apply_rotary_emb",
+                         "vdit.ops.rope_3d (during forward)")
+
+    return swap_rope
+
+
+def _cogvideox_tables(model) -> TableRope:
+    rotary = RotaryEmbedding3d.cogvideox(model.config.attention_head_dim)  # the (t, h, w) split is the preset's
+    return TableRope(rotary.dims, rotary.theta)
+
+
+def _hunyuan_tables(model) -> TableRope:
+    return TableRope(tuple(model.config.rope_axes_dim), model.rope.theta)
+
+
+def _cogvideox_patch_embed(model, state) -> None:
+    if isinstance(model.patch_embed.proj, nn.Linear):
+        state.report.skip("patch_embed.proj", "patch_embed", "CogVideoX 1.5 patchifies with reshapes and embeds with "
+                          "nn.Linear (already one matmul)")
+
+
+def _skipped(kind: str, path: str, reason: str):
+    """A handler that only reports ``kind`` at ``path`` as skipped for ``reason``."""
+    return lambda model, state: state.report.skip(path, kind, reason)
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """How :func:`vdit.swap.swap` handles one diffusers model class.
+
+    Handlers take ``(model, state)`` (state: :class:`vdit.swap.SwapState`), replace what they can and report
+    every replacement or skip; None means nothing model-specific of that kind. ``patch_embed`` only adds notes:
+    the generic pass swaps patch-embedding convolutions of every model. ``sparse_sites(model)`` ->
+    ([(path, self-attention module)], latent patch size (t, h, w)): the video self-attention that
+    ``sparse=`` runs block-sparse. ``skip_padded_queries``: the model's masked SDPA calls are self-attention
+    whose padded query positions the host discards, so their queries may be skipped.
+    """
+
+    rope: Callable | None = None
+    norm: Callable | None = None
+    patch_embed: Callable | None = None
+    sparse_sites: Callable | None = None
+    skip_padded_queries: bool = False
+
+
+# One row per supported model class (by class name: diffusers is imported only when one of its models is swapped).
+ADAPTERS: dict[str, Adapter] = {
+    "WanTransformer3DModel": Adapter(rope=_swap_wan_rope, norm=_swap_wan_blocks, sparse_sites=_wan_self_attention),
+    "CogVideoXTransformer3DModel": Adapter(rope=_scoped_rope(_cogvideox_tables), norm=_swap_norms,
+                                           patch_embed=_cogvideox_patch_embed),
+    # Its masked SDPA calls are joint self-attention over [video, text] with the text padding at the tail;
+    # padded text positions are dropped from the output, so their queries can be skipped. (The token
+    # refiner's mask also hides padded query rows and falls back to SDPA.)
+    "HunyuanVideoTransformer3DModel": Adapter(rope=_scoped_rope(_hunyuan_tables), norm=_swap_norms,
+                                              sparse_sites=_hunyuan_joint_attention, skip_padded_queries=True),
+    "LTXVideoTransformer3DModel": Adapter(
+        rope=_skipped("rope", "", "LTX-Video's RoPE uses its own frequency schedule (log-spaced, scaled by pi/2) "
+                      "which vdit.ops.rope_3d does not implement"),
+        norm=_skipped("norm", "transformer_blocks.*", "LTX-Video modulates inline (RMSNorm + scale/shift)"),
+        patch_embed=_skipped("patch_embed", "proj_in", "LTX-Video receives pre-patchified latents and embeds them "
+                             "with nn.Linear (already one matmul)")),
+}
+
+
+def swap_model(model: nn.Module, state, *, patch_embed: bool, rope: bool, norm: bool) -> bool:
+    """Model-specific part of :func:`vdit.swap.swap` for a diffusers model: its :data:`ADAPTERS` row.
 
     Args:
-        model: a diffusers ``ModelMixin``; state: the :class:`vdit.swap.SwapState` being filled.
+        model: a diffusers ``ModelMixin``; state: the :class:`vdit.swap.SwapState` being filled (``state.sparse``
+            set when block-sparse attention was asked for).
+        patch_embed, rope, norm: which kinds to handle.
     Returns:
-        (paths the generic pass must leave alone, whether masked self-attention may skip padded queries).
+        Whether the model's masked self-attention may skip padded queries.
     """
-    report = state.report
     name = type(model).__name__
-    cfg = model.config
-    safe_query_skip = False
-    if state.sparse is not None and name in _SPARSE_SELF_ATTENTION:
-        modules, patch = _SPARSE_SELF_ATTENTION[name](model)
+    adapter = ADAPTERS.get(name)
+    if adapter is None:
+        state.report.skip("", "model", f"{name} has no model-specific vdit handling; generic swaps only")
+        return False
+    if state.sparse is not None and adapter.sparse_sites is not None:
+        modules, patch = adapter.sparse_sites(model)
         sparse.install(model, state, modules, functools.partial(_latent_grid, patch))
-    if name == "WanTransformer3DModel":
-        if rope:
-            _swap_wan_rope(model, state)
-        if norm:
-            _swap_wan_blocks(model, state)
-    elif name == "CogVideoXTransformer3DModel":
-        if rope:
-            hd = cfg.attention_head_dim
-            _scope_apply_rotary_emb(state, TableRope((hd // 4, hd // 8 * 3, hd // 8 * 3), 10000.0))
-            report.add("", "rope", "diffusers.models.embeddings.apply_rotary_emb", "vdit.ops.rope_3d (during forward)")
-        if patch_embed and isinstance(model.patch_embed.proj, nn.Linear):
-            report.skip("patch_embed.proj", "patch_embed", "CogVideoX 1.5 patchifies with reshapes and embeds with "
-                        "nn.Linear (already one matmul)")
-        if norm:
-            _swap_norms(model, state)
-    elif name == "HunyuanVideoTransformer3DModel":
-        if rope:
-            _scope_apply_rotary_emb(state, TableRope(tuple(cfg.rope_axes_dim), model.rope.theta))
-            report.add("", "rope", "diffusers.models.embeddings.apply_rotary_emb", "vdit.ops.rope_3d (during forward)")
-        if norm:
-            _swap_norms(model, state)
-        # Its masked SDPA calls are joint self-attention over [video, text] with the text padding at the
-        # tail; padded text positions are dropped from the output, so their queries can be skipped.
-        # (The token refiner's mask also hides padded query rows and falls back to SDPA.)
-        safe_query_skip = True
-    elif name == "LTXVideoTransformer3DModel":
-        if rope:
-            report.skip("", "rope", "LTX-Video's RoPE uses its own frequency schedule (log-spaced, scaled by pi/2) "
-                        "which vdit.ops.rope_3d does not implement")
-        if patch_embed:
-            report.skip("proj_in", "patch_embed", "LTX-Video receives pre-patchified latents and embeds them "
-                        "with nn.Linear (already one matmul)")
-        if norm:
-            report.skip("transformer_blocks.*", "norm", "LTX-Video modulates inline (RMSNorm + scale/shift)")
-    else:
-        report.skip("", "model", f"{name} has no model-specific vdit handling; generic swaps only")
-    return set(), safe_query_skip
+    for wanted, handler in ((rope, adapter.rope), (patch_embed, adapter.patch_embed), (norm, adapter.norm)):
+        if wanted and handler is not None:
+            handler(model, state)
+    return adapter.skip_padded_queries

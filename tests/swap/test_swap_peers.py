@@ -1,8 +1,9 @@
 """What diffusers' own model tests check, on swapped models (Wan, CogVideoX, HunyuanVideo, LTX-Video; tiny random
 configs, CPU): gradient checkpointing after the swap gives the unswapped model's outputs and gradients (default and
 attention="all", with and without padded text), save / load round trips, LoRA adapters loaded after the swap,
-torch.compile with fullgraph=True and diffusers' compile_repeated_blocks (Wan, HunyuanVideo), and the report's
-text. Written against diffusers' public API."""
+torch.compile with fullgraph=True and diffusers' compile_repeated_blocks (Wan, HunyuanVideo), compiled swapped
+models compiling once (every model; no recompile on the second call), and the report's text. Written against
+diffusers' public API."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from tests.integrations.test_diffusers import cogvideox, hunyuan, ltx, wan  # noqa: E402  (models and inputs)
+from tests.swap.test_diffusers import cogvideox, hunyuan, ltx, wan  # noqa: E402  (models and inputs)
 
 from vdit.swap import swap, unswap  # noqa: E402
 
@@ -92,10 +93,42 @@ def test_compile_fullgraph_and_repeated_blocks_after_swap(name):
         report = swap(model)
         compiled = torch.compile(model, fullgraph=True)
         torch.testing.assert_close(compiled(**inputs, return_dict=False)[0], ref, rtol=1e-5, atol=1e-5)
+        with torch._dynamo.config.patch(error_on_recompile=True):  # inductor too: the second call reuses the graph
+            torch.testing.assert_close(compiled(**inputs, return_dict=False)[0], ref, rtol=1e-5, atol=1e-5)
         model.compile_repeated_blocks(fullgraph=True)  # finds the host's block classes after the swap
         assert sum(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()) >= 2
         torch.testing.assert_close(model(**inputs, return_dict=False)[0], ref, rtol=1e-5, atol=1e-5)
     assert report.paths("patch_embed")
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_compiled_swapped_model_compiles_once(name):
+    """As diffusers' TorchCompileTesterMixin: the whole model compiled with fullgraph=True and called twice under
+    error_on_recompile; then compile_repeated_blocks(fullgraph=True) (models that name repeated blocks) called twice
+    with recompile_limit=1, where fullgraph turns a recompile into FailOnRecompileLimitHit. The recompiles came from
+    the report's counting hooks (dynamo guards on the counters' keys and length), which the backend does not change:
+    aot_eager keeps the test fast on CPU; the inductor test above checks the same second call."""
+    torch._dynamo.reset()
+    model, inputs = _build(name, True)
+    model.eval()
+    with torch.no_grad():
+        ref = model(**inputs, return_dict=False)[0]
+        report = swap(model, attention="all")
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        with torch._inductor.utils.fresh_inductor_cache(), torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(2):
+                torch.testing.assert_close(compiled(**inputs, return_dict=False)[0], ref, rtol=1e-5, atol=1e-5)
+        assert not report.calls  # nothing is counted inside a compiled graph
+        torch._dynamo.reset()
+        if getattr(model, "_repeated_blocks", None):
+            model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+            with torch._inductor.utils.fresh_inductor_cache(), torch._dynamo.config.patch(recompile_limit=1):
+                for _ in range(2):
+                    torch.testing.assert_close(model(**inputs, return_dict=False)[0], ref, rtol=1e-5, atol=1e-5)
+            assert "run the model to see" not in str(report)  # the model's own forward ran eagerly: a last forward
+    assert "(runs under torch.compile are not counted)" in str(report)
+    unswap(model)
     torch._dynamo.reset()
 
 

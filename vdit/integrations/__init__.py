@@ -1,1 +1,0 @@
-"""Optional integrations of vdit with other libraries (each imports its library lazily)."""
