@@ -14,11 +14,14 @@ both see the same machine load.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
 import torch
 
+from vdit.ops import SparsePattern
+from vdit.ops.tiles import tile_layout
 from vdit.swap import swap, unswap
 
 
@@ -57,28 +60,31 @@ def wan_1_3b(grid, layers=2):
                        encoder_hidden_states=torch.randn(1, 512, 4096))
 
 
-# name -> (builder, token grid, swap options)
+# name -> (builder, token grid, sparse pattern)
 CASES = {
-    "tiny Wan, sliding_tile": (tiny_wan, (5, 16, 12), dict(attention="sliding_tile", tile=(1, 4, 4), window=(3, 3, 3))),
-    "tiny Wan, topk_tile": (tiny_wan, (5, 16, 12), dict(attention="topk_tile", tile=(1, 4, 4), topk=8)),
+    "tiny Wan, sliding_tile": (tiny_wan, (5, 16, 12), SparsePattern("sliding_tile", (1, 4, 4), window=(3, 3, 3))),
+    "tiny Wan, topk_tile": (tiny_wan, (5, 16, 12), SparsePattern("topk_tile", (1, 4, 4), topk=8)),
     "tiny HunyuanVideo, sliding_tile": (tiny_hunyuan, (5, 16, 12),
-                                        dict(attention="sliding_tile", tile=(1, 4, 4), window=(3, 3, 3))),
+                                        SparsePattern("sliding_tile", (1, 4, 4), window=(3, 3, 3))),
     "Wan2.1-1.3B width, 2 layers, sliding_tile": (wan_1_3b, (21, 30, 52),
-                                                  dict(attention="sliding_tile", tile=(3, 6, 4), window=(3, 3, 5))),
+                                                  SparsePattern("sliding_tile", (3, 6, 4), window=(3, 3, 5))),
 }
 
 
-def visible_share(grid, tile, window) -> float:
-    from vdit.ops.tiles import sliding_window_tiles, tile_layout
-    layout = tile_layout(torch.tensor([grid], dtype=torch.int32), tile)
+def visible_share(grid, pattern: SparsePattern) -> float:
+    """The share of (query, key) pairs the pattern computes on one video of ``grid`` tokens."""
+    grids = torch.tensor([grid], dtype=torch.int32)
+    if pattern.mode == "topk_tile":
+        return min(1.0, pattern.topk * math.prod(pattern.tile) / math.prod(grid))
+    layout = tile_layout(grids, pattern.tile)
     sizes = (layout.offsets[1:] - layout.offsets[:-1]).long()
-    lists = sliding_window_tiles(layout, torch.tensor([window])).long()[:, 0]
+    lists = pattern.window_tiles(grids).long()[:, 0]
     visible = torch.where(lists >= 0, sizes[lists.clamp_min(0)], 0).sum(1)
     return float((sizes * visible).sum()) / float(sizes.sum()) ** 2
 
 
 def run_case(name: str, repeats: int) -> str:
-    build, grid, options = CASES[name]
+    build, grid, pattern = CASES[name]
     torch.manual_seed(0)
     model, inputs = build(grid)
     model.eval()
@@ -87,7 +93,8 @@ def run_case(name: str, repeats: int) -> str:
     with torch.no_grad():
         for _ in range(repeats):
             for which in ("original", "swapped"):
-                report = swap(model, patch_embed=False, rope=False, norm=False, **options) if which == "swapped" else None
+                report = swap(model, patch_embed=False, rope=False, norm=False, sparse=pattern) if which == "swapped" \
+                    else None
                 start = time.perf_counter()
                 outputs[which] = model(**inputs, return_dict=False)[0]
                 times[which].append(time.perf_counter() - start)
@@ -96,10 +103,8 @@ def run_case(name: str, repeats: int) -> str:
                     unswap(model)
     error = float((outputs["swapped"] - outputs["original"]).norm() / outputs["original"].norm())
     original, swapped = statistics.median(times["original"]), statistics.median(times["swapped"])
-    share = visible_share(grid, options["tile"], options["window"]) if "window" in options else \
-        options["topk"] * options["tile"][0] * options["tile"][1] * options["tile"][2] / (grid[0] * grid[1] * grid[2])
-    detail = (f"tile {'x'.join(map(str, options['tile']))}, "
-              + (f"window {'x'.join(map(str, options['window']))}" if "window" in options else f"top {options['topk']}"))
+    share = visible_share(grid, pattern)
+    detail = pattern.describe().split(", ", 1)[1]
     return (f"| {name} | {'x'.join(map(str, grid))} | {detail} | {share:.0%} | {calls} | {original:.3f} | "
             f"{swapped:.3f} | {original / swapped:.2f}x | {error:.3f} |")
 
