@@ -24,6 +24,7 @@ import torch
 from vdit.demo.cli import eval as eval_cli
 from vdit.demo.growth import with_attention
 from vdit.demo.pipeline import DEFAULT_WEIGHTS, TextToVideo
+from vdit.ops.sparse_pattern import MODES
 from vdit.ops.tiles import sliding_window_tiles, tile_layout
 
 FRAMES, SIZE, TILE = 16, (128, 128), (4, 4, 4)
@@ -64,7 +65,7 @@ def flags(options: dict) -> list[str]:
     out = []
     for key, value in options.items():
         out += [f"--{key}", ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
-    if options.get("attention") in ("sliding_tile", "topk_tile"):
+    if options.get("attention") in MODES:
         out += ["--tile", ",".join(map(str, TILE))]
     return out
 
