@@ -59,8 +59,11 @@ def _check(mode, dtype, Hq, Hk, causal, kv_replicated, ulysses_size=None, layout
     qs = shard_packed(q, bounds=bq).clone().requires_grad_()
     ks = (k if kv_replicated else shard_packed(k, bounds=bk)).clone().requires_grad_()
     vs = (v if kv_replicated else shard_packed(v, bounds=bk)).clone().requires_grad_()
+    # hybrid runs on its Ulysses and ring groups, made up front on every rank
+    subgroups = build_mesh("cpu", size, mode, ulysses_size).sequence_parallel.subgroups if mode == "hybrid" else None
     out = sequence_parallel_attention(qs, ks, vs, cu_q, cu_k, group=None, mode=mode, ulysses_size=ulysses_size,
-                                      softmax_scale=0.5, causal=causal, kv_replicated=kv_replicated, layout=layout)
+                                      softmax_scale=0.5, causal=causal, kv_replicated=kv_replicated, layout=layout,
+                                      subgroups=subgroups)
     out.backward(shard_packed(dout, bounds=bq))
     tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     a, b = bq[rank], bq[rank + 1]
@@ -100,8 +103,12 @@ def _check_model(mode, checker=None, depth=2, checkpointing=False, layout="token
 
     ref_out, ref_grads = run(None)
     model.enable_activation_checkpointing(checkpointing)
+    if mode == "hybrid":  # its Ulysses and ring groups, made up front on every rank
+        sp = build_mesh("cpu", dist.get_world_size(), mode, 2, layout).sequence_parallel
+    else:
+        sp = SequenceParallel(mode=mode, layout=layout)
     reads_before = sum(checker.host_reads.values()) if checker else 0
-    out, grads = run(SequenceParallel(mode=mode, ulysses_size=2 if mode == "hybrid" else None, layout=layout))
+    out, grads = run(sp)
     reads = (sum(checker.host_reads.values()) if checker else 0) - reads_before
     for a, b in zip(out, ref_out):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
@@ -185,6 +192,11 @@ def _cases(rank, size, cases, checker):
         raise AssertionError("a wrong shard size was accepted")
     except ValueError as exc:
         assert "do not follow the contract" in str(exc)
+    try:  # hybrid without its groups made up front: raises on every rank, before any collective
+        sequence_parallel_attention(q, q, q, _cu(LENGTHS), _cu(LENGTHS), mode="hybrid", ulysses_size=1)
+        raise AssertionError("hybrid attention ran without subgroups")
+    except ValueError as exc:
+        assert "build_mesh" in str(exc)
     assert checker.collectives["all_gather"] > 0 and checker.collectives["all_to_all_single"] > 0
 
 

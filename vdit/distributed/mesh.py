@@ -9,7 +9,10 @@ hangs (or fails) the others. :func:`build_mesh` therefore creates every group of
       Ulysses groups: ulysses consecutive ranks inside it; ring groups: the ranks of equal Ulysses index;
       data-parallel groups: the ranks of equal sequence-parallel index.
 
-It uses ``torch.distributed.device_mesh`` (the layout FSDP2 takes as well).
+It uses ``torch.distributed.device_mesh`` (the mesh FSDP2 takes as well): two meshes, (dp, ring, ulysses)
+then (dp, sp), each creating all of its groups on every rank in the same order. Nothing else in
+vdit.distributed creates a group: hybrid attention takes its Ulysses and ring groups from here
+(``SequenceParallel.subgroups``) and raises without them.
 """
 from __future__ import annotations
 
