@@ -1,7 +1,7 @@
 """vdit.distributed on CPU with gloo (2 and 4 processes): sequence-parallel attention (ulysses, ring, hybrid;
 forward and gradients) against single-process attention, a sequence-parallel VideoDiT forward + backward
 against one process, the process-group helpers (shard_packed / gather_packed / shard_range) and the
-cross-rank input checks; a data-parallel x sequence-parallel layout (groups made up front, vdit.distributed.build_mesh)
+cross-rank input checks; a data-parallel x sequence-parallel rank grid (groups made up front, vdit.distributed.build_mesh)
 repeated with fresh groups; the device-placement checker itself. Every worker runs under
 vdit.distributed.check_placement, so a collective given a tensor off the data's device, or a tensor made in
 vdit.distributed without a device, fails here as NCCL would fail on a GPU. The torchrun CLI tests are in
@@ -119,7 +119,7 @@ def _check_model(mode, checker=None, depth=2, checkpointing=False, layout="token
 
 
 def _check_no_host_reads_per_layer(mode, checker):
-    """The sequence-parallel model reads the batch layout on the host once per batch: three blocks make no
+    """The sequence-parallel model reads the batch's offsets on the host once per batch: three blocks make no
     more host reads in vdit.distributed than one."""
     one, three = _check_model(mode, checker, depth=1), _check_model(mode, checker, depth=3)
     assert one == three, (mode, one, three, dict(checker.host_reads))
@@ -129,10 +129,10 @@ def _check_mesh_repeated(repeats):
     """dp x sp = 2 x 2 with hybrid sequence parallelism inside each data-parallel group, every group made up
     front by every rank; repeated with fresh groups. Each data-parallel group attends its own batch."""
     for _ in range(repeats):
-        layout = build_mesh("cpu", sp=2, mode="hybrid", ulysses_size=1)
-        assert layout.dp_size == 2 and layout.sp_size == 2
-        sp = layout.sequence_parallel
-        g = torch.Generator().manual_seed(layout.dp_rank)
+        mesh = build_mesh("cpu", sp=2, mode="hybrid", ulysses_size=1)
+        assert mesh.dp_size == 2 and mesh.sp_size == 2
+        sp = mesh.sequence_parallel
+        g = torch.Generator().manual_seed(mesh.dp_rank)
         q, k, v = (torch.randn(sum(LENGTHS), 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
         cu = _cu(LENGTHS)
         ref = reference.varlen_attention(q, k, v, cu, cu)

@@ -238,8 +238,8 @@ class VideoDiT(nn.Module):
     ``enable_activation_checkpointing()`` recomputes each block in the backward (sequence-parallel runs too).
 
     torch.compile: every block traces into one graph (``fullgraph=True``; tests/models/test_dit.py). CUDA graphs:
-    the forward reads the batch layout on the host (grid positions, max_seqlen, per-sample lengths), so
-    capture compiled blocks for a fixed batch layout rather than the whole forward (in eager mode the ops'
+    the forward reads the batch's packing on the host (grid positions, max_seqlen, per-sample lengths), so
+    capture compiled blocks for a fixed packing rather than the whole forward (in eager mode the ops'
     input validation also reads ``cu_seqlens`` on the host; under torch.compile it is skipped).
     """
 

@@ -342,7 +342,7 @@ def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def _per_token(param: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """Expand a per-sample (B, C) parameter to x's token layout."""
+    """Expand a per-sample (B, C) parameter to one row per token of x (packed, or (B, N, C))."""
     if cu_seqlens is None:
         return param[:, None, :]
     return param[segment_ids(cu_seqlens, x.shape[0])]

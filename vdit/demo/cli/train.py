@@ -59,11 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the schedule follows --steps, so a resumed run with fewer steps starts decaying earlier")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay")
     p.add_argument("--timestep-shift", type=float, default=1.0,
-                   help="train on t = time_shift(u, shift): > 1 puts more steps at high noise, where a video's layout "
-                        "and colours are decided; use the sampler's shift")
+                   help="train on t = time_shift(u, shift): > 1 puts more steps at high noise, where a video's "
+                        "composition and colours are decided; use the sampler's shift")
     p.add_argument("--timestep-sampling", choices=("logit-normal", "uniform"), default="logit-normal",
                    help="distribution of u: sigmoid(N(0, 1)) (concentrated at mid noise) or U(0, 1) (the density of "
-                        "the sampler's own time grid, which covers t near 1 where large videos get their layout)")
+                        "the sampler's own time grid, which covers t near 1 where large videos get their composition)")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="probability of an empty prompt (for CFG)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=200)

@@ -6,7 +6,7 @@ Three kernels serve every op (F = C*pt*ph*pw patch features, D model width):
                       video straight into the ``tl.dot`` operand (no im2col buffer), fp32 accumulation.
                       patch_embed forward; the token gradient of patch_unembed.
 * ``project_kernel``  video[patch pixels of n] = tokens[n, :] @ w_df + bias, scattered straight into
-                      the video layout. patch_unembed forward; the x gradient of patch_embed (patches
+                      the video tensor. patch_unembed forward; the x gradient of patch_embed (patches
                       never overlap: no atomics).
 * ``reduce_kernel``   out[f, d] = sum_n patches[n, f] * tokens[n, d] (the weight gradients), plus the
                       column sums of either side (the bias gradients); split over the token axis into

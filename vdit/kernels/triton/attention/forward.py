@@ -11,7 +11,7 @@ Work scheduling: program_id(0) indexes a list of (sequence, query tile) items bu
 (``scheduler.work_items``), program_id(1) the query head, so a 30k-token video next to 200-token
 ones gives each program one real tile and no program idles on padding.
 
-Layout: q, out (total_q, Hq, HEAD_DIM); k, v (total_k, Hk, HEAD_DIM), all contiguous; lse
+Shapes: q, out (total_q, Hq, HEAD_DIM); k, v (total_k, Hk, HEAD_DIM), all contiguous; lse
 (Hq, total_q) float32 natural-log units. HEAD_DIM is padded to BLOCK_D (a power of two) with
 masked loads. Row offsets of a whole sequence are taken in int64; offsets inside a tile in int32.
 """
