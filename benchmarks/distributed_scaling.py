@@ -16,7 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from vdit.distributed import sequence_parallel_attention, shard_packed
+from vdit.distributed import build_mesh, sequence_parallel_attention, shard_packed
 from vdit.distributed.stats import count_communication
 from vdit.ops import varlen_attention
 
@@ -35,6 +35,8 @@ def main() -> None:
     cu[1:] = torch.tensor(LENGTHS).cumsum(0)
     q, k, v, g = (torch.randn(total, HEADS, DIM) for _ in range(4))
     modes = ["single"] if world == 1 else ["ulysses", "ring"] + (["hybrid"] if world >= 4 else [])
+    # hybrid's Ulysses and ring groups, made up front on every rank
+    subgroups = build_mesh("cpu", world, "hybrid", 2).sequence_parallel.subgroups if "hybrid" in modes else None
     for mode in modes:
         times, sent = [], None
         for it in range(4):
@@ -51,7 +53,8 @@ def main() -> None:
                 if mode == "single":
                     out = varlen_attention(qs, ks, vs, cu, cu, max(LENGTHS), max(LENGTHS))
                 else:
-                    out = sequence_parallel_attention(qs, ks, vs, cu, cu, mode=mode, ulysses_size=2)
+                    out = sequence_parallel_attention(qs, ks, vs, cu, cu, mode=mode, ulysses_size=2,
+                                                      subgroups=subgroups if mode == "hybrid" else None)
                 out.backward(gs)
             if world > 1:
                 dist.barrier()

@@ -1,6 +1,6 @@
 // The vdit._C Python module: build information and test hooks (output poisoning). The vdit::
 // operator schemas are defined in Python (vdit/kernels/schemas.py); each op's csrc/<op>/cpu.cpp and
-// csrc/<op>/cuda.cu only register implementations (TORCH_LIBRARY_IMPL). Layout: csrc/README.md.
+// csrc/<op>/cuda.cu only register implementations (TORCH_LIBRARY_IMPL). Files: csrc/README.md.
 #include <pybind11/pybind11.h>
 
 #include "common/alloc.h"

@@ -24,9 +24,9 @@ namespace vdit {
 
 // Which sample each token row belongs to, without a per-row index tensor.
 struct Segments {
-  const int32_t* cu;        // (batch + 1,) offsets into the rows, or nullptr for the dense layout
+  const int32_t* cu;        // (batch + 1,) offsets into the rows, or nullptr for dense (B, N, C) rows
   int64_t batch;            // B
-  int64_t rows_per_sample;  // N of the dense layout (unused when cu is set)
+  int64_t rows_per_sample;  // N of dense (B, N, C) rows (unused when cu is set)
 
   VDIT_HOST_DEVICE int64_t begin(int64_t s) const { return cu ? int64_t(cu[s]) : s * rows_per_sample; }
   VDIT_HOST_DEVICE int64_t end(int64_t s) const { return begin(s + 1); }

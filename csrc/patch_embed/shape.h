@@ -1,7 +1,7 @@
 // Host-side shape checks and the packed-batch descriptor of the patch embedding operators, for
 // patch_embed/cpu.cpp (and a future patch_embed/cuda.cu). Python validates first with friendly
 // messages; these checks are the last line that keeps a kernel from reading out of bounds.
-// Per-sample metadata layout and pixel index math: patch_embed/math.h (and patchify/math.h).
+// Per-sample metadata columns and pixel index math: patch_embed/math.h (and patchify/math.h).
 #pragma once
 
 #include <ATen/ATen.h>

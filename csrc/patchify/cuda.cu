@@ -21,7 +21,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kTileBytes = 16 * 1024;
 
-struct TileLayout {
+struct TokenTiling {
   PatchGeometry g;
   int64_t tile_w;   // tokens per tile
   int64_t tiles_w;  // tiles per token row
@@ -58,7 +58,7 @@ __device__ __forceinline__ void copy_packets(T* dst, const T* src, int64_t n) {
 // kToTokens: video -> tokens (patchify); otherwise tokens -> video (unpatchify).
 template <typename T, int VEC, bool kToTokens>
 __global__ void __launch_bounds__(kThreads) patch_transpose_kernel(T* __restrict__ video, T* __restrict__ tokens,
-                                                                   TileLayout L) {
+                                                                   TokenTiling L) {
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   T* tile = reinterpret_cast<T*>(smem_bytes);
   const PatchGeometry& g = L.g;
@@ -107,7 +107,7 @@ void launch(const PatchGeometry& g, int64_t batch, T* video, T* tokens) {
   int64_t tile_w = std::min<int64_t>(g.grid_w(), std::max<int64_t>(1, kTileBytes / token_bytes));
   // Keep the tile a whole number of packets when the row allows it.
   if (tile_w < g.grid_w()) tile_w = std::max<int64_t>(1, tile_w & ~int64_t(15));
-  TileLayout L{g, tile_w, (g.grid_w() + tile_w - 1) / tile_w};
+  TokenTiling L{g, tile_w, (g.grid_w() + tile_w - 1) / tile_w};
   const int64_t blocks = batch * g.grid_t() * g.grid_h() * L.tiles_w;
   if (blocks == 0) return;
   const size_t smem = tile_w * token_bytes;

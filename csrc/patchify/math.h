@@ -3,7 +3,7 @@
 // A video (C, T, H, W) is cut into patches of (pt, ph, pw). Token n = (tt * Hp + hh) * Wp + ww
 // (w fastest) holds feature f = ((c * pt + i) * ph + j) * pw + k, the pixel x[c, tt*pt+i, hh*ph+j,
 // ww*pw+k]. Both kernels move data in "runs": the pw pixels x[c, t, h, ww*pw : ww*pw+pw] are
-// contiguous in the video and stay contiguous in the token layout. All tokens of one
+// contiguous in the video and stay contiguous in the token tensor. All tokens of one
 // (tt, hh) token row are contiguous in the output, so a kernel that owns a token row writes
 // (or, for unpatchify, reads) one contiguous chunk.
 #pragma once

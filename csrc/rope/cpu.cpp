@@ -31,7 +31,7 @@ namespace {
 // sign of the rotation (negated for the inverse).
 template <typename A, typename T>
 inline void rotate_row(const A* __restrict__ x, T* __restrict__ y, const A* __restrict__ cs,
-                       const A* __restrict__ sn, const RopeLayout& L) {
+                       const A* __restrict__ sn, const RopeChannels& L) {
   if (L.interleaved) {
     const int R = L.rotated / 2;
     for (int p = 0; p < R; ++p) {
@@ -100,7 +100,7 @@ struct AngleCache {
 
   void update(int64_t b, int64_t l) {
     const P* pos = static_cast<const P*>(pb.pos.data) + b * pb.pos.sb + l * pb.pos.sl;
-    const RopeLayout& L = pb.layout;
+    const RopeChannels& L = pb.channels;
     for (int ax = 0; ax < 3; ++ax) {
       const P v = pos[ax * pb.pos.sa];
       if (valid[ax] && last[ax] == v) continue;
@@ -118,8 +118,8 @@ struct AngleCache {
 };
 
 std::vector<double> inverse_frequencies(const RopeProblem& pb) {
-  std::vector<double> f(pb.layout.rotated / 2);
-  for (int p = 0; p < int(f.size()); ++p) f[p] = rope_inv_freq(pb.layout, pb.log_theta, p);
+  std::vector<double> f(pb.channels.rotated / 2);
+  for (int p = 0; p < int(f.size()); ++p) f[p] = rope_inv_freq(pb.channels, pb.log_theta, p);
   return f;
 }
 
@@ -131,7 +131,7 @@ struct TokenTasks {
 
 TokenTasks token_tasks(const RopeProblem& pb, const std::vector<RopeRows>& sets) {
   int64_t row_elems = 0;
-  for (const RopeRows& r : sets) row_elems += r.heads * pb.layout.head_dim;
+  for (const RopeRows& r : sets) row_elems += r.heads * pb.channels.head_dim;
   const int64_t tokens = pb.B * pb.L;
   const int64_t per_task =
       std::max({int64_t(1), 16384 / std::max<int64_t>(row_elems, 1), (tokens + 1023) / 1024});
@@ -146,7 +146,7 @@ void for_each_token(const RopeProblem& pb, const TokenTasks& split, bool inverse
   const std::vector<double> inv_freq = inverse_frequencies(pb);
   at::parallel_for(0, split.count, 1, [&](int64_t t0, int64_t t1) {
     AngleCache<A, P> angles(pb, inv_freq, inverse);
-    std::vector<A> scratch(size_t(scratch_rows) * pb.layout.head_dim);
+    std::vector<A> scratch(size_t(scratch_rows) * pb.channels.head_dim);
     for (int64_t task = t0; task < t1; ++task) {
       for (int64_t n = task * split.per_task; n < std::min(split.tokens, (task + 1) * split.per_task); ++n) {
         const int64_t b = n / pb.L, l = n % pb.L;
@@ -160,7 +160,7 @@ void for_each_token(const RopeProblem& pb, const TokenTasks& split, bool inverse
 template <typename T, typename P>
 void forward_impl(const RopeProblem& pb, std::vector<RopeRows>& sets, bool inverse, double eps_d) {
   using A = at::opmath_type<T>;
-  const RopeLayout& L = pb.layout;
+  const RopeChannels& L = pb.channels;
   const int D = L.head_dim;
   const A eps = static_cast<A>(eps_d);
   for_each_token<A, P>(pb, token_tasks(pb, sets), inverse, 1,
@@ -190,7 +190,7 @@ template <typename T, typename P>
 void backward_impl(const RopeProblem& pb, std::vector<RopeRows>& sets, std::vector<at::Tensor>& partials,
                    double eps_d) {
   using A = at::opmath_type<T>;
-  const RopeLayout& L = pb.layout;
+  const RopeChannels& L = pb.channels;
   const int D = L.head_dim;
   const A eps = static_cast<A>(eps_d);
   const TokenTasks split = token_tasks(pb, sets);

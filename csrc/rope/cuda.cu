@@ -6,7 +6,7 @@
 // each lane moves VEC channels at a time with 16-byte loads and stores when alignment allows.
 // A lane keeps its channels in registers (at most 8 per lane: head dims up to 256), so the RMS
 // norm needs one read of the row (sum of squares reduced with warp shuffles inside the group).
-// Pair partners: in the interleaved layout a pair sits inside one vector; otherwise the partner is
+// Pair partners: with interleaved pairs a pair sits inside one vector; otherwise the partner is
 // read from global memory (L1 hit: the same group just read the row). Results are written only
 // after the whole group has read its row (__syncwarp), which makes the in-place op safe.
 // Per-element math: rope/math.h, shared with the CPU kernel; tensor views and checks: rope/shape.h;
@@ -33,7 +33,7 @@ constexpr int kMaxPerLane = 8;  // channels a lane holds: D <= 256 with G = 32
 constexpr int kMaxHeadDim = 256;
 
 struct Problem {
-  RopeLayout L;
+  RopeChannels L;
   double log_theta;
   int64_t B, Lt;
   const double* pos;
@@ -91,7 +91,7 @@ __device__ __forceinline__ AngleTile<A> angle_tile(const Problem& P, unsigned ch
 // Rotated value of channel c = c0 + e from a lane's registers `v` (already normalized by
 // `scale * weight` when w != null); the partner comes from registers or from `row` in global.
 template <typename T, int VEC>
-__device__ __forceinline__ at::opmath_type<T> rotated_value(const RopeLayout& L, const at::opmath_type<T>* v, int e,
+__device__ __forceinline__ at::opmath_type<T> rotated_value(const RopeChannels& L, const at::opmath_type<T>* v, int e,
                                                             int c, const T* row, const at::opmath_type<T>* w,
                                                             at::opmath_type<T> scale, const at::opmath_type<T>* cs,
                                                             const at::opmath_type<T>* sn) {
@@ -352,7 +352,7 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& positions, at::IntAr
   const RopeProblem rp = rope_problem(x, positions, dims, theta, interleaved);
   *pos64 = positions.to(at::kDouble);
   Problem P{};
-  P.L = rp.layout;
+  P.L = rp.channels;
   P.log_theta = rp.log_theta;
   P.B = rp.B;
   P.Lt = rp.L;

@@ -7,7 +7,7 @@
 // token needs `rotated / 2` cos/sin values, reused by every head of q and k.
 //   interleaved:     pair j of a chunk starting at s is channels (s + 2j, s + 2j + 1), so global
 //                    pair p is channels (2p, 2p + 1).
-//   not interleaved: pair j is channels (s + j, s + j + d/2) ("rotate_half" layout).
+//   not interleaved: pair j is channels (s + j, s + j + d/2) ("rotate_half" pairing).
 // A pair (a, b) at angle phi becomes (a cos - b sin, a sin + b cos); the inverse rotation (the
 // backward pass) uses -phi, i.e. flips the sign of sin.
 #pragma once
@@ -19,7 +19,7 @@
 
 namespace vdit {
 
-struct RopeLayout {
+struct RopeChannels {
   int dims[3];        // channels per axis chunk, each even
   int start[3];       // first channel of each chunk
   int pair_start[3];  // first global pair of each chunk
@@ -28,8 +28,8 @@ struct RopeLayout {
   bool interleaved;
 };
 
-inline RopeLayout make_rope_layout(int dt, int dh, int dw, int head_dim, bool interleaved) {
-  RopeLayout L;
+inline RopeChannels make_rope_channels(int dt, int dh, int dw, int head_dim, bool interleaved) {
+  RopeChannels L;
   L.dims[0] = dt;
   L.dims[1] = dh;
   L.dims[2] = dw;
@@ -46,13 +46,13 @@ inline RopeLayout make_rope_layout(int dt, int dh, int dw, int head_dim, bool in
 }
 
 // Axis (0 = t, 1 = h, 2 = w) of global pair p < rotated / 2.
-VDIT_HOST_DEVICE int rope_pair_axis(const RopeLayout& L, int p) {
+VDIT_HOST_DEVICE int rope_pair_axis(const RopeChannels& L, int p) {
   return p >= L.pair_start[2] ? 2 : (p >= L.pair_start[1] ? 1 : 0);
 }
 
 // Inverse frequency theta^(-2j/d) of global pair p, in double so that float and double kernels
 // round it exactly like the reference (which builds it in float64 and casts).
-VDIT_HOST_DEVICE double rope_inv_freq(const RopeLayout& L, double log_theta, int p) {
+VDIT_HOST_DEVICE double rope_inv_freq(const RopeChannels& L, double log_theta, int p) {
   const int a = rope_pair_axis(L, p);
   const int j = p - L.pair_start[a];
   return exp(-(2.0 * j / L.dims[a]) * log_theta);
@@ -66,7 +66,7 @@ struct RopeSlot {
   bool first;
 };
 
-VDIT_HOST_DEVICE RopeSlot rope_slot(const RopeLayout& L, int c) {
+VDIT_HOST_DEVICE RopeSlot rope_slot(const RopeChannels& L, int c) {
   RopeSlot s;
   if (L.interleaved) {
     s.pair = c >> 1;

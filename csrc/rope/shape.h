@@ -41,7 +41,7 @@ struct RopePositions {
 
 struct RopeProblem {
   int64_t B = 0, L = 0;
-  RopeLayout layout{};
+  RopeChannels channels{};
   double log_theta = 0;
   RopePositions pos;
 };
@@ -72,7 +72,7 @@ inline RopeProblem rope_problem(const at::Tensor& x, const at::Tensor& positions
   RopeProblem p;
   p.B = x.dim() == 4 ? x.size(0) : 1;
   p.L = x.dim() == 4 ? x.size(1) : x.size(0);
-  p.layout = make_rope_layout(int(dims[0]), int(dims[1]), int(dims[2]), int(D), interleaved);
+  p.channels = make_rope_channels(int(dims[0]), int(dims[1]), int(dims[2]), int(D), interleaved);
   p.log_theta = std::log(theta);
   TORCH_CHECK(positions.device() == x.device(), "vdit rope: positions must be on the tensors' device");
   const auto pd = positions.scalar_type();

@@ -92,7 +92,7 @@ def test_train_resumes_exactly(tmp_path, extra):
     (["--sequence-parallel", "3"], "--sequence-parallel (3) must divide the 1 ranks"),
     (["--min-videos", "0"], "--min-videos (0) must be >= the number of data-parallel groups (1)"),
 ])
-def test_train_bad_layout_is_one_line(tmp_path, args, message):
+def test_train_bad_rank_grid_is_one_line(tmp_path, args, message):
     result = run_cli(TRAIN, "--out", str(tmp_path / "run"), *TINY_TRAIN, *args)
     assert result.returncode == 2
     assert result.stderr.startswith(f"vdit-train: error: {message}") and len(result.stderr.strip().splitlines()) == 1
@@ -219,13 +219,13 @@ def _train(out, log, world_size, *extra):
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("layout", [["--sequence-parallel", "1"], ["--sequence-parallel", "2", "--sp-mode", "ring"],
+@pytest.mark.parametrize("grid", [["--sequence-parallel", "1"], ["--sequence-parallel", "2", "--sp-mode", "ring"],
                                     ["--fsdp"], ["--fsdp", "--sequence-parallel", "2"],
                                     ["--fsdp", "--activation-checkpointing"]],
                          ids=["ddp", "sequence-parallel", "fsdp", "fsdp-sequence-parallel", "fsdp-checkpointing"])
-def test_two_ranks_match_one_process(tmp_path, layout):
+def test_two_ranks_match_one_process(tmp_path, grid):
     single = _train(tmp_path / "one", tmp_path / "one.jsonl", 1)
-    ddp = _train(tmp_path / "two", tmp_path / "two.jsonl", 2, *layout)
+    ddp = _train(tmp_path / "two", tmp_path / "two.jsonl", 2, *grid)
     assert [r["step"] for r in ddp] == [1, 2, 3] and [r["videos"] for r in ddp] == [r["videos"] for r in single]
     for a, b in zip(single, ddp):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (single, ddp)

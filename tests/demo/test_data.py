@@ -1,9 +1,9 @@
-"""The demo's shapes dataset (vdit/demo/data.py) and the demo evaluation (vdit/demo/cli/eval.py): its
-image analysis, report and CLI."""
+"""The demo's shapes dataset (vdit/demo/data.py) and the demo evaluation: its image analysis and report
+(vdit/demo/evaluation.py) and its CLI (vdit/demo/cli/eval.py)."""
 import torch
 
-from vdit.demo.cli.eval import classify_colour, classify_motion, foreground_masks, held_out_prompts
 from vdit.demo.data import COLORS, HELD_OUT, MOTIONS, ShapesDataset, VideoSpec, ObjectSpec, render, vocabulary
+from vdit.demo.evaluation import classify_colour, classify_motion, foreground_masks, held_out_prompts
 from vdit.demo.text import WordTokenizer
 
 
@@ -54,7 +54,7 @@ def test_held_out_prompts_use_every_attribute_seen_in_training():
 
 
 def test_evaluate_reports_every_figure_as_a_fraction():
-    from vdit.demo.cli.eval import evaluate
+    from vdit.demo.evaluation import evaluate
     from vdit.demo.pipeline import TextEncoderConfig, TextToVideo
     from vdit.models import VideoDiTConfig
 
@@ -69,7 +69,7 @@ def test_evaluate_reports_every_figure_as_a_fraction():
 
 
 def test_pooled_weights_each_evaluation_by_its_videos():
-    from vdit.demo.cli.eval import pooled
+    from vdit.demo.evaluation import pooled
 
     figures = dict(colour_accuracy=1.0, object_in_every_frame=1.0, frame_diff=0.1, mask_iou=0.5)
     total = pooled([dict(figures, prompts=30, motion_accuracy=0.9), dict(figures, prompts=10, motion_accuracy=0.5)])

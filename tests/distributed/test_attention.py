@@ -1,7 +1,7 @@
 """vdit.distributed on CPU with gloo (2 and 4 processes): sequence-parallel attention (ulysses, ring, hybrid;
 forward and gradients) against single-process attention, a sequence-parallel VideoDiT forward + backward
 against one process, the process-group helpers (shard_packed / gather_packed / shard_range) and the
-cross-rank input checks; a data-parallel x sequence-parallel layout (groups made up front, vdit.distributed.build_mesh)
+cross-rank input checks; a data-parallel x sequence-parallel rank grid (groups made up front, vdit.distributed.build_mesh)
 repeated with fresh groups; the device-placement checker itself. Every worker runs under
 vdit.distributed.check_placement, so a collective given a tensor off the data's device, or a tensor made in
 vdit.distributed without a device, fails here as NCCL would fail on a GPU. The torchrun CLI tests are in
@@ -59,8 +59,11 @@ def _check(mode, dtype, Hq, Hk, causal, kv_replicated, ulysses_size=None, layout
     qs = shard_packed(q, bounds=bq).clone().requires_grad_()
     ks = (k if kv_replicated else shard_packed(k, bounds=bk)).clone().requires_grad_()
     vs = (v if kv_replicated else shard_packed(v, bounds=bk)).clone().requires_grad_()
+    # hybrid runs on its Ulysses and ring groups, made up front on every rank
+    subgroups = build_mesh("cpu", size, mode, ulysses_size).sequence_parallel.subgroups if mode == "hybrid" else None
     out = sequence_parallel_attention(qs, ks, vs, cu_q, cu_k, group=None, mode=mode, ulysses_size=ulysses_size,
-                                      softmax_scale=0.5, causal=causal, kv_replicated=kv_replicated, layout=layout)
+                                      softmax_scale=0.5, causal=causal, kv_replicated=kv_replicated, layout=layout,
+                                      subgroups=subgroups)
     out.backward(shard_packed(dout, bounds=bq))
     tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     a, b = bq[rank], bq[rank + 1]
@@ -100,8 +103,12 @@ def _check_model(mode, checker=None, depth=2, checkpointing=False, layout="token
 
     ref_out, ref_grads = run(None)
     model.enable_activation_checkpointing(checkpointing)
+    if mode == "hybrid":  # its Ulysses and ring groups, made up front on every rank
+        sp = build_mesh("cpu", dist.get_world_size(), mode, 2, layout).sequence_parallel
+    else:
+        sp = SequenceParallel(mode=mode, layout=layout)
     reads_before = sum(checker.host_reads.values()) if checker else 0
-    out, grads = run(SequenceParallel(mode=mode, ulysses_size=2 if mode == "hybrid" else None, layout=layout))
+    out, grads = run(sp)
     reads = (sum(checker.host_reads.values()) if checker else 0) - reads_before
     for a, b in zip(out, ref_out):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
@@ -112,7 +119,7 @@ def _check_model(mode, checker=None, depth=2, checkpointing=False, layout="token
 
 
 def _check_no_host_reads_per_layer(mode, checker):
-    """The sequence-parallel model reads the batch layout on the host once per batch: three blocks make no
+    """The sequence-parallel model reads the batch's offsets on the host once per batch: three blocks make no
     more host reads in vdit.distributed than one."""
     one, three = _check_model(mode, checker, depth=1), _check_model(mode, checker, depth=3)
     assert one == three, (mode, one, three, dict(checker.host_reads))
@@ -122,10 +129,10 @@ def _check_mesh_repeated(repeats):
     """dp x sp = 2 x 2 with hybrid sequence parallelism inside each data-parallel group, every group made up
     front by every rank; repeated with fresh groups. Each data-parallel group attends its own batch."""
     for _ in range(repeats):
-        layout = build_mesh("cpu", sp=2, mode="hybrid", ulysses_size=1)
-        assert layout.dp_size == 2 and layout.sp_size == 2
-        sp = layout.sequence_parallel
-        g = torch.Generator().manual_seed(layout.dp_rank)
+        mesh = build_mesh("cpu", sp=2, mode="hybrid", ulysses_size=1)
+        assert mesh.dp_size == 2 and mesh.sp_size == 2
+        sp = mesh.sequence_parallel
+        g = torch.Generator().manual_seed(mesh.dp_rank)
         q, k, v = (torch.randn(sum(LENGTHS), 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
         cu = _cu(LENGTHS)
         ref = reference.varlen_attention(q, k, v, cu, cu)
@@ -185,6 +192,11 @@ def _cases(rank, size, cases, checker):
         raise AssertionError("a wrong shard size was accepted")
     except ValueError as exc:
         assert "do not follow the contract" in str(exc)
+    try:  # hybrid without its groups made up front: raises on every rank, before any collective
+        sequence_parallel_attention(q, q, q, _cu(LENGTHS), _cu(LENGTHS), mode="hybrid", ulysses_size=1)
+        raise AssertionError("hybrid attention ran without subgroups")
+    except ValueError as exc:
+        assert "build_mesh" in str(exc)
     assert checker.collectives["all_gather"] > 0 and checker.collectives["all_to_all_single"] > 0
 
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import vdit.ops as V
 from vdit.ops import _registry
 from vdit.ops import reference as R
+from vdit.ops.tiles import lists_with_global_tiles, sliding_window_tiles, tile_layout, to_global, with_global_tiles
 from tests.conftest import TOLERANCES, assert_close, cu_seqlens_of
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -200,3 +201,74 @@ def test_sliding_tile_attention_matches_reference(backend, grids, tile, window, 
     expected = V.sliding_tile_attention(q.double(), k.double(), v.double(), cu, g, tile, window, backend="torch")
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert_close(out, expected, dtype, scale=4 if dtype == torch.bfloat16 else 2)
+
+
+def _sparse_oracle(q, k, v, grids, tile, kv_tiles, global_tokens):
+    """float64 ``reference.block_sparse_attention_tiles`` over the batch's tile layout, with one more (dense)
+    tile per video for its global tokens: (out, lse), differentiable in q, k, v."""
+    layout = tile_layout(grids, tile)
+    if global_tokens is not None:
+        layout = with_global_tiles(layout, global_tokens)
+        kv_tiles = lists_with_global_tiles(layout, kv_tiles)
+    return R.block_sparse_attention_tiles(q, k, v, layout.offsets, to_global(layout, kv_tiles), return_lse=True)
+
+
+def _sparse_case(grids, globals_, heads, dim, seed):
+    """float64 leaf q, k, v for the videos ``grids`` each followed by its ``globals_`` tokens (None: no
+    global tokens), with cu_seqlens, int32 grids and the op's global_tokens argument."""
+    extra = globals_ or [0] * len(grids)
+    lens = [t * h * w + g for (t, h, w), g in zip(grids, extra)]
+    Hq, Hk = heads
+    q = tensor((sum(lens), Hq, dim), torch.float64, seed).requires_grad_()
+    k, v = (tensor((sum(lens), Hk, dim), torch.float64, seed + i).requires_grad_() for i in (1, 2))
+    return q, k, v, cu_seqlens_of(lens), torch.tensor(grids, dtype=torch.int32), globals_
+
+
+def _assert_sparse_matches(got, want, q, k, v, seed):
+    """out, lse and the q, k, v gradients of a sparse op's (out, lse) against the oracle's, in float64."""
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float64 and a.shape == b.shape
+        assert torch.equal(torch.isinf(a), torch.isinf(b))  # lse -inf exactly where a query sees no key
+        assert_close(torch.where(torch.isinf(b), 0, a), torch.where(torch.isinf(b), 0, b), torch.float64)
+    grad = tensor(got[0].shape, torch.float64, seed + 3)
+    for a, b in zip(torch.autograd.grad(got[0], (q, k, v), grad), torch.autograd.grad(want[0], (q, k, v), grad)):
+        assert_close(a, b, torch.float64)
+
+
+sparse_grids = st.lists(st.tuples(st.integers(1, 4), st.integers(1, 5), st.integers(1, 5)), min_size=1, max_size=3)
+sparse_tiles = st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3))
+sparse_heads = st.sampled_from([(1, 1), (2, 1), (4, 2), (3, 3)])
+
+
+@given(grids=sparse_grids, tile=sparse_tiles, window=st.tuples(*[st.integers(1, 3)] * 3), heads=sparse_heads,
+       per_head=st.booleans(), dim=st.sampled_from([4, 8, 12]), seed=st.integers(0, 2**16), data=st.data())
+def test_sparse_sliding_tile_kernel_matches_reference_in_float64(grids, tile, window, heads, per_head, dim, seed,
+                                                                 data):
+    """The C++ kernel of sliding_tile_attention against the float64 oracle: random packings, tiles, windows
+    (one, or one per head; larger than the grid on some axes) and global tokens (none, or 0-3 per video)."""
+    assume(all(any(t <= n for t, n in zip(tile, g)) for g in grids))  # the op refuses a video below one tile
+    globals_ = data.draw(st.none() | st.lists(st.integers(0, 3), min_size=len(grids), max_size=len(grids)))
+    q, k, v, cu, g, globals_ = _sparse_case(grids, globals_, heads, dim, seed)
+    windows = torch.tensor([window], dtype=torch.int64)
+    if per_head:
+        windows = torch.tensor(data.draw(st.lists(st.tuples(*[st.integers(1, 3)] * 3), min_size=heads[0],
+                                                  max_size=heads[0])), dtype=torch.int64)
+    got = V.sliding_tile_attention(q, k, v, cu, g, tile, windows if per_head else window, global_tokens=globals_,
+                                   return_lse=True, backend="cpu")
+    kv_tiles = sliding_window_tiles(tile_layout(g, tile), windows)
+    _assert_sparse_matches(got, _sparse_oracle(q, k, v, g, tile, kv_tiles, globals_), q, k, v, seed)
+
+
+@given(grids=sparse_grids, tile=sparse_tiles, topk=st.integers(1, 6), heads=sparse_heads,
+       dim=st.sampled_from([4, 8, 12]), seed=st.integers(0, 2**16), data=st.data())
+def test_sparse_topk_kernel_matches_reference_in_float64(grids, tile, topk, heads, dim, seed, data):
+    """The C++ kernel of block_sparse_attention on topk_tiles' lists (rows padded with -1 where a video has
+    fewer than topk tiles) against the float64 oracle, with and without global tokens."""
+    assume(all(any(t <= n for t, n in zip(tile, g)) for g in grids))
+    globals_ = data.draw(st.none() | st.lists(st.integers(0, 3), min_size=len(grids), max_size=len(grids)))
+    q, k, v, cu, g, globals_ = _sparse_case(grids, globals_, heads, dim, seed)
+    kv_tiles = V.topk_tiles(q.detach(), k.detach(), cu, g, tile, topk, global_tokens=globals_)
+    assert kv_tiles.shape == (tile_layout(g, tile).num_tiles, heads[0], topk)
+    got = V.block_sparse_attention(q, k, v, cu, g, tile, kv_tiles, global_tokens=globals_, return_lse=True,
+                                   backend="cpu")
+    _assert_sparse_matches(got, _sparse_oracle(q, k, v, g, tile, kv_tiles, globals_), q, k, v, seed)

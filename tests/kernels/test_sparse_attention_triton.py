@@ -1,4 +1,4 @@
-"""The Triton block-sparse attention kernels (vdit/kernels/triton/sparse_attention.py), called directly.
+"""The Triton block-sparse attention kernels (vdit/kernels/triton/sparse_attention/), called directly.
 
 block_sparse_attention_forward / block_sparse_attention_backward against the float64 oracle
 (vdit.ops.reference.block_sparse_attention_tiles, gradients by autograd): out, lse, dq, dk, dv on packed
@@ -6,7 +6,7 @@ batches of videos in tile order built with vdit.ops.tiles (grids not divisible b
 video, tiles larger than a kernel block, per-head windows, grouped-query heads, -1 slots in the middle
 of a row, rows with no tile at all, key tiles nobody attends), a window covering the whole grid against
 dense attention, the work list, alignment, head-dim padding, and determinism. Without a GPU the kernels
-run under TRITON_INTERPRET=1 on CPU tensors (conftest.py), in fp16 and fp32 only (the interpreter's bf16
+run under TRITON_INTERPRET=1 on CPU tensors (tests/conftest.py), in fp16 and fp32 only (the interpreter's bf16
 tl.dot is wrong), with small blocks on small shapes. Outputs are NaN-poisoned (conftest's autouse
 fixture), so a row a kernel forgets fails.
 
@@ -30,7 +30,7 @@ else:
 pytestmark = pytest.mark.skipif(S is None, reason="could not import 'triton'")
 
 from tests.kernels.test_attention import DEVICE, DTYPES, GRAD_SCALE  # the dense kernel tests' dtypes and tolerances
-# The brief's batch: grids not divisible by the tile (5, 6, 7), a 1-frame video, a larger one.
+# A batch that covers the edge cases: grids not divisible by the tile (5, 6, 7), a 1-frame video, a larger one.
 GRIDS = [[5, 6, 7], [1, 4, 4], [4, 8, 8]]
 
 

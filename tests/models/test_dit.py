@@ -249,6 +249,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
 
 def test_block_compiles_fullgraph():
     """A DiT block traces into one graph through the vdit ops (torch.library custom ops)."""
+    from vdit.models.dit import BlockInputs
     from vdit.packing import grid_positions
 
     model = tiny_model()
@@ -256,7 +257,8 @@ def test_block_compiles_fullgraph():
     videos, t, context, cu_ctx = batch(model)
     x, cu, grids = model.patch_embed(videos)
     c = model.conditioning(t, context, cu_ctx)
-    args = (x, c, cu, int((cu[1:] - cu[:-1]).max()), grid_positions(grids), model.rope, context, cu_ctx, 3)
+    inputs = BlockInputs(c, cu, int((cu[1:] - cu[:-1]).max()), grid_positions(grids), model.rope, context, cu_ctx, 3)
+    args = (x, inputs)
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(*args), block(*args), rtol=1e-5, atol=1e-5)

@@ -2,7 +2,8 @@
 (vdit/ops/tiles.py, vdit.packing): every backend against the float64 reference, forward, lse and
 gradients, for packed batches that mix grids not divisible by the tile, a 1-frame image, windows larger
 than the grid (equal to dense attention), per-head windows, GQA and top-k lists with unused slots; the
-window and tile semantics pinned by the issue, and bad inputs rejected before any kernel runs.
+tile order (raster order of tiles, raster order inside a tile, partial edge tiles) and the sliding-window
+rule pinned token by token, and bad inputs rejected before any kernel runs.
 
 The reference itself is checked against an independent formulation: a per-token mask built from the
 window rule, applied to dense attention."""
@@ -35,7 +36,9 @@ def _batch(grids, hq, hk, d, dtype, device="cpu", seed=0):
 
 
 def _window_mask(grids, tile, windows, heads):
-    """(heads, total, total) bool, built token by token from the window rule in the issue, in tile order."""
+    """(heads, total, total) bool in tile order, built token by token from the sliding-window rule: along each
+    axis a query in tile a sees the key tiles [s, s + w) with s = clamp(a - (w - 1) // 2, 0, max(n - w, 0)),
+    n the axis' tile count (a centred window, shifted inwards at the grid's edges)."""
     masks, start = [], 0
     total = sum(t * h * w for t, h, w in grids)
     full = torch.zeros(heads, total, total, dtype=torch.bool)

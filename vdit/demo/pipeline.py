@@ -37,7 +37,7 @@ class TextToVideo(nn.Module):
 
     ``sampling_shift`` is the time shift (vdit.sampling.time_shift) :func:`generate` uses by default: the one
     the weights were trained with, since a sampler that spends its steps where the model never trained (t
-    near 1 for a small training shift) gets layouts that do not hold from frame to frame.
+    near 1 for a small training shift) gets compositions that do not hold from frame to frame.
     """
 
     CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"

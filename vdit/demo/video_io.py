@@ -10,8 +10,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-VIDEO_SUFFIXES = (".mp4", ".gif")
-
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     """(3, T, H, W) in [-1, 1] -> uint8 (T, H, W, 3)."""

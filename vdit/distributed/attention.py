@@ -14,7 +14,6 @@ from vdit.distributed.ulysses import HeadsToTokens, TokensToHeads, head_chunk
 from vdit.ops import varlen_attention
 
 MODES = ("ulysses", "ring", "hybrid")
-_SUBGROUPS: dict = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,23 +44,12 @@ class SequenceParallel:
                                            subgroups=self.subgroups, layout=self.layout, **kwargs)
 
 
-def _hybrid_groups(group, ulysses_size: int):
-    """(ulysses group, ring group) of this rank when ``group`` is the whole world: ranks g*U .. g*U+U-1
-    share a Ulysses group (adjacent token ranges); ranks with the same index inside their Ulysses group
-    form a ring. Created on first use by every rank, in the same order (every rank of the world runs the
-    same attention calls); inside a subgroup they must exist beforehand (:func:`vdit.distributed.build_mesh`)."""
-    rank, size = world(group)
-    if group is not None and size != dist.get_world_size():
-        raise ValueError("hybrid sequence parallelism inside a subgroup needs its Ulysses and ring groups created up "
-                         "front on every rank: build the groups with vdit.distributed.build_mesh")
-    key = (size, ulysses_size)
-    if key not in _SUBGROUPS:
-        rings = size // ulysses_size
-        ulysses = [dist.new_group([g * ulysses_size + u for u in range(ulysses_size)]) for g in range(rings)]
-        ring = [dist.new_group([g * ulysses_size + u for g in range(rings)]) for u in range(ulysses_size)]
-        _SUBGROUPS[key] = (ulysses, ring)
-    ulysses, ring = _SUBGROUPS[key]
-    return ulysses[rank // ulysses_size], ring[rank % ulysses_size]
+def _hybrid_subgroups(subgroups) -> tuple:
+    """The (Ulysses group, ring group) pair hybrid attention runs on; a ValueError without one."""
+    if subgroups is None or len(subgroups) != 2:
+        raise ValueError("hybrid sequence parallelism needs subgroups=(Ulysses group, ring group) made up front on "
+                         "every rank: build them with vdit.distributed.build_mesh")
+    return tuple(subgroups)
 
 
 # One entry per batch: its checks ran and its host-side offsets were read once, not per layer.
@@ -110,9 +98,9 @@ def sequence_parallel_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
             (Ulysses inside groups of ``ulysses_size`` ranks, ring across them).
         layout: how the shards split the tokens, ``"tokens"`` or ``"work"`` (:mod:`vdit.distributed.sharding`;
             the shards must follow ``shard_bounds(cu_seqlens, group size, layout, causal)``).
-        subgroups: hybrid: this rank's (Ulysses group, ring group), created up front on every rank
-            (:func:`vdit.distributed.build_mesh`); None creates them on first use, which only works when
-            ``group`` is the whole world.
+        subgroups: hybrid (required): this rank's (Ulysses group, ring group), created up front on every
+            rank, in the same order (:func:`vdit.distributed.build_mesh`; ``new_group`` entered lazily by the
+            ranks that need it hangs the others).
         causal: supported for self-attention (cu_seqlens_q == cu_seqlens_k, not kv_replicated).
     Returns:
         (n_r, Hq, D), this rank's range of the output. Differentiable with respect to the shards.
@@ -121,6 +109,8 @@ def sequence_parallel_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "hybrid":  # before any collective: every rank raises alike
+        subgroups = _hybrid_subgroups(subgroups)
     rank, size = world(group)
     Hq, Hk, D = q.shape[1], k.shape[1], q.shape[2]
     plan = _batch_plan(q, k, cu_seqlens_q, cu_seqlens_k, group, causal, kv_replicated, layout)
@@ -134,7 +124,7 @@ def sequence_parallel_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
         raise ValueError(f"ulysses_size must divide the group size {size}, got {ulysses_size}")
     if Hq % u or (Hk % u):
         raise ValueError(f"Ulysses over {u} ranks needs q heads ({Hq}) and k/v heads ({Hk}) divisible by {u}")
-    ugroup, rgroup = (group, None) if mode == "ulysses" else (subgroups or _hybrid_groups(group, u))
+    ugroup, rgroup = (group, None) if mode == "ulysses" else subgroups
     first = rank - rank % u  # token counts of the ranks of this Ulysses group (adjacent contract ranges)
     sizes_q = shard_sizes(plan.total_q, size, plan.bounds(size))[first:first + u]
     qh = TokensToHeads.apply(q, sizes_q, ugroup)

@@ -1,15 +1,18 @@
-"""Process groups of a data-parallel x sequence-parallel layout, created up front on every rank.
+"""Process groups of a data-parallel x sequence-parallel rank grid, created up front on every rank.
 
 ``torch.distributed.new_group`` must be entered by every rank of the world, with the same rank lists, in
 the same order, even by ranks that will not be members; a group created lazily by the ranks that need it
-hangs (or fails) the others. :func:`build_mesh` therefore creates every group of the layout at once:
+hangs (or fails) the others. :func:`build_mesh` therefore creates every group of the grid at once:
 
     ranks (world W = dp * sp, sp = ring * ulysses), row-major over (dp, ring, ulysses):
       sequence-parallel group g: ranks g*sp .. g*sp + sp - 1 (adjacent token ranges of one batch share);
       Ulysses groups: ulysses consecutive ranks inside it; ring groups: the ranks of equal Ulysses index;
       data-parallel groups: the ranks of equal sequence-parallel index.
 
-It uses ``torch.distributed.device_mesh`` (the layout FSDP2 takes as well).
+It uses ``torch.distributed.device_mesh`` (the mesh FSDP2 takes as well): two meshes, (dp, ring, ulysses)
+then (dp, sp), each creating all of its groups on every rank in the same order. Nothing else in
+vdit.distributed creates a group: hybrid attention takes its Ulysses and ring groups from here
+(``SequenceParallel.subgroups``) and raises without them.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from vdit.distributed.sharding import LAYOUTS
 
 @dataclasses.dataclass(frozen=True)
 class ParallelMesh:
-    """This rank's groups in a dp x sp layout (see the module docstring).
+    """This rank's groups in a dp x sp rank grid (see the module docstring).
 
     Attributes:
         mesh: DeviceMesh over (dp, ring, ulysses); sp_mesh: DeviceMesh over (dp, sp).
@@ -32,27 +35,37 @@ class ParallelMesh:
         sequence_parallel: what the model's attention takes (None for sp == 1).
     """
 
-    mesh: DeviceMesh
-    sp_mesh: DeviceMesh
+    mesh: DeviceMesh | None
+    sp_mesh: DeviceMesh | None
     dp_group: object
     sequence_parallel: SequenceParallel | None
 
+    @classmethod
+    def single_process(cls) -> ParallelMesh:
+        """The grid of a run without torch.distributed: one rank, dp = sp = 1, no process groups."""
+        return cls(None, None, None, None)
+
     @property
     def dp_size(self) -> int:
-        return self.sp_mesh.size(0)
+        return 1 if self.sp_mesh is None else self.sp_mesh.size(0)
 
     @property
     def sp_size(self) -> int:
-        return self.sp_mesh.size(1)
+        return 1 if self.sp_mesh is None else self.sp_mesh.size(1)
 
     @property
     def dp_rank(self) -> int:
-        return self.sp_mesh.get_local_rank(0)
+        return 0 if self.sp_mesh is None else self.sp_mesh.get_local_rank(0)
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in the grid: dp_size * sp_size."""
+        return self.dp_size * self.sp_size
 
 
 def build_mesh(device_type: str, sp: int = 1, mode: str = "ulysses", ulysses_size: int | None = None,
                layout: str = "tokens") -> ParallelMesh:
-    """Every process group of a dp x sp layout over the whole world, created now on every rank in the same
+    """Every process group of a dp x sp rank grid over the whole world, created now on every rank in the same
     order (all ranks must call this together).
 
     Args:
@@ -64,7 +77,7 @@ def build_mesh(device_type: str, sp: int = 1, mode: str = "ulysses", ulysses_siz
         layout: how a batch's tokens are split over the sequence-parallel ranks (``"tokens"``, ``"work"``:
             :mod:`vdit.distributed.sharding`).
     Raises:
-        ValueError on a layout the world cannot hold.
+        ValueError on a grid the world cannot hold, or an unknown ``layout`` / ``mode``.
     """
     world = dist.get_world_size()
     if layout not in LAYOUTS:

@@ -44,8 +44,9 @@ class Step(NamedTuple):
 
 class BatchPlan:
     """What every layer of one batch shares, read on the host once: the global offsets (host ints), their
-    totals and longest sequences, and per ring layout the ring's steps (:class:`Step`, offsets on the data's
-    device), so that layers after the first make no host synchronisation and no host-to-device copy."""
+    totals and longest sequences, and per ring (its size, this rank, causal, kv_replicated) the ring's steps
+    (:class:`Step`, offsets on the data's device), so that layers after the first make no host
+    synchronisation and no host-to-device copy."""
 
     def __init__(self, cu_q: list[int], cu_k: list[int], bounds_q: list[int] | None = None,
                  bounds_k: list[int] | None = None):

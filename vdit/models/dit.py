@@ -170,6 +170,39 @@ class PromptVelocity(nn.Module):
         return torch.cat([t, fractions[:, 1:].float() - velocity * (t - 0.5)], dim=1)
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockInputs:
+    """What every :class:`DiTBlock` of one forward reads besides its tokens x (the same for all blocks).
+
+    Attributes:
+        c: (B, hidden) adaLN conditioning per sample.
+        cu: int32 (B + 1,) offsets of the whole packed batch (self-attention); max_len: its longest video.
+        positions: (n, 3) (t, h, w) grid positions of x's tokens; rope: the model's RotaryEmbedding3d.
+        context: (total_ctx, context_dim) packed text; cu_ctx: int32 (B + 1,) its offsets; max_ctx: the
+            longest prompt.
+        sequence_parallel: the :class:`vdit.distributed.SequenceParallel` x is sharded over, or None.
+        cu_local: int32 (B + 1,) offsets of this rank's shard (per-sample adaLN, cross-attention); None: ``cu``.
+        grids: int (B, 3) the videos' token grids when the attention is tile-sparse (x in tile order), else None.
+    """
+
+    c: torch.Tensor
+    cu: torch.Tensor
+    max_len: int
+    positions: torch.Tensor
+    rope: nn.Module
+    context: torch.Tensor
+    cu_ctx: torch.Tensor
+    max_ctx: int
+    sequence_parallel: SequenceParallel | None = None
+    cu_local: torch.Tensor | None = None
+    grids: torch.Tensor | None = None
+
+    @property
+    def cu_tokens(self) -> torch.Tensor:
+        """Offsets of the tokens x holds: the shard's with sequence parallelism, else the batch's."""
+        return self.cu if self.cu_local is None else self.cu_local
+
+
 class DiTBlock(nn.Module):
     """adaLN -> self-attention (3D RoPE) -> gated residual -> cross-attention -> adaLN -> MLP -> gated residual."""
 
@@ -187,18 +220,17 @@ class DiTBlock(nn.Module):
         hidden = int(d * cfg.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
 
-    def forward(self, x, c, cu, max_len, positions, rope, context, cu_ctx, max_ctx, *, sequence_parallel=None,
-                cu_local=None, grids=None):
-        """x (n, hidden) packed tokens; with ``sequence_parallel`` x is this rank's shard, ``cu`` describes
-        the whole batch (for self-attention) and ``cu_local`` the shard (per-sample adaLN, cross-attention).
-        With tile-sparse attention x is in tile order and ``grids`` (B, 3) are the videos' token grids."""
-        cu_local = cu if cu_local is None else cu_local
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
-        sparse = {} if grids is None else {"grids": grids}
-        h = self.attn(adaln_modulate(x, shift1, scale1, cu_local), cu, max_len, positions, rope,
-                      sequence_parallel=sequence_parallel, **sparse)
+    def forward(self, x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+        """x (n, hidden) packed tokens -> (n, hidden); ``inputs``: what every block of the forward reads
+        (:class:`BlockInputs`). With sequence parallelism x is this rank's shard; with tile-sparse attention
+        x is in tile order."""
+        cu_local = inputs.cu_tokens
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(inputs.c)
+        sparse = {} if inputs.grids is None else {"grids": inputs.grids}
+        h = self.attn(adaln_modulate(x, shift1, scale1, cu_local), inputs.cu, inputs.max_len, inputs.positions,
+                      inputs.rope, sequence_parallel=inputs.sequence_parallel, **sparse)
         x = gated_residual(x, h, gate1, cu_local)
-        x = x + self.cross(self.cross_norm(x), cu_local, context, cu_ctx, max_len, max_ctx)
+        x = x + self.cross(self.cross_norm(x), cu_local, inputs.context, inputs.cu_ctx, inputs.max_len, inputs.max_ctx)
         h = self.mlp(adaln_modulate(x, shift2, scale2, cu_local))
         return gated_residual(x, h, gate2, cu_local)
 
@@ -219,8 +251,8 @@ class VideoDiT(nn.Module):
     ``enable_activation_checkpointing()`` recomputes each block in the backward (sequence-parallel runs too).
 
     torch.compile: every block traces into one graph (``fullgraph=True``; tests/models/test_dit.py). CUDA graphs:
-    the forward reads the batch layout on the host (grid positions, max_seqlen, per-sample lengths), so
-    capture compiled blocks for a fixed batch layout rather than the whole forward (in eager mode the ops'
+    the forward reads the batch's packing on the host (grid positions, max_seqlen, per-sample lengths), so
+    capture compiled blocks for a fixed packing rather than the whole forward (in eager mode the ops'
     input validation also reads ``cu_seqlens`` on the host; under torch.compile it is skipped).
     """
 
@@ -278,13 +310,13 @@ class VideoDiT(nn.Module):
         max_len = int((cu[1:] - cu[:-1]).max())
         max_ctx = int((cu_seqlens_context[1:] - cu_seqlens_context[:-1]).max())
         c = self.conditioning(timesteps, context, cu_seqlens_context, pooled)
-        cu_local, sparse = None, {}
+        cu_local, sparse = None, False
         if self.config.attention != "dense":
             if sequence_parallel is not None:
                 raise NotImplementedError(f"attention={self.config.attention!r} does not run sequence-parallel yet")
             # Tile order for the blocks, once; per-sample ops (adaLN, cross-attention) are order-free.
             perm = tile_permutation(grids, self.config.tile)
-            x, positions, sparse = x[perm], positions[perm], {"grids": grids}
+            x, positions, sparse = x[perm], positions[perm], True
         if sequence_parallel is not None:
             total = x.shape[0]
             cu_host = cu.tolist()
@@ -292,15 +324,15 @@ class VideoDiT(nn.Module):
             start, end = bounds[sequence_parallel.rank], bounds[sequence_parallel.rank + 1]
             x, positions = shard_packed(x, sequence_parallel.group, bounds), positions[start:end]
             cu_local = local_offsets(cu_host, start, end, cu.device)
+        inputs = BlockInputs(c, cu, max_len, positions, self.rope, context, cu_seqlens_context, max_ctx,
+                             sequence_parallel=sequence_parallel, cu_local=cu_local, grids=grids if sparse else None)
         for block in self.blocks:
-            args = (x, c, cu, max_len, positions, self.rope, context, cu_seqlens_context, max_ctx)
-            options = dict(sequence_parallel=sequence_parallel, cu_local=cu_local, **sparse)
             if self.activation_checkpointing and torch.is_grad_enabled():
                 # Recomputed in the backward, collectives of sequence parallelism included: every rank
                 # recomputes its blocks in the same (reverse) order, so they pair up again.
-                x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, **options)
+                x = torch.utils.checkpoint.checkpoint(block, x, inputs, use_reentrant=False)
             else:
-                x = block(*args, **options)
+                x = block(x, inputs)
         if sequence_parallel is not None:
             x = gather_packed(x, total, sequence_parallel.group, bounds)
         if sparse:

@@ -13,14 +13,14 @@ class RotaryEmbedding3d(nn.Module):
     Args:
         head_dim: Dh.
         dims: (dt, dh, dw) channels per axis, each even, sum <= head_dim (the rest pass through).
-        theta: frequency base; interleaved: pair layout (see :func:`vdit.ops.rope_3d`).
+        theta: frequency base; interleaved: how channels pair up (see :func:`vdit.ops.rope_3d`).
 
     ``forward(q, k, positions, q_norm_weight=None, k_norm_weight=None, eps=1e-6)``: q (total, Hq, Dh) or
     (B, L, Hq, Dh), k likewise, positions (total, 3) / (L, 3) / (B, L, 3) -> (q, k) rotated; with norm
     weights the heads are RMS-normalized first, in the same pass.
 
     Presets (:meth:`hunyuan_video`, :meth:`wan`, :meth:`cogvideox`) reproduce the axis splits, bases and
-    pair layouts of those models; positions are the integer (t, h, w) latent-patch grid
+    channel pairings of those models; positions are the integer (t, h, w) latent-patch grid
     (:func:`vdit.packing.grid_positions` / :func:`vdit.packing.dense_positions`).
     """
 

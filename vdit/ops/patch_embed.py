@@ -321,7 +321,7 @@ def patch_embed_3d_varlen(videos: Sequence[torch.Tensor], weight: torch.Tensor, 
 def patch_unembed_3d(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      grid: Sequence[int], patch_size: Sequence[int], *, backend: str = "auto") -> torch.Tensor:
     """Final projection + unpatchify for dense tokens, fused: the projected patches are written
-    straight into the video layout.
+    straight into the (B, C, T, H, W) video.
 
     Args:
         tokens: (B, N, D) float, N = Tp*Hp*Wp.

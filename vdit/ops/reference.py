@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "patchify_3d", "unpatchify_3d", "patch_embed_3d", "patch_embed_3d_varlen", "varlen_attention",
-    "varlen_attention_backward", "rope_3d", "rope_3d_qk", "rope_3d_angles", "adaln_modulate", "gated_residual", "segment_ids",
+    "varlen_attention_backward", "rope_3d", "rope_3d_qk", "rope_3d_angles", "adaln_modulate", "gated_residual",
+    "segment_ids",
     "patch_unembed_3d", "patch_unembed_3d_varlen", "compute_dtype", "block_sparse_attention",
     "block_sparse_attention_tiles",
 ]
@@ -195,7 +196,7 @@ def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
 
 
 # --------------------------------------------------------------------------------------------
-# 3D rotary position embedding
+# Block-sparse spacetime attention
 # --------------------------------------------------------------------------------------------
 
 def block_sparse_attention_tiles(q, k, v, tile_offsets, kv_tiles, *, softmax_scale=None, return_lse=False):
@@ -251,6 +252,10 @@ def block_sparse_attention(q, k, v, cu_seqlens, grids, tile, kv_tiles, *, softma
     return block_sparse_attention_tiles(q, k, v, layout.offsets, to_global(layout, kv_tiles.to(torch.int32)),
                                         softmax_scale=softmax_scale, return_lse=return_lse)
 
+
+# --------------------------------------------------------------------------------------------
+# 3D rotary position embedding
+# --------------------------------------------------------------------------------------------
 
 def rope_3d_angles(positions: torch.Tensor, dims: Sequence[int], theta: float = 10000.0,
                    dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
@@ -326,7 +331,7 @@ def rope_3d_qk(q, k, positions, *, dims, theta=10000.0, interleaved=True,
 
 
 # --------------------------------------------------------------------------------------------
-# adaLN
+# adaLN modulation and gated residual
 # --------------------------------------------------------------------------------------------
 
 def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -337,7 +342,7 @@ def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def _per_token(param: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """Expand a per-sample (B, C) parameter to x's token layout."""
+    """Expand a per-sample (B, C) parameter to one row per token of x (packed, or (B, N, C))."""
     if cu_seqlens is None:
         return param[:, None, :]
     return param[segment_ids(cu_seqlens, x.shape[0])]
@@ -370,6 +375,10 @@ def gated_residual(x, y, gate, cu_seqlens=None):
     cd = compute_dtype(x.dtype)
     return (x.to(cd) + _per_token(gate.to(cd), x, cu_seqlens) * y.to(cd)).to(x.dtype)
 
+
+# --------------------------------------------------------------------------------------------
+# Patch unembedding
+# --------------------------------------------------------------------------------------------
 
 def patch_unembed_3d(tokens, weight, bias, grid, patch_size):
     """Final projection + unpatchify: ``unpatchify_3d(tokens @ weight.T + bias, grid, patch_size)``.

@@ -11,7 +11,7 @@ from the last checkpoint exactly (model, EMA, optimizer, data position; noise is
     torchrun --nproc_per_node 4 -m vdit.demo.cli.train --out runs/demo-sp --sequence-parallel 2   # 2 x 2
 
 Under torchrun the global batch is the same as in one process and its videos are dealt to the
-data-parallel groups by token count; the loss is normalized globally, so any layout takes the same steps as one
+data-parallel groups by token count; the loss is normalized globally, so any rank grid takes the same steps as one
 process. With --sequence-parallel N, groups of N consecutive ranks split each video's tokens
 (vdit.distributed; --sp-mode ulysses, ring or hybrid).
 """
@@ -37,6 +37,7 @@ from vdit.demo.cli.common import UsageError
 from vdit.demo.data import ShapesDataset, vocabulary
 from vdit.demo.growth import ADDED_MODULES, with_added_modules, with_attention
 from vdit.demo.pipeline import TextEncoderConfig, TextToVideo
+from vdit.distributed import ParallelMesh, build_mesh
 from vdit.distributed.sharding import balanced_split
 from vdit.models import VideoDiTConfig
 from vdit.sampling import time_shift
@@ -58,11 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the schedule follows --steps, so a resumed run with fewer steps starts decaying earlier")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay")
     p.add_argument("--timestep-shift", type=float, default=1.0,
-                   help="train on t = time_shift(u, shift): > 1 puts more steps at high noise, where a video's layout "
-                        "and colours are decided; use the sampler's shift")
+                   help="train on t = time_shift(u, shift): > 1 puts more steps at high noise, where a video's "
+                        "composition and colours are decided; use the sampler's shift")
     p.add_argument("--timestep-sampling", choices=("logit-normal", "uniform"), default="logit-normal",
                    help="distribution of u: sigmoid(N(0, 1)) (concentrated at mid noise) or U(0, 1) (the density of "
-                        "the sampler's own time grid, which covers t near 1 where large videos get their layout)")
+                        "the sampler's own time grid, which covers t near 1 where large videos get their composition)")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="probability of an empty prompt (for CFG)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=200)
@@ -145,14 +146,25 @@ def optimizer(model: TextToVideo, args) -> tuple[torch.optim.Optimizer, list[str
     return opt, [n for n, _ in base + added]
 
 
+@dataclasses.dataclass
+class TrainBatch:
+    """This rank's share of one packed batch (:func:`next_batch`) and where the next batch starts."""
+
+    indices: list[int]  # dataset indices of this rank's videos
+    videos: list[torch.Tensor]  # (3, T, H, W) each
+    captions: list[str]  # their captions, "" where dropped (for classifier-free guidance)
+    elements: int  # element count of the whole batch: the loss is the mean over all of them
+    batch_videos: int  # videos in the whole batch, all data-parallel ranks together
+    next_index: int  # the dataset index the next batch starts from
+
+
 def next_batch(dataset: ShapesDataset, index: int, budget: int, patch, seed: int, dropout: float,
-               rank: int = 0, world_size: int = 1, min_videos: int = 1):
+               rank: int = 0, world_size: int = 1, min_videos: int = 1) -> TrainBatch:
     """Sample indices from ``index`` on until the token budget is reached (and at least ``min_videos``).
 
-    Returns (indices of this rank's videos, their videos (3, T, H, W) each, captions, element count of the whole
-    batch, videos in the whole batch, next index); the videos are dealt to the ``world_size`` data-parallel ranks
-    by token count (vdit.distributed.sharding.balanced_split), so no rank waits for one that holds all the long
-    videos.
+    Returns this data-parallel rank's :class:`TrainBatch`: the videos are dealt to the ``world_size``
+    data-parallel ranks by token count (vdit.distributed.sharding.balanced_split), so no rank waits for one
+    that holds all the long videos.
     """
     indices, tokens, elements, counts = [], 0, 0, []
     while True:
@@ -171,7 +183,7 @@ def next_batch(dataset: ShapesDataset, index: int, budget: int, patch, seed: int
         video, caption, _ = dataset[i]
         videos.append(video)
         captions.append("" if random.Random(f"dropout/{seed}/{i}").random() < dropout else caption)
-    return mine, videos, captions, elements, len(indices), index
+    return TrainBatch(mine, videos, captions, elements, len(indices), index)
 
 
 def learning_rate(step: int, args: argparse.Namespace) -> float:
@@ -197,43 +209,26 @@ def per_video_noise(seed: int, indices, videos, device, shift: float = 1.0, samp
     return torch.cat(ts).to(device), noise
 
 
-@dataclasses.dataclass
-class Layout:
-    """How the ranks share the work: ``dp_size`` data-parallel groups of ``sp_size`` consecutive ranks; the
-    ranks of a group split its videos' tokens through ``sequence_parallel`` (None for groups of one)."""
-
-    ranks: common.Ranks
-    sp_size: int = 1
-    sequence_parallel: object | None = None  # a vdit.distributed.SequenceParallel
-
-    @property
-    def dp_size(self) -> int:
-        return self.ranks.world_size // self.sp_size
-
-    @property
-    def dp_rank(self) -> int:
-        return self.ranks.rank // self.sp_size
-
-
-def parallel_layout(args: argparse.Namespace, ranks: common.Ranks) -> Layout:
-    """The :class:`Layout` that --sequence-parallel, --sp-mode and --ulysses-size ask for (creating the process
-    groups of the sequence-parallel ranks); a UsageError when the ranks cannot be laid out so."""
+def parallel_mesh(args: argparse.Namespace, ranks: common.Ranks) -> ParallelMesh:
+    """The data-parallel x sequence-parallel rank grid that --sequence-parallel, --sp-mode, --ulysses-size and
+    --sp-layout ask for: ``dp_size`` groups of ``sp_size`` consecutive ranks, each group splitting its videos'
+    tokens, with every process group made now by every rank in the same order (vdit.distributed.build_mesh);
+    a UsageError when the ranks cannot be arranged so."""
     sp_size = args.sequence_parallel
     if sp_size < 1 or ranks.world_size % sp_size:
         raise UsageError(f"--sequence-parallel ({sp_size}) must divide the {ranks.world_size} ranks")
-    layout = Layout(ranks, sp_size)
-    if args.min_videos < layout.dp_size:
+    dp_size = ranks.world_size // sp_size
+    if args.min_videos < dp_size:
         raise UsageError(f"--min-videos ({args.min_videos}) must be >= the number of data-parallel groups "
-                         f"({layout.dp_size}), so that every group gets a video")
-    if sp_size > 1:
-        from vdit.distributed import build_mesh
-
-        try:  # every group of the layout, made now by every rank in the same order
-            layout.sequence_parallel = build_mesh(ranks.device.type, sp_size, args.sp_mode,
-                                                  args.ulysses_size, args.sp_layout).sequence_parallel
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-    return layout
+                         f"({dp_size}), so that every group gets a video")
+    if ranks.world_size == 1:
+        return ParallelMesh.single_process()
+    # --sp-mode / --ulysses-size choose how a group of several ranks attends; groups of one ignore them.
+    mode, ulysses_size = (args.sp_mode, args.ulysses_size) if sp_size > 1 else ("ulysses", None)
+    try:
+        return build_mesh(ranks.device.type, sp_size, mode, ulysses_size, args.sp_layout)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 @dataclasses.dataclass
@@ -305,28 +300,29 @@ def start_sharded(args: argparse.Namespace, device: torch.device, rank: int, res
     return state
 
 
-def train_step(args: argparse.Namespace, state: TrainState, net: torch.nn.Module, layout: Layout, indices: list[int],
-               videos: list[torch.Tensor], captions: list[str], elements: int) -> torch.Tensor:
-    """One optimizer step and EMA update on this rank's share of a batch: ``videos`` (3, T, H, W) each, the
-    dataset ``indices`` and ``captions`` of them, and the element count of the whole batch (the loss is its
-    mean over every element of the batch). Returns the batch's loss, a 0-d tensor (the same on every rank)."""
-    device = layout.ranks.device
-    t, noise = per_video_noise(args.seed, indices, videos, device, args.timestep_shift, args.timestep_sampling)
+def train_step(args: argparse.Namespace, state: TrainState, net: torch.nn.Module, mesh: ParallelMesh,
+               batch: TrainBatch) -> torch.Tensor:
+    """One optimizer step and EMA update on this rank's share of a batch (its videos on the training device;
+    the loss is the mean over every element of the whole batch). Returns the batch's loss, a 0-d tensor (the
+    same on every rank)."""
+    videos, captions = batch.videos, batch.captions
+    device = videos[0].device
+    t, noise = per_video_noise(args.seed, batch.indices, videos, device, args.timestep_shift, args.timestep_sampling)
     for group in state.opt.param_groups:
         group["lr"] = learning_rate(state.step, args) * group["lr_scale"]
     mixed = device.type == "cuda" and not args.fsdp  # FSDP casts through its MixedPrecisionPolicy instead
     autocast = torch.autocast("cuda", torch.bfloat16) if mixed else torch.autocast("cpu", enabled=False)
     with autocast:
-        loss = flow_matching_loss(lambda x, tt, _c, _cu: net(x, tt, captions, layout.sequence_parallel), videos, None,
-                                  None, t=t, noise=noise, normalizer=elements)
+        loss = flow_matching_loss(lambda x, tt, _c, _cu: net(x, tt, captions, mesh.sequence_parallel), videos, None,
+                                  None, t=t, noise=noise, normalizer=batch.elements)
     state.opt.zero_grad(set_to_none=True)
     # The loss is a share of the global mean and DDP averages over all ranks, of which each sequence-
     # parallel group's sp_size ranks together carry sp_size copies of its gradient: scale by dp_size.
-    (loss * layout.dp_size).backward()
-    if layout.ranks.world_size > 1:
+    (loss * mesh.dp_size).backward()
+    if mesh.world_size > 1:
         loss = loss.detach().clone()
         dist.all_reduce(loss)
-        loss /= layout.sp_size
+        loss /= mesh.sp_size
     torch.nn.utils.clip_grad_norm_(state.model.parameters(), 1.0)
     state.opt.step()
     state.step += 1
@@ -334,19 +330,19 @@ def train_step(args: argparse.Namespace, state: TrainState, net: torch.nn.Module
     return loss
 
 
-def log_and_save(args: argparse.Namespace, state: TrainState, layout: Layout, loss: float, batch_videos: int,
+def log_and_save(args: argparse.Namespace, state: TrainState, ranks: common.Ranks, loss: float, batch_videos: int,
                  seconds: float) -> None:
     """The bookkeeping after a step: rank 0 appends the --log-file line (step, loss, videos, the step's
     wall-clock seconds); every --save-every steps and at the last step a checkpoint goes to --out (from rank 0,
     or from every rank, shard by shard, with --fsdp)."""
-    rank = layout.ranks.rank
+    rank = ranks.rank
     if args.log_file and rank == 0:
         with open(args.log_file, "a") as f:
             f.write(json.dumps({"step": state.step, "loss": loss, "videos": batch_videos,
                                 "seconds": round(seconds, 4)}) + "\n")
     if not (state.step % args.save_every == 0 or state.step == args.steps):
         return
-    if args.fsdp and layout.ranks.world_size > 1:
+    if args.fsdp and ranks.world_size > 1:
         save_sharded(args.out, state.model, state.ema, state.opt, state.step, state.data_index, args, rank,
                      export=state.step == args.steps)
     elif rank == 0:
@@ -370,10 +366,11 @@ def dataset_sizes(args: argparse.Namespace) -> dict:
     return sizes
 
 
-def train(args: argparse.Namespace, state: TrainState, layout: Layout) -> None:
-    """Train ``state`` from its step up to --steps, with a progress bar, the log and checkpoints on rank 0."""
-    rank, world_size, device = layout.ranks
-    if layout.sequence_parallel is not None and state.model.dit.config.attention != "dense":
+def train(args: argparse.Namespace, state: TrainState, ranks: common.Ranks, mesh: ParallelMesh) -> None:
+    """Train ``state`` from its step up to --steps on the ranks' grid ``mesh``, with a progress bar, the log and
+    checkpoints on rank 0."""
+    rank, world_size, device = ranks
+    if mesh.sequence_parallel is not None and state.model.dit.config.attention != "dense":
         raise UsageError(f"{state.model.dit.config.attention} attention does not run sequence-parallel yet")
     dataset = ShapesDataset(seed=args.seed, **dataset_sizes(args))
     patch = state.model.dit.config.patch_size
@@ -387,16 +384,17 @@ def train(args: argparse.Namespace, state: TrainState, layout: Layout) -> None:
     bar = tqdm(total=args.steps, initial=state.step, desc="train", dynamic_ncols=True, disable=rank != 0)
     while state.step < args.steps:
         start_time = time.perf_counter()
-        indices, videos, captions, elements, batch_videos, state.data_index = next_batch(
-            dataset, state.data_index, args.tokens_per_batch, patch, args.seed, args.caption_dropout, layout.dp_rank,
-            layout.dp_size, args.min_videos)
-        videos = [v.to(device) for v in videos]
-        loss = train_step(args, state, net, layout, indices, videos, captions, elements).item()
-        tokens = sum((v.shape[1] // patch[0]) * (v.shape[2] // patch[1]) * (v.shape[3] // patch[2]) for v in videos)
-        tokens *= layout.dp_size  # approximately: the data-parallel groups share the batch
+        batch = next_batch(dataset, state.data_index, args.tokens_per_batch, patch, args.seed, args.caption_dropout,
+                           mesh.dp_rank, mesh.dp_size, args.min_videos)
+        state.data_index = batch.next_index
+        batch.videos = [v.to(device) for v in batch.videos]
+        loss = train_step(args, state, net, mesh, batch).item()
+        tokens = sum((v.shape[1] // patch[0]) * (v.shape[2] // patch[1]) * (v.shape[3] // patch[2])
+                     for v in batch.videos)
+        tokens *= mesh.dp_size  # approximately: the data-parallel groups share the batch
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / (time.perf_counter() - start_time):.0f}")
-        log_and_save(args, state, layout, loss, batch_videos, time.perf_counter() - start_time)
+        log_and_save(args, state, ranks, loss, batch.batch_videos, time.perf_counter() - start_time)
     bar.close()
 
 
@@ -406,8 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     dataset_sizes(args), common.attention_options(args)  # bad values raise before any work
     torch.manual_seed(args.seed)
     with common.process_group(args.device) as ranks:
-        layout = parallel_layout(args, ranks)
-        train(args, start(args, ranks.device, ranks.rank, ranks.world_size), layout)
+        mesh = parallel_mesh(args, ranks)
+        train(args, start(args, ranks.device, ranks.rank, ranks.world_size), ranks, mesh)
     return 0
 
 

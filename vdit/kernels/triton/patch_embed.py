@@ -6,7 +6,7 @@ Three kernels serve every op (F = C*pt*ph*pw patch features, D model width):
                       video straight into the ``tl.dot`` operand (no im2col buffer), fp32 accumulation.
                       patch_embed forward; the token gradient of patch_unembed.
 * ``project_kernel``  video[patch pixels of n] = tokens[n, :] @ w_df + bias, scattered straight into
-                      the video layout. patch_unembed forward; the x gradient of patch_embed (patches
+                      the video tensor. patch_unembed forward; the x gradient of patch_embed (patches
                       never overlap: no atomics).
 * ``reduce_kernel``   out[f, d] = sum_n patches[n, f] * tokens[n, d] (the weight gradients), plus the
                       column sums of either side (the bias gradients); split over the token axis into
@@ -31,7 +31,8 @@ from vdit._memory import new_output
 # partial sums are added by the launcher (no atomics).
 GPU_ONLY = "speed; bf16 tl.dot numerics (the interpreter's bf16 dot is wrong)"
 
-META_COLS = 6  # columns of the per-sample metadata table (csrc/patch_embed/math.h)
+# Columns of the per-sample metadata table (csrc/patch_embed/math.h); a constexpr so the kernels can read it.
+META_COLS = tl.constexpr(6)
 
 # Shipped tile configurations per element size (2: fp16/bf16, 4: fp32), a large one for large
 # problems and a small one; every one is compiled ahead of time for sm_80 and sm_90 without spills by
@@ -53,7 +54,7 @@ def _token_geometry(meta_ptr, tiles_ptr, tile, PT, PH, PW, BLOCK_N: tl.constexpr
     """Sample of a tile and, per token of the tile: local index, mask and video offset of its patch."""
     s = tl.load(tiles_ptr + 2 * tile)
     start = tl.load(tiles_ptr + 2 * tile + 1)
-    row = meta_ptr + s.to(tl.int64) * 6
+    row = meta_ptr + s.to(tl.int64) * META_COLS
     tok0 = tl.load(row)
     T = tl.load(row + 1).to(tl.int32)
     H = tl.load(row + 2).to(tl.int32)

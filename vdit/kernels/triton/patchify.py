@@ -1,7 +1,7 @@
 """Triton kernels for patchify_3d / unpatchify_3d.
 
-One program moves a (BLOCK_N tokens x BLOCK_F features) tile of one video between the video layout
-(B, C, T, H, W) and the token layout (B, N, F). The token side is contiguous along features; the
+One program moves a (BLOCK_N tokens x BLOCK_F features) tile of one video between the video tensor
+(B, C, T, H, W) and the token tensor (B, N, F). The token side is contiguous along features; the
 video side is contiguous in runs of pw pixels. Index math follows csrc/patchify/math.h.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def patch_transpose_kernel(
     Wp = W // PW
     N = (T // PT) * Hp * Wp
     F = C * PT * PH * PW
-    # Both layouts are linear in (token, feature): offset = token part + feature part, so the
+    # Both tensors' offsets are linear in (token, feature): offset = token part + feature part, so the
     # index math runs on 1-D vectors and the tile only adds them. Offsets within one video fit
     # int32 (checked by the launcher); the batch offset is applied to the pointers in int64.
     video_ptr += b * C * T * H * W

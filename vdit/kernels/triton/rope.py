@@ -3,7 +3,7 @@
 One program owns BLOCK_T consecutive tokens. It computes the cos / sin of every channel of those
 tokens once (a (BLOCK_T, BLOCK_D) tile: channel c turns by pos[axis(c)] * freq(c)) and applies them
 to every head of q and then of k. Channel c's pair partner, its sign in the rotation
-(y_c = x_c cos + sign_c x_partner sin) and its frequency come from a small per-layout table built
+(y_c = x_c cos + sign_c x_partner sin) and its frequency come from a small per-channel table built
 on the host in float64 (the reference's rounding), so one compiled kernel serves every axis split;
 pass-through channels have frequency 0, sign 0 and themselves as partner. Index math follows
 csrc/rope/math.h. Math in float32.
@@ -179,7 +179,7 @@ _tables: dict = {}
 def channel_table(dims, theta: float, interleaved: bool, head_dim: int, block_d: int, device) -> torch.Tensor:
     """(4, BLOCK_D) float32: frequency, partner channel, rotation sign, axis of every channel.
 
-    Built in float64 like the reference's frequencies and cached per layout and device.
+    Built in float64 like the reference's frequencies and cached per (dims, theta, pairing, head dim, block) and device.
     """
     key = (tuple(dims), float(theta), bool(interleaved), head_dim, block_d, str(device))
     table = _tables.get(key)
@@ -201,7 +201,7 @@ def channel_table(dims, theta: float, interleaved: bool, head_dim: int, block_d:
     return table
 
 
-def _layout(t: torch.Tensor):
+def _strides(t: torch.Tensor):
     """(sb, sl, sh) strides of a (total, H, D) or (B, L, H, D) tensor."""
     return (0, *t.stride()[:2]) if t.dim() == 3 else tuple(t.stride()[:3])
 
@@ -244,7 +244,7 @@ def rope_forward(xs, positions, dims, theta, interleaved, inverse, weights, eps,
         rope_fwd_kernel[grid](
             positions, table, q, qo, qw if qw is not None else table, k, ko, kw if kw is not None else table,
             L, total, D, q.shape[-2], k.shape[-2], *_positions_strides(positions),
-            *_layout(q), *_layout(qo), *_layout(k), *_layout(ko),
+            *_strides(q), *_strides(qo), *_strides(k), *_strides(ko),
             -1.0 if inverse else 1.0, float(eps),
             HAS_K=has_k, Q_NORM=qw is not None, K_NORM=has_k and kw is not None,
             BLOCK_T=block_t, BLOCK_D=block_d, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
@@ -273,7 +273,7 @@ def rope_backward(grads, xs, positions, dims, theta, interleaved, weights, eps):
             gq, q, gqo, qw if qw is not None else table, pq if pq is not None else table,
             gk, k, gko, kw if kw is not None else table, pk if pk is not None else table,
             L, total, D, q.shape[-2], k.shape[-2], *_positions_strides(positions),
-            *_layout(gq), *_layout(q), *_layout(gqo), *_layout(gk), *_layout(k), *_layout(gko),
+            *_strides(gq), *_strides(q), *_strides(gqo), *_strides(gk), *_strides(k), *_strides(gko),
             float(eps),
             HAS_K=has_k, Q_NORM=qw is not None, K_NORM=has_k and kw is not None,
             BLOCK_T=block_t, BLOCK_D=block_d, num_warps=BWD_WARPS.get(block_d, NUM_WARPS),

@@ -11,7 +11,7 @@ Work scheduling: program_id(0) indexes a list of (sequence, query tile) items bu
 (``scheduler.work_items``), program_id(1) the query head, so a 30k-token video next to 200-token
 ones gives each program one real tile and no program idles on padding.
 
-Layout: q, out (total_q, Hq, HEAD_DIM); k, v (total_k, Hk, HEAD_DIM), all contiguous; lse
+Shapes: q, out (total_q, Hq, HEAD_DIM); k, v (total_k, Hk, HEAD_DIM), all contiguous; lse
 (Hq, total_q) float32 natural-log units. HEAD_DIM is padded to BLOCK_D (a power of two) with
 masked loads. Row offsets of a whole sequence are taken in int64; offsets inside a tile in int32.
 """
@@ -69,6 +69,25 @@ def fwd_step(acc, l_i, m_i, q, k_src, v_src, kv_offs, d_mask, start_n, full, k_l
 
 
 @triton.jit
+def fwd_epilogue(O, LSE, acc, l_i, m_i, h, q_start, m0, rows, row_ok, d_mask, q_offs, stride_q, total,
+                 HEAD_DIM: tl.constexpr):
+    """The end of every forward program (dense and block-sparse): out = acc / l and the natural-log
+    lse = (m + log2 l) * ln 2 of its (BLOCK_M, BLOCK_D) query tile, written for query head ``h``.
+
+    ``acc`` (BLOCK_M, BLOCK_D), ``l_i`` / ``m_i`` (BLOCK_M,): the online softmax's state (base 2);
+    ``rows``: the tile's query rows, local to ``q_start`` (the first token of the sequence or tile);
+    ``row_ok``: those to store; ``q_offs``: element offsets from the tile's first row (``query_tile``);
+    lse is (Hq, total). A row that saw no key has l = 0 and gets out 0, lse -inf (no division by 0).
+    """
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    o_base = head_rows(O, q_start + m0, stride_q, h, HEAD_DIM)
+    tl.store(o_base + q_offs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
+    tl.store(LSE + h.to(tl.int64) * total + q_start + rows, lse, mask=row_ok)
+
+
+@triton.jit
 def attn_fwd_kernel(
     Q, K, V, O, LSE, CU_Q, CU_K, WORK,
     total_q, num_heads_q, num_heads_k, softmax_scale,
@@ -81,9 +100,9 @@ def attn_fwd_kernel(
     if seq < 0:  # padding item of the work list (its length is an upper bound)
         return
     hk = h // (num_heads_q // num_heads_k)
-    m0, rows, row_mask, d_mask, q_offs = query_tile(tile, q_len, stride_q, HEAD_DIM, BLOCK_M, BLOCK_D)
+    m0, rows, row_ok, d_mask, q_offs = query_tile(tile, q_len, stride_q, HEAD_DIM, BLOCK_M, BLOCK_D)
     q_base = head_rows(Q, q_start + m0, stride_q, h, HEAD_DIM)
-    q = tl.load(q_base + q_offs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    q = tl.load(q_base + q_offs, mask=row_ok[:, None] & d_mask[None, :], other=0.0)
 
     offs_n = tl.arange(0, BLOCK_N)
     kv_offs = offs_n[:, None] * stride_k + tl.arange(0, BLOCK_D)[None, :]
@@ -108,13 +127,8 @@ def attn_fwd_kernel(
                                   stride_k, rows, diag, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL,
                                   PRECISION, USE_TMA)
 
-    # A row that sees no key (empty key sequence, or causal with Lq > Lk) has l = 0: out 0, lse -inf.
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
-    o_base = head_rows(O, q_start + m0, stride_q, h, HEAD_DIM)
-    tl.store(o_base + q_offs, out.to(O.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
-    tl.store(LSE + h.to(tl.int64) * total_q + q_start + rows, lse, mask=row_mask)
+    # A row that sees no key (empty key sequence, or causal with Lq > Lk) gets out 0, lse -inf.
+    fwd_epilogue(O, LSE, acc, l_i, m_i, h, q_start, m0, rows, row_ok, d_mask, q_offs, stride_q, total_q, HEAD_DIM)
 
 
 def launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, work, softmax_scale, causal, config, block_d,

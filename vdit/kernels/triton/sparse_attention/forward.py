@@ -15,9 +15,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vdit.kernels.triton.attention.common import LN2, LOG2E, head_rows, load_rows, query_tile
+from vdit.kernels.triton.attention.common import LOG2E, head_rows, load_rows, query_tile
 from vdit.kernels.triton.attention.configs import block_d_of, precision_of
-from vdit.kernels.triton.attention.forward import fwd_step
+from vdit.kernels.triton.attention.forward import fwd_epilogue, fwd_step
 from vdit.kernels.triton.sparse_attention.configs import shipped
 from vdit.kernels.triton.sparse_attention.scheduler import tile_span, work_item
 
@@ -59,13 +59,8 @@ def sparse_fwd_kernel(
                                       stride_k, rows, 0, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION,
                                       False)
 
-    # A row that sees no key (an all -1 row, or only empty tiles) has l = 0: out 0, lse -inf.
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
-    o_base = head_rows(O, q_start + m0, stride_q, h, HEAD_DIM)
-    tl.store(o_base + q_offs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
-    tl.store(LSE + h.to(tl.int64) * total + q_start + rows, lse, mask=row_ok)
+    # A row that sees no key (an all -1 row, or only empty tiles) gets out 0, lse -inf.
+    fwd_epilogue(O, LSE, acc, l_i, m_i, h, q_start, m0, rows, row_ok, d_mask, q_offs, stride_q, total, HEAD_DIM)
 
 
 def launch(q, k, v, out, lse, tile_offsets, kv_tiles, work, softmax_scale, config):

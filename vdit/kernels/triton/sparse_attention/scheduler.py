@@ -6,7 +6,8 @@ kernel's row block (BLOCK_M for the forward and dq, BLOCK_N for dk / dv). Tiles 
 (edge tiles are partial, a tile may span several blocks), so the launcher builds a flat list of items
 with a few torch ops on the tensors' device (no host synchronisation), heaviest first so the tail of the
 launch is made of short items; its length is a bound from shapes only, and the unused slots at its end
-are padding items that exit at once.
+are padding items that exit at once. The list is the dense kernels' (``attention.scheduler.sorted_work_list``)
+with tiles for sequences and a cost of its own.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import triton
 import triton.language as tl
 
 from vdit._cache import TensorCache
+from vdit.kernels.triton.attention.scheduler import sorted_work_list
 
 
 @triton.jit
@@ -57,27 +59,13 @@ def work_items(tile_offsets: torch.Tensor, lists: torch.Tensor, total: int, bloc
         every row block whatever the sizes are (``max_tile`` plays no part: it is a hint vdit.ops cannot
         check under torch.compile).
     """
-    device = tile_offsets.device
     num_tiles = tile_offsets.numel() - 1
-    n = (total + num_tiles * (block_rows - 1)) // block_rows if num_tiles > 0 else 0
-    if n <= 0:
-        return torch.empty((0, 2), dtype=torch.int32, device=device)
     offsets = tile_offsets.long()
     sizes = offsets[1:] - offsets[:-1]
-    blocks = (sizes + block_rows - 1) // block_rows
-    ends = blocks.cumsum(0)
-    idx = torch.arange(n, device=device, dtype=torch.long)
-    tile = torch.searchsorted(ends, idx, right=True)
-    valid = tile < num_tiles
-    tile = tile.clamp_max(num_tiles - 1)
-    block = idx - (ends[tile] - blocks[tile])
     other = lists.long().div(entries_per_tile, rounding_mode="floor")
     listed = (lists >= 0) & (other < num_tiles)
-    tile_cost = torch.where(listed, sizes[other.clamp(0, num_tiles - 1)], 0).sum((1, 2))
-    cost = torch.where(valid, tile_cost[tile], -1)
-    order = torch.argsort(cost, descending=True, stable=True)
-    items = torch.stack([torch.where(valid, tile, -1), block], dim=1)[order]
-    return items.to(torch.int32).contiguous()
+    tile_cost = torch.where(listed, sizes[other.clamp(0, max(num_tiles - 1, 0))], 0).sum((1, 2))
+    return sorted_work_list(sizes, total, block_rows, lambda tile, block: tile_cost[tile])
 
 
 # A model calls attention with the same tiles in every layer and sampling step: build each list once per
