@@ -13,6 +13,7 @@ import torch
 
 from vdit.ops import _registry, reference
 from vdit.ops._registry import ALL_FLOATS, Kernel
+from vdit.ops._shared import compute_dtype
 from vdit.ops._validation import check_cu_seqlens, check_like, check_tensor
 
 SPEC = _registry.declare(
@@ -26,7 +27,7 @@ GATED_SPEC = _registry.declare("gated_residual", *SPEC.kernels)
 # ---- fake implementations and autograd --------------------------------------------------------
 
 def _adaln_fake(x, shift, scale, cu_seqlens, eps):
-    stats = x.new_empty(x.shape[:-1], dtype=reference.compute_dtype(x.dtype))
+    stats = x.new_empty(x.shape[:-1], dtype=compute_dtype(x.dtype))
     return x.new_empty(x.shape), stats, torch.empty_like(stats)
 
 
