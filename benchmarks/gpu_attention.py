@@ -20,7 +20,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from vdit.backends import plan
+from vdit.ops import plan
 from vdit.ops import varlen_attention
 
 VIDEO_LENGTHS = [30 * 45 * 80 // 4, 21 * 30 * 52, 16 * 30 * 40, 9 * 24 * 32, 5 * 16 * 24]  # latent grids, patch 1x2x2

@@ -1,6 +1,6 @@
 """The layer order of docs/architecture.md ("Layers"), checked on the source: every import statement of
 every vdit module, at module level or inside a function, names a module of its own layer or a lower one;
-and the library imports without the demo."""
+nothing above the ops imports the oracle; and the library imports without the demo."""
 import ast
 import os
 import pathlib
@@ -90,6 +90,16 @@ def test_every_module_has_a_layer():
 def test_imports_point_down():
     found = [line for path in sources() for line in upward_imports(path)]
     assert not found, "imports that point up:\n" + "\n".join(found)
+
+
+def test_only_the_ops_import_the_oracle():
+    """vdit.ops.reference is the tests' oracle and the ops' ``torch`` backend, not a utility library: code
+    above the ops uses the helpers of vdit.ops._shared (or vdit.packing) instead."""
+    above = [path for path in sources() if layer_of(module_name(path)) > layer_of("vdit.ops")]
+    found = [f"{path.relative_to(ROOT)}:{line}" for path in above
+             for line, target in imported_modules(ast.parse(path.read_text()), module_name(path))
+             if target == "vdit.ops.reference"]
+    assert not found, "imports of the oracle above the ops: " + ", ".join(found)
 
 
 def test_the_check_sees_lazy_imports(tmp_path):

@@ -17,7 +17,8 @@ import), then auto.
 A backend that is named explicitly must be built and applicable to the call, or the call raises
 :class:`BackendUnavailableError` (not built), ``ValueError`` (wrong device or head dim) or
 ``TypeError`` (dtype). Each op's kernels and what they cover are declared once in its
-``vdit/ops/<op>.py`` (see :mod:`vdit.ops._registry`); :func:`plan` shows the choice for a call.
+``vdit/ops/<op>.py`` (see :mod:`vdit.ops._registry`); :func:`vdit.plan` shows the choice for a call.
+This module sits below the ops: the registry reads it, and it imports nothing from :mod:`vdit.ops`.
 """
 from __future__ import annotations
 
@@ -87,15 +88,3 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
             return "triton runs CPU tensors only under TRITON_INTERPRET=1 (set before importing vdit)"
     return None
 
-
-def plan(op: str, *, device, dtype: torch.dtype | None = None, head_dim: int | None = None, backend: str = "auto",
-         **features) -> tuple[str, str]:
-    """Which kernel a call of ``op`` would run on, and why; runs nothing and needs no GPU.
-
-    ``plan("rope_3d", device="cuda", dtype=torch.bfloat16, head_dim=128)`` -> ``("cuda", "...")``.
-    See :func:`vdit.ops._registry.plan` for the arguments.
-    """
-    import vdit.ops  # noqa: F401  (each op declares its kernels when vdit.ops is imported)
-    from vdit.ops import _registry
-
-    return _registry.plan(op, device=device, dtype=dtype, head_dim=head_dim, backend=backend, **features)

@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import vdit
-from vdit.backends import plan
-from vdit.ops import reference, varlen_attention
+from vdit.ops import plan, reference, varlen_attention
 from vdit.ops import attention as attention_ops
 from vdit.ops.attention import varlen_attention_backward
 from tests.conftest import HAS_GPU, assert_close, cu_seqlens_of, kernel_backends

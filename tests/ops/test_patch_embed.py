@@ -213,7 +213,7 @@ def test_auto_backend_uses_the_cpu_kernel():
     with vdit.use_backend("torch"):
         expected = patch_embed_3d(x, w, b)
     torch.testing.assert_close(patch_embed_3d(x, w, b), expected)
-    assert vdit.backends.plan("patch_embed_3d", device=x.device, dtype=x.dtype)[0] == "cpu"
+    assert vdit.plan("patch_embed_3d", device=x.device, dtype=x.dtype)[0] == "cpu"
 
 
 def test_non_contiguous_inputs():

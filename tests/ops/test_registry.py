@@ -1,5 +1,5 @@
 """The op registry (vdit.ops._registry) and backend selection: declared kernels, the one fallback
-policy (explicit backends raise, auto falls back), vdit.backends.plan, use_backend / VDIT_BACKEND,
+policy (explicit backends raise, auto falls back), vdit.plan, use_backend / VDIT_BACKEND,
 and the capability table that the docs embed."""
 import os
 import subprocess
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import vdit
-from vdit.backends import BackendUnavailableError, plan
-from vdit.ops import _registry
+from vdit.backends import BackendUnavailableError
+from vdit.ops import _registry, plan
 from vdit.ops._registry import ALL_FLOATS, GPU_FLOATS, Kernel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -49,6 +49,7 @@ def test_auto_takes_the_first_kernel_that_covers_the_call():
 
 
 def test_plan_is_the_public_rule(monkeypatch):
+    assert vdit.plan is vdit.ops.plan is _registry.plan and not hasattr(vdit.backends, "plan")
     assert plan("varlen_attention", device="cpu", dtype=torch.float32, head_dim=64)[0] == "cpu"
     assert plan("varlen_attention", device="cuda", dtype=torch.float64, head_dim=64)[0] == "torch"
     assert plan("rope_3d", device="cuda", dtype=torch.bfloat16, head_dim=512)[0] == "torch"
@@ -104,7 +105,7 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_env_var_sets_the_default_backend():
-    code = "import vdit.backends as b; print(b.plan('rope_3d', device='cpu')[0])"
+    code = "import vdit; print(vdit.plan('rope_3d', device='cpu')[0])"
     assert _run(code, VDIT_BACKEND="torch").stdout.strip() == "torch"
     bad = _run("import vdit", VDIT_BACKEND="gpu")
     assert bad.returncode != 0 and "VDIT_BACKEND must be one of" in bad.stderr

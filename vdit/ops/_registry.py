@@ -7,8 +7,8 @@ Every public op declares its kernels once with :func:`declare`, in its order of 
                    Kernel("triton", devices=("cuda",), dtypes=ALL_FLOATS, max_head_dim=256),
                    Kernel("cpu", devices=("cpu",), dtypes=ALL_FLOATS))
 
-The same declaration drives dispatch (:func:`select`), the public rule :func:`plan` (also exposed as
-``vdit.backends.plan``) and the capability table in the docs (:func:`capability_rows`).
+The same declaration drives dispatch (:func:`select`), the public rule :func:`plan` (exported as
+``vdit.plan`` and ``vdit.ops.plan``) and the capability table in the docs (:func:`capability_rows`).
 
 Fallback policy, identical for every op and for its forward and backward:
 

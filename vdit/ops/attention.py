@@ -1,6 +1,6 @@
 """varlen_attention: attention over packed variable-length sequences (FlashAttention varlen API).
 
-Kernels, in auto's order (declared in ``SPEC``; ``vdit.backends.plan`` shows the choice for a call):
+Kernels, in auto's order (declared in ``SPEC``; ``vdit.plan`` shows the choice for a call):
 
 * ``flash-attn``: flash-attn's varlen function, when FlashAttention-3 is installed and the GPU is sm_90
   (the fastest dense kernel there); FlashAttention-2 from the flash-attn package only when named,

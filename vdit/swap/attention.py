@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from vdit.backends import plan
-from vdit.ops import varlen_attention
+from vdit.ops import plan, varlen_attention
 from vdit.swap.masks import key_padding
 from vdit.swap.sparse import SparseAttention, sparse_sdpa
 
