@@ -36,7 +36,7 @@ else
 fi
 step benchmarks "$PY" -m vdit.bench.report --out "$OUT"
 step attention-candidates "$PY" benchmarks/gpu_attention.py --out "$OUT"  # prints whether plan() chose the fastest
-step gpu-static "$PY" -m vdit.bench.gpu_static --out "$OUT"
+step gpu-static "$PY" -m vdit.kernels.triton.static_check --out "$OUT"
 
 echo
 echo "| step | result |"

@@ -212,9 +212,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.gpu_static:
-        from vdit.bench import gpu_static
+        from vdit.kernels.triton import static_check
 
-        return gpu_static.main(["--out", args.out])
+        return static_check.main(["--out", args.out])
     device = device_name()
     json_path = os.path.join(args.out, f"{device}.json")
     status = run_suite(find_benchmarks(), json_path, args.quick, args.select)
