@@ -122,7 +122,7 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, cu
     chosen = _registry.select(SPEC, x.device, x.dtype, backend)
     if chosen == "torch":
         return reference.adaln_modulate(x, shift, scale, cu_seqlens, eps=eps)
-    out, _, _ = _registry.family_of(chosen).op("adaln_modulate")(x.contiguous(), shift.contiguous(), scale.contiguous(),
+    out, _, _ = SPEC.family(chosen).op("adaln_modulate")(x.contiguous(), shift.contiguous(), scale.contiguous(),
                                               _cu(cu_seqlens), eps)
     return out
 
@@ -149,4 +149,4 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, cu_seql
     chosen = _registry.select(GATED_SPEC, x.device, x.dtype, backend)
     if chosen == "torch":
         return reference.gated_residual(x, y, gate, cu_seqlens)
-    return _registry.family_of(chosen).op("gated_residual")(x.contiguous(), y.contiguous(), gate.contiguous(), _cu(cu_seqlens))
+    return GATED_SPEC.family(chosen).op("gated_residual")(x.contiguous(), y.contiguous(), gate.contiguous(), _cu(cu_seqlens))
