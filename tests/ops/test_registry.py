@@ -256,3 +256,17 @@ def test_table_functions_import_their_module_at_the_first_call(tmp_path, monkeyp
     assert "vdit_lazy_probe" not in sys.modules and forward.__name__ == "run"
     assert forward(2, b=3) == 5 and sys.modules["vdit_lazy_probe"].CALLS == [2]
     monkeypatch.delitem(sys.modules, "vdit_lazy_probe")
+
+
+def test_backends_of_tests_every_declared_vdit_kernel(monkeypatch):
+    from tests.conftest import backends_of
+
+    for name, spec in _registry.OPS.items():
+        assert {p.values[0] for p in backends_of(name)} == {k.name for k in spec.kernels if k.family}, name
+    # A kernel declared for an op is tested without editing a list.
+    extra = Kernel("cuda", devices=("cuda",), family=_registry.COMPILED)
+    monkeypatch.setitem(_registry.OPS, "toy_new", _registry.OpSpec("toy_new", (extra, Kernel("cpu", devices=("cpu",)))))
+    params = backends_of("toy_new", reference=True)
+    assert [p.values for p in params] == [("torch", "cpu"), ("cuda", "cuda"), ("cpu", "cpu")]
+    assert any(m.name == "cuda" for m in params[1].marks)
+    assert [p.values for p in backends_of("toy_new", device="cpu", with_device=False)] == [("cpu",)]

@@ -4,7 +4,7 @@ Every public op declares its kernels once with :func:`declare`, in its order of 
 
     SPEC = declare("rope_3d",
                    Kernel("cuda", devices=("cuda",), dtypes=ALL_FLOATS, max_head_dim=256),
-                   Kernel("triton", devices=("cuda",), dtypes=ALL_FLOATS, max_head_dim=256),
+                   Kernel("triton", devices=("cuda",), family=TRITON, interpreted=True, max_head_dim=256),
                    Kernel("cpu", devices=("cpu",), dtypes=ALL_FLOATS))
 
 The same declaration drives dispatch (:func:`select`), the public rule :func:`plan` (exported as
