@@ -102,7 +102,7 @@ def test_only_the_ops_import_the_oracle():
     assert not found, "imports of the oracle above the ops: " + ", ".join(found)
 
 
-def test_the_check_sees_lazy_imports(tmp_path):
+def test_the_check_sees_lazy_imports():
     """An import inside a function counts: the checker walks the whole tree, not only the module level."""
     tree = ast.parse("def f():\n    from vdit.demo import text\n    import vdit.swap\n")
     assert [m for _, m in imported_modules(tree, "vdit.ops")] == ["vdit.demo.text", "vdit.swap"]
