@@ -21,7 +21,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from vdit.backends import plan  # noqa: E402
+from vdit.ops import plan  # noqa: E402
 from vdit.swap import swap, unswap  # noqa: E402
 
 from benchmarks.common import quick  # noqa: E402

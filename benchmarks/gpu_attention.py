@@ -1,5 +1,5 @@
 """Dense varlen attention on a GPU: every candidate kernel side by side, and whether the dispatch rule
-(`vdit.backends.plan`) picked the fastest.
+(`vdit.plan`) picked the fastest.
 
 Candidates: vdit's Triton kernel, `torch.nn.attention.varlen.varlen_attn` (torch-varlen), flash-attn's
 varlen function (if installed) and a per-sequence `F.scaled_dot_product_attention` loop, forward and
@@ -20,7 +20,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from vdit.backends import plan
+from vdit.ops import plan
 from vdit.ops import varlen_attention
 
 VIDEO_LENGTHS = [30 * 45 * 80 // 4, 21 * 30 * 52, 16 * 30 * 40, 9 * 24 * 32, 5 * 16 * 24]  # latent grids, patch 1x2x2
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         return 2
     gpu = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
     lines = [f"# Dense varlen attention candidates on {torch.cuda.get_device_name()}", "",
-             "bf16, milliseconds (median of 20, CUDA events); `rule` is `vdit.backends.plan`'s choice.", "",
+             "bf16, milliseconds (median of 20, CUDA events); `rule` is `vdit.plan`'s choice.", "",
              f"| case | mode | {' | '.join(CANDIDATES)} | rule | rule fastest |",
              "|---|---|" + "---:|" * len(CANDIDATES) + "---|---|"]
     for case in cases():

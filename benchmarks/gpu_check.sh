@@ -2,7 +2,7 @@
 # The one-command GPU validation run, for a machine with an NVIDIA GPU (no internet needed):
 # build vdit for the local GPU, run the whole test suite including `-m cuda`, run compute-sanitizer
 # memcheck over a small pass of every CUDA and Triton kernel, run the GPU benchmarks (including every
-# dense-attention candidate against vdit.backends.plan's choice), and write benchmarks/results/<gpu>.md,
+# dense-attention candidate against vdit.plan's choice), and write benchmarks/results/<gpu>.md,
 # <gpu>-attention.md, gpu-static.md and gpu-check.log. Prints a summary table last.
 #
 #   bash benchmarks/gpu_check.sh          # from the repository root; ~10 minutes on an H100
@@ -36,7 +36,7 @@ else
 fi
 step benchmarks "$PY" -m vdit.bench.report --out "$OUT"
 step attention-candidates "$PY" benchmarks/gpu_attention.py --out "$OUT"  # prints whether plan() chose the fastest
-step gpu-static "$PY" -m vdit.bench.gpu_static --out "$OUT"
+step gpu-static "$PY" -m vdit.kernels.triton.static_check --out "$OUT"
 
 echo
 echo "| step | result |"

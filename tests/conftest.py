@@ -78,12 +78,47 @@ def rng() -> random.Random:
     return random.Random(1234)
 
 
-def kernel_backends() -> list:
-    """(backend, device) pairs that can run here; GPU ones are marked `cuda`."""
-    cases = [pytest.param("cpu", "cpu", id="cpu")]
-    cases.append(pytest.param("triton", "cuda" if HAS_GPU else "cpu", id="triton"))
-    cases.append(pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda))
-    return cases
+def backends_of(op: str, *, reference: bool = False, device: str | None = None, interpreted: bool = True,
+                with_device: bool = True) -> list:
+    """pytest params ``(backend, device)`` of every vdit kernel declared for ``op`` (in ``vdit/ops/<op>.py``),
+    so that a newly declared kernel is tested without editing a list.
+
+    A kernel with CUDA among its devices runs on ``"cuda"`` (marked ``cuda``: skipped without a GPU), except
+    that an interpreted one (``Kernel.interpreted``) runs on CPU tensors when there is no GPU. A kernel its
+    family reports as not installed here is skipped with that reason. Kernels vdit calls but does not own
+    (``family=None``: flash-attn, torch-varlen) are left out; they have their own GPU tests.
+
+    Args:
+        op: a declared op name (``vdit.ops._registry.OPS``).
+        reference: also the pure-PyTorch reference (``"torch"``), on CPU, first.
+        device: only the kernels that run on this device type here (``"cpu"`` or ``"cuda"``).
+        interpreted: keep interpreted kernels on CPU (False: only the kernels built for CPU tensors).
+        with_device: False for params of the backend name alone (tests that build CPU tensors).
+    """
+    from vdit.ops import _registry
+
+    cases = [("torch", "cpu", [])] if reference else []
+    for kernel in _registry.OPS[op].kernels:
+        # Asked for CUDA kernels: every kernel built for CUDA tensors, marked (and so skipped without a GPU).
+        on = "cuda" if device == "cuda" and "cuda" in kernel.devices else _test_device(kernel, interpreted)
+        if kernel.family is None or on is None or (device is not None and on != device):
+            continue
+        marks = [pytest.mark.cuda] if on == "cuda" else []
+        missing = kernel.not_installed(torch.device(on)) if (on == "cpu" or HAS_GPU) else None
+        if missing is not None:
+            marks.append(pytest.mark.skip(reason=f"{kernel.name}: {missing}"))
+        cases.append((kernel.name, on, marks))
+    return [pytest.param(*((name, on) if with_device else (name,)), id=name, marks=marks)
+            for name, on, marks in cases]
+
+
+def _test_device(kernel, interpreted: bool) -> str | None:
+    """The device type the tests run ``kernel`` on here, or None."""
+    if "cuda" in kernel.devices and (HAS_GPU or not kernel.interpreted):
+        return "cuda"
+    if "cpu" in kernel.devices or (kernel.interpreted and interpreted):
+        return "cpu"
+    return None
 
 
 def pytest_collection_modifyitems(config, items):

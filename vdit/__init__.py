@@ -5,16 +5,13 @@ text-to-video application built on the library; the library never imports it.
 """
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from vdit import _aliases
 from vdit._extension import build_info
 from vdit.backends import BACKENDS, BackendUnavailableError, use_backend
 from vdit import ops
-from vdit.ops import SparsePattern
+from vdit.ops import SparsePattern, plan
 from vdit import swap  # noqa: E402  (callable package: vdit.swap(model) == vdit.swap.swap(model))
 from vdit.swap import SwapReport, unswap  # noqa: E402
 
-_aliases.install()  # the demo's old module paths (vdit.train, vdit.checkpoint, ...) import vdit.demo modules
-
 __version__ = "0.1.0"
-__all__ = ["build_info", "SparsePattern", "use_backend", "BACKENDS", "BackendUnavailableError", "ops", "swap", "unswap", "SwapReport",
+__all__ = ["build_info", "plan", "SparsePattern", "use_backend", "BACKENDS", "BackendUnavailableError", "ops", "swap", "unswap", "SwapReport",
            "__version__"]

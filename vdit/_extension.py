@@ -10,10 +10,6 @@ import re
 
 import torch
 
-# Every vdit:: schema is defined in Python (vdit/kernels/schemas.py), exactly once, before any op is
-# called; the extension only registers CPU / CUDA implementations of them.
-import vdit.kernels.schemas  # noqa: F401
-
 try:
     from vdit import _C  # noqa: F401  (registers the CPU / CUDA implementations of the vdit:: operators)
 

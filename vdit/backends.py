@@ -17,18 +17,17 @@ import), then auto.
 A backend that is named explicitly must be built and applicable to the call, or the call raises
 :class:`BackendUnavailableError` (not built), ``ValueError`` (wrong device or head dim) or
 ``TypeError`` (dtype). Each op's kernels and what they cover are declared once in its
-``vdit/ops/<op>.py`` (see :mod:`vdit.ops._registry`); :func:`plan` shows the choice for a call.
+``vdit/ops/<op>.py`` (see :mod:`vdit.ops._registry`); :func:`vdit.plan` shows the choice for a call.
+This module sits below the ops: the registry reads it, and it imports nothing from :mod:`vdit.ops`.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 
-import torch
-
-from vdit._extension import HAS_CPU_KERNELS, HAS_CUDA_KERNELS, HAS_TRITON, LOAD_ERROR
 
 # vdit's own backends, then kernels vdit dispatches to but does not own (see vdit.kernels.external).
+# What each needs to be installed is its kernel family's business (vdit.ops._registry.Family).
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton", "torch-varlen", "flash-attn")
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -72,30 +71,3 @@ def in_use_backend() -> bool:
 def default_backend() -> str:
     """The backend an op with ``backend="auto"`` uses before device-based choice."""
     return _stack[-1] if _stack else _ENV_BACKEND
-
-
-def unavailable_reason(backend: str, device: torch.device) -> str | None:
-    """Why ``backend`` cannot run on ``device`` in this install, or None if it can."""
-    if backend in ("cpu", "cuda") and not HAS_CPU_KERNELS:
-        return LOAD_ERROR
-    if backend == "cuda" and not HAS_CUDA_KERNELS:
-        return "vdit was built without CUDA kernels (see vdit.build_info(); rebuild with VDIT_BUILD_CUDA=1)"
-    if backend == "triton":
-        if not HAS_TRITON:
-            return "triton is not installed (pip install triton)"
-        if device.type == "cpu" and not TRITON_INTERPRET:
-            return "triton runs CPU tensors only under TRITON_INTERPRET=1 (set before importing vdit)"
-    return None
-
-
-def plan(op: str, *, device, dtype: torch.dtype | None = None, head_dim: int | None = None, backend: str = "auto",
-         **features) -> tuple[str, str]:
-    """Which kernel a call of ``op`` would run on, and why; runs nothing and needs no GPU.
-
-    ``plan("rope_3d", device="cuda", dtype=torch.bfloat16, head_dim=128)`` -> ``("cuda", "...")``.
-    See :func:`vdit.ops._registry.plan` for the arguments.
-    """
-    import vdit.ops  # noqa: F401  (each op declares its kernels when vdit.ops is imported)
-    from vdit.ops import _registry
-
-    return _registry.plan(op, device=device, dtype=dtype, head_dim=head_dim, backend=backend, **features)

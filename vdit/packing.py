@@ -13,10 +13,11 @@ from collections.abc import Sequence
 import torch
 
 from vdit.ops import patchify_3d, unpatchify_3d
+from vdit.ops._shared import segment_ids
 from vdit.ops.tiles import TileLayout, tile_layout, tile_permutation
 
 __all__ = ["PackedVideos", "TileLayout", "cu_seqlens_from_lengths", "dense_positions", "grid_fractions",
-           "grid_positions", "pack_videos", "tile_layout", "tile_permutation", "unpack"]
+           "grid_positions", "pack_videos", "segment_ids", "tile_layout", "tile_permutation", "unpack"]
 
 
 @dataclasses.dataclass

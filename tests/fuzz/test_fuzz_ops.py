@@ -11,17 +11,16 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import vdit.ops as V
-from vdit.ops import _registry
 from vdit.ops import reference as R
 from vdit.ops.tiles import lists_with_global_tiles, sliding_window_tiles, tile_layout, to_global, with_global_tiles
-from tests.conftest import TOLERANCES, assert_close, cu_seqlens_of
+from tests.conftest import TOLERANCES, assert_close, backends_of, cu_seqlens_of
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
-def cpu_backends(op: str) -> list[str]:
-    """The backends of an op that run on CPU tensors here (the C++ kernel if it has one; the reference)."""
-    return ["torch"] + (["cpu"] if _registry.OPS[op].kernel("cpu") else [])
+def cpu_backends(op: str) -> list:
+    """The backends of an op that take CPU tensors as built: the reference and the op's CPU kernels."""
+    return backends_of(op, reference=True, device="cpu", interpreted=False, with_device=False)
 
 
 def tensor(shape, dtype, seed, contiguous=True):

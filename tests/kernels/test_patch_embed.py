@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from vdit.ops import patch_embed_3d, patch_unembed_3d, reference
-from tests.ops.test_patch_embed import as_leaf, as_leaf64, backends, close, dtypes_of, make_embed  # the op tests' helpers
+from tests.conftest import backends_of
+from tests.ops.test_patch_embed import as_leaf, as_leaf64, close, dtypes_of, make_embed  # the op tests' helpers
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends_of("patch_embed_3d"))
 def test_large_tile_configurations(backend, device):
     """A problem big enough for the large tile configurations (>= 1024 tokens, F = 64, D >= 128)."""
     shape, patch, D = (1, 16, 1, 64, 64), (1, 2, 2), 136

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from vdit.ops import reference, rope_3d_qk
-from tests.conftest import assert_close
+from tests.conftest import assert_close, backends_of
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", backends_of("rope_3d", device="cuda", with_device=False))
 @pytest.mark.parametrize("head_dim,dtype", [(72, torch.bfloat16), (120, torch.float16), (192, torch.float32)],
                          ids=["d72-bf16", "d120-fp16", "d192-fp32"])
 def test_inplace_rows_split_across_warps_match_the_reference(backend, head_dim, dtype):

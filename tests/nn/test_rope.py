@@ -8,7 +8,7 @@ import torch
 from vdit.nn import RotaryEmbedding3d
 from vdit.nn.rope import PRESETS
 from vdit.packing import dense_positions, grid_positions
-from tests.conftest import assert_close, kernel_backends
+from tests.conftest import assert_close, backends_of
 
 
 def _axis_freqs(d, theta):
@@ -89,7 +89,7 @@ def test_preset_splits():
         RotaryEmbedding3d.hunyuan_video(64)
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", backends_of("rope_3d"))
 def test_hunyuan_video_with_fused_qk_norm(backend, device):
     grids = torch.tensor([[2, 3, 5], [1, 1, 1], [3, 2, 2]], dtype=torch.int32)
     pos = grid_positions(grids)
@@ -106,7 +106,7 @@ def test_hunyuan_video_with_fused_qk_norm(backend, device):
     assert_close(ok, ek, scale=2.0)
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", backends_of("rope_3d"))
 def test_wan_dense_batch(backend, device):
     pos = dense_positions((3, 4, 5))
     q = torch.randn(2, pos.shape[0], 2, 128)
@@ -120,7 +120,7 @@ def test_wan_dense_batch(backend, device):
         assert_close(out, expected)
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", backends_of("rope_3d"))
 def test_cogvideox_resize_crop_positions(backend, device):
     frames, gh, gw = 2, 3, 5
     expected_pos, (top, left), (sh, sw) = cogvideox_positions(gh, gw, frames, base_h=4, base_w=6)

@@ -12,9 +12,11 @@ import torch
 
 import vdit
 from vdit.ops import adaln_modulate, gated_residual, reference
-from tests.conftest import HAS_GPU, TOLERANCES, assert_close, cu_seqlens_of, ragged_lengths
+from tests.conftest import HAS_GPU, TOLERANCES, assert_close, backends_of, cu_seqlens_of, ragged_lengths
 
-BACKENDS = [pytest.param("cpu", "cpu", id="cpu"), pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda)]
+# Backends that take CPU tensors as built: the reference and the CPU kernels (no interpreter).
+CPU_BACKENDS = backends_of("adaln_modulate", reference=True, device="cpu", interpreted=False, with_device=False)
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 # (layout, batch, max_len or N, C): packed cases get ragged lengths with an empty and a length-1 sample.
@@ -62,7 +64,7 @@ def reference_grads(fn, inputs, grad_out):
     return grads_of(fn, [t.double().cpu() for t in inputs], grad_out.double().cpu())
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", backends_of("adaln_modulate"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-B{c[1]}-L{c[2]}-C{c[3]}")
 def test_adaln_modulate_matches_reference(backend, device, dtype, case):
@@ -80,7 +82,7 @@ def test_adaln_modulate_matches_reference(backend, device, dtype, case):
         assert_close(g, r, scale=2.0)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", backends_of("adaln_modulate"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-B{c[1]}-L{c[2]}-C{c[3]}")
 def test_gated_residual_matches_reference(backend, device, dtype, case):
@@ -131,7 +133,7 @@ def test_non_contiguous_parameters_from_chunks():
     assert_close(gated_residual(x, y, gate, cu, backend="cpu"), reference.gated_residual(x, y, gate, cu))
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", backends_of("adaln_modulate"))
 def test_misaligned_contiguous_views(backend, device):
     """Views starting 4 bytes into their storage: contiguous, but too misaligned for 16-byte packets."""
     x, y, shift, scale, gate, cu = make_inputs("packed", 3, 9, 64, torch.float32, device)
@@ -248,7 +250,7 @@ BAD = [  # (override, exception, message)
 ]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("override,exc,msg", BAD)
 def test_adaln_modulate_rejects_bad_input(backend, override, exc, msg):
     args = {**_good(), **override}
@@ -298,7 +300,7 @@ def test_tolerances_cover_all_dtypes():
 
 # ---- numerical stability ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_layernorm_of_constant_rows(backend):
     x = torch.full((10, 64), 3.25)
     shift, scale = torch.randn(2, 64), torch.randn(2, 64)

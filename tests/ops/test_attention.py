@@ -15,11 +15,13 @@ import pytest
 import torch
 
 import vdit
-from vdit.backends import plan
-from vdit.ops import reference, varlen_attention
+from vdit.ops import plan, reference, varlen_attention
 from vdit.ops import attention as attention_ops
 from vdit.ops.attention import varlen_attention_backward
-from tests.conftest import HAS_GPU, assert_close, cu_seqlens_of, kernel_backends
+from tests.conftest import HAS_GPU, assert_close, backends_of, cu_seqlens_of
+
+# Backends that take CPU tensors as built: the reference and the CPU kernels (no interpreter).
+CPU_BACKENDS = backends_of("varlen_attention", reference=True, device="cpu", interpreted=False, with_device=False)
 
 TRITON_FUNCTIONS = ("varlen_attention_forward", "varlen_attention_backward")
 
@@ -40,11 +42,6 @@ def _triton_skip_reason():
 
 
 TRITON_SKIP = _triton_skip_reason()
-BACKENDS = [
-    pytest.param("cpu", "cpu", id="cpu"),
-    pytest.param("triton", "cuda" if HAS_GPU else "cpu", id="triton",
-                 marks=pytest.mark.skipif(TRITON_SKIP is not None, reason=TRITON_SKIP or "")),
-]
 
 
 def _inputs(lens_q, lens_k, hq, hk, d, dtype, device="cpu", seed=0):
@@ -125,7 +122,7 @@ def test_triton_kernel_matches_reference(lens_q, lens_k, hq, hk, d, causal, dtyp
     _check("triton", device, lens_q, lens_k or lens_q, hq, hk, d, dtype, causal, fwd_scale=scale, grad_scale=scale)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", backends_of("varlen_attention"))
 def test_softmax_scale_and_head_dims(backend, device):
     dims = [32, 64, 96, 128] if backend == "cpu" else [32, 64]
     dtype = torch.float32
@@ -134,7 +131,7 @@ def test_softmax_scale_and_head_dims(backend, device):
                grad_scale=10.0)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", backends_of("varlen_attention"))
 def test_all_empty_and_no_key_sequences(backend, device):
     q, k, v, cu_q, cu_k = _inputs([0, 3, 2], [0, 0, 4], 2, 2, 32, torch.float32, device)
     out, lse = varlen_attention(q, k, v, cu_q, cu_k, backend=backend, return_lse=True)
@@ -192,7 +189,7 @@ def test_torch_backend_return_lse():
     assert_close(lse2, lse)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", backends_of("varlen_attention"))
 def test_torch_compile_fullgraph(backend, device):
     q, k, v, cu_q, cu_k = _inputs([17, 1, 40], [9, 30, 2], 4, 2, 32, torch.float32, device)
     w = torch.randn(32, device=device)
@@ -213,7 +210,7 @@ def test_torch_compile_fullgraph(backend, device):
         assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", backends_of("varlen_attention"))
 def test_compiled_call_with_too_small_max_seqlen_raises(backend, device):
     """Under torch.compile the host checks are skipped; a wrong max_seqlen must still raise (device-side
     assertion) rather than let a kernel that sizes its launch from it leave output rows unwritten."""
@@ -316,7 +313,7 @@ BAD_NAMES = ["q-2d", "q-int", "k-dtype", "v-shape", "head-dim", "heads", "cu-int
              "cu-total", "batch", "max-seqlen", "max-seqlen-type", "cu-2d"]
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name", BAD_NAMES)
 def test_rejects_bad_input(backend, name):
     (override, exc, msg), args = _bad(name)
@@ -349,8 +346,7 @@ def test_triton_rejects_float64():
 
 # ---- backward API: varlen_attention_backward from (out, lse) ----------------------------------
 
-@pytest.mark.parametrize("backend,device", [p for p in kernel_backends() if p.id != "cuda"] + [
-    pytest.param("torch", "cpu", id="torch")])
+@pytest.mark.parametrize("backend,device", backends_of("varlen_attention", reference=True))
 @pytest.mark.parametrize("causal", [False, True])
 def test_backward_from_out_and_lse_matches_autograd(backend, device, causal):
     dtype = torch.float64 if backend in ("cpu", "torch") else torch.float32
@@ -376,7 +372,7 @@ def test_backward_from_out_and_lse_matches_autograd(backend, device, causal):
 LONG = int(os.environ.get("VDIT_LONG_SEQLEN", "32768"))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_attention_large_logits_fp16(backend):
     g = torch.Generator().manual_seed(0)
     lengths = [7, 64, 1, 33]

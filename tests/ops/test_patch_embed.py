@@ -12,13 +12,7 @@ import torch.nn.functional as F
 
 import vdit
 from vdit.ops import patch_embed_3d, patch_embed_3d_varlen, patch_unembed_3d, patch_unembed_3d_varlen, reference
-from vdit.ops.patch_embed import SPECS
-from tests.conftest import TOLERANCES, kernel_backends
-
-
-def backends():
-    """The kernel backends this op has (no CUDA C++ kernel: Triton serves CUDA tensors)."""
-    return [p for p in kernel_backends() if SPECS["patch_embed_3d"].kernel(p.values[0])]
+from tests.conftest import TOLERANCES, backends_of
 
 # (B, C, T, H, W), patch, D: odd channel counts, D not a multiple of any tile, T = 1 images,
 # odd token-grid sizes and the latent shape class of real models (C = 16, patch (1, 2, 2)).
@@ -63,7 +57,7 @@ def as_leaf(*ts):
     return [None if t is None else t.detach().clone().requires_grad_() for t in ts]
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends_of("patch_embed_3d"))
 @pytest.mark.parametrize("shape,patch,D", SHAPES)
 def test_embed_matches_conv3d_forward_and_backward(backend, device, shape, patch, D):
     for dtype in dtypes_of(backend):
@@ -84,7 +78,7 @@ def test_embed_matches_conv3d_forward_and_backward(backend, device, shape, patch
             close(g, e, dtype)
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends_of("patch_embed_3d"))
 def test_embed_gradient_masks(backend, device):
     """Only the requested gradients are computed, and each is still right (x without grad: the
     usual training case, where the input latent is data)."""
@@ -124,7 +118,7 @@ VARLEN = [  # list of (T, H, W), C, patch, D
 ]
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends_of("patch_embed_3d"))
 @pytest.mark.parametrize("sizes,C,patch,D", VARLEN)
 def test_embed_varlen_forward_and_backward(backend, device, sizes, C, patch, D):
     for dtype in dtypes_of(backend)[:2]:
@@ -158,7 +152,7 @@ UNEMBED = [  # B, grid, patch, C, D
 ]
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends_of("patch_embed_3d"))
 @pytest.mark.parametrize("B,grid,patch,C,D", UNEMBED)
 def test_unembed_forward_and_backward(backend, device, B, grid, patch, C, D):
     N, Fdim = math.prod(grid), C * math.prod(patch)
@@ -178,7 +172,7 @@ def test_unembed_forward_and_backward(backend, device, B, grid, patch, C, D):
             close(g, e, dtype)
 
 
-@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("backend,device", backends_of("patch_embed_3d"))
 def test_unembed_varlen_forward_and_backward(backend, device):
     grids = torch.tensor([[1, 1, 1], [2, 3, 1], [1, 2, 5]], dtype=torch.int32)
     lengths = grids.prod(1).tolist()
@@ -213,7 +207,7 @@ def test_auto_backend_uses_the_cpu_kernel():
     with vdit.use_backend("torch"):
         expected = patch_embed_3d(x, w, b)
     torch.testing.assert_close(patch_embed_3d(x, w, b), expected)
-    assert vdit.backends.plan("patch_embed_3d", device=x.device, dtype=x.dtype)[0] == "cpu"
+    assert vdit.plan("patch_embed_3d", device=x.device, dtype=x.dtype)[0] == "cpu"
 
 
 def test_non_contiguous_inputs():

@@ -5,7 +5,10 @@ import torch
 
 import vdit
 from vdit.ops import patchify_3d, reference, unpatchify_3d
-from tests.conftest import kernel_backends
+from tests.conftest import backends_of
+
+# Backends that take CPU tensors as built: the reference and the CPU kernels (no interpreter).
+CPU_BACKENDS = backends_of("patchify_3d", reference=True, device="cpu", interpreted=False, with_device=False)
 
 SHAPES = [  # (B, C, T, H, W), patch
     ((1, 1, 1, 2, 2), (1, 2, 2)),
@@ -17,7 +20,7 @@ SHAPES = [  # (B, C, T, H, W), patch
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", backends_of("patchify_3d"))
 @pytest.mark.parametrize("shape,patch", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_round_trip_matches_reference(backend, device, shape, patch, dtype):
@@ -29,7 +32,7 @@ def test_round_trip_matches_reference(backend, device, shape, patch, dtype):
     assert torch.equal(unpatchify_3d(tokens, grid, patch, backend=backend), x)
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", backends_of("patchify_3d"))
 def test_gradients_are_the_inverse_op(backend, device):
     x = torch.randn(2, 3, 4, 6, 8, dtype=torch.float64, device=device, requires_grad=True)
     tokens = patchify_3d(x, (2, 3, 2), backend=backend)
@@ -48,7 +51,7 @@ def test_gradcheck_cpu_kernel():
     assert torch.autograd.gradgradcheck(lambda v: patchify_3d(v, (1, 2, 2), backend="cpu"), (x,))
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", backends_of("patchify_3d"))
 def test_non_contiguous_input_is_copied(backend, device):
     base = torch.randn(2, 8, 6, 4, 3, device=device)
     x = base.permute(0, 4, 2, 1, 3)  # (2, 3, 6, 8, 4), non-contiguous
@@ -86,7 +89,7 @@ BAD_PATCHIFY = [  # (x shape, patch_size, exception, message fragment)
 ]
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("shape,patch,exc,msg", BAD_PATCHIFY)
 def test_patchify_rejects_bad_input(backend, shape, patch, exc, msg):
     x = torch.randn(shape)

@@ -1,5 +1,5 @@
 """The op registry (vdit.ops._registry) and backend selection: declared kernels, the one fallback
-policy (explicit backends raise, auto falls back), vdit.backends.plan, use_backend / VDIT_BACKEND,
+policy (explicit backends raise, auto falls back), vdit.plan, use_backend / VDIT_BACKEND,
 and the capability table that the docs embed."""
 import os
 import subprocess
@@ -9,13 +9,14 @@ import pytest
 import torch
 
 import vdit
-from vdit.backends import BackendUnavailableError, plan
-from vdit.ops import _registry
-from vdit.ops._registry import ALL_FLOATS, GPU_FLOATS, Kernel
+from vdit.backends import BackendUnavailableError
+from vdit.ops import _registry, plan
+from vdit.ops._registry import ALL_FLOATS, GPU_FLOATS, TRITON, Kernel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOY = _registry.OpSpec("toy", (Kernel("cuda", devices=("cuda",), max_head_dim=128),
-                               Kernel("triton", devices=("cuda",), dtypes=GPU_FLOATS, max_head_dim=256),
+                               Kernel("triton", devices=("cuda",), family=TRITON, interpreted=True, dtypes=GPU_FLOATS,
+                                      max_head_dim=256),
                                Kernel("cpu", devices=("cpu",), dtypes=ALL_FLOATS)))
 
 
@@ -49,6 +50,7 @@ def test_auto_takes_the_first_kernel_that_covers_the_call():
 
 
 def test_plan_is_the_public_rule(monkeypatch):
+    assert vdit.plan is vdit.ops.plan is _registry.plan and not hasattr(vdit.backends, "plan")
     assert plan("varlen_attention", device="cpu", dtype=torch.float32, head_dim=64)[0] == "cpu"
     assert plan("varlen_attention", device="cuda", dtype=torch.float64, head_dim=64)[0] == "torch"
     assert plan("rope_3d", device="cuda", dtype=torch.bfloat16, head_dim=512)[0] == "torch"
@@ -104,7 +106,7 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_env_var_sets_the_default_backend():
-    code = "import vdit.backends as b; print(b.plan('rope_3d', device='cpu')[0])"
+    code = "import vdit; print(vdit.plan('rope_3d', device='cpu')[0])"
     assert _run(code, VDIT_BACKEND="torch").stdout.strip() == "torch"
     bad = _run("import vdit", VDIT_BACKEND="gpu")
     assert bad.returncode != 0 and "VDIT_BACKEND must be one of" in bad.stderr
@@ -121,7 +123,22 @@ def test_triton_on_cpu_needs_the_interpreter():
 def test_docs_embed_the_current_capability_table():
     with open(os.path.join(ROOT, "docs", "architecture.md")) as f:
         doc = f.read()
-    assert _registry.capability_table() in doc, "regenerate: python -m vdit.ops._registry --update docs/architecture.md"
+    regenerate = "regenerate: python scripts/capability_table.py --update docs/architecture.md"
+    assert _registry.capability_table() in doc, regenerate
+
+
+def test_capability_table_script_writes_the_table(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("before\n<!-- capability-table -->\nstale\n<!-- /capability-table -->\nafter\n")
+    script = os.path.join(ROOT, "scripts", "capability_table.py")
+    printed = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    assert printed.stdout.strip() == _registry.capability_table()
+    updated = subprocess.run([sys.executable, script, "--update", str(doc)], capture_output=True, text=True,
+                             timeout=120)
+    assert updated.returncode == 0, updated.stderr[-2000:]
+    assert doc.read_text() == ("before\n<!-- capability-table -->\n" + _registry.capability_table()
+                               + "\n<!-- /capability-table -->\nafter\n")
 
 
 # ---- the dense-attention rule (varlen_attention on CUDA), one test per branch, no GPU needed ----------
@@ -194,3 +211,62 @@ def test_rule_env_var_forces_one_kernel_for_one_op(installed, monkeypatch):
     monkeypatch.setenv("VDIT_BACKEND_VARLEN_ATTENTION", "fastest")
     with pytest.raises(ValueError, match="VDIT_BACKEND_VARLEN_ATTENTION must be one of"):
         attention(capability=(9, 0))
+
+
+# ---- kernel families and the implementation tables --------------------------------------------
+
+def test_a_kernel_family_decides_installation_and_interpretation():
+    # Backend names are those of vdit.backends.BACKENDS; the families here are made up.
+    absent = _registry.Family("absent", "_absent", lambda device: "absent is not installed")
+    spec = _registry.OpSpec("toy2", (Kernel("triton", devices=("cuda",), family=absent, interpreted=True),
+                                     Kernel("cpu", devices=("cpu",))))
+    assert spec.family("triton") is absent and spec.family("cpu") is _registry.COMPILED
+    with pytest.raises(BackendUnavailableError, match="absent is not installed"):  # named: reaches the family
+        _registry.plan(spec, device="cpu", backend="triton")
+    assert _registry.plan(spec, device="cpu")[0] == "cpu"  # auto never runs an interpreter
+    not_interpreted = _registry.OpSpec("toy3", (Kernel("triton", devices=("cuda",), family=TRITON),))
+    with pytest.raises(ValueError, match="runs on cuda tensors"):
+        _registry.plan(not_interpreted, device="cpu", backend="triton")
+    external = _registry.OpSpec("toy4", (Kernel("flash-attn", devices=("cuda",), family=None, missing=lambda: None),))
+    with pytest.raises(ValueError, match="not a vdit operator"):
+        external.family("flash-attn")
+
+
+def test_every_triton_operator_is_implemented_from_a_table():
+    from vdit.kernels import schemas
+
+    for name in schemas.TRITON_SCHEMAS:
+        qualname = _registry.TRITON.qualname(name)
+        for key in ("CPU", "CUDA"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key), (qualname, key)
+
+
+def test_implement_rejects_a_malformed_table():
+    with pytest.raises(ValueError, match="table entry 'x' must be 'module:function'"):
+        _registry.implement(_registry.TRITON, {"x": "no_function"})
+    with pytest.raises(ValueError, match="family 'compiled' has no Python package"):
+        _registry.implement(_registry.COMPILED, {"x": "module:function"})
+
+
+def test_table_functions_import_their_module_at_the_first_call(tmp_path, monkeypatch):
+    source = "CALLS = []\ndef run(a, b=0):\n    CALLS.append(a)\n    return a + b\n"
+    (tmp_path / "vdit_lazy_probe.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    forward = _registry._lazy_function("vdit_lazy_probe", "run")
+    assert "vdit_lazy_probe" not in sys.modules and forward.__name__ == "run"
+    assert forward(2, b=3) == 5 and sys.modules["vdit_lazy_probe"].CALLS == [2]
+    monkeypatch.delitem(sys.modules, "vdit_lazy_probe")
+
+
+def test_backends_of_tests_every_declared_vdit_kernel(monkeypatch):
+    from tests.conftest import backends_of
+
+    for name, spec in _registry.OPS.items():
+        assert {p.values[0] for p in backends_of(name)} == {k.name for k in spec.kernels if k.family}, name
+    # A kernel declared for an op is tested without editing a list.
+    extra = Kernel("cuda", devices=("cuda",), family=_registry.COMPILED)
+    monkeypatch.setitem(_registry.OPS, "toy_new", _registry.OpSpec("toy_new", (extra, Kernel("cpu", devices=("cpu",)))))
+    params = backends_of("toy_new", reference=True)
+    assert [p.values for p in params] == [("torch", "cpu"), ("cuda", "cuda"), ("cpu", "cpu")]
+    assert any(m.name == "cuda" for m in params[1].marks)
+    assert [p.values for p in backends_of("toy_new", device="cpu", with_device=False)] == [("cpu",)]

@@ -13,7 +13,10 @@ import torch
 import vdit
 from vdit.ops import reference, rope_3d, rope_3d_qk
 from vdit.packing import grid_positions
-from tests.conftest import assert_close, kernel_backends
+from tests.conftest import assert_close, backends_of
+
+# Backends that take CPU tensors as built: the reference and the CPU kernels (no interpreter).
+CPU_BACKENDS = backends_of("rope_3d", reference=True, device="cpu", interpreted=False, with_device=False)
 
 CASES = [  # (head_dim, dims)
     (16, (4, 6, 6)),        # full head, uneven split
@@ -45,7 +48,7 @@ def _ref(fn, *tensors, **kwargs):
                 (t.cpu() if t is not None else None) for t in tensors], **kwargs)
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", backends_of("rope_3d"))
 @pytest.mark.parametrize("head_dim,dims", CASES)
 @pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half"])
 def test_rope_3d_packed_matches_reference(backend, device, head_dim, dims, interleaved, rng):
@@ -59,7 +62,7 @@ def test_rope_3d_packed_matches_reference(backend, device, head_dim, dims, inter
         assert torch.equal(out[..., sum(dims):], x[..., sum(dims):])
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", backends_of("rope_3d"))
 @pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half"])
 @pytest.mark.parametrize("norm", ["none", "q", "both"])
 def test_rope_3d_qk_dense_matches_reference(backend, device, interleaved, norm):
@@ -81,7 +84,7 @@ def test_rope_3d_qk_dense_matches_reference(backend, device, interleaved, norm):
             assert_close(ok, ek, scale=scale)
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", backends_of("rope_3d"))
 @pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64, torch.float32, torch.float64], ids=str)
 def test_position_dtypes_and_fractional_positions(backend, device, pos_dtype):
     x = torch.randn(30, 2, 32, device=device)
@@ -92,7 +95,7 @@ def test_position_dtypes_and_fractional_positions(backend, device, pos_dtype):
     assert_close(out, _ref(reference.rope_3d, x, pos, dims=(8, 12, 12)))
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", backends_of("rope_3d"))
 def test_strided_qkv_slices_are_read_in_place(backend, device):
     total, H, D = 23, 4, 32
     qkv = torch.randn(total, 3 * H * D, device=device)
@@ -111,7 +114,7 @@ def test_strided_qkv_slices_are_read_in_place(backend, device):
     assert_close(rope_3d(xt, pos, dims=(8, 10, 10), backend=backend), _ref(reference.rope_3d, xt, pos, dims=(8, 10, 10)))
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", backends_of("rope_3d"))
 @pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half"])
 def test_inplace_matches_out_of_place(backend, device, interleaved):
     total, H, D = 17, 3, 40
@@ -144,7 +147,7 @@ def _grads(fn, tensors, cotangents):
     return torch.autograd.grad(fn(*tensors), tensors, cotangents)
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", backends_of("rope_3d"))
 @pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half"])
 @pytest.mark.parametrize("norm", ["none", "k", "both"])
 def test_gradients_match_reference(backend, device, interleaved, norm, rng):
@@ -220,7 +223,7 @@ def test_auto_picks_the_cpu_kernel_and_matches():
     assert_close(got[1], expected[1].double())
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", backends_of("rope_3d", device="cpu", with_device=False))
 def test_torch_compile_fullgraph(backend):
     pos = torch.randint(0, 6, (12, 3), dtype=torch.int32)
     w = torch.randn(32, requires_grad=True)
@@ -242,7 +245,7 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", backends_of("rope_3d", device="cpu", with_device=False))
 def test_torch_compile_inplace(backend):
     pos = torch.randint(0, 6, (10, 3), dtype=torch.int32)
 
@@ -280,7 +283,7 @@ BAD = [  # (kwargs override, exception, message)
 ]
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("override,exc,msg", BAD)
 def test_rejects_bad_input_and_leaves_inputs_unmodified(backend, override, exc, msg):
     args = dict(q=torch.randn(9, 2, 32), k=torch.randn(9, 2, 32), positions=torch.zeros(9, 3, dtype=torch.int32),
@@ -326,7 +329,7 @@ def test_gpu_kernels_cap_the_head_dim_and_cpu_does_not():
     assert_close(rope_3d(x, pos, dims=(4, 4, 252), backend="cpu"), _ref(reference.rope_3d, x, pos, dims=(4, 4, 252)))
 
 
-@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("backend,device", backends_of("rope_3d"))
 def test_large_positions_keep_float32_accuracy(backend, device):
     """The kernels' sin / cos polynomial holds its accuracy for coordinates up to the documented 1e5.
 
@@ -343,7 +346,7 @@ def test_large_positions_keep_float32_accuracy(backend, device):
 
 # ---- numerical stability ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_rope_far_positions(backend):
     """Positions up to 1e5: fp32 angles lose absolute precision (1e5 rad has an fp32 spacing of 0.008),
     so results are compared with the float64 reference at a matching tolerance."""

@@ -7,22 +7,14 @@ rule pinned token by token, and bad inputs rejected before any kernel runs.
 
 The reference itself is checked against an independent formulation: a per-token mask built from the
 window rule, applied to dense attention."""
-import importlib.util
-
 import pytest
 import torch
 
-import vdit
 from vdit.ops import block_sparse_attention, reference, sliding_tile_attention, topk_tiles, varlen_attention
 from vdit.ops.tiles import tile_layout
 from vdit.packing import PackedVideos, cu_seqlens_from_lengths, grid_positions, tile_permutation
-from tests.conftest import HAS_GPU, assert_close
+from tests.conftest import assert_close, backends_of
 
-TRITON = "cuda" if HAS_GPU else "cpu"
-BACKENDS = [pytest.param("cpu", "cpu", id="cpu"),
-            pytest.param("triton", TRITON, id="triton", marks=pytest.mark.skipif(
-                importlib.util.find_spec("triton") is None or not (HAS_GPU or vdit.backends.TRITON_INTERPRET),
-                reason="triton cannot run here"))]
 GRIDS = [[5, 6, 7], [1, 4, 4], [4, 8, 8]]  # not divisible by the tile; a 1-frame image
 TILE = (2, 4, 4)
 
@@ -118,7 +110,7 @@ def _check(backend, device, dtype, out_fn, ref_fn, q, k, v):
         assert_close(got, want, dtype, scale=8.0)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", backends_of("block_sparse_attention"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("window", [(1, 1, 1), (3, 3, 3), (9, 9, 9), "per-head"])
 def test_sliding_tile_attention_matches_the_reference(backend, device, dtype, window):
@@ -132,7 +124,7 @@ def test_sliding_tile_attention_matches_the_reference(backend, device, dtype, wi
     _check(backend, device, dtype, run, ref, q, k, v)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", backends_of("block_sparse_attention"))
 def test_block_sparse_lists_with_unused_slots_and_an_empty_row(backend, device):
     q, k, v, cu, grids = _batch(GRIDS, 4, 4, 16, torch.float32)
     layout = tile_layout(grids, TILE)
@@ -267,7 +259,7 @@ def test_global_tokens_reference_matches_the_rule_token_by_token(windows):
     torch.testing.assert_close(out, _masked_attention(q, k, v, _global_mask(GRIDS, TILE, windows, 4, GLOBALS)))
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", backends_of("block_sparse_attention"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_global_tokens_match_the_reference(backend, device, dtype):
     q, k, v, _, grids = _batch(GRIDS, 4, 2, 16, dtype)

@@ -4,7 +4,7 @@ for its architectures with the runtime's alignment specialization, spills nothin
 frame, fits in shared memory, and on sm_90 runs its tl.dot on a pipelined wgmma; and the CUDA
 extension's kernels use no stack or local memory beyond the documented allowances.
 
-All of it comes from one run of ``python -m vdit.bench.gpu_static`` (the same code that writes
+All of it comes from one run of ``python -m vdit.kernels.triton.static_check`` (the same code that writes
 benchmarks/results/gpu-static.md), in a subprocess: the Triton interpreter that the other tests run
 under cannot compile triton's own library functions. Nothing here retypes a kernel signature.
 """
@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("triton")
 
 import vdit  # noqa: E402
-from vdit.bench import gpu_static  # noqa: E402
+from vdit.kernels.triton import static_check  # noqa: E402
 from vdit.kernels.triton.registry import shipped_specs  # noqa: E402
 
 
@@ -27,7 +27,7 @@ from vdit.kernels.triton.registry import shipped_specs  # noqa: E402
 def static(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("static")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "vdit.bench.gpu_static", "--out", str(out), "--json",
+    proc = subprocess.run([sys.executable, "-m", "vdit.kernels.triton.static_check", "--out", str(out), "--json",
                            str(out / "rows.json")], env=env, capture_output=True, text=True, timeout=2400)
     rows = json.loads((out / "rows.json").read_text()) if (out / "rows.json").exists() else None
     return dict(returncode=proc.returncode, log=proc.stdout[-4000:] + proc.stderr[-4000:], rows=rows,
@@ -78,6 +78,6 @@ def test_cuda_kernels_are_read_from_the_extension(static):
     assert rows, "cuobjdump found no kernels in a CUDA build"
     built = {int(a.replace(".", "")) for a in vdit.build_info()["cuda_archs"].split(";")}
     assert {r["arch"] for r in rows} >= built
-    assert gpu_static.failures([], rows) == []
+    assert static_check.failures([], rows) == []
     rope = [r for r in rows if "rope" in r["kernel"] and "fwd" in r["kernel"]]
     assert rope and all(r["registers"] <= 128 for r in rope), "rope forward exceeds its launch bound of 128 registers"

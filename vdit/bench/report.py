@@ -95,9 +95,9 @@ CHOICE_CALLS = [("varlen_attention", torch.bfloat16, 128), ("varlen_attention", 
 
 def kernel_choices(device: str) -> list[str]:
     """Markdown: which kernel ``auto`` runs for each representative call on ``device`` here, and why."""
-    from vdit.backends import plan
+    from vdit.ops import plan
 
-    lines = [f"## Kernel choice on {device} (`vdit.backends.plan`)", "", "| op | dtype | head dim | kernel | why |",
+    lines = [f"## Kernel choice on {device} (`vdit.plan`)", "", "| op | dtype | head dim | kernel | why |",
              "|---|---|---:|---|---|"]
     for op, dtype, head_dim in CHOICE_CALLS:
         kernel, why = plan(op, device=device, dtype=dtype, head_dim=head_dim)
@@ -212,9 +212,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.gpu_static:
-        from vdit.bench import gpu_static
+        from vdit.kernels.triton import static_check
 
-        return gpu_static.main(["--out", args.out])
+        return static_check.main(["--out", args.out])
     device = device_name()
     json_path = os.path.join(args.out, f"{device}.json")
     status = run_suite(find_benchmarks(), json_path, args.quick, args.select)

@@ -27,7 +27,7 @@ from vdit.distributed.sharding import range_lengths, range_offsets, world
 from vdit.distributed.stats import record
 from vdit.ops import varlen_attention
 from vdit.ops.attention import varlen_attention_backward
-from vdit.ops.reference import compute_dtype
+from vdit.ops._shared import compute_dtype
 
 
 class Step(NamedTuple):

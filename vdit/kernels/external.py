@@ -9,7 +9,7 @@ paired with another family's backward. Both size their launch grids from ``max_s
 checks it (eagerly, or with a device-side assertion under torch.compile) before calling them.
 
 Nothing here is importable without CUDA builds of the packages, and nothing runs on a CPU; the
-availability functions say why a kernel cannot be used, for :func:`vdit.backends.plan`.
+availability functions say why a kernel cannot be used, for :func:`vdit.plan`.
 """
 from __future__ import annotations
 

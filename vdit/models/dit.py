@@ -18,9 +18,9 @@ from torch import nn
 from vdit.distributed import SequenceParallel, gather_packed, local_offsets, shard_bounds, shard_packed
 from vdit.nn import (AdaLNModulation, PatchEmbed3d, PatchUnembed3d, RotaryEmbedding3d, TileSparseAttention,
                      VarlenCrossAttention, VarlenSelfAttention)
-from vdit.ops import SparsePattern, adaln_modulate, gated_residual, reference
+from vdit.ops import SparsePattern, adaln_modulate, gated_residual
 from vdit.ops.sparse_pattern import MODES
-from vdit.packing import grid_fractions, grid_positions, tile_permutation
+from vdit.packing import grid_fractions, grid_positions, segment_ids, tile_permutation
 
 
 @dataclasses.dataclass
@@ -283,7 +283,7 @@ class VideoDiT(nn.Module):
     def pooled_context(context: torch.Tensor, cu_ctx: torch.Tensor) -> torch.Tensor:
         """(B, context_dim) mean of each sample's text tokens."""
         lengths = (cu_ctx[1:] - cu_ctx[:-1]).clamp_min(1).to(context.dtype)
-        seg = reference.segment_ids(cu_ctx, context.shape[0])
+        seg = segment_ids(cu_ctx, context.shape[0])
         pooled = torch.zeros(len(lengths), context.shape[1], dtype=context.dtype, device=context.device)
         return pooled.index_add(0, seg, context) / lengths[:, None]
 

@@ -4,6 +4,7 @@ Each op's contract (shapes, orders, semantics) is in its docstring and in :mod:`
 docs/architecture.md maps the layers. Every op takes ``backend="auto"`` (see :mod:`vdit.backends`).
 """
 from vdit.ops import reference
+from vdit.ops._registry import plan
 from vdit.ops.adaln import adaln_modulate, gated_residual
 from vdit.ops.attention import varlen_attention
 from vdit.ops.patch_embed import patch_embed_3d, patch_embed_3d_varlen, patch_unembed_3d, patch_unembed_3d_varlen
@@ -15,5 +16,5 @@ from vdit.ops.sparse_pattern import SparsePattern
 __all__ = [
     "reference", "patchify_3d", "unpatchify_3d", "patch_embed_3d", "patch_embed_3d_varlen", "patch_unembed_3d",
     "patch_unembed_3d_varlen", "varlen_attention", "rope_3d", "rope_3d_qk", "adaln_modulate", "gated_residual",
-    "sliding_tile_attention", "block_sparse_attention", "topk_tiles", "SparsePattern",
+    "sliding_tile_attention", "block_sparse_attention", "topk_tiles", "SparsePattern", "plan",
 ]

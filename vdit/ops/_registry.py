@@ -4,11 +4,11 @@ Every public op declares its kernels once with :func:`declare`, in its order of 
 
     SPEC = declare("rope_3d",
                    Kernel("cuda", devices=("cuda",), dtypes=ALL_FLOATS, max_head_dim=256),
-                   Kernel("triton", devices=("cuda",), dtypes=ALL_FLOATS, max_head_dim=256),
+                   Kernel("triton", devices=("cuda",), family=TRITON, interpreted=True, max_head_dim=256),
                    Kernel("cpu", devices=("cpu",), dtypes=ALL_FLOATS))
 
-The same declaration drives dispatch (:func:`select`), the public rule :func:`plan` (also exposed as
-``vdit.backends.plan``) and the capability table in the docs (:func:`capability_rows`).
+The same declaration drives dispatch (:func:`select`), the public rule :func:`plan` (exported as
+``vdit.plan`` and ``vdit.ops.plan``) and the capability table in the docs (:func:`capability_rows`).
 
 Fallback policy, identical for every op and for its forward and backward:
 
@@ -22,14 +22,16 @@ Fallback policy, identical for every op and for its forward and backward:
 * The backward of an op uses the kernel family its forward used (the autograd formula is registered
   per family), so gradients never mix kernels.
 
-Kernel families (how operators are named): the compiled kernels of ``vdit._C`` are ``vdit::<name>``
-(one operator, CPU and CUDA implementations picked by the dispatcher) and the Triton kernels are
-``vdit::<name>_triton``; both schemas come from :mod:`vdit.kernels.schemas`.
+Kernel families (``Kernel.family``, how operators are named and when they are installed): the
+compiled kernels of ``vdit._C`` are ``vdit::<name>`` (one operator, CPU and CUDA implementations
+picked by the dispatcher) and the Triton kernels are ``vdit::<name>_triton``, implemented by the
+functions each op lists for :func:`implement`; both schemas come from :mod:`vdit.kernels.schemas`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import os
 import warnings
 from collections.abc import Callable
@@ -37,6 +39,7 @@ from collections.abc import Callable
 import torch
 
 from vdit import backends
+from vdit._extension import HAS_CPU_KERNELS, HAS_CUDA_KERNELS, HAS_TRITON, LOAD_ERROR
 from vdit.backends import BackendUnavailableError
 from vdit.kernels import MAX_GPU_HEAD_DIM, schemas
 
@@ -75,6 +78,61 @@ def _device_capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device)
 
 
+# ---- kernel families: operator names, availability -------------------------------------------
+
+def _compiled_missing(device: torch.device) -> str | None:
+    if not HAS_CPU_KERNELS:
+        return LOAD_ERROR
+    if device.type == "cuda" and not HAS_CUDA_KERNELS:
+        return "vdit was built without CUDA kernels (see vdit.build_info(); rebuild with VDIT_BUILD_CUDA=1)"
+    return None
+
+
+def _triton_missing(device: torch.device) -> str | None:
+    if not HAS_TRITON:
+        return "triton is not installed (pip install triton)"
+    if device.type == "cpu" and not backends.TRITON_INTERPRET:
+        return "triton runs CPU tensors only under TRITON_INTERPRET=1 (set before importing vdit)"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """Operators implemented together, with one schema each in :mod:`vdit.kernels.schemas`.
+
+    Args:
+        name: the family's name (``"compiled"``, ``"triton"``).
+        suffix: appended to an op's operator names (``vdit::<name><suffix>``).
+        missing: why the family cannot run tensors on a device in this install, or None.
+        package: where its Python implementations live (:func:`implement`), None for the extension's.
+    """
+
+    name: str
+    suffix: str
+    missing: Callable[[torch.device], str | None]
+    package: str | None = None
+
+    def qualname(self, name: str) -> str:
+        return f"vdit::{name}{self.suffix}"
+
+    def op(self, name: str):
+        """The ``torch.ops.vdit`` packet of operator ``name`` in this family."""
+        return getattr(torch.ops.vdit, name + self.suffix)
+
+    def lse_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of an attention lse this family returns for inputs of ``dtype``: the compiled kernels
+        keep float64 statistics for float64 inputs, Triton (no float64 dot) always float32."""
+        return torch.float64 if dtype == torch.float64 and self is COMPILED else torch.float32
+
+    def has(self, name: str) -> bool:
+        return name in schemas.SCHEMAS and (not self.suffix or name in schemas.TRITON_SCHEMAS)
+
+
+COMPILED = Family("compiled", "", _compiled_missing)  # vdit._C: CPU and CUDA implementations of vdit::<name>
+TRITON = Family("triton", schemas.TRITON_SUFFIX, _triton_missing, package="vdit.kernels.triton")
+FAMILIES = (COMPILED, TRITON)
+
+
 @dataclasses.dataclass(frozen=True)
 class Kernel:
     """One kernel of an op and what it covers.
@@ -82,8 +140,11 @@ class Kernel:
     Args:
         name: the backend name users pass as ``backend=`` (``"cpu"``, ``"cuda"``, ``"triton"``, or a
             kernel vdit calls but does not own, e.g. ``"torch-varlen"``).
-        devices: device types ``auto`` uses it for (Triton also runs CPU tensors when named explicitly
-            under ``TRITON_INTERPRET=1``).
+        devices: device types ``auto`` uses it for.
+        family: the :class:`Family` whose operators run it; None for a kernel vdit calls but does not own
+            (the op calls it directly and ``missing`` says when it is not installed).
+        interpreted: it also runs CPU tensors, when named explicitly, under an interpreter (Triton's,
+            ``TRITON_INTERPRET=1``: how the tests run GPU kernels without a GPU).
         dtypes: floating dtypes it takes.
         max_head_dim: largest head dim (ops with heads), None for no limit.
         requires: a rule over the :class:`Call` returning why the kernel cannot (or, when ``call.auto``,
@@ -94,6 +155,8 @@ class Kernel:
 
     name: str
     devices: tuple[str, ...]
+    family: Family | None = COMPILED
+    interpreted: bool = False
     dtypes: tuple[torch.dtype, ...] = ALL_FLOATS
     max_head_dim: int | None = None
     requires: Callable[[Call], str | None] | None = None
@@ -110,10 +173,12 @@ class Kernel:
         return (ValueError, reason) if reason else None
 
     def not_installed(self, device: torch.device) -> str | None:
-        return self.missing() if self.missing is not None else backends.unavailable_reason(self.name, device)
+        if self.missing is not None:
+            return self.missing()
+        return self.family.missing(device) if self.family is not None else None
 
     def runs_on(self, device: torch.device) -> bool:
-        return device.type in self.devices or (self.name == "triton" and device.type == "cpu")
+        return device.type in self.devices or (self.interpreted and device.type == "cpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +190,13 @@ class OpSpec:
 
     def kernel(self, name: str) -> Kernel | None:
         return next((k for k in self.kernels if k.name == name), None)
+
+    def family(self, kernel: str) -> Family:
+        """The family whose operators run this op's ``kernel`` (a name :func:`select` returned)."""
+        family = self.kernel(kernel).family
+        if family is None:
+            raise ValueError(f"{self.name}: kernel {kernel!r} is not a vdit operator; the op calls it directly")
+        return family
 
     @property
     def env_var(self) -> str:
@@ -255,46 +327,15 @@ def capability_rows() -> list[dict]:
 
 
 def capability_table() -> str:
-    """:func:`capability_rows` as a markdown table (docs/architecture.md embeds it; a test compares)."""
+    """:func:`capability_rows` as a markdown table (docs/architecture.md embeds it, written by
+    ``scripts/capability_table.py``; a test compares)."""
     lines = ["| op | kernel (auto order) | devices | dtypes | head dim | note |", "|---|---|---|---|---|---|"]
     lines += [f"| `{r['op']}` | {r['kernel']} | {r['devices']} | {r['dtypes']} | {r['head_dim']} | {r['note']} |"
               for r in capability_rows()]
     return "\n".join(lines)
 
 
-# ---- kernel families: operator names, fakes, autograd ----------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """Operators implemented together: the compiled ones (``vdit::<name>``) or Triton's (``<name>_triton``)."""
-
-    suffix: str
-
-    def qualname(self, name: str) -> str:
-        return f"vdit::{name}{self.suffix}"
-
-    def op(self, name: str):
-        """The ``torch.ops.vdit`` packet of operator ``name`` in this family."""
-        return getattr(torch.ops.vdit, name + self.suffix)
-
-    def lse_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """The dtype of an attention lse this family returns for inputs of ``dtype``: the compiled kernels
-        keep float64 statistics for float64 inputs, Triton (no float64 dot) always float32."""
-        return torch.float64 if dtype == torch.float64 and self is COMPILED else torch.float32
-
-    def has(self, name: str) -> bool:
-        return name in schemas.SCHEMAS and (not self.suffix or name in schemas.TRITON_SCHEMAS)
-
-
-COMPILED = Family("")
-TRITON = Family(schemas.TRITON_SUFFIX)
-FAMILIES = (COMPILED, TRITON)
-
-
-def family_of(kernel: str) -> Family:
-    """The family whose operators run ``kernel`` (``"cpu"`` and ``"cuda"`` share the compiled one)."""
-    return TRITON if kernel == "triton" else COMPILED
-
+# ---- registration: fakes, autograd, implementations -------------------------------------------
 
 def register(*, fakes: dict[str, Callable] | Callable[[Family], dict[str, Callable]],
              autograd: Callable[[Family], dict[str, tuple[Callable, Callable]]]) -> None:
@@ -315,33 +356,35 @@ def register(*, fakes: dict[str, Callable] | Callable[[Family], dict[str, Callab
                 torch.library.register_autograd(family.qualname(name), backward, setup_context=setup)
 
 
-def triton_impl(name: str) -> Callable[[Callable], Callable]:
-    """Decorator: ``fn`` implements ``vdit::<name>_triton`` (CUDA tensors; CPU under the interpreter)."""
-    def wrap(fn: Callable) -> Callable:
-        torch.library.register_kernel(TRITON.qualname(name), ("cuda", "cpu"), fn)
-        return fn
-    return wrap
+def implement(family: Family, table: dict[str, str]) -> None:
+    """Register ``family``'s implementation of each operator in ``table``.
+
+    Args:
+        family: a family whose implementations are Python functions (``family.package`` set).
+        table: {operator name: ``"module:function"``}, the module relative to ``family.package``, the
+            function taking the operator's schema arguments in order (e.g. ``{"rope_3d": "rope:rope_3d"}``).
+    The module is imported at the first call, so the family's package (and triton) stay optional; CPU
+    tensors reach the function only when the kernel runs under an interpreter (``Kernel.interpreted``).
+    """
+    if family.package is None:
+        raise ValueError(f"family {family.name!r} has no Python package to implement operators from")
+    for name, target in table.items():
+        module, sep, function = target.partition(":")
+        if not (module and sep and function):
+            raise ValueError(f"table entry {name!r} must be 'module:function', got {target!r}")
+        torch.library.register_kernel(family.qualname(name), ("cuda", "cpu"),
+                                      _lazy_function(f"{family.package}.{module}", function))
 
 
-def update_doc(path: str) -> None:
-    """Replace the table between ``<!-- capability-table -->`` markers in ``path`` with :func:`capability_table`."""
-    with open(path) as f:
-        text = f.read()
-    start, end = "<!-- capability-table -->\n", "<!-- /capability-table -->"
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    with open(path, "w") as f:
-        f.write(head + start + capability_table() + "\n" + end + tail)
+def _lazy_function(module: str, function: str) -> Callable:
+    """A function that imports ``module`` on its first call and forwards every call to ``module.function``."""
+    @functools.cache
+    def target() -> Callable:
+        return getattr(importlib.import_module(module), function)
 
+    def forward(*args, **kwargs):
+        return target()(*args, **kwargs)
 
-if __name__ == "__main__":
-    # python -m vdit.ops._registry [--update docs/architecture.md]: print (or write) the capability table.
-    import sys
-
-    import vdit.ops  # noqa: F401  (declares every op in the imported copy of this module)
-    from vdit.ops import _registry as _imported
-
-    if sys.argv[1:2] == ["--update"]:
-        _imported.update_doc(sys.argv[2])
-    else:
-        print(_imported.capability_table())
+    forward.__name__ = forward.__qualname__ = function
+    forward.__module__ = module
+    return forward

@@ -13,6 +13,7 @@ import torch
 
 from vdit.ops import _registry, reference
 from vdit.ops._registry import ALL_FLOATS, Kernel
+from vdit.ops._shared import compute_dtype
 from vdit.ops._validation import check_cu_seqlens, check_like, check_tensor
 
 SPEC = _registry.declare(
@@ -26,7 +27,7 @@ GATED_SPEC = _registry.declare("gated_residual", *SPEC.kernels)
 # ---- fake implementations and autograd --------------------------------------------------------
 
 def _adaln_fake(x, shift, scale, cu_seqlens, eps):
-    stats = x.new_empty(x.shape[:-1], dtype=reference.compute_dtype(x.dtype))
+    stats = x.new_empty(x.shape[:-1], dtype=compute_dtype(x.dtype))
     return x.new_empty(x.shape), stats, torch.empty_like(stats)
 
 
@@ -121,7 +122,7 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, cu
     chosen = _registry.select(SPEC, x.device, x.dtype, backend)
     if chosen == "torch":
         return reference.adaln_modulate(x, shift, scale, cu_seqlens, eps=eps)
-    out, _, _ = _registry.family_of(chosen).op("adaln_modulate")(x.contiguous(), shift.contiguous(), scale.contiguous(),
+    out, _, _ = SPEC.family(chosen).op("adaln_modulate")(x.contiguous(), shift.contiguous(), scale.contiguous(),
                                               _cu(cu_seqlens), eps)
     return out
 
@@ -148,4 +149,4 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, cu_seql
     chosen = _registry.select(GATED_SPEC, x.device, x.dtype, backend)
     if chosen == "torch":
         return reference.gated_residual(x, y, gate, cu_seqlens)
-    return _registry.family_of(chosen).op("gated_residual")(x.contiguous(), y.contiguous(), gate.contiguous(), _cu(cu_seqlens))
+    return GATED_SPEC.family(chosen).op("gated_residual")(x.contiguous(), y.contiguous(), gate.contiguous(), _cu(cu_seqlens))

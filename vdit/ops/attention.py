@@ -1,6 +1,6 @@
 """varlen_attention: attention over packed variable-length sequences (FlashAttention varlen API).
 
-Kernels, in auto's order (declared in ``SPEC``; ``vdit.backends.plan`` shows the choice for a call):
+Kernels, in auto's order (declared in ``SPEC``; ``vdit.plan`` shows the choice for a call):
 
 * ``flash-attn``: flash-attn's varlen function, when FlashAttention-3 is installed and the GPU is sm_90
   (the fastest dense kernel there); FlashAttention-2 from the flash-attn package only when named,
@@ -28,7 +28,7 @@ import torch
 
 from vdit.kernels import external
 from vdit.ops import _registry, reference
-from vdit.ops._registry import ALL_FLOATS, GPU_FLOATS, MAX_GPU_HEAD_DIM, Call, Kernel
+from vdit.ops._registry import ALL_FLOATS, GPU_FLOATS, MAX_GPU_HEAD_DIM, TRITON, Call, Kernel
 from vdit.ops._validation import check_cu_seqlens, check_qkv, check_softmax_scale, max_seqlen_of
 
 HALF_FLOATS = (torch.float16, torch.bfloat16)
@@ -69,15 +69,16 @@ def _torch_varlen_rule(call: Call) -> str | None:
 
 SPEC = _registry.declare(
     "varlen_attention",
-    Kernel("flash-attn", devices=("cuda",), dtypes=HALF_FLOATS, max_head_dim=MAX_GPU_HEAD_DIM,
+    Kernel("flash-attn", devices=("cuda",), family=None, dtypes=HALF_FLOATS, max_head_dim=MAX_GPU_HEAD_DIM,
            requires=_flash_attn_rule,
            missing=lambda: None if external.flash_attn_version() else "not installed (pip install flash-attn)",
            note="flash-attn varlen: FlashAttention-3 on sm_90 in auto; FlashAttention-2 only when named"),
-    Kernel("torch-varlen", devices=("cuda",), dtypes=HALF_FLOATS, max_head_dim=MAX_GPU_HEAD_DIM,
+    Kernel("torch-varlen", devices=("cuda",), family=None, dtypes=HALF_FLOATS, max_head_dim=MAX_GPU_HEAD_DIM,
            requires=_torch_varlen_rule, missing=external.torch_varlen_missing,
            note="torch.nn.attention.varlen.varlen_attn (FlashAttention-2 / cuDNN): sm_80+, head dim % 8 == 0, "
                 "non-deterministic backward"),
-    Kernel("triton", devices=("cuda",), dtypes=GPU_FLOATS, max_head_dim=MAX_GPU_HEAD_DIM,
+    Kernel("triton", devices=("cuda",), family=TRITON, interpreted=True, dtypes=GPU_FLOATS,
+           max_head_dim=MAX_GPU_HEAD_DIM,
            note="FlashAttention-2 style, cost-sorted work list, deterministic backward, any head dim"),
     Kernel("cpu", devices=("cpu",), dtypes=ALL_FLOATS, note="FlashAttention-2 style tiles on BLAS GEMMs"),
 )
@@ -85,21 +86,12 @@ SPEC = _registry.declare(
 
 # ---- Triton implementations ------------------------------------------------------------------
 
-@_registry.triton_impl("varlen_attention_fwd")
-def _fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
-    from vdit.kernels.triton import attention  # imported lazily: triton is optional
-
-    return attention.varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                              softmax_scale, causal)
-
-
-@_registry.triton_impl("varlen_attention_bwd")
-def _bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                causal):
-    from vdit.kernels.triton import attention
-
-    return attention.varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                               max_seqlen_k, softmax_scale, causal)
+# {operator: "module:function" in vdit.kernels.triton}: the functions that implement the Triton
+# operators, imported at their first call (triton is optional).
+_registry.implement(TRITON, {
+    "varlen_attention_fwd": "attention:varlen_attention_forward",
+    "varlen_attention_bwd": "attention:varlen_attention_backward",
+})
 
 
 # ---- fake implementations and autograd --------------------------------------------------------
@@ -200,7 +192,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     elif chosen == "flash-attn":
         out, lse = external.flash_attention(*args, deterministic=torch.are_deterministic_algorithms_enabled())
     else:
-        out, lse = _registry.family_of(chosen).op("varlen_attention_fwd")(*args)
+        out, lse = SPEC.family(chosen).op("varlen_attention_fwd")(*args)
     if not return_lse:
         return out
     if chosen in ("torch-varlen", "flash-attn"):  # they mark queries that see no key with +inf
@@ -227,7 +219,7 @@ def varlen_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     if chosen == "torch":
         return reference.varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                                    softmax_scale=scale, causal=causal)
-    family = _registry.family_of(chosen)
+    family = SPEC.family(chosen)
     return family.op("varlen_attention_bwd")(
         dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(),
         lse.to(family.lse_dtype(q.dtype)).contiguous(), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),

@@ -15,11 +15,12 @@ from collections.abc import Sequence
 import torch
 
 from vdit.ops import _registry, reference
-from vdit.ops._registry import ALL_FLOATS, GPU_FLOATS, Kernel
+from vdit.ops._registry import ALL_FLOATS, GPU_FLOATS, TRITON, Kernel
 from vdit.ops._validation import check_cu_seqlens, check_divides, check_like, check_tensor, check_triple
 
 _KERNELS = (
-    Kernel("triton", devices=("cuda",), dtypes=GPU_FLOATS, note="gather + tl.dot + bias in one kernel"),
+    Kernel("triton", devices=("cuda",), family=TRITON, interpreted=True, dtypes=GPU_FLOATS,
+           note="gather + tl.dot + bias in one kernel"),
     Kernel("cpu", devices=("cpu",), dtypes=ALL_FLOATS, note="patch gather into cache-sized blocks + BLAS GEMM"),
 )
 SPECS = {name: _registry.declare(name, *_KERNELS) for name in
@@ -28,61 +29,18 @@ SPECS = {name: _registry.declare(name, *_KERNELS) for name in
 
 # ---- Triton implementations -------------------------------------------------------------------
 
-def _triton():
-    from vdit.kernels.triton import patch_embed
-
-    return patch_embed
-
-
-@_registry.triton_impl("patch_embed_3d")
-def _embed_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _triton().patch_embed_3d(x, weight, bias)
-
-
-@_registry.triton_impl("patch_embed_3d_backward")
-def _embed_backward_triton(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                           output_mask: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _triton().patch_embed_3d_backward(grad, x, weight, tuple(output_mask))
-
-
-@_registry.triton_impl("patch_embed_3d_varlen")
-def _embed_varlen_triton(videos: list[torch.Tensor], weight: torch.Tensor,
-                         bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _triton().patch_embed_3d_varlen(videos, weight, bias)
-
-
-@_registry.triton_impl("patch_embed_3d_varlen_backward")
-def _embed_varlen_backward_triton(grad: torch.Tensor, videos: list[torch.Tensor], weight: torch.Tensor,
-                                  output_mask: Sequence[bool]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    return _triton().patch_embed_3d_varlen_backward(grad, videos, weight, tuple(output_mask))
-
-
-@_registry.triton_impl("patch_unembed_3d")
-def _unembed_triton(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, grid: Sequence[int],
-                    patch_size: Sequence[int]) -> torch.Tensor:
-    return _triton().patch_unembed_3d(tokens, weight, bias, tuple(grid), tuple(patch_size))
-
-
-@_registry.triton_impl("patch_unembed_3d_backward")
-def _unembed_backward_triton(grad: torch.Tensor, tokens: torch.Tensor, weight: torch.Tensor, grid: Sequence[int],
-                             patch_size: Sequence[int],
-                             output_mask: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _triton().patch_unembed_3d_backward(grad, tokens, weight, tuple(grid), tuple(patch_size),
-                                               tuple(output_mask))
-
-
-@_registry.triton_impl("patch_unembed_3d_varlen")
-def _unembed_varlen_triton(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                           grids: Sequence[int], patch_size: Sequence[int]) -> list[torch.Tensor]:
-    return _triton().patch_unembed_3d_varlen(tokens, weight, bias, list(grids), tuple(patch_size))
-
-
-@_registry.triton_impl("patch_unembed_3d_varlen_backward")
-def _unembed_varlen_backward_triton(grads: list[torch.Tensor], tokens: torch.Tensor, weight: torch.Tensor,
-                                    grids: Sequence[int], patch_size: Sequence[int],
-                                    output_mask: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _triton().patch_unembed_3d_varlen_backward(grads, tokens, weight, list(grids), tuple(patch_size),
-                                                      tuple(output_mask))
+# {operator: "module:function" in vdit.kernels.triton}: the functions that implement the Triton
+# operators, imported at their first call (triton is optional).
+_registry.implement(TRITON, {
+    "patch_embed_3d": "patch_embed:patch_embed_3d",
+    "patch_embed_3d_backward": "patch_embed:patch_embed_3d_backward",
+    "patch_embed_3d_varlen": "patch_embed:patch_embed_3d_varlen",
+    "patch_embed_3d_varlen_backward": "patch_embed:patch_embed_3d_varlen_backward",
+    "patch_unembed_3d": "patch_embed:patch_unembed_3d",
+    "patch_unembed_3d_backward": "patch_embed:patch_unembed_3d_backward",
+    "patch_unembed_3d_varlen": "patch_embed:patch_unembed_3d_varlen",
+    "patch_unembed_3d_varlen_backward": "patch_embed:patch_unembed_3d_varlen_backward",
+})
 
 
 # ---- fake implementations (shapes only) -------------------------------------------------------
@@ -246,7 +204,7 @@ def _check_weight(weight, bias, ref_name, ref, *, embed: bool):
 def _run(op: str, device: torch.device, dtype: torch.dtype, backend: str):
     """The operator ``op`` of the chosen kernel family, or None for the reference."""
     chosen = _registry.select(SPECS[op], device, dtype, backend)
-    return None if chosen == "torch" else _registry.family_of(chosen).op(op)
+    return None if chosen == "torch" else SPECS[op].family(chosen).op(op)
 
 
 def _contiguous(t):

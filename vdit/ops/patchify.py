@@ -10,14 +10,14 @@ from collections.abc import Sequence
 import torch
 
 from vdit.ops import _registry, reference
-from vdit.ops._registry import ALL_FLOATS, Kernel
+from vdit.ops._registry import ALL_FLOATS, TRITON, Kernel
 from vdit.ops._validation import check_divides, check_tensor, check_triple
 
 # A pure data movement: every kernel takes every dtype (the tables list the float ones).
 SPEC = _registry.declare(
     "patchify_3d",
     Kernel("cuda", devices=("cuda",), dtypes=ALL_FLOATS, note="vectorized tile transpose"),
-    Kernel("triton", devices=("cuda",), dtypes=ALL_FLOATS),
+    Kernel("triton", devices=("cuda",), family=TRITON, interpreted=True, dtypes=ALL_FLOATS),
     Kernel("cpu", devices=("cpu",), dtypes=ALL_FLOATS, note="OpenMP copy per token row"),
 )
 UNPATCHIFY_SPEC = _registry.declare("unpatchify_3d", *SPEC.kernels)
@@ -25,18 +25,12 @@ UNPATCHIFY_SPEC = _registry.declare("unpatchify_3d", *SPEC.kernels)
 
 # ---- Triton implementations ------------------------------------------------------------------
 
-@_registry.triton_impl("patchify_3d")
-def _patchify_3d_triton(x: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
-    from vdit.kernels.triton import patchify
-
-    return patchify.patchify_3d(x, tuple(patch_size))
-
-
-@_registry.triton_impl("unpatchify_3d")
-def _unpatchify_3d_triton(tokens: torch.Tensor, grid: Sequence[int], patch_size: Sequence[int]) -> torch.Tensor:
-    from vdit.kernels.triton import patchify
-
-    return patchify.unpatchify_3d(tokens, tuple(grid), tuple(patch_size))
+# {operator: "module:function" in vdit.kernels.triton}: the functions that implement the Triton
+# operators, imported at their first call (triton is optional).
+_registry.implement(TRITON, {
+    "patchify_3d": "patchify:patchify_3d",
+    "unpatchify_3d": "patchify:unpatchify_3d",
+})
 
 
 # ---- fake implementations and autograd: each op is the other's backward ------------------------
@@ -95,7 +89,7 @@ def patchify_3d(x: torch.Tensor, patch_size: Sequence[int], *, backend: str = "a
     chosen = _registry.select(SPEC, x.device, None, backend)
     if chosen == "torch":
         return reference.patchify_3d(x, patch)
-    return _registry.family_of(chosen).op("patchify_3d")(x.contiguous(), list(patch))
+    return SPEC.family(chosen).op("patchify_3d")(x.contiguous(), list(patch))
 
 
 def unpatchify_3d(tokens: torch.Tensor, grid: Sequence[int], patch_size: Sequence[int], *,
@@ -123,4 +117,4 @@ def unpatchify_3d(tokens: torch.Tensor, grid: Sequence[int], patch_size: Sequenc
     chosen = _registry.select(UNPATCHIFY_SPEC, tokens.device, None, backend)
     if chosen == "torch":
         return reference.unpatchify_3d(tokens, grid, patch)
-    return _registry.family_of(chosen).op("unpatchify_3d")(tokens.contiguous(), list(grid), list(patch))
+    return UNPATCHIFY_SPEC.family(chosen).op("unpatchify_3d")(tokens.contiguous(), list(grid), list(patch))

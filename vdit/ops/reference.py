@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from vdit.ops._shared import compute_dtype, rope_3d_angles, segment_ids
+
 __all__ = [
     "patchify_3d", "unpatchify_3d", "patch_embed_3d", "patch_embed_3d_varlen", "varlen_attention",
     "varlen_attention_backward", "rope_3d", "rope_3d_qk", "rope_3d_angles", "adaln_modulate", "gated_residual",
@@ -19,11 +21,6 @@ __all__ = [
     "patch_unembed_3d", "patch_unembed_3d_varlen", "compute_dtype", "block_sparse_attention",
     "block_sparse_attention_tiles",
 ]
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype vdit computes in for inputs of ``dtype``: float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,25 +251,8 @@ def block_sparse_attention(q, k, v, cu_seqlens, grids, tile, kv_tiles, *, softma
 
 
 # --------------------------------------------------------------------------------------------
-# 3D rotary position embedding
+# 3D rotary position embedding (the angles are vdit.ops._shared.rope_3d_angles)
 # --------------------------------------------------------------------------------------------
-
-def rope_3d_angles(positions: torch.Tensor, dims: Sequence[int], theta: float = 10000.0,
-                   dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-    """Rotation angles of each axis chunk.
-
-    Args:
-        positions: (..., 3) int or float (t, h, w) coordinates.
-        dims: (dt, dh, dw) even channel counts.
-    Returns:
-        Three tensors (..., d/2) of ``pos[..., a] * theta ** (-2j / d)``, j = 0 .. d/2 - 1, in ``dtype``.
-    """
-    angles = []
-    for axis, d in enumerate(dims):
-        inv_freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=positions.device) / d)
-        angles.append(positions[..., axis].to(dtype)[..., None] * inv_freq.to(dtype))
-    return angles
-
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.to(x.dtype)
@@ -333,13 +313,6 @@ def rope_3d_qk(q, k, positions, *, dims, theta=10000.0, interleaved=True,
 # --------------------------------------------------------------------------------------------
 # adaLN modulation and gated residual
 # --------------------------------------------------------------------------------------------
-
-def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """(total,) int64 index of the sequence each packed token belongs to."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths,
-                                   output_size=total)
-
 
 def _per_token(param: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
     """Expand a per-sample (B, C) parameter to one row per token of x (packed, or (B, N, C))."""

@@ -21,14 +21,15 @@ from collections.abc import Sequence
 import torch
 
 from vdit.ops import _registry, reference
-from vdit.ops._registry import ALL_FLOATS, MAX_GPU_HEAD_DIM, Kernel
+from vdit.ops._registry import ALL_FLOATS, MAX_GPU_HEAD_DIM, TRITON, Kernel
 from vdit.ops._validation import check_like, check_tensor
 
 SPEC = _registry.declare(
     "rope_3d",
     Kernel("cuda", devices=("cuda",), dtypes=ALL_FLOATS, max_head_dim=MAX_GPU_HEAD_DIM,
            note="angles in registers, q and k in one pass, optional fused RMSNorm"),
-    Kernel("triton", devices=("cuda",), dtypes=ALL_FLOATS, max_head_dim=MAX_GPU_HEAD_DIM),
+    Kernel("triton", devices=("cuda",), family=TRITON, interpreted=True, dtypes=ALL_FLOATS,
+           max_head_dim=MAX_GPU_HEAD_DIM),
     Kernel("cpu", devices=("cpu",), dtypes=ALL_FLOATS, note="no head-dim limit"),
 )
 QK_SPEC = _registry.declare("rope_3d_qk", *SPEC.kernels)
@@ -36,56 +37,15 @@ QK_SPEC = _registry.declare("rope_3d_qk", *SPEC.kernels)
 
 # ---- Triton implementations ------------------------------------------------------------------
 
-@_registry.triton_impl("rope_3d")
-def _rope_3d_triton(x: torch.Tensor, positions: torch.Tensor, dims: Sequence[int], theta: float, interleaved: bool,
-                    inverse: bool, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    from vdit.kernels.triton import rope
-
-    (out,) = rope.rope_forward([x], positions, tuple(dims), theta, interleaved, inverse, [weight], eps)
-    return out
-
-
-@_registry.triton_impl("rope_3d_qk")
-def _rope_3d_qk_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, dims: Sequence[int], theta: float,
-                       interleaved: bool, inverse: bool, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    from vdit.kernels.triton import rope
-
-    q_out, k_out = rope.rope_forward([q, k], positions, tuple(dims), theta, interleaved, inverse,
-                                     [q_weight, k_weight], eps)
-    return q_out, k_out
-
-
-@_registry.triton_impl("rope_3d_qk_")
-def _rope_3d_qk_inplace_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, dims: Sequence[int],
-                               theta: float, interleaved: bool, q_weight: torch.Tensor | None,
-                               k_weight: torch.Tensor | None, eps: float) -> None:
-    from vdit.kernels.triton import rope
-
-    rope.rope_forward([q, k], positions, tuple(dims), theta, interleaved, False, [q_weight, k_weight], eps,
-                      outputs=[q, k])
-
-
-@_registry.triton_impl("rope_3d_backward")
-def _rope_3d_backward_triton(grad: torch.Tensor, x: torch.Tensor, positions: torch.Tensor, dims: Sequence[int],
-                             theta: float, interleaved: bool, weight: torch.Tensor | None,
-                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    from vdit.kernels.triton import rope
-
-    (gx,), (gw,) = rope.rope_backward([grad], [x], positions, tuple(dims), theta, interleaved, [weight], eps)
-    return gx, gw
-
-
-@_registry.triton_impl("rope_3d_qk_backward")
-def _rope_3d_qk_backward_triton(grad_q: torch.Tensor, grad_k: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                                positions: torch.Tensor, dims: Sequence[int], theta: float, interleaved: bool,
-                                q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
-                                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from vdit.kernels.triton import rope
-
-    (gq, gk), (gqw, gkw) = rope.rope_backward([grad_q, grad_k], [q, k], positions, tuple(dims), theta, interleaved,
-                                              [q_weight, k_weight], eps)
-    return gq, gk, gqw, gkw
+# {operator: "module:function" in vdit.kernels.triton}: the functions that implement the Triton
+# operators, imported at their first call (triton is optional).
+_registry.implement(TRITON, {
+    "rope_3d": "rope:rope_3d",
+    "rope_3d_qk": "rope:rope_3d_qk",
+    "rope_3d_qk_": "rope:rope_3d_qk_",
+    "rope_3d_backward": "rope:rope_3d_backward",
+    "rope_3d_qk_backward": "rope:rope_3d_qk_backward",
+})
 
 
 def _contiguous_like(x: torch.Tensor) -> torch.Tensor:
@@ -250,7 +210,7 @@ def rope_3d(x: torch.Tensor, positions: torch.Tensor, *, dims: Sequence[int], th
     if chosen == "torch":
         return reference.rope_3d(x, positions, dims=dims, theta=theta, interleaved=interleaved,
                                  norm_weight=norm_weight, eps=eps)
-    return _registry.family_of(chosen).op("rope_3d")(_unit_stride(x), positions, list(dims), theta, bool(interleaved), False,
+    return SPEC.family(chosen).op("rope_3d")(_unit_stride(x), positions, list(dims), theta, bool(interleaved), False,
                                   norm_weight, float(eps))
 
 
@@ -289,7 +249,7 @@ def rope_3d_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, *, dim
     if chosen == "torch":
         return reference.rope_3d_qk(q, k, positions, dims=dims, theta=theta, interleaved=interleaved,
                                     q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, eps=eps)
-    return _registry.family_of(chosen).op("rope_3d_qk")(_unit_stride(q), _unit_stride(k), positions, list(dims), theta,
+    return QK_SPEC.family(chosen).op("rope_3d_qk")(_unit_stride(q), _unit_stride(k), positions, list(dims), theta,
                                      bool(interleaved), False, q_norm_weight, k_norm_weight, float(eps))
 
 
@@ -305,7 +265,7 @@ def _rope_3d_qk_inplace(chosen, q, k, positions, dims, theta, interleaved, q_nor
         q.copy_(out_q)
         k.copy_(out_k)
         return q, k
-    _registry.family_of(chosen).op("rope_3d_qk_")(q, k, positions, list(dims), theta, bool(interleaved), q_norm_weight, k_norm_weight,
+    QK_SPEC.family(chosen).op("rope_3d_qk_")(q, k, positions, list(dims), theta, bool(interleaved), q_norm_weight, k_norm_weight,
                                   float(eps))
     return q, k
 

@@ -31,14 +31,15 @@ import torch
 
 from vdit._cache import TensorCache
 from vdit.ops import _registry, reference
-from vdit.ops._registry import ALL_FLOATS, GPU_FLOATS, MAX_GPU_HEAD_DIM, Kernel
+from vdit.ops._registry import ALL_FLOATS, GPU_FLOATS, MAX_GPU_HEAD_DIM, TRITON, Kernel
 from vdit.ops._validation import check_cu_seqlens, check_qkv, check_softmax_scale, check_triple
 from vdit.ops.tiles import (TileLayout, lists_with_global_tiles, query_lists, sliding_window_tiles, tile_layout,
                              to_global, with_global_tiles)
 
 SPEC = _registry.declare(
     "block_sparse_attention",
-    Kernel("triton", devices=("cuda",), dtypes=GPU_FLOATS, max_head_dim=MAX_GPU_HEAD_DIM,
+    Kernel("triton", devices=("cuda",), family=TRITON, interpreted=True, dtypes=GPU_FLOATS,
+           max_head_dim=MAX_GPU_HEAD_DIM,
            note="FlashAttention-style loop over the listed key tiles only; deterministic backward"),
     Kernel("cpu", devices=("cpu",), dtypes=ALL_FLOATS, note="BLAS tile GEMMs over the listed key tiles only"),
 )
@@ -47,19 +48,12 @@ SLIDING_SPEC = _registry.declare("sliding_tile_attention", *SPEC.kernels)
 
 # ---- Triton implementations, fakes, autograd --------------------------------------------------
 
-@_registry.triton_impl("block_sparse_attention_fwd")
-def _fwd_triton(q, k, v, tile_offsets, kv_tiles, max_tile, softmax_scale):
-    from vdit.kernels.triton import sparse_attention  # imported lazily: triton is optional
-
-    return sparse_attention.block_sparse_attention_forward(q, k, v, tile_offsets, kv_tiles, max_tile, softmax_scale)
-
-
-@_registry.triton_impl("block_sparse_attention_bwd")
-def _bwd_triton(dout, q, k, v, out, lse, tile_offsets, kv_tiles, q_tiles, max_tile, softmax_scale):
-    from vdit.kernels.triton import sparse_attention
-
-    return sparse_attention.block_sparse_attention_backward(dout, q, k, v, out, lse, tile_offsets, kv_tiles, q_tiles,
-                                                            max_tile, softmax_scale)
+# {operator: "module:function" in vdit.kernels.triton}: the functions that implement the Triton
+# operators, imported at their first call (triton is optional).
+_registry.implement(TRITON, {
+    "block_sparse_attention_fwd": "sparse_attention:block_sparse_attention_forward",
+    "block_sparse_attention_bwd": "sparse_attention:block_sparse_attention_backward",
+})
 
 
 def _fakes(family: _registry.Family) -> dict:
@@ -258,7 +252,7 @@ def _run(spec, q, k, v, layout: TileLayout, kv_tiles, scale: float, backend: str
     if chosen == "torch":
         return reference.block_sparse_attention_tiles(q, k, v, layout.offsets, lists, softmax_scale=scale,
                                                       return_lse=return_lse)
-    out, lse = _registry.family_of(chosen).op("block_sparse_attention_fwd")(
+    out, lse = spec.family(chosen).op("block_sparse_attention_fwd")(
         q.contiguous(), k.contiguous(), v.contiguous(), layout.offsets, lists, layout.max_tile, scale)
     return (out, lse) if return_lse else out
 

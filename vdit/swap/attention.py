@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from vdit.backends import plan
-from vdit.ops import varlen_attention
+from vdit.ops import plan, varlen_attention
 from vdit.swap.masks import key_padding
 from vdit.swap.sparse import SparseRouting, sparse_sdpa
 
@@ -39,7 +38,7 @@ _SDPA = F.scaled_dot_product_attention
 def vdit_attention_kernel(device: torch.device, dtype: torch.dtype | None = None, head_dim: int | None = None,
                           **features) -> str:
     """The kernel vdit's varlen attention runs on for such a call ("torch" = the reference); ``features``
-    as :func:`vdit.backends.plan` takes them (``causal``, ``gqa``)."""
+    as :func:`vdit.plan` takes them (``causal``, ``gqa``)."""
     features.setdefault("deterministic", torch.are_deterministic_algorithms_enabled())
     return plan("varlen_attention", device=device, dtype=dtype, head_dim=head_dim, **features)[0]
 
@@ -128,7 +127,7 @@ class VditAttentionMode(TorchFunctionMode):
     """TorchFunctionMode sending ``F.scaled_dot_product_attention`` calls through :func:`sdpa_as_varlen`.
 
     ``calls`` (a Counter) records ``attention.varlen`` / ``attention.dense`` / ``attention.fallback:<why>``,
-    and for each routed call the kernel it ran on (``attention.kernel:<name>``, see :func:`vdit.backends.plan`).
+    and for each routed call the kernel it ran on (``attention.kernel:<name>``, see :func:`vdit.plan`).
     """
 
     def __init__(self, *, dense: bool | str, skip_padded_queries: bool, calls: collections.Counter,

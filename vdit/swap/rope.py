@@ -14,7 +14,8 @@ import math
 
 import torch
 
-from vdit.ops import reference, rope_3d
+from vdit.ops import rope_3d
+from vdit.ops._shared import rope_3d_angles
 
 
 class TableRope:
@@ -70,7 +71,7 @@ class TableRope:
         snapped = torch.round(positions)
         positions = torch.where((positions - snapped).abs() < 1e-4, snapped, positions)
         # Rebuild the tables (interleaved pairs, pass-through tail) and compare.
-        angles = torch.cat(reference.rope_3d_angles(positions, self.dims, self.theta, torch.float64), dim=1)
+        angles = torch.cat(rope_3d_angles(positions, self.dims, self.theta, torch.float64), dim=1)
         angles = angles.repeat_interleave(2, dim=1)
         tail = Dh - angles.shape[1]
         want_c = torch.cat([torch.cos(angles), angles.new_ones(angles.shape[0], tail)], dim=1)

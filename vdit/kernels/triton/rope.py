@@ -303,3 +303,36 @@ def aot_specs() -> list:
                     label = f"{kind} d{block_d} {dtype} norm"
                     specs.append(KernelSpec(kernel, sig, constexprs, warps, NUM_STAGES, label, aligned=aligned))
     return specs
+
+
+# ---- entry points with the signatures of the vdit::rope_3d*_triton operators -----------------------
+# (vdit.ops.rope registers them; the arguments are those of vdit/kernels/schemas.py, in order.)
+
+def rope_3d(x, positions, dims, theta, interleaved, inverse, weight, eps):
+    """``vdit::rope_3d_triton``: x rotated (a new tensor)."""
+    (out,) = rope_forward([x], positions, dims, theta, interleaved, inverse, [weight], eps)
+    return out
+
+
+def rope_3d_qk(q, k, positions, dims, theta, interleaved, inverse, q_weight, k_weight, eps):
+    """``vdit::rope_3d_qk_triton``: (q, k) rotated in one launch (new tensors)."""
+    q_out, k_out = rope_forward([q, k], positions, dims, theta, interleaved, inverse, [q_weight, k_weight], eps)
+    return q_out, k_out
+
+
+def rope_3d_qk_(q, k, positions, dims, theta, interleaved, q_weight, k_weight, eps):
+    """``vdit::rope_3d_qk__triton``: q and k rotated in place."""
+    rope_forward([q, k], positions, dims, theta, interleaved, False, [q_weight, k_weight], eps, outputs=[q, k])
+
+
+def rope_3d_backward(grad, x, positions, dims, theta, interleaved, weight, eps):
+    """``vdit::rope_3d_backward_triton``: (grad_x, grad_weight)."""
+    (gx,), (gw,) = rope_backward([grad], [x], positions, dims, theta, interleaved, [weight], eps)
+    return gx, gw
+
+
+def rope_3d_qk_backward(grad_q, grad_k, q, k, positions, dims, theta, interleaved, q_weight, k_weight, eps):
+    """``vdit::rope_3d_qk_backward_triton``: (grad_q, grad_k, grad_q_weight, grad_k_weight)."""
+    (gq, gk), (gqw, gkw) = rope_backward([grad_q, grad_k], [q, k], positions, dims, theta, interleaved,
+                                         [q_weight, k_weight], eps)
+    return gq, gk, gqw, gkw

@@ -1,11 +1,13 @@
-"""Static GPU report: what every shipped GPU kernel costs on sm_80, sm_86 and sm_90, without a GPU.
+"""Static GPU check: what every shipped GPU kernel costs on sm_80, sm_86 and sm_90, without a GPU.
 
 Triton kernels: each shipped configuration (vdit.kernels.triton.registry) is compiled ahead of time
 and ptxas reports registers, spill bytes and stack; triton reports shared memory. CUDA C++ kernels:
 read from the compiled extension with cuobjdump (registers, stack, local memory per kernel and arch).
 A configuration that spills, has a stack frame or exceeds shared memory fails the check.
 
-    python -m vdit.bench.gpu_static --out benchmarks/results      # writes gpu-static.md, exit 1 on failure
+    python -m vdit.kernels.triton.static_check --out benchmarks/results   # writes gpu-static.md, exit 1 on failure
+
+The compile gate of the kernel layer (``vdit-bench --gpu-static`` runs it too); it imports only the kernel layer.
 """
 from __future__ import annotations
 
@@ -74,11 +76,11 @@ def triton_rows(archs=ARCHS, jobs: int = 2) -> list[dict]:
 
 def cuda_rows(extension_path: str | None = None) -> list[dict]:
     """Per-kernel resource usage of the CUDA extension (empty if it was built without CUDA)."""
-    import vdit
+    from vdit._extension import build_info
     from vdit.kernels.triton.aot import _nvidia_tool
 
     if extension_path is None:
-        if not vdit.build_info()["cuda"]:
+        if not build_info()["cuda"]:
             return []
         from vdit import _C
 
@@ -127,12 +129,12 @@ def failures(triton: list[dict], cuda: list[dict]) -> list[str]:
 def report(triton: list[dict], cuda: list[dict]) -> str:
     import triton as triton_pkg
 
-    import vdit
+    from vdit._extension import build_info
 
-    info = vdit.build_info()
+    info = build_info()
     lines = ["# Static GPU report", "",
-             f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by `python -m vdit.bench.gpu_static` "
-             f"with triton {triton_pkg.__version__}, torch {info['torch']}, CUDA extension archs "
+             f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by "
+             f"`python -m vdit.kernels.triton.static_check` with triton {triton_pkg.__version__}, torch {info['torch']}, CUDA extension archs "
              f"`{info['cuda_archs'] or 'none'}`. No GPU is needed: Triton kernels are compiled ahead of time and "
              "ptxas reports their resources; CUDA kernels are read from the extension with cuobjdump.", "",
              "## Triton kernels", "",
@@ -181,7 +183,7 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         # Under the interpreter triton's own @jit helpers (tl.sum, ...) cannot be compiled: rerun cleanly.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        return subprocess.call([sys.executable, "-m", "vdit.bench.gpu_static", *(argv or sys.argv[1:])], env=env)
+        return subprocess.call([sys.executable, "-m", "vdit.kernels.triton.static_check", *(argv or sys.argv[1:])], env=env)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
     parser.add_argument("--jobs", type=int, default=2)
