@@ -41,7 +41,8 @@ from torch import nn
 
 from vdit.nn import RotaryEmbedding3d
 from vdit.ops import adaln_modulate, gated_residual, rope_3d_qk
-from vdit.swap import sparse
+from vdit.swap import packed_wan, sparse
+from vdit.swap.packed_inputs import PackedHandler
 from vdit.swap.rope import TableRope
 
 
@@ -349,7 +350,9 @@ class Adapter:
     the generic pass swaps patch-embedding convolutions of every model. ``sparse_sites(model)`` ->
     ([(path, self-attention module)], latent patch size (t, h, w)): the video self-attention that
     ``sparse=`` runs block-sparse. ``skip_padded_queries``: the model's masked SDPA calls are self-attention
-    whose padded query positions the host discards, so their queries may be skipped.
+    whose padded query positions the host discards, so their queries may be skipped. ``packed``: the model's
+    packed forward for :func:`vdit.swap.forward_packed` (a :class:`vdit.swap.packed_inputs.PackedHandler`), or
+    None when latents of different sizes cannot share a call.
     """
 
     rope: Callable | None = None
@@ -357,11 +360,13 @@ class Adapter:
     patch_embed: Callable | None = None
     sparse_sites: Callable | None = None
     skip_padded_queries: bool = False
+    packed: PackedHandler | None = None
 
 
 # One row per supported model class (by class name: diffusers is imported only when one of its models is swapped).
 ADAPTERS: dict[str, Adapter] = {
-    "WanTransformer3DModel": Adapter(rope=_swap_wan_rope, norm=_swap_wan_blocks, sparse_sites=_wan_self_attention),
+    "WanTransformer3DModel": Adapter(rope=_swap_wan_rope, norm=_swap_wan_blocks, sparse_sites=_wan_self_attention,
+                                     packed=packed_wan.HANDLER),
     "CogVideoXTransformer3DModel": Adapter(rope=_scoped_rope(_cogvideox_tables), norm=_swap_norms,
                                            patch_embed=_cogvideox_patch_embed),
     # Its masked SDPA calls are joint self-attention over [video, text] with the text padding at the tail;
