@@ -100,6 +100,71 @@ def _counting(func, seen):
     return checkpointed
 
 
+
+def tiny_hunyuan():
+    torch.manual_seed(0)
+    return HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10,
+                                          num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=2,
+                                          patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
+                                          rope_axes_dim=(2, 4, 4))
+
+
+def hunyuan_inputs(padded: bool):
+    """Latents, timesteps, text (B, 7, 16), model kwargs; padded: two samples' masks end early."""
+    torch.manual_seed(1)
+    latents = [torch.randn(4, *s) for s in SIZES]
+    mask = torch.ones(3, 7, dtype=torch.long)
+    if padded:
+        mask[1, 3:] = 0
+        mask[2, 5:] = 0
+    kwargs = dict(pooled_projections=torch.randn(3, 8), encoder_attention_mask=mask,
+                  guidance=torch.tensor([3000.0, 3000.0, 3000.0]))
+    return latents, torch.tensor([10.0, 500.0, 900.0]), torch.randn(3, 7, 16), kwargs
+
+
+def hunyuan_alone(model, latents, timestep, text, kwargs):
+    return [model(x[None], timestep[i:i + 1], text[i:i + 1], **{k: v[i:i + 1] for k, v in kwargs.items()},
+                  return_dict=False)[0][0] for i, x in enumerate(latents)]
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded-text", "unpadded-text"])
+def test_hunyuan_outputs_equal_per_sample(padded):
+    model = tiny_hunyuan().eval()
+    latents, timestep, text, kwargs = hunyuan_inputs(padded)
+    with torch.no_grad():
+        expected = hunyuan_alone(model, latents, timestep, text, kwargs)
+        swap(model)
+        out = forward_packed(model, latents, timestep, text, **kwargs)
+    for o, e in zip(out, expected):
+        torch.testing.assert_close(o, e, **TOL)
+    unswap(model)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_hunyuan_gradients_equal_per_sample(checkpointing):
+    model = tiny_hunyuan()
+    latents, timestep, text, kwargs = hunyuan_inputs(True)
+    weights = [torch.randn(4, *s) for s in SIZES]
+    alone = _grads(model, hunyuan_alone(model, latents, timestep, text, kwargs), weights)
+    swap(model)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    packed = _grads(model, forward_packed(model, latents, timestep, text, **kwargs), weights)
+    assert_grads_close(packed, alone)
+    unswap(model)
+
+
+def test_hunyuan_text_padding_must_be_a_tail():
+    model = tiny_hunyuan()
+    swap(model)
+    latents, timestep, text, kwargs = hunyuan_inputs(False)
+    kwargs["encoder_attention_mask"][0, 2] = 0
+    with pytest.raises(ValueError, match="encoder_attention_mask\\[0\\] must keep a prefix"):
+        forward_packed(model, latents, timestep, text, **kwargs)
+    with pytest.raises(ValueError, match="pooled_projections must be \\(3, P\\)"):
+        forward_packed(model, latents, timestep, text, **{**kwargs, "pooled_projections": torch.randn(2, 8)})
+    unswap(model)
+
 def _bad_inputs():
     latents, timestep, text, _ = wan_inputs(False)
     yield "latents\\[1\\] has 3 channels", dict(latents=[latents[0], torch.randn(3, 1, 4, 4)], timestep=timestep[:2],

@@ -41,7 +41,7 @@ from torch import nn
 
 from vdit.nn import RotaryEmbedding3d
 from vdit.ops import adaln_modulate, gated_residual, rope_3d_qk
-from vdit.swap import packed_wan, sparse
+from vdit.swap import packed_hunyuan, packed_wan, sparse
 from vdit.swap.packed_inputs import PackedHandler
 from vdit.swap.rope import TableRope
 
@@ -373,7 +373,8 @@ ADAPTERS: dict[str, Adapter] = {
     # padded text positions are dropped from the output, so their queries can be skipped. (The token
     # refiner's mask also hides padded query rows and falls back to SDPA.)
     "HunyuanVideoTransformer3DModel": Adapter(rope=_scoped_rope(_hunyuan_tables), norm=_swap_norms,
-                                              sparse_sites=_hunyuan_joint_attention, skip_padded_queries=True),
+                                              sparse_sites=_hunyuan_joint_attention, skip_padded_queries=True,
+                                              packed=packed_hunyuan.HANDLER),
     "LTXVideoTransformer3DModel": Adapter(
         rope=_skipped("rope", "", "LTX-Video's RoPE uses its own frequency schedule (log-spaced, scaled by pi/2) "
                       "which vdit.ops.rope_3d does not implement"),
