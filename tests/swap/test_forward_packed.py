@@ -165,6 +165,54 @@ def test_hunyuan_text_padding_must_be_a_tail():
         forward_packed(model, latents, timestep, text, **{**kwargs, "pooled_projections": torch.randn(2, 8)})
     unswap(model)
 
+
+PATTERNS = {"whole-grid": dict(mode="sliding_tile", window=(9, 9, 9)),
+            "sliding": dict(mode="sliding_tile", window=(1, 2, 1)), "topk": dict(mode="topk_tile", topk=2)}
+
+
+def _pattern(name):
+    options = dict(PATTERNS[name])
+    return vdit.SparsePattern(options.pop("mode"), (1, 2, 2), **options)
+
+
+def _model_and_calls(name):
+    """(model, packed call, per-sample call) of the tiny model ``name`` with padded text."""
+    if name == "wan":
+        latents, timestep, text, texts = wan_inputs(True)
+        return (tiny_wan().eval(), lambda m: forward_packed(m, latents, timestep, text),
+                lambda m: wan_alone(m, latents, timestep, texts))
+    latents, timestep, text, kwargs = hunyuan_inputs(True)
+    return (tiny_hunyuan().eval(), lambda m: forward_packed(m, latents, timestep, text, **kwargs),
+            lambda m: hunyuan_alone(m, latents, timestep, text, kwargs))
+
+
+@pytest.mark.parametrize("name", ["wan", "hunyuan"])
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+def test_sparse_packed_equals_sparse_per_sample(name, pattern):
+    model, packed_call, alone_call = _model_and_calls(name)
+    with torch.no_grad():
+        dense = alone_call(model)
+        swap(model, sparse=_pattern(pattern))
+        alone, out = alone_call(model), packed_call(model)
+    for o, a, d in zip(out, alone, dense):
+        torch.testing.assert_close(o, a, **TOL)
+        if pattern == "whole-grid":  # a window covering every tile is dense attention
+            torch.testing.assert_close(o, d, **TOL)
+        else:
+            assert not torch.allclose(o, d, **TOL)
+    unswap(model)
+
+
+def test_sparse_gradients_equal_per_sample():
+    model = tiny_wan()
+    latents, timestep, text, texts = wan_inputs(False)
+    weights = [torch.randn(4, *s) for s in SIZES]
+    swap(model, sparse=_pattern("sliding"))
+    alone = _grads(model, wan_alone(model, latents, timestep, texts), weights)
+    packed = _grads(model, forward_packed(model, latents, timestep, text), weights)
+    assert_grads_close(packed, alone)
+    unswap(model)
+
 def _bad_inputs():
     latents, timestep, text, _ = wan_inputs(False)
     yield "latents\\[1\\] has 3 channels", dict(latents=[latents[0], torch.randn(3, 1, 4, 4)], timestep=timestep[:2],
