@@ -247,3 +247,62 @@ def test_unswapped_or_unknown_model_is_refused():
     other = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="model class Linear has no packed forward"):
         vdit.swap.forward_packed(other, latents, timestep, text)
+
+
+def test_sample_packed_with_cfg_equals_per_sample_loop():
+    from vdit.swap import flow_sigmas, sample_packed
+    model = tiny_wan().eval()
+    latents, _, text, texts = wan_inputs(False)
+    negative = [torch.zeros(2, 16) for _ in latents]
+    sigmas, scale = flow_sigmas(2, shift=3.0), 4.0
+    expected = []
+    with torch.no_grad():  # the per-sample loop: two model calls (conditional, unconditional) per latent and step
+        for x, cond, uncond in zip(latents, texts, negative):
+            x = x.clone()
+            for k in range(2):
+                t = torch.full((1,), float(sigmas[k]) * 1000)
+                c, u = (model(x[None], t, e[None], return_dict=False)[0][0] for e in (cond, uncond))
+                x = x + float(sigmas[k + 1] - sigmas[k]) * (u + scale * (c - u))
+            expected.append(x)
+    swap(model)
+    out = sample_packed(model, latents, text, steps=2, shift=3.0, guidance_scale=scale,
+                        negative_encoder_hidden_states=negative)
+    for o, e in zip(out, expected):
+        torch.testing.assert_close(o, e, **TOL)
+    unswap(model)
+
+
+def test_plan_batches_respects_budget_and_balances_attention():
+    from vdit.swap import plan_batches
+    from vdit.swap.packed_plan import batch_work
+    sizes = [(5, 16, 16), (1, 32, 32), (3, 8, 24), (9, 8, 8), (1, 16, 16), (5, 16, 16), (2, 24, 16), (1, 8, 8)]
+    plan = plan_batches(sizes, 400)
+    assert sorted(i for batch in plan for i in batch) == list(range(len(sizes)))
+    work = [batch_work(batch, sizes) for batch in plan]
+    assert all(tokens <= 400 for tokens, _ in work)
+    assert max(w for _, w in work) <= 2 * min(w for _, w in work)
+    assert plan_batches([(1, 64, 64)], 10) == [[0]]  # larger than the budget: a batch of its own
+    with pytest.raises(ValueError, match="token_budget must be a positive int"):
+        plan_batches(sizes, 0)
+
+
+def test_lora_adapters_train_through_forward_packed():
+    peft = pytest.importorskip("peft")
+    model = tiny_wan()
+    model.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                      init_lora_weights=False))
+    swap(model)
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and all(p.requires_grad for p in lora.values())
+    latents, timestep, text, texts = wan_inputs(False)
+    weights = [torch.randn(4, *s) for s in SIZES]
+    alone = _grads(model, wan_alone(model, latents, timestep, texts), weights)
+    packed = _grads(model, forward_packed(model, latents, timestep, text), weights)
+    assert_grads_close(packed, alone)
+    before = {n: p.detach().clone() for n, p in lora.items()}
+    optimizer = torch.optim.SGD(lora.values(), lr=0.1)
+    loss = sum(o.pow(2).mean() for o in forward_packed(model, latents, timestep, text))
+    loss.backward()
+    optimizer.step()
+    assert all(not torch.equal(p, before[n]) for n, p in lora.items())
+    unswap(model)

@@ -40,14 +40,16 @@ from vdit.ops.sparse_pattern import MODES as SPARSE_MODES
 from vdit.ops.sparse_pattern import SparsePattern
 from vdit.swap import diffusers as diffusers_adapters  # diffusers itself is imported only for its models
 from vdit.swap.attention import VditAttentionMode
-from vdit.swap.packed import forward_packed
+from vdit.swap.packed import flow_sigmas, forward_packed, sample_packed
+from vdit.swap.packed_plan import plan_batches
 from vdit.swap.patch_embed import ConvPatchEmbed, patch_conv_reason
 from vdit.swap.report import Replacement, Skip, SwapReport
 from vdit.swap.sparse import SparseRouting
 from vdit.swap.state import ATTR as _ATTR
 from vdit.swap.state import SwapState
 
-__all__ = ["swap", "unswap", "forward_packed", "SwapReport", "Replacement", "Skip", "SwapState"]
+__all__ = ["swap", "unswap", "forward_packed", "sample_packed", "plan_batches", "flow_sigmas", "SwapReport",
+           "Replacement", "Skip", "SwapState"]
 
 _DENSE_ROUTING = (True, False, "all", "masked", "auto")
 

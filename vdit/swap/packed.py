@@ -66,3 +66,71 @@ def forward_packed(model: nn.Module, latents, timestep: torch.Tensor, encoder_hi
     state = getattr(model, ATTR)
     packed = PackedBatch(latents, timestep, text, kwargs, state.sparse)
     return handler.forward(model, packed)
+
+
+def _per_sample_text(encoder_hidden_states) -> list[torch.Tensor]:
+    return list(encoder_hidden_states.unbind(0)) if isinstance(encoder_hidden_states, torch.Tensor) \
+        else list(encoder_hidden_states)
+
+
+def _doubled(kwargs: dict, negative: dict) -> dict:
+    """Model kwargs of the conditional samples followed by those of the unconditional ones (batched dim 0)."""
+    out = {}
+    for name, value in kwargs.items():
+        other = negative.get(name, value)
+        if isinstance(value, torch.Tensor):
+            out[name] = torch.cat([value, other])
+        elif isinstance(value, (list, tuple)):
+            out[name] = list(value) + list(other)
+        else:
+            out[name] = value
+    return out
+
+
+def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """(steps + 1,) flow-matching noise levels from 1 to 0, shifted as ``shift * s / (1 + (shift - 1) * s)``."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    return (shift * s / (1 + (shift - 1) * s)).float()
+
+
+@torch.no_grad()
+def sample_packed(model: nn.Module, noise, encoder_hidden_states, *, steps: int = 30, shift: float = 1.0,
+                  guidance_scale: float = 1.0, negative_encoder_hidden_states=None, negative_model_kwargs=None,
+                  **model_kwargs) -> list[torch.Tensor]:
+    """Denoise latents of different sizes together: one :func:`forward_packed` per flow-matching Euler step.
+
+    Step k moves every latent from noise level s_k to s_{k+1}: ``x += (s_{k+1} - s_k) * v`` with the model's
+    velocity v at timestep ``1000 * s_k`` (the convention of diffusers' FlowMatchEulerDiscreteScheduler).
+    With ``guidance_scale != 1`` classifier-free guidance's conditional and unconditional passes share the
+    packed forward (2B sequences): ``v = v_uncond + guidance_scale * (v_cond - v_uncond)``.
+
+    Args:
+        model: a swapped model (see :func:`forward_packed`); noise: list of B (C, F_i, H_i, W_i) at s = 1.
+        encoder_hidden_states: (B, L, D) or a list of B (L_i, D); negative_encoder_hidden_states: the same for
+            the unconditional pass (needed when ``guidance_scale != 1``).
+        steps, shift: the noise schedule (:func:`flow_sigmas`).
+        negative_model_kwargs: model kwargs of the unconditional pass that differ (default: the same).
+        **model_kwargs: per-sample model inputs, as :func:`forward_packed` takes them.
+    Returns:
+        The B denoised latents (C, F_i, H_i, W_i).
+    """
+    cfg = guidance_scale != 1.0
+    if cfg and negative_encoder_hidden_states is None:
+        raise ValueError("negative_encoder_hidden_states is needed for guidance_scale != 1")
+    sigmas = flow_sigmas(steps, shift)
+    x, batch = [n.clone() for n in noise], len(noise)
+    text = _per_sample_text(encoder_hidden_states)
+    kwargs = model_kwargs
+    if cfg:
+        text = text + _per_sample_text(negative_encoder_hidden_states)
+        kwargs = _doubled(model_kwargs, negative_model_kwargs or {})
+    for k in range(steps):
+        latents = x + x if cfg else x
+        timestep = torch.full((len(latents),), float(sigmas[k]) * 1000, device=x[0].device)
+        v = forward_packed(model, latents, timestep, text, **kwargs)
+        if cfg:
+            v = [u + guidance_scale * (c - u) for c, u in zip(v[:batch], v[batch:])]
+        x = [xi + float(sigmas[k + 1] - sigmas[k]) * vi.to(xi.dtype) for xi, vi in zip(x, v)]
+    return x
