@@ -24,8 +24,9 @@ import random
 import torch
 
 from vdit.swap import forward_packed, plan_batches, swap
+from vdit.swap.packed_plan import video_tokens
 
-CHANNELS, TEXT_DIM = 16, 32
+CHANNELS, TEXT_DIM, PATCH = 16, 32, (1, 2, 2)
 SHAPES = [(1, 16, 16), (5, 8, 16), (3, 16, 8), (9, 8, 8)]  # latent (F, H, W): image, landscape, portrait, long
 MIX = [0.3, 0.3, 0.2, 0.2]
 
@@ -34,7 +35,7 @@ def build_model(gradient_checkpointing: bool):
     from diffusers import WanTransformer3DModel
     from peft import LoraConfig
     torch.manual_seed(0)
-    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16,
+    model = WanTransformer3DModel(patch_size=PATCH, num_attention_heads=4, attention_head_dim=16,
                                   in_channels=CHANNELS, out_channels=CHANNELS, text_dim=TEXT_DIM, freq_dim=32,
                                   ffn_dim=128, num_layers=2, rope_max_seq_len=64)
     model.requires_grad_(False)
@@ -74,7 +75,7 @@ def next_batch(stream: LatentStream, pool: list, budget: int):
     """Top the pool up, plan it under the token budget and take the first planned batch."""
     while len(pool) < 12:
         pool.append(stream.draw())
-    plan = plan_batches([x.shape for x, _ in pool], budget)
+    plan = plan_batches([x.shape for x, _ in pool], budget, PATCH)
     batch = [pool[i] for i in plan[0]]
     for i in sorted(plan[0], reverse=True):
         pool.pop(i)
@@ -113,9 +114,9 @@ def main(argv=None) -> list:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        tokens = sum(x[0].numel() // 4 for x in videos)
-        rows.append((step, float(loss), len(videos), tokens))
-        bar.set_postfix(loss=f"{float(loss):.3f}", videos=len(videos))
+        tokens = sum(video_tokens(x.shape, PATCH) for x in videos)
+        rows.append((step, loss.item(), len(videos), tokens))
+        bar.set_postfix(loss=f"{loss.item():.3f}", videos=len(videos))
     with open(os.path.join(args.out, "loss.csv"), "w", newline="") as f:
         csv.writer(f).writerows([("step", "loss", "videos", "tokens"), *rows])
     plot(rows, os.path.join(args.out, "loss.png"))
