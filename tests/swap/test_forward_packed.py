@@ -289,11 +289,12 @@ def test_plan_batches_respects_budget_and_balances_attention():
 def test_lora_adapters_train_through_forward_packed():
     peft = pytest.importorskip("peft")
     model = tiny_wan()
-    model.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                      init_lora_weights=False))
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "patch_embedding"]  # a LoRA conv: embedded per video
+    model.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
     swap(model)
     lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
     assert lora and all(p.requires_grad for p in lora.values())
+    assert any(n.startswith("patch_embedding.") for n in lora)
     latents, timestep, text, texts = wan_inputs(False)
     weights = [torch.randn(4, *s) for s in SIZES]
     alone = _grads(model, wan_alone(model, latents, timestep, texts), weights)
