@@ -21,6 +21,10 @@ What is replaced (each can be turned off):
   class) for diffusers' video transformers (RoPE application through :func:`vdit.ops.rope_3d`, adaLN-Zero norms through
   :func:`vdit.ops.adaln_modulate`). Plain PyTorch models have no recognizable pattern for these.
 
+Native-size batches: on a swapped diffusers Wan or HunyuanVideo, :func:`forward_packed` runs latents of different
+sizes in one packed forward (:mod:`vdit.swap.packed`; the planner :func:`plan_batches`, mixed-size sampling
+:func:`sample_packed`); each model's packed forward is the ``packed`` field of its adapter row.
+
 Weights are shared, never copied; ``model.state_dict()`` keys and values are unchanged. The patched
 functions and the attention routing are active around the model's forward and around each of its blocks
 (the entries of its top-level ``nn.ModuleList``\ s), so gradient checkpointing, which recomputes blocks during

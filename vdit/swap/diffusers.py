@@ -13,7 +13,9 @@ queries may be skipped; supporting another model adds one row). Per model:
 | LTXVideoTransformer3DModel | Linear on pre-patchified latents: skipped | text-padding bias -> varlen | own frequency schedule: skipped | inline: skipped |
 
 ``sparse=SparsePattern(...)`` runs the video self-attention of Wan and HunyuanVideo block-sparse
-(:mod:`vdit.swap.sparse`); the other models have no sparse sites.
+(:mod:`vdit.swap.sparse`); the other models have no sparse sites. Wan and HunyuanVideo also have a packed
+forward (:func:`vdit.swap.forward_packed`: latents of different sizes in one call; :mod:`vdit.swap.packed_wan`,
+:mod:`vdit.swap.packed_hunyuan`), the ``packed`` field of their rows.
 
 Attention backend: diffusers 0.42's dispatcher (``diffusers.models.attention_dispatch``) keys its
 registry on the closed enum ``AttentionBackendName``, so a third-party backend cannot be registered
