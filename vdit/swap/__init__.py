@@ -21,6 +21,10 @@ What is replaced (each can be turned off):
   class) for diffusers' video transformers (RoPE application through :func:`vdit.ops.rope_3d`, adaLN-Zero norms through
   :func:`vdit.ops.adaln_modulate`). Plain PyTorch models have no recognizable pattern for these.
 
+Native-size batches: on a swapped diffusers Wan or HunyuanVideo, :func:`forward_packed` runs latents of different
+sizes in one packed forward (:mod:`vdit.swap.packed`; the planner :func:`plan_batches`, mixed-size sampling
+:func:`sample_packed`); each model's packed forward is the ``packed`` field of its adapter row.
+
 Weights are shared, never copied; ``model.state_dict()`` keys and values are unchanged. The patched
 functions and the attention routing are active around the model's forward and around each of its blocks
 (the entries of its top-level ``nn.ModuleList``\ s), so gradient checkpointing, which recomputes blocks during
@@ -40,13 +44,16 @@ from vdit.ops.sparse_pattern import MODES as SPARSE_MODES
 from vdit.ops.sparse_pattern import SparsePattern
 from vdit.swap import diffusers as diffusers_adapters  # diffusers itself is imported only for its models
 from vdit.swap.attention import VditAttentionMode
+from vdit.swap.packed import flow_sigmas, forward_packed, sample_packed
+from vdit.swap.packed_plan import plan_batches
 from vdit.swap.patch_embed import ConvPatchEmbed, patch_conv_reason
 from vdit.swap.report import Replacement, Skip, SwapReport
 from vdit.swap.sparse import SparseRouting
 from vdit.swap.state import ATTR as _ATTR
 from vdit.swap.state import SwapState
 
-__all__ = ["swap", "unswap", "SwapReport", "Replacement", "Skip", "SwapState"]
+__all__ = ["swap", "unswap", "forward_packed", "sample_packed", "plan_batches", "flow_sigmas", "SwapReport",
+           "Replacement", "Skip", "SwapState"]
 
 _DENSE_ROUTING = (True, False, "all", "masked", "auto")
 

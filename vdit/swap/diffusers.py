@@ -13,7 +13,9 @@ queries may be skipped; supporting another model adds one row). Per model:
 | LTXVideoTransformer3DModel | Linear on pre-patchified latents: skipped | text-padding bias -> varlen | own frequency schedule: skipped | inline: skipped |
 
 ``sparse=SparsePattern(...)`` runs the video self-attention of Wan and HunyuanVideo block-sparse
-(:mod:`vdit.swap.sparse`); the other models have no sparse sites.
+(:mod:`vdit.swap.sparse`); the other models have no sparse sites. Wan and HunyuanVideo also have a packed
+forward (:func:`vdit.swap.forward_packed`: latents of different sizes in one call; :mod:`vdit.swap.packed_wan`,
+:mod:`vdit.swap.packed_hunyuan`), the ``packed`` field of their rows.
 
 Attention backend: diffusers 0.42's dispatcher (``diffusers.models.attention_dispatch``) keys its
 registry on the closed enum ``AttentionBackendName``, so a third-party backend cannot be registered
@@ -41,7 +43,8 @@ from torch import nn
 
 from vdit.nn import RotaryEmbedding3d
 from vdit.ops import adaln_modulate, gated_residual, rope_3d_qk
-from vdit.swap import sparse
+from vdit.swap import packed_hunyuan, packed_wan, sparse
+from vdit.swap.packed_inputs import PackedHandler
 from vdit.swap.rope import TableRope
 
 
@@ -349,7 +352,9 @@ class Adapter:
     the generic pass swaps patch-embedding convolutions of every model. ``sparse_sites(model)`` ->
     ([(path, self-attention module)], latent patch size (t, h, w)): the video self-attention that
     ``sparse=`` runs block-sparse. ``skip_padded_queries``: the model's masked SDPA calls are self-attention
-    whose padded query positions the host discards, so their queries may be skipped.
+    whose padded query positions the host discards, so their queries may be skipped. ``packed``: the model's
+    packed forward for :func:`vdit.swap.forward_packed` (a :class:`vdit.swap.packed_inputs.PackedHandler`), or
+    None when latents of different sizes cannot share a call.
     """
 
     rope: Callable | None = None
@@ -357,18 +362,21 @@ class Adapter:
     patch_embed: Callable | None = None
     sparse_sites: Callable | None = None
     skip_padded_queries: bool = False
+    packed: PackedHandler | None = None
 
 
 # One row per supported model class (by class name: diffusers is imported only when one of its models is swapped).
 ADAPTERS: dict[str, Adapter] = {
-    "WanTransformer3DModel": Adapter(rope=_swap_wan_rope, norm=_swap_wan_blocks, sparse_sites=_wan_self_attention),
+    "WanTransformer3DModel": Adapter(rope=_swap_wan_rope, norm=_swap_wan_blocks, sparse_sites=_wan_self_attention,
+                                     packed=packed_wan.HANDLER),
     "CogVideoXTransformer3DModel": Adapter(rope=_scoped_rope(_cogvideox_tables), norm=_swap_norms,
                                            patch_embed=_cogvideox_patch_embed),
     # Its masked SDPA calls are joint self-attention over [video, text] with the text padding at the tail;
     # padded text positions are dropped from the output, so their queries can be skipped. (The token
     # refiner's mask also hides padded query rows and falls back to SDPA.)
     "HunyuanVideoTransformer3DModel": Adapter(rope=_scoped_rope(_hunyuan_tables), norm=_swap_norms,
-                                              sparse_sites=_hunyuan_joint_attention, skip_padded_queries=True),
+                                              sparse_sites=_hunyuan_joint_attention, skip_padded_queries=True,
+                                              packed=packed_hunyuan.HANDLER),
     "LTXVideoTransformer3DModel": Adapter(
         rope=_skipped("rope", "", "LTX-Video's RoPE uses its own frequency schedule (log-spaced, scaled by pi/2) "
                       "which vdit.ops.rope_3d does not implement"),
