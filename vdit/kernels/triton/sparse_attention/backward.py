@@ -29,10 +29,10 @@ from vdit.kernels.triton.attention.backward import dkdv_step, dq_step
 from vdit.kernels.triton.attention.common import LOG2E, head_rows, load_lse2, load_rows, query_tile
 from vdit.kernels.triton.attention.configs import block_d_of, precision_of
 from vdit.kernels.triton.sparse_attention.configs import shipped
-from vdit.kernels.triton.sparse_attention.scheduler import tile_span, work_item
+from vdit.kernels.triton.sparse_attention.scheduler import PACKING_ARGS, tile_span, work_item
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PACKING_ARGS)
 def sparse_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, OFFSETS, KV_TILES, WORK,
     total, num_tiles, num_heads_q, num_heads_k, list_len, list_stride_t, list_stride_h, softmax_scale,
@@ -71,7 +71,7 @@ def sparse_bwd_dq_kernel(
              mask=row_ok[:, None] & d_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PACKING_ARGS)
 def sparse_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, OFFSETS, Q_TILES, WORK,
     total, num_tiles, num_heads_q, num_heads_k, list_len, softmax_scale,
@@ -160,6 +160,6 @@ def aot_specs() -> list:
             # wgmma takes M tiles of 64 rows per warpgroup: BLOCK_M for dq, the key block BLOCK_N for dk / dv.
             m_tile = cfg.block_n if name == "bwd_dkdv" else cfg.block_m
             specs.append(KernelSpec(kernel, sig, constexprs, cfg.num_warps, cfg.num_stages,
-                                    f"sparse_{name} d{head_dim} {dtype} {cfg.block_m}x{cfg.block_n}",
+                                    f"sparse_{name} d{head_dim} {dtype} {cfg.block_m}x{cfg.block_n} w{cfg.num_warps}",
                                     matmul=dtype != "fp32" and m_tile >= 64, archs=archs))
     return specs

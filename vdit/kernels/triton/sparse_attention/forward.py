@@ -19,10 +19,10 @@ from vdit.kernels.triton.attention.common import LOG2E, head_rows, load_rows, qu
 from vdit.kernels.triton.attention.configs import block_d_of, precision_of
 from vdit.kernels.triton.attention.forward import fwd_epilogue, fwd_step
 from vdit.kernels.triton.sparse_attention.configs import shipped
-from vdit.kernels.triton.sparse_attention.scheduler import tile_span, work_item
+from vdit.kernels.triton.sparse_attention.scheduler import PACKING_ARGS, tile_span, work_item
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PACKING_ARGS)
 def sparse_fwd_kernel(
     Q, K, V, O, LSE, OFFSETS, KV_TILES, WORK,
     total, num_tiles, num_heads_q, num_heads_k, list_len, list_stride_t, list_stride_h, softmax_scale,
@@ -88,6 +88,6 @@ def aot_specs() -> list:
                           PRECISION=precision_of(dtype))
         # wgmma takes M tiles of 64 rows per warpgroup; the M tile here is BLOCK_M.
         specs.append(KernelSpec(sparse_fwd_kernel, sig, constexprs, cfg.num_warps, cfg.num_stages,
-                                f"sparse_fwd d{head_dim} {dtype} {cfg.block_m}x{cfg.block_n}",
+                                f"sparse_fwd d{head_dim} {dtype} {cfg.block_m}x{cfg.block_n} w{cfg.num_warps}",
                                 matmul=dtype != "fp32" and cfg.block_m >= 64, archs=archs))
     return specs

@@ -19,6 +19,13 @@ from vdit._cache import TensorCache
 from vdit.kernels.triton.attention.scheduler import sorted_work_list
 
 
+# The int arguments of the kernels that change with the packing of a batch (its token count, tile count, list
+# lengths and strides): Triton would otherwise specialize each on == 1 and % 16 == 0 and compile a new
+# variant mid-run when a batch of another shape arrives. Head counts are the model's and stay specialized.
+# (A name a kernel does not take is ignored by triton.jit.)
+PACKING_ARGS = ("total", "num_tiles", "list_len", "list_stride_t", "list_stride_h")
+
+
 @triton.jit
 def tile_span(OFFSETS, tile, valid):
     """(first token, token count) of tile ``tile``; count 0 (an empty loop) when not ``valid``, and then

@@ -1,0 +1,167 @@
+"""A static GPU cost model of the block-sparse attention kernels: what the tile layout and the compiled
+kernels say about speed, without a GPU (docs/sparse-gpu-cost-model.md explains each figure).
+
+* useful MMA rows: the fraction of a program's row-block MMA rows that hold a real token, useful rows /
+  (row blocks x block rows), from the tile sizes of a video alone;
+* the key walk of a query (tile, head) over a sliding-tile window: list slots, key tiles, key blocks, K / V
+  tile loads, and how many software pipelines it starts (each start issues a load prologue and ends in a
+  full drain, so a key block that starts one waits for its loads with nothing to overlap);
+* CTAs per SM, from the registers and shared memory of the compiled kernel (``aot.spec_resources``).
+
+``python -m vdit.kernels.triton.sparse_attention.cost_model [--compile]`` prints them for the benchmark
+cases, with the general (128-row) configurations before and the tile-sized ones after.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+from vdit.kernels.triton.sparse_attention.configs import CONFIGS, table_config
+
+# (label, video grid (T, H, W) in tokens, tile (tt, th, tw)): the benchmark cases and the 33x45x80 video
+# whose edge tiles are partial on two axes.
+CASES = (("33x45x80 4x4x4", (33, 45, 80), (4, 4, 4)),
+         ("30x48x80 4x4x4", (30, 48, 80), (4, 4, 4)),
+         ("30x48x80 6x8x8", (30, 48, 80), (6, 8, 8)))
+WINDOW = (3, 3, 3)  # the sliding-tile window of the key-walk figures, in tiles
+
+# Per SM: 32-bit registers, shared memory (bytes, of which each CTA reserves 1 KB), resident warps.
+SM_REGISTERS = 65536
+SM_SHARED = {90: 228 * 1024, 80: 164 * 1024, 86: 100 * 1024}
+SM_WARPS = {90: 64, 80: 64, 86: 48}
+MAX_CTAS = 32
+
+
+def axis_tiles(n: int, t: int) -> list[int]:
+    """Token counts of the tiles along one axis of n tokens, tile t (the last one partial)."""
+    return [t] * (n // t) + ([n % t] if n % t else [])
+
+
+def tile_sizes(grid, tile) -> list[int]:
+    """Token counts of every tile of one video (grid (T, H, W) tokens, tile (tt, th, tw))."""
+    a, b, c = (axis_tiles(n, t) for n, t in zip(grid, tile))
+    return [x * y * z for x in a for y in b for z in c]
+
+
+def useful_row_fraction(sizes, block_rows: int) -> float:
+    """Useful MMA rows / (row blocks x block_rows) of tiles of ``sizes`` tokens cut in row blocks."""
+    blocks = sum(math.ceil(s / block_rows) for s in sizes)
+    return sum(sizes) / (blocks * block_rows) if blocks else 1.0
+
+
+def _window_start(a: int, n: int, w: int) -> int:
+    return min(max(a - (w - 1) // 2, 0), max(n - w, 0))
+
+
+def key_walk(grid, tile, block_n: int, window=WINDOW) -> dict:
+    """Mean per query (tile, head) of a sliding-tile window: list slots, key tiles, key blocks of ``block_n``
+    rows, K / V tile loads (two per key block), and pipeline starts today (one per key tile) and with one
+    flat loop over the listed key blocks (one per query block)."""
+    axes = [axis_tiles(n, t) for n, t in zip(grid, tile)]
+    counts = [len(a) for a in axes]
+    widths = [min(w, n) for w, n in zip(window, counts)]
+    starts = [[_window_start(i, n, w) for i in range(n)] for n, w in zip(counts, widths)]
+    # Along each axis, the key blocks a window covers are products of the tiles' sizes: sum over the window.
+    per_axis = [[axes[d][s:s + widths[d]] for s in starts[d]] for d in range(3)]
+    slots = math.prod(widths)
+    blocks, queries = 0, 0
+    for x in per_axis[0]:
+        for y in per_axis[1]:
+            for z in per_axis[2]:
+                blocks += sum(math.ceil(a * b * c / block_n) for a in x for b in y for c in z)
+                queries += 1
+    key_blocks = blocks / queries
+    return dict(slots=slots, key_tiles=slots, key_blocks=key_blocks, kv_loads=2 * key_blocks,
+                pipelines_now=slots, pipelines_flat=1, exposed_blocks_now=slots / key_blocks)
+
+
+def ctas_per_sm(registers: int, shared: int, num_warps: int, arch: int) -> int:
+    """Resident CTAs per SM of a kernel using ``registers`` per thread and ``shared`` bytes per CTA (registers
+    are allocated per warp in units of 256)."""
+    per_warp = math.ceil(registers * 32 / 256) * 256
+    by_regs = SM_REGISTERS // (per_warp * num_warps) if registers else MAX_CTAS
+    by_shared = SM_SHARED[arch] // (shared + 1024)
+    return max(0, min(by_regs, by_shared, SM_WARPS[arch] // num_warps, MAX_CTAS))
+
+
+def compiled(kernel: str, config, arch: int, head_dim: int, dtype: str):
+    """``aot.KernelResources`` of the shipped spec of ``kernel`` with ``config`` (compiles; no GPU needed)."""
+    from vdit.kernels.triton.aot import spec_resources
+    from vdit.kernels.triton.sparse_attention import aot_specs
+
+    for spec in aot_specs():
+        cx = spec.constexprs
+        if (spec.label.startswith(f"sparse_{kernel} ") and cx["HEAD_DIM"] == head_dim and f" {dtype} " in spec.label
+                and (cx["BLOCK_M"], cx["BLOCK_N"], spec.num_warps, spec.num_stages) == _key(config)
+                and arch in spec.archs):
+            return spec_resources(spec, arch)
+    raise LookupError(f"no shipped spec of {kernel} d{head_dim} {dtype} {config} for sm_{arch}")
+
+
+def _key(config) -> tuple:
+    return config.block_m, config.block_n, config.num_warps, config.num_stages
+
+
+def row_block(kernel: str, config) -> int:
+    """The rows of a program's own block: the query block (forward, dq) or the key block (dk / dv)."""
+    return config.block_n if kernel == "bwd_dkdv" else config.block_m
+
+
+def figures(grid, tile, kernel: str = "fwd", arch: int = 90, head_dim: int = 128, dtype: str = "bf16",
+            compile_kernels: bool = False) -> dict:
+    """{"before": ..., "after": ...}: for the general configuration (CONFIGS) and the one the launcher picks
+    from the largest tile, the configuration, the useful MMA row fraction of one video (grid, tile) and,
+    with ``compile_kernels``, registers, spills, shared memory and CTAs per SM of the compiled kernel."""
+    sizes = tile_sizes(grid, tile)
+    out = {}
+    for when, cfg in (("before", CONFIGS[kernel][arch][max(64, head_dim)]),
+                      ("after", table_config(kernel, arch, head_dim, dtype, max(sizes)))):
+        row = dict(config=cfg, useful_rows=useful_row_fraction(sizes, row_block(kernel, cfg)))
+        if compile_kernels:
+            res = compiled(kernel, cfg, arch, head_dim, dtype)
+            row.update(registers=res.registers, spills=res.spills, shared=res.shared,
+                       ctas_per_sm=ctas_per_sm(res.registers, res.shared, cfg.num_warps, arch))
+        out[when] = row
+    return out
+
+
+def _line(label: str, kernel: str, when: str, row: dict) -> str:
+    cfg = row["config"]
+    text = (f"{label:16} {kernel:8} {when:6} {cfg.block_m:>3}x{cfg.block_n:<3} w{cfg.num_warps} s{cfg.num_stages}"
+            f"  useful rows {row['useful_rows']:6.1%}")
+    if "registers" in row:
+        text += (f"  regs {row['registers']:3}  spills {row['spills']}  shared {row['shared'] / 1024:5.1f} KiB"
+                 f"  CTAs/SM {row['ctas_per_sm']}")
+    return text
+
+
+def report(arch: int = 90, head_dim: int = 128, dtype: str = "bf16", compile_kernels: bool = False) -> str:
+    """The figures of every case in CASES and kernel, one line each, then each case's key walk."""
+    lines = [f"sm_{arch}, head dim {head_dim}, {dtype}; before: CONFIGS, after: sized from the largest tile"]
+    for label, grid, tile in CASES:
+        for kernel in ("fwd", "bwd_dq", "bwd_dkdv"):
+            for when, row in figures(grid, tile, kernel, arch, head_dim, dtype, compile_kernels).items():
+                lines.append(_line(label, kernel, when, row))
+    lines.append(f"key walk per query (tile, head), window {WINDOW} tiles, forward key blocks:")
+    for label, grid, tile in CASES:
+        block_n = table_config("fwd", arch, head_dim, dtype, max(tile_sizes(grid, tile))).block_n
+        walk = key_walk(grid, tile, block_n)
+        lines.append(f"{label:16} slots {walk['slots']}  key blocks {walk['key_blocks']:.1f}  K/V tile loads "
+                     f"{walk['kv_loads']:.1f}  pipeline starts {walk['pipelines_now']} (flat loop: 1)  "
+                     f"key blocks that start a pipeline {walk['exposed_blocks_now']:.0%}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compile", action="store_true", help="compile each kernel (minutes) for registers, "
+                        "shared memory and CTAs per SM")
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(SM_SHARED))
+    parser.add_argument("--head-dim", type=int, default=128, choices=(64, 128, 256))
+    parser.add_argument("--dtype", default="bf16", choices=("fp16", "bf16"))
+    args = parser.parse_args(argv)
+    print(report(args.arch, args.head_dim, args.dtype, args.compile))
+
+
+if __name__ == "__main__":
+    main()
