@@ -259,7 +259,52 @@ def test_shipped_configs_on_gpu(dtype, head_dim):
     _check(layout, kv, 4, 2, head_dim, dtype)
 
 
-# ---- GPU shape: row blocks sized to the tiles, no re-specialization per packing, the device guard ------------
+# ---- GPU shape: row blocks sized to the tiles, flat key loop, no re-specialization per packing, device guard --
+
+def test_compact_lists_keep_the_order_and_count_the_used_entries():
+    kv = torch.tensor([[[3, -1, 0, 7]], [[-1, -1, -1, -1]], [[5, 2, -1, 1]]], dtype=torch.int32)
+    got = S.compact_lists(kv, 6)  # 7 is out of range: an unused slot
+    assert got.dtype == torch.int32 and got.shape == (3, 1, 5) and got.is_contiguous()
+    assert got[:, 0, 0].tolist() == [2, 0, 3]
+    assert got.tolist() == [[[2, 3, 0, -1, -1]], [[0, -1, -1, -1, -1]], [[3, 5, 2, 1, -1]]]
+    # One list expanded over the heads (stride 0) stays one list.
+    assert S.compact_lists(kv.expand(-1, 4, -1), 6).shape == (3, 1, 5)
+    assert S.compact_lists(kv.repeat(1, 2, 1), 6).shape == (3, 2, 5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_flat_key_loop(dtype):
+    # Key blocks as large as the largest tile (32 tokens): the forward and dq take the flat loop, over
+    # partial edge tiles, per-head windows with -1 slots in the middle, and grouped-query heads.
+    from vdit.kernels.triton.sparse_attention.configs import flat_loop
+
+    layout = _layout(GRIDS, (2, 4, 4))
+    cfg = S.Config(16, 32, 4, 1)
+    assert flat_loop(layout.max_tile, cfg) and not flat_loop(layout.max_tile, S.INTERPRETER_CONFIG)
+    kv = _window_lists(layout, [[1, 3, 3], [3, 1, 1], [2, 2, 3], [1, 1, 1]], 4)
+    kv[::3, 1, 0] = -1
+    _check(layout, kv, 4, 2, 16, dtype, fwd_config=cfg, bwd_config=cfg)
+
+
+def test_drains_inside_loops_are_counted_from_the_ttgir():
+    from vdit.kernels.triton.sparse_attention.cost_model import drains_in_loops, loops
+
+    nested = """tt.func public @k() attributes {noinline = false} {
+      %a = scf.for %i = %c0 to %n step %c1 iter_args(%x = %y) -> (i32) : i32 {
+        %b = scf.for %j = %c0 to %m step %c1 iter_args(%z = %x) -> (i32) : i32 {
+          %t = ttg.async_wait %k, %v {num = 0 : i32} loc(#loc1)
+          scf.yield %z : i32 loc(#loc2)
+        } loc(#loc3)
+        %w = ttg.async_wait {num = 0 : i32} loc(#loc4)
+        scf.yield %b : i32 loc(#loc5)
+      } loc(#loc6)
+      tt.return loc(#loc7)
+    } loc(#loc8)"""
+    assert loops(nested) == 2 and drains_in_loops(nested) == 1
+    flat = nested.replace("        %w = ttg.async_wait {num = 0 : i32} loc(#loc4)\n", "") + (
+        "\n    %w = ttg.async_wait {num = 0 : i32} loc(#loc9)")
+    assert drains_in_loops(flat) == 0
+
 
 def test_row_blocks_follow_the_largest_tile():
     from vdit.kernels.triton.sparse_attention.configs import SMALL_TILE, table_config
@@ -381,7 +426,7 @@ def test_packing_does_not_respecialize_the_kernels(monkeypatch):
     for name, rec in recorders.items():
         first, second = rec.launches
         varied = {k for k in first if isinstance(first[k], int) and first[k] != second[k]}
-        assert {"total", "num_tiles", "list_len"} <= varied, name
+        assert {"total", "num_tiles"} <= varied and varied & {"list_len", "list_stride_t"}, name
         # Without do_not_specialize these two packings would compile two variants.
         assert _int_specialization(rec.kernel, first, False) != _int_specialization(rec.kernel, second, False)
         assert _int_specialization(rec.kernel, first) == _int_specialization(rec.kernel, second), name

@@ -27,15 +27,17 @@ its launch writes (delta is written by an earlier launch). No atomics: the backw
 deterministic.
 
 What the launchers guarantee the kernels: q, k, v, dout, out and every output contiguous (total, heads,
-HEAD_DIM) with HEAD_DIM % 8 == 0 and 16-byte aligned data (copied otherwise), so each head row starts
-16-byte aligned (``head_rows``' hint); lse and delta (Hq, total) float32; the work lists sized from shapes
-only (never from ``max_tile``, which only picks the row blocks). What they take from ``vdit.ops`` (validated there, once per tensor):
-tile_offsets int32 starting at 0, non-decreasing, ending at total; lists with in-range entries and no tile
-twice in a row (a repeated tile would be counted twice). The kernels still treat entries outside [0,
-num_tiles) (kv_tiles) or [0, num_tiles * Hq) (q_tiles), and q_tiles entries of a head outside the
-program's group, as unused slots, so malformed lists give wrong numbers but never an out-of-bounds
-access. Rows past a tile's end are masked on load and store. Token offsets are int32 (total < 2**31);
-row offsets of a head are taken in int64.
+HEAD_DIM) with HEAD_DIM % 8 == 0 and 16-byte aligned data (copied otherwise), so each head row starts 16-byte
+aligned (``head_rows``' hint); lse and delta (Hq, total) float32; the work lists sized from shapes only; the
+key-tile lists compacted (``scheduler.compact_lists``: count, then the used entries). What they take from
+``vdit.ops`` (validated there, once per tensor): tile_offsets int32 starting at 0, non-decreasing, ending at
+total; ``max_tile`` at least every tile's token count (derived from the grids: it picks the row blocks and, at
+most the key block, the flat key loop that reads one key block per tile); lists with in-range entries and no
+tile twice in a row (a repeated tile would be counted twice). The kernels still treat entries outside [0,
+num_tiles) (kv_tiles) or [0, num_tiles * Hq) (q_tiles), and q_tiles entries of a head outside the program's
+group, as unused slots, so malformed lists give wrong numbers but never an out-of-bounds access. Rows past a
+tile's end are masked on load and store. Token offsets are int32 (total < 2**31); row offsets of a head are
+taken in int64.
 
 Head dims: any up to 256. Multiples of 8 run as they are (padded to a power of two inside the kernels
 with masked loads); others are zero-padded here to the next multiple of 8 (a copy, which changes no
@@ -54,8 +56,9 @@ from vdit.kernels.triton.attention import backward as dense_backward
 from vdit.kernels.triton.attention.configs import MAX_HEAD_DIM, Config, block_d_of, supports_head_dim
 from vdit.kernels.triton.sparse_attention import backward, forward
 from vdit.kernels.triton.sparse_attention.configs import (CONFIGS, FP32_CONFIGS, INTERPRETER_CONFIG,
-                                                          SMALL_TILE_CONFIGS, select_config)
-from vdit.kernels.triton.sparse_attention.scheduler import cached_work_items, work_items
+                                                          SMALL_TILE_CONFIGS, flat_loop, select_config)
+from vdit.kernels.triton.sparse_attention.scheduler import (cached_compact_lists, cached_work_items, compact_lists,
+                                                            work_items)
 
 # What only a GPU can verify (the static report quotes this; the static check covers compilation,
 # registers, spills, shared memory and wgmma pipelining of every shipped configuration).
@@ -65,8 +68,9 @@ GPU_ONLY = ("speed against dense attention at the same visible-key count (the in
             "construction: each out / lse / dq row belongs to one (query tile block, head) program and each dk / dv "
             "row to one (key tile block, kv head) program, and no kernel writes memory another program reads.")
 
-__all__ = ["block_sparse_attention_forward", "block_sparse_attention_backward", "work_items", "Config", "CONFIGS",
-           "FP32_CONFIGS", "SMALL_TILE_CONFIGS", "INTERPRETER_CONFIG", "select_config", "aot_specs", "GPU_ONLY"]
+__all__ = ["block_sparse_attention_forward", "block_sparse_attention_backward", "work_items", "compact_lists",
+           "Config", "CONFIGS", "FP32_CONFIGS", "SMALL_TILE_CONFIGS", "INTERPRETER_CONFIG", "select_config",
+           "on_device", "aot_specs", "GPU_ONLY"]
 
 
 def _check_head_dim(head_dim: int) -> None:
@@ -102,8 +106,9 @@ def block_sparse_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Te
         q: (total, Hq, D) fp16/bf16/fp32; k, v: (total, Hk, D), Hq % Hk == 0, same dtype.
         tile_offsets: int32 (num_tiles + 1,) token offsets of the tiles, on q's device.
         kv_tiles: int32 (num_tiles, Hq or 1, K) global key tiles per query tile and head, -1 unused.
-        max_tile: the largest tile's token count: picks the row block (``configs.table_config``); a wrong
-            value costs speed only (the work lists cover any tile sizes).
+        max_tile: the largest tile's token count (vdit.ops derives it from the grids): picks the row block
+            (``configs.table_config``) and, when it is at most the key block, the flat key loop
+            (``configs.flat_loop``), which reads one key block per tile: it must bound every tile.
         softmax_scale: multiplier of q k^T (positive). config: tile configuration override (tests).
     Returns:
         out (total, Hq, D) like q; lse (Hq, total) float32 natural log, -inf where a query sees no key.
@@ -126,7 +131,8 @@ def _forward(q, k, v, tile_offsets, kv_tiles, max_tile, softmax_scale, config):
     lse = new_output((num_heads_q, total), dtype=torch.float32, device=q.device)
     cfg = config or select_config("fwd", q.device, head_dim, q.dtype, max_tile)
     work = cached_work_items(tile_offsets, kv_tiles, total, cfg.block_m)
-    forward.launch(q, k, v, out, lse, tile_offsets, kv_tiles, work, softmax_scale, cfg)
+    lists = cached_compact_lists(kv_tiles, tile_offsets.numel() - 1)
+    forward.launch(q, k, v, out, lse, tile_offsets, lists, work, softmax_scale, cfg, flat_loop(max_tile, cfg))
     return out, lse
 
 
@@ -174,7 +180,9 @@ def _backward(dout, q, k, v, out, lse, tile_offsets, kv_tiles, q_tiles, max_tile
     backward.launch_dkdv(dout, q, k, v, lse, delta, dk, dv, tile_offsets, q_tiles, work, softmax_scale, cfg)
     cfg = dq_config or select_config("bwd_dq", q.device, head_dim, q.dtype, max_tile)
     work = cached_work_items(tile_offsets, kv_tiles, total, cfg.block_m)
-    backward.launch_dq(dout, q, k, v, lse, delta, dq, tile_offsets, kv_tiles, work, softmax_scale, cfg)
+    lists = cached_compact_lists(kv_tiles, tile_offsets.numel() - 1)
+    backward.launch_dq(dout, q, k, v, lse, delta, dq, tile_offsets, lists, work, softmax_scale, cfg,
+                       flat_loop(max_tile, cfg))
     return dq, dk, dv
 
 

@@ -103,20 +103,36 @@ def select_config(kernel: str, device: torch.device, head_dim: int, dtype: torch
     return table_config(kernel, arch, head_dim, _DTYPE_NAMES[dtype], max_tile)
 
 
+def flat_loop(max_tile: int | None, config: Config) -> bool:
+    """Whether the forward and dq kernels walk their key tiles in one flat loop of key blocks: every tile
+    holds at most config.block_n tokens (``max_tile`` bounds them; vdit.ops derives it from the grids)."""
+    return max_tile is not None and 0 < max_tile <= config.block_n
+
+
+# max_tile values on both sides of every block size and of SMALL_TILE: each (config, flat loop) pair a
+# launcher can pick shows up for one of them.
+_PROBE_TILES = (None, 1, 16, 17, 32, 33, 64, 65, 128, 129)
+
+
 def shipped(kernel: str):
-    """Every (archs, head_dim, dtype, config) of ``kernel`` the launchers can pick, for its ahead-of-time
-    specs (the small-tile entries where they differ from the general ones), plus the padded head dim at its
-    fp16 sm_90 entries."""
+    """Every (archs, head_dim, dtype, config, flat) of ``kernel`` the launchers can pick (``flat``: the
+    forward's and dq's flat key loop, always False for dk / dv), for its ahead-of-time specs, plus the
+    padded head dim at its fp16 sm_90 entries."""
     for table_arch, archs in SHIPPED_ARCHS.items():
         for head_dim in SHIPPED_HEAD_DIMS:
             for dtype in ("fp16", "bf16", "fp32"):
-                for cfg in _distinct(table_arch, head_dim, dtype, kernel):
-                    yield archs, head_dim, dtype, cfg
-    for cfg in _distinct(90, PADDED_HEAD_DIM, "fp16", kernel):
-        yield SHIPPED_ARCHS[90], PADDED_HEAD_DIM, "fp16", cfg
+                for cfg, flat in _distinct(table_arch, head_dim, dtype, kernel):
+                    yield archs, head_dim, dtype, cfg, flat
+    for cfg, flat in _distinct(90, PADDED_HEAD_DIM, "fp16", kernel):
+        yield SHIPPED_ARCHS[90], PADDED_HEAD_DIM, "fp16", cfg, flat
 
 
-def _distinct(arch: int, head_dim: int, dtype: str, kernel: str) -> list[Config]:
-    """The configurations ``table_config`` picks for large and for small tiles, each once."""
-    configs = [table_config(kernel, arch, head_dim, dtype, max_tile) for max_tile in (None, SMALL_TILE)]
-    return configs[:1] if configs[0] == configs[1] else configs
+def _distinct(arch: int, head_dim: int, dtype: str, kernel: str) -> list[tuple[Config, bool]]:
+    """The (configuration, flat loop) pairs ``table_config`` and ``flat_loop`` pick for any tile size."""
+    pairs = []
+    for max_tile in _PROBE_TILES:
+        cfg = table_config(kernel, arch, head_dim, dtype, max_tile)
+        pair = (cfg, kernel != "bwd_dkdv" and flat_loop(max_tile, cfg))
+        if pair not in pairs:
+            pairs.append(pair)
+    return pairs

@@ -6,7 +6,8 @@ kernels say about speed, without a GPU (docs/sparse-gpu-cost-model.md explains e
 * the key walk of a query (tile, head) over a sliding-tile window: list slots, key tiles, key blocks, K / V
   tile loads, and how many software pipelines it starts (each start issues a load prologue and ends in a
   full drain, so a key block that starts one waits for its loads with nothing to overlap);
-* CTAs per SM, from the registers and shared memory of the compiled kernel (``aot.spec_resources``).
+* CTAs per SM, from the registers and shared memory of the compiled kernel (``aot.spec_resources``);
+* the pipeline drains (``ttg.async_wait`` with num = 0) inside the compiled forward's key loops (TTGIR).
 
 ``python -m vdit.kernels.triton.sparse_attention.cost_model [--compile]`` prints them for the benchmark
 cases, with the general (128-row) configurations before and the tile-sized ones after.
@@ -15,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
-from vdit.kernels.triton.sparse_attention.configs import CONFIGS, table_config
+from vdit.kernels.triton.sparse_attention.configs import CONFIGS, flat_loop, table_config
 
 # (label, video grid (T, H, W) in tokens, tile (tt, th, tw)): the benchmark cases and the 33x45x80 video
 # whose edge tiles are partial on two axes.
@@ -84,18 +86,53 @@ def ctas_per_sm(registers: int, shared: int, num_warps: int, arch: int) -> int:
     return max(0, min(by_regs, by_shared, SM_WARPS[arch] // num_warps, MAX_CTAS))
 
 
-def compiled(kernel: str, config, arch: int, head_dim: int, dtype: str):
-    """``aot.KernelResources`` of the shipped spec of ``kernel`` with ``config`` (compiles; no GPU needed)."""
-    from vdit.kernels.triton.aot import spec_resources
+def shipped_spec(kernel: str, config, arch: int, head_dim: int, dtype: str, flat: bool = False):
+    """The ``aot.KernelSpec`` of ``kernel`` ("fwd", "bwd_dq", "bwd_dkdv") with ``config`` and loop shape."""
     from vdit.kernels.triton.sparse_attention import aot_specs
 
     for spec in aot_specs():
         cx = spec.constexprs
         if (spec.label.startswith(f"sparse_{kernel} ") and cx["HEAD_DIM"] == head_dim and f" {dtype} " in spec.label
                 and (cx["BLOCK_M"], cx["BLOCK_N"], spec.num_warps, spec.num_stages) == _key(config)
-                and arch in spec.archs):
-            return spec_resources(spec, arch)
-    raise LookupError(f"no shipped spec of {kernel} d{head_dim} {dtype} {config} for sm_{arch}")
+                and cx.get("FLAT", False) == flat and arch in spec.archs):
+            return spec
+    raise LookupError(f"no shipped spec of {kernel} d{head_dim} {dtype} {config} flat={flat} for sm_{arch}")
+
+
+def compiled(kernel: str, config, arch: int, head_dim: int, dtype: str, flat: bool = False) -> dict:
+    """Registers, spills, shared memory, CTAs per SM, loops and drains inside loops of the shipped spec of
+    ``kernel`` with ``config`` (compiles for sm_<arch>; no GPU needed, nor TRITON_INTERPRET)."""
+    from vdit.kernels.triton.aot import compile_kernel, spec_resources
+
+    spec = shipped_spec(kernel, config, arch, head_dim, dtype, flat)
+    res = spec_resources(spec, arch)
+    ttgir = compile_kernel(spec.kernel, spec.signature, spec.constexprs, arch, spec.num_warps, spec.num_stages,
+                           spec.attrs()).asm["ttgir"]
+    return dict(label=spec.label, registers=res.registers, spills=res.spills, shared=res.shared,
+                ctas_per_sm=ctas_per_sm(res.registers, res.shared, config.num_warps, arch), loops=loops(ttgir),
+                drains_in_loops=drains_in_loops(ttgir), wgmma_serialized=res.wgmma_serialized)
+
+
+def drains_in_loops(ttgir: str) -> int:
+    """The full pipeline drains inside an ``scf.for`` body of a TTGIR listing: the epilogue of a pipelined
+    loop, ``ttg.async_wait {num = 0}`` with no token (wait for every load in flight). Inside the key loop one
+    follows every key tile's inner loop; the flat loop drains once, after its last iteration. (A wait on
+    tokens with num = 0 is a 2-stage loop's steady state: its loads were issued an iteration earlier.)"""
+    stack, drains = [], 0
+    for line in ttgir.splitlines():
+        text = line.split(" loc(")[0].strip()
+        if text.startswith("}") and stack:
+            stack.pop()
+        if re.search(r"ttg\.async_wait\s*\{num = 0 ", text) and "for" in stack:
+            drains += 1
+        if text.endswith("{"):
+            stack.append("for" if "scf.for" in text else "region")
+    return drains
+
+
+def loops(ttgir: str) -> int:
+    """The ``scf.for`` loops of a TTGIR listing."""
+    return sum("scf.for" in line for line in ttgir.splitlines())
 
 
 def _key(config) -> tuple:
@@ -111,16 +148,16 @@ def figures(grid, tile, kernel: str = "fwd", arch: int = 90, head_dim: int = 128
             compile_kernels: bool = False) -> dict:
     """{"before": ..., "after": ...}: for the general configuration (CONFIGS) and the one the launcher picks
     from the largest tile, the configuration, the useful MMA row fraction of one video (grid, tile) and,
-    with ``compile_kernels``, registers, spills, shared memory and CTAs per SM of the compiled kernel."""
+    with ``compile_kernels``, the figures of :func:`compiled` (the "before" kernel is today's code with the
+    general configuration; the code before the flat loop had the nested loop only)."""
     sizes = tile_sizes(grid, tile)
+    after = table_config(kernel, arch, head_dim, dtype, max(sizes))
     out = {}
-    for when, cfg in (("before", CONFIGS[kernel][arch][max(64, head_dim)]),
-                      ("after", table_config(kernel, arch, head_dim, dtype, max(sizes)))):
-        row = dict(config=cfg, useful_rows=useful_row_fraction(sizes, row_block(kernel, cfg)))
+    for when, cfg, flat in (("before", CONFIGS[kernel][arch][max(64, head_dim)], False),
+                            ("after", after, kernel != "bwd_dkdv" and flat_loop(max(sizes), after))):
+        row = dict(config=cfg, flat=flat, useful_rows=useful_row_fraction(sizes, row_block(kernel, cfg)))
         if compile_kernels:
-            res = compiled(kernel, cfg, arch, head_dim, dtype)
-            row.update(registers=res.registers, spills=res.spills, shared=res.shared,
-                       ctas_per_sm=ctas_per_sm(res.registers, res.shared, cfg.num_warps, arch))
+            row.update(compiled(kernel, cfg, arch, head_dim, dtype, flat))
         out[when] = row
     return out
 
@@ -128,10 +165,10 @@ def figures(grid, tile, kernel: str = "fwd", arch: int = 90, head_dim: int = 128
 def _line(label: str, kernel: str, when: str, row: dict) -> str:
     cfg = row["config"]
     text = (f"{label:16} {kernel:8} {when:6} {cfg.block_m:>3}x{cfg.block_n:<3} w{cfg.num_warps} s{cfg.num_stages}"
-            f"  useful rows {row['useful_rows']:6.1%}")
+            f" {'flat  ' if row['flat'] else 'nested'}  useful rows {row['useful_rows']:6.1%}")
     if "registers" in row:
         text += (f"  regs {row['registers']:3}  spills {row['spills']}  shared {row['shared'] / 1024:5.1f} KiB"
-                 f"  CTAs/SM {row['ctas_per_sm']}")
+                 f"  CTAs/SM {row['ctas_per_sm']}  drains in loops {row['drains_in_loops']}")
     return text
 
 
@@ -144,11 +181,14 @@ def report(arch: int = 90, head_dim: int = 128, dtype: str = "bf16", compile_ker
                 lines.append(_line(label, kernel, when, row))
     lines.append(f"key walk per query (tile, head), window {WINDOW} tiles, forward key blocks:")
     for label, grid, tile in CASES:
-        block_n = table_config("fwd", arch, head_dim, dtype, max(tile_sizes(grid, tile))).block_n
-        walk = key_walk(grid, tile, block_n)
+        max_tile = max(tile_sizes(grid, tile))
+        cfg = table_config("fwd", arch, head_dim, dtype, max_tile)
+        walk = key_walk(grid, tile, cfg.block_n)
+        after = 1 if flat_loop(max_tile, cfg) else walk["pipelines_now"]
         lines.append(f"{label:16} slots {walk['slots']}  key blocks {walk['key_blocks']:.1f}  K/V tile loads "
-                     f"{walk['kv_loads']:.1f}  pipeline starts {walk['pipelines_now']} (flat loop: 1)  "
-                     f"key blocks that start a pipeline {walk['exposed_blocks_now']:.0%}")
+                     f"{walk['kv_loads']:.1f}  pipeline starts before {walk['pipelines_now']}, after {after}  "
+                     f"key blocks that start a pipeline before {walk['exposed_blocks_now']:.0%}, after "
+                     f"{after / walk['key_blocks']:.0%}")
     return "\n".join(lines)
 
 
