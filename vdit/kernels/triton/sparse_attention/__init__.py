@@ -7,8 +7,10 @@ Files, by role (as the dense ``attention`` package):
   of its list.
 * ``backward.py``  the deterministic backward: dq per (query tile block, head) over its key tiles, dk / dv
   per (key tile block, kv head) over its transposed list; delta is the dense preprocess kernel.
-* ``scheduler.py`` the (tile, row block) work list built on the device, and the prologue that reads it.
-* ``configs.py``   tile configurations per (kernel, arch, head dim, dtype).
+* ``scheduler.py`` the (tile, row block) work list and the compacted key lists, built on the device, and
+  the prologue that reads them.
+* ``configs.py``   tile configurations per (kernel, arch, head dim, dtype, tile size).
+* ``cost_model.py`` the static GPU cost model (useful MMA rows, key walk, CTAs per SM, drains in loops).
 
 The inner-loop steps are the dense attention's (``attention/forward.py``, ``attention/backward.py``) and
 the prologue helpers its ``common.py`` (``head_rows``, ``load_rows``, ``load_lse2``, ``query_tile``), so
@@ -62,11 +64,13 @@ from vdit.kernels.triton.sparse_attention.scheduler import (cached_compact_lists
 
 # What only a GPU can verify (the static report quotes this; the static check covers compilation,
 # registers, spills, shared memory and wgmma pipelining of every shipped configuration).
-GPU_ONLY = ("speed against dense attention at the same visible-key count (the inner loops are dense attention's, "
-            "but a program walks several key tiles, each a short pipelined loop with its own prologue: only timing "
-            "tells what that costs); bf16 tl.dot numerics (the interpreter's bf16 dot is wrong). Race-freedom is by "
-            "construction: each out / lse / dq row belongs to one (query tile block, head) program and each dk / dv "
-            "row to one (key tile block, kv head) program, and no kernel writes memory another program reads.")
+GPU_ONLY = ("speed against dense attention at the same visible-key count (with tiles of at most a key block the "
+            "forward and dq walk one flat pipelined loop, two 64-row CTAs per SM on sm_90; larger tiles walk each "
+            "tile as a short pipelined loop with its own prologue and drain: docs/sparse-gpu-cost-model.md gives "
+            "the static figures, only timing tells what they cost); bf16 tl.dot numerics (the interpreter's bf16 "
+            "dot is wrong). Race-freedom is by construction: each out / lse / dq row belongs to one (query tile "
+            "block, head) program and each dk / dv row to one (key tile block, kv head) program, and no kernel "
+            "writes memory another program reads.")
 
 __all__ = ["block_sparse_attention_forward", "block_sparse_attention_backward", "work_items", "compact_lists",
            "Config", "CONFIGS", "FP32_CONFIGS", "SMALL_TILE_CONFIGS", "INTERPRETER_CONFIG", "select_config",

@@ -15,6 +15,7 @@ cases, with the general (128-row) configurations before and the tile-sized ones 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import re
 
@@ -99,6 +100,7 @@ def shipped_spec(kernel: str, config, arch: int, head_dim: int, dtype: str, flat
     raise LookupError(f"no shipped spec of {kernel} d{head_dim} {dtype} {config} flat={flat} for sm_{arch}")
 
 
+@functools.lru_cache(maxsize=None)  # the cases share kernels: compile each once
 def compiled(kernel: str, config, arch: int, head_dim: int, dtype: str, flat: bool = False) -> dict:
     """Registers, spills, shared memory, CTAs per SM, loops and drains inside loops of the shipped spec of
     ``kernel`` with ``config`` (compiles for sm_<arch>; no GPU needed, nor TRITON_INTERPRET)."""
@@ -164,31 +166,31 @@ def figures(grid, tile, kernel: str = "fwd", arch: int = 90, head_dim: int = 128
 
 def _line(label: str, kernel: str, when: str, row: dict) -> str:
     cfg = row["config"]
-    text = (f"{label:16} {kernel:8} {when:6} {cfg.block_m:>3}x{cfg.block_n:<3} w{cfg.num_warps} s{cfg.num_stages}"
-            f" {'flat  ' if row['flat'] else 'nested'}  useful rows {row['useful_rows']:6.1%}")
+    text = (f"{label:14} {kernel:8} {when:6} {cfg.block_m:>3}x{cfg.block_n:<3} w{cfg.num_warps}s{cfg.num_stages} "
+            f"{'flat  ' if row['flat'] else 'nested'} rows {row['useful_rows']:6.1%}")
     if "registers" in row:
-        text += (f"  regs {row['registers']:3}  spills {row['spills']}  shared {row['shared'] / 1024:5.1f} KiB"
-                 f"  CTAs/SM {row['ctas_per_sm']}  drains in loops {row['drains_in_loops']}")
+        text += (f" regs {row['registers']:3} spill {row['spills']} smem {row['shared'] / 1024:5.1f}K"
+                 f" CTAs {row['ctas_per_sm']} drains {row['drains_in_loops']}")
     return text
 
 
 def report(arch: int = 90, head_dim: int = 128, dtype: str = "bf16", compile_kernels: bool = False) -> str:
     """The figures of every case in CASES and kernel, one line each, then each case's key walk."""
-    lines = [f"sm_{arch}, head dim {head_dim}, {dtype}; before: CONFIGS, after: sized from the largest tile"]
+    lines = [f"sm_{arch}, head dim {head_dim}, {dtype}; before: CONFIGS, after: sized from the largest tile; rows: "
+             "useful MMA rows, drains: in loops"]
     for label, grid, tile in CASES:
         for kernel in ("fwd", "bwd_dq", "bwd_dkdv"):
             for when, row in figures(grid, tile, kernel, arch, head_dim, dtype, compile_kernels).items():
                 lines.append(_line(label, kernel, when, row))
-    lines.append(f"key walk per query (tile, head), window {WINDOW} tiles, forward key blocks:")
+    lines.append(f"key walk per query (tile, head), window {WINDOW} tiles, forward key blocks, before -> after:")
     for label, grid, tile in CASES:
         max_tile = max(tile_sizes(grid, tile))
         cfg = table_config("fwd", arch, head_dim, dtype, max_tile)
         walk = key_walk(grid, tile, cfg.block_n)
         after = 1 if flat_loop(max_tile, cfg) else walk["pipelines_now"]
-        lines.append(f"{label:16} slots {walk['slots']}  key blocks {walk['key_blocks']:.1f}  K/V tile loads "
-                     f"{walk['kv_loads']:.1f}  pipeline starts before {walk['pipelines_now']}, after {after}  "
-                     f"key blocks that start a pipeline before {walk['exposed_blocks_now']:.0%}, after "
-                     f"{after / walk['key_blocks']:.0%}")
+        lines.append(f"{label:14} slots {walk['slots']}, key blocks {walk['key_blocks']:.0f}, K/V tile loads "
+                     f"{walk['kv_loads']:.0f}, pipeline starts {walk['pipelines_now']} -> {after} "
+                     f"({walk['exposed_blocks_now']:.0%} -> {after / walk['key_blocks']:.0%} of the key blocks)")
     return "\n".join(lines)
 
 
