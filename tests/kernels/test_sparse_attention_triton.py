@@ -455,6 +455,7 @@ def test_tensors_on_a_device_that_is_not_current():
     grads = S.block_sparse_attention_backward(dout, q, k, v, out, lse, offsets, kv, q_tiles, layout.max_tile, 0.125)
     r_out, r_lse, *r_grads = _reference(q, k, v, dout, offsets, kv, 0.125)
     assert_close(out, r_out, torch.float16)
+    assert torch.equal(torch.isneginf(lse).cpu(), torch.isneginf(r_lse).cpu())
     for grad, want in zip(grads, r_grads):
         assert grad.device == q.device
         assert_close(grad, want, torch.float16, scale=GRAD_SCALE[torch.float16])

@@ -100,7 +100,7 @@ def shipped_spec(kernel: str, config, arch: int, head_dim: int, dtype: str, flat
     raise LookupError(f"no shipped spec of {kernel} d{head_dim} {dtype} {config} flat={flat} for sm_{arch}")
 
 
-@functools.lru_cache(maxsize=None)  # the cases share kernels: compile each once
+@functools.cache  # the cases share kernels: compile each once
 def compiled(kernel: str, config, arch: int, head_dim: int, dtype: str, flat: bool = False) -> dict:
     """Registers, spills, shared memory, CTAs per SM, loops and drains inside loops of the shipped spec of
     ``kernel`` with ``config`` (compiles for sm_<arch>; no GPU needed, nor TRITON_INTERPRET)."""
@@ -176,8 +176,8 @@ def _line(label: str, kernel: str, when: str, row: dict) -> str:
 
 def report(arch: int = 90, head_dim: int = 128, dtype: str = "bf16", compile_kernels: bool = False) -> str:
     """The figures of every case in CASES and kernel, one line each, then each case's key walk."""
-    lines = [f"sm_{arch}, head dim {head_dim}, {dtype}; before: CONFIGS, after: sized from the largest tile; rows: "
-             "useful MMA rows, drains: in loops"]
+    lines = [(f"sm_{arch}, head dim {head_dim}, {dtype}; before: CONFIGS, after: sized from the largest tile; "
+              "rows: useful MMA rows, drains: in loops")]
     for label, grid, tile in CASES:
         for kernel in ("fwd", "bwd_dq", "bwd_dkdv"):
             for when, row in figures(grid, tile, kernel, arch, head_dim, dtype, compile_kernels).items():

@@ -18,7 +18,6 @@ import triton.language as tl
 from vdit._cache import TensorCache
 from vdit.kernels.triton.attention.scheduler import sorted_work_list
 
-
 # The int arguments of the kernels that change with the packing of a batch (its token count, tile count, list
 # lengths and strides): Triton would otherwise specialize each on == 1 and % 16 == 0 and compile a new
 # variant mid-run when a batch of another shape arrives. Head counts are the model's and stay specialized.
