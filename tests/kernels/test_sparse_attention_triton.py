@@ -257,3 +257,205 @@ def test_shipped_configs_on_gpu(dtype, head_dim):
     layout = _layout([[13, 30, 45], [1, 8, 8], [7, 17, 9]], (6, 8, 8))
     kv = _window_lists(layout, [[3, 3, 3], [1, 3, 3], [2, 1, 3], [3, 3, 1]], 4)
     _check(layout, kv, 4, 2, head_dim, dtype)
+
+
+# ---- GPU shape: row blocks sized to the tiles, flat key loop, no re-specialization per packing, device guard --
+
+def test_compact_lists_keep_the_order_and_count_the_used_entries():
+    kv = torch.tensor([[[3, -1, 0, 7]], [[-1, -1, -1, -1]], [[5, 2, -1, 1]]], dtype=torch.int32)
+    got = S.compact_lists(kv, 6)  # 7 is out of range: an unused slot
+    assert got.dtype == torch.int32 and got.shape == (3, 1, 5) and got.is_contiguous()
+    assert got[:, 0, 0].tolist() == [2, 0, 3]
+    assert got.tolist() == [[[2, 3, 0, -1, -1]], [[0, -1, -1, -1, -1]], [[3, 5, 2, 1, -1]]]
+    # One list expanded over the heads (stride 0) stays one list.
+    assert S.compact_lists(kv.expand(-1, 4, -1), 6).shape == (3, 1, 5)
+    assert S.compact_lists(kv.repeat(1, 2, 1), 6).shape == (3, 2, 5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_flat_key_loop(dtype):
+    # Key blocks as large as the largest tile (32 tokens): the forward and dq take the flat loop, over
+    # partial edge tiles, per-head windows with -1 slots in the middle, and grouped-query heads.
+    from vdit.kernels.triton.sparse_attention.configs import flat_loop
+
+    layout = _layout(GRIDS, (2, 4, 4))
+    cfg = S.Config(16, 32, 4, 1)
+    assert flat_loop(layout.max_tile, cfg) and not flat_loop(layout.max_tile, S.INTERPRETER_CONFIG)
+    kv = _window_lists(layout, [[1, 3, 3], [3, 1, 1], [2, 2, 3], [1, 1, 1]], 4)
+    kv[::3, 1, 0] = -1
+    _check(layout, kv, 4, 2, 16, dtype, fwd_config=cfg, bwd_config=cfg)
+
+
+def test_drains_inside_loops_are_counted_from_the_ttgir():
+    from vdit.kernels.triton.sparse_attention.cost_model import drains_in_loops, loops
+
+    nested = """tt.func public @k() attributes {noinline = false} {
+      %a = scf.for %i = %c0 to %n step %c1 iter_args(%x = %y) -> (i32) : i32 {
+        %b = scf.for %j = %c0 to %m step %c1 iter_args(%z = %x) -> (i32) : i32 {
+          %t = ttg.async_wait %k, %v {num = 0 : i32} loc(#loc1)
+          scf.yield %z : i32 loc(#loc2)
+        } loc(#loc3)
+        %w = ttg.async_wait {num = 0 : i32} loc(#loc4)
+        scf.yield %b : i32 loc(#loc5)
+      } loc(#loc6)
+      tt.return loc(#loc7)
+    } loc(#loc8)"""
+    assert loops(nested) == 2 and drains_in_loops(nested) == 1
+    flat = nested.replace("        %w = ttg.async_wait {num = 0 : i32} loc(#loc4)\n", "") + (
+        "\n    %w = ttg.async_wait {num = 0 : i32} loc(#loc9)")
+    assert drains_in_loops(flat) == 0
+
+
+def test_row_blocks_follow_the_largest_tile():
+    from vdit.kernels.triton.sparse_attention.configs import SMALL_TILE, table_config
+
+    for arch in (90, 80, 86):
+        for head_dim in (64, 96, 128, 256):
+            for dtype in ("fp16", "bf16"):
+                for kernel in ("fwd", "bwd_dq", "bwd_dkdv"):
+                    rows = [_row_block(kernel, table_config(kernel, arch, head_dim, dtype, m)) for m in (4, 48, 64)]
+                    assert rows == [SMALL_TILE] * 3, (arch, head_dim, dtype, kernel)
+                    big = table_config(kernel, arch, head_dim, dtype, 384)
+                    assert big == table_config(kernel, arch, head_dim, dtype, None) == table_config(
+                        kernel, arch, head_dim, dtype, 0)  # unknown: the general table
+                    assert big == S.CONFIGS[kernel][{86: 80}.get(arch, arch)][max(64, head_dim if head_dim != 96
+                                                                                  else 128)]
+            # 4 warps for the forward on sm_90 (two CTAs per SM); fp32 keeps its own small tiles.
+            assert table_config("fwd", 90, 128, "bf16", 64).num_warps == 4
+            assert table_config("fwd", arch, head_dim, "fp32", 64) == table_config("fwd", arch, head_dim, "fp32")
+    with pytest.raises(ValueError, match="kernel"):
+        table_config("bwd", 90, 128, "bf16", 64)
+    with pytest.raises(ValueError, match="arch"):
+        table_config("fwd", 70, 128, "bf16", 64)
+
+
+def _row_block(kernel, cfg):
+    return cfg.block_n if kernel == "bwd_dkdv" else cfg.block_m
+
+
+def test_every_small_tile_config_is_compiled_ahead_of_time():
+    # The static GPU gate compiles aot_specs(): each configuration a launcher can pick must be among them.
+    from vdit.kernels.triton.sparse_attention.configs import ARCH_TABLE, table_config
+
+    specs = {(s.label.split()[0], s.constexprs["HEAD_DIM"], s.label.split()[2], s.constexprs["BLOCK_M"],
+              s.constexprs["BLOCK_N"], s.num_warps, s.num_stages, arch) for s in S.aot_specs() for arch in s.archs}
+    for arch in ARCH_TABLE:
+        for head_dim in (64, 128, 256):
+            for dtype in ("fp16", "bf16", "fp32"):
+                for kernel in ("fwd", "bwd_dq", "bwd_dkdv"):
+                    for max_tile in (64, 384):
+                        c = table_config(kernel, arch, head_dim, dtype, max_tile)
+                        key = (f"sparse_{kernel}", head_dim, dtype, c.block_m, c.block_n, c.num_warps, c.num_stages,
+                               arch)
+                        assert key in specs, key
+
+
+def test_useful_mma_rows_of_the_benchmark_videos():
+    # One 33x45x80 video in 4x4x4 tiles: 2160 tiles, 118800 tokens, each tile one row block.
+    from vdit.kernels.triton.sparse_attention import cost_model as cm
+    from vdit.kernels.triton.sparse_attention.configs import table_config
+
+    sizes = cm.tile_sizes((33, 45, 80), (4, 4, 4))
+    assert len(sizes) == 9 * 12 * 20 and sum(sizes) == 33 * 45 * 80 and max(sizes) == 64
+    before = cm.useful_row_fraction(sizes, 128)
+    after = cm.useful_row_fraction(sizes, table_config("fwd", 90, 128, "bf16", max(sizes)).block_m)
+    assert before == pytest.approx(118800 / (2160 * 128)) and after == pytest.approx(118800 / (2160 * 64))
+    assert cm.useful_row_fraction(cm.tile_sizes((30, 48, 80), (4, 4, 4)), 64) == pytest.approx(0.9375)
+    assert cm.useful_row_fraction(cm.tile_sizes((30, 48, 80), (6, 8, 8)), 128) == 1.0
+    walk = cm.key_walk((30, 48, 80), (6, 8, 8), 64)
+    assert walk["slots"] == 27 and walk["key_blocks"] == 27 * 6 and walk["kv_loads"] == 2 * 27 * 6
+    # Two CTAs of 4 warps and 255 registers fit an SM's register file; 113 KB of shared memory twice too.
+    assert cm.ctas_per_sm(255, 112 * 1024, 4, 90) == 2 and cm.ctas_per_sm(215, 128 * 1024, 8, 90) == 1
+
+
+def test_launchers_pass_the_largest_tile_to_the_config_choice(monkeypatch):
+    seen = []
+
+    def select(kernel, device, head_dim, dtype, max_tile=None):
+        seen.append((kernel, max_tile))
+        return S.INTERPRETER_CONFIG
+
+    monkeypatch.setattr(S, "select_config", select)
+    layout = _layout([[3, 5, 6]], (2, 4, 4))
+    _check(layout, _window_lists(layout, [1, 3, 1], 2), 2, 2, 12, torch.float32)  # head dim 12: the padded path
+    assert sorted(seen) == [("bwd_dkdv", layout.max_tile), ("bwd_dq", layout.max_tile), ("fwd", layout.max_tile)]
+
+
+class _Recorder:
+    """Stands in for a kernel: records each launch's arguments by name, then launches the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(dict(zip(self.kernel.arg_names, args), **kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _int_specialization(kernel, args, honour_do_not_specialize=True):
+    """Triton's runtime specialization of the int arguments of one launch ({name: key}), as JITFunction.run
+    computes it (== 1 becomes a constant, % 16 == 0 a divisibility hint) unless do_not_specialize names it."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import JITFunction, native_specialize_impl
+
+    names = (kernel.do_not_specialize if isinstance(kernel, JITFunction)
+             else kernel.kwargs.get("do_not_specialize") or ())
+    names = names if honour_do_not_specialize else ()
+    keys = {}
+    for name, value in args.items():
+        if isinstance(value, int) and not isinstance(value, bool) and name in kernel.arg_names:
+            keys[name] = native_specialize_impl(BaseBackend, value, False, name not in names, True)
+    return keys
+
+
+def test_packing_does_not_respecialize_the_kernels(monkeypatch):
+    # Two packings whose token counts, tile counts and list lengths differ (482 vs 48 tokens: % 16 != 0 and
+    # == 0; 1 tile; lists of 27 and 1 slots): every kernel keeps one specialization for its int arguments.
+    from vdit.kernels.triton.sparse_attention import backward, forward
+
+    recorders = {}
+    for module, name in ((forward, "sparse_fwd_kernel"), (backward, "sparse_bwd_dq_kernel"),
+                         (backward, "sparse_bwd_dkdv_kernel")):
+        recorders[name] = _Recorder(getattr(module, name))
+        monkeypatch.setattr(module, name, recorders[name])
+    for grids, tile, window in ((GRIDS, (2, 4, 4), [3, 3, 3]), ([[3, 4, 4]], (3, 4, 4), [1, 1, 1])):
+        layout = _layout(grids, tile)
+        _check(layout, _window_lists(layout, window, 2), 2, 1, 16, torch.float32)
+    for name, rec in recorders.items():
+        first, second = rec.launches
+        varied = {k for k in first if isinstance(first[k], int) and first[k] != second[k]}
+        assert {"total", "num_tiles"} <= varied and varied & {"list_len", "list_stride_t"}, name
+        # Without do_not_specialize these two packings would compile two variants.
+        assert _int_specialization(rec.kernel, first, False) != _int_specialization(rec.kernel, second, False)
+        assert _int_specialization(rec.kernel, first) == _int_specialization(rec.kernel, second), name
+
+
+def test_launches_make_the_tensors_device_current():
+    import contextlib
+    import types
+
+    guard = S.on_device(types.SimpleNamespace(device=torch.device("cuda", 1)))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(S.on_device(torch.empty(1)), contextlib.nullcontext)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_GPU or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_a_device_that_is_not_current():
+    layout = _layout([[3, 5, 6]], (2, 4, 4))
+    kv = _window_lists(layout, [1, 3, 3], 2).to("cuda:1")
+    total = int(layout.offsets[-1])
+    q, k, v, dout = (t.to("cuda:1") for t in _inputs(total, 2, 1, 64, torch.float16))
+    assert torch.cuda.current_device() == 0
+    offsets = layout.offsets.to("cuda:1")
+    q_tiles = query_lists(kv, layout.num_tiles, 2, 1)
+    out, lse = S.block_sparse_attention_forward(q, k, v, offsets, kv, layout.max_tile, 0.125)
+    grads = S.block_sparse_attention_backward(dout, q, k, v, out, lse, offsets, kv, q_tiles, layout.max_tile, 0.125)
+    r_out, r_lse, *r_grads = _reference(q, k, v, dout, offsets, kv, 0.125)
+    assert_close(out, r_out, torch.float16)
+    assert torch.equal(torch.isneginf(lse).cpu(), torch.isneginf(r_lse).cpu())
+    for grad, want in zip(grads, r_grads):
+        assert grad.device == q.device
+        assert_close(grad, want, torch.float16, scale=GRAD_SCALE[torch.float16])

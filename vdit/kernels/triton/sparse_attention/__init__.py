@@ -7,8 +7,10 @@ Files, by role (as the dense ``attention`` package):
   of its list.
 * ``backward.py``  the deterministic backward: dq per (query tile block, head) over its key tiles, dk / dv
   per (key tile block, kv head) over its transposed list; delta is the dense preprocess kernel.
-* ``scheduler.py`` the (tile, row block) work list built on the device, and the prologue that reads it.
-* ``configs.py``   tile configurations per (kernel, arch, head dim, dtype).
+* ``scheduler.py`` the (tile, row block) work list and the compacted key lists, built on the device, and
+  the prologue that reads them.
+* ``configs.py``   tile configurations per (kernel, arch, head dim, dtype, tile size).
+* ``cost_model.py`` the static GPU cost model (useful MMA rows, key walk, CTAs per SM, drains in loops).
 
 The inner-loop steps are the dense attention's (``attention/forward.py``, ``attention/backward.py``) and
 the prologue helpers its ``common.py`` (``head_rows``, ``load_rows``, ``load_lse2``, ``query_tile``), so
@@ -27,15 +29,17 @@ its launch writes (delta is written by an earlier launch). No atomics: the backw
 deterministic.
 
 What the launchers guarantee the kernels: q, k, v, dout, out and every output contiguous (total, heads,
-HEAD_DIM) with HEAD_DIM % 8 == 0 and 16-byte aligned data (copied otherwise), so each head row starts
-16-byte aligned (``head_rows``' hint); lse and delta (Hq, total) float32; the work lists sized from shapes
-only (never from ``max_tile``). What they take from ``vdit.ops`` (validated there, once per tensor):
-tile_offsets int32 starting at 0, non-decreasing, ending at total; lists with in-range entries and no tile
-twice in a row (a repeated tile would be counted twice). The kernels still treat entries outside [0,
-num_tiles) (kv_tiles) or [0, num_tiles * Hq) (q_tiles), and q_tiles entries of a head outside the
-program's group, as unused slots, so malformed lists give wrong numbers but never an out-of-bounds
-access. Rows past a tile's end are masked on load and store. Token offsets are int32 (total < 2**31);
-row offsets of a head are taken in int64.
+HEAD_DIM) with HEAD_DIM % 8 == 0 and 16-byte aligned data (copied otherwise), so each head row starts 16-byte
+aligned (``head_rows``' hint); lse and delta (Hq, total) float32; the work lists sized from shapes only; the
+key-tile lists compacted (``scheduler.compact_lists``: count, then the used entries). What they take from
+``vdit.ops`` (validated there, once per tensor): tile_offsets int32 starting at 0, non-decreasing, ending at
+total; ``max_tile`` at least every tile's token count (derived from the grids: it picks the row blocks and, at
+most the key block, the flat key loop that reads one key block per tile); lists with in-range entries and no
+tile twice in a row (a repeated tile would be counted twice). The kernels still treat entries outside [0,
+num_tiles) (kv_tiles) or [0, num_tiles * Hq) (q_tiles), and q_tiles entries of a head outside the program's
+group, as unused slots, so malformed lists give wrong numbers but never an out-of-bounds access. Rows past a
+tile's end are masked on load and store. Token offsets are int32 (total < 2**31); row offsets of a head are
+taken in int64.
 
 Head dims: any up to 256. Multiples of 8 run as they are (padded to a power of two inside the kernels
 with masked loads); others are zero-padded here to the next multiple of 8 (a copy, which changes no
@@ -43,6 +47,8 @@ score) and the outputs cut back. Above 256: ValueError. fp16 / bf16 use tensor c
 accumulation, fp32 exact fp32 dot products (no tf32).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -52,19 +58,23 @@ from vdit.kernels.triton.attention import backward as dense_backward
 from vdit.kernels.triton.attention.configs import MAX_HEAD_DIM, Config, block_d_of, supports_head_dim
 from vdit.kernels.triton.sparse_attention import backward, forward
 from vdit.kernels.triton.sparse_attention.configs import (CONFIGS, FP32_CONFIGS, INTERPRETER_CONFIG,
-                                                          select_config)
-from vdit.kernels.triton.sparse_attention.scheduler import cached_work_items, work_items
+                                                          SMALL_TILE_CONFIGS, flat_loop, select_config)
+from vdit.kernels.triton.sparse_attention.scheduler import (cached_compact_lists, cached_work_items, compact_lists,
+                                                            work_items)
 
 # What only a GPU can verify (the static report quotes this; the static check covers compilation,
 # registers, spills, shared memory and wgmma pipelining of every shipped configuration).
-GPU_ONLY = ("speed against dense attention at the same visible-key count (the inner loops are dense attention's, "
-            "but a program walks several key tiles, each a short pipelined loop with its own prologue: only timing "
-            "tells what that costs); bf16 tl.dot numerics (the interpreter's bf16 dot is wrong). Race-freedom is by "
-            "construction: each out / lse / dq row belongs to one (query tile block, head) program and each dk / dv "
-            "row to one (key tile block, kv head) program, and no kernel writes memory another program reads.")
+GPU_ONLY = ("speed against dense attention at the same visible-key count (with tiles of at most a key block the "
+            "forward and dq walk one flat pipelined loop, two 64-row CTAs per SM on sm_90; larger tiles walk each "
+            "tile as a short pipelined loop with its own prologue and drain: docs/sparse-gpu-cost-model.md gives "
+            "the static figures, only timing tells what they cost); bf16 tl.dot numerics (the interpreter's bf16 "
+            "dot is wrong). Race-freedom is by construction: each out / lse / dq row belongs to one (query tile "
+            "block, head) program and each dk / dv row to one (key tile block, kv head) program, and no kernel "
+            "writes memory another program reads.")
 
-__all__ = ["block_sparse_attention_forward", "block_sparse_attention_backward", "work_items", "Config", "CONFIGS",
-           "FP32_CONFIGS", "INTERPRETER_CONFIG", "select_config", "aot_specs", "GPU_ONLY"]
+__all__ = ["block_sparse_attention_forward", "block_sparse_attention_backward", "work_items", "compact_lists",
+           "Config", "CONFIGS", "FP32_CONFIGS", "SMALL_TILE_CONFIGS", "INTERPRETER_CONFIG", "select_config",
+           "on_device", "aot_specs", "GPU_ONLY"]
 
 
 def _check_head_dim(head_dim: int) -> None:
@@ -73,6 +83,12 @@ def _check_head_dim(head_dim: int) -> None:
                          f"got {head_dim}")
 
 
+
+
+def on_device(t: torch.Tensor):
+    """The context every launch runs in: ``t``'s CUDA device made current. Triton launches on the current
+    device, not the tensors' (a cuda:1 tensor without torch.cuda.set_device(1) would fail to launch)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _index(t: torch.Tensor, contiguous: bool = False) -> torch.Tensor:
@@ -94,25 +110,33 @@ def block_sparse_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Te
         q: (total, Hq, D) fp16/bf16/fp32; k, v: (total, Hk, D), Hq % Hk == 0, same dtype.
         tile_offsets: int32 (num_tiles + 1,) token offsets of the tiles, on q's device.
         kv_tiles: int32 (num_tiles, Hq or 1, K) global key tiles per query tile and head, -1 unused.
-        max_tile: the largest tile's token count: schema parity, unused (coverage never depends on it).
+        max_tile: the largest tile's token count (vdit.ops derives it from the grids): picks the row block
+            (``configs.table_config``) and, when it is at most the key block, the flat key loop
+            (``configs.flat_loop``), which reads one key block per tile: it must bound every tile.
         softmax_scale: multiplier of q k^T (positive). config: tile configuration override (tests).
     Returns:
         out (total, Hq, D) like q; lse (Hq, total) float32 natural log, -inf where a query sees no key.
     """
-    del max_tile
     _check_head_dim(q.shape[2])
     if not supports_head_dim(q.shape[2]):
         q8, k8, v8 = (pad_head_dim(t) for t in (q, k, v))
-        out, lse = block_sparse_attention_forward(q8, k8, v8, tile_offsets, kv_tiles, 0, softmax_scale, config=config)
+        out, lse = block_sparse_attention_forward(q8, k8, v8, tile_offsets, kv_tiles, max_tile, softmax_scale,
+                                                  config=config)
         return out[..., :q.shape[2]].contiguous(), lse
+    with on_device(q):
+        return _forward(q, k, v, tile_offsets, kv_tiles, max_tile, softmax_scale, config)
+
+
+def _forward(q, k, v, tile_offsets, kv_tiles, max_tile, softmax_scale, config):
     total, num_heads_q, head_dim = q.shape
     q, k, v = aligned(q), aligned(k), aligned(v)
     tile_offsets, kv_tiles = _index(tile_offsets, contiguous=True), _index(kv_tiles)
     out = new_output(q.shape, dtype=q.dtype, device=q.device)
     lse = new_output((num_heads_q, total), dtype=torch.float32, device=q.device)
-    cfg = config or select_config("fwd", q.device, head_dim, q.dtype)
+    cfg = config or select_config("fwd", q.device, head_dim, q.dtype, max_tile)
     work = cached_work_items(tile_offsets, kv_tiles, total, cfg.block_m)
-    forward.launch(q, k, v, out, lse, tile_offsets, kv_tiles, work, softmax_scale, cfg)
+    lists = cached_compact_lists(kv_tiles, tile_offsets.numel() - 1)
+    forward.launch(q, k, v, out, lse, tile_offsets, lists, work, softmax_scale, cfg, flat_loop(max_tile, cfg))
     return out, lse
 
 
@@ -131,13 +155,19 @@ def block_sparse_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torc
     Returns:
         dq (total, Hq, D), dk, dv (total, Hk, D) in the dtypes of q, k, v.
     """
-    del max_tile
     _check_head_dim(q.shape[2])
     if not supports_head_dim(q.shape[2]):
         padded = (pad_head_dim(t) for t in (dout, q, k, v, out))
-        grads = block_sparse_attention_backward(*padded, lse, tile_offsets, kv_tiles, q_tiles, 0, softmax_scale,
-                                                dkdv_config=dkdv_config, dq_config=dq_config)
+        grads = block_sparse_attention_backward(*padded, lse, tile_offsets, kv_tiles, q_tiles, max_tile,
+                                                softmax_scale, dkdv_config=dkdv_config, dq_config=dq_config)
         return tuple(g[..., :q.shape[2]].contiguous() for g in grads)
+    with on_device(q):
+        return _backward(dout, q, k, v, out, lse, tile_offsets, kv_tiles, q_tiles, max_tile, softmax_scale,
+                         dkdv_config, dq_config)
+
+
+def _backward(dout, q, k, v, out, lse, tile_offsets, kv_tiles, q_tiles, max_tile, softmax_scale, dkdv_config,
+              dq_config):
     total, num_heads_q, head_dim = q.shape
     dout, q, k, v, out = (aligned(t) for t in (dout.to(q.dtype), q, k, v, out))
     lse = lse.contiguous()
@@ -149,12 +179,14 @@ def block_sparse_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torc
     delta = new_output((num_heads_q, total), dtype=torch.float32, device=q.device)
     dense_backward.launch_preprocess(dout, out, delta, block_d_of(head_dim))  # delta = rowsum(dout * out)
 
-    cfg = dkdv_config or select_config("bwd_dkdv", q.device, head_dim, q.dtype)
+    cfg = dkdv_config or select_config("bwd_dkdv", q.device, head_dim, q.dtype, max_tile)
     work = cached_work_items(tile_offsets, q_tiles, total, cfg.block_n, num_heads_q)
     backward.launch_dkdv(dout, q, k, v, lse, delta, dk, dv, tile_offsets, q_tiles, work, softmax_scale, cfg)
-    cfg = dq_config or select_config("bwd_dq", q.device, head_dim, q.dtype)
+    cfg = dq_config or select_config("bwd_dq", q.device, head_dim, q.dtype, max_tile)
     work = cached_work_items(tile_offsets, kv_tiles, total, cfg.block_m)
-    backward.launch_dq(dout, q, k, v, lse, delta, dq, tile_offsets, kv_tiles, work, softmax_scale, cfg)
+    lists = cached_compact_lists(kv_tiles, tile_offsets.numel() - 1)
+    backward.launch_dq(dout, q, k, v, lse, delta, dq, tile_offsets, lists, work, softmax_scale, cfg,
+                       flat_loop(max_tile, cfg))
     return dq, dk, dv
 
 

@@ -9,7 +9,8 @@ After the dense backward's preprocess (delta = rowsum(dout * out), ``attention.b
   step (``attention.backward.dkdv_step``). Every query head of the group is summed inside the one
   program, which is what makes grouped-query dk / dv deterministic.
 * ``sparse_bwd_dq_kernel``: one program per (query tile, block of BLOCK_M rows) item and query head,
-  over the key tiles of its list as in the forward, with the dense ``dq_step``.
+  over the key tiles of its compacted list as in the forward (the same two loop shapes), with the dense
+  ``dq_step``.
 
 Race-free: the work lists hold each (tile, row block) once, so each dq row of (tile, block, head) and
 each dk / dv row of (tile, block, kv head) is written by exactly one program; the kernels read only the
@@ -29,15 +30,15 @@ from vdit.kernels.triton.attention.backward import dkdv_step, dq_step
 from vdit.kernels.triton.attention.common import LOG2E, head_rows, load_lse2, load_rows, query_tile
 from vdit.kernels.triton.attention.configs import block_d_of, precision_of
 from vdit.kernels.triton.sparse_attention.configs import shipped
-from vdit.kernels.triton.sparse_attention.scheduler import tile_span, work_item
+from vdit.kernels.triton.sparse_attention.scheduler import PACKING_ARGS, tile_span, work_item
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PACKING_ARGS)
 def sparse_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, OFFSETS, KV_TILES, WORK,
-    total, num_tiles, num_heads_q, num_heads_k, list_len, list_stride_t, list_stride_h, softmax_scale,
+    total, num_tiles, num_heads_q, num_heads_k, list_stride_t, list_stride_h, softmax_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, FLAT: tl.constexpr,
 ):
     h = tl.program_id(1)
     tile, block, q_start, q_len = work_item(WORK, OFFSETS)
@@ -53,25 +54,34 @@ def sparse_bwd_dq_kernel(
     lse2 = load_lse2(LSE + lse_off, rows, row_ok)
     delta = tl.load(DELTA + lse_off + rows, mask=row_ok, other=0.0)
     kv_offs = tl.arange(0, BLOCK_N)[:, None] * stride_k + tl.arange(0, BLOCK_D)[None, :]
-    lists = KV_TILES + tile.to(tl.int64) * list_stride_t + h * list_stride_h
+    lists = KV_TILES + tile.to(tl.int64) * list_stride_t + h * list_stride_h  # count, then the key tiles
+    count = tl.load(lists)
 
     qk_scale = softmax_scale * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for slot in range(0, list_len):
-        j = tl.load(lists + slot)
-        k_start, k_len = tile_span(OFFSETS, j, (j >= 0) & (j < num_tiles))  # out of range: unused slot
-        k_base = head_rows(K, k_start, stride_k, hk, HEAD_DIM)
-        v_base = head_rows(V, k_start, stride_k, hk, HEAD_DIM)
-        full = (k_len // BLOCK_N) * BLOCK_N  # the partial last block masks p (its padding keys read 0)
-        for start_n in range(0, k_len, BLOCK_N):
-            dq = dq_step(dq, q, do, lse2, delta, k_base, v_base, kv_offs, d_mask, start_n, full, k_len, stride_k,
-                          rows, 0, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION)
+    if FLAT:  # every tile is one key block: one loop over the listed key blocks, as in the forward
+        for i in range(0, count):
+            k_start, k_len = tile_span(OFFSETS, tl.load(lists + 1 + i), True)
+            dq = dq_step(dq, q, do, lse2, delta, head_rows(K, k_start, stride_k, hk, HEAD_DIM),
+                          head_rows(V, k_start, stride_k, hk, HEAD_DIM), kv_offs, d_mask, 0,
+                          (k_len // BLOCK_N) * BLOCK_N, k_len, stride_k, rows, 0, qk_scale, HEAD_DIM, BLOCK_D,
+                          BLOCK_N, False, PRECISION)
+    else:
+        for slot in range(0, count):
+            j = tl.load(lists + 1 + slot)
+            k_start, k_len = tile_span(OFFSETS, j, (j >= 0) & (j < num_tiles))  # in bounds even if malformed
+            k_base = head_rows(K, k_start, stride_k, hk, HEAD_DIM)
+            v_base = head_rows(V, k_start, stride_k, hk, HEAD_DIM)
+            full = (k_len // BLOCK_N) * BLOCK_N  # the partial last block masks p (its padding keys read 0)
+            for start_n in range(0, k_len, BLOCK_N):
+                dq = dq_step(dq, q, do, lse2, delta, k_base, v_base, kv_offs, d_mask, start_n, full, k_len,
+                              stride_k, rows, 0, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION)
     dq = dq * softmax_scale
     tl.store(head_rows(DQ, q_start + m0, stride_q, h, HEAD_DIM) + q_offs, dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & d_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PACKING_ARGS)
 def sparse_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, OFFSETS, Q_TILES, WORK,
     total, num_tiles, num_heads_q, num_heads_k, list_len, softmax_scale,
@@ -117,16 +127,17 @@ def sparse_bwd_dkdv_kernel(
     tl.store(head_rows(DV, k_start + n0, stride_k, hk, HEAD_DIM) + kv_offs, dv.to(DV.dtype.element_ty), mask=store_mask)
 
 
-def launch_dq(dout, q, k, v, lse, delta, dq, tile_offsets, kv_tiles, work, softmax_scale, config):
-    """dq over ``work``: (n, 2) int32 (query tile, block of config.block_m) items x query heads."""
+def launch_dq(dout, q, k, v, lse, delta, dq, tile_offsets, lists, work, softmax_scale, config, flat):
+    """dq over ``work``: (n, 2) int32 (query tile, block of config.block_m) items x query heads; lists and
+    ``flat`` as in ``forward.launch``."""
     total, num_heads_q, head_dim = q.shape
     if work.shape[0] and num_heads_q:
         sparse_bwd_dq_kernel[(work.shape[0], num_heads_q)](
-            q, k, v, dout, lse, delta, dq, tile_offsets, kv_tiles, work,
-            total, tile_offsets.numel() - 1, num_heads_q, k.shape[1], kv_tiles.shape[2], kv_tiles.stride(0),
-            kv_tiles.stride(1) if kv_tiles.shape[1] > 1 else 0, float(softmax_scale),
+            q, k, v, dout, lse, delta, dq, tile_offsets, lists, work,
+            total, tile_offsets.numel() - 1, num_heads_q, k.shape[1], lists.stride(0),
+            lists.stride(1) if lists.shape[1] > 1 else 0, float(softmax_scale),
             HEAD_DIM=head_dim, BLOCK_D=block_d_of(head_dim), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-            PRECISION=precision_of(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
+            PRECISION=precision_of(q.dtype), FLAT=flat, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def launch_dkdv(dout, q, k, v, lse, delta, dk, dv, tile_offsets, q_tiles, work, softmax_scale, config):
@@ -153,13 +164,16 @@ def aot_specs() -> list:
     specs = []
     for name, kernel, lists in (("bwd_dq", sparse_bwd_dq_kernel, "KV_TILES"),
                                 ("bwd_dkdv", sparse_bwd_dkdv_kernel, "Q_TILES")):
-        for archs, head_dim, dtype, cfg in shipped(name):
+        for archs, head_dim, dtype, cfg, flat in shipped(name):
             sig = signature(kernel, dtype, **_TYPES, **{lists: "*i32"})
             constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d_of(head_dim), BLOCK_M=cfg.block_m,
                               BLOCK_N=cfg.block_n, PRECISION=precision_of(dtype))
+            if name == "bwd_dq":
+                constexprs["FLAT"] = flat
             # wgmma takes M tiles of 64 rows per warpgroup: BLOCK_M for dq, the key block BLOCK_N for dk / dv.
             m_tile = cfg.block_n if name == "bwd_dkdv" else cfg.block_m
             specs.append(KernelSpec(kernel, sig, constexprs, cfg.num_warps, cfg.num_stages,
-                                    f"sparse_{name} d{head_dim} {dtype} {cfg.block_m}x{cfg.block_n}",
+                                    f"sparse_{name} d{head_dim} {dtype} {cfg.block_m}x{cfg.block_n} w{cfg.num_warps}"
+                                    f"{' flat' * flat}",
                                     matmul=dtype != "fp32" and m_tile >= 64, archs=archs))
     return specs

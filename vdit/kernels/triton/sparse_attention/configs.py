@@ -1,4 +1,5 @@
-"""Tile configurations of the block-sparse attention kernels, per kernel, architecture, head dim and dtype.
+"""Tile configurations of the block-sparse attention kernels, per kernel, architecture, head dim, dtype and
+tile size.
 
 Every entry ships: ``forward.aot_specs`` / ``backward.aot_specs`` compile each one ahead of time for the
 architectures it runs on (no spills, no stack frame, shared memory within the limit, and on sm_90 a
@@ -37,6 +38,22 @@ FP32_CONFIGS: dict[str, dict[int, dict[int, Config]]] = {
     "bwd_dkdv": {90: {64: C(16, 16, 8, 1), 128: C(32, 32, 8, 1), 256: C(16, 16, 8, 1)},
                  80: {64: C(32, 16, 8, 1), 128: C(32, 32, 8, 1), 256: C(32, 16, 8, 1)}},
 }
+
+# SMALL_TILE_CONFIGS: the fp16 / bf16 entries when every tile holds at most SMALL_TILE tokens (4x4x4 tiles and
+# their partial edge tiles). A program's row block covers one tile and no more: with the 128-row blocks of
+# CONFIGS a 64-token tile leaves over half of every query-block MMA row idle (docs/sparse-gpu-cost-model.md).
+# The sm_90 entries take 4 warps and at most 113 KB of shared memory, so that two CTAs fit on an SM (a CTA
+# of 4 warps fits twice in the register file whatever its register count up to 255). For "bwd_dkdv" the
+# program's key block BLOCK_N is the one sized to the tile. Entries equal to CONFIGS' are the tables' own.
+SMALL_TILE = 64
+SMALL_TILE_CONFIGS: dict[str, dict[int, dict[int, Config]]] = {
+    "fwd": {90: {64: C(64, 64, 4, 3), 128: C(64, 64, 4, 3), 256: C(64, 32, 4, 2)},
+            80: {64: C(64, 64, 4, 3), 128: C(64, 64, 4, 2), 256: C(64, 32, 8, 2)}},
+    "bwd_dq": {90: {64: C(64, 64, 4, 2), 128: C(64, 64, 4, 2), 256: C(64, 32, 4, 2)},
+               80: {64: C(64, 32, 8, 2), 128: C(64, 64, 8, 2), 256: C(64, 32, 8, 1)}},
+    "bwd_dkdv": {90: {64: C(64, 64, 4, 2), 128: C(32, 64, 4, 2), 256: C(16, 64, 8, 2)},
+                 80: {64: C(32, 64, 8, 2), 128: C(64, 64, 8, 2), 256: C(16, 64, 8, 2)}},
+}
 del C
 
 # The table each device architecture (attention.configs.arch_of) reads, and the architectures each
@@ -52,21 +69,70 @@ SHIPPED_HEAD_DIMS = (64, 128, 256)
 PADDED_HEAD_DIM = 96  # a head dim below its BLOCK_D (masked head-dim loads), compiled as a representative
 
 
-def select_config(kernel: str, device: torch.device, head_dim: int, dtype: torch.dtype) -> Config:
-    """The tile configuration of ``kernel`` ("fwd", "bwd_dq", "bwd_dkdv") for a device, head dim, dtype."""
-    arch = arch_of(device)
-    if arch is None:
-        return INTERPRETER_CONFIG
-    table = FP32_CONFIGS if dtype == torch.float32 else CONFIGS
+def small_tiles(max_tile: int | None) -> bool:
+    """Whether a batch whose largest tile holds ``max_tile`` tokens runs the SMALL_TILE_CONFIGS (None or 0:
+    unknown, the general tables). Only speed depends on it: the work lists cover any tile sizes."""
+    return max_tile is not None and 0 < max_tile <= SMALL_TILE
+
+
+def table_config(kernel: str, arch: int, head_dim: int, dtype: str, max_tile: int | None = None) -> Config:
+    """The tile configuration of ``kernel`` ("fwd", "bwd_dq", "bwd_dkdv") for a device architecture
+    (``attention.configs.arch_of``: 90, 80, 86), head dim, dtype ("fp16", "bf16", "fp32") and largest
+    tile (``max_tile`` tokens): the row blocks of fp16 / bf16 follow the tile size (``small_tiles``)."""
+    if kernel not in CONFIGS:
+        raise ValueError(f"kernel must be one of {sorted(CONFIGS)}, got {kernel!r}")
+    if arch not in ARCH_TABLE:
+        raise ValueError(f"arch must be one of {sorted(ARCH_TABLE)}, got {arch!r}")
+    if dtype == "fp32":
+        table = FP32_CONFIGS
+    else:
+        table = SMALL_TILE_CONFIGS if small_tiles(max_tile) else CONFIGS
     return table[kernel][ARCH_TABLE[arch]][max(64, block_d_of(head_dim))]
 
 
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def select_config(kernel: str, device: torch.device, head_dim: int, dtype: torch.dtype,
+                  max_tile: int | None = None) -> Config:
+    """The tile configuration of ``kernel`` ("fwd", "bwd_dq", "bwd_dkdv") for a device, head dim, dtype and
+    largest tile (:func:`table_config`); the interpreter's small tiles on CPU tensors."""
+    arch = arch_of(device)
+    if arch is None:
+        return INTERPRETER_CONFIG
+    return table_config(kernel, arch, head_dim, _DTYPE_NAMES[dtype], max_tile)
+
+
+def flat_loop(max_tile: int | None, config: Config) -> bool:
+    """Whether the forward and dq kernels walk their key tiles in one flat loop of key blocks: every tile
+    holds at most config.block_n tokens (``max_tile`` bounds them; vdit.ops derives it from the grids)."""
+    return max_tile is not None and 0 < max_tile <= config.block_n
+
+
+# max_tile values on both sides of every block size and of SMALL_TILE: each (config, flat loop) pair a
+# launcher can pick shows up for one of them.
+_PROBE_TILES = (None, 1, 16, 17, 32, 33, 64, 65, 128, 129)
+
+
 def shipped(kernel: str):
-    """Every (archs, head_dim, dtype, config) of ``kernel`` the launchers can pick, for its ahead-of-time
-    specs, plus the padded head dim at its fp16 sm_90 entry."""
+    """Every (archs, head_dim, dtype, config, flat) of ``kernel`` the launchers can pick (``flat``: the
+    forward's and dq's flat key loop, always False for dk / dv), for its ahead-of-time specs, plus the
+    padded head dim at its fp16 sm_90 entries."""
     for table_arch, archs in SHIPPED_ARCHS.items():
         for head_dim in SHIPPED_HEAD_DIMS:
             for dtype in ("fp16", "bf16", "fp32"):
-                table = FP32_CONFIGS if dtype == "fp32" else CONFIGS
-                yield archs, head_dim, dtype, table[kernel][table_arch][head_dim]
-    yield SHIPPED_ARCHS[90], PADDED_HEAD_DIM, "fp16", CONFIGS[kernel][90][block_d_of(PADDED_HEAD_DIM)]
+                for cfg, flat in _distinct(table_arch, head_dim, dtype, kernel):
+                    yield archs, head_dim, dtype, cfg, flat
+    for cfg, flat in _distinct(90, PADDED_HEAD_DIM, "fp16", kernel):
+        yield SHIPPED_ARCHS[90], PADDED_HEAD_DIM, "fp16", cfg, flat
+
+
+def _distinct(arch: int, head_dim: int, dtype: str, kernel: str) -> list[tuple[Config, bool]]:
+    """The (configuration, flat loop) pairs ``table_config`` and ``flat_loop`` pick for any tile size."""
+    pairs = []
+    for max_tile in _PROBE_TILES:
+        cfg = table_config(kernel, arch, head_dim, dtype, max_tile)
+        pair = (cfg, kernel != "bwd_dkdv" and flat_loop(max_tile, cfg))
+        if pair not in pairs:
+            pairs.append(pair)
+    return pairs

@@ -18,6 +18,12 @@ import triton.language as tl
 from vdit._cache import TensorCache
 from vdit.kernels.triton.attention.scheduler import sorted_work_list
 
+# The int arguments of the kernels that change with the packing of a batch (its token count, tile count, list
+# lengths and strides): Triton would otherwise specialize each on == 1 and % 16 == 0 and compile a new
+# variant mid-run when a batch of another shape arrives. Head counts are the model's and stay specialized.
+# (A name a kernel does not take is ignored by triton.jit.)
+PACKING_ARGS = ("total", "num_tiles", "list_len", "list_stride_t", "list_stride_h")
+
 
 @triton.jit
 def tile_span(OFFSETS, tile, valid):
@@ -71,9 +77,36 @@ def work_items(tile_offsets: torch.Tensor, lists: torch.Tensor, total: int, bloc
 # A model calls attention with the same tiles in every layer and sampling step: build each list once per
 # (tile_offsets, lists) tensors and versions, block size and divisor.
 _WORK = TensorCache(size=32)
+_LISTS = TensorCache(size=32)
 
 
 def cached_work_items(tile_offsets, lists, total, block_rows, entries_per_tile=1) -> torch.Tensor:
     """:func:`work_items`, cached per (tile_offsets, lists) tensor objects and versions (vdit._cache)."""
     return _WORK.get((tile_offsets, lists), (total, block_rows, entries_per_tile),
                      lambda: work_items(tile_offsets, lists, total, block_rows, entries_per_tile))
+
+
+def compact_lists(kv_tiles: torch.Tensor, num_tiles: int) -> torch.Tensor:
+    """The key-tile lists as the forward and dq kernels walk them: per row its count of used entries, then
+    those entries in their order, then -1 (never read). A row is walked in ``count`` steps whatever its
+    unused slots were, and the walk is one loop the compiler can pipeline (no per-slot test).
+
+    Args:
+        kv_tiles: int (num_tiles, Hq or 1, K) key tiles per query tile and head, unused slots -1 (anything
+            outside [0, num_tiles) is unused). A stride-0 head dim (one expanded list) stays one list.
+        num_tiles: the number of tiles.
+    Returns:
+        int32 (num_tiles, 1 or Hq, 1 + K) contiguous, on kv_tiles' device (no host synchronisation).
+    """
+    if kv_tiles.shape[1] > 1 and kv_tiles.stride(1) == 0:
+        kv_tiles = kv_tiles[:, :1]
+    used = (kv_tiles >= 0) & (kv_tiles < num_tiles)
+    order = torch.argsort((~used).to(torch.int8), dim=-1, stable=True)  # used entries first, in order
+    entries = torch.where(used, kv_tiles, -1).gather(-1, order)
+    count = used.sum(-1, keepdim=True)
+    return torch.cat([count, entries], dim=-1).to(torch.int32).contiguous()
+
+
+def cached_compact_lists(kv_tiles: torch.Tensor, num_tiles: int) -> torch.Tensor:
+    """:func:`compact_lists`, cached per kv_tiles tensor object and version (vdit._cache)."""
+    return _LISTS.get((kv_tiles,), num_tiles, lambda: compact_lists(kv_tiles, num_tiles))
