@@ -25,7 +25,6 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from vdit.ops import patch_embed_3d, patch_embed_3d_varlen, patch_unembed_3d, reference
 
@@ -61,7 +60,7 @@ def _conv(conv, x):
     return conv(x).flatten(2).transpose(1, 2)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_reference():
     return torch.compile(reference.patch_embed_3d, dynamic=False)
 

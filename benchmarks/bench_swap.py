@@ -21,10 +21,9 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+from benchmarks.common import quick  # noqa: E402
 from vdit.ops import plan  # noqa: E402
 from vdit.swap import swap, unswap  # noqa: E402
-
-from benchmarks.common import quick  # noqa: E402
 
 LAYERS = 1 if quick() else 2
 LATENT = (1, 16, 3, 30, 52)

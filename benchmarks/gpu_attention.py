@@ -20,8 +20,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from vdit.ops import plan
-from vdit.ops import varlen_attention
+from vdit.ops import plan, varlen_attention
 
 VIDEO_LENGTHS = [30 * 45 * 80 // 4, 21 * 30 * 52, 16 * 30 * 40, 9 * 24 * 32, 5 * 16 * 24]  # latent grids, patch 1x2x2
 CANDIDATES = ("triton", "torch-varlen", "flash-attn", "sdpa-loop")

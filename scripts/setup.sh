@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # (pip's notes about unused local package indexes are filtered out of the log)
 .venv/bin/pip install -q "setuptools>=64" wheel ninja pybind11 torch triton numpy safetensors tqdm \
-    pillow imageio imageio-ffmpeg matplotlib diffusers transformers peft pytest pytest-benchmark hypothesis 2>&1 | { grep -v "^WARNING: Location" || true; }
+    pillow imageio imageio-ffmpeg matplotlib diffusers transformers peft pytest pytest-benchmark hypothesis ruff 2>&1 | { grep -v "^WARNING: Location" || true; }
 mkdir -p build
 echo "[setup] building vdit (log: build/pip-install.log)"
 if ! .venv/bin/pip install -v --no-build-isolation -e . > build/pip-install.log 2>&1; then

@@ -13,7 +13,6 @@ if not os.path.exists("/dev/nvidiactl"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import vdit  # noqa: E402
 from vdit._memory import poison_outputs  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()

@@ -5,11 +5,13 @@ text-to-video application built on the library; the library never imports it.
 """
 import torch  # noqa: F401  (loads libtorch before the extension)
 
+from vdit import (
+           ops,
+           swap,  # noqa: E402  (callable package: vdit.swap(model) == vdit.swap.swap(model))
+)
 from vdit._extension import build_info
 from vdit.backends import BACKENDS, BackendUnavailableError, use_backend
-from vdit import ops
 from vdit.ops import SparsePattern, plan
-from vdit import swap  # noqa: E402  (callable package: vdit.swap(model) == vdit.swap.swap(model))
 from vdit.swap import SwapReport, unswap  # noqa: E402
 
 __version__ = "0.1.0"

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import os
 
-
 # vdit's own backends, then kernels vdit dispatches to but does not own (see vdit.kernels.external).
 # What each needs to be installed is its kernel family's business (vdit.ops._registry.Family).
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton", "torch-varlen", "flash-attn")

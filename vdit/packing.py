@@ -47,7 +47,7 @@ class PackedVideos:
     def lengths(self) -> list[int]:
         return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
 
-    def to_tile_order(self, tile) -> "PackedVideos":
+    def to_tile_order(self, tile) -> PackedVideos:
         """The same batch with each video's tokens (and positions, which travel with them) in tile order
         for ``tile`` (tt, th, tw); differentiable in ``tokens`` (a gather)."""
         batch = self.to_raster_order()
@@ -55,7 +55,7 @@ class PackedVideos:
         return dataclasses.replace(batch, tokens=batch.tokens[perm], positions=batch.positions[perm],
                                    tile=tuple(int(t) for t in tile))
 
-    def to_raster_order(self) -> "PackedVideos":
+    def to_raster_order(self) -> PackedVideos:
         """The same batch with each video's tokens in raster order again (itself if it already is)."""
         if self.tile is None:
             return self

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import reordered_sum_tolerance
 from vdit.demo import growth
 from vdit.demo.checkpoint import load_tensors
 from vdit.demo.cli import train
@@ -18,8 +19,6 @@ from vdit.demo.data import vocabulary
 from vdit.demo.pipeline import TextEncoderConfig, TextToVideo
 from vdit.models import VideoDiTConfig
 from vdit.ops import SparsePattern
-
-from tests.conftest import reordered_sum_tolerance
 
 TINY_TRAIN = ["--hidden-size", "48", "--depth", "1", "--heads", "2", "--patch-size", "1x4x4", "--tokens-per-batch", "48", "--save-every", "2",
               "--warmup", "1", "--device", "cpu"]
@@ -290,8 +289,8 @@ def test_sequence_parallel_generation_matches_one_process(tmp_path):
     for f in frames:  # the PNGs hold 8-bit pixels: equal unless an fp32 rounding crosses a level
         a, b = (tmp_path / "one" / f).read_bytes(), (tmp_path / "two" / f).read_bytes()
         if a != b:
-            from PIL import Image
             import numpy as np
+            from PIL import Image
 
             diff = np.abs(np.asarray(Image.open(tmp_path / "one" / f), dtype=int) - np.asarray(Image.open(tmp_path / "two" / f), dtype=int))
             assert diff.max() <= 1, diff.max()

@@ -2,7 +2,7 @@
 (vdit/demo/evaluation.py) and its CLI (vdit/demo/cli/eval.py)."""
 import torch
 
-from vdit.demo.data import COLORS, HELD_OUT, MOTIONS, ShapesDataset, VideoSpec, ObjectSpec, render, vocabulary
+from vdit.demo.data import COLORS, HELD_OUT, MOTIONS, ObjectSpec, ShapesDataset, VideoSpec, render, vocabulary
 from vdit.demo.evaluation import classify_colour, classify_motion, foreground_masks, held_out_prompts
 from vdit.demo.text import WordTokenizer
 

@@ -15,8 +15,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vdit.distributed import (PlacementError, build_mesh, check_placement, gather_packed, sequence_parallel_attention,
-                              shard_bounds, shard_packed, shard_range)
+from vdit.distributed import (
+    PlacementError,
+    build_mesh,
+    check_placement,
+    gather_packed,
+    sequence_parallel_attention,
+    shard_bounds,
+    shard_packed,
+    shard_range,
+)
 from vdit.ops import reference
 
 LENGTHS = [5, 1, 0, 13, 2, 1]  # 22 tokens: ranges cut through sequences, some ranks see no token of some

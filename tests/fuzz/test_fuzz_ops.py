@@ -11,9 +11,9 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import vdit.ops as V
+from tests.conftest import assert_close, backends_of, cu_seqlens_of
 from vdit.ops import reference as R
 from vdit.ops.tiles import lists_with_global_tiles, sliding_window_tiles, tile_layout, to_global, with_global_tiles
-from tests.conftest import TOLERANCES, assert_close, backends_of, cu_seqlens_of
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 

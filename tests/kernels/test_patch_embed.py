@@ -5,9 +5,9 @@ tests/ops/test_patch_embed.py."""
 import pytest
 import torch
 
-from vdit.ops import patch_embed_3d, patch_unembed_3d, reference
 from tests.conftest import backends_of
 from tests.ops.test_patch_embed import as_leaf, as_leaf64, close, dtypes_of, make_embed  # the op tests' helpers
+from vdit.ops import patch_embed_3d, patch_unembed_3d, reference
 
 
 @pytest.mark.parametrize("backend,device", backends_of("patch_embed_3d"))

@@ -3,8 +3,8 @@ rotated in place (GPU only). The op contract is tested in tests/ops/test_rope.py
 import pytest
 import torch
 
-from vdit.ops import reference, rope_3d_qk
 from tests.conftest import assert_close, backends_of
+from vdit.ops import reference, rope_3d_qk
 
 
 @pytest.mark.cuda

@@ -30,6 +30,7 @@ else:
 pytestmark = pytest.mark.skipif(S is None, reason="could not import 'triton'")
 
 from tests.kernels.test_attention import DEVICE, DTYPES, GRAD_SCALE  # the dense kernel tests' dtypes and tolerances
+
 # A batch that covers the edge cases: grids not divisible by the tile (5, 6, 7), a 1-frame video, a larger one.
 GRIDS = [[5, 6, 7], [1, 4, 4], [4, 8, 8]]
 

@@ -6,14 +6,13 @@ import pytest
 import torch
 
 import vdit
+from tests.conftest import reordered_sum_tolerance
 from vdit.demo.checkpoint import CheckpointError
 from vdit.demo.data import vocabulary
 from vdit.demo.pipeline import TextEncoderConfig, TextToVideo, generate
 from vdit.models import VideoDiT, VideoDiTConfig
 from vdit.sampling import FlowSampler
 from vdit.training import flow_matching_loss
-
-from tests.conftest import reordered_sum_tolerance
 
 
 def tiny_model(**overrides) -> VideoDiT:

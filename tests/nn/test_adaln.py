@@ -3,9 +3,9 @@ into chunks, and the chunks feeding the fused adaln_modulate / gated_residual op
 reaching the projection. The ops themselves are tested in tests/ops/test_adaln.py."""
 import torch
 
+from tests.conftest import assert_close, cu_seqlens_of
 from vdit.nn import AdaLNModulation
 from vdit.ops import adaln_modulate, gated_residual, reference
-from tests.conftest import assert_close, cu_seqlens_of
 
 
 def test_adaln_modulation_module():

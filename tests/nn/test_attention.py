@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import assert_close, cu_seqlens_of
 from vdit.nn import RotaryEmbedding3d, VarlenCrossAttention, VarlenSelfAttention
 from vdit.ops import reference
 from vdit.packing import grid_positions
-from tests.conftest import assert_close, cu_seqlens_of
 
 LENGTHS = [5, 1, 23, 12]
 

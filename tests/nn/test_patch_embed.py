@@ -3,9 +3,9 @@ Conv3d / Linear state dicts, and training end to end. The ops are tested in test
 import pytest
 import torch
 
+from tests.ops.test_patch_embed import close  # the op tests' magnitude-scaled tolerance
 from vdit.nn import PatchEmbed3d, PatchUnembed3d
 from vdit.ops import reference
-from tests.ops.test_patch_embed import close  # the op tests' magnitude-scaled tolerance
 
 
 def test_from_conv3d_reproduces_conv3d():

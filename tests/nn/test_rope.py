@@ -5,10 +5,10 @@ tests/ops/test_rope.py."""
 import pytest
 import torch
 
+from tests.conftest import assert_close, backends_of
 from vdit.nn import RotaryEmbedding3d
 from vdit.nn.rope import PRESETS
 from vdit.packing import dense_positions, grid_positions
-from tests.conftest import assert_close, backends_of
 
 
 def _axis_freqs(d, theta):

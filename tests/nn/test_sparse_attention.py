@@ -6,11 +6,10 @@ import json
 import pytest
 import torch
 
+from tests.conftest import reordered_sum_tolerance
 from vdit.nn import RotaryEmbedding3d, TileSparseAttention, VarlenSelfAttention
 from vdit.ops import SparsePattern
 from vdit.packing import cu_seqlens_from_lengths, grid_positions, tile_permutation
-
-from tests.conftest import reordered_sum_tolerance
 
 GRIDS = torch.tensor([[3, 4, 6], [1, 4, 4]], dtype=torch.int32)
 TILE = (1, 2, 2)

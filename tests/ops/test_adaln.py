@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import vdit
-from vdit.ops import adaln_modulate, gated_residual, reference
 from tests.conftest import HAS_GPU, TOLERANCES, assert_close, backends_of, cu_seqlens_of, ragged_lengths
+from vdit.ops import adaln_modulate, gated_residual, reference
 
 # Backends that take CPU tensors as built: the reference and the CPU kernels (no interpreter).
 CPU_BACKENDS = backends_of("adaln_modulate", reference=True, device="cpu", interpreted=False, with_device=False)

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import vdit
-from vdit.ops import plan, reference, varlen_attention
-from vdit.ops import attention as attention_ops
-from vdit.ops.attention import varlen_attention_backward
 from tests.conftest import HAS_GPU, assert_close, backends_of, cu_seqlens_of
+from vdit.ops import attention as attention_ops
+from vdit.ops import plan, reference, varlen_attention
+from vdit.ops.attention import varlen_attention_backward
 
 # Backends that take CPU tensors as built: the reference and the CPU kernels (no interpreter).
 CPU_BACKENDS = backends_of("varlen_attention", reference=True, device="cpu", interpreted=False, with_device=False)

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import vdit
-from vdit.ops import patch_embed_3d, patch_embed_3d_varlen, patch_unembed_3d, patch_unembed_3d_varlen, reference
 from tests.conftest import TOLERANCES, backends_of
+from vdit.ops import patch_embed_3d, patch_embed_3d_varlen, patch_unembed_3d, patch_unembed_3d_varlen, reference
 
 # (B, C, T, H, W), patch, D: odd channel counts, D not a multiple of any tile, T = 1 images,
 # odd token-grid sizes and the latent shape class of real models (C = 16, patch (1, 2, 2)).

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import vdit
-from vdit.ops import patchify_3d, reference, unpatchify_3d
 from tests.conftest import backends_of
+from vdit.ops import patchify_3d, reference, unpatchify_3d
 
 # Backends that take CPU tensors as built: the reference and the CPU kernels (no interpreter).
 CPU_BACKENDS = backends_of("patchify_3d", reference=True, device="cpu", interpreted=False, with_device=False)

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vdit.ops import reference as R
 from tests.conftest import cu_seqlens_of, ragged_lengths
+from vdit.ops import reference as R
 
 
 def test_patchify_matches_elementwise_definition():

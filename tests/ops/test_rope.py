@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import vdit
+from tests.conftest import assert_close, backends_of
 from vdit.ops import reference, rope_3d, rope_3d_qk
 from vdit.packing import grid_positions
-from tests.conftest import assert_close, backends_of
 
 # Backends that take CPU tensors as built: the reference and the CPU kernels (no interpreter).
 CPU_BACKENDS = backends_of("rope_3d", reference=True, device="cpu", interpreted=False, with_device=False)

@@ -10,10 +10,10 @@ window rule, applied to dense attention."""
 import pytest
 import torch
 
+from tests.conftest import assert_close, backends_of
 from vdit.ops import block_sparse_attention, reference, sliding_tile_attention, topk_tiles, varlen_attention
 from vdit.ops.tiles import tile_layout
 from vdit.packing import PackedVideos, cu_seqlens_from_lengths, grid_positions, tile_permutation
-from tests.conftest import assert_close, backends_of
 
 GRIDS = [[5, 6, 7], [1, 4, 4], [4, 8, 8]]  # not divisible by the tile; a 1-frame image
 TILE = (2, 4, 4)

@@ -9,8 +9,12 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from diffusers import (CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel,  # noqa: E402
-                       LTXVideoTransformer3DModel, WanTransformer3DModel)
+from diffusers import (  # noqa: E402
+    CogVideoXTransformer3DModel,
+    HunyuanVideoTransformer3DModel,
+    LTXVideoTransformer3DModel,
+    WanTransformer3DModel,
+)
 from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
 
 from vdit.swap import swap, unswap  # noqa: E402

@@ -12,7 +12,6 @@ import torch
 pytest.importorskip("diffusers")
 
 from tests.swap.test_diffusers import cogvideox, hunyuan, ltx, wan  # noqa: E402  (models and inputs)
-
 from vdit.swap import swap, unswap  # noqa: E402
 
 MODELS = {"wan": (wan, (3, 8, 6)), "cogvideox": (cogvideox, (3, 8, 6)), "hunyuan": (hunyuan, (3, 8, 6)),

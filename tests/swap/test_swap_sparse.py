@@ -15,7 +15,6 @@ import torch.nn.functional as F
 pytest.importorskip("diffusers")
 
 from tests.swap.test_diffusers import hunyuan, wan  # noqa: E402  (the models and inputs of the dense swap tests)
-
 from vdit.ops.sparse_pattern import SparsePattern, load_windows  # noqa: E402
 from vdit.swap import swap, unswap  # noqa: E402
 from vdit.swap.sparse import SparseRouting, sparse_sdpa  # noqa: E402

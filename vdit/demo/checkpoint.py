@@ -148,8 +148,7 @@ def save_sharded(out: str, model, ema: torch.nn.Module, opt: torch.optim.Optimiz
 
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     folder = f"{SHARDED_PREFIX}{step}"
     dcp.save({"model": get_model_state_dict(model), "ema": get_model_state_dict(ema),
@@ -184,8 +183,12 @@ def load_sharded(out: str, model, ema: torch.nn.Module, opt: torch.optim.Optimiz
     """Load :func:`save_sharded`'s model, EMA and optimizer state into the (already sharded) ``model``,
     ``ema`` and ``opt``, resharding to this world size; returns (step, data_index)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     meta = sharded_state(out)
     if meta is None:

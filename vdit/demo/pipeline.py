@@ -8,8 +8,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from vdit.demo.checkpoint import (CheckpointError, dataclass_from_dict, load_into, load_tensors, read_json,
-                                  save_tensors, write_json)
+from vdit.demo.checkpoint import (
+    CheckpointError,
+    dataclass_from_dict,
+    load_into,
+    load_tensors,
+    read_json,
+    save_tensors,
+    write_json,
+)
 from vdit.demo.text import TextEncoder, WordTokenizer
 from vdit.models import VideoDiT, VideoDiTConfig
 
@@ -82,7 +89,7 @@ class TextToVideo(nn.Module):
         save_tensors(os.path.join(directory, weights_name or self.WEIGHTS_FILE), state_dict or self.state_dict(), dtype)
 
     @classmethod
-    def from_config(cls, config: dict, source: str = "config") -> "TextToVideo":
+    def from_config(cls, config: dict, source: str = "config") -> TextToVideo:
         """A freshly initialized model of ``config`` (a :meth:`config_dict`); bad configs raise CheckpointError
         naming ``source``."""
         unknown = sorted(set(config) - {"dit", "text_encoder", "vocabulary", "sampling_shift"})
@@ -98,7 +105,7 @@ class TextToVideo(nn.Module):
             raise CheckpointError(f"{source}: invalid configuration: {exc}") from None
 
     @classmethod
-    def load(cls, weights: str, config: str | None = None, *, device="cpu") -> "TextToVideo":
+    def load(cls, weights: str, config: str | None = None, *, device="cpu") -> TextToVideo:
         """Load from a safetensors file and its JSON config (default: config.json beside the weights)."""
         config = config or os.path.join(os.path.dirname(weights), cls.CONFIG_FILE)
         tensors = load_tensors(weights)

@@ -8,8 +8,7 @@ import torch.distributed as dist
 
 from vdit._cache import TensorCache
 from vdit.distributed.ring import BatchPlan, RingAttention
-from vdit.distributed.sharding import (check_consistent, check_shard_sizes, replicated, shard_bounds, shard_sizes,
-                                       world)
+from vdit.distributed.sharding import check_consistent, check_shard_sizes, replicated, shard_bounds, shard_sizes, world
 from vdit.distributed.ulysses import HeadsToTokens, TokensToHeads, head_chunk
 from vdit.ops import varlen_attention
 

@@ -67,7 +67,7 @@ def _tensors(value) -> Iterator[torch.Tensor]:
 
 
 class _Mode(TorchFunctionMode):
-    def __init__(self, checker: "PlacementChecker"):
+    def __init__(self, checker: PlacementChecker):
         super().__init__()
         self.checker = checker
 

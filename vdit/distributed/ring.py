@@ -26,8 +26,8 @@ import torch.distributed as dist
 from vdit.distributed.sharding import range_lengths, range_offsets, world
 from vdit.distributed.stats import record
 from vdit.ops import varlen_attention
-from vdit.ops.attention import varlen_attention_backward
 from vdit.ops._shared import compute_dtype
+from vdit.ops.attention import varlen_attention_backward
 
 
 class Step(NamedTuple):

@@ -39,7 +39,7 @@ def missing_keywords(fn, keywords) -> list[str]:
     return [k for k in keywords if k not in parameters]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def torch_varlen_missing() -> str | None:
     """Why ``torch.nn.attention.varlen.varlen_attn`` cannot be used, or None."""
     if torch.version.cuda is None:
@@ -54,7 +54,7 @@ def torch_varlen_missing() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def flash_attn_version() -> int | None:
     """3 when FlashAttention-3 (``flash_attn_interface``) imports, 2 for ``flash_attn``, else None. A build
     whose ``flash_attn_varlen_func`` lacks a keyword vdit passes counts as not installed
@@ -74,7 +74,7 @@ def flash_attn_missing() -> str | None:
     return "; ".join(found) if found else "not installed (pip install flash-attn)"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _flash_attn_module_missing(module: str) -> str | None:
     if importlib.util.find_spec(module) is None:
         return f"{module} not installed"

@@ -16,8 +16,15 @@ import torch
 from torch import nn
 
 from vdit.distributed import SequenceParallel, gather_packed, local_offsets, shard_bounds, shard_packed
-from vdit.nn import (AdaLNModulation, PatchEmbed3d, PatchUnembed3d, RotaryEmbedding3d, TileSparseAttention,
-                     VarlenCrossAttention, VarlenSelfAttention)
+from vdit.nn import (
+    AdaLNModulation,
+    PatchEmbed3d,
+    PatchUnembed3d,
+    RotaryEmbedding3d,
+    TileSparseAttention,
+    VarlenCrossAttention,
+    VarlenSelfAttention,
+)
 from vdit.ops import SparsePattern, adaln_modulate, gated_residual
 from vdit.ops.sparse_pattern import MODES
 from vdit.packing import grid_fractions, grid_positions, segment_ids, tile_permutation
@@ -87,7 +94,7 @@ class VideoDiTConfig:
         return self.hidden_size // self.heads
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "VideoDiTConfig":
+    def preset(cls, name: str, **overrides) -> VideoDiTConfig:
         """``tiny`` (tests), ``small`` (CPU benchmarks, demo size class) or ``xl`` (~1.0B parameters, the
         size class of Open-Sora / Latte XL, for GPU benchmarks), on 16-channel latents for small/xl."""
         presets = {
@@ -273,7 +280,7 @@ class VideoDiT(nn.Module):
         nn.init.zeros_(self.unembed.bias)
         self.activation_checkpointing = False  # see enable_activation_checkpointing
 
-    def enable_activation_checkpointing(self, enabled: bool = True) -> "VideoDiT":
+    def enable_activation_checkpointing(self, enabled: bool = True) -> VideoDiT:
         """Keep only each block's inputs in the forward and recompute the block in the backward (memory for
         time: activations of one block instead of all); outputs and gradients are unchanged. Returns self."""
         self.activation_checkpointing = bool(enabled)

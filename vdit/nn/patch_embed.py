@@ -52,7 +52,7 @@ class PatchEmbed3d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_conv3d(cls, conv: nn.Conv3d) -> "PatchEmbed3d":
+    def from_conv3d(cls, conv: nn.Conv3d) -> PatchEmbed3d:
         """A PatchEmbed3d sharing ``conv``'s parameters; needs kernel_size == stride, no padding/dilation/groups."""
         reason = patch_conv_reason(conv, allow_pointwise=True)
         if reason is not None:

@@ -40,7 +40,7 @@ class RotaryEmbedding3d(nn.Module):
     # ---- model presets --------------------------------------------------------------------------
 
     @classmethod
-    def hunyuan_video(cls, head_dim: int = 128) -> "RotaryEmbedding3d":
+    def hunyuan_video(cls, head_dim: int = 128) -> RotaryEmbedding3d:
         """HunyuanVideo: axis channels (16, 56, 56), theta 256, interleaved pairs.
 
         HunyuanVideo's QK-norm is a per-head RMSNorm with weights, so pass its weights to ``forward``
@@ -49,7 +49,7 @@ class RotaryEmbedding3d(nn.Module):
         return cls(head_dim, (16, 56, 56), theta=256.0, interleaved=True)
 
     @classmethod
-    def wan(cls, head_dim: int = 128) -> "RotaryEmbedding3d":
+    def wan(cls, head_dim: int = 128) -> RotaryEmbedding3d:
         """Wan 2.x: h and w get 2 * (head_dim // 6) channels each, t the rest (128 -> (44, 42, 42)),
         theta 10000, interleaved pairs.
 
@@ -60,7 +60,7 @@ class RotaryEmbedding3d(nn.Module):
         return cls(head_dim, (head_dim - 2 * hw, hw, hw), theta=10000.0, interleaved=True)
 
     @classmethod
-    def cogvideox(cls, head_dim: int = 64) -> "RotaryEmbedding3d":
+    def cogvideox(cls, head_dim: int = 64) -> RotaryEmbedding3d:
         """CogVideoX: t gets head_dim // 4 channels, h and w 3 * head_dim // 8 each (64 -> (16, 24, 24)),
         theta 10000, interleaved pairs.
 

@@ -41,7 +41,7 @@ import torch
 from vdit import backends
 from vdit._extension import HAS_CPU_KERNELS, HAS_CUDA_KERNELS, HAS_TRITON, LOAD_ERROR
 from vdit.backends import BackendUnavailableError
-from vdit.kernels import MAX_GPU_HEAD_DIM, schemas
+from vdit.kernels import schemas
 
 ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GPU_FLOATS = (torch.float16, torch.bfloat16, torch.float32)  # Triton has no float64 tl.dot
@@ -71,7 +71,7 @@ class Call:
         return _device_capability(self.device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_capability(device: torch.device) -> tuple[int, int] | None:
     if device.type != "cuda" or not torch.cuda.is_available():
         return None

@@ -33,8 +33,15 @@ from vdit._cache import TensorCache
 from vdit.ops import _registry, reference
 from vdit.ops._registry import ALL_FLOATS, GPU_FLOATS, MAX_GPU_HEAD_DIM, TRITON, Kernel
 from vdit.ops._validation import check_cu_seqlens, check_qkv, check_softmax_scale, check_triple
-from vdit.ops.tiles import (TileLayout, lists_with_global_tiles, query_lists, sliding_window_tiles, tile_layout,
-                             to_global, with_global_tiles)
+from vdit.ops.tiles import (
+    TileLayout,
+    lists_with_global_tiles,
+    query_lists,
+    sliding_window_tiles,
+    tile_layout,
+    to_global,
+    with_global_tiles,
+)
 
 SPEC = _registry.declare(
     "block_sparse_attention",

@@ -126,7 +126,7 @@ class SparsePattern:
         object.__setattr__(self, "windows", windows)
 
     @classmethod
-    def of(cls, mode: str, tile: Sequence[int], window=None, topk: int | None = None) -> "SparsePattern":
+    def of(cls, mode: str, tile: Sequence[int], window=None, topk: int | None = None) -> SparsePattern:
         """A pattern from options that carry both a window and a top-k (a model config, CLI flags): each mode
         keeps its own and ignores the other's."""
         if mode == "sliding_tile":

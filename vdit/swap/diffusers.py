@@ -94,8 +94,11 @@ def _scope_apply_rotary_emb(state, tables: TableRope) -> None:
 
 def _wan_processor_class():
     from diffusers.models.attention_dispatch import dispatch_attention_fn
-    from diffusers.models.transformers.transformer_wan import (WanAttnProcessor, _get_added_kv_projections,
-                                                               _get_qkv_projections)
+    from diffusers.models.transformers.transformer_wan import (
+        WanAttnProcessor,
+        _get_added_kv_projections,
+        _get_qkv_projections,
+    )
 
     class VditWanAttnProcessor(WanAttnProcessor):
         """WanAttnProcessor with RoPE applied by :func:`vdit.ops.rope_3d_qk` (q and k in one call).
@@ -227,7 +230,7 @@ def _wan_block_forward(self, hidden_states, encoder_hidden_states, temb, rotary_
     return gated_residual(x, self.ffn(h).to(x.dtype), c_gate)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def vdit_wan_block_class(cls: type) -> type:
     """A subclass of the host's ``WanTransformerBlock`` class with :func:`_wan_block_forward`, under the same
     class name: swapped blocks keep their parameters, their state_dict and the name diffusers'

@@ -15,8 +15,16 @@ import torch
 
 from vdit.ops import adaln_modulate, gated_residual, rope_3d
 from vdit.packing import cu_seqlens_from_lengths
-from vdit.swap.packed_inputs import (PackedBatch, PackedHandler, PackedText, VideoTokens, embed_videos, run_blocks,
-                                     self_attention, unpatchify)
+from vdit.swap.packed_inputs import (
+    PackedBatch,
+    PackedHandler,
+    PackedText,
+    VideoTokens,
+    embed_videos,
+    run_blocks,
+    self_attention,
+    unpatchify,
+)
 
 
 def patch_size(model) -> tuple[int, int, int]:

@@ -13,8 +13,16 @@ from __future__ import annotations
 import torch
 
 from vdit.ops import adaln_modulate, gated_residual, rope_3d_qk
-from vdit.swap.packed_inputs import (PackedBatch, PackedHandler, VideoTokens, cross_attention, embed_videos,
-                                     run_blocks, self_attention, unpatchify)
+from vdit.swap.packed_inputs import (
+    PackedBatch,
+    PackedHandler,
+    VideoTokens,
+    cross_attention,
+    embed_videos,
+    run_blocks,
+    self_attention,
+    unpatchify,
+)
 
 THETA = 10000.0  # WanRotaryPosEmbed's default frequency base (the swap's RoPE reads the same)
 

@@ -6,8 +6,6 @@ tokens. The host's usual ``.flatten(2).transpose(1, 2)`` then gives back the con
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,7 +30,7 @@ class ConvPatchEmbed(PatchEmbed3d):
     """
 
     @classmethod
-    def from_conv(cls, conv: nn.Module) -> "ConvPatchEmbed":
+    def from_conv(cls, conv: nn.Module) -> ConvPatchEmbed:
         reason = patch_conv_reason(conv)
         if reason:
             raise ValueError(f"not a patch-embedding convolution: {reason}")

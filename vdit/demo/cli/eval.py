@@ -23,9 +23,18 @@ import torch
 from vdit.demo.cli import common
 from vdit.demo.cli.common import parse_size
 from vdit.demo.data import HELD_OUT
+
 # The measurements live in vdit.demo.evaluation; the names stay importable from here (vdit.eval_demo too).
-from vdit.demo.evaluation import (classify_colour, classify_motion, evaluate, foreground_masks,  # noqa: F401
-                                  held_out_prompts, pooled, summary, temporal_consistency)
+from vdit.demo.evaluation import (  # noqa: F401
+    classify_colour,
+    classify_motion,
+    evaluate,
+    foreground_masks,
+    held_out_prompts,
+    pooled,
+    summary,
+    temporal_consistency,
+)
 from vdit.demo.growth import with_attention
 from vdit.demo.pipeline import DEFAULT_WEIGHTS, SHIPPED_WEIGHTS, TextToVideo
 

@@ -30,8 +30,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from vdit.demo.checkpoint import (has_checkpoint, load_sharded, read_json, resume_checkpoint, save_checkpoint,
-                                  save_sharded, sharded_state)
+from vdit.demo.checkpoint import (
+    has_checkpoint,
+    load_sharded,
+    read_json,
+    resume_checkpoint,
+    save_checkpoint,
+    save_sharded,
+    sharded_state,
+)
 from vdit.demo.cli import common
 from vdit.demo.cli.common import UsageError
 from vdit.demo.data import ShapesDataset, vocabulary

@@ -28,10 +28,20 @@ import torch
 from vdit._memory import new_output
 from vdit.kernels.triton._launch import aligned, pad_head_dim
 from vdit.kernels.triton.attention import backward, forward
-from vdit.kernels.triton.attention.configs import (AUTOTUNE_ENV, CONFIGS, FP32_CONFIGS, INTERPRETER_CONFIGS,
-                                                   MAX_HEAD_DIM, Config, block_d_of, candidate_configs,
-                                                   choose_config, precision_of, select_config,
-                                                   supports_head_dim)
+from vdit.kernels.triton.attention.configs import (
+    AUTOTUNE_ENV,
+    CONFIGS,
+    FP32_CONFIGS,
+    INTERPRETER_CONFIGS,
+    MAX_HEAD_DIM,
+    Config,
+    block_d_of,
+    candidate_configs,
+    choose_config,
+    precision_of,
+    select_config,
+    supports_head_dim,
+)
 from vdit.kernels.triton.attention.scheduler import cached_work_items, work_items
 
 # What only a GPU can verify (the static report quotes this; the static check covers compilation,

@@ -21,9 +21,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from vdit.kernels.triton.attention.common import (
+    LOG2E,
+    head_rows,
+    load_lse2,
+    load_rows,
+    mask_scores,
+    program_item,
+    query_tile,
+    visible_keys,
+)
 from vdit.kernels.triton.attention.configs import block_d_of, precision_of, shipped
-from vdit.kernels.triton.attention.common import (LOG2E, head_rows, load_lse2, load_rows, mask_scores, query_tile,
-                                                  program_item, visible_keys)
 
 
 @triton.jit

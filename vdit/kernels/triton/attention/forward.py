@@ -20,9 +20,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from vdit.kernels.triton.attention.common import (
+    LN2,
+    LOG2E,
+    head_rows,
+    load_rows,
+    mask_scores,
+    program_item,
+    query_tile,
+    visible_keys,
+)
 from vdit.kernels.triton.attention.configs import TMA_ARCH, block_d_of, ensure_allocator, precision_of, shipped, use_tma
-from vdit.kernels.triton.attention.common import (LN2, LOG2E, head_rows, load_rows, mask_scores, query_tile,
-                                                  program_item, visible_keys)
 
 
 @triton.jit

@@ -57,10 +57,20 @@ from vdit.kernels.triton._launch import aligned, pad_head_dim
 from vdit.kernels.triton.attention import backward as dense_backward
 from vdit.kernels.triton.attention.configs import MAX_HEAD_DIM, Config, block_d_of, supports_head_dim
 from vdit.kernels.triton.sparse_attention import backward, forward
-from vdit.kernels.triton.sparse_attention.configs import (CONFIGS, FP32_CONFIGS, INTERPRETER_CONFIG,
-                                                          SMALL_TILE_CONFIGS, flat_loop, select_config)
-from vdit.kernels.triton.sparse_attention.scheduler import (cached_compact_lists, cached_work_items, compact_lists,
-                                                            work_items)
+from vdit.kernels.triton.sparse_attention.configs import (
+    CONFIGS,
+    FP32_CONFIGS,
+    INTERPRETER_CONFIG,
+    SMALL_TILE_CONFIGS,
+    flat_loop,
+    select_config,
+)
+from vdit.kernels.triton.sparse_attention.scheduler import (
+    cached_compact_lists,
+    cached_work_items,
+    compact_lists,
+    work_items,
+)
 
 # What only a GPU can verify (the static report quotes this; the static check covers compilation,
 # registers, spills, shared memory and wgmma pipelining of every shipped configuration).
