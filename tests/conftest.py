@@ -13,6 +13,7 @@ if not os.path.exists("/dev/nvidiactl"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import vdit  # noqa: E402, F401  (loads the kernels after TRITON_INTERPRET is set)
 from vdit._memory import poison_outputs  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()

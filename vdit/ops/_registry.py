@@ -41,7 +41,7 @@ import torch
 from vdit import backends
 from vdit._extension import HAS_CPU_KERNELS, HAS_CUDA_KERNELS, HAS_TRITON, LOAD_ERROR
 from vdit.backends import BackendUnavailableError
-from vdit.kernels import schemas
+from vdit.kernels import MAX_GPU_HEAD_DIM, schemas  # noqa: F401  (MAX_GPU_HEAD_DIM: re-exported for the ops)
 
 ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GPU_FLOATS = (torch.float16, torch.bfloat16, torch.float32)  # Triton has no float64 tl.dot
