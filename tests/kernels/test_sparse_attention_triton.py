@@ -288,7 +288,7 @@ def test_flat_key_loop(dtype):
 
 
 def test_drains_inside_loops_are_counted_from_the_ttgir():
-    from vdit.kernels.triton.sparse_attention.cost_model import drains_in_loops, loops
+    from vdit.bench.sparse_cost_model import drains_in_loops, loops
 
     nested = """tt.func public @k() attributes {noinline = false} {
       %a = scf.for %i = %c0 to %n step %c1 iter_args(%x = %y) -> (i32) : i32 {
@@ -353,7 +353,7 @@ def test_every_small_tile_config_is_compiled_ahead_of_time():
 
 def test_useful_mma_rows_of_the_benchmark_videos():
     # One 33x45x80 video in 4x4x4 tiles: 2160 tiles, 118800 tokens, each tile one row block.
-    from vdit.kernels.triton.sparse_attention import cost_model as cm
+    from vdit.bench import sparse_cost_model as cm
     from vdit.kernels.triton.sparse_attention.configs import table_config
 
     sizes = cm.tile_sizes((33, 45, 80), (4, 4, 4))

@@ -7,7 +7,7 @@ configurations the launchers pick for 64-token tiles, compiled for sm_90 as the 
   nothing, and every 64-token-tile kernel has 64-row blocks.
 
 The compilation runs in a subprocess without TRITON_INTERPRET (the interpreter the other tests run under
-cannot compile); ``vdit.kernels.triton.sparse_attention.cost_model`` does the compiling and counting.
+cannot compile); ``vdit.bench.sparse_cost_model`` does the compiling and counting.
 """
 import json
 import os
@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 
 SCRIPT = """
 import json
-from vdit.kernels.triton.sparse_attention import cost_model
+from vdit.bench import sparse_cost_model as cost_model
 rows = {}
 for kernel in ("fwd", "bwd_dq"):
     figures = cost_model.figures((33, 45, 80), (4, 4, 4), kernel, 90, 128, "bf16", compile_kernels=True)

@@ -197,7 +197,7 @@ def tile_permutation(grids: torch.Tensor, tile: Sequence[int]) -> torch.Tensor:
     return _PERMUTATIONS.get((grids,), ("perm", tile), build)
 
 
-def _window_starts(n: int, w: int) -> torch.Tensor:
+def window_starts(n: int, w: int) -> torch.Tensor:
     """First visible tile of every query tile along an axis of n tiles, window w (centred, shifted inward)."""
     a = torch.arange(n)
     return torch.clamp(torch.clamp(a - (w - 1) // 2, min=0), max=max(n - w, 0))
@@ -218,7 +218,7 @@ def sliding_window_tiles(layout: TileLayout, window: torch.Tensor) -> torch.Tens
     for (na, nb, nc) in layout.tile_grids:
         heads = []
         for wa, wb, wc in windows:
-            sa, sb, sc = (_window_starts(n, w) for n, w in ((na, wa), (nb, wb), (nc, wc)))
+            sa, sb, sc = (window_starts(n, w) for n, w in ((na, wa), (nb, wb), (nc, wc)))
             ma, mb, mc = min(wa, na), min(wb, nb), min(wc, nc)
             ka = sa[:, None] + torch.arange(ma)  # (na, ma)
             kb = sb[:, None] + torch.arange(mb)

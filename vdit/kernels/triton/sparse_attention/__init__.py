@@ -10,7 +10,6 @@ Files, by role (as the dense ``attention`` package):
 * ``scheduler.py`` the (tile, row block) work list and the compacted key lists, built on the device, and
   the prologue that reads them.
 * ``configs.py``   tile configurations per (kernel, arch, head dim, dtype, tile size).
-* ``cost_model.py`` the static GPU cost model (useful MMA rows, key walk, CTAs per SM, drains in loops).
 
 The inner-loop steps are the dense attention's (``attention/forward.py``, ``attention/backward.py``) and
 the prologue helpers its ``common.py`` (``head_rows``, ``load_rows``, ``load_lse2``, ``query_tile``), so

@@ -9,7 +9,7 @@ kernels say about speed, without a GPU (docs/sparse-gpu-cost-model.md explains e
 * CTAs per SM, from the registers and shared memory of the compiled kernel (``aot.spec_resources``);
 * the pipeline drains (``ttg.async_wait`` with num = 0) inside the compiled forward's key loops (TTGIR).
 
-``python -m vdit.kernels.triton.sparse_attention.cost_model [--compile]`` prints them for the benchmark
+``python -m vdit.bench.sparse_cost_model [--compile]`` prints them for the benchmark
 cases, with the general (128-row) configurations before and the tile-sized ones after.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import math
 import re
 
 from vdit.kernels.triton.sparse_attention.configs import CONFIGS, flat_loop, table_config
+from vdit.ops.tiles import window_starts
 
 # (label, video grid (T, H, W) in tokens, tile (tt, th, tw)): the benchmark cases and the 33x45x80 video
 # whose edge tiles are partial on two axes.
@@ -52,10 +53,6 @@ def useful_row_fraction(sizes, block_rows: int) -> float:
     return sum(sizes) / (blocks * block_rows) if blocks else 1.0
 
 
-def _window_start(a: int, n: int, w: int) -> int:
-    return min(max(a - (w - 1) // 2, 0), max(n - w, 0))
-
-
 def key_walk(grid, tile, block_n: int, window=WINDOW) -> dict:
     """Mean per query (tile, head) of a sliding-tile window: list slots, key tiles, key blocks of ``block_n``
     rows, K / V tile loads (two per key block), and pipeline starts today (one per key tile) and with one
@@ -63,7 +60,7 @@ def key_walk(grid, tile, block_n: int, window=WINDOW) -> dict:
     axes = [axis_tiles(n, t) for n, t in zip(grid, tile)]
     counts = [len(a) for a in axes]
     widths = [min(w, n) for w, n in zip(window, counts)]
-    starts = [[_window_start(i, n, w) for i in range(n)] for n, w in zip(counts, widths)]
+    starts = [window_starts(n, w).tolist() for n, w in zip(counts, widths)]  # the op's own window rule
     # Along each axis, the key blocks a window covers are products of the tiles' sizes: sum over the window.
     per_axis = [[axes[d][s:s + widths[d]] for s in starts[d]] for d in range(3)]
     slots = math.prod(widths)
