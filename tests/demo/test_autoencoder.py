@@ -127,6 +127,8 @@ def test_resume_takes_the_same_steps(tmp_path):
     common = [*TINY_ARGS, "--save-every", "2", "--eval-every", "2"]
     assert trainer.main(["--out", straight, "--steps", "4", *common]) == 0
     assert trainer.main(["--out", resumed, "--steps", "2", *common]) == 0
+    with open(os.path.join(resumed, trainer.LOG_FILE), "a") as f:  # a step logged after the last checkpoint
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
     assert trainer.main(["--out", resumed, "--steps", "4", *common]) == 0
     a, b = _log(straight), _log(resumed)
     assert [r["step"] for r in a if "loss" in r] == [1, 2, 3, 4]

@@ -113,9 +113,9 @@ class ResBlock(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Pointwise conv to ``cout * st * 4`` channels (the blocks after it mix neighbours), then depth-to-spacetime: each latent position becomes 2 x 2 pixels
-    and, with ``temporal``, 2 frames, of which the very first is dropped (latent frame 0 decodes to 1 frame, the
-    image; 1 + k frames give 1 + 2k)."""
+    """Pointwise conv to ``cout * st * 4`` channels (the blocks after it mix neighbours), then depth-to-spacetime:
+    each position becomes 2 x 2 pixels and, with ``temporal``, 2 frames, of which the very first is dropped (latent
+    frame 0 decodes to 1 frame, the image; 1 + k frames give 1 + 2k)."""
 
     def __init__(self, cin: int, cout: int, temporal: bool):
         super().__init__()
@@ -251,9 +251,9 @@ class CausalVideoAutoencoder(nn.Module):
         path = os.path.join(directory, cls.CONFIG_FILE)
         try:
             config = dataclass_from_dict(AutoencoderConfig, read_json(path), path)
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, CheckpointError):
-                raise
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError) as exc:  # the values are wrong: AutoencoderConfig's own check
             raise CheckpointError(f"{path}: invalid autoencoder config: {exc}") from None
         model = cls(config)
         load_into(model, load_tensors(os.path.join(directory, cls.WEIGHTS_FILE)), "", cls.WEIGHTS_FILE)

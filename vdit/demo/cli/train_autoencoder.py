@@ -157,7 +157,8 @@ def start(args: argparse.Namespace, device: torch.device) -> TrainState:
     state = TrainState(model, opt, names)
     if resume:
         meta = read_json(os.path.join(args.out, STATE_FILE))
-        load_optimizer(opt, names, {k: v.to(device) for k, v in load_tensors(os.path.join(args.out, OPTIM_FILE)).items()})
+        optim = load_tensors(os.path.join(args.out, OPTIM_FILE))
+        load_optimizer(opt, names, {k: v.to(device) for k, v in optim.items()})
         state.step, state.data_index = meta["step"], meta["data_index"]
         print(f"{PROG}: resuming from {args.out} at step {state.step}", file=sys.stderr)
     return state
@@ -212,6 +213,18 @@ def evaluate(model: CausalVideoAutoencoder, videos: list[torch.Tensor], device: 
     return {"psnr": sum(scores) / len(scores), "psnr_image": sum(images) / len(images)}
 
 
+def trim_log(path: str, step: int) -> None:
+    """Drop the lines of the JSONL log ``path`` past ``step``: a run killed after its last checkpoint logged steps
+    that the resumed run takes again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
 def _log(path: str, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -222,6 +235,7 @@ def train(args: argparse.Namespace, state: TrainState, device: torch.device) -> 
     config = state.model.config
     dataset, held_out = training_dataset(args, config), held_out_videos(args, config)
     log = args.log_file or os.path.join(args.out, LOG_FILE)
+    trim_log(log, state.step)
     params = sum(p.numel() for p in state.model.parameters())
     print(f"{PROG}: {params / 1e6:.2f}M parameters, {config.temporal_stride}x{config.spatial_stride}x"
           f"{config.spatial_stride} compression to {config.latent_channels} channels, on {device}", file=sys.stderr)
