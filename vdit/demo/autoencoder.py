@@ -169,6 +169,14 @@ class Decoder(nn.Module):
         return self.net(z)
 
 
+def _sample(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """A draw of N(mean, exp(logvar)) with ``generator`` (same shapes), or ``mean`` when it is None."""
+    if generator is None:
+        return mean
+    eps = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean)
+    return mean + torch.exp(0.5 * logvar) * eps
+
+
 class CausalVideoAutoencoder(nn.Module):
     """The causal 3D autoencoder: :meth:`encode` videos to latents, :meth:`decode` latents to videos.
 
@@ -211,11 +219,7 @@ class CausalVideoAutoencoder(nn.Module):
         (3, T, H, W). The posterior mean; a sample of the posterior when ``generator`` is given."""
         if isinstance(video, (list, tuple)):
             return [self.encode(v[None] if torch.is_tensor(v) else v, generator)[0] for v in video]
-        mean, logvar = self.moments(video)
-        if generator is None:
-            return mean
-        eps = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean)
-        return mean + torch.exp(0.5 * logvar) * eps
+        return _sample(*self.moments(video), generator)
 
     def decode(self, latent):
         """Videos (B, 3, 1 + (t - 1) * temporal_stride, h * ss, w * ss) of ``latent`` (B, C_z, t, h, w), or a list
@@ -229,11 +233,7 @@ class CausalVideoAutoencoder(nn.Module):
         """Training pass: (reconstruction (B, 3, T, H, W), posterior mean, log-variance (B, C_z, t, h, w)); the
         decoder sees a posterior sample drawn with ``generator`` (the mean when None)."""
         mean, logvar = self.moments(video)
-        z = mean
-        if generator is not None:
-            eps = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean)
-            z = mean + torch.exp(0.5 * logvar) * eps
-        return self.decoder(z), mean, logvar
+        return self.decoder(_sample(mean, logvar, generator)), mean, logvar
 
     def config_dict(self) -> dict:
         return dataclasses.asdict(self.config)
