@@ -42,6 +42,8 @@ def test_list_of_sizes_codes_each_alone(model):
     assert [x.shape for x in model.decode(latents)] == [v.shape for v in videos]
     sampled = model.encode(videos[1][None], generator=torch.Generator().manual_seed(0))
     assert sampled.shape == latents[1][None].shape and not torch.equal(sampled, latents[1][None])
+    logvar = CausalVideoAutoencoder(TINY).moments(videos[1][None])[1]
+    assert -8 < logvar.mean().item() < -4  # a new encoder starts nearly deterministic (LOGVAR_INIT)
 
 
 def test_causal_in_time(model):

@@ -31,6 +31,10 @@ from vdit.demo.checkpoint import (CheckpointError, dataclass_from_dict, load_int
                                   save_tensors, write_json)
 
 LOGVAR_RANGE = (-30.0, 20.0)  # keeps exp(logvar) finite in float32
+# The log-variance starts here (posterior std 0.05), not at 0: it is mostly the encoder head's bias, which AdamW
+# moves by about lr per step, and from std 1 the decoder spends its first thousand steps learning to denoise
+# (blurry, off-colour reconstructions) while the noise shrinks.
+LOGVAR_INIT = -6.0
 
 
 @dataclasses.dataclass
@@ -147,6 +151,8 @@ class Encoder(nn.Module):
             layers.append(CausalConv3d(c, ch[min(i + 1, len(ch) - 1)], stride=stride))
         layers += [ResBlock(ch[-1]), _head(ch[-1], 2 * cfg.latent_channels)]
         self.net = nn.Sequential(*layers)
+        with torch.no_grad():
+            self.net[-1][-1].bias[cfg.latent_channels:] = LOGVAR_INIT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
