@@ -26,7 +26,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from vdit.demo.autoencoder import AutoencoderConfig, CausalVideoAutoencoder, kl_divergence, psnr
