@@ -409,8 +409,12 @@ inline int64_t l2_cache_bytes() {
 }
 
 // The tiles for an L2 of l2 bytes: the forward's fp32 score tile takes at most half of L2 (the rest holds
-// the K / V rows and the accumulator it streams), the backward's two tiles at most a quarter; the largest
-// such tiles, halving the longer side first from 256 x 512 (forward) and 128 x 256 (backward).
+// the K / V rows and the accumulator it streams), the backward's two tiles at most a quarter. Starting
+// from 256 x 512 (forward) and 128 x 256 (backward), keys are halved before query rows: the query rows
+// are the GEMMs' M; on the AVX2 path 128-row forward tiles ran 10-35% slower than 256-row ones and
+// 256 x 256 about as fast as 256 x 512, and on the AVX-512 path no tile was clearly better
+// (benchmarks/results/cpu-isa.md). So only the L2 size picks the tile, the same for both ISAs:
+// 256 x 512 on a 1 MiB L2, 256 x 256 on 512 KiB.
 inline TilePlan tile_plan_for(int64_t l2) {
   auto fit = [](int64_t q, int64_t k, int64_t budget) {
     while (q * k * int64_t(sizeof(float)) > budget && (q > 32 || k > 64)) {
