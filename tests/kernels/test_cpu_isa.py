@@ -101,3 +101,18 @@ def test_cpu_bad_isa_variable_raises_naming_it(value):
     status, raised = res.stdout.strip().splitlines()[-2:]
     assert status.startswith("error: ") and "VDIT_CPU_ISA" in status, status
     assert raised.startswith("raised ") and "VDIT_CPU_ISA must be avx2 or avx512" in raised, raised
+
+
+def test_cpu_kernels_use_torch_threads_not_raw_openmp_regions():
+    """Work goes through at::parallel_for on torch's threads (at::get_num_threads()), so that torch's thread
+    setting holds and no second pool of OpenMP threads competes for shared cores; `omp simd` is fine."""
+    offenders = []
+    for folder, _, files in os.walk(os.path.join(ROOT, "csrc")):
+        for name in files:
+            if name.endswith((".cpp", ".h")):
+                path = os.path.join(folder, name)
+                with open(path) as f:
+                    for number, line in enumerate(f, 1):
+                        if "#pragma omp" in line and "omp simd" not in line:
+                            offenders.append(f"{os.path.relpath(path, ROOT)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
