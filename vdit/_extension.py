@@ -30,7 +30,10 @@ def build_info() -> dict:
     ``"8.0;9.0"``), ``cuda_version`` (toolkit used to build, or None), ``openmp`` (bool),
     ``built_with_torch`` / ``torch`` (versions at build and run time), ``triton`` (version or None),
     ``torch_cuda`` (CUDA version of the running torch), ``gpu_available`` (bool), and ``error``
-    (why the extension failed to load, or None).
+    (why the extension failed to load, or None). With the extension also ``cpu_arch`` (the build's
+    ``-march``), ``cpu_isa`` (the ISA copy of the CPU attention kernels in use, ``"avx2"`` or
+    ``"avx512"``; ``VDIT_CPU_ISA`` forces one; ``"error: ..."`` when none can run), ``cpu_isas`` (the
+    compiled copies this CPU runs) and ``cpu_tiles`` (their tile sizes, from the L2 cache size).
     """
     info = dict(_C.build_info()) if _C is not None else {
         "cpu": False, "cuda": False, "cuda_archs": "", "cuda_version": None, "openmp": False,

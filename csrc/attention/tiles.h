@@ -1,34 +1,47 @@
-// CPU tile machinery of the attention kernels, shared by attention/cpu.cpp (dense varlen attention) and
-// sparse_attention/cpu.cpp (block-sparse attention): row-major GEMMs on the BLAS that libtorch_cpu
-// exports, the exp2 softmax loops, the online-softmax step of one score tile and its epilogue, the
-// backward's probability and softmax-gradient tiles, per-thread scratch and the dynamic work list.
+// CPU tile machinery of the attention kernels, shared by attention/cpu_kernels.cpp (dense varlen attention)
+// and sparse_attention/cpu_kernels.cpp (block-sparse attention): row-major GEMMs on the BLAS that
+// libtorch_cpu exports, the exp2 softmax loops, the online-softmax step of one score tile and its epilogue,
+// the backward's probability and softmax-gradient tiles, the tile sizes, per-thread scratch and the
+// dynamic work list.
 //
 // Scores are kept in log2 units (the score GEMM's alpha carries scale * log2(e)), so the softmax calls
 // 2^x; lse stays in natural-log units. Math is fp32 (fp64 for fp64 inputs). Host (CPU) only: ATen
-// threads, OpenMP simd, AVX-512 when the build targets it; the per-element math that a device kernel
+// threads; explicit AVX-512 or AVX2 + FMA loops for float, whichever the including file is compiled for.
+// The files that include this one are compiled once per ISA (setup.py), each copy inside its own namespace
+// vdit::VDIT_ISA_NS, so the copies never merge at link time; the per-element math that a device kernel
 // could share stays in attention/math.h.
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <new>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__)
 // GCC 12's AVX-512 headers build unmasked intrinsics from an intentionally undefined vector, which
 // -Wmaybe-uninitialized reports wherever they are inlined; nothing here reads an undefined lane.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
 #include "attention/math.h"
+
+#ifndef VDIT_ISA_NS
+#error "attention/tiles.h is compiled once per ISA: define VDIT_ISA_NS (setup.py does)"
+#endif
 
 // Fortran BLAS entry points; weak so the extension still loads against a torch without them.
 extern "C" {
@@ -41,6 +54,7 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 }
 
 namespace vdit {
+namespace VDIT_ISA_NS {
 namespace attention_tiles {
 
 // ---- GEMM -------------------------------------------------------------------------------------
@@ -93,12 +107,15 @@ constexpr T kLn2 = T(0.6931471805599453094);
 template <typename T>
 constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
+// Generic loops (fp64, and float without a vector version below). OpenMP simd, because std::max and a
+// plain sum do not vectorize on their own.
+
 // max(row[0 .. n)); -inf for n = 0.
 template <typename T>
 inline T row_max(const T* row, int64_t n) {
   T mx = kNegInf<T>;
 #pragma omp simd reduction(max : mx)
-  for (int64_t c = 0; c < n; ++c) mx = row[c] > mx ? row[c] : mx;  // (std::max does not vectorize)
+  for (int64_t c = 0; c < n; ++c) mx = row[c] > mx ? row[c] : mx;
   return mx;
 }
 
@@ -115,10 +132,17 @@ inline T exp2_shifted_sum(T* row, int64_t n, T m) {
   return sum;
 }
 
+// row[c] = 2^(row[c] - m) for c < n: the backward's probability recompute.
+template <typename T>
+inline void exp2_shifted(T* row, int64_t n, T m) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) row[c] = exp2_t(row[c] - m);
+}
+
 #if defined(__AVX512F__)
 // AVX-512 versions for float: full-width vectors (compilers tuned for recent x86 prefer 256-bit ones
-// for auto-vectorized loops) and vscalefps, which applies 2^n in one instruction. Same polynomial and
-// the same "0 below 2^-126" rule as exp2_approx.
+// for auto-vectorized loops), masked tails, and vscalefps, which applies 2^n in one instruction. Same
+// polynomial and the same "0 below 2^-126" rule as exp2_approx.
 inline __m512 exp2_avx512(__m512 x) {
   const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));  // x <= 0 in the softmax
   const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -129,11 +153,13 @@ inline __m512 exp2_avx512(__m512 x) {
   return _mm512_maskz_scalef_ps(live, p, n);
 }
 
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+
 template <>
 inline float row_max<float>(const float* row, int64_t n) {
   __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t c = 0; c < n; c += 16) {
-    const __mmask16 tail = n - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - c)) - 1);
+    const __mmask16 tail = tail_mask(n - c);
     mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, row + c));
   }
   return _mm512_reduce_max_ps(mx);
@@ -144,12 +170,102 @@ inline float exp2_shifted_sum<float>(float* row, int64_t n, float m) {
   const __m512 vm = _mm512_set1_ps(m);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t c = 0; c < n; c += 16) {
-    const __mmask16 tail = n - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - c)) - 1);
+    const __mmask16 tail = tail_mask(n - c);
     const __m512 e = exp2_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, row + c), vm));
     _mm512_mask_storeu_ps(row + c, tail, e);
     sum = _mm512_mask_add_ps(sum, tail, sum, e);
   }
   return _mm512_reduce_add_ps(sum);
+}
+
+template <>
+inline void exp2_shifted<float>(float* row, int64_t n, float m) {
+  const __m512 vm = _mm512_set1_ps(m);
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 tail = tail_mask(n - c);
+    _mm512_mask_storeu_ps(row + c, tail, exp2_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, row + c), vm)));
+  }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+// AVX2 + FMA versions for float: 8 lanes, the same polynomial and "0 below 2^-126" rule as exp2_approx,
+// 2^n built in the exponent field; tails of fewer than 8 columns are masked loads / stores.
+inline __m256 exp2_avx2(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-126.0f);
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(127.0f));
+  const __m256 n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(xc, n);
+  __m256 p = _mm256_set1_ps(kExp2Poly[0]);
+  for (int k = 1; k < 7; ++k) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[k]));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 live = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);  // false for -inf and NaN: 0, as with AVX-512
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), live);
+}
+
+// Lanes [0, left) set (all when left >= 8), for maskload / maskstore.
+inline __m256i tail_mask8(int64_t left) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(left, 8))), lane);
+}
+
+inline float hmax8(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_max_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+inline float hsum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+template <>
+inline float row_max<float>(const float* row, int64_t n) {
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 m0 = ninf, m1 = ninf;  // two chains: vmaxps latency
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    m0 = _mm256_max_ps(m0, _mm256_loadu_ps(row + c));
+    m1 = _mm256_max_ps(m1, _mm256_loadu_ps(row + c + 8));
+  }
+  for (; c < n; c += 8) {
+    const __m256i tail = tail_mask8(n - c);
+    m0 = _mm256_max_ps(m0, _mm256_blendv_ps(ninf, _mm256_maskload_ps(row + c, tail), _mm256_castsi256_ps(tail)));
+  }
+  return hmax8(_mm256_max_ps(m0, m1));
+}
+
+template <>
+inline float exp2_shifted_sum<float>(float* row, int64_t n, float m) {
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 sum = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const __m256 e = exp2_avx2(_mm256_sub_ps(_mm256_loadu_ps(row + c), vm));
+    _mm256_storeu_ps(row + c, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  if (c < n) {
+    const __m256i tail = tail_mask8(n - c);
+    const __m256 e = _mm256_and_ps(exp2_avx2(_mm256_sub_ps(_mm256_maskload_ps(row + c, tail), vm)),
+                                   _mm256_castsi256_ps(tail));
+    _mm256_maskstore_ps(row + c, tail, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  return hsum8(sum);
+}
+
+template <>
+inline void exp2_shifted<float>(float* row, int64_t n, float m) {
+  const __m256 vm = _mm256_set1_ps(m);
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) _mm256_storeu_ps(row + c, exp2_avx2(_mm256_sub_ps(_mm256_loadu_ps(row + c), vm)));
+  if (c < n) {
+    const __m256i tail = tail_mask8(n - c);
+    _mm256_maskstore_ps(row + c, tail, exp2_avx2(_mm256_sub_ps(_mm256_maskload_ps(row + c, tail), vm)));
+  }
 }
 #endif
 
@@ -236,9 +352,7 @@ inline void probabilities_tile(T* P, int64_t ldp, int64_t nq, int64_t nk, const 
     T* row = P + r * ldp;
     const T l = lse[r];
     const int64_t vis = l == kNegInf<T> ? 0 : visible(r);
-    const T l2 = l * kLog2e<T>;
-#pragma omp simd
-    for (int64_t c = 0; c < vis; ++c) row[c] = exp2_t(row[c] - l2);
+    exp2_shifted(row, vis, l * kLog2e<T>);
     std::fill(row + vis, row + nk, T(0));
   }
 }
@@ -272,6 +386,62 @@ inline void backward_tile_pair(int64_t nq, int64_t nk, int64_t D, T scale, const
   softmax_grad_tile(dS, P, ldp, nq, nk, delta);
   if constexpr (kDkDv) gemm<T>(true, false, nk, D, nq, scale, dS, ldp, Q, ldq, T(1), dK, ld_dkv);  // dK += scale dS^T Q
   if constexpr (kDq) gemm<T>(false, false, nq, D, nk, scale, dS, ldp, K, ldk, T(1), dQ, ldq);  // dQ += scale dS K
+}
+
+// ---- tile sizes ---------------------------------------------------------------------------------
+
+// Rows x columns of the forward's score tile and of the backward's probability tile (two such tiles,
+// P and dS, live at once).
+struct TilePlan {
+  int64_t fwd_q, fwd_k, bwd_q, bwd_k;
+};
+
+// Bytes of L2 cache per core: sysconf, else sysfs, else 1 MiB (a guess that keeps the measured tiles).
+inline int64_t l2_cache_bytes() {
+  const long sys = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  if (sys > 0) return sys;
+  int64_t kib = 0;
+  if (FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index2/size", "r")) {
+    if (std::fscanf(f, "%ld", &kib) != 1) kib = 0;  // "1024K"
+    std::fclose(f);
+  }
+  return kib > 0 ? kib * 1024 : int64_t(1) << 20;
+}
+
+// The tiles for an L2 of l2 bytes: the forward's fp32 score tile takes at most half of L2 (the rest holds
+// the K / V rows and the accumulator it streams), the backward's two tiles at most a quarter. Starting
+// from 256 x 512 (forward) and 128 x 256 (backward), keys are halved before query rows: the query rows
+// are the GEMMs' M; on the AVX2 path 128-row forward tiles ran 10-35% slower than 256-row ones and
+// 256 x 256 about as fast as 256 x 512, and on the AVX-512 path no tile was clearly better
+// (benchmarks/results/cpu-isa.md). So only the L2 size picks the tile, the same for both ISAs:
+// 256 x 512 on a 1 MiB L2, 256 x 256 on 512 KiB.
+inline TilePlan tile_plan_for(int64_t l2) {
+  auto fit = [](int64_t q, int64_t k, int64_t budget) {
+    while (q * k * int64_t(sizeof(float)) > budget && (q > 32 || k > 64)) {
+      if (k >= 2 * q && k > 64) k /= 2; else q /= 2;
+    }
+    return std::pair<int64_t, int64_t>(q, k);
+  };
+  const auto fwd = fit(256, 512, l2 / 2), bwd = fit(128, 256, l2 / 8);
+  return {fwd.first, fwd.second, bwd.first, bwd.second};
+}
+
+// VDIT_CPU_TILES="fwd_q,fwd_k,bwd_q,bwd_k" (positive multiples of 16) overrides the computed tiles, for
+// tuning on a new machine; anything else is ignored.
+inline TilePlan tile_plan_from_env(TilePlan plan) {
+  const char* env = std::getenv("VDIT_CPU_TILES");
+  long v[4];
+  if (env == nullptr || std::sscanf(env, "%ld,%ld,%ld,%ld", &v[0], &v[1], &v[2], &v[3]) != 4) return plan;
+  for (const long x : v) {
+    if (x <= 0 || x % 16 != 0 || x > 4096) return plan;
+  }
+  return {v[0], v[1], v[2], v[3]};
+}
+
+// This process's tiles (read once).
+inline const TilePlan& tile_plan() {
+  static const TilePlan plan = tile_plan_from_env(tile_plan_for(l2_cache_bytes()));
+  return plan;
 }
 
 // ---- scratch and scheduling -------------------------------------------------------------------
@@ -317,4 +487,5 @@ void sort_by_cost(std::vector<Item>& items) {
 }
 
 }  // namespace attention_tiles
+}  // namespace VDIT_ISA_NS
 }  // namespace vdit
