@@ -54,7 +54,8 @@ def _toolkit_of_nvcc(nvcc):
 def find_cuda_home():
     def has_runtime(root):
         return root and os.path.isfile(os.path.join(root, "bin", "nvcc")) and glob.glob(
-            os.path.join(root, "lib*", "libcudart*")) + glob.glob(os.path.join(root, "targets", "*", "lib", "libcudart*"))
+            os.path.join(root, "lib*", "libcudart*")) + glob.glob(
+            os.path.join(root, "targets", "*", "lib", "libcudart*"))
 
     for var in ("CUDA_HOME", "CUDA_PATH"):
         root = os.environ.get(var)

@@ -19,7 +19,8 @@ GRID = (16, 32, 32)
 def test_patchify(benchmark, backend):
     x = torch.randn(SHAPE)
     benchmark.group = "patchify_3d fp32 2x16x16x64x64"
-    benchmark.extra_info.update(impl=f"vdit {backend}" if backend != "torch" else "torch reference (permute + copy)", bytes=2 * x.numel() * 4)
+    benchmark.extra_info.update(impl=f"vdit {backend}" if backend != "torch" else "torch reference (permute + copy)",
+                                bytes=2 * x.numel() * 4)
     benchmark(patchify_3d, x, PATCH, backend=backend)
 
 
@@ -27,5 +28,6 @@ def test_patchify(benchmark, backend):
 def test_unpatchify(benchmark, backend):
     tokens = torch.randn(2, 16 * 32 * 32, 64)
     benchmark.group = "unpatchify_3d fp32 2x16384x64"
-    benchmark.extra_info.update(impl=f"vdit {backend}" if backend != "torch" else "torch reference (permute + copy)", bytes=2 * tokens.numel() * 4)
+    benchmark.extra_info.update(impl=f"vdit {backend}" if backend != "torch" else "torch reference (permute + copy)",
+                                bytes=2 * tokens.numel() * 4)
     benchmark(unpatchify_3d, tokens, GRID, PATCH, backend=backend)

@@ -156,6 +156,17 @@ def _cuda_median(fn, iters=20):
     return sorted(times)[len(times) // 2]
 
 
+def _rope_rows(q, k, pos, cos, sin, compiled) -> dict:
+    """The implementations timed for one case, each a call without arguments on that case's tensors."""
+    return {
+        "vdit cuda": lambda: rope_3d_qk(q, k, pos, dims=DIMS, theta=THETA, backend="cuda"),
+        "vdit triton": lambda: rope_3d_qk(q, k, pos, dims=DIMS, theta=THETA, backend="triton"),
+        "eager cos/sin tables": lambda: eager_rope_qk(q, k, cos, sin),
+        "torch.compile(eager)": lambda: compiled(q, k, cos, sin),
+        "q.clone() + k.clone()": lambda: (q.clone(), k.clone()),
+    }
+
+
 def gpu_main(grids=((16, 32, 32), (16, 64, 64), (32, 64, 64)), dtype=torch.bfloat16) -> str:
     """Markdown table: vdit cuda / triton vs eager tables, torch.compile of them and a q, k copy."""
     lines = ["### 3D RoPE q+k (GPU, CUDA events)", "",
@@ -170,14 +181,7 @@ def gpu_main(grids=((16, 32, 32), (16, 64, 64), (32, 64, 64)), dtype=torch.bfloa
         cos, sin = rope_tables(pos.cpu(), DIMS, THETA)
         cos, sin = cos.cuda(), sin.cuda()
         nbytes = 4 * q.numel() * q.element_size()
-        rows = {
-            "vdit cuda": lambda: rope_3d_qk(q, k, pos, dims=DIMS, theta=THETA, backend="cuda"),
-            "vdit triton": lambda: rope_3d_qk(q, k, pos, dims=DIMS, theta=THETA, backend="triton"),
-            "eager cos/sin tables": lambda: eager_rope_qk(q, k, cos, sin),
-            "torch.compile(eager)": lambda: compiled(q, k, cos, sin),
-            "q.clone() + k.clone()": lambda: (q.clone(), k.clone()),
-        }
-        times = {name: _cuda_median(fn) for name, fn in rows.items()}
+        times = {name: _cuda_median(fn) for name, fn in _rope_rows(q, k, pos, cos, sin, compiled).items()}
         copy = times["q.clone() + k.clone()"]
         for name, t in times.items():
             lines.append(f"| rope_3d_qk {dtype} {n}x{HEADS}x{HEAD_DIM} | {name} | {t * 1e3:.3f} | "

@@ -114,7 +114,8 @@ def _run(benchmark, fn, inputs, mode, rounds=3):
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("batch", ["one video", "four videos"])
-@pytest.mark.parametrize("impl", ["vdit cpu sliding-tile", "dense vdit cpu (varlen_attention)", "SDPA per sequence (dense)"])
+@pytest.mark.parametrize("impl", ["vdit cpu sliding-tile", "dense vdit cpu (varlen_attention)",
+                                  "SDPA per sequence (dense)"])
 def test_sliding_tile_attention(benchmark, impl, batch, mode):
     grids = [VIDEO] if batch == "one video" else BATCH
     inputs, fn = _case(impl, grids, WINDOW)

@@ -76,6 +76,6 @@ def test_wan_forward(benchmark, wan, impl):
         if report is not None:
             unswap(model)
     tokens = LATENT[2] * (LATENT[3] // 2) * (LATENT[4] // 2)
-    benchmark.extra_info.update(impl="diffusers (original)" if impl == "diffusers" else "vdit cpu (vdit.swap)", tokens=tokens,
-                                flops=flops, vdit_kernels=_kernels(),
+    benchmark.extra_info.update(impl="diffusers (original)" if impl == "diffusers" else "vdit cpu (vdit.swap)",
+                                tokens=tokens, flops=flops, vdit_kernels=_kernels(),
                                 calls=", ".join(f"{k}={v}" for k, v in sorted(report.calls.items())) if report else "")

@@ -34,7 +34,8 @@ def cases(device):
     yield ("adaln_modulate", lambda b: vdit.ops.adaln_modulate(h, shift, scale, cu, backend=b),
            lambda: R.adaln_modulate(h, shift, scale, cu))
     w, bias = rand(32, 4, 1, 2, 2), rand(32)
-    yield ("patch_embed_3d", lambda b: vdit.ops.patch_embed_3d(x, w, bias, backend=b), lambda: R.patch_embed_3d(x, w, bias))
+    yield ("patch_embed_3d", lambda b: vdit.ops.patch_embed_3d(x, w, bias, backend=b),
+           lambda: R.patch_embed_3d(x, w, bias))
 
 
 def flatten(out):

@@ -100,7 +100,7 @@ def bucket_wait_share(batch_size: int, window_batches: int, samples: int = 4096,
     rng = random.Random(seed)
     window = batch_size * window_batches
     left = 0
-    for start in range(0, samples - window + 1, window):
+    for _ in range(0, samples - window + 1, window):
         counts = [0] * len(SHAPES)
         for k in rng.choices(range(len(SHAPES)), weights=MIX, k=window):
             counts[k] += 1

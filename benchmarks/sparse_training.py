@@ -72,7 +72,8 @@ def plot_and_table(work: str, out: str, width: int = 25) -> str:
         axes[0].plot(steps, loss, label=name)
         axes[1].plot(seconds, loss, label=name)
         tail = [r["loss"] for r in rows[-50:]]
-        lines.append(f"| {name} | {steps[-1]} | {sum(tail) / len(tail):.4f} | {elapsed:.0f} | {elapsed / len(rows):.2f} |")
+        lines.append(f"| {name} | {steps[-1]} | {sum(tail) / len(tail):.4f} | {elapsed:.0f} "
+                     f"| {elapsed / len(rows):.2f} |")
     for ax, xlabel in zip(axes, ("optimizer step", "wall-clock seconds (2-core CPU, both runs side by side)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"flow-matching loss ({width}-step moving average)")

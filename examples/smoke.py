@@ -21,7 +21,8 @@ def main() -> None:
         tokens = patchify_3d(x, patch, backend=backend)
         elapsed = time.perf_counter() - start
         assert torch.equal(tokens, expected) and torch.equal(unpatchify_3d(tokens, grid, patch, backend=backend), x)
-        print(f"patchify_3d backend={backend:5s} tokens {tuple(tokens.shape)} in {elapsed * 1e3:.1f} ms, round trip exact")
+        print(f"patchify_3d backend={backend:5s} tokens {tuple(tokens.shape)} in {elapsed * 1e3:.1f} ms, "
+              "round trip exact")
 
 
 if __name__ == "__main__":

@@ -15,5 +15,5 @@ from vdit.ops import SparsePattern, plan
 from vdit.swap import SwapReport, unswap  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["build_info", "plan", "SparsePattern", "use_backend", "BACKENDS", "BackendUnavailableError", "ops", "swap", "unswap", "SwapReport",
-           "__version__"]
+__all__ = ["build_info", "plan", "SparsePattern", "use_backend", "BACKENDS", "BackendUnavailableError", "ops", "swap",
+           "unswap", "SwapReport", "__version__"]

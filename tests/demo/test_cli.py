@@ -20,16 +20,16 @@ from vdit.demo.pipeline import TextEncoderConfig, TextToVideo
 from vdit.models import VideoDiTConfig
 from vdit.ops import SparsePattern
 
-TINY_TRAIN = ["--hidden-size", "48", "--depth", "1", "--heads", "2", "--patch-size", "1x4x4", "--tokens-per-batch", "48", "--save-every", "2",
-              "--warmup", "1", "--device", "cpu"]
+TINY_TRAIN = ["--hidden-size", "48", "--depth", "1", "--heads", "2", "--patch-size", "1x4x4",
+              "--tokens-per-batch", "48", "--save-every", "2", "--warmup", "1", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
-    model = TextToVideo(VideoDiTConfig.preset("tiny", context_dim=32, patch_size=(2, 4, 4), hidden_size=96), vocabulary(),
-                        TextEncoderConfig(dim=32, depth=1, heads=2))
+    model = TextToVideo(VideoDiTConfig.preset("tiny", context_dim=32, patch_size=(2, 4, 4), hidden_size=96),
+                        vocabulary(), TextEncoderConfig(dim=32, depth=1, heads=2))
     model.save(str(directory))
     return str(directory / "model.safetensors")
 
@@ -66,7 +66,8 @@ def test_generate_end_to_end(tmp_path, tiny_weights):
     (["--shift", "0"], "--shift must be positive"),
 ])
 def test_generate_bad_input_is_one_line(args, message, tiny_weights):
-    base = ["--prompt", "a red circle", "--weights", tiny_weights, "--frames", "2", "--steps", "1", "--out", "/tmp/vdit_bad.gif"]
+    base = ["--prompt", "a red circle", "--weights", tiny_weights, "--frames", "2", "--steps", "1",
+            "--out", "/tmp/vdit_bad.gif"]
     result = run_cli(GENERATE, *base, *args)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
@@ -185,14 +186,15 @@ def test_added_modules_get_their_own_learning_rate():
     base, added = opt.param_groups
     assert (base["lr_scale"], added["lr_scale"]) == (1.0, 10.0)
     added_names = names[len(base["params"]):]
-    assert {n.split(".")[0] + "." + n.split(".")[1] for n in added_names} == {"dit.prompt_velocity", "text_encoder.skip"}
+    assert {".".join(n.split(".")[:2]) for n in added_names} == {"dit.prompt_velocity", "text_encoder.skip"}
     assert {n for n, _ in model.named_parameters()} == set(names) and len(names) == len(set(names))
 
 
 # ---- under torchrun (2 gloo ranks) ----------------------------------------------------------------
 
-TINY_TORCHRUN = ["--hidden-size", "48", "--depth", "1", "--heads", "2", "--patch-size", "1x4x4", "--tokens-per-batch", "96", "--save-every", "3",
-                 "--warmup", "1", "--device", "cpu", "--steps", "3", "--caption-dropout", "0.3", "--min-videos", "2"]
+TINY_TORCHRUN = ["--hidden-size", "48", "--depth", "1", "--heads", "2", "--patch-size", "1x4x4",
+                 "--tokens-per-batch", "96", "--save-every", "3", "--warmup", "1", "--device", "cpu", "--steps", "3",
+                 "--caption-dropout", "0.3", "--min-videos", "2"]
 
 
 def _port() -> int:
@@ -212,8 +214,8 @@ def _train(out, log, world_size, *extra):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size),
                "--master_addr", "127.0.0.1", "--master_port", str(_port()), "-m", TRAIN]
-    result = subprocess.run(cmd + ["--out", str(out), "--log-file", str(log), *TINY_TORCHRUN, *extra], capture_output=True, text=True,
-                            env=env, timeout=600)
+    result = subprocess.run(cmd + ["--out", str(out), "--log-file", str(log), *TINY_TORCHRUN, *extra],
+                            capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(line) for line in log.read_text().splitlines()]
 
@@ -228,7 +230,7 @@ def test_two_ranks_match_one_process(tmp_path, grid):
     assert [r["step"] for r in ddp] == [1, 2, 3] and [r["videos"] for r in ddp] == [r["videos"] for r in single]
     for a, b in zip(single, ddp):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (single, ddp)
-    w1, w2 = load_tensors(str(tmp_path / "one" / "model.safetensors")), load_tensors(str(tmp_path / "two" / "model.safetensors"))
+    w1, w2 = (load_tensors(str(tmp_path / run / "model.safetensors")) for run in ("one", "two"))
     worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
     assert worst < 1e-4, worst
 
@@ -263,8 +265,8 @@ def _tiny_weights(directory, *, random_dit: bool = False) -> str:
     """Save a tiny TextToVideo (patch 2x4x4) into ``directory``; its weights file. ``random_dit``: replace the DiT's
     zero initializations with random values, so generated videos depend on every layer."""
     torch.manual_seed(0)
-    model = TextToVideo(VideoDiTConfig.preset("tiny", context_dim=32, patch_size=(2, 4, 4), hidden_size=96), vocabulary(),
-                        TextEncoderConfig(dim=32, depth=1, heads=2))
+    model = TextToVideo(VideoDiTConfig.preset("tiny", context_dim=32, patch_size=(2, 4, 4), hidden_size=96),
+                        vocabulary(), TextEncoderConfig(dim=32, depth=1, heads=2))
     if random_dit:
         for p in model.dit.parameters():
             torch.nn.init.normal_(p, std=0.1)
@@ -292,7 +294,8 @@ def test_sequence_parallel_generation_matches_one_process(tmp_path):
             import numpy as np
             from PIL import Image
 
-            diff = np.abs(np.asarray(Image.open(tmp_path / "one" / f), dtype=int) - np.asarray(Image.open(tmp_path / "two" / f), dtype=int))
+            pixels_one, pixels_two = (np.asarray(Image.open(tmp_path / run / f), dtype=int) for run in ("one", "two"))
+            diff = np.abs(pixels_one - pixels_two)
             assert diff.max() <= 1, diff.max()
 
 
@@ -370,7 +373,8 @@ def test_generate_with_sparse_attention(tmp_path, tiny_weights):
     (["--attention", "topk_tile", "--topk", "0"], "--topk must be an int >= 1"),
 ])
 def test_bad_attention_options_are_one_line(args, message, tiny_weights):
-    base = ["--prompt", "a red circle", "--weights", tiny_weights, "--frames", "2", "--steps", "1", "--out", "/tmp/vdit_bad.gif"]
+    base = ["--prompt", "a red circle", "--weights", tiny_weights, "--frames", "2", "--steps", "1",
+            "--out", "/tmp/vdit_bad.gif"]
     result = run_cli(GENERATE, *base, *args)
     assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     result = run_cli("vdit.demo.cli.eval", "--weights", tiny_weights, "--prompts", "1", *args)

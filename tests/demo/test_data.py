@@ -59,7 +59,8 @@ def test_evaluate_reports_every_figure_as_a_fraction():
     from vdit.models import VideoDiTConfig
 
     torch.manual_seed(0)
-    model = TextToVideo(VideoDiTConfig.preset("tiny", context_dim=32), vocabulary(), TextEncoderConfig(dim=32, depth=1, heads=2))
+    model = TextToVideo(VideoDiTConfig.preset("tiny", context_dim=32), vocabulary(),
+                        TextEncoderConfig(dim=32, depth=1, heads=2))
     result = evaluate(model, held_out_prompts(3), frames=2, size=(8, 8), steps=1, progress=False)
     assert result["prompts"] == 3 and len(result["rows"]) == 3
     for key in ("colour_accuracy", "motion_accuracy", "object_in_every_frame", "mask_iou"):

@@ -1,8 +1,8 @@
 """vdit.distributed on CPU with gloo (2 and 4 processes): sequence-parallel attention (ulysses, ring, hybrid;
 forward and gradients) against single-process attention, a sequence-parallel VideoDiT forward + backward
 against one process, the process-group helpers (shard_packed / gather_packed / shard_range) and the
-cross-rank input checks; a data-parallel x sequence-parallel rank grid (groups made up front, vdit.distributed.build_mesh)
-repeated with fresh groups; the device-placement checker itself. Every worker runs under
+cross-rank input checks; a data-parallel x sequence-parallel rank grid (groups made up front,
+vdit.distributed.build_mesh) repeated with fresh groups; the device-placement checker itself. Every worker runs under
 vdit.distributed.check_placement, so a collective given a tensor off the data's device, or a tensor made in
 vdit.distributed without a device, fails here as NCCL would fail on a GPU. The torchrun CLI tests are in
 tests/demo/test_cli.py (under VDIT_CHECK_PLACEMENT=1)."""
@@ -98,7 +98,8 @@ def _check_model(mode, checker=None, depth=2, checkpointing=False, layout="token
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.2)
     g = torch.Generator().manual_seed(1)
-    videos = [torch.randn(3, t, h, w, generator=g, dtype=torch.float64) for t, h, w in [(2, 8, 12), (1, 4, 4), (3, 12, 8)]]
+    videos = [torch.randn(3, t, h, w, generator=g, dtype=torch.float64)
+              for t, h, w in [(2, 8, 12), (1, 4, 4), (3, 12, 8)]]
     t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
     context = torch.randn(7, 32, generator=g, dtype=torch.float64)
     cu_ctx = torch.tensor([0, 3, 4, 7], dtype=torch.int32)
@@ -171,7 +172,8 @@ def _cases(rank, size, cases, checker):
     full = gather_packed(shard_packed(x), 22)
     assert torch.equal(full, x)
     full.sum().backward()  # every rank's loss uses every token: gradient = world size
-    assert torch.equal(x.grad[slice(*shard_range(22, size, rank))], torch.full((shard_range(22, size, rank)[1] - shard_range(22, size, rank)[0], 1), float(size)))
+    lo, hi = shard_range(22, size, rank)
+    assert torch.equal(x.grad[lo:hi], torch.full((hi - lo, 1), float(size)))
     for case in cases:
         if case[0] == "model":
             _check_model(case[1])
@@ -225,8 +227,9 @@ def _run(size, cases):
 
 def test_two_ranks():
     f64, f32 = torch.float64, torch.float32
-    _run(2, [("ulysses", f64, 4, 2, False, False), ("ulysses", f32, 4, 2, True, False), ("ulysses", f64, 4, 2, False, True),
-             ("ring", f64, 4, 2, False, False), ("ring", f32, 4, 1, True, False), ("ring", f64, 3, 3, False, True),
+    _run(2, [("ulysses", f64, 4, 2, False, False), ("ulysses", f32, 4, 2, True, False),
+             ("ulysses", f64, 4, 2, False, True), ("ring", f64, 4, 2, False, False), ("ring", f32, 4, 1, True, False),
+             ("ring", f64, 3, 3, False, True),
              ("model", "ulysses"), ("model", "ring"), ("host-reads", "ulysses"), ("host-reads", "ring"),
              ("model-checkpointing", "ulysses"), ("model-checkpointing", "ring"),
              ("ring", f64, 4, 2, False, False, None, "work"), ("ulysses", f64, 4, 2, False, False, None, "work"),
@@ -237,7 +240,8 @@ def test_four_ranks():
     f64 = torch.float64
     _run(4, [("ulysses", f64, 4, 4, False, False), ("ring", f64, 4, 2, True, False),
              ("hybrid", f64, 4, 2, False, False, 2), ("hybrid", f64, 4, 2, True, False, 2),
-             ("hybrid", f64, 4, 2, False, True, 2), ("model", "hybrid"), ("model-checkpointing", "hybrid"), ("mesh", 20),
+             ("hybrid", f64, 4, 2, False, True, 2), ("model", "hybrid"), ("model-checkpointing", "hybrid"),
+             ("mesh", 20),
              ("ring", f64, 4, 2, False, False, None, "work"), ("hybrid", f64, 4, 2, False, False, 2, "work"),
              ("ring", f64, 4, 2, False, True, None, "work"), ("ring", f64, 4, 2, True, False, None, "work"),
              ("model-work-layout", "hybrid")])
@@ -255,7 +259,8 @@ def test_placement_checker_catches_what_nccl_would_refuse(tmp_path):
                 dist.all_reduce(torch.zeros(2))
         assert checker.collectives["all_reduce"] == 0
         inside = os.path.join(os.path.dirname(package.__file__), "made_up.py")
-        code = compile("import torch\nx = torch.zeros(2)\ny = torch.zeros(2, device='cpu')\nx.tolist()\n", inside, "exec")
+        code = compile("import torch\nx = torch.zeros(2)\ny = torch.zeros(2, device='cpu')\nx.tolist()\n",
+                       inside, "exec")
         with check_placement("cpu") as checker:
             with pytest.raises(PlacementError, match="made_up.py:2: zeros"):
                 exec(code, {})

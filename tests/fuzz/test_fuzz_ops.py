@@ -135,7 +135,8 @@ def test_attention_rejects_bad_cu_seqlens(lens, bad, which, seed):
     assert all(torch.equal(a, b) for a, b in zip(saved, (q, k, v, cu_q, cu_k)))
 
 
-@given(case=st.sampled_from(["rank", "dtype", "heads", "headdim", "max_seqlen", "nan_scale"]), seed=st.integers(0, 2**16))
+@given(case=st.sampled_from(["rank", "dtype", "heads", "headdim", "max_seqlen", "nan_scale"]),
+       seed=st.integers(0, 2**16))
 def test_attention_rejects_inconsistent_tensors(case, seed):
     q = tensor((6, 4, 8), torch.float32, seed)
     k, v = tensor((6, 2, 8), torch.float32, seed + 1), tensor((6, 2, 8), torch.float32, seed + 2)

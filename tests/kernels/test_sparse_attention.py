@@ -225,7 +225,8 @@ def _with(a, index, value):
 
 
 BAD_INPUTS = [  # (name, args -> replaced args, expected message)
-    ("kv-tile-too-large", lambda a: dict(kv_tiles=_with(a["kv_tiles"], 5, a["tile_offsets"].numel() - 1)), "kv_tiles entries"),
+    ("kv-tile-too-large", lambda a: dict(kv_tiles=_with(a["kv_tiles"], 5, a["tile_offsets"].numel() - 1)),
+     "kv_tiles entries"),
     ("kv-tile-below-minus-one", lambda a: dict(kv_tiles=_with(a["kv_tiles"], 0, -2)), "kv_tiles entries"),
     ("q-tile-entry-too-large", lambda a: dict(q_tiles=_with(a["q_tiles"], 0, 10 ** 6)), "q_tiles entries"),
     ("q-tile-entry-of-another-kv-head", lambda a: dict(q_tiles=_with(a["q_tiles"], 0, 3)), "uses kv head"),

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tests.conftest import HAS_GPU, assert_close, cu_seqlens_of
+from tests.kernels.test_attention import DEVICE, DTYPES, GRAD_SCALE  # the dense kernel tests' dtypes and tolerances
 from vdit.ops import reference
 from vdit.ops.tiles import query_lists, sliding_window_tiles, tile_layout, to_global
 
@@ -28,8 +29,6 @@ except ImportError:
 else:
     from vdit.kernels.triton import sparse_attention as S
 pytestmark = pytest.mark.skipif(S is None, reason="could not import 'triton'")
-
-from tests.kernels.test_attention import DEVICE, DTYPES, GRAD_SCALE  # the dense kernel tests' dtypes and tolerances
 
 # A batch that covers the edge cases: grids not divisible by the tile (5, 6, 7), a 1-frame video, a larger one.
 GRIDS = [[5, 6, 7], [1, 4, 4], [4, 8, 8]]

@@ -90,7 +90,8 @@ def test_grid_fractions_place_tokens_within_their_own_clip():
     from vdit.packing import grid_fractions, grid_positions
 
     fractions = grid_fractions(torch.tensor([[2, 1, 2], [1, 2, 1]]))
-    expected = [[0.25, 0.5, 0.25], [0.25, 0.5, 0.75], [0.75, 0.5, 0.25], [0.75, 0.5, 0.75], [0.5, 0.25, 0.5], [0.5, 0.75, 0.5]]
+    expected = [[0.25, 0.5, 0.25], [0.25, 0.5, 0.75], [0.75, 0.5, 0.25], [0.75, 0.5, 0.75], [0.5, 0.25, 0.5],
+                [0.5, 0.75, 0.5]]
     torch.testing.assert_close(fractions, torch.tensor(expected))
     grids = torch.tensor([[3, 2, 5], [1, 4, 2]])
     assert torch.equal(grid_fractions(grids, grid_positions(grids)), grid_fractions(grids))
@@ -175,11 +176,14 @@ def test_sampler_shapes_and_determinism():
     _, _, context, cu_ctx = batch(model)
     shapes = [(3, 2, 8, 12), (3, 1, 4, 4), (3, 3, 12, 8)]
     sampler = FlowSampler(model, steps=3, guidance=2.0, progress=False)
-    a = sampler(shapes, context, cu_ctx, uncond_context=context[:3], uncond_cu_seqlens=torch.tensor([0, 1, 2, 3], dtype=torch.int32), seed=5)
-    b = sampler(shapes, context, cu_ctx, uncond_context=context[:3], uncond_cu_seqlens=torch.tensor([0, 1, 2, 3], dtype=torch.int32), seed=5)
+    a = sampler(shapes, context, cu_ctx, uncond_context=context[:3],
+                uncond_cu_seqlens=torch.tensor([0, 1, 2, 3], dtype=torch.int32), seed=5)
+    b = sampler(shapes, context, cu_ctx, uncond_context=context[:3],
+                uncond_cu_seqlens=torch.tensor([0, 1, 2, 3], dtype=torch.int32), seed=5)
     assert [tuple(x.shape) for x in a] == shapes
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    heun = FlowSampler(model, steps=3, method="heun", shift=None, guidance=1.0, progress=False)(shapes, context, cu_ctx, seed=5)
+    heun_sampler = FlowSampler(model, steps=3, method="heun", shift=None, guidance=1.0, progress=False)
+    heun = heun_sampler(shapes, context, cu_ctx, seed=5)
     assert all(torch.isfinite(x).all() for x in heun)
     with pytest.raises(ValueError, match="method must be"):
         FlowSampler(model, method="ddim")
@@ -277,7 +281,8 @@ def test_config_warns_when_tokens_are_narrower_than_patches():
 
 def _text_to_video():
     torch.manual_seed(0)
-    return TextToVideo(VideoDiTConfig.preset("tiny", context_dim=32), vocabulary(), TextEncoderConfig(dim=32, depth=1, heads=2))
+    return TextToVideo(VideoDiTConfig.preset("tiny", context_dim=32), vocabulary(),
+                       TextEncoderConfig(dim=32, depth=1, heads=2))
 
 
 def test_generation_is_bit_identical_for_a_seed():

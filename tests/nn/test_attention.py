@@ -33,7 +33,8 @@ def _per_sequence_self(m, x, lengths, positions=None, rope=None):
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("kv_heads,qk_norm", [(None, "rms"), (2, "layer"), (1, None)], ids=["mha-rms", "gqa-layer", "mqa"])
+@pytest.mark.parametrize("kv_heads,qk_norm", [(None, "rms"), (2, "layer"), (1, None)],
+                         ids=["mha-rms", "gqa-layer", "mqa"])
 def test_self_attention_packed_matches_per_sequence(kv_heads, qk_norm):
     m = VarlenSelfAttention(64, 4, kv_heads=kv_heads, qk_norm=qk_norm).double()
     x = torch.randn(sum(LENGTHS), 64, dtype=torch.float64)

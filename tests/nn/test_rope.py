@@ -41,7 +41,8 @@ def hunyuan_video_rope(q, k, positions, q_weight, k_weight, eps=1e-6):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
     cos, sin = _real_tables(positions, (16, 56, 56), 256.0)
-    return _apply_real(rms(q.double(), q_weight.double()), cos, sin), _apply_real(rms(k.double(), k_weight.double()), cos, sin)
+    return (_apply_real(rms(q.double(), q_weight.double()), cos, sin),
+            _apply_real(rms(k.double(), k_weight.double()), cos, sin))
 
 
 def wan_rope(x, positions, head_dim=128):

@@ -31,7 +31,8 @@ def _triton_skip_reason():
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if importlib.util.find_spec("vdit.kernels.triton.attention") is None:
-        return "vdit.kernels.triton.attention does not exist on this branch (the Triton kernels come with their own branch)"
+        return ("vdit.kernels.triton.attention does not exist on this branch "
+                "(the Triton kernels come with their own branch)")
     module = importlib.import_module("vdit.kernels.triton.attention")
     missing = [f for f in TRITON_FUNCTIONS if not hasattr(module, f)]
     if missing:
@@ -293,9 +294,11 @@ def _bad(name):
         "k-dtype": ({"k": k.double()}, TypeError, "k has dtype torch.float64 but q"),
         "v-shape": ({"v": v[:, :1]}, ValueError, "k and v must have the same shape"),
         "head-dim": ({"k": k[..., :4], "v": v[..., :4]}, ValueError, "q has head dim 8 but k has 4"),
-        "heads": ({"k": torch.randn(6, 3, 8), "v": torch.randn(6, 3, 8)}, ValueError, r"q heads \(4\) must be a multiple"),
+        "heads": ({"k": torch.randn(6, 3, 8), "v": torch.randn(6, 3, 8)}, ValueError,
+                  r"q heads \(4\) must be a multiple"),
         "cu-int64": ({"cu_seqlens_q": cu_q.long()}, TypeError, "cu_seqlens_q must be int32"),
-        "cu-start": ({"cu_seqlens_q": torch.tensor([1, 4, 8], dtype=torch.int32)}, ValueError, "cu_seqlens_q must start at 0"),
+        "cu-start": ({"cu_seqlens_q": torch.tensor([1, 4, 8], dtype=torch.int32)}, ValueError,
+                     "cu_seqlens_q must start at 0"),
         "cu-decreasing": ({"cu_seqlens_k": torch.tensor([0, 5, 4, 6], dtype=torch.int32),
                            "cu_seqlens_q": torch.tensor([0, 3, 3, 8], dtype=torch.int32)}, ValueError,
                           "cu_seqlens_k must be non-decreasing"),
@@ -381,7 +384,8 @@ def test_attention_large_logits_fp16(backend):
     v = torch.rand(sum(lengths), 2, 64, generator=g) * 2 - 1
     cu = cu_seqlens_of(lengths)
     out = varlen_attention(q.half(), k.half(), v.half(), cu, cu, softmax_scale=1.0, backend=backend)
-    expected = reference.varlen_attention(q.half().double(), k.half().double(), v.half().double(), cu, cu, softmax_scale=1.0)
+    expected = reference.varlen_attention(q.half().double(), k.half().double(), v.half().double(), cu, cu,
+                                          softmax_scale=1.0)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), expected, rtol=2e-3, atol=2e-3)
 
@@ -415,7 +419,8 @@ from vdit.ops import varlen_attention
 n = int(sys.argv[1])
 q, k, v = (torch.randn(n, 1, 64) for _ in range(3))
 cu = torch.tensor([0, n], dtype=torch.int32)
-varlen_attention(q[:64], k[:64], v[:64], torch.tensor([0, 64], dtype=torch.int32), torch.tensor([0, 64], dtype=torch.int32), backend="cpu")
+varlen_attention(q[:64], k[:64], v[:64], torch.tensor([0, 64], dtype=torch.int32),
+                 torch.tensor([0, 64], dtype=torch.int32), backend="cpu")
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 varlen_attention(q, k, v, cu, cu, backend="cpu")
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)

@@ -111,7 +111,8 @@ def test_strided_qkv_slices_are_read_in_place(backend, device):
     assert oq.is_contiguous() and ok.is_contiguous()
     # A head dim with non-unit stride is copied first.
     xt = torch.randn(total, D, H, device=device).transpose(1, 2)
-    assert_close(rope_3d(xt, pos, dims=(8, 10, 10), backend=backend), _ref(reference.rope_3d, xt, pos, dims=(8, 10, 10)))
+    assert_close(rope_3d(xt, pos, dims=(8, 10, 10), backend=backend),
+                 _ref(reference.rope_3d, xt, pos, dims=(8, 10, 10)))
 
 
 @pytest.mark.parametrize("backend,device", backends_of("rope_3d"))
@@ -184,14 +185,15 @@ def test_gradcheck_cpu_float64():
     kw = torch.randn(12, dtype=torch.float64, requires_grad=True)
     dims = (2, 4, 4)  # and 2 pass-through channels
     for interleaved in (True, False):
-        fused = lambda *a: rope_3d_qk(a[0], a[1], pos, dims=dims, interleaved=interleaved,  # noqa: E731
-                                      q_norm_weight=a[2], k_norm_weight=a[3], backend="cpu")
+        fused = lambda *a, il=interleaved: rope_3d_qk(a[0], a[1], pos, dims=dims, interleaved=il,  # noqa: E731
+                                                       q_norm_weight=a[2], k_norm_weight=a[3], backend="cpu")
         assert torch.autograd.gradcheck(fused, (q, k, qw, kw))
-        plain = lambda q, k: rope_3d_qk(q, k, pos, dims=dims, interleaved=interleaved, backend="cpu")  # noqa: E731
+        plain = lambda q, k, il=interleaved: rope_3d_qk(q, k, pos, dims=dims, interleaved=il,  # noqa: E731
+                                                    backend="cpu")
         assert torch.autograd.gradcheck(plain, (q, k))
         assert torch.autograd.gradgradcheck(plain, (q, k))  # the inverse rotation is differentiable too
-        single = lambda x, w: rope_3d(x, pos, dims=dims, interleaved=interleaved, norm_weight=w,  # noqa: E731
-                                      backend="cpu")
+        single = lambda x, w, il=interleaved: rope_3d(x, pos, dims=dims, interleaved=il, norm_weight=w,  # noqa: E731
+                                                     backend="cpu")
         assert torch.autograd.gradcheck(single, (q, qw))
 
 

@@ -31,7 +31,7 @@ def _window_mask(grids, tile, windows, heads):
     """(heads, total, total) bool in tile order, built token by token from the sliding-window rule: along each
     axis a query in tile a sees the key tiles [s, s + w) with s = clamp(a - (w - 1) // 2, 0, max(n - w, 0)),
     n the axis' tile count (a centred window, shifted inwards at the grid's edges)."""
-    masks, start = [], 0
+    start = 0
     total = sum(t * h * w for t, h, w in grids)
     full = torch.zeros(heads, total, total, dtype=torch.bool)
     for grid in grids:
@@ -77,7 +77,8 @@ def test_packed_videos_tile_order_round_trip_is_differentiable():
     grids = torch.tensor([[3, 5, 6], [1, 2, 3]], dtype=torch.int32)
     packed = PackedVideos(tokens, cu_seqlens_from_lengths([90, 6]), 90, grids, grid_positions(grids))
     tiled = packed.to_tile_order((2, 2, 4))
-    assert tiled.tile == (2, 2, 4) and torch.equal(tiled.positions, grid_positions(grids)[tile_permutation(grids, (2, 2, 4))])
+    assert tiled.tile == (2, 2, 4)
+    assert torch.equal(tiled.positions, grid_positions(grids)[tile_permutation(grids, (2, 2, 4))])
     back = tiled.to_raster_order()
     assert back.tile is None and torch.equal(back.tokens, tokens) and torch.equal(back.positions, packed.positions)
     back.tokens.sum().backward()
@@ -250,7 +251,8 @@ def _global_mask(grids, tile, windows, heads, globals_):
     return full
 
 
-@pytest.mark.parametrize("windows", [[(1, 1, 1)], [(1, 2, 1), (2, 1, 3), (3, 3, 1), (1, 1, 2)]], ids=["1x1x1", "per-head"])
+@pytest.mark.parametrize("windows", [[(1, 1, 1)], [(1, 2, 1), (2, 1, 3), (3, 3, 1), (1, 1, 2)]],
+                         ids=["1x1x1", "per-head"])
 def test_global_tokens_reference_matches_the_rule_token_by_token(windows):
     q, k, v, _, grids = _batch(GRIDS, 4, 2, 8, torch.float64)
     q, k, v, cu = _with_globals(q, k, v, grids, GLOBALS)

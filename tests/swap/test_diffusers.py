@@ -31,23 +31,24 @@ def _text_mask(S, pad):
 
 def wan(size, pad):
     model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
-                                  out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-                                  qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+                                  out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
+                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
     T, H, W = size
     text = torch.randn(B, 7, 16)
     if pad:  # Wan's pipeline zero-pads prompt embeddings and passes no mask
         text[1, 3:] = 0
-    inputs = dict(hidden_states=torch.randn(B, 4, T, H, W), timestep=torch.tensor([10, 700]), encoder_hidden_states=text)
-    expected = {"patch_embed": ["patch_embedding"], "rope": ["blocks.0.attn1", "blocks.1.attn1"], "norm": ["blocks.0", "blocks.1"],
-                "attention": [""]}
+    inputs = dict(hidden_states=torch.randn(B, 4, T, H, W), timestep=torch.tensor([10, 700]),
+                  encoder_hidden_states=text)
+    expected = {"patch_embed": ["patch_embedding"], "rope": ["blocks.0.attn1", "blocks.1.attn1"],
+                "norm": ["blocks.0", "blocks.1"], "attention": [""]}
     return model, inputs, expected, {"rope": 2}
 
 
 def cogvideox(size, pad):
     model = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-                                        time_embed_dim=8, text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8,
-                                        sample_frames=9, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=8,
-                                        use_rotary_positional_embeddings=True)
+                                        time_embed_dim=8, text_embed_dim=16, num_layers=2, sample_width=8,
+                                        sample_height=8, sample_frames=9, patch_size=2, temporal_compression_ratio=4,
+                                        max_text_seq_length=8, use_rotary_positional_embeddings=True)
     T, H, W = size
     cos, sin = get_3d_rotary_pos_embed(16, crops_coords=((0, 0), (H // 2, W // 2)), grid_size=(H // 2, W // 2),
                                        temporal_size=T, device="cpu")
@@ -64,22 +65,26 @@ def cogvideox(size, pad):
 def hunyuan(size, pad):
     model = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10,
                                            num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=2,
-                                           patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4))
+                                           patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
+                                           rope_axes_dim=(2, 4, 4))
     T, H, W = size
     inputs = dict(hidden_states=torch.randn(B, 4, T, H, W), timestep=torch.tensor([3, 700]),
                   encoder_hidden_states=torch.randn(B, 7, 16), pooled_projections=torch.randn(B, 8),
                   encoder_attention_mask=_text_mask(7, pad), guidance=torch.tensor([3000.0, 3000.0]))
     expected = {"patch_embed": ["x_embedder.proj"], "rope": [""], "attention": [""],
-                "norm": ["transformer_blocks.0.norm1", "transformer_blocks.0.norm1_context", "single_transformer_blocks.0.norm"]}
+                "norm": ["transformer_blocks.0.norm1", "transformer_blocks.0.norm1_context",
+                         "single_transformer_blocks.0.norm"]}
     return model, inputs, expected, {"rope": 4, "attention.varlen": 2 if pad else 0}
 
 
 def ltx(size, pad):
-    model = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2,
-                                       attention_head_dim=8, cross_attention_dim=16, num_layers=2, caption_channels=16)
+    model = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                                       num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                                       num_layers=2, caption_channels=16)
     T, H, W = size
     inputs = dict(hidden_states=torch.randn(B, T * H * W, 8), encoder_hidden_states=torch.randn(B, 7, 16),
-                  timestep=torch.tensor([3, 700]), encoder_attention_mask=_text_mask(7, pad), num_frames=T, height=H, width=W)
+                  timestep=torch.tensor([3, 700]), encoder_attention_mask=_text_mask(7, pad), num_frames=T, height=H,
+                  width=W)
     expected = {"attention": [""]}
     return model, inputs, expected, {"attention.varlen": 2 if pad else 0}
 
@@ -169,8 +174,8 @@ def test_pipeline_still_runs():
     vae = AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
                            latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
     transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                                        in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1,
-                                        rope_max_seq_len=32)
+                                        in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                        num_layers=1, rope_max_seq_len=32)
     pipe = WanPipeline(tokenizer=Tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer,
                        scheduler=FlowMatchEulerDiscreteScheduler())
     kw = dict(prompt="a cat", negative_prompt="", height=16, width=16, num_frames=5, num_inference_steps=2,

@@ -80,7 +80,8 @@ def test_report_lists_replacements_and_skips():
     report = swap(model)
     assert isinstance(report, SwapReport)
     assert report.paths("patch_embed") == ["embed"]
-    assert isinstance(model.embed, ConvPatchEmbed) and model.embed.weight is conv.weight and model.embed.bias is conv.bias
+    assert isinstance(model.embed, ConvPatchEmbed)
+    assert model.embed.weight is conv.weight and model.embed.bias is conv.bias
     skipped = {s.path: s.reason for s in report.skipped if s.kind == "patch_embed"}
     assert "pointwise" in skipped["pointwise"] and "kernel_size" in skipped["smooth"]
     assert report.paths("attention") == [""]
@@ -163,14 +164,16 @@ def _sdpa64(q, k, v, mask=None, **kw):
                                           **kw)
 
 
-@pytest.mark.parametrize("B,H,Hk,Lq,Lk,D", [(3, 4, 4, 9, 9, 16), (2, 4, 2, 5, 11, 8), (1, 2, 2, 1, 1, 32), (4, 3, 1, 7, 6, 8)])
+@pytest.mark.parametrize("B,H,Hk,Lq,Lk,D", [(3, 4, 4, 9, 9, 16), (2, 4, 2, 5, 11, 8), (1, 2, 2, 1, 1, 32),
+                                            (4, 3, 1, 7, 6, 8)])
 def test_sdpa_as_varlen_key_padding(B, H, Hk, Lq, Lk, D):
     q, k, v = torch.randn(B, H, Lq, D), torch.randn(B, Hk, Lk, D), torch.randn(B, Hk, Lk, D)
     lengths = [max(1, Lk - 3 * i) for i in range(B)]
     keep = torch.arange(Lk)[None, :] < torch.tensor(lengths)[:, None]
     gqa = dict(enable_gqa=True) if H != Hk else {}
     for mask in (keep[:, None, None, :], keep[:, None, None, :].expand(B, H, Lq, Lk),
-                 torch.where(keep, 0.0, -10000.0)[:, None, None, :], torch.where(keep, 0.0, float("-inf"))[:, None, None, :].expand(B, H, 1, Lk)):
+                 torch.where(keep, 0.0, -10000.0)[:, None, None, :],
+                 torch.where(keep, 0.0, float("-inf"))[:, None, None, :].expand(B, H, 1, Lk)):
         out, why = sdpa_as_varlen(q, k, v, mask, dense=True, **gqa)  # dense: all-valid masks too
         assert why == ("varlen" if B > 1 else "dense")
         torch.testing.assert_close(out.double(), _sdpa64(q, k, v, mask, **gqa), rtol=1e-5, atol=1e-5)
@@ -227,7 +230,8 @@ def _tables(positions, dims, theta, Dh):
                                               ((2, 4, 4), 256.0, (2, 3, 3)), ((0, 8, 8), 10000.0, (1, 90, 160))])
 def test_table_rope_recovers_positions(dims, theta, grid):
     T, H, W = grid
-    pos = torch.stack(torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij"), -1).reshape(-1, 3)
+    axes = torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")
+    pos = torch.stack(axes, -1).reshape(-1, 3)
     Dh = sum(dims) + 4
     cos, sin = _tables(pos, dims, theta, Dh)
     tables = TableRope(dims, theta)

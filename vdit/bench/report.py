@@ -168,7 +168,8 @@ def plot_attention_sweep(data: dict, path: str) -> str | None:
 
 def plot_packed_vs_padded(data: dict, path: str) -> str | None:
     """Real tokens per second of the model step for each variant (benchmarks with extra_info tokens)."""
-    rows = sorted((f'{b["group"].split(", ", 1)[-1]}: {b["extra_info"]["impl"]}', b["extra_info"]["tokens"] / b["stats"]["median"])
+    rows = sorted((f'{b["group"].split(", ", 1)[-1]}: {b["extra_info"]["impl"]}',
+                   b["extra_info"]["tokens"] / b["stats"]["median"])
                   for b in data["benchmarks"] if "tokens" in b["extra_info"] and b["group"].startswith("VideoDiT")
                   and "forward+backward" not in b["group"])
     if not rows:
@@ -190,8 +191,9 @@ def plot_sparse_sweep(data: dict, path: str) -> str | None:
     fig, ax = _pyplot().subplots(figsize=(6, 4))
     ax.plot([p[0] for p in sparse], [p[1] for p in sparse], marker="o", label="vdit sliding-tile (C++)")
     for x, y, label in sparse:
-        ax.annotate(label.replace(", ", "x").strip("[]"), (x, y), fontsize=7, textcoords="offset points", xytext=(4, -8))
-    for x, y, label in points:
+        ax.annotate(label.replace(", ", "x").strip("[]"), (x, y), fontsize=7, textcoords="offset points",
+                    xytext=(4, -8))
+    for _x, y, label in points:
         if label == "dense":
             ax.axhline(y, color="tab:red", linestyle="--", label="dense vdit varlen_attention (C++)")
     ax.set_xlabel("fraction of key tiles visible per query tile")

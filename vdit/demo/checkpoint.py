@@ -50,7 +50,8 @@ def load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix:
         raise CheckpointError(f"{source} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for k, v in state.items():
         if v.shape != own[k].shape:
-            raise CheckpointError(f"{source}: {prefix}{k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+            raise CheckpointError(f"{source}: {prefix}{k} has shape {tuple(v.shape)}, "
+                                  f"the model expects {tuple(own[k].shape)}")
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 

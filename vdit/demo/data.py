@@ -105,12 +105,14 @@ def random_spec(rng: random.Random, *, frames=None, height=None, width=None, max
         shape, motion = rng.choice(SHAPES), rng.choice(list(MOTIONS))
         while (color, shape, motion) in HELD_OUT:
             shape, motion = rng.choice(SHAPES), rng.choice(list(MOTIONS))
-        objects.append(ObjectSpec(shape, color, rng.choice(list(SIZES)), motion, rng.choice(["", "", "", "grows", "shrinks"])))
+        objects.append(ObjectSpec(shape, color, rng.choice(list(SIZES)), motion,
+                                  rng.choice(["", "", "", "grows", "shrinks"])))
     return VideoSpec(frames or rng.choice(frame_counts), height or rng.choice(sides), width or rng.choice(sides),
                      background, background2, objects)
 
 
-def _start_and_end(rng: random.Random, spec: VideoSpec, o: ObjectSpec) -> tuple[tuple[float, float], tuple[float, float]]:
+def _start_and_end(rng: random.Random, spec: VideoSpec,
+                   o: ObjectSpec) -> tuple[tuple[float, float], tuple[float, float]]:
     """Centre at the first and last frame, in pixels, keeping the object mostly in view."""
     dx, dy = MOTIONS[o.motion]
     H, W = spec.height, spec.width

@@ -50,15 +50,16 @@ class TextToVideo(nn.Module):
     CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
     DEFAULT_SAMPLING_SHIFT = 3.0  # configs written before the key existed were trained and sampled at 3
 
-    def __init__(self, dit_config: VideoDiTConfig, vocabulary: Sequence[str], text_config: TextEncoderConfig | None = None,
-                 sampling_shift: float = DEFAULT_SAMPLING_SHIFT):
+    def __init__(self, dit_config: VideoDiTConfig, vocabulary: Sequence[str],
+                 text_config: TextEncoderConfig | None = None, sampling_shift: float = DEFAULT_SAMPLING_SHIFT):
         super().__init__()
         if not sampling_shift > 0:
             raise ValueError(f"sampling_shift must be > 0, got {sampling_shift}")
         self.sampling_shift = float(sampling_shift)
         self.text_config = text_config or TextEncoderConfig()
         if dit_config.context_dim != self.text_config.dim:
-            raise ValueError(f"dit context_dim {dit_config.context_dim} must equal the text encoder dim {self.text_config.dim}")
+            raise ValueError(f"dit context_dim {dit_config.context_dim} must equal the text encoder dim "
+                             f"{self.text_config.dim}")
         self.tokenizer = WordTokenizer(vocabulary)
         self.text_encoder = TextEncoder(len(self.tokenizer), **dataclasses.asdict(self.text_config))
         self.dit = VideoDiT(dit_config)

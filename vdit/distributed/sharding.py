@@ -203,4 +203,5 @@ def check_consistent(group, device: torch.device | str, **values: torch.Tensor |
     dist.all_gather(everyone, mine, group=group)
     bad = [r for r, other in enumerate(everyone) if not torch.equal(other, everyone[0])]
     if bad:
-        raise ValueError(f"{', '.join(values)} must be identical on every rank of the group; ranks {bad} differ from rank 0")
+        raise ValueError(f"{', '.join(values)} must be identical on every rank of the group; "
+                         f"ranks {bad} differ from rank 0")

@@ -302,7 +302,8 @@ class VideoDiT(nn.Module):
         return self.time_mlp(timestep_embedding(timesteps, 256).to(context.dtype)) + self.pooled_text(pooled)
 
     def forward(self, videos: Sequence[torch.Tensor], timesteps: torch.Tensor, context: torch.Tensor,
-                cu_seqlens_context: torch.Tensor, sequence_parallel: SequenceParallel | None = None) -> list[torch.Tensor]:
+                cu_seqlens_context: torch.Tensor,
+                sequence_parallel: SequenceParallel | None = None) -> list[torch.Tensor]:
         if len(videos) != timesteps.shape[0] or cu_seqlens_context.shape[0] != len(videos) + 1:
             raise ValueError(f"got {len(videos)} videos, {timesteps.shape[0]} timesteps and "
                              f"{cu_seqlens_context.shape[0] - 1} prompts; they must match")

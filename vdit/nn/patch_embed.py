@@ -71,7 +71,8 @@ class PatchEmbed3d(nn.Module):
         return patch_embed_3d(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[1]}, {self.weight.shape[0]}, patch_size={self.patch_size}, bias={self.bias is not None}"
+        return (f"{self.weight.shape[1]}, {self.weight.shape[0]}, patch_size={self.patch_size}, "
+                f"bias={self.bias is not None}")
 
 
 class PatchUnembed3d(nn.Module):

@@ -149,4 +149,5 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, cu_seql
     chosen = _registry.select(GATED_SPEC, x.device, x.dtype, backend)
     if chosen == "torch":
         return reference.gated_residual(x, y, gate, cu_seqlens)
-    return GATED_SPEC.family(chosen).op("gated_residual")(x.contiguous(), y.contiguous(), gate.contiguous(), _cu(cu_seqlens))
+    return GATED_SPEC.family(chosen).op("gated_residual")(x.contiguous(), y.contiguous(), gate.contiguous(),
+                                                          _cu(cu_seqlens))

@@ -265,7 +265,7 @@ def _rope_3d_qk_inplace(chosen, q, k, positions, dims, theta, interleaved, q_nor
         q.copy_(out_q)
         k.copy_(out_k)
         return q, k
-    QK_SPEC.family(chosen).op("rope_3d_qk_")(q, k, positions, list(dims), theta, bool(interleaved), q_norm_weight, k_norm_weight,
-                                  float(eps))
+    QK_SPEC.family(chosen).op("rope_3d_qk_")(q, k, positions, list(dims), theta, bool(interleaved), q_norm_weight,
+                                             k_norm_weight, float(eps))
     return q, k
 

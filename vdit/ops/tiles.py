@@ -155,7 +155,7 @@ def _video_permutation(grid, tile) -> torch.Tensor:
     tt, th, tw = tile
     t, h, w = torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")
     t, h, w = t.reshape(-1), h.reshape(-1), w.reshape(-1)
-    na, nb, nc = -(-T // tt), -(-H // th), -(-W // tw)
+    nb, nc = -(-H // th), -(-W // tw)  # tile counts; along t none is needed (outermost index)
     a, b, c = t // tt, h // th, w // tw
     eh = torch.clamp(H - b * th, max=th)  # extents of each token's tile along h and w
     ew = torch.clamp(W - c * tw, max=tw)

@@ -3,14 +3,17 @@ diffusers model is swapped).
 
 ``vdit.swap.swap(pipe.transformer)`` calls :func:`swap_model` for diffusers models, which runs the model's row
 of :data:`ADAPTERS` (its RoPE, norm, patch-embedding and block-sparse-site handlers, and whether its padded
-queries may be skipped; supporting another model adds one row). Per model:
+queries may be skipped; supporting another model adds one row). Per model (patch embedding; attention;
+rotary application; norm):
 
-| model | patch embedding | attention | rotary application | norm |
-|---|---|---|---|---|
-| WanTransformer3DModel | Conv3d -> vdit | SDPA -> vdit (text is zero-padded, no mask) | vdit processor, ``rope_3d_qk`` | block -> ``adaln_modulate`` + ``gated_residual`` |
-| CogVideoXTransformer3DModel | per-frame Conv2d -> vdit (1.0); Linear (1.5): skipped | SDPA -> vdit | ``rope_3d`` | ``CogVideoXLayerNormZero`` -> ``adaln_modulate`` |
-| HunyuanVideoTransformer3DModel | Conv3d -> vdit | text-padding mask -> varlen, padded text queries skipped | ``rope_3d`` | ``AdaLayerNormZero(Single)`` -> ``adaln_modulate`` |
-| LTXVideoTransformer3DModel | Linear on pre-patchified latents: skipped | text-padding bias -> varlen | own frequency schedule: skipped | inline: skipped |
+- ``WanTransformer3DModel``: Conv3d -> vdit; SDPA -> vdit (text is zero-padded, no mask); vdit processor,
+  ``rope_3d_qk``; block -> ``adaln_modulate`` + ``gated_residual``.
+- ``CogVideoXTransformer3DModel``: per-frame Conv2d -> vdit (1.0), Linear (1.5): skipped; SDPA -> vdit;
+  ``rope_3d``; ``CogVideoXLayerNormZero`` -> ``adaln_modulate``.
+- ``HunyuanVideoTransformer3DModel``: Conv3d -> vdit; text-padding mask -> varlen, padded text queries skipped;
+  ``rope_3d``; ``AdaLayerNormZero(Single)`` -> ``adaln_modulate``.
+- ``LTXVideoTransformer3DModel``: Linear on pre-patchified latents: skipped; text-padding bias -> varlen; own
+  frequency schedule: skipped; norm inline: skipped.
 
 ``sparse=SparsePattern(...)`` runs the video self-attention of Wan and HunyuanVideo block-sparse
 (:mod:`vdit.swap.sparse`); the other models have no sparse sites. Wan and HunyuanVideo also have a packed

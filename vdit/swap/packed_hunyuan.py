@@ -71,7 +71,7 @@ def _refined_text(model, packed: PackedBatch) -> PackedText:
     each sample's valid (unpadded) tokens, packed."""
     text, masks = packed.text, packed.kwargs.get("encoder_attention_mask")
     items = []
-    for i, n in enumerate(text.lengths):
+    for i, _n in enumerate(text.lengths):
         mask = None if masks is None else masks[i][None]
         raw = text.tokens[int(text.cu[i]):int(text.cu[i + 1])][None]
         refined = model.context_embedder(raw, packed.timestep[i:i + 1], mask)[0]

@@ -55,7 +55,8 @@ def triple(text: str, name: str) -> tuple[int, int, int]:
 def add_attention_arguments(parser: argparse.ArgumentParser, *, default_help: str) -> None:
     """``--attention``, ``--tile``, ``--window``, ``--topk``: the model's self-attention (VideoDiTConfig);
     each option left out keeps ``default_help``'s value."""
-    group = parser.add_argument_group("self-attention", f"spacetime block-sparse attention; unset options: {default_help}")
+    group = parser.add_argument_group("self-attention",
+                                      f"spacetime block-sparse attention; unset options: {default_help}")
     group.add_argument("--attention", choices=("dense", *MODES), default=None,
                        help="dense, a sliding window of tiles (STA) or the top-k tiles per query tile (VSA)")
     group.add_argument("--tile", default=None, help="tokens per tile t,h,w (e.g. 4,4,4)")

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     the pooled figures); returns the exit status, 0."""
     args = parse_args(argv)
     size, attention = parse_size(args.size), common.attention_options(args)
-    trained = with_attention(TextToVideo.load(SHIPPED_WEIGHTS.get(args.weights, args.weights), args.config), **attention)
+    trained = with_attention(TextToVideo.load(SHIPPED_WEIGHTS.get(args.weights, args.weights), args.config),
+                             **attention)
     label = "untrained baseline" if args.untrained else args.weights
     label = f"{label} ({common.attention_summary(trained.dit.config)}, {args.frames}x{size[0]}x{size[1]})"
     results = []

@@ -98,7 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each transformer block in the backward instead of keeping its activations")
     p.add_argument("--sides", default=None,
-                   help="comma-separated video heights / widths in pixels to train on (default: the dataset's 32 to 64)")
+                   help="comma-separated video heights / widths in pixels to train on "
+                        "(default: the dataset's 32 to 64)")
     p.add_argument("--frame-counts", default=None,
                    help="comma-separated frame counts to train on (default: the dataset's 8 to 16)")
     common.add_attention_arguments(p, default_help="dense for a new model, the --init-weights' own otherwise "

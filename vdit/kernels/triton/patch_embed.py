@@ -414,7 +414,8 @@ def aot_specs() -> list:
     from vdit.kernels.triton.aot import KernelSpec, signature
 
     kernels = {"embed_kernel": (embed_kernel, EMBED_CONFIGS, ("BLOCK_N", "BLOCK_D", "BLOCK_F"), {"HAS_BIAS": True}),
-               "project_kernel": (project_kernel, PROJECT_CONFIGS, ("BLOCK_N", "BLOCK_F", "BLOCK_D"), {"HAS_BIAS": True}),
+               "project_kernel": (project_kernel, PROJECT_CONFIGS, ("BLOCK_N", "BLOCK_F", "BLOCK_D"),
+                                  {"HAS_BIAS": True}),
                "reduce_kernel": (reduce_kernel, REDUCE_CONFIGS, ("BLOCK_F", "BLOCK_D", "BLOCK_N"),
                                  {"SUM_F": True, "SUM_D": True})}
     specs = []

@@ -295,7 +295,8 @@ def aot_specs() -> list:
     for dtype in ("fp16", "bf16", "fp32"):
         fwd = signature(rope_fwd_kernel, dtype, pos_ptr="*i32", sin_sign="fp32", **floats)
         bwd = signature(rope_bwd_kernel, dtype, pos_ptr="*i32", gqw_ptr="*fp32", gkw_ptr="*fp32", **floats)
-        for kind, kernel, sig, tiles in (("fwd", rope_fwd_kernel, fwd, BLOCK_T), ("bwd", rope_bwd_kernel, bwd, BLOCK_T_BWD)):
+        for kind, kernel, sig, tiles in (("fwd", rope_fwd_kernel, fwd, BLOCK_T),
+                                         ("bwd", rope_bwd_kernel, bwd, BLOCK_T_BWD)):
             for block_d, block_t in sorted(tiles.items()):
                 constexprs = dict(HAS_K=True, Q_NORM=True, K_NORM=True, BLOCK_T=block_t, BLOCK_D=block_d)
                 warps = BWD_WARPS.get(block_d, NUM_WARPS) if kind == "bwd" else NUM_WARPS

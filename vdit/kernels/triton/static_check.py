@@ -134,14 +134,16 @@ def report(triton: list[dict], cuda: list[dict]) -> str:
     info = build_info()
     lines = ["# Static GPU report", "",
              f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by "
-             f"`python -m vdit.kernels.triton.static_check` with triton {triton_pkg.__version__}, torch {info['torch']}, CUDA extension archs "
+             f"`python -m vdit.kernels.triton.static_check` with triton {triton_pkg.__version__}, "
+             f"torch {info['torch']}, CUDA extension archs "
              f"`{info['cuda_archs'] or 'none'}`. No GPU is needed: Triton kernels are compiled ahead of time and "
              "ptxas reports their resources; CUDA kernels are read from the extension with cuobjdump.", "",
              "## Triton kernels", "",
              "Every configuration is compiled with the specialization the runtime applies: pointer arguments "
              "16-byte aligned where the launcher guarantees it (`aligned`), and the unaligned variant too where a "
              "kernel accepts unaligned views.", "",
-             "| module | configuration | arch | aligned | warps | stages | registers | spill (B) | stack (B) | shared (KiB) | occupancy | wgmma |",
+             "| module | configuration | arch | aligned | warps | stages | registers | spill (B) | stack (B) "
+             "| shared (KiB) | occupancy | wgmma |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in triton:
         if "error" in r:
@@ -154,9 +156,10 @@ def report(triton: list[dict], cuda: list[dict]) -> str:
                      f"{r['shared'] / 1024:.1f} | {r['occupancy']:.0%} | {wgmma} |")
     lines += ["", "## CUDA C++ kernels (vdit._C)", ""]
     if cuda:
-        lines += ["| kernel | arch | registers | stack (B) | local (B) | static shared (B) |", "|---|---|---:|---:|---:|---:|"]
-        lines += [f"| `{r['kernel']}` | sm_{r['arch']} | {r['registers']} | {r['stack']} | {r['local']} | {r['shared']} |"
-                  for r in cuda]
+        lines += ["| kernel | arch | registers | stack (B) | local (B) | static shared (B) |",
+                  "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| `{r['kernel']}` | sm_{r['arch']} | {r['registers']} | {r['stack']} | {r['local']} "
+                  f"| {r['shared']} |" for r in cuda]
         excused = sorted({why for r in cuda if (r["stack"] or r["local"]) and (why := cuda_allowance(r))})
         if excused:
             lines += ["", "Documented exceptions (stack frame, no spills): " + "; ".join(excused) + "."]
@@ -183,7 +186,8 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         # Under the interpreter triton's own @jit helpers (tl.sum, ...) cannot be compiled: rerun cleanly.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        return subprocess.call([sys.executable, "-m", "vdit.kernels.triton.static_check", *(argv or sys.argv[1:])], env=env)
+        return subprocess.call([sys.executable, "-m", "vdit.kernels.triton.static_check", *(argv or sys.argv[1:])],
+                               env=env)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
     parser.add_argument("--jobs", type=int, default=2)
