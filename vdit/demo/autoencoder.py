@@ -27,8 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vdit.demo.checkpoint import (CheckpointError, dataclass_from_dict, load_into, load_tensors, read_json,
-                                  save_tensors, write_json)
+from vdit.demo.checkpoint import (
+    CheckpointError,
+    dataclass_from_dict,
+    load_into,
+    load_tensors,
+    read_json,
+    save_tensors,
+    write_json,
+)
 
 LOGVAR_RANGE = (-30.0, 20.0)  # keeps exp(logvar) finite in float32
 # The log-variance starts here (posterior std 0.05), not at 0: it is mostly the encoder head's bias, which AdamW
@@ -250,7 +257,7 @@ class CausalVideoAutoencoder(nn.Module):
         save_tensors(os.path.join(directory, self.WEIGHTS_FILE), self.state_dict(), torch.float32)
 
     @classmethod
-    def load(cls, directory: str, device: torch.device | str = "cpu") -> "CausalVideoAutoencoder":
+    def load(cls, directory: str, device: torch.device | str = "cpu") -> CausalVideoAutoencoder:
         """The autoencoder saved by :meth:`save` in ``directory``, in eval mode; a CheckpointError for a missing,
         unknown or corrupted file."""
         path = os.path.join(directory, cls.CONFIG_FILE)

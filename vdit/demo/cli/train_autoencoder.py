@@ -29,8 +29,7 @@ import torch
 from tqdm import tqdm
 
 from vdit.demo.autoencoder import AutoencoderConfig, CausalVideoAutoencoder, kl_divergence, psnr
-from vdit.demo.checkpoint import (load_optimizer, load_tensors, optimizer_tensors, read_json, save_tensors,
-                                  write_json)
+from vdit.demo.checkpoint import load_optimizer, load_tensors, optimizer_tensors, read_json, save_tensors, write_json
 from vdit.demo.cli import common
 from vdit.demo.cli.common import UsageError
 from vdit.demo.data import ShapesDataset
