@@ -130,6 +130,8 @@ class CacheStats:
     evaluations: int = 0
     skipped: int = 0
     num_blocks: int = 1
+    changes: list = dataclasses.field(default_factory=list)  # the measured relative changes, per call and video
+    decisions: list = dataclasses.field(default_factory=list)  # per model call: skipped, per video
 
     @property
     def skipped_share(self) -> float:
@@ -156,7 +158,7 @@ class CacheRun:
         self.residuals: list[torch.Tensor | None] = []
         self.skips: list[int] = []
         self.stats = CacheStats()
-        self.decisions: list[list[bool]] = []  # per model call: skipped, per video
+        self.changes, self.decisions = self.stats.changes, self.stats.decisions
 
     def change(self, state) -> torch.Tensor:
         """(B,) float64 relative L1 change of each video's first-block output (per="batch": the batch's, repeated)."""
@@ -176,6 +178,7 @@ class CacheRun:
         if always or self.prev is None or self.prev.shape != state.first_residual.shape:
             return [False] * batch
         change = self.change(state).tolist()
+        self.changes.append(change)
         skip = [c < self.cache.threshold and self.residuals[i] is not None and self.skips[i] < self.cache.max_skips
                 for i, c in enumerate(change)]
         if self.cache.per == "batch" and not all(skip):
