@@ -149,7 +149,8 @@ def report(records: list[dict], out: str, plot: str) -> None:
                      f"CFG branches): 10/25/50/75/90 % quantiles {', '.join(f'{v:.3f}' for v in q)}.\n")
     mixed = [r for r in records if r["part"] == "mixed"]
     if mixed:
-        lines += [f"\n## Per video against per batch (one packed batch of {', '.join('x'.join(map(str, s[1:])) for s in MIXED)})\n",
+        sizes = ", ".join("x".join(map(str, s[1:])) for s in MIXED)
+        lines += [f"\n## Per video against per batch (one packed batch of {sizes})\n",
                   "| decision | threshold | skipped evaluations per video | block evaluations skipped | "
                   "PSNR per video (dB) | speed-up |", "|---|---|---|---|---|---|"]
         for r in mixed:

@@ -182,3 +182,19 @@ def test_a_model_without_the_three_stages_is_refused_by_name():
     with pytest.raises(TypeError, match="first_block, remaining_blocks and final_layer"):
         FlowSampler(lambda *a: a, cache="first_block")
     assert FlowSampler(lambda *a: a, cache=None).cache is None
+
+
+@pytest.mark.parametrize("attention", ["dense", "sliding_tile"])
+def test_remaining_blocks_on_some_videos_equal_their_rows_of_the_whole_batch(attention):
+    model = tiny_model(attention=attention, tile=(1, 2, 2), window=(1, 2, 2))
+    videos = [torch.randn(s) for s in SHAPES]
+    context, cu, _, _ = prompts(model, len(SHAPES))
+    with torch.no_grad():
+        state = model.first_block(videos, torch.tensor([0.2, 0.5, 0.9]), context, cu)
+        whole = model.remaining_blocks(state, [0, 1, 2])
+        some = model.remaining_blocks(state, [0, 2])
+    offsets = state.cu.tolist()
+    expected = torch.cat([whole[offsets[0]:offsets[1]], whole[offsets[2]:offsets[3]]])
+    tol = reordered_sum_tolerance(torch.float32, 4 * model.config.hidden_size, layers=model.config.depth)
+    assert some.shape == expected.shape
+    torch.testing.assert_close(some, expected, **tol)

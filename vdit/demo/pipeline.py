@@ -109,7 +109,8 @@ class TextToVideo(nn.Module):
 
 def generate(model: TextToVideo, prompts: Sequence[str], *, frames: int = 16, height: int = 64, width: int = 64,
              steps: int = 30, guidance: float = 4.0, seed: int = 0, method: str = "euler", shift: float | None = None,
-             progress: bool = True, sequence_parallel=None, cache=None, stats: list | None = None) -> list[torch.Tensor]:
+             progress: bool = True, sequence_parallel=None, cache=None,
+             stats: list | None = None) -> list[torch.Tensor]:
     """Generate one video per prompt with ``model``: list of float32 (3, frames, height, width) in [-1, 1].
 
     ``shift`` is the sampler's time shift; None uses ``model.sampling_shift`` (the training shift).

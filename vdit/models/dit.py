@@ -403,8 +403,8 @@ class VideoDiT(nn.Module):
         inputs, x, bounds = self._block_inputs(x, cu, grids, positions, c, context, cu_seqlens_context,
                                                sequence_parallel)
         h = self.blocks[0](x, inputs)
-        return FirstBlockState(h, h - x, inputs.cu_tokens, cu, None if sequence_parallel is None else sequence_parallel.group,
-                               len(self.blocks), inputs, grids, perm, bounds)
+        group = None if sequence_parallel is None else sequence_parallel.group
+        return FirstBlockState(h, h - x, inputs.cu_tokens, cu, group, len(self.blocks), inputs, grids, perm, bounds)
 
     def _block_inputs(self, x, cu, grids, positions, c, context, cu_ctx, sequence_parallel):
         """BlockInputs of a packed batch (all tokens ``x`` in block order), this rank's shard of x and the bounds."""
