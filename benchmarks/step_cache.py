@@ -102,6 +102,34 @@ def stats_decisions(stats, batch: int) -> list[list[bool]]:
     return [[call[i] or call[i + batch] for i in range(batch)] for call in stats.decisions]
 
 
+def timing_part(model, repeats: int, raw) -> None:
+    """Part 3: seconds of one full model call and of its first block alone (embedding included) on one CFG batch
+    at FRAMES x SIZE, interleaved ``repeats`` times, so a shared machine's load falls on both alike."""
+    prompt = held_out_prompts(1, 0)[0][0]
+    with torch.no_grad():
+        context, cu = model.encode([prompt, ""])
+        videos = [torch.randn(3, FRAMES, *SIZE)] * 2
+        t = torch.full((2,), 0.5)
+        full, first = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.dit(videos, t, context, cu)
+            full.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            model.dit.first_block(videos, t, context, cu)
+            first.append(time.perf_counter() - start)
+    record = {"part": "timing", "full": min(full), "first": min(first), "repeats": repeats}
+    raw.write(json.dumps(record) + "\n")
+    raw.flush()
+    print(record, flush=True)
+
+
+def modelled_speedup(share: float, timing: dict) -> float:
+    """Speed-up of a run that skips the remaining blocks of ``share`` of its video evaluations, from the timed
+    full call and first block (ignores the cache's bookkeeping and the final layer's share)."""
+    return timing["full"] / ((1 - share) * timing["full"] + share * timing["first"])
+
+
 def load(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -124,6 +152,7 @@ def threshold_rows(records: list[dict]) -> list[dict]:
                      "speedup": sum(r["ref_seconds"] for r in rs) / max(sum(r["seconds"] for r in rs), 1e-9),
                      "block_share": sum(r["block_share"] for r in rs) / n,
                      "psnr": sum(finite) / len(finite) if finite else float("inf"),
+                     "skipped_share": sum(r["skipped_share"] for r in rs) / n,
                      **{k: sum(r[k] for r in rs) / n for k in ("colour_ok", "motion_ok", "colour_agrees",
                                                                "motion_agrees")}})
     return rows
@@ -147,6 +176,13 @@ def report(records: list[dict], out: str, plot: str) -> None:
         q = [changes[int(f * (len(changes) - 1))] for f in (0.1, 0.25, 0.5, 0.75, 0.9)]
         lines.append(f"\nRelative first-block change between consecutive uncached steps (steps 2..{STEPS - 1}, both "
                      f"CFG branches): 10/25/50/75/90 % quantiles {', '.join(f'{v:.3f}' for v in q)}.\n")
+    timing = [r for r in records if r["part"] == "timing"]
+    if timing:
+        t = timing[-1]
+        lines.append(f"Timed back to back (best of {t['repeats']}): one full CFG call {t['full']:.2f} s, its first block "
+                     f"alone {t['first']:.2f} s; the speed-up these give for each threshold's skipped share: "
+                     + ", ".join(f"{r['threshold']:g}: {modelled_speedup(r['skipped_share'], t):.2f}x"
+                                 for r in rows if r["threshold"] > 0) + ".\n")
     mixed = [r for r in records if r["part"] == "mixed"]
     if mixed:
         sizes = ", ".join("x".join(map(str, s[1:])) for s in MIXED)
@@ -198,11 +234,15 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="benchmarks/results/cpu-step-cache.md")
     p.add_argument("--plot", default="benchmarks/results/cpu-step-cache.png")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--timing", type=int, default=0, help="only part 3, with this many repeats")
     args = p.parse_args(argv)
     if not args.report_only:
         model = TextToVideo.load(DEFAULT_WEIGHTS)
         os.makedirs(os.path.dirname(os.path.abspath(args.raw)), exist_ok=True)
         with open(args.raw, "a") as raw:
+            if args.timing:
+                timing_part(model, args.timing, raw)
+                args.skip_mixed = args.skip_thresholds = True
             if not args.skip_mixed:
                 mixed_part(model, args.mixed_threshold, raw)
             if not args.skip_thresholds:
