@@ -3,10 +3,11 @@
 First-Block Cache: every model call runs the first block on the whole packed batch and measures, per video, the
 relative L1 change of the first block's residual r1 (its output minus its input) against the last full evaluation
 of that video, ``sum |r1 - r1_prev| / sum |r1_prev|``. Below ``threshold`` the remaining blocks are skipped for
-that video and the residual of its last full evaluation (last block's output minus first block's output) is added to the new first
-block output instead; the videos still computing go on as one packed batch through the remaining blocks. The
-decision is per video (each CFG branch is a video of its own in the packed forward, with its own residual), or
-per batch (``per="batch"``, the usual decision of caching methods: the relative change of the whole batch).
+that video and the residual of its last full evaluation (last block's output minus first block's output) is added
+to the new first block output instead; the videos still computing go on as one packed batch through the remaining
+blocks. The decision is per video (each CFG branch is a video of its own in the packed forward, with its own
+residual), or per batch (``per="batch"``, the usual decision of caching methods: the relative change of the whole
+batch; all videos skip together).
 
 Under sequence parallelism each rank holds a part of each video's tokens: the per-video sums are added over the
 group (:func:`reduce_change`) before deciding, so every rank decides the same.
@@ -22,7 +23,7 @@ from typing import Protocol
 import torch
 
 METHODS = ("none", "first_block")
-DEFAULT_THRESHOLD = 0.1
+DEFAULT_THRESHOLD = 0.2  # benchmarks/results/cpu-step-cache.md: ~1.6x on the demo model, classifications kept
 
 
 class StepCacheModel(Protocol):
