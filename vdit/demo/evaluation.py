@@ -80,9 +80,10 @@ def held_out_prompts(count: int, seed: int = 0) -> list[tuple[str, str, str, str
 
 
 def evaluate(model, prompts, *, frames=16, size=(48, 48), steps=20, guidance=4.0, shift=None, seed=0,
-             progress=True) -> dict:
+             progress=True, cache=None) -> dict:
     """Generate one (3, frames, *size) video per (prompt, colour, shape, motion) of ``prompts`` (seed
-    ``seed + i`` for the i-th) and measure it. Returns the counts as fractions of the prompts
+    ``seed + i`` for the i-th; ``cache``: the step caching of vdit.demo.pipeline.generate) and measure it.
+    Returns the counts as fractions of the prompts
     (``colour_accuracy``, ``motion_accuracy``, ``object_in_every_frame``), the mean ``frame_diff`` and
     ``mask_iou``, ``prompts`` and ``rows``: (prompt, colour seen, motion seen) per video."""
     from tqdm import tqdm
@@ -91,7 +92,7 @@ def evaluate(model, prompts, *, frames=16, size=(48, 48), steps=20, guidance=4.0
     diffs, ious, rows = [], [], []
     for i, (prompt, colour, _shape, motion) in enumerate(tqdm(prompts, desc="eval", disable=not progress)):
         video, = generate(model, [prompt], frames=frames, height=size[0], width=size[1], steps=steps,
-                          guidance=guidance, shift=shift, seed=seed + i, progress=False)
+                          guidance=guidance, shift=shift, seed=seed + i, progress=False, cache=cache)
         masks = foreground_masks(video, "black")
         got_colour, got_motion = classify_colour(video, masks), classify_motion(masks)
         colour_ok += got_colour == colour

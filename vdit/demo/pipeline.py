@@ -117,16 +117,19 @@ class TextToVideo(nn.Module):
 
 def generate(model: TextToVideo, prompts: Sequence[str], *, frames: int = 16, height: int = 64, width: int = 64,
              steps: int = 30, guidance: float = 4.0, seed: int = 0, method: str = "euler", shift: float | None = None,
-             progress: bool = True, sequence_parallel=None) -> list[torch.Tensor]:
+             progress: bool = True, sequence_parallel=None, cache=None,
+             stats: list | None = None) -> list[torch.Tensor]:
     """Generate one video per prompt with ``model``: list of float32 (3, frames, height, width) in [-1, 1].
 
     ``shift`` is the sampler's time shift; None uses ``model.sampling_shift`` (the training shift).
+    ``cache``: step caching (a :class:`vdit.sampling.StepCache`, a method name or None, see FlowSampler); where
+    ``stats`` is a list, the run's :class:`vdit.sampling.CacheStats` (None without a cache) is appended to it.
 
     With ``sequence_parallel`` (a :class:`vdit.distributed.SequenceParallel`), every rank of the group runs
     this call with the same arguments and the transformer blocks split the tokens; all ranks return the
     same videos. Raises ValueError when (frames, height, width) is not divisible by the model's patch size.
     """
-    from vdit.sampling import FlowSampler
+    from vdit.sampling import BoundStepModel, FlowSampler, StepCache
 
     cfg = model.dit.config
     if any(s <= 0 or s % p for s, p in zip((frames, height, width), cfg.patch_size)):
@@ -139,8 +142,14 @@ def generate(model: TextToVideo, prompts: Sequence[str], *, frames: int = 16, he
         return model.dit(videos, t, context, cu_context, sequence_parallel=sequence_parallel)
 
     shift = model.sampling_shift if shift is None else shift
-    sampler = FlowSampler(velocity, steps=steps, method=method, shift=shift, guidance=guidance, progress=progress)
+    cache = StepCache.of(cache)
+    if cache is not None:  # the sampler runs the DiT's three stages itself
+        velocity = BoundStepModel(model.dit, sequence_parallel=sequence_parallel)
+    sampler = FlowSampler(velocity, steps=steps, method=method, shift=shift, guidance=guidance, progress=progress,
+                          cache=cache)
     shapes = [(cfg.out_channels, frames, height, width)] * len(prompts)
     videos = sampler(shapes, context, cu, uncond_context=uncond, uncond_cu_seqlens=cu_uncond, seed=seed,
                      patch_size=cfg.patch_size)
+    if stats is not None:
+        stats.append(sampler.cache_stats)
     return [v.clamp(-1, 1).float().cpu() for v in videos]

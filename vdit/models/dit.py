@@ -242,6 +242,42 @@ class DiTBlock(nn.Module):
         return gated_residual(x, h, gate2, cu_local)
 
 
+@dataclasses.dataclass
+class FirstBlockState:
+    """One forward of :class:`VideoDiT` stopped after its first block (the step-cache interface, vdit.sampling.cache).
+
+    Attributes:
+        hidden: (n_local, hidden) the first block's output on this rank's tokens (all tokens without sequence
+            parallelism), in the blocks' token order.
+        first_residual: (n_local, hidden) what the first block added to its input (``hidden`` minus the input).
+        cu_tokens: int32 (B + 1,) offsets of each video's tokens in ``hidden``.
+        cu: int32 (B + 1,) offsets of the whole packed batch (:meth:`full_hidden`'s rows).
+        group: the sequence-parallel process group the per-video statistics of ``hidden`` are summed over, or None.
+        num_blocks: the model's depth (blocks per full forward).
+    The rest is the forward's own state (conditioning, grids, sharding), read by the model's later stages.
+    """
+
+    hidden: torch.Tensor
+    first_residual: torch.Tensor
+    cu_tokens: torch.Tensor
+    cu: torch.Tensor
+    group: object
+    num_blocks: int
+    inputs: BlockInputs
+    grids: torch.Tensor
+    perm: torch.Tensor | None
+    bounds: list[int] | None
+    _full: torch.Tensor | None = None
+
+    def full_hidden(self) -> torch.Tensor:
+        """(n, hidden) the first block's output on every token of the batch (gathered over the group once)."""
+        if self._full is None:
+            sp = self.inputs.sequence_parallel
+            self._full = self.hidden if sp is None else gather_packed(self.hidden, int(self.cu[-1]), sp.group,
+                                                                      self.bounds)
+        return self._full
+
+
 class VideoDiT(nn.Module):
     """Text-conditioned video diffusion transformer over packed variable-size videos.
 
@@ -347,3 +383,81 @@ class VideoDiT(nn.Module):
             x = x[perm.argsort()]  # back to raster order for unpatchify
         shift, scale = self.final_modulation(c)
         return self.unembed(adaln_modulate(x, shift, scale, cu), cu_seqlens=cu, grids=grids)
+
+    # The step-cache interface (vdit.sampling.cache.StepCacheModel): the forward above in three stages, so that
+    # a sampler can run the remaining blocks on only the videos whose step it does not reuse.
+    def first_block(self, videos: Sequence[torch.Tensor], timesteps: torch.Tensor, context: torch.Tensor,
+                    cu_seqlens_context: torch.Tensor, sequence_parallel: SequenceParallel | None = None
+                    ) -> FirstBlockState:
+        """Embed the batch (arguments as :meth:`forward`) and run the first block: a :class:`FirstBlockState`."""
+        if len(videos) != timesteps.shape[0] or cu_seqlens_context.shape[0] != len(videos) + 1:
+            raise ValueError(f"got {len(videos)} videos, {timesteps.shape[0]} timesteps and "
+                             f"{cu_seqlens_context.shape[0] - 1} prompts; they must match")
+        x, cu, grids = self.patch_embed(list(videos))
+        positions = grid_positions(grids)
+        pooled = self.pooled_context(context, cu_seqlens_context)
+        if self.position_embed is not None:
+            fractions = grid_fractions(grids, positions)
+            if self.prompt_velocity is not None:
+                fractions = self.prompt_velocity(fractions, pooled, grids.prod(1).to(fractions.device))
+            x = x + self.position_embed(fractions).to(x.dtype)
+        c = self.conditioning(timesteps, context, cu_seqlens_context, pooled)
+        perm = None
+        if self.config.attention != "dense":
+            if sequence_parallel is not None:
+                raise NotImplementedError(f"attention={self.config.attention!r} does not run sequence-parallel yet")
+            perm = tile_permutation(grids, self.config.tile)  # within each video: its offsets stay
+            x, positions = x[perm], positions[perm]
+        inputs, x, bounds = self._block_inputs(x, cu, grids, positions, c, context, cu_seqlens_context,
+                                               sequence_parallel)
+        h = self.blocks[0](x, inputs)
+        group = None if sequence_parallel is None else sequence_parallel.group
+        return FirstBlockState(h, h - x, inputs.cu_tokens, cu, group, len(self.blocks), inputs, grids, perm, bounds)
+
+    def _block_inputs(self, x, cu, grids, positions, c, context, cu_ctx, sequence_parallel):
+        """BlockInputs of a packed batch (all tokens ``x`` in block order), this rank's shard of x and the bounds."""
+        max_len = int((cu[1:] - cu[:-1]).max())
+        max_ctx = int((cu_ctx[1:] - cu_ctx[:-1]).max())
+        cu_local = bounds = None
+        if sequence_parallel is not None:
+            cu_host = cu.tolist()
+            bounds = shard_bounds(cu_host, sequence_parallel.size, sequence_parallel.layout)
+            start, end = bounds[sequence_parallel.rank], bounds[sequence_parallel.rank + 1]
+            x, positions = shard_packed(x, sequence_parallel.group, bounds), positions[start:end]
+            cu_local = local_offsets(cu_host, start, end, cu.device)
+        sparse = self.config.attention != "dense"
+        inputs = BlockInputs(c, cu, max_len, positions, self.rope, context, cu_ctx, max_ctx,
+                             sequence_parallel=sequence_parallel, cu_local=cu_local, grids=grids if sparse else None)
+        return inputs, x, bounds
+
+    def remaining_blocks(self, state: FirstBlockState, keep: Sequence[int]) -> torch.Tensor:
+        """Blocks 2..depth on the videos ``keep`` (indices into the batch, ascending) as one packed batch.
+
+        Returns (sum of their token counts, hidden): the last block's output on every token of those videos, in
+        block order, videos one after another (with sequence parallelism: gathered, the same on every rank).
+        """
+        keep = list(keep)
+        full, inputs = state.full_hidden(), state.inputs
+        cu_host, ctx_host = state.cu.tolist(), inputs.cu_ctx.tolist()
+        rows = torch.cat([torch.arange(cu_host[i], cu_host[i + 1], device=full.device) for i in keep])
+        ctx_rows = torch.cat([torch.arange(ctx_host[i], ctx_host[i + 1], device=full.device) for i in keep])
+        lengths = torch.tensor([cu_host[i + 1] - cu_host[i] for i in keep], device=state.cu.device)
+        ctx_lengths = torch.tensor([ctx_host[i + 1] - ctx_host[i] for i in keep], device=state.cu.device)
+        cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        cu_ctx = torch.nn.functional.pad(ctx_lengths.cumsum(0), (1, 0)).to(torch.int32)
+        index = torch.tensor(keep, device=state.cu.device)
+        positions = (grid_positions(state.grids) if state.perm is None else grid_positions(state.grids)[state.perm])
+        sp = inputs.sequence_parallel
+        sub, x, bounds = self._block_inputs(full[rows], cu, state.grids[index.to(state.grids.device)],
+                                            positions[rows], inputs.c[index], inputs.context[ctx_rows], cu_ctx, sp)
+        for block in self.blocks[1:]:
+            x = block(x, sub)
+        return x if sp is None else gather_packed(x, int(cu[-1]), sp.group, bounds)
+
+    def final_layer(self, state: FirstBlockState, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """The velocities (as :meth:`forward` returns them) from ``hidden`` (n, hidden): the last block's output on
+        every token of the batch, in block order (gathered)."""
+        if state.perm is not None:
+            hidden = hidden[state.perm.argsort()]  # back to raster order for unpatchify
+        shift, scale = self.final_modulation(state.inputs.c)
+        return self.unembed(adaln_modulate(hidden, shift, scale, state.cu), cu_seqlens=state.cu, grids=state.grids)

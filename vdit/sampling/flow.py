@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm import tqdm
 
+from vdit.sampling.cache import CacheRun, CacheStats, StepCache
+
 ModelFn = Callable[[list, torch.Tensor, torch.Tensor, torch.Tensor], list]
 
 
@@ -43,23 +45,40 @@ class FlowSampler:
         steps: number of integration steps; method: ``"euler"`` or ``"heun"`` (2 model calls per step).
         shift: time shift (1.0 = none); None picks :func:`resolution_shift` of the largest sample.
         guidance: classifier-free guidance scale (1.0 = off).
+        cache: step caching (vdit.sampling.cache): None / ``"none"`` (off), ``"first_block"`` or a
+            :class:`~vdit.sampling.cache.StepCache`; on, ``model`` must implement
+            :class:`~vdit.sampling.cache.StepCacheModel` (VideoDiT does). ``cache_stats`` then holds what the last
+            call skipped (:class:`~vdit.sampling.cache.CacheStats`).
     """
 
     def __init__(self, model: ModelFn, *, steps: int = 30, method: str = "euler", shift: float | None = 3.0,
-                 guidance: float = 4.0, progress: bool = True):
+                 guidance: float = 4.0, progress: bool = True, cache: StepCache | str | None = None):
         if method not in ("euler", "heun"):
             raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        self.cache = StepCache.of(cache)
+        if self.cache is not None and not all(hasattr(model, n) for n in ("first_block", "remaining_blocks",
+                                                                           "final_layer")):
+            raise TypeError("cache needs a model with first_block, remaining_blocks and final_layer "
+                            f"(vdit.sampling.cache.StepCacheModel); got {type(model).__name__}")
         self.model, self.steps, self.method, self.shift = model, steps, method, shift
         self.guidance, self.progress = guidance, progress
+        self.cache_stats: CacheStats | None = None
+        self._run: CacheRun | None = None  # the cache of the sampling run in progress
+        self._step = 0
+
+    def _call_model(self, videos: list, t: torch.Tensor, context, cu_ctx) -> list:
+        if self._run is None:
+            return self.model(videos, t, context, cu_ctx)
+        return self._run(self.model, self._step, videos, t, context, cu_ctx)
 
     def velocity(self, x: list, t: float, context, cu_ctx, uncond, cu_uncond) -> list:
         B = len(x)
         if self.guidance == 1.0 or uncond is None:
-            return self.model(x, torch.full((B,), t, device=x[0].device), context, cu_ctx)
+            return self._call_model(x, torch.full((B,), t, device=x[0].device), context, cu_ctx)
         both, cu_both = _concat_packed(context, cu_ctx, uncond, cu_uncond)
-        v = self.model(x + x, torch.full((2 * B,), t, device=x[0].device), both, cu_both)
+        v = self._call_model(x + x, torch.full((2 * B,), t, device=x[0].device), both, cu_both)
         return [u + self.guidance * (c - u) for c, u in zip(v[:B], v[B:])]
 
     @torch.no_grad()
@@ -87,11 +106,25 @@ class FlowSampler:
             shift = resolution_shift(max(math.prod(s // p for s, p in zip(sh[1:], patch_size)) for sh in shapes))
         ts = sample_timesteps_schedule(self.steps, shift).tolist()
         args = (context, cu_seqlens_context, uncond_context, uncond_cu_seqlens)
-        for t, t_next in tqdm(list(zip(ts[:-1], ts[1:])), desc="sampling", disable=not self.progress, leave=False):
+        self._run = None if self.cache is None else CacheRun(self.cache, self.steps)
+        try:
+            x = self._integrate(x, ts, args)
+        finally:
+            # The cache's tensors (residuals, references) live only as long as the run.
+            self.cache_stats = None if self._run is None else self._run.stats
+            self._run = None
+        return x
+
+    def _integrate(self, x: list, ts: list[float], args: tuple) -> list:
+        bar = tqdm(list(zip(ts[:-1], ts[1:])), desc="sampling", disable=not self.progress, leave=False)
+        for step, (t, t_next) in enumerate(bar):
+            self._step = step
             v = self.velocity(x, t, *args)
             if self.method == "heun" and t_next > 0:
                 x_pred = [xi + (t_next - t) * vi for xi, vi in zip(x, v)]
                 v_next = self.velocity(x_pred, t_next, *args)
                 v = [(a + b) / 2 for a, b in zip(v, v_next)]
             x = [xi + (t_next - t) * vi for xi, vi in zip(x, v)]
+            if self._run is not None:
+                bar.set_postfix_str(f"skipped {self._run.stats.skipped}/{self._run.stats.evaluations}", refresh=False)
         return x

@@ -16,6 +16,7 @@ from vdit.demo.checkpoint import CheckpointError
 from vdit.models import VideoDiTConfig
 from vdit.ops import SparsePattern
 from vdit.ops.sparse_pattern import MODES
+from vdit.sampling import DEFAULT_THRESHOLD, METHODS, StepCache
 
 USAGE_ERROR = 2  # exit status of bad input, as argparse uses
 
@@ -86,6 +87,24 @@ def attention_summary(config) -> str:
     e.g. ``attention sliding_tile, tile 4x4x4, window 4x2x2``."""
     pattern = config.sparse_pattern()
     return "attention dense" if pattern is None else f"attention {pattern.describe()}"
+
+
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--cache`` and ``--cache-threshold``: step caching in the sampler (vdit.sampling.StepCache)."""
+    group = parser.add_argument_group("step caching", "skip the remaining blocks of a video whose first block "
+                                      "changed little since its last full step (First-Block Cache)")
+    group.add_argument("--cache", choices=METHODS, default="none", help="none (default) or first_block")
+    group.add_argument("--cache-threshold", type=float, default=None,
+                       help=f"relative change of the first block below which a step is reused (default "
+                            f"{DEFAULT_THRESHOLD}; larger is faster and further from the uncached video)")
+
+
+def cache_option(args: argparse.Namespace):
+    """The :class:`vdit.sampling.StepCache` of :func:`add_cache_arguments`'s options (None when off); a
+    UsageError naming the option on a bad threshold."""
+    if args.cache_threshold is not None and not args.cache_threshold >= 0:
+        raise UsageError(f"--cache-threshold must be >= 0, got {args.cache_threshold}")
+    return StepCache.of(args.cache, args.cache_threshold)
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:

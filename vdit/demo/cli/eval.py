@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--verbose", action="store_true", help="print each prompt's classification")
     p.add_argument("--json", default=None, help="also write every result (per seed, pooled, per prompt) to this file")
     common.add_attention_arguments(p, default_help="the weights' own (dense for the shipped model)")
+    common.add_cache_arguments(p)
     return p.parse_args(argv)
 
 
@@ -66,11 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     """Evaluate as the command line ``argv`` (default: ``sys.argv[1:]``) says, printing one line per seed (and
     the pooled figures); returns the exit status, 0."""
     args = parse_args(argv)
-    size, attention = parse_size(args.size), common.attention_options(args)
+    size, attention, cache = parse_size(args.size), common.attention_options(args), common.cache_option(args)
     trained = with_attention(TextToVideo.load(SHIPPED_WEIGHTS.get(args.weights, args.weights), args.config),
                              **attention)
     label = "untrained baseline" if args.untrained else args.weights
     label = f"{label} ({common.attention_summary(trained.dit.config)}, {args.frames}x{size[0]}x{size[1]})"
+    if cache is not None:
+        label = f"{label[:-1]}, step cache {cache.method} {cache.threshold:g})"
     results = []
     for seed in args.seed:
         model = trained
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             model = TextToVideo.from_config(trained.config_dict()).eval()
         start = time.perf_counter()
         result = evaluate(model, held_out_prompts(args.prompts, seed), frames=args.frames, size=size,
-                          steps=args.steps, guidance=args.guidance, shift=args.shift, seed=seed)
+                          steps=args.steps, guidance=args.guidance, shift=args.shift, seed=seed, cache=cache)
         result["seconds"] = time.perf_counter() - start
         if args.verbose:
             for prompt, colour, motion in result["rows"]:

@@ -47,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(fine-tuned to sliding-tile attention)")
     p.add_argument("--config", default=None, help="JSON config (default: config.json beside the weights)")
     common.add_attention_arguments(p, default_help="the weights' own (dense for the shipped model)")
+    common.add_cache_arguments(p)
     common.add_device_argument(p)
     p.add_argument("--sp-mode", choices=("ulysses", "ring", "hybrid"), default="ulysses",
                    help="sequence-parallel scheme under torchrun")
@@ -82,12 +83,13 @@ class Job(NamedTuple):
     paths: list[str]
     sheet: str
     attention: dict  # keywords of vdit.demo.growth.with_attention
+    cache: object = None  # the sampler's vdit.sampling.StepCache, None when off
 
 
 def plan(args: argparse.Namespace) -> Job:
     """The :class:`Job` of the arguments, checked before any work (a UsageError on bad input)."""
     height, width = parse_size(args.size, "--size")
-    attention = common.attention_options(args)
+    attention, cache = common.attention_options(args), common.cache_option(args)
     if args.prompt is not None:
         prompts = [args.prompt]
     else:
@@ -105,20 +107,22 @@ def plan(args: argparse.Namespace) -> Job:
     sheet = args.sheet or os.path.splitext(args.out)[0] + "_sheet.png"
     for path in paths + [sheet]:
         check_writable(path)
-    return Job(prompts, height, width, paths, sheet, attention)
+    return Job(prompts, height, width, paths, sheet, attention, cache)
 
 
 def sample(model: TextToVideo, args: argparse.Namespace, job: Job, *, progress: bool = True,
-           sequence_parallel=None) -> tuple[list[torch.Tensor], list[str]]:
+           sequence_parallel=None, stats: list | None = None) -> tuple[list[torch.Tensor], list[str]]:
     """Every video of ``job`` (float32 (3, frames, height, width) in [-1, 1], seeds --seed, --seed + 1, ... per
-    prompt) and its contact-sheet label. A size the model cannot generate raises UsageError."""
+    prompt) and its contact-sheet label; each run's step-cache statistics go to ``stats`` (a list) if given.
+    A size the model cannot generate raises UsageError."""
     videos, labels = [], []
     for prompt in job.prompts:
         for b in range(args.batch):
             try:
                 video, = generate(model, [prompt], frames=args.frames, height=job.height, width=job.width,
                                   steps=args.steps, guidance=args.guidance, seed=args.seed + b, method=args.sampler,
-                                  shift=args.shift, progress=progress, sequence_parallel=sequence_parallel)
+                                  shift=args.shift, progress=progress, sequence_parallel=sequence_parallel,
+                                  cache=job.cache, stats=stats)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
             videos.append(video)
@@ -154,15 +158,29 @@ def main(argv: list[str] | None = None) -> int:
         model = with_attention(TextToVideo.load(weights, args.config, device=ranks.device), **job.attention)
         if sequence_parallel is not None and model.dit.config.attention != "dense":
             raise UsageError(f"{model.dit.config.attention} attention does not run sequence-parallel yet")
-        start = time.perf_counter()
-        videos, labels = sample(model, args, job, progress=ranks.rank == 0, sequence_parallel=sequence_parallel)
+        start, stats = time.perf_counter(), []
+        videos, labels = sample(model, args, job, progress=ranks.rank == 0, sequence_parallel=sequence_parallel,
+                                stats=stats)
         elapsed = time.perf_counter() - start
     if ranks.rank == 0:
         write(videos, labels, job)
         print(f"generated {len(videos)} video(s) of {args.frames}x{job.height}x{job.width} with {args.steps} "
               f"{args.sampler} steps in {elapsed:.1f} s on {ranks.device}{parallel} "
               f"(vdit backend: {default_backend()}; {common.attention_summary(model.dit.config)})")
+        if job.cache is not None:
+            print(cache_summary(stats, job.cache, elapsed))
     return 0
+
+
+def cache_summary(stats: list, cache, seconds: float) -> str:
+    """One line: the step cache's threshold, the share of video evaluations and of block evaluations it skipped
+    over every run in ``stats`` (vdit.sampling.CacheStats), and the sampling time."""
+    evaluations = sum(s.evaluations for s in stats)
+    skipped = sum(s.skipped for s in stats)
+    blocks = max((s.num_blocks for s in stats), default=1)
+    share = skipped / max(evaluations, 1)
+    return (f"step cache {cache.method} (threshold {cache.threshold:g}): skipped {skipped}/{evaluations} video "
+            f"evaluations, {share * (blocks - 1) / blocks:.0%} of block evaluations, sampling took {seconds:.1f} s")
 
 
 cli = common.entry_point(PROG, main)
