@@ -92,7 +92,7 @@ class StepCache:
             raise ValueError(f"StepCache.per must be 'video' or 'batch', got {self.per!r}")
 
     @classmethod
-    def of(cls, cache: "StepCache | str | None", threshold: float | None = None) -> "StepCache | None":
+    def of(cls, cache: StepCache | str | None, threshold: float | None = None) -> StepCache | None:
         """A StepCache from a method name (``threshold``: None for the default), a StepCache or None; None when off."""
         if cache is None or isinstance(cache, StepCache):
             return None if cache is None or cache.method == "none" else cache
