@@ -120,10 +120,13 @@ def process_group(device: str | torch.device) -> Iterator[Ranks]:
         torch.cuda.set_device(device)
     owned = not dist.is_initialized()
     if owned:
-        # device_id binds the NCCL communicator to this rank's GPU and creates it now, on every rank together;
-        # the timeout turns a collective some rank never reaches into an error instead of a silent hang.
-        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT,
-                                device_id=device if device.type == "cuda" else None)
+        # On GPUs, device_id binds the NCCL communicator to this rank's GPU and creates it now, on every rank
+        # together, and the timeout turns a collective some rank never reaches into an error instead of a hang.
+        # CPU runs keep gloo's defaults: with an explicit timeout its ranks aborted at exit (seen in the tests).
+        if device.type == "cuda":
+            dist.init_process_group("cpu:gloo,cuda:nccl", timeout=PROCESS_GROUP_TIMEOUT, device_id=device)
+        else:
+            dist.init_process_group("gloo")
     checking = check_placement(device) if placement_checking_requested() else contextlib.nullcontext()
     try:
         with checking:
