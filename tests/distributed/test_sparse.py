@@ -76,7 +76,8 @@ def _check_model(attention, mode):
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.2)
     g = torch.Generator().manual_seed(1)
-    videos = [torch.randn(3, t, h, w, generator=g, dtype=torch.float64) for t, h, w in [(2, 8, 12), (1, 4, 4), (3, 4, 8)]]
+    shapes = [(2, 8, 12), (1, 4, 4), (3, 4, 8)]
+    videos = [torch.randn(3, t, h, w, generator=g, dtype=torch.float64) for t, h, w in shapes]
     t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
     context = torch.randn(7, 32, generator=g, dtype=torch.float64)
     cu_ctx = torch.tensor([0, 3, 4, 7], dtype=torch.int32)
