@@ -282,10 +282,11 @@ def test_placement_checker_refuses_p2p_before_a_collective():
             assert checker.collectives["batch_isend_irecv"] == 0
             dist.all_reduce(token, group=group)
             assert group in checker.joined and "world" not in checker.joined
+            before = checker.collectives["all_reduce"]
             mesh = build_mesh("cpu", 1)
-            groups = [mesh.mesh.get_group(n) for n in ("ulysses", "ring", "dp")] + [mesh.sp_mesh.get_group("sp")]
-            # a group spanning the whole (one-rank) world may be the default group, recorded as "world"
-            assert all(g in checker.joined or g is dist.group.WORLD for g in groups)
+            # groups of one rank have no peer to set a communicator up with: not warmed (the 6-rank test covers
+            # real groups)
+            assert mesh.world_size == 1 and checker.collectives["all_reduce"] == before
     finally:
         dist.destroy_process_group()
 

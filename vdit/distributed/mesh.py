@@ -75,7 +75,8 @@ def warm_up(groups, device_type: str) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device(device_type)
     token = torch.zeros(1, device=device)
     for group in groups:
-        dist.all_reduce(token, group=group)
+        if dist.get_world_size(group) > 1:  # a group of one has no peer to set a communicator up with
+            dist.all_reduce(token, group=group)
 
 
 def build_mesh(device_type: str, sp: int = 1, mode: str = "ulysses", ulysses_size: int | None = None,
