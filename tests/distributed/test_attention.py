@@ -6,6 +6,7 @@ vdit.distributed.build_mesh) repeated with fresh groups; the device-placement ch
 vdit.distributed.check_placement, so a collective given a tensor off the data's device, or a tensor made in
 vdit.distributed without a device, fails here as NCCL would fail on a GPU. The torchrun CLI tests are in
 tests/demo/test_cli.py (under VDIT_CHECK_PLACEMENT=1)."""
+import datetime
 import os
 import socket
 import traceback
@@ -154,8 +155,31 @@ def _check_mesh_repeated(repeats):
         dist.barrier()
 
 
+def _check_aligned(mode, cu_list, ulysses_size=None):
+    """Attention on a batch whose shard ranges start and end on video boundaries (a ring rank may send and
+    receive nothing at some or all steps) equals one process; the groups come from build_mesh, which warms each
+    up, so the checker's rule on point-to-point calls before a collective holds."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    cu = torch.tensor(cu_list, dtype=torch.int32)
+    g = torch.Generator().manual_seed(2)
+    q, k, v, dout = (torch.randn(cu_list[-1], 4, 8, generator=g, dtype=torch.float64) for _ in range(4))
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = reference.varlen_attention(qr, kr, vr, cu, cu)
+    ref.backward(dout)
+    sp = build_mesh("cpu", size, mode, ulysses_size).sequence_parallel
+    bounds = shard_bounds(cu_list, size)
+    a, b = bounds[rank], bounds[rank + 1]
+    qs, ks, vs = (t[a:b].clone().requires_grad_() for t in (q, k, v))
+    out = sp.attention(qs, ks, vs, cu, cu)
+    out.backward(dout[a:b])
+    torch.testing.assert_close(out, ref.detach()[a:b], rtol=1e-9, atol=1e-9)
+    for mine, full in ((qs, qr), (ks, kr), (vs, vr)):
+        torch.testing.assert_close(mine.grad, full.grad[a:b], rtol=1e-9, atol=1e-9)
+
+
 def _worker(rank, size, port, cases, errors):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         with check_placement("cpu") as checker:
             _cases(rank, size, cases, checker)
@@ -185,6 +209,8 @@ def _cases(rank, size, cases, checker):
             _check_no_host_reads_per_layer(case[1], checker)
         elif case[0] == "mesh":
             _check_mesh_repeated(case[1])
+        elif case[0] == "aligned":
+            _check_aligned(*case[1:])
         else:
             _check(*case)
     # bad input: cu_seqlens differing across ranks raises on every rank (no hang)
@@ -245,6 +271,36 @@ def test_four_ranks():
              ("ring", f64, 4, 2, False, False, None, "work"), ("hybrid", f64, 4, 2, False, False, 2, "work"),
              ("ring", f64, 4, 2, False, True, None, "work"), ("ring", f64, 4, 2, True, False, None, "work"),
              ("model-work-layout", "hybrid")])
+
+
+def test_video_aligned_ranges_do_not_hang():
+    """Ranges on video boundaries: hybrid Ulysses 2 x ring 3 on [0, 200, 300] (ring rank 2 holds all of the
+    second video and takes part in no ring step, so a ring group whose first call were point-to-point would hang
+    on NCCL), and a ring of 4 on [0, 150, 300] (ranks 0-1 and 2-3 exchange, never across)."""
+    _run(6, [("aligned", "hybrid", [0, 200, 300], 2)])
+    _run(4, [("aligned", "ring", [0, 150, 300]), ("aligned", "ulysses", [0, 150, 300])])
+
+
+def test_placement_checker_refuses_p2p_before_a_collective():
+    """A batched point-to-point call on a group that has run no collective raises (NCCL would set its
+    communicator up there, collectively); build_mesh warms every group it makes up."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        group = dist.new_group([0])
+        token = torch.zeros(1)
+        with check_placement("cpu") as checker:
+            with pytest.raises(PlacementError, match="run no collective yet"):
+                dist.batch_isend_irecv([dist.P2POp(dist.isend, token, 0, group)])
+            assert checker.collectives["batch_isend_irecv"] == 0
+            dist.all_reduce(token, group=group)
+            assert group in checker.joined and "world" not in checker.joined
+            before = checker.collectives["all_reduce"]
+            mesh = build_mesh("cpu", 1)
+            # groups of one rank have no peer to set a communicator up with: not warmed (the 6-rank test covers
+            # real groups)
+            assert mesh.world_size == 1 and checker.collectives["all_reduce"] == before
+    finally:
+        dist.destroy_process_group()
 
 
 def test_placement_checker_catches_what_nccl_would_refuse(tmp_path):

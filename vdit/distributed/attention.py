@@ -42,6 +42,13 @@ class SequenceParallel:
                                            group=self.group, mode=self.mode, ulysses_size=self.ulysses_size,
                                            subgroups=self.subgroups, layout=self.layout, **kwargs)
 
+    def sparse_attention(self, pattern, q, k, v, cu_seqlens, grids, *, path=None, coarse=None):
+        """Tile-sparse self-attention of this rank's shard (:func:`vdit.distributed.sparse.sparse_attention`):
+        returns (out, coarse output or None), each (n_r, Hq, D)."""
+        from vdit.distributed.sparse import sparse_attention  # sparse.py builds on this module
+
+        return sparse_attention(self, pattern, q, k, v, cu_seqlens, grids, path=path, coarse=coarse)
+
 
 def _hybrid_subgroups(subgroups) -> tuple:
     """The (Ulysses group, ring group) pair hybrid attention runs on; a ValueError without one."""

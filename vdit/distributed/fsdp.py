@@ -5,9 +5,15 @@ over the ranks instead of replicated, each transformer block gathered just befor
 all ranks (the data-parallel x sequence-parallel world: every rank's gradients are averaged over all of
 them, which is what DDP over the world did). With ``mixed_precision`` the blocks compute in bf16 from fp32
 master weights and reduce gradients in fp32 (``MixedPrecisionPolicy``), in place of autocast.
+
+The root does not let FSDP cast its inputs (``cast_forward_inputs=False``): FSDP would cast every float
+input, the diffusion timesteps too (t = 0.9137 becomes 0.9140625 in bf16, and the sinusoidal time embedding
+of 1000 t moves by a third of a step). A forward pre-hook casts the inputs the model computes on in bf16
+(videos, text embeddings) and leaves the ones named in ``exact_inputs`` (the timesteps) in fp32.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 
 import torch
@@ -16,18 +22,53 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+EXACT_INPUTS = ("timesteps",)
+
+
+def _cast(value, dtype: torch.dtype):
+    """``value`` with its floating-point tensors (also inside lists and tuples) cast to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast(v, dtype) for v in value)
+    return value
+
+
+def cast_inputs_hook(model: nn.Module, dtype: torch.dtype, exact_inputs: Iterable[str] = EXACT_INPUTS):
+    """A forward pre-hook (``with_kwargs=True``) for ``model`` that casts the floating-point inputs of its
+    ``forward`` to ``dtype``, except the arguments named in ``exact_inputs``, which keep their precision."""
+    signature, exact = inspect.signature(model.forward), frozenset(exact_inputs)
+
+    def hook(module, args, kwargs):
+        bound = signature.bind(*args, **kwargs)
+        for name, value in bound.arguments.items():
+            if name not in exact:
+                bound.arguments[name] = _cast(value, dtype)
+        return bound.args, bound.kwargs
+
+    return hook
+
 
 def shard_model(model: nn.Module, blocks: Iterable[nn.Module], device_type: str, *,
-                mixed_precision: bool = False) -> nn.Module:
+                mixed_precision: bool = False, exact_inputs: Iterable[str] = EXACT_INPUTS) -> nn.Module:
     """``model`` with ``fully_shard`` applied to each of ``blocks`` and then to ``model`` itself, over every
     rank of the world (all ranks call this together, with models of the same architecture). Returns
-    ``model`` (sharded in place: its parameters become DTensors holding this rank's shard)."""
+    ``model`` (sharded in place: its parameters become DTensors holding this rank's shard).
+
+    With ``mixed_precision``, the inputs of ``model.forward`` named in ``exact_inputs`` (default: the
+    (B,) ``timesteps``) reach the model in their own dtype; its other float inputs are cast to bf16."""
     mesh = init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("shard",))
-    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision
-              else MixedPrecisionPolicy())
+    if not mixed_precision:
+        policy = root_policy = MixedPrecisionPolicy()
+    else:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        root_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                           cast_forward_inputs=False)
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=root_policy)
+    if mixed_precision:
+        model.register_forward_pre_hook(cast_inputs_hook(model, torch.bfloat16, exact_inputs), with_kwargs=True)
     return model
 
 

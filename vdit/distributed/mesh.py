@@ -13,11 +13,17 @@ It uses ``torch.distributed.device_mesh`` (the mesh FSDP2 takes as well): two me
 then (dp, sp), each creating all of its groups on every rank in the same order. Nothing else in
 vdit.distributed creates a group: hybrid attention takes its Ulysses and ring groups from here
 (``SequenceParallel.subgroups``) and raises without them.
+
+Every group it makes then runs one collective that all its ranks join (:func:`warm_up`). NCCL creates a
+group's communicator lazily and collectively, at the group's first call; were that call a ring step's
+``batch_isend_irecv``, a rank with nothing to send or receive at that step (its token range starts and ends on
+video boundaries) would sit it out and the other ranks would block in the communicator's set-up.
 """
 from __future__ import annotations
 
 import dataclasses
 
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -63,10 +69,20 @@ class ParallelMesh:
         return self.dp_size * self.sp_size
 
 
+def warm_up(groups, device_type: str) -> None:
+    """One all-reduce on each of ``groups`` (this rank's groups, each joined by all its ranks in the same order),
+    so that every communicator exists before any point-to-point traffic (module docstring)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device(device_type)
+    token = torch.zeros(1, device=device)
+    for group in groups:
+        if dist.get_world_size(group) > 1:  # a group of one has no peer to set a communicator up with
+            dist.all_reduce(token, group=group)
+
+
 def build_mesh(device_type: str, sp: int = 1, mode: str = "ulysses", ulysses_size: int | None = None,
                layout: str = "tokens") -> ParallelMesh:
     """Every process group of a dp x sp rank grid over the whole world, created now on every rank in the same
-    order (all ranks must call this together).
+    order and each warmed up with one collective (all ranks must call this together).
 
     Args:
         device_type: ``"cuda"`` or ``"cpu"`` (the data's device type).
@@ -92,6 +108,9 @@ def build_mesh(device_type: str, sp: int = 1, mode: str = "ulysses", ulysses_siz
     dp = world // sp
     mesh = init_device_mesh(device_type, (dp, sp // u, u), mesh_dim_names=("dp", "ring", "ulysses"))
     sp_mesh = init_device_mesh(device_type, (dp, sp), mesh_dim_names=("dp", "sp"))
+    # Dimension by dimension: the groups of one dimension partition the world, so no rank waits on a group
+    # whose other ranks are warming up a different one.
+    warm_up([mesh.get_group(name) for name in ("ulysses", "ring", "dp")] + [sp_mesh.get_group("sp")], device_type)
     sequence_parallel = None
     if sp > 1:
         subgroups = (mesh.get_group("ulysses"), mesh.get_group("ring")) if mode == "hybrid" else None

@@ -8,6 +8,10 @@ passes every CPU test and fails at the first call on a GPU cluster. Under :func:
 * a tensor created by code in ``vdit/distributed`` must say its device (``torch.tensor(..., device=...)``):
   on CPU a factory without one silently lands on the data's device, on a GPU it does not, so the rule
   catches on CPU what would reach NCCL as a CPU tensor;
+* a batched point-to-point call (``batch_isend_irecv``) on a group that has not yet run a collective all its
+  ranks joined raises: NCCL creates a group's communicator lazily, collectively, at the group's first call,
+  so a first call that is point-to-point and that some rank of the group sits out blocks the others forever
+  (:func:`vdit.distributed.build_mesh` therefore runs one collective on every group it makes);
 * host reads of tensors (``tolist``, ``item``, ``cpu``, ``bool``, ``int``) made by ``vdit/distributed`` are
   counted in ``host_reads`` (file:line), so a test can assert that a model's layers add none (a GPU would
   synchronise on each).
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import inspect
 import os
 import sys
 from collections.abc import Iterator
@@ -39,7 +44,21 @@ _HOST_READS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.cpu, torch.T
 
 
 class PlacementError(RuntimeError):
-    """A collective got a tensor off the data's device, or vdit.distributed made a tensor without a device."""
+    """A collective got a tensor off the data's device, vdit.distributed made a tensor without a device, or a
+    batched point-to-point call ran on a group before any collective on it."""
+
+
+def _group_key(group):
+    """A hashable name for ``group``: the default group is ``"world"`` however it was passed."""
+    return "world" if group is None or group is dist.group.WORLD else group
+
+
+def _call_group(original, args, kwargs):
+    """The ``group`` argument a collective was called with (None: the default group)."""
+    try:
+        return inspect.signature(original).bind_partial(*args, **kwargs).arguments.get("group")
+    except (TypeError, ValueError):
+        return kwargs.get("group")
 
 
 def _caller_in_package() -> str | None:
@@ -86,13 +105,26 @@ class _Mode(TorchFunctionMode):
 
 
 class PlacementChecker:
-    """State of one :func:`check_placement` block: ``device``, ``collectives`` (name -> calls checked) and
-    ``host_reads`` (file:line -> count)."""
+    """State of one :func:`check_placement` block: ``device``, ``collectives`` (name -> calls checked),
+    ``host_reads`` (file:line -> count) and ``joined`` (the groups that have run a collective in the block)."""
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self.collectives: collections.Counter = collections.Counter()
         self.host_reads: collections.Counter = collections.Counter()
+        self.joined: set = set()
+
+    def check_group(self, name: str, original, args, kwargs) -> None:
+        """Record the group of a collective; refuse a batched point-to-point call on a group not yet joined."""
+        if name != "batch_isend_irecv":
+            self.joined.add(_group_key(_call_group(original, args, kwargs)))
+            return
+        for op in (args[0] if args else kwargs.get("p2p_op_list", [])):
+            if _group_key(op.group) not in self.joined:
+                raise PlacementError("torch.distributed.batch_isend_irecv on a group that has run no collective yet: "
+                                     "NCCL would create its communicator here, collectively, and a rank of the group "
+                                     "that sends nothing now would block the others (warm the group up first, as "
+                                     "vdit.distributed.build_mesh does)")
 
     def wrap(self, name: str, original):
         def checked(*args, **kwargs):
@@ -100,6 +132,7 @@ class PlacementChecker:
                 if tensor.device.type != self.device.type:
                     raise PlacementError(f"torch.distributed.{name} got a tensor on {tensor.device}, not on the "
                                          f"data's device {self.device} (NCCL takes CUDA tensors only)")
+            self.check_group(name, original, args, kwargs)
             self.collectives[name] += 1
             return original(*args, **kwargs)
 

@@ -84,6 +84,73 @@ def balanced_split(costs: list[int], parts: int) -> list[list[int]]:
     return [sorted(part) for part in split]
 
 
+def _score(loads: list[list[float]], means: list[float]) -> tuple[float, float]:
+    """(largest load / mean over every group and criterion, sum of the squared excesses over the mean): the
+    first is what the split minimises, the second breaks its ties so the search can cross plateaus."""
+    ratios = [load[c] / means[c] for load in loads for c in range(len(means)) if means[c] > 0]
+    return max(ratios), sum(max(0.0, r - 1.0) ** 2 for r in ratios)
+
+
+def _best_exchange(split, loads, items, means):
+    """The move (``j`` None) or swap of one item ``i`` of group ``g`` with item ``j`` of group ``h`` that lowers
+    :func:`_score` the most, as (score, g, h, i, j); None when none lowers it."""
+    best, choice, zero = _score(loads, means), None, [0.0] * len(means)
+    for g in range(len(split)):
+        for h in range(len(split)):
+            for i in split[g] if g != h else ():
+                for j in [None] + split[h]:
+                    cj = zero if j is None else items[j]
+                    trial = list(loads)
+                    trial[g] = [loads[g][c] - items[i][c] + cj[c] for c in range(len(means))]
+                    trial[h] = [loads[h][c] + items[i][c] - cj[c] for c in range(len(means))]
+                    score = _score(trial, means)
+                    if score < best and best[0] - score[0] > -1e-12:
+                        best, choice = score, (g, h, i, j, trial)
+    return choice
+
+
+def _improve(split: list[list[int]], loads, items, means, rounds: int) -> None:
+    """Local search in place: up to ``rounds`` best single moves or swaps between two groups."""
+    for _ in range(rounds):
+        choice = _best_exchange(split, loads, items, means)
+        if choice is None:
+            return
+        g, h, i, j, trial = choice
+        loads[:] = trial
+        split[g].remove(i)
+        split[h].append(i)
+        if j is not None:
+            split[h].remove(j)
+            split[g].append(j)
+
+
+def cost_balanced_split(tokens: list[int], parts: int, a: float = 0.0, b: float = 1.0,
+                        rounds: int = 64) -> list[list[int]]:
+    """Indices of videos of ``tokens`` tokens dealt to ``parts`` data-parallel groups so that both the token
+    counts and the compute cost ``a * n + b * n**2`` (per-token layers plus attention) are even.
+
+    Balancing tokens alone leaves the group holding the longest videos with far more attention work; balancing
+    work alone leaves uneven token counts (the per-token layers, activation memory). Greedy first (costliest
+    video to the group whose larger relative load stays smallest), then up to ``rounds`` moves or swaps out of
+    the most loaded group. Deterministic: every rank computes the same split; each group's indices ascending.
+    """
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
+    items = [[float(n), a * n + b * n * n] for n in tokens]
+    means = [sum(item[c] for item in items) / parts for c in range(2)]
+    if not any(means):
+        return balanced_split(list(tokens), parts)
+    loads = [[0.0, 0.0] for _ in range(parts)]
+    split: list[list[int]] = [[] for _ in range(parts)]
+    for i in sorted(range(len(items)), key=lambda i: (-items[i][1], -items[i][0], i)):
+        g = min(range(parts), key=lambda g: (max((loads[g][c] + items[i][c]) / means[c] for c in range(2)
+                                                 if means[c] > 0), g))
+        loads[g] = [loads[g][c] + items[i][c] for c in range(2)]
+        split[g].append(i)
+    _improve(split, loads, items, means, rounds)
+    return [sorted(part) for part in split]
+
+
 def range_lengths(cu: list[int], start: int, end: int) -> list[int]:
     """Each sequence's token count inside the range [start, end) of a packed batch with offsets ``cu`` (host ints)."""
     return [max(0, min(b, end) - max(a, start)) for a, b in zip(cu[:-1], cu[1:])]

@@ -356,8 +356,6 @@ class VideoDiT(nn.Module):
         c = self.conditioning(timesteps, context, cu_seqlens_context, pooled)
         cu_local, sparse = None, False
         if self.config.attention != "dense":
-            if sequence_parallel is not None:
-                raise NotImplementedError(f"attention={self.config.attention!r} does not run sequence-parallel yet")
             # Tile order for the blocks, once; per-sample ops (adaLN, cross-attention) are order-free.
             perm = tile_permutation(grids, self.config.tile)
             x, positions, sparse = x[perm], positions[perm], True

@@ -29,7 +29,9 @@ class TileSparseAttention(VarlenSelfAttention):
 
     ``forward(x, cu_seqlens, max_seqlen=None, positions=None, rope=None, *, grids)``: x (total, dim) packed
     in tile order (:meth:`vdit.packing.PackedVideos.to_tile_order`), grids int (B, 3) the videos' token
-    grids, positions (total, 3) in the same order -> (total, dim).
+    grids, positions (total, 3) in the same order -> (total, dim). With ``sequence_parallel`` (a
+    :class:`vdit.distributed.SequenceParallel`), x and positions are this rank's range of the tile-ordered batch
+    that cu_seqlens and grids describe in full (Ulysses, ring, hybrid: :mod:`vdit.distributed.sparse`).
     """
 
     def __init__(self, dim: int, heads: int, *, pattern: SparsePattern, kv_heads: int | None = None,
@@ -55,11 +57,16 @@ class TileSparseAttention(VarlenSelfAttention):
 
     def forward(self, x, cu_seqlens=None, max_seqlen=None, positions=None, rope=None, *, grids=None,
                 key_padding_mask=None, sequence_parallel=None):
-        if sequence_parallel is not None:
-            raise NotImplementedError("TileSparseAttention does not run sequence-parallel yet")
         if x.dim() != 2 or grids is None or cu_seqlens is None:
             raise ValueError("TileSparseAttention takes packed x (total, dim) in tile order with cu_seqlens and grids")
         q, k, v = self.project(x, positions, rope)
+        if sequence_parallel is not None:  # x: this rank's range of the tile-ordered batch that cu_seqlens describe
+            coarse = self.coarse if self.pattern.mode == "topk_tile" else None
+            out, extra = sequence_parallel.sparse_attention(self.pattern, q, k, v, cu_seqlens, grids, path=self.path,
+                                                            coarse=coarse)
+            if extra is not None:
+                out = out + self.coarse_gate(x)[..., None].to(out.dtype) * extra
+            return self.proj(out.reshape(x.shape[0], -1))
         out = self.pattern.attend(q, k, v, cu_seqlens, grids, path=self.path)
         if self.pattern.mode == "topk_tile":
             out = out + self.coarse_gate(x)[..., None].to(out.dtype) * self.coarse(q, k, v, grids)

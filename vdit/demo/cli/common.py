@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import os
 import re
 import sys
@@ -19,6 +20,8 @@ from vdit.ops.sparse_pattern import MODES
 from vdit.sampling import DEFAULT_THRESHOLD, METHODS, StepCache
 
 USAGE_ERROR = 2  # exit status of bad input, as argparse uses
+# How long a collective waits for its peers before failing (a rank that never arrives raises instead of hanging).
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)
 
 
 class UsageError(ValueError):
@@ -137,7 +140,13 @@ def process_group(device: str | torch.device) -> Iterator[Ranks]:
         torch.cuda.set_device(device)
     owned = not dist.is_initialized()
     if owned:
-        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+        # On GPUs, device_id binds the NCCL communicator to this rank's GPU and creates it now, on every rank
+        # together, and the timeout turns a collective some rank never reaches into an error instead of a hang.
+        # CPU runs keep gloo's defaults: with an explicit timeout its ranks aborted at exit (seen in the tests).
+        if device.type == "cuda":
+            dist.init_process_group("cpu:gloo,cuda:nccl", timeout=PROCESS_GROUP_TIMEOUT, device_id=device)
+        else:
+            dist.init_process_group("gloo")
     checking = check_placement(device) if placement_checking_requested() else contextlib.nullcontext()
     try:
         with checking:

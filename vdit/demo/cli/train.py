@@ -45,7 +45,7 @@ from vdit.demo.data import ShapesDataset, vocabulary
 from vdit.demo.growth import ADDED_MODULES, with_added_modules, with_attention
 from vdit.demo.pipeline import TextEncoderConfig, TextToVideo
 from vdit.distributed import ParallelMesh, build_mesh
-from vdit.distributed.sharding import balanced_split
+from vdit.distributed.sharding import cost_balanced_split
 from vdit.models import VideoDiTConfig
 from vdit.sampling import time_shift
 from vdit.training import ema_update, flow_matching_loss
@@ -171,8 +171,8 @@ def next_batch(dataset: ShapesDataset, index: int, budget: int, patch, seed: int
     """Sample indices from ``index`` on until the token budget is reached (and at least ``min_videos``).
 
     Returns this data-parallel rank's :class:`TrainBatch`: the videos are dealt to the ``world_size``
-    data-parallel ranks by token count (vdit.distributed.sharding.balanced_split), so no rank waits for one
-    that holds all the long videos.
+    data-parallel ranks evening out both token counts and attention work (n^2 per video;
+    vdit.distributed.sharding.cost_balanced_split), so no rank waits for one that holds all the long videos.
     """
     indices, tokens, elements, counts = [], 0, 0, []
     while True:
@@ -185,7 +185,7 @@ def next_batch(dataset: ShapesDataset, index: int, budget: int, patch, seed: int
         tokens += n
         elements += 3 * spec.frames * spec.height * spec.width
         index += 1
-    mine = [indices[i] for i in balanced_split(counts, world_size)[rank]]
+    mine = [indices[i] for i in cost_balanced_split(counts, world_size)[rank]]
     videos, captions = [], []
     for i in mine:
         video, caption, _ = dataset[i]
