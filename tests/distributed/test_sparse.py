@@ -10,7 +10,6 @@ import torch.multiprocessing as mp
 
 from tests.distributed.test_attention import _free_port
 from vdit.distributed import SequenceParallel, build_mesh, check_placement, shard_bounds, shard_packed
-from vdit.distributed.stats import count_communication
 from vdit.nn import TileSparseAttention
 from vdit.ops import SparsePattern
 
