@@ -23,7 +23,7 @@ import math
 import random
 import re
 
-from vdit.demo.data import BACKGROUNDS, COLORS, HELD_OUT, MOTIONS, SCALINGS, SHAPES, SIZES, ObjectSpec, VideoSpec
+from vdit.demo.data import BACKGROUNDS, COLORS, HELD_OUT, MOTIONS, SHAPES, SIZES, ObjectSpec, VideoSpec, vocabulary
 
 SHAPE_WORDS = {
     "circle": "circle", "circles": "circle", "ball": "circle", "balls": "circle", "disc": "circle",
@@ -70,14 +70,13 @@ MOVING_WORDS = {"moves", "moving", "move", "going", "goes", "heading", "heads", 
 BACKGROUND_WORDS = {"background", "backdrop", "bg", "backround", "backgrounds", "scene", "canvas", "field", "sky"}
 BACKGROUND_PREPOSITIONS = {"on", "against", "over", "in", "upon", "onto"}
 SECOND_OBJECT_WORDS = {"and", "with", "plus", "while", "beside", "next", "alongside", "another"}
-FILLER = {"a", "an", "the", "is", "are", "that", "which", "it", "its", "of", "to", "and", "with", "on", "against",
-          "over", "in", "into", "toward", "towards", "from", "across", "along", "one", "some", "shape", "object",
-          "thing", "something", "coloured", "colored", "color", "colour", "video", "clip", "showing", "shows", "animation", "of",
-          "there", "while", "plus", "upon", "onto", "by", "at", "as", "side", "corner", "screen", "frame", "way",
-          "direction", "diagonally", "diagonal", "then", "just", "please", "make", "show", "me", "edge", "another",
-          "beside", "next", "alongside", "s", "t", "very", "quite", "kind", "sort", "who", "solid", "plain",
-          "dark", "light", "bright", "pale", "deep", "size", "sized", "get", "gets", "getting", "becoming", "stay",
-          "stays", "and", "around", "out", "along", "all", "cross", "across", "itself", "being", "while", "go"}
+FILLER = set("""
+a across against all along alongside an and animation another are around as at becoming being beside bright
+by clip color colored colour coloured corner cross dark deep diagonal diagonally direction edge frame from
+get gets getting go in into is it its itself just kind light make me next object of on one onto out over
+pale plain please plus quite s screen shape show showing shows side size sized solid some something sort
+stay stays t that the then there thing to toward towards upon very video way which while who with
+""".split())  # words that carry no slot
 # The grammar has no speed: these are reported as requests it cannot express.
 SPEED_WORDS = {"fast", "quickly", "quick", "slowly", "slow", "rapidly", "gently", "speedy", "swiftly", "steadily"}
 ALIASES = {"grey": "gray", "violet": "purple", "magenta": "purple", "teal": "cyan", "aqua": "cyan",
@@ -355,6 +354,13 @@ def _fill_background(state: _Parse, rng: random.Random) -> tuple[str, str | None
     return background, second
 
 
+def _in_grammar(prompt: str, state: _Parse) -> bool:
+    """Whether ``prompt`` is already a full grammar caption: only grammar words, every object's colour, shape
+    and motion, and a background."""
+    complete = all({"color", "shape", "motion"} <= _given_slots(o) for o in state.objects)
+    return complete and bool(state.background) and set(_tokens(prompt)) <= set(vocabulary())
+
+
 def expand_detailed(prompt: str, *, seed: int | None = None) -> Expansion:
     """Expand ``prompt`` into a grammar caption, with the slots, which the user gave, and the unknown words.
 
@@ -364,6 +370,10 @@ def expand_detailed(prompt: str, *, seed: int | None = None) -> Expansion:
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     rng = random.Random(seed)
     state = _parse(prompt)
+    if _in_grammar(prompt, state):  # a caption already in the grammar means medium size, no scaling
+        for obj in state.objects:
+            obj.setdefault("size", "medium")
+            obj.setdefault("scaling", "")
     background, background2 = _fill_background(state, rng)
     taken = {background, background2} | {o["color"] for o in state.objects if o.get("color")}
     objects = []
@@ -382,3 +392,17 @@ def expand_detailed(prompt: str, *, seed: int | None = None) -> Expansion:
 def expand(prompt: str, *, seed: int | None = None) -> str:
     """The grammar caption for the short prompt ``prompt`` (see :func:`expand_detailed`)."""
     return expand_detailed(prompt, seed=seed).caption
+
+
+def expand_prompts(prompts: list[str], *, seed: int | None = None, echo=print) -> list[str]:
+    """Each prompt of ``prompts`` expanded (the i-th with seed ``seed + i``), telling ``echo`` each expanded
+    caption and every note (unknown words, colour mappings); the command lines' ``--expand-prompt``."""
+    captions = []
+    for i, prompt in enumerate(prompts):
+        result = expand_detailed(prompt, seed=None if seed is None else seed + i)
+        if echo is not None:
+            echo(f"expanded {prompt!r} -> {result.caption!r}")
+            for note in result.notes:
+                echo(f"  note: {note}")
+        captions.append(result.caption)
+    return captions
