@@ -215,6 +215,10 @@ def _background_span(words: list[str], i: int, used: int) -> list[tuple[str, int
         k -= 1
     following = words[j] if j < len(words) else ""
     if k >= 0 and words[k] in BACKGROUND_PREPOSITIONS and following not in SHAPE_WORDS | SIZE_WORDS.keys():
+        second = _colour_word(words, j + 1) if following == "and" else None
+        after = words[j + 1 + second[1]] if second and j + 1 + second[1] < len(words) else ""
+        if second and after not in SHAPE_WORDS | SIZE_WORDS.keys():  # "on black and white"
+            return [("".join(words[i:j]), used), (second[0], second[1] + 1)]
         return [("".join(words[i:j]), used)]
     return None
 
