@@ -93,12 +93,40 @@ def report(m: dict) -> str:
     return "\n".join(lines)
 
 
+def model_check(records: list[dict], count: int, size: tuple[int, int], steps: int) -> str:
+    """The shipped demo model's colour / motion accuracy on ``count`` one-object prompts that give a colour and a
+    motion, each with " on black" appended (the measurement needs a black background), as typed and expanded."""
+    from vdit.demo.evaluation import evaluate
+    from vdit.demo.pipeline import DEFAULT_WEIGHTS, SHIPPED_WEIGHTS, TextToVideo
+    from vdit.demo.prompts import expand
+
+    chosen = [r for r in records if len(r["objects"]) == 1 and {"color", "motion"} <= r["objects"][0].keys()
+              and "background" not in r][:count]
+    typed = [(f"{r['prompt']} on black", r["objects"][0]["color"], None, r["objects"][0]["motion"]) for r in chosen]
+    expanded = [(expand(p, seed=i), c, s, m) for i, (p, c, s, m) in enumerate(typed)]
+    model = TextToVideo.load(SHIPPED_WEIGHTS.get(DEFAULT_WEIGHTS, DEFAULT_WEIGHTS))
+    lines = []
+    for label, prompts in (("as typed", typed), ("expanded", expanded)):
+        r = evaluate(model, prompts, frames=16, size=size, steps=steps, seed=0, progress=False)
+        lines.append(f"| {label} | {len(prompts)} | {100 * r['colour_accuracy']:.0f} % | "
+                     f"{100 * r['motion_accuracy']:.0f} % |")
+    return "\n".join(["| prompts | n | colour | motion |", "|---|---|---|---|", *lines])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", default=DEFAULT_PROMPTS)
     p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--model", type=int, default=0, metavar="N",
+                   help="also generate with the shipped demo model on N short prompts, as typed and expanded")
+    p.add_argument("--size", default="64x96", help="HxW of the --model videos")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps of the --model videos")
     args = p.parse_args(argv)
-    print(report(measure(load(args.prompts), args.seeds)))
+    records = load(args.prompts)
+    print(report(measure(records, args.seeds)))
+    if args.model:
+        height, width = (int(v) for v in args.size.split("x"))
+        print(model_check(records, args.model, (height, width), args.steps))
     return 0
 
 
