@@ -84,6 +84,9 @@ def test_backgrounds_and_second_objects():
     assert result.background == "black" and result.background2 is None
     two = expand_detailed("cyan triangle on a black and white backdrop", seed=0)
     assert (two.background, two.background2) == ("black", "white")
+    bare = expand_detailed("red disc moving left on black and white", seed=0)
+    assert (bare.background, bare.background2, len(bare.objects)) == ("black", "white", 1)
+    assert len(expand_detailed("red ball on black and blue box", seed=0).objects) == 2
     assert expand_detailed("red ball on a dark background", seed=0).background == "black"
     assert expand_detailed("red ball against grey", seed=0).background == "gray"
 

@@ -225,7 +225,7 @@ def _background_span(words: list[str], i: int, used: int) -> list[tuple[str, int
 
 def _background_colour(name: str, state: _Parse) -> None:
     colour = BACKGROUND_ALIASES.get(name, name)
-    found, distance = nearest_colour(colour, BACKGROUNDS)
+    found, _ = nearest_colour(colour, BACKGROUNDS)
     if found is None:
         state.report(name, f"the background palette ({', '.join(BACKGROUNDS)}) has no colour near {name!r}")
     else:
