@@ -37,6 +37,7 @@ from vdit.demo.evaluation import (  # noqa: F401
 )
 from vdit.demo.growth import with_attention
 from vdit.demo.pipeline import DEFAULT_WEIGHTS, SHIPPED_WEIGHTS, TextToVideo
+from vdit.demo.prompts import expand_prompts
 
 PROG = "vdit-eval-demo"
 
@@ -48,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default=None)
     p.add_argument("--prompts", type=int, default=len(HELD_OUT),
                    help=f"number of held-out prompts (default: all {len(HELD_OUT)})")
+    p.add_argument("--expand-prompt", action="store_true",
+                   help="pass every prompt through vdit.demo.prompts.expand first (a grammar caption is kept as is)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--frames", type=int, default=16)
@@ -81,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(seed)
             model = TextToVideo.from_config(trained.config_dict()).eval()
         start = time.perf_counter()
-        result = evaluate(model, held_out_prompts(args.prompts, seed), frames=args.frames, size=size,
+        prompts = held_out_prompts(args.prompts, seed)
+        if args.expand_prompt:
+            captions = expand_prompts([p[0] for p in prompts], seed=seed, echo=print if args.verbose else None)
+            prompts = [(caption, *rest) for caption, (_, *rest) in zip(captions, prompts)]
+        result = evaluate(model, prompts, frames=args.frames, size=size,
                           steps=args.steps, guidance=args.guidance, shift=args.shift, seed=seed, cache=cache)
         result["seconds"] = time.perf_counter() - start
         if args.verbose:
