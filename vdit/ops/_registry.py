@@ -39,7 +39,7 @@ from collections.abc import Callable
 import torch
 
 from vdit import backends
-from vdit._extension import HAS_CPU_KERNELS, HAS_CUDA_KERNELS, HAS_TRITON, LOAD_ERROR
+from vdit._extension import HAS_CPU_KERNELS, HAS_CUDA_KERNELS, HAS_TRITON, LOAD_ERROR, cuda_code_missing
 from vdit.backends import BackendUnavailableError
 from vdit.kernels import MAX_GPU_HEAD_DIM, schemas  # noqa: F401  (MAX_GPU_HEAD_DIM: re-exported for the ops)
 
@@ -170,6 +170,9 @@ class Kernel:
         if call.head_dim is not None and self.max_head_dim is not None and call.head_dim > self.max_head_dim:
             return ValueError, f"takes head dims up to {self.max_head_dim}, got {call.head_dim}"
         reason = self.requires(call) if self.requires is not None else None
+        if reason is None and self.family is COMPILED and call.device.type == "cuda" and HAS_CUDA_KERNELS \
+                and call.capability is not None:
+            reason = cuda_code_missing(call.capability)  # the build's archs must cover the GPU's
         return (ValueError, reason) if reason else None
 
     def not_installed(self, device: torch.device) -> str | None:
