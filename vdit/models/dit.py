@@ -337,37 +337,34 @@ class VideoDiT(nn.Module):
         pooled = self.pooled_context(context, cu_ctx) if pooled is None else pooled
         return self.time_mlp(timestep_embedding(timesteps, 256).to(context.dtype)) + self.pooled_text(pooled)
 
-    def forward(self, videos: Sequence[torch.Tensor], timesteps: torch.Tensor, context: torch.Tensor,
-                cu_seqlens_context: torch.Tensor,
-                sequence_parallel: SequenceParallel | None = None) -> list[torch.Tensor]:
-        if len(videos) != timesteps.shape[0] or cu_seqlens_context.shape[0] != len(videos) + 1:
+    def _embed(self, videos, timesteps, context, cu_ctx):
+        """Check the batch, patch-embed it and condition it: (x (total, D) in raster order, cu_seqlens, grids,
+        positions (total, 3), c (B, D)); arguments as :meth:`forward`."""
+        if len(videos) != timesteps.shape[0] or cu_ctx.shape[0] != len(videos) + 1:
             raise ValueError(f"got {len(videos)} videos, {timesteps.shape[0]} timesteps and "
-                             f"{cu_seqlens_context.shape[0] - 1} prompts; they must match")
+                             f"{cu_ctx.shape[0] - 1} prompts; they must match")
         x, cu, grids = self.patch_embed(list(videos))
         positions = grid_positions(grids)
-        pooled = self.pooled_context(context, cu_seqlens_context)
+        pooled = self.pooled_context(context, cu_ctx)
         if self.position_embed is not None:
             fractions = grid_fractions(grids, positions)
             if self.prompt_velocity is not None:
                 fractions = self.prompt_velocity(fractions, pooled, grids.prod(1).to(fractions.device))
             x = x + self.position_embed(fractions).to(x.dtype)
-        max_len = int((cu[1:] - cu[:-1]).max())
-        max_ctx = int((cu_seqlens_context[1:] - cu_seqlens_context[:-1]).max())
-        c = self.conditioning(timesteps, context, cu_seqlens_context, pooled)
-        cu_local, sparse = None, False
+        return x, cu, grids, positions, self.conditioning(timesteps, context, cu_ctx, pooled)
+
+    def forward(self, videos: Sequence[torch.Tensor], timesteps: torch.Tensor, context: torch.Tensor,
+                cu_seqlens_context: torch.Tensor,
+                sequence_parallel: SequenceParallel | None = None) -> list[torch.Tensor]:
+        x, cu, grids, positions, c = self._embed(videos, timesteps, context, cu_seqlens_context)
+        perm = None
         if self.config.attention != "dense":
             # Tile order for the blocks, once; per-sample ops (adaLN, cross-attention) are order-free.
             perm = tile_permutation(grids, self.config.tile)
-            x, positions, sparse = x[perm], positions[perm], True
-        if sequence_parallel is not None:
-            total = x.shape[0]
-            cu_host = cu.tolist()
-            bounds = shard_bounds(cu_host, sequence_parallel.size, sequence_parallel.layout)
-            start, end = bounds[sequence_parallel.rank], bounds[sequence_parallel.rank + 1]
-            x, positions = shard_packed(x, sequence_parallel.group, bounds), positions[start:end]
-            cu_local = local_offsets(cu_host, start, end, cu.device)
-        inputs = BlockInputs(c, cu, max_len, positions, self.rope, context, cu_seqlens_context, max_ctx,
-                             sequence_parallel=sequence_parallel, cu_local=cu_local, grids=grids if sparse else None)
+            x, positions = x[perm], positions[perm]
+        total = x.shape[0]
+        inputs, x, bounds = self._block_inputs(x, cu, grids, positions, c, context, cu_seqlens_context,
+                                               sequence_parallel)
         for block in self.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 # Recomputed in the backward, collectives of sequence parallelism included: every rank
@@ -377,7 +374,7 @@ class VideoDiT(nn.Module):
                 x = block(x, inputs)
         if sequence_parallel is not None:
             x = gather_packed(x, total, sequence_parallel.group, bounds)
-        if sparse:
+        if perm is not None:
             x = x[perm.argsort()]  # back to raster order for unpatchify
         shift, scale = self.final_modulation(c)
         return self.unembed(adaln_modulate(x, shift, scale, cu), cu_seqlens=cu, grids=grids)
@@ -388,18 +385,7 @@ class VideoDiT(nn.Module):
                     cu_seqlens_context: torch.Tensor, sequence_parallel: SequenceParallel | None = None
                     ) -> FirstBlockState:
         """Embed the batch (arguments as :meth:`forward`) and run the first block: a :class:`FirstBlockState`."""
-        if len(videos) != timesteps.shape[0] or cu_seqlens_context.shape[0] != len(videos) + 1:
-            raise ValueError(f"got {len(videos)} videos, {timesteps.shape[0]} timesteps and "
-                             f"{cu_seqlens_context.shape[0] - 1} prompts; they must match")
-        x, cu, grids = self.patch_embed(list(videos))
-        positions = grid_positions(grids)
-        pooled = self.pooled_context(context, cu_seqlens_context)
-        if self.position_embed is not None:
-            fractions = grid_fractions(grids, positions)
-            if self.prompt_velocity is not None:
-                fractions = self.prompt_velocity(fractions, pooled, grids.prod(1).to(fractions.device))
-            x = x + self.position_embed(fractions).to(x.dtype)
-        c = self.conditioning(timesteps, context, cu_seqlens_context, pooled)
+        x, cu, grids, positions, c = self._embed(videos, timesteps, context, cu_seqlens_context)
         perm = None
         if self.config.attention != "dense":
             if sequence_parallel is not None:
