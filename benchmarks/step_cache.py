@@ -58,28 +58,43 @@ def classes(video: torch.Tensor) -> tuple[str | None, str | None]:
     return classify_colour(video, masks), classify_motion(masks)
 
 
-def thresholds_part(model, count: int, thresholds, raw) -> None:
-    """Part 1: one JSON line per (prompt, threshold); threshold 0 is the uncached reference."""
-    for i, (prompt, colour, _shape, motion) in enumerate(held_out_prompts(count, 0)):
-        (ref,), ref_time, stats = run(model, [prompt], [(3, FRAMES, *SIZE)], StepCache(threshold=0.0), i)
-        ref_classes = classes(ref)
-        changes = [c for call in stats.changes for c in call]
-        for threshold in (0.0, *thresholds):
-            if threshold == 0.0:
-                video, seconds, got = ref, ref_time, stats
-            else:
-                (video,), seconds, got = run(model, [prompt], [(3, FRAMES, *SIZE)], StepCache(threshold=threshold), i)
-            got_classes = classes(video)
-            record = {"part": "thresholds", "prompt": prompt, "threshold": threshold, "seconds": seconds,
-                      "ref_seconds": ref_time, "block_share": got.block_share, "skipped_share": got.skipped_share,
-                      "psnr": psnr(video, ref), "colour_ok": got_classes[0] == colour,
-                      "motion_ok": got_classes[1] == motion, "colour_agrees": got_classes[0] == ref_classes[0],
-                      "motion_agrees": got_classes[1] == ref_classes[1],
-                      "changes": changes if threshold == 0.0 else None}
-            raw.write(json.dumps(record) + "\n")
-            raw.flush()
-            print(f"{i} {threshold}: {seconds:.1f} s, skipped {got.block_share:.0%}, psnr {record['psnr']:.1f}",
-                  flush=True)
+def thresholds_part(model, count: int, thresholds, seeds, size: tuple, raw, done: set) -> None:
+    """Part 1: one JSON line per (size, seed, prompt, threshold); threshold 0 is the uncached reference. Seed ``s``
+    takes the held-out prompts in the order ``held_out_prompts(count, s)`` with noise seed ``s + i`` for the i-th,
+    as ``vdit-eval-demo`` does. Combinations already in ``done`` (from an earlier, interrupted run) are skipped."""
+    shape = (3, FRAMES, *size)
+    for seed in seeds:
+        for i, (prompt, colour, _shape, motion) in enumerate(held_out_prompts(count, seed)):
+            if all((tuple(size), seed, prompt, t) in done for t in (0.0, *thresholds)):
+                continue
+            (ref,), ref_time, stats = run(model, [prompt], [shape], StepCache(threshold=0.0), seed + i)
+            ref_classes = classes(ref)
+            changes = [c for call in stats.changes for c in call]
+            for threshold in (0.0, *thresholds):
+                if threshold == 0.0:
+                    video, seconds, got = ref, ref_time, stats
+                else:
+                    (video,), seconds, got = run(model, [prompt], [shape], StepCache(threshold=threshold), seed + i)
+                got_classes = classes(video)
+                record = {"part": "thresholds", "size": list(size), "seed": seed, "prompt": prompt,
+                          "threshold": threshold, "seconds": seconds, "ref_seconds": ref_time,
+                          "block_share": got.block_share, "skipped_share": got.skipped_share,
+                          "psnr": psnr(video, ref), "colour_ok": got_classes[0] == colour,
+                          "motion_ok": got_classes[1] == motion, "colour_agrees": got_classes[0] == ref_classes[0],
+                          "motion_agrees": got_classes[1] == ref_classes[1],
+                          "changes": changes if threshold == 0.0 else None}
+                raw.write(json.dumps(record) + "\n")
+                raw.flush()
+                print(f"{size} seed {seed} prompt {i} threshold {threshold}: {seconds:.1f} s, "
+                      f"skipped {got.block_share:.0%}, psnr {record['psnr']:.1f}", flush=True)
+
+
+def done_keys(path: str) -> set:
+    """(size, seed, prompt, threshold) of the part-1 records already in ``path``."""
+    if not os.path.exists(path):
+        return set()
+    return {(tuple(r.get("size", SIZE)), r.get("seed", 0), r["prompt"], r["threshold"])
+            for r in load(path) if r["part"] == "thresholds"}
 
 
 def mixed_part(model, threshold: float, raw) -> None:
@@ -230,6 +245,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", type=int, default=36)
     p.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--size", default="64x96", help="HxW of part 1's videos")
     p.add_argument("--mixed-threshold", type=float, default=0.1)
     p.add_argument("--skip-thresholds", action="store_true", help="only part 2")
     p.add_argument("--skip-mixed", action="store_true", help="only part 1")
@@ -249,7 +266,8 @@ def main(argv=None) -> None:
             if not args.skip_mixed:
                 mixed_part(model, args.mixed_threshold, raw)
             if not args.skip_thresholds:
-                thresholds_part(model, args.prompts, args.thresholds, raw)
+                size = tuple(int(v) for v in args.size.split("x"))
+                thresholds_part(model, args.prompts, args.thresholds, args.seeds, size, raw, done_keys(args.raw))
     report(load(args.raw), args.out, args.plot)
 
 
