@@ -22,10 +22,17 @@ declare -A RESULT
 STEPS=(build dense-lse sparse-smoke tests cuda-tests memcheck sparse-memcheck benchmarks attention-candidates
        sparse-timing gpu-static)
 ONLY=" $* "
+for name in "$@"; do
+    [[ " ${STEPS[*]} " == *" $name "* ]] || { echo "gpu_check.sh: no step '$name' (steps: ${STEPS[*]})" >&2; exit 2; }
+done
 
-step() {  # step NAME COMMAND...: run, log, remember pass/fail (skipped when steps are named and NAME is not)
+selected() {  # selected NAME: no steps named on the command line, or NAME among them
+    [[ "$ONLY" == "  " || "$ONLY" == *" $1 "* ]]
+}
+
+step() {  # step NAME COMMAND...: run, log, remember pass/fail (only selected steps)
     local name=$1; shift
-    if [[ "$ONLY" != "  " && "$ONLY" != *" $name "* ]]; then return; fi
+    selected "$name" || return 0
     echo "=== $name: $*" | tee -a "$LOG"
     if "$@" >> "$LOG" 2>&1; then RESULT[$name]=pass; else RESULT[$name]="FAIL ($?)"; fi
     tail -n 5 "$LOG"
@@ -33,6 +40,7 @@ step() {  # step NAME COMMAND...: run, log, remember pass/fail (skipped when ste
 
 memcheck() {  # memcheck NAME SCRIPT ARGS...: under compute-sanitizer, or a correctness pass without it
     local name=$1; shift
+    selected "$name" || return 0
     if command -v compute-sanitizer > /dev/null; then
         # No caching allocator: an access past a tensor's end lands outside any allocation, where memcheck sees it.
         step "$name" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
@@ -40,7 +48,7 @@ memcheck() {  # memcheck NAME SCRIPT ARGS...: under compute-sanitizer, or a corr
     else
         echo "compute-sanitizer not found: $name runs $* without it (correctness only)" | tee -a "$LOG"
         step "$name" "$PY" "$@"
-        [[ -n "${RESULT[$name]:-}" ]] && RESULT[$name]="${RESULT[$name]} (compute-sanitizer not found)"
+        RESULT[$name]="${RESULT[$name]} (compute-sanitizer not found)"
     fi
 }
 

@@ -44,6 +44,29 @@ def test_cuda_times_refuses_no_runs_before_touching_the_gpu():
         cuda_times(lambda: None, reps=0)
 
 
+def test_cuda_times_warms_up_then_times_each_run_between_two_events(monkeypatch):
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+            self.at = None
+
+        def record(self):
+            self.at = len(log)
+
+        def synchronize(self):
+            log.append("sync")
+
+        def elapsed_time(self, end):
+            return float(end.at - self.at)  # the steps between the two events
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    times = cuda_times(lambda: log.append("step"), warmup=2, reps=3)
+    assert times == [1.0, 1.0, 1.0]  # one step inside each pair of events
+    assert log == ["step", "step"] + ["step", "sync"] * 3
+
+
 def test_slug_names_result_files():
     assert slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert slug("  ") == "gpu"
@@ -221,3 +244,6 @@ def test_gpu_check_runs_the_named_steps_with_the_quarantine_exported(tmp_path):
                    f"benchmarks/gpu_sparse_check.py smoke | {quarantine}"]
     assert "| sparse-memcheck | pass (compute-sanitizer not found) |" in proc.stdout
     assert "| build | not run |" in proc.stdout and "| tests | not run |" in proc.stdout
+    typo = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "sparse-smok"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert typo.returncode == 2 and "no step 'sparse-smok'" in typo.stderr
