@@ -17,6 +17,8 @@ from vdit.bench import dense_lse
 from vdit.bench.gpu_timing import slug
 from vdit.kernels import external
 
+DEVICE, DTYPES, CASES = "cuda", (torch.float16, torch.bfloat16), dense_lse.CASES  # the tests run it on CPU kernels
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -24,16 +26,16 @@ def main(argv=None) -> int:
     parser.add_argument("--quarantine", help="the quarantine file to write (default <out>/<gpu>-quarantine.json)")
     args = parser.parse_args(argv)
     os.environ.pop(external.QUARANTINE_ENV, None)  # judge every kernel afresh, before anything reads the file
-    if not torch.cuda.is_available():
+    if DEVICE == "cuda" and not torch.cuda.is_available():
         print("gpu_dense_lse_check: no GPU", file=sys.stderr)
         return 2
     name = torch.cuda.get_device_name()
     path = args.quarantine or os.path.join(args.out, f"{slug(name)}-quarantine.json")
-    results = dense_lse.check_installed("cuda", (torch.float16, torch.bfloat16))
+    results = dense_lse.check_installed(DEVICE, DTYPES, CASES)
     implementations = dense_lse.implementations(results)
     os.makedirs(args.out, exist_ok=True)
     dense_lse.write_quarantine(path, dense_lse.quarantine(results, implementations, name))
-    text = dense_lse.report(name, results, implementations, path)
+    text = dense_lse.report(name, results, implementations, path, CASES, DTYPES)
     with open(os.path.join(args.out, f"{slug(name)}-dense-lse.md"), "w") as f:
         f.write(text)
     print(text)

@@ -4,6 +4,7 @@ feeds (vdit.kernels.external.quarantined): fake kernels with the conventions an 
 and a quarantined kernel is skipped by dispatch for its own implementation only."""
 import json
 import math
+import os
 import sys
 import types
 
@@ -103,6 +104,30 @@ def test_only_external_kernels_with_problems_are_quarantined(tmp_path):
     assert "| torch-varlen | torch 9.9 | quarantined: 1 problems |" in text
     assert "| triton | vdit | FAILS (a vdit kernel: fix it): 1 problems |" in text
     assert "| cpu | vdit | not run: runs on cpu tensors |" in text
+
+
+@pytest.mark.parametrize("wrong", [False, True], ids=["agrees", "cpu-kernel-off"])
+def test_the_script_writes_report_and_quarantine_and_fails_on_a_vdit_kernel(monkeypatch, tmp_path, wrong):
+    """gpu_dense_lse_check.py end to end on the CPU kernels (C++ and interpreted Triton) and tiny cases."""
+    from benchmarks import gpu_dense_lse_check as script
+
+    monkeypatch.setattr(script, "DEVICE", "cpu")
+    monkeypatch.setattr(script, "DTYPES", (torch.float16,))
+    monkeypatch.setattr(script, "CASES", dense_lse.TINY_CASES)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Fake GPU")
+    monkeypatch.setenv(external.QUARANTINE_ENV, str(tmp_path / "stale.json"))
+    if wrong:
+        real = dense_lse.vdit_run
+        monkeypatch.setattr(dense_lse, "vdit_run", lambda backend: log2_lse if backend == "cpu" else real(backend))
+    assert script.main(["--out", str(tmp_path)]) == (1 if wrong else 0)
+    assert external.QUARANTINE_ENV not in os.environ  # the check judges every kernel afresh
+    content = json.loads((tmp_path / "fake-gpu-quarantine.json").read_text())
+    assert content["kernels"] == {} and content["device"] == "Fake GPU"  # vdit kernels are fixed, not quarantined
+    text = (tmp_path / "fake-gpu-dense-lse.md").read_text()
+    assert "on 2 cases (causal Lq < Lk, causal Lq > Lk), float16." in text
+    verdict = "FAILS (a vdit kernel: fix it): 2 problems" if wrong else "agrees"
+    assert f"| cpu | vdit | {verdict} |" in text
+    assert "| triton | vdit | agrees |" in text and "| torch-varlen | vdit | not run: " in text
 
 
 # ---- the quarantine rule in dispatch -------------------------------------------------------------------------

@@ -247,3 +247,39 @@ def test_gpu_check_runs_the_named_steps_with_the_quarantine_exported(tmp_path):
     typo = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "sparse-smok"], env=env,
                           capture_output=True, text=True, timeout=60)
     assert typo.returncode == 2 and "no step 'sparse-smok'" in typo.stderr
+
+
+# ---- the scripts' wiring on CPU kernels ------------------------------------------------------------------------
+
+def test_sparse_timing_script_writes_the_report(monkeypatch, tmp_path):
+    """gpu_sparse_check.py timing end to end on tiny CPU batches: the C++ sparse kernels, dense vdit Triton in
+    the interpreter as the model's baseline, each step run once and 'timed' by a stand-in for CUDA events."""
+    from benchmarks import gpu_sparse_check as script
+
+    steps = []
+
+    def fake_times(step, warmup, reps):
+        steps.append(step())
+        return [2.0] * reps  # every kernel takes 2 ms
+
+    monkeypatch.setattr(script, "cuda_times", fake_times)
+    monkeypatch.setattr(script, "arch_of", lambda device: 90)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Fake GPU")
+    monkeypatch.setattr(script, "DEVICE", "cpu")
+    monkeypatch.setattr(script, "SPARSE_BACKEND", "cpu")
+    monkeypatch.setattr(script, "DTYPE", torch.float16)
+    monkeypatch.setattr(script, "HEADS", 1)
+    monkeypatch.setattr(script, "HEAD_DIM", 16)
+    monkeypatch.setattr(S, "BATCHES", {"one video": ((4, 8, 8),), "two videos": ((4, 8, 8), (3, 4, 6))})
+    monkeypatch.setattr(S, "TILES", ((2, 4, 4),))
+    monkeypatch.setattr(S, "SPARSITIES", (0.75,))
+    assert script.timing(str(tmp_path), 20) == 0
+    assert len(steps) == 2 * (1 + 2) * 2  # batches x (dense triton + two patterns) x modes
+    lines = (tmp_path / "fake-gpu-sparse.md").read_text().splitlines()
+    assert lines[0] == "# Block-sparse attention on Fake GPU" and lines[2].startswith("fp16, 1 heads, head dim 16")
+    assert "| one video | - | dense triton | 0% | 100.0% | 2.00 ±0% | - | 2.00 ±0% | - | - | - |" in lines
+    sparse = [line for line in lines if "| 2x4x4 |" in line]
+    assert [line.split(" | ")[2] for line in sparse] == ["sliding_tile window 1x1x2", "topk top-2"] * 2
+    for line in sparse:  # the model's time beside the measured one: dense 2 ms x issued area / dense area
+        assert "2.00 ±0% | " in line and "x) | " in line and line.endswith("| flat |")
+    assert any(line.startswith("- tile 2x4x4 fwd: ") for line in lines)

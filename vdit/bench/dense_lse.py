@@ -150,11 +150,13 @@ def write_quarantine(path: str, content: dict) -> None:
 
 
 def report(device_name: str, results: dict[str, list[str] | str], implementations: dict[str, str],
-           quarantine_path: str) -> str:
-    """Markdown: one row per kernel (agrees / disagrees / not installed), then every problem."""
+           quarantine_path: str, cases: Sequence[LseCase] = CASES,
+           dtypes: Sequence[torch.dtype] = (torch.float16, torch.bfloat16)) -> str:
+    """Markdown: what was run, one row per kernel (agrees / disagrees / not installed), then every problem."""
+    names = " and ".join(str(d).replace("torch.", "") for d in dtypes)
     lines = [f"# Dense attention lse and causal alignment on {device_name}", "",
-             f"Every varlen_attention kernel with return_lse=True against vdit's fp32 reference on {len(CASES)} "
-             f"cases ({', '.join(c.name for c in CASES)}), fp16 and bf16. External kernels that disagree are "
+             f"Every varlen_attention kernel with return_lse=True against vdit's fp32 reference on {len(cases)} "
+             f"cases ({', '.join(c.name for c in cases)}), {names}. External kernels that disagree are "
              f"listed in `{quarantine_path}`; with VDIT_KERNEL_QUARANTINE pointing to it, dispatch skips them.", "",
              "| kernel | implementation | result |", "|---|---|---|"]
     for kernel, problems in results.items():

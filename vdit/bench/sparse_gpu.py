@@ -163,10 +163,10 @@ class TimingCase:
         return f"{self.pattern} {what}"
 
 
-def timing_cases(batches=BATCHES, tiles=TILES, patterns=PATTERNS, sparsities=SPARSITIES):
-    """Every TimingCase: batch, then tile, then pattern, then sparsity."""
-    return [TimingCase(name, tuple(grids), tuple(tile), pattern, s) for name, grids in batches.items()
-            for tile in tiles for pattern in patterns for s in sparsities]
+def timing_cases() -> list[TimingCase]:
+    """Every TimingCase of BATCHES, TILES, PATTERNS and SPARSITIES: batch, then tile, pattern, sparsity."""
+    return [TimingCase(name, tuple(grids), tuple(tile), pattern, s) for name, grids in BATCHES.items()
+            for tile in TILES for pattern in PATTERNS for s in SPARSITIES]
 
 
 def dense_call(q, k, v, cu, backend: str):
