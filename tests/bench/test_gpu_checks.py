@@ -225,6 +225,19 @@ def test_sparse_smoke_reports_a_wrong_output_and_gradient(monkeypatch):
     assert "lse" not in problem and "dk " not in problem
 
 
+def test_sparse_smoke_reports_a_kernel_that_raises(monkeypatch):
+    real = S.block_sparse_attention
+
+    def fails_to_launch(*args, backend, **kwargs):
+        if backend != "torch":
+            raise RuntimeError("out of resources: shared memory")
+        return real(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(S, "block_sparse_attention", fails_to_launch)
+    rows = S.check_smoke("topk", TINY, "cpu", torch.float16, backends=["cpu"])
+    assert rows == [("topk", "cpu", "float16", "raised RuntimeError: out of resources: shared memory")]
+
+
 # ---- gpu_check.sh ------------------------------------------------------------------------------------------
 
 def test_gpu_check_runs_the_named_steps_with_the_quarantine_exported(tmp_path):

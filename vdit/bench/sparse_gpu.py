@@ -91,7 +91,11 @@ def check_smoke(pattern: str, case: SmokeCase, device, dtype, backends: Sequence
         name for name, why in installed_kernels(op, device, dtype, case.head_dim).items() if why is None]
     rows = []
     for backend in names:
-        got = _results(call, (q, k, v), backend, dout)
+        try:
+            got = _results(call, (q, k, v), backend, dout)
+        except Exception as exc:  # a kernel that fails to compile or launch is one failed row, not the end
+            rows.append((pattern, backend, str(dtype).replace("torch.", ""), f"raised {type(exc).__name__}: {exc}"))
+            continue
         problems = [f"{what} {why}" for what, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, expected)
                     if (why := mismatch(a, b, tolerance(dtype, _kind(what)))) is not None]
         rows.append((pattern, backend, str(dtype).replace("torch.", ""), "; ".join(problems) or None))
