@@ -145,6 +145,8 @@ def test_quarantined_reads_the_file_named_by_the_variable(tmp_path, monkeypatch)
     assert external.quarantined("torch-varlen", lambda: "torch 9.9") == (
         f"torch 9.9 is quarantined by {path} (lse log2 units)")
     assert external.quarantined("torch-varlen", lambda: "torch 10.0") is None  # an upgrade lifts it
+    path = _write(tmp_path, {"torch-varlen": {"implementation": "torch 9.9", "problems": ["a", "b", "c"]}})
+    assert external.quarantined("torch-varlen", lambda: "torch 9.9").endswith("(a and 2 more)")
     assert external.quarantined("flash-attn", lambda: "torch 9.9") is None
     monkeypatch.setenv(external.QUARANTINE_ENV, str(tmp_path / "not-written-yet.json"))
     assert external.quarantined("torch-varlen", lambda: "torch 9.9") is None
@@ -155,6 +157,9 @@ def test_a_broken_quarantine_file_is_an_error_naming_the_variable(tmp_path, monk
     path.write_text("{not json")
     monkeypatch.setenv(external.QUARANTINE_ENV, str(path))
     with pytest.raises(ValueError, match="VDIT_KERNEL_QUARANTINE=.*is not a quarantine file"):
+        external.quarantined("torch-varlen", lambda: "torch 9.9")
+    path.write_text(json.dumps({"kernels": {"torch-varlen": ["lse"]}}))
+    with pytest.raises(ValueError, match="'kernels' must map kernel names to entries"):
         external.quarantined("torch-varlen", lambda: "torch 9.9")
 
 

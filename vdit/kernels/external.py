@@ -129,7 +129,9 @@ def quarantined(kernel: str, implementation: Callable[[], str]) -> str | None:
     entry = read_quarantine(path).get(kernel)
     if not entry or entry.get("implementation") != (installed := implementation()):
         return None
-    return f"{installed} is quarantined by {path} ({'; '.join(entry.get('problems', []))})"
+    problems = entry.get("problems") or ["no problem recorded"]
+    more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+    return f"{installed} is quarantined by {path} ({problems[0]}{more})"
 
 
 def read_quarantine(path: str) -> dict[str, dict]:
@@ -140,7 +142,7 @@ def read_quarantine(path: str) -> dict[str, dict]:
             kernels = json.load(f)["kernels"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{QUARANTINE_ENV}={path} is not a quarantine file: {type(exc).__name__}: {exc}") from None
-    if not isinstance(kernels, dict):
+    if not isinstance(kernels, dict) or not all(isinstance(e, dict) for e in kernels.values()):
         raise ValueError(f"{QUARANTINE_ENV}={path}: 'kernels' must map kernel names to entries")
     return kernels
 
