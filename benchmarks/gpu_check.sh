@@ -11,6 +11,9 @@
 #   bash benchmarks/gpu_check.sh                      # from the repository root; ~15 minutes on an H100
 #   bash benchmarks/gpu_check.sh build sparse-smoke   # only the named steps (names: the summary table's)
 #   VDIT_RESULTS=/tmp/r bash benchmarks/gpu_check.sh  # results elsewhere than benchmarks/results
+#   bash benchmarks/gpu_check.sh dense-lse sparse-smoke sparse-memcheck sparse-timing
+#                                     # the attention checks alone (~5 minutes; Triton and the external
+#                                     # kernels need no build step)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
