@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from vdit.bench.gpu_timing import REPS, WARMUP, cuda_times, slug, summarize
 from vdit.ops import plan, varlen_attention
 
 VIDEO_LENGTHS = [30 * 45 * 80 // 4, 21 * 30 * 52, 16 * 30 * 40, 9 * 24 * 32, 5 * 16 * 24]  # latent grids, patch 1x2x2
@@ -57,7 +56,7 @@ def run_fn(candidate, q, k, v, cu, max_len, lengths, causal):
     return lambda: varlen_attention(q, k, v, cu, cu, max_len, max_len, causal=causal, backend=candidate)
 
 
-def milliseconds(fn, backward: bool, reps: int = 20) -> float:
+def milliseconds(fn, backward: bool, reps: int = REPS) -> float:
     grad = None
 
     def step():
@@ -67,17 +66,7 @@ def milliseconds(fn, backward: bool, reps: int = 20) -> float:
             grad = torch.ones_like(out) if grad is None else grad
             out.backward(grad)
 
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return summarize(cuda_times(step, WARMUP, reps))["median"]
 
 
 def rule_verdict(times: dict[str, float], chosen: str) -> str:
@@ -120,7 +109,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("gpu_attention: no GPU", file=sys.stderr)
         return 2
-    gpu = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    gpu = slug(torch.cuda.get_device_name())
     lines = [f"# Dense varlen attention candidates on {torch.cuda.get_device_name()}", "",
              "bf16, milliseconds (median of 20, CUDA events); `rule` is `vdit.plan`'s choice.", "",
              f"| case | mode | {' | '.join(CANDIDATES)} | rule | rule fastest |",

@@ -10,13 +10,24 @@ checks it (eagerly, or with a device-side assertion under torch.compile) before 
 
 Nothing here is importable without CUDA builds of the packages, and nothing runs on a CPU; the
 availability functions say why a kernel cannot be used, for :func:`vdit.plan`.
+
+Quarantine: ``benchmarks/gpu_dense_lse_check.py`` runs each external kernel against vdit's reference (output,
+lse, bottom-right causal alignment) on a GPU and writes a JSON file naming the implementations that disagree
+(``{"kernels": {"torch-varlen": {"implementation": "torch 2.14.0", "problems": [...]}}}``). With
+``VDIT_KERNEL_QUARANTINE=<that file>`` a listed kernel counts as not installed, so auto skips it and naming it
+raises, until vdit adapts to it. An entry holds for the exact implementation (package and version) it
+names: an upgrade lifts it, and the check must then run again. Read once per process.
 """
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import inspect
+import json
+import os
+from collections.abc import Callable
 
 import torch
 
@@ -25,6 +36,7 @@ import torch
 # call with them would raise TypeError on every dense attention, so such a release is not offered at all.
 TORCH_VARLEN_KEYWORDS = ("return_aux", "scale", "window_size", "enable_gqa")
 FLASH_ATTN_KEYWORDS = ("softmax_scale", "causal", "deterministic", "return_attn_probs")
+QUARANTINE_ENV = "VDIT_KERNEL_QUARANTINE"
 
 
 def missing_keywords(fn, keywords) -> list[str]:
@@ -51,7 +63,7 @@ def torch_varlen_missing() -> str | None:
     missing = missing_keywords(varlen_attn, TORCH_VARLEN_KEYWORDS)
     if missing:
         return f"torch {torch.__version__}'s varlen_attn takes no {', '.join(missing)} (vdit passes them)"
-    return None
+    return quarantined("torch-varlen", lambda: implementation("torch-varlen"))
 
 
 @functools.cache
@@ -83,7 +95,56 @@ def _flash_attn_module_missing(module: str) -> str | None:
     except Exception as exc:  # installed but built for another torch / CUDA: not usable
         return f"{module} does not import ({type(exc).__name__})"
     missing = missing_keywords(fn, FLASH_ATTN_KEYWORDS)
-    return f"{module}.flash_attn_varlen_func takes no {', '.join(missing)} (vdit passes them)" if missing else None
+    if missing:
+        return f"{module}.flash_attn_varlen_func takes no {', '.join(missing)} (vdit passes them)"
+    return quarantined("flash-attn", lambda: _module_implementation(module))
+
+
+def implementation(kernel: str) -> str:
+    """What runs the external ``kernel`` ("torch-varlen", "flash-attn") here, with its version, e.g.
+    ``"torch 2.14.0+cu130"`` or ``"flash_attn_interface 3.0.0"``: the key of a quarantine entry."""
+    if kernel == "torch-varlen":
+        return f"torch {torch.__version__}"
+    if kernel == "flash-attn":
+        return _module_implementation("flash_attn_interface" if flash_attn_version() == 3 else "flash_attn")
+    raise ValueError(f"kernel must be 'torch-varlen' or 'flash-attn', got {kernel!r}")
+
+
+def _module_implementation(module: str) -> str:
+    version = getattr(importlib.import_module(module), "__version__", None) if importlib.util.find_spec(module) \
+        else None
+    if version is None:  # FlashAttention-3's flash_attn_interface has no __version__: ask its distribution
+        dists = importlib.metadata.packages_distributions().get(module, [])
+        version = importlib.metadata.version(dists[0]) if dists else "unknown"
+    return f"{module} {version}"
+
+
+def quarantined(kernel: str, implementation: Callable[[], str]) -> str | None:
+    """Why ``kernel`` is excluded by the file ``$VDIT_KERNEL_QUARANTINE``, or None (no such variable or file,
+    no entry for the kernel, or an entry for another implementation than ``implementation()``, called only
+    when there is an entry)."""
+    path = os.environ.get(QUARANTINE_ENV)
+    if not path or not os.path.exists(path):
+        return None
+    entry = read_quarantine(path).get(kernel)
+    if not entry or entry.get("implementation") != (installed := implementation()):
+        return None
+    problems = entry.get("problems") or ["no problem recorded"]
+    more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+    return f"{installed} is quarantined by {path} ({problems[0]}{more})"
+
+
+def read_quarantine(path: str) -> dict[str, dict]:
+    """{kernel: {"implementation": ..., "problems": [...]}} of a quarantine file; ValueError naming
+    VDIT_KERNEL_QUARANTINE when it is not one."""
+    try:
+        with open(path) as f:
+            kernels = json.load(f)["kernels"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{QUARANTINE_ENV}={path} is not a quarantine file: {type(exc).__name__}: {exc}") from None
+    if not isinstance(kernels, dict) or not all(isinstance(e, dict) for e in kernels.values()):
+        raise ValueError(f"{QUARANTINE_ENV}={path}: 'kernels' must map kernel names to entries")
+    return kernels
 
 
 def torch_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
