@@ -13,8 +13,8 @@ from vdit.demo.checkpoint import CheckpointError
 from vdit.demo.cli import train_autoencoder as trainer
 from vdit.demo.cli.common import UsageError
 
-TINY = AutoencoderConfig(channels=(4, 8, 8), temporal_levels=2, latent_channels=4, blocks=(0, 1, 1))
-TINY_ARGS = ["--channels", "4,8,8", "--blocks", "0,1,1", "--latent-channels", "4", "--sides", "16,24",
+TINY = AutoencoderConfig(width=8, blocks=1, latent_channels=4, refine=4)
+TINY_ARGS = ["--width", "8", "--blocks", "1", "--refine", "4", "--latent-channels", "4", "--sides", "16,24",
              "--frame-counts", "5", "--batch", "2", "--warmup", "1", "--lr", "3e-3", "--eval-videos", "2",
              "--device", "cpu"]
 
@@ -73,10 +73,10 @@ def test_errors_name_the_argument(model):
         model.encode(torch.rand(3, 5, 16, 16))
     with pytest.raises(ValueError, match="latent must have 4 channels, got 3"):
         model.decode(torch.rand(1, 3, 2, 2, 2))
-    with pytest.raises(ValueError, match="blocks must give a count"):
-        AutoencoderConfig(channels=(4, 8), blocks=(1,))
-    with pytest.raises(ValueError, match="temporal_levels must be in 0..2"):
-        AutoencoderConfig(channels=(4, 8), blocks=(1, 1), temporal_levels=3)
+    with pytest.raises(ValueError, match="width must be a positive int, got 0"):
+        AutoencoderConfig(width=0)
+    with pytest.raises(ValueError, match="blocks must be an int >= 0, got -1"):
+        AutoencoderConfig(blocks=-1)
 
 
 def test_save_load_round_trip_and_corrupted_files(model, tmp_path):
@@ -90,10 +90,10 @@ def test_save_load_round_trip_and_corrupted_files(model, tmp_path):
     with pytest.raises(CheckpointError, match="corrupted or truncated"):
         CausalVideoAutoencoder.load(str(tmp_path))
     config = tmp_path / CausalVideoAutoencoder.CONFIG_FILE
-    config.write_text(json.dumps({"channels": [4], "colour": 1}))
+    config.write_text(json.dumps({"width": 4, "colour": 1}))
     with pytest.raises(CheckpointError, match=r"unknown AutoencoderConfig keys \['colour'\]"):
         CausalVideoAutoencoder.load(str(tmp_path))
-    config.write_text(json.dumps({"channels": [4], "temporal_levels": 1, "blocks": [1, 1]}))
+    config.write_text(json.dumps({"width": 4, "blocks": -1}))
     with pytest.raises(CheckpointError, match="invalid autoencoder config: blocks"):
         CausalVideoAutoencoder.load(str(tmp_path))
 
@@ -148,5 +148,5 @@ def test_trainer_rejects_sizes_the_strides_do_not_divide(tmp_path):
         trainer.main(["--out", str(tmp_path), *TINY_ARGS, "--sides", "12"])
     with pytest.raises(UsageError, match=r"--frame-counts must be 1 \+ 4k"):
         trainer.main(["--out", str(tmp_path), *TINY_ARGS, "--frame-counts", "8"])
-    with pytest.raises(UsageError, match="--channels must be comma-separated"):
-        trainer.main(["--out", str(tmp_path), *TINY_ARGS, "--channels", "4,x"])
+    with pytest.raises(UsageError, match="--width must be a positive int, got 0"):
+        trainer.main(["--out", str(tmp_path), *TINY_ARGS, "--width", "0"])

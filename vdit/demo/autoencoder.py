@@ -2,11 +2,16 @@
 
 It maps a video (3, T, H, W) in [-1, 1] to a spacetime latent (C_z, 1 + (T - 1) / 4, H / 8, W / 8) and back, as
 Sora's compression network does for its diffusion transformer. Time is causal, as in MAGVIT-v2's and Wan's causal
-VAEs: every convolution pads time on the left only and every norm works per position (over channels), so latent
-frame j depends on frames 0 .. 4j alone. The first frame is therefore encoded on its own, as an image, and each
-later latent frame covers the next 4 frames: T = 1 + 4k frames give 1 + k latent frames, and a 1-frame image
-gives 1 latent frame. Other T raise a ValueError naming ``video`` (pad or trim a clip to 1 + 4k frames first;
-silently padding would make the decoder return frames the input never had).
+VAEs: the first frame is repeated to fill a whole 4-frame block, every convolution pads time on the left only and
+every norm works per position (over channels), so latent frame j depends on frames 0 .. 4j alone. The first frame
+is therefore encoded on its own, as an image, and each later latent frame covers the next 4 frames: T = 1 + 4k
+frames give 1 + k latent frames, and a 1-frame image gives 1 latent frame. Other T raise a ValueError naming
+``video`` (pad or trim a clip to 1 + 4k frames first; silently padding would make the decoder return frames the
+input never had).
+
+Design: every 4 x 8 x 8 block of pixels is mapped linearly to one latent-resolution position (space-and-time to
+depth, like a patch embedding), and all the large convolutions run at the latent resolution, where a position
+costs 1/256 of a full-resolution one; the decoder mirrors this and adds a thin full-resolution refinement.
 
 Regularization: a diagonal Gaussian posterior with a small KL weight (see the trainer), which keeps the latent
 scale bounded and smooth for the diffusion model without the codebook machinery of a VQ bottleneck.
@@ -48,38 +53,34 @@ class AutoencoderConfig:
     """Architecture of a :class:`CausalVideoAutoencoder`.
 
     Args:
-        channels: convolution widths per spatial level; each level halves H and W, so ``len(channels)`` levels
-            compress space by ``2 ** len(channels)`` (3 levels: 8x).
-        temporal_levels: how many of the first levels also halve time (causally); 2 gives 4x.
+        temporal_stride, spatial_stride: the compression of time and of height and width; one latent position
+            codes a ``temporal_stride x spatial_stride x spatial_stride`` block of pixels.
+        width: convolution width at the latent resolution, where all the large layers run.
+        blocks: residual blocks in the encoder and again in the decoder.
         latent_channels: channels of the latent.
-        blocks: residual blocks per level (same length as ``channels``); full-resolution blocks are the costly
-            ones, so the default has none there.
+        refine: width of the decoder's full-resolution refinement (two 3x3x3 convolutions added to the
+            depth-to-spacetime output, which smooth the seams between blocks); 0 leaves it out.
     """
 
-    channels: tuple[int, ...] = (16, 48, 64)
-    temporal_levels: int = 2
+    temporal_stride: int = 4
+    spatial_stride: int = 8
+    width: int = 96
+    blocks: int = 1
     latent_channels: int = 16
-    blocks: tuple[int, ...] = (0, 1, 1)
+    refine: int = 16
 
     def __post_init__(self):
-        self.channels = tuple(int(c) for c in self.channels)  # JSON gives lists
-        self.blocks = tuple(int(b) for b in self.blocks)
-        if not self.channels or min(self.channels) < 1:
-            raise ValueError(f"channels must be non-empty and positive, got {self.channels}")
-        if not 0 <= self.temporal_levels <= len(self.channels):
-            raise ValueError(f"temporal_levels must be in 0..{len(self.channels)}, got {self.temporal_levels}")
-        if len(self.blocks) != len(self.channels) or min(self.blocks) < 0:
-            raise ValueError(f"blocks must give a count >= 0 per level of channels {self.channels}, got {self.blocks}")
-        if self.latent_channels < 1:
-            raise ValueError(f"latent_channels must be >= 1, got {self.latent_channels}")
+        for name in ("temporal_stride", "spatial_stride", "width", "latent_channels"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        for name in ("blocks", "refine"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
 
     @property
-    def temporal_stride(self) -> int:
-        return 2 ** self.temporal_levels
-
-    @property
-    def spatial_stride(self) -> int:
-        return 2 ** len(self.channels)
+    def block_features(self) -> int:
+        """Pixel values in one latent position's block: 3 x temporal_stride x spatial_stride ** 2."""
+        return 3 * self.temporal_stride * self.spatial_stride ** 2
 
 
 class CausalConv3d(nn.Conv3d):
@@ -122,63 +123,60 @@ class ResBlock(nn.Module):
         return x + self.body(x)
 
 
-class Upsample(nn.Module):
-    """Pointwise conv to ``cout * st * 4`` channels (the blocks after it mix neighbours), then depth-to-spacetime:
-    each position becomes 2 x 2 pixels and, with ``temporal``, 2 frames, of which the very first is dropped (latent
-    frame 0 decodes to 1 frame, the image; 1 + k frames give 1 + 2k)."""
-
-    def __init__(self, cin: int, cout: int, temporal: bool):
-        super().__init__()
-        self.st, self.cout = (2 if temporal else 1), cout
-        self.conv = CausalConv3d(cin, cout * self.st * 4, kernel=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, cin, T, H, W) -> (B, cout, st * T - st + 1, 2H, 2W)."""
-        B, _, T, H, W = x.shape
-        y = self.conv(x).view(B, self.cout, self.st, 2, 2, T, H, W)
-        y = y.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(B, self.cout, T * self.st, 2 * H, 2 * W)
-        return y[:, :, self.st - 1:]
+def _head(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
+    return nn.Sequential(ChannelNorm(cin), nn.SiLU(), CausalConv3d(cin, cout, kernel))
 
 
-def _head(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(ChannelNorm(cin), nn.SiLU(), CausalConv3d(cin, cout))
+def to_blocks(video: torch.Tensor, st: int, ss: int) -> torch.Tensor:
+    """Space-and-time to depth: (B, 3, 1 + k st, H, W) -> (B, 3 st ss^2, 1 + k, H / ss, W / ss). The first frame is
+    repeated to fill a whole block of ``st`` frames, so that latent frame 0 sees it alone (the causal image)."""
+    B, C, T, H, W = video.shape
+    x = torch.cat([video[:, :, :1].expand(B, C, st - 1, H, W), video], dim=2)
+    x = x.reshape(B, C, T // st + 1, st, H // ss, ss, W // ss, ss)
+    return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(B, C * st * ss * ss, T // st + 1, H // ss, W // ss)
+
+
+def from_blocks(x: torch.Tensor, st: int, ss: int) -> torch.Tensor:
+    """The inverse of :func:`to_blocks`: (B, 3 st ss^2, t, h, w) -> (B, 3, 1 + (t - 1) st, h ss, w ss), dropping the
+    first block's ``st - 1`` repeated frames."""
+    B, _, t, h, w = x.shape
+    x = x.reshape(B, 3, st, ss, ss, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return x.reshape(B, 3, t * st, h * ss, w * ss)[:, :, st - 1:]
 
 
 class Encoder(nn.Module):
-    """Video (B, 3, T, H, W) -> moments (B, 2 * C_z, 1 + (T - 1) / st, H / ss, W / ss) (mean, log-variance)."""
+    """Video (B, 3, T, H, W) -> moments (B, 2 C_z, 1 + (T - 1) / st, H / ss, W / ss) (mean, log-variance): a linear
+    map of each pixel block (like a patch embedding), then causal residual blocks at the latent resolution."""
 
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
-        ch = cfg.channels
-        layers: list[nn.Module] = [CausalConv3d(3, ch[0])]
-        for i, c in enumerate(ch):
-            layers += [ResBlock(c) for _ in range(cfg.blocks[i])]
-            stride = (2 if i < cfg.temporal_levels else 1, 2, 2)
-            layers.append(CausalConv3d(c, ch[min(i + 1, len(ch) - 1)], stride=stride))
-        layers += [ResBlock(ch[-1]), _head(ch[-1], 2 * cfg.latent_channels)]
-        self.net = nn.Sequential(*layers)
+        self.st, self.ss = cfg.temporal_stride, cfg.spatial_stride
+        self.net = nn.Sequential(CausalConv3d(cfg.block_features, cfg.width, kernel=1),
+                                 *[ResBlock(cfg.width) for _ in range(cfg.blocks)],
+                                 _head(cfg.width, 2 * cfg.latent_channels))
         with torch.no_grad():
             self.net[-1][-1].bias[cfg.latent_channels:] = LOGVAR_INIT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.net(to_blocks(x, self.st, self.ss))
 
 
 class Decoder(nn.Module):
-    """Latent (B, C_z, t, h, w) -> video (B, 3, 1 + (t - 1) * st, h * ss, w * ss)."""
+    """Latent (B, C_z, t, h, w) -> video (B, 3, 1 + (t - 1) st, h ss, w ss): causal residual blocks at the latent
+    resolution, a linear map to each position's pixel block, and a small full-resolution residual refinement."""
 
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
-        ch = cfg.channels
-        layers: list[nn.Module] = [CausalConv3d(cfg.latent_channels, ch[-1]), ResBlock(ch[-1])]
-        for i in reversed(range(len(ch))):
-            layers.append(Upsample(ch[min(i + 1, len(ch) - 1)], ch[i], i < cfg.temporal_levels))
-            layers += [ResBlock(ch[i]) for _ in range(cfg.blocks[i])]
-        layers.append(_head(ch[0], 3))
-        self.net = nn.Sequential(*layers)
+        self.st, self.ss = cfg.temporal_stride, cfg.spatial_stride
+        self.net = nn.Sequential(CausalConv3d(cfg.latent_channels, cfg.width),
+                                 *[ResBlock(cfg.width) for _ in range(cfg.blocks)],
+                                 _head(cfg.width, cfg.block_features, kernel=1))
+        self.refine = (nn.Sequential(CausalConv3d(3, cfg.refine), nn.SiLU(), CausalConv3d(cfg.refine, 3))
+                       if cfg.refine else None)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
+        x = from_blocks(self.net(z), self.st, self.ss)
+        return x if self.refine is None else x + self.refine(x)
 
 
 def _sample(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -1,13 +1,13 @@
 """vdit-train-autoencoder: train the demo's causal video autoencoder (vdit.demo.autoencoder) on the shapes videos.
 
 Each step takes the next --batch samples of the shapes dataset (frame counts 1 + 4k, sides that 8 divides, mixed
-sizes, a --image-fraction of them cut to their first frame, coded alone), and minimizes the mean L1 reconstruction
-error + --edge-weight x the L1 error of the frames' horizontal and vertical differences (keeps edges sharp, which
-PSNR on flat-coloured shapes depends on) + --kl-weight x the KL divergence per latent element. The posterior
-noise is drawn per sample from (seed, sample index), so a resumed run takes exactly the steps of an uninterrupted
-one. Checkpoints (config.json + autoencoder.safetensors, optimizer.safetensors, state.json) go to --out every
---save-every steps and at the end; running the same command again resumes. Every --eval-every steps the PSNR of
---eval-videos held-out videos (another dataset seed, never in the training stream) is logged.
+sizes, a --image-fraction of them cut to their first frame, coded alone), and minimizes the mean squared (--recon)
+reconstruction error + --edge-weight x the error of the frames' horizontal and vertical differences (keeps edges
+sharp, which PSNR on flat-coloured shapes depends on) + --kl-weight x the KL divergence per latent element. The
+posterior noise is drawn per sample from (seed, sample index), so a resumed run takes exactly the steps of an
+uninterrupted one. Checkpoints (config.json + autoencoder.safetensors, optimizer.safetensors, state.json) go to
+--out every --save-every steps and at the end; running the same command again resumes. Every --eval-every steps
+the PSNR of --eval-videos held-out videos (another dataset seed, never in the training stream) is logged.
 
 How the shipped weights are trained (one CPU thread, low priority; measured rate in docs/autoencoder.md):
 
@@ -49,13 +49,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=100, help="linear learning-rate warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--kl-weight", type=float, default=1e-6,
-                   help="weight of the KL divergence per latent element (against the L1 per pixel; at 1e-4 the "
+                   help="weight of the KL divergence per latent element (against the error per pixel; at 1e-4 the "
                         "posterior's standard deviation was still near 0.4 after 500 steps)")
-    p.add_argument("--edge-weight", type=float, default=0.5, help="weight of the L1 loss on frame differences")
+    p.add_argument("--edge-weight", type=float, default=0.5, help="weight of the error of the frames' differences")
+    p.add_argument("--recon", choices=("mse", "l1"), default="mse",
+                   help="reconstruction error: squared (what PSNR scores; on frames that are mostly background the "
+                        "median-seeking L1 learns to leave small objects out) or absolute")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--channels", default="16,48,64", help="widths per spatial level (3 levels: 8x, 2 levels: 4x)")
-    p.add_argument("--blocks", default="0,1,1", help="residual blocks per level")
-    p.add_argument("--temporal-levels", type=int, default=2, help="levels that halve time too (2: 4x)")
+    p.add_argument("--temporal-stride", type=int, default=4, help="frames per latent frame (after the first)")
+    p.add_argument("--spatial-stride", type=int, default=8, help="pixels per latent position along H and W")
+    p.add_argument("--width", type=int, default=96, help="convolution width at the latent resolution")
+    p.add_argument("--blocks", type=int, default=1, help="residual blocks in the encoder and in the decoder")
+    p.add_argument("--refine", type=int, default=16, help="width of the full-resolution refinement (0: none)")
     p.add_argument("--latent-channels", type=int, default=16)
     p.add_argument("--sides", default="32,40,48,56,64", help="training heights / widths (multiples of 8)")
     p.add_argument("--frame-counts", default="5,9", help="training frame counts (1 + 4k)")
@@ -80,12 +85,14 @@ def int_list(text: str, option: str) -> tuple[int, ...]:
 
 
 def model_config(args: argparse.Namespace) -> AutoencoderConfig:
-    """The AutoencoderConfig of --channels, --blocks, --temporal-levels, --latent-channels."""
+    """The AutoencoderConfig of --temporal-stride, --spatial-stride, --width, --blocks, --refine, --latent-channels;
+    a UsageError naming the option for a bad value."""
     try:
-        return AutoencoderConfig(int_list(args.channels, "--channels"), args.temporal_levels, args.latent_channels,
-                                 int_list(args.blocks, "--blocks"))
+        return AutoencoderConfig(args.temporal_stride, args.spatial_stride, args.width, args.blocks,
+                                 args.latent_channels, args.refine)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        name = str(exc).split(" ", 1)[0]
+        raise UsageError(f"--{name.replace('_', '-')}{str(exc)[len(name):]}") from None
 
 
 def training_dataset(args: argparse.Namespace, config: AutoencoderConfig) -> ShapesDataset:
@@ -115,13 +122,15 @@ def held_out_videos(args: argparse.Namespace, config: AutoencoderConfig) -> list
     return [dataset[i][0] for i in range(args.eval_videos)]
 
 
-def loss_terms(model: CausalVideoAutoencoder, video: torch.Tensor, generator: torch.Generator):
-    """Sums over one video (3, T, H, W): (L1 error, L1 error of frame differences, KL), 0-d tensors each, and the
-    (pixel, latent) element counts that normalize them."""
-    recon, mean, logvar = model(video[None], generator)
-    err = recon - video[None]
-    edge = (err.diff(dim=-1).abs().sum() + err.diff(dim=-2).abs().sum())
-    return err.abs().sum(), edge, kl_divergence(mean, logvar), err.numel(), mean.numel()
+def loss_terms(model: CausalVideoAutoencoder, video: torch.Tensor, generator: torch.Generator, recon: str = "mse"):
+    """Sums over one video (3, T, H, W): (reconstruction error, error of its horizontal and vertical pixel
+    differences, KL), 0-d tensors each, squared (``recon="mse"``) or absolute, and the (pixel, latent) element
+    counts that normalize them."""
+    reconstruction, mean, logvar = model(video[None], generator)
+    err = reconstruction - video[None]
+    norm = torch.square if recon == "mse" else torch.abs
+    edge = norm(err.diff(dim=-1)).sum() + norm(err.diff(dim=-2)).sum()
+    return norm(err).sum(), edge, kl_divergence(mean, logvar), err.numel(), mean.numel()
 
 
 def learning_rate(step: int, args: argparse.Namespace) -> float:
@@ -183,19 +192,19 @@ def train_step(args: argparse.Namespace, state: TrainState, dataset: ShapesDatas
     for group in state.opt.param_groups:
         group["lr"] = learning_rate(state.step, args)
     state.opt.zero_grad(set_to_none=True)
-    totals = {"l1": 0.0, "edge": 0.0, "kl": 0.0}
+    totals = {"recon": 0.0, "edge": 0.0, "kl": 0.0}
     for i, video in zip(indices, videos):
         generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + i)
-        l1, edge, kl, _, _ = loss_terms(state.model, video, generator)
-        (l1 / pixels + args.edge_weight * edge / pixels + args.kl_weight * kl / latents).backward()
-        totals["l1"] += l1.item() / pixels
+        recon, edge, kl, _, _ = loss_terms(state.model, video, generator, args.recon)
+        (recon / pixels + args.edge_weight * edge / pixels + args.kl_weight * kl / latents).backward()
+        totals["recon"] += recon.item() / pixels
         totals["edge"] += edge.item() / pixels
         totals["kl"] += kl.item() / latents
     torch.nn.utils.clip_grad_norm_(state.model.parameters(), 1.0)
     state.opt.step()
     state.step += 1
     state.data_index += args.batch
-    loss = totals["l1"] + args.edge_weight * totals["edge"] + args.kl_weight * totals["kl"]
+    loss = totals["recon"] + args.edge_weight * totals["edge"] + args.kl_weight * totals["kl"]
     return {"loss": loss, **totals, "lr": state.opt.param_groups[0]["lr"]}
 
 
