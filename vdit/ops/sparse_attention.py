@@ -427,9 +427,12 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
             (row-major over (a, b, c)) or -1 for an unused slot; no tile twice in a row.
         global_tokens: None, an int, or B ints (a list or an int tensor): that many tokens follow each
             video's T*H*W tokens in its sequence (cu_seqlens counts them); they attend and are attended
-            densely within their sequence (module docstring). ``kv_tiles`` lists video tiles only.
+            densely within their sequence (module docstring), by dense passes beside the sparse kernel.
+            ``kv_tiles`` lists video tiles only.
         softmax_scale: positive, default Dh ** -0.5.
-        return_lse: also return lse (Hq, total) float32 (float64 for float64 input on ``cpu`` / ``torch``).
+        return_lse: also return lse (Hq, total) float32 (float64 for float64 input on ``cpu`` / ``torch``)
+            over every key a query sees (its listed tiles and its sequence's global tokens); not
+            differentiable on the kernels.
         backend: see :mod:`vdit.backends`.
     Returns:
         out like q (0 for a query whose row lists no tile); with ``return_lse`` the pair (out, lse).
