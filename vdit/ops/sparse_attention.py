@@ -319,7 +319,8 @@ def _merge(out_a, lse_a, out_b, lse_b):
     norm = torch.where(both > 0, both, torch.ones_like(both))
     # Weights in the output dtype: an fp32 copy of a whole (total, Hq, Dh) output would double its memory.
     a, b = ((w / norm).t().unsqueeze(-1).to(out_a.dtype) for w in (w_a, w_b))
-    return torch.addcmul(out_a * a, out_b, b), top + torch.log(both)
+    out = out_a * a
+    return out.addcmul_(out_b, b), top + torch.log(both)
 
 
 def _forward_with_globals(sparse, dense, q, k, v, plan: _GlobalPlan):
@@ -333,7 +334,7 @@ def _forward_with_globals(sparse, dense, q, k, v, plan: _GlobalPlan):
     out, lse = _merge(out_s, lse_s, out_g, lse_g)
     out_q, lse_q = dense(q.index_select(0, rows), k, v, plan.cu_global, plan.cu_seqlens, plan.max_global,
                          plan.max_seqlen)
-    return out.index_copy(0, rows, out_q), lse.index_copy(1, rows, lse_q.to(lse.dtype))
+    return out.index_copy_(0, rows, out_q), lse.index_copy_(1, rows, lse_q.to(lse.dtype))
 
 
 @dataclasses.dataclass(frozen=True)
