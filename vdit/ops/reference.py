@@ -231,7 +231,8 @@ def block_sparse_attention_tiles(q, k, v, tile_offsets, kv_tiles, *, softmax_sca
     return (out, lse) if return_lse else out
 
 
-def block_sparse_attention(q, k, v, cu_seqlens, grids, tile, kv_tiles, *, softmax_scale=None, return_lse=False):
+def block_sparse_attention(q, k, v, cu_seqlens, grids, tile, kv_tiles, *, global_tokens=None, softmax_scale=None,
+                           return_lse=False):
     """Block-sparse spacetime attention over packed videos in tile order (see :mod:`vdit.ops.tiles`).
 
     Args:
@@ -239,14 +240,21 @@ def block_sparse_attention(q, k, v, cu_seqlens, grids, tile, kv_tiles, *, softma
         cu_seqlens: int32 (B + 1,); grids: int (B, 3) token grids; tile: (tt, th, tw).
         kv_tiles: int (total_query_tiles, Hq or 1, K): per query tile (videos in batch order, tiles in
             tile order) and head, key tiles local to the video, -1 unused.
+        global_tokens: None or B ints: that many tokens follow each video's tokens in its sequence; every
+            query of the sequence sees them and they see the whole sequence, stated as one more tile per
+            video that every list names and whose list names every tile (``tiles.with_global_tiles``).
     Returns:
         As :func:`block_sparse_attention_tiles`.
     """
-    from vdit.ops.tiles import tile_layout, to_global
+    from vdit.ops.tiles import lists_with_global_tiles, tile_layout, to_global, with_global_tiles
 
     del cu_seqlens
     layout = tile_layout(grids, tile)
-    return block_sparse_attention_tiles(q, k, v, layout.offsets, to_global(layout, kv_tiles.to(torch.int32)),
+    kv_tiles = kv_tiles.to(torch.int32)
+    if global_tokens is not None:
+        layout = with_global_tiles(layout, [int(g) for g in global_tokens])
+        kv_tiles = lists_with_global_tiles(layout, kv_tiles)
+    return block_sparse_attention_tiles(q, k, v, layout.offsets, to_global(layout, kv_tiles),
                                         softmax_scale=softmax_scale, return_lse=return_lse)
 
 

@@ -14,8 +14,13 @@ tiles, within its own video:
 ``global_tokens`` (both ops): a number of tokens per sequence, after its video's tokens, that attend and
 are attended densely, as STA does for the text tokens of a joint text-video attention (HunyuanVideo):
 every video query sees its listed tiles and all its sequence's global tokens, and every global query
-sees its whole sequence. They form one more tile per video (:func:`vdit.ops.tiles.with_global_tiles`),
-so the same kernels run them.
+sees its whole sequence. No key list names them (the lists stay proportional to the visible video
+tiles): the sparse kernel runs the video queries over their listed video tiles, the dense varlen kernel
+of the same family (:mod:`vdit.ops.attention`) runs every query against its sequence's global keys and
+the global queries against their whole sequence, and the video rows' two partial results merge through
+their lse (as ring attention's blocks do). The backward hands each pass the merged output and lse, from
+which each recomputes its exact share of the probabilities, so no kernel changes and no lse gradient is
+needed.
 
 Kernels (declared in ``SPEC``): Triton (``triton``) on CUDA, C++ (``cpu``) on CPU, and the reference
 (``torch``): dense attention with the tile mask. Both kernels visit only the listed tiles, so their time
@@ -24,6 +29,7 @@ in the forward's kernel family. The tile lists are built once per (grids, tile, 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -35,11 +41,12 @@ from vdit.ops._registry import ALL_FLOATS, GPU_FLOATS, MAX_GPU_HEAD_DIM, TRITON,
 from vdit.ops._validation import check_cu_seqlens, check_qkv, check_softmax_scale, check_triple
 from vdit.ops.tiles import (
     TileLayout,
-    lists_with_global_tiles,
+    lists_with_global_rows,
     query_lists,
     sliding_window_tiles,
     tile_layout,
     to_global,
+    with_global_segments,
     with_global_tiles,
 )
 
@@ -246,15 +253,17 @@ _WITH_GLOBALS = TensorCache(size=32)
 
 
 def _lists_with_globals(layout: TileLayout, kv_tiles: torch.Tensor) -> torch.Tensor:
-    return _WITH_GLOBALS.get((kv_tiles,), ("globals", layout), lambda: lists_with_global_tiles(layout, kv_tiles))
+    return _WITH_GLOBALS.get((kv_tiles,), ("globals", layout), lambda: lists_with_global_rows(layout, kv_tiles))
 
 
 def _run(spec, q, k, v, layout: TileLayout, kv_tiles, scale: float, backend: str, return_lse: bool,
          global_tokens: tuple = ()):
     chosen = _registry.select(spec, q.device, q.dtype, backend, head_dim=q.shape[2])
-    if global_tokens:
-        layout = with_global_tiles(layout, global_tokens)
-        kv_tiles = _lists_with_globals(layout, kv_tiles)
+    if any(global_tokens):
+        plan = _global_plan(layout, global_tokens)
+        lists = _global_lists(plan.layout, _lists_with_globals(plan.layout, kv_tiles), q.shape[1])
+        out, lse = _attend_with_globals(chosen, spec, q, k, v, plan, lists, scale)
+        return (out, lse) if return_lse else out
     lists = _global_lists(layout, kv_tiles, q.shape[1])
     if chosen == "torch":
         return reference.block_sparse_attention_tiles(q, k, v, layout.offsets, lists, softmax_scale=scale,
@@ -262,6 +271,143 @@ def _run(spec, q, k, v, layout: TileLayout, kv_tiles, scale: float, backend: str
     out, lse = spec.family(chosen).op("block_sparse_attention_fwd")(
         q.contiguous(), k.contiguous(), v.contiguous(), layout.offsets, lists, layout.max_tile, scale)
     return (out, lse) if return_lse else out
+
+
+# ---- global tokens: a dense segment beside the sparse kernel ---------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _GlobalPlan:
+    """Where a packed batch's global tokens are, for the sparse pass and the two dense passes.
+
+    Attributes:
+        layout: the video tiles plus tiles over the global tokens that no list names
+            (:func:`vdit.ops.tiles.with_global_segments`); the sparse pass's offsets.
+        rows: int64 (G,) packed positions of all global tokens, sequence by sequence.
+        cu_seqlens: int32 (B + 1,) the whole sequences; cu_global: int32 (B + 1,) their global tokens.
+        max_seqlen, max_global: the longest of each.
+    """
+
+    layout: TileLayout
+    rows: torch.Tensor
+    cu_seqlens: torch.Tensor
+    cu_global: torch.Tensor
+    max_seqlen: int
+    max_global: int
+
+
+def _offsets(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist()], dtype=torch.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def _global_plan(layout: TileLayout, global_tokens: tuple) -> _GlobalPlan:
+    device = layout.offsets.device
+    lengths = [t * h * w + g for (t, h, w), g in zip(layout.grids, global_tokens)]
+    cu = _offsets(lengths)
+    rows = torch.cat([torch.arange(int(end) - g, int(end)) for end, g in zip(cu[1:], global_tokens)])
+    return _GlobalPlan(with_global_segments(layout, global_tokens), rows.to(device), cu.to(device),
+                       _offsets(list(global_tokens)).to(device), max(lengths), max(global_tokens))
+
+
+def _merge(out_a, lse_a, out_b, lse_b):
+    """The attention of the same queries over two disjoint key sets from each set's result: out (total, Hq, Dh)
+    and lse (Hq, total) each -> (out, lse) over both. A row that sees no key in either stays 0 / -inf."""
+    top = torch.maximum(lse_a, lse_b)
+    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)  # keeps exp() below finite
+    w_a, w_b = torch.exp(lse_a - top), torch.exp(lse_b - top)
+    both = w_a + w_b
+    norm = torch.where(both > 0, both, torch.ones_like(both))
+    # Weights in the output dtype: an fp32 copy of a whole (total, Hq, Dh) output would double its memory.
+    a, b = ((w / norm).t().unsqueeze(-1).to(out_a.dtype) for w in (w_a, w_b))
+    out = out_a * a
+    return out.addcmul_(out_b, b), top + torch.log(both)
+
+
+def _forward_with_globals(sparse, dense, q, k, v, plan: _GlobalPlan):
+    """(out, lse) from the three passes: ``sparse(q, k, v)`` over the listed video tiles (global rows 0 /
+    -inf), ``dense(q, k, v, cu_q, cu_k, max_q, max_k)`` of every query against its sequence's global keys
+    and of the global queries against their whole sequence; the global rows take the latter alone."""
+    rows = plan.rows
+    out_s, lse_s = sparse(q, k, v)
+    out_g, lse_g = dense(q, k.index_select(0, rows), v.index_select(0, rows), plan.cu_seqlens, plan.cu_global,
+                         plan.max_seqlen, plan.max_global)
+    out, lse = _merge(out_s, lse_s, out_g, lse_g)
+    out_q, lse_q = dense(q.index_select(0, rows), k, v, plan.cu_global, plan.cu_seqlens, plan.max_global,
+                         plan.max_seqlen)
+    return out.index_copy_(0, rows, out_q), lse.index_copy_(1, rows, lse_q.to(lse.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class _GlobalCall:
+    """One call's kernels (a vdit family: the sparse and the varlen operators), tiles and scale."""
+
+    family: _registry.Family
+    plan: _GlobalPlan
+    lists: torch.Tensor
+    scale: float
+
+    def sparse(self, q, k, v):
+        return self.family.op("block_sparse_attention_fwd")(q.contiguous(), k.contiguous(), v.contiguous(),
+                                                            self.plan.layout.offsets, self.lists,
+                                                            self.plan.layout.max_tile, self.scale)
+
+    def dense(self, q, k, v, cu_q, cu_k, max_q, max_k):
+        return self.family.op("varlen_attention_fwd")(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k,
+                                                      max_q, max_k, self.scale, False)
+
+    def backward(self, dout, q, k, v, out, lse):
+        """(dq, dk, dv): each pass's backward from the merged out and lse, which give it its exact share of
+        the probabilities (exp(s - lse)) and the softmax's row term (rowsum(dout * out))."""
+        plan, rows, layout = self.plan, self.plan.rows, self.plan.layout
+        dense_bwd = self.family.op("varlen_attention_bwd")
+        q_tiles = _QUERY_LISTS.get((self.lists,), (layout.num_tiles, q.shape[1], k.shape[1]),
+                                   lambda: query_lists(self.lists, layout.num_tiles, q.shape[1], k.shape[1]))
+        dq, dk, dv = self.family.op("block_sparse_attention_bwd")(dout, q, k, v, out, lse, layout.offsets,
+                                                                 self.lists, q_tiles, layout.max_tile, self.scale)
+        # Global rows took no part in the video-to-global pass: lse -inf makes their probabilities 0 there.
+        dq_g, dk_g, dv_g = dense_bwd(dout, q, k.index_select(0, rows), v.index_select(0, rows), out,
+                                     lse.index_fill(1, rows, float("-inf")), plan.cu_seqlens, plan.cu_global,
+                                     plan.max_seqlen, plan.max_global, self.scale, False)
+        dq_q, dk_q, dv_q = dense_bwd(dout.index_select(0, rows), q.index_select(0, rows), k, v,
+                                     out.index_select(0, rows), lse.index_select(1, rows).contiguous(),
+                                     plan.cu_global, plan.cu_seqlens, plan.max_global, plan.max_seqlen,
+                                     self.scale, False)
+        dq = dq.add_(dq_g).index_add_(0, rows, dq_q)
+        return dq, dk.add_(dk_q).index_add_(0, rows, dk_g), dv.add_(dv_q).index_add_(0, rows, dv_g)
+
+
+class _WithGlobals(torch.autograd.Function):
+    """Autograd of a kernel family's global-token call (:class:`_GlobalCall`); lse is not differentiable,
+    as for the ops without global tokens."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, call: _GlobalCall):
+        out, lse = _forward_with_globals(call.sparse, call.dense, q, k, v, call.plan)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.call = call
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = torch.zeros_like(out) if grad_out is None else grad_out.to(out.dtype).contiguous()
+        return (*ctx.call.backward(dout, q.contiguous(), k.contiguous(), v.contiguous(), out, lse), None)
+
+
+def _attend_with_globals(chosen: str, spec, q, k, v, plan: _GlobalPlan, lists: torch.Tensor, scale: float):
+    """(out, lse) of a call with global tokens on the kernel ``chosen`` (the reference: autograd through
+    its passes and the merge)."""
+    if chosen == "torch":
+        def sparse(q, k, v):
+            return reference.block_sparse_attention_tiles(q, k, v, plan.layout.offsets, lists, softmax_scale=scale,
+                                                          return_lse=True)
+
+        def dense(q, k, v, cu_q, cu_k, max_q, max_k):
+            return reference.varlen_attention(q, k, v, cu_q, cu_k, softmax_scale=scale, return_lse=True)
+
+        return _forward_with_globals(sparse, dense, q, k, v, plan)
+    return _WithGlobals.apply(q, k, v, _GlobalCall(spec.family(chosen), plan, lists, scale))
 
 
 # ---- public API ------------------------------------------------------------------------------
@@ -282,9 +428,12 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
             (row-major over (a, b, c)) or -1 for an unused slot; no tile twice in a row.
         global_tokens: None, an int, or B ints (a list or an int tensor): that many tokens follow each
             video's T*H*W tokens in its sequence (cu_seqlens counts them); they attend and are attended
-            densely within their sequence (module docstring). ``kv_tiles`` lists video tiles only.
+            densely within their sequence (module docstring), by dense passes beside the sparse kernel.
+            ``kv_tiles`` lists video tiles only.
         softmax_scale: positive, default Dh ** -0.5.
-        return_lse: also return lse (Hq, total) float32 (float64 for float64 input on ``cpu`` / ``torch``).
+        return_lse: also return lse (Hq, total) float32 (float64 for float64 input on ``cpu`` / ``torch``)
+            over every key a query sees (its listed tiles and its sequence's global tokens); not
+            differentiable on the kernels.
         backend: see :mod:`vdit.backends`.
     Returns:
         out like q (0 for a query whose row lists no tile); with ``return_lse`` the pair (out, lse).

@@ -7,8 +7,11 @@ batch in *tile order* holds each video's tokens in that order, videos one after 
 is a contiguous run of tokens: ``offsets`` (int32, total tiles + 1) marks where each starts.
 
 *Global tokens* (e.g. the text tokens of a joint text-video attention) follow a video's tokens in its
-sequence: :func:`with_global_tiles` gives each video one more tile holding them, after its video tiles,
-and :func:`lists_with_global_tiles` makes every video tile see it and it see every tile of its video.
+sequence. The ops run them as a dense segment beside the sparse kernel: :func:`with_global_segments`
+covers them with tiles that no key list names and :func:`lists_with_global_rows` gives those tiles empty
+rows, so the lists hold video-to-video entries only. The one-tile formulation, :func:`with_global_tiles`
+with :func:`lists_with_global_tiles` (every video tile lists its video's global tile, which lists every
+tile of its video), states the same rule as tile lists: the reference and the tests use it.
 
 Everything here is host-side index bookkeeping on small tensors (one entry per tile, not per token,
 except the permutation), computed once per (grids, tile[, window]) and cached.
@@ -35,8 +38,8 @@ class TileLayout:
         first_tile: (B + 1,) index of each video's first tile (global tile indices); the last is the total.
         offsets: int32 (total_tiles + 1,) token offset of each tile in tile order (on the grids' device).
         max_tile: the largest tile's token count.
-        global_tokens: with :func:`with_global_tiles`, the global token count of each video, whose last
-            tile holds them; () without.
+        global_tokens: with :func:`with_global_tiles` or :func:`with_global_segments`, the global token
+            count of each video, held by its last tile(s) (:meth:`global_tiles`); () without.
     """
 
     grids: tuple[tuple[int, int, int], ...]
@@ -55,6 +58,10 @@ class TileLayout:
         """Tiles of video ``b``'s own tokens (its global tile, if any, not counted)."""
         na, nb, nc = self.tile_grids[b]
         return na * nb * nc
+
+    def global_tiles(self, b: int) -> int:
+        """Tiles of video ``b``'s global tokens, after its video tiles (0 without global tiles)."""
+        return self.first_tile[b + 1] - self.first_tile[b] - self.video_tiles(b)
 
 
 def _edges(n: int, t: int) -> list[int]:
@@ -147,6 +154,58 @@ def lists_with_global_tiles(layout: TileLayout, kv_tiles: torch.Tensor) -> torch
         rows += [torch.cat([video, own_global], 2), everything]
     width = max(r.shape[2] for r in rows)
     return torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[2]), value=-1) for r in rows]).to(torch.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def _with_global_segments(layout: TileLayout, global_tokens: tuple) -> TileLayout:
+    sizes = (layout.offsets[1:] - layout.offsets[:-1]).cpu().long()
+    chunk = max(layout.max_tile, 1)
+    parts, first = [], [0]
+    for b, g in enumerate(global_tokens):
+        pieces = [chunk] * (g // chunk) + ([g % chunk] if g % chunk else [])
+        parts += [sizes[layout.first_tile[b]:layout.first_tile[b + 1]], torch.tensor(pieces, dtype=torch.long)]
+        first.append(first[-1] + layout.video_tiles(b) + len(pieces))
+    all_sizes = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    offsets = torch.zeros(len(all_sizes) + 1, dtype=torch.int32)
+    offsets[1:] = all_sizes.cumsum(0)
+    return dataclasses.replace(layout, first_tile=tuple(first), offsets=offsets.to(layout.offsets.device),
+                               global_tokens=global_tokens)
+
+
+def with_global_segments(layout: TileLayout, global_tokens: Sequence[int]) -> TileLayout:
+    """``layout`` (of videos only) with video b's ``global_tokens[b]`` (>= 0) following tokens covered by
+    ceil(global_tokens[b] / max_tile) tiles after its video tiles (none for 0), each of at most
+    ``layout.max_tile`` tokens, so ``max_tile`` (which picks the kernels' row blocks) is unchanged. No key
+    list names these tiles (:func:`lists_with_global_rows`): the sparse kernel leaves their rows to a dense
+    pass. Its ``offsets`` cover sequences of T*H*W + global_tokens[b] tokens."""
+    if layout.global_tokens:
+        raise ValueError("the layout has global tiles already")
+    global_tokens = tuple(int(g) for g in global_tokens)
+    if len(global_tokens) != len(layout.grids):
+        raise ValueError(f"global_tokens has {len(global_tokens)} entries for {len(layout.grids)} videos")
+    return _with_global_segments(layout, global_tokens)
+
+
+def lists_with_global_rows(layout: TileLayout, kv_tiles: torch.Tensor) -> torch.Tensor:
+    """Key-tile lists over a layout with global segments (:func:`with_global_segments`).
+
+    Args:
+        layout: with global segments.
+        kv_tiles: int (video tiles of the batch, Hw, K) local key tiles of each video tile, -1 unused.
+    Returns:
+        int32 (layout.num_tiles, Hw, K): each video tile's ``kv_tiles`` row (local indices, which stay valid:
+        a video's tiles come first in its range), and an all -1 row for each global tile.
+    """
+    source, start = [], 0
+    for b in range(len(layout.grids)):
+        n = layout.video_tiles(b)
+        source += list(range(start, start + n)) + [-1] * layout.global_tiles(b)
+        start += n
+    if start != kv_tiles.shape[0]:
+        raise ValueError(f"kv_tiles has {kv_tiles.shape[0]} rows for {start} video tiles")
+    row = torch.tensor(source, dtype=torch.long, device=kv_tiles.device)
+    rows = kv_tiles.index_select(0, row.clamp_min(0))
+    return torch.where((row >= 0)[:, None, None], rows, -1).to(torch.int32)
 
 
 def _video_permutation(grid, tile) -> torch.Tensor:
