@@ -378,8 +378,6 @@ def train(args: argparse.Namespace, state: TrainState, ranks: common.Ranks, mesh
     """Train ``state`` from its step up to --steps on the ranks' grid ``mesh``, with a progress bar, the log and
     checkpoints on rank 0."""
     rank, world_size, device = ranks
-    if mesh.sequence_parallel is not None and state.model.dit.config.attention != "dense":
-        raise UsageError(f"{state.model.dit.config.attention} attention does not run sequence-parallel yet")
     dataset = ShapesDataset(seed=args.seed, **dataset_sizes(args))
     patch = state.model.dit.config.patch_size
     if rank == 0:
