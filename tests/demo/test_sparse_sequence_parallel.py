@@ -1,20 +1,22 @@
 """Tile-sparse attention (sliding_tile, topk_tile) under sequence parallelism from the CLIs: vdit-train with
---sequence-parallel 2 --fsdp --activation-checkpointing under torchrun (2 gloo ranks, device placement checked)
-takes the same steps as one process, a checkpoint written by 2 ranks resumes in one process on the same steps,
-and vdit-generate on 2 ranks (Ulysses and ring) writes the frames of one process.
+--sequence-parallel 2 --fsdp --activation-checkpointing (topk_tile: selective) under torchrun (2 gloo ranks, device
+placement checked) takes the same steps as one process, a checkpoint written by 2 ranks resumes in one process on
+the same steps, and vdit-generate on 2 ranks (Ulysses and ring) writes the frames of one process.
 
 What this covers on CPU: the sharding, the collectives' pairing and order (forward, backward, the
 activation-checkpointing recompute, FSDP's gathers and reductions) and the arithmetic in fp32. What only NCCL on
 GPUs shows: bf16 mixed precision (FSDP's policy), the CUDA / Triton kernels, streams and overlap."""
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.demo.test_cli import CHECKED, GENERATE, _port, _tiny_weights, _train
 from vdit.demo.checkpoint import load_tensors
-from vdit.demo.cli import common
+from vdit.demo.cli import common, train
 from vdit.models import VideoDiTConfig
 from vdit.sampling import StepCache
 
@@ -74,10 +76,12 @@ def test_sliding_tile_fsdp_checkpointing_on_two_ranks_matches_one_process(tmp_pa
     assert _max_difference(single_dir / "model.safetensors", tmp_path / "two" / "model.safetensors") < 1e-4
 
 
-def test_topk_tile_under_ulysses_matches_one_process(tmp_path, one_process, weights):
+def test_topk_tile_under_ulysses_with_selective_checkpointing_matches_one_process(tmp_path, one_process, weights):
+    """topk_tile with FSDP and selective activation checkpointing (the blocks keep their attention; FSDP's
+    recompute of the rest in the backward finds the block's parameters gathered)."""
     single_dir, single = one_process("topk", TOPK)
     two = _train(tmp_path / "two", tmp_path / "two.jsonl", 2, "--init-weights", weights, *TOPK, *STEPS, *PARALLEL,
-                 "--sp-mode", "ulysses")
+                 "selective", "--sp-mode", "ulysses")
     assert [r["step"] for r in two] == [1, 2, 3, 4] and _close(single, two), (single, two)
     assert any(".attn.coarse_gate." in k for k in load_tensors(str(tmp_path / "two" / "model.safetensors")))
     assert _max_difference(single_dir / "model.safetensors", tmp_path / "two" / "model.safetensors") < 1e-4
@@ -132,3 +136,18 @@ def test_step_cache_with_sparse_attention_is_refused_under_sequence_parallelism(
     common.check_sequence_parallel(sparse, sp, None)  # sparse alone runs sequence-parallel
     common.check_sequence_parallel(sparse, None, cache)  # the cache alone too
     common.check_sequence_parallel(VideoDiTConfig.preset("tiny"), sp, cache)  # and dense with the cache
+
+
+def test_selective_checkpointing_option_trains_the_same_steps(tmp_path, weights):
+    """One process: --activation-checkpointing selective (and the bare flag, full) take the steps of no
+    checkpointing, bit for bit (the same ops, recomputed deterministically)."""
+    torch.set_num_threads(1)
+    assert train.parse_args(["--out", "x", "--activation-checkpointing"]).activation_checkpointing == "full"
+    logs = []
+    for flag in ([], ["--activation-checkpointing"], ["--activation-checkpointing", "selective"]):
+        log = tmp_path / f"log{len(logs)}.jsonl"
+        assert train.main(["--out", str(tmp_path / f"run{len(logs)}"), "--init-weights", weights, *TOPK, *STEPS,
+                           "--steps", "2", "--device", "cpu", "--tokens-per-batch", "96", *flag,
+                           "--log-file", str(log)]) == 0
+        logs.append([json.loads(line)["loss"] for line in log.read_text().splitlines()])
+    assert len(logs[0]) == 2 and logs[0] == logs[1] == logs[2], logs

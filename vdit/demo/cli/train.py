@@ -95,8 +95,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="under torchrun: shard parameters, gradients, optimizer state and EMA over the ranks (FSDP2; "
                         "bf16 compute with fp32 reduction on GPUs) and checkpoint shard by shard "
                         "(torch.distributed.checkpoint, resumable at another world size)")
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each transformer block in the backward instead of keeping its activations")
+    p.add_argument("--activation-checkpointing", nargs="?", const="full", choices=("full", "selective"),
+                   default=None,
+                   help="recompute each transformer block in the backward instead of keeping its activations; "
+                        "selective: keep each block's self-attention (q, k, v, output, log-sum-exp) and recompute "
+                        "the rest, so the backward repeats no attention and no sequence-parallel collective")
     p.add_argument("--sides", default=None,
                    help="comma-separated video heights / widths in pixels to train on "
                         "(default: the dataset's 32 to 64)")
@@ -384,7 +387,8 @@ def train(args: argparse.Namespace, state: TrainState, ranks: common.Ranks, mesh
         params = sum(p.numel() for p in state.model.parameters())
         print(f"{PROG}: {params / 1e6:.2f}M parameters on {device} x {world_size} rank(s), "
               f"{args.tokens_per_batch} tokens per batch", file=sys.stderr)
-    state.model.dit.enable_activation_checkpointing(args.activation_checkpointing)
+    state.model.dit.enable_activation_checkpointing(args.activation_checkpointing is not None,
+                                                    keep_attention=args.activation_checkpointing == "selective")
     ddp = world_size > 1 and not args.fsdp  # FSDP averages the gradients itself
     net = torch.nn.parallel.DistributedDataParallel(state.model) if ddp else state.model
     bar = tqdm(total=args.steps, initial=state.step, desc="train", dynamic_ncols=True, disable=rank != 0)
