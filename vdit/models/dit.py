@@ -314,7 +314,8 @@ class VideoDiT(nn.Module):
             the group (DDP over the group does this).
         Returns a list of B tensors (C_out, Ti, Hi, Wi): the predicted velocity (noise - data).
 
-    ``enable_activation_checkpointing()`` recomputes each block in the backward (sequence-parallel runs too).
+    ``enable_activation_checkpointing()`` recomputes each block in the backward (sequence-parallel runs too);
+    ``keep_attention=True`` recomputes all but self-attention (no collective runs twice).
 
     torch.compile: every block traces into one graph (``fullgraph=True``; tests/models/test_dit.py). CUDA graphs:
     the forward reads the batch's packing on the host (grid positions, max_seqlen, per-sample lengths), so
