@@ -16,9 +16,7 @@ import torch
 
 from tests.demo.test_cli import CHECKED, GENERATE, _port, _tiny_weights, _train
 from vdit.demo.checkpoint import load_tensors
-from vdit.demo.cli import common, train
-from vdit.models import VideoDiTConfig
-from vdit.sampling import StepCache
+from vdit.demo.cli import train
 
 # The tiny TextToVideo of test_cli with every DiT weight random (zero-initialized gates would hide attention):
 # patch 2x4x4 on the dataset's 8-16 frames of 32-64 pixels gives token grids of 4-8 x 8-16 x 8-16, in tiles of
@@ -104,38 +102,42 @@ def test_two_rank_checkpoint_resumes_in_one_process(tmp_path, one_process, weigh
         assert _max_difference(single_dir / name, out / name) < 1e-4, name
 
 
-def _generate(weights, out, world_size, *extra):
+def _generate(weights, root, world_size, *extra):
+    """vdit-generate of one prompt into the folder ``root``: (its stdout, {relative path: bytes} of every file
+    written: frames as PNGs, the contact sheet)."""
     args = ["--prompt", "a red circle moves up", "--weights", weights, "--frames", "4", "--size", "16x12",
-            "--steps", "2", "--out", str(out), *extra]
+            "--steps", "2", "--out", str(root / "clip"), *extra]
+    root.mkdir()
     launcher = [] if world_size == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(world_size),
                                            "--master_addr", "127.0.0.1", "--master_port", str(_port())]
     result = subprocess.run([sys.executable, *launcher, "-m", GENERATE, *args], capture_output=True, text=True,
                             env={**os.environ, **CHECKED}, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
-    return result.stdout, {f: (out / f).read_bytes() for f in sorted(os.listdir(out))}
+    return result.stdout, {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_sparse_generation_on_two_ranks_matches_one_process(tmp_path):
+def test_sparse_generation_on_two_ranks_matches_one_process(tmp_path, weights):
     """Token grid 2x4x3 in tiles of 1x2x2 (2x2x2 tiles, the last in w cut short), each seeing its own tile only."""
-    weights = _tiny_weights(tmp_path / "w", random_dit=True)
     sparse = ["--attention", "sliding_tile", "--tile", "1,2,2", "--window", "1,1,1"]
     _, one = _generate(weights, tmp_path / "one", 1, *sparse)
     _, dense = _generate(weights, tmp_path / "dense", 1)
-    assert len(one) == 4 and one != dense  # sparse attention changes the frames
+    assert len(one) == 5 and one != dense  # 4 frames and the sheet; sparse attention changes the frames
     for mode in ("ulysses", "ring"):
         stdout, two = _generate(weights, tmp_path / mode, 2, *sparse, "--sp-mode", mode)
         assert f"x 2 ranks ({mode})" in stdout and "attention sliding_tile, tile 1x2x2, window 1x1x1" in stdout
         assert two == one, mode  # 8-bit PNGs: the fp32 videos agree to well within a level here
 
 
-def test_step_cache_with_sparse_attention_is_refused_under_sequence_parallelism():
-    sparse = VideoDiTConfig.preset("tiny", attention="sliding_tile", tile=(2, 4, 4), window=(1, 1, 1))
-    cache, sp = StepCache.of("first_block", None), object()
-    with pytest.raises(common.UsageError, match="^--cache first_block with sliding_tile attention does not run"):
-        common.check_sequence_parallel(sparse, sp, cache)
-    common.check_sequence_parallel(sparse, sp, None)  # sparse alone runs sequence-parallel
-    common.check_sequence_parallel(sparse, None, cache)  # the cache alone too
-    common.check_sequence_parallel(VideoDiTConfig.preset("tiny"), sp, cache)  # and dense with the cache
+def test_sparse_generation_with_step_cache_on_two_ranks_matches_one_process(tmp_path, weights):
+    """--cache first_block with sliding_tile on 2 ring ranks: the same skipped steps and frames as one process (the
+    threshold makes the cache skip some evaluations and compute the rest, on the videos' tile-ordered shards)."""
+    sparse = ["--attention", "sliding_tile", "--tile", "1,2,2", "--window", "1,1,1", "--cache", "first_block",
+              "--cache-threshold", "1.5", "--steps", "4", "--batch", "2"]
+    out_one, one = _generate(weights, tmp_path / "one", 1, *sparse)
+    out_two, two = _generate(weights, tmp_path / "two", 2, *sparse, "--sp-mode", "ring")
+    summaries = [next(line for line in out.splitlines() if line.startswith("step cache")) for out in (out_one, out_two)]
+    assert "skipped 0/" not in summaries[0] and summaries[0].split(",")[0] == summaries[1].split(",")[0], summaries
+    assert len(one) == 9 and two == one  # two videos' 4 frames and the contact sheet
 
 
 def test_selective_checkpointing_option_trains_the_same_steps(tmp_path, weights):

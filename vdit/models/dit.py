@@ -418,8 +418,6 @@ class VideoDiT(nn.Module):
         x, cu, grids, positions, c = self._embed(videos, timesteps, context, cu_seqlens_context)
         perm = None
         if self.config.attention != "dense":
-            if sequence_parallel is not None:
-                raise NotImplementedError(f"attention={self.config.attention!r} does not run sequence-parallel yet")
             perm = tile_permutation(grids, self.config.tile)  # within each video: its offsets stay
             x, positions = x[perm], positions[perm]
         inputs, x, bounds = self._block_inputs(x, cu, grids, positions, c, context, cu_seqlens_context,

@@ -92,17 +92,6 @@ def attention_summary(config) -> str:
     return "attention dense" if pattern is None else f"attention {pattern.describe()}"
 
 
-def check_sequence_parallel(config, sequence_parallel, cache=None) -> None:
-    """A UsageError for the one sparse-attention combination that does not run sequence-parallel: the step
-    cache (``first_block``) with tile-sparse attention over several ranks. Dense and tile-sparse attention
-    (sliding_tile, topk_tile) run under every --sp-mode (vdit.distributed.sparse); ``config`` is the model's
-    VideoDiTConfig, ``cache`` the sampler's StepCache or None."""
-    if sequence_parallel is None or config.attention == "dense" or cache is None or cache.method == "none":
-        return
-    raise UsageError(f"--cache {cache.method} with {config.attention} attention does not run sequence-parallel "
-                     "yet: leave out --cache or run on one process")
-
-
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     """``--cache`` and ``--cache-threshold``: step caching in the sampler (vdit.sampling.StepCache)."""
     group = parser.add_argument_group("step caching", "skip the remaining blocks of a video whose first block "
