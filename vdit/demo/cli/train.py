@@ -9,6 +9,8 @@ from the last checkpoint exactly (model, EMA, optimizer, data position; noise is
         --tile 4,4,4 --window 4,2,2 --sides 96,112,128 --tokens-per-batch 4096   # fine-tune to sparse attention
     torchrun --nproc_per_node 2 -m vdit.demo.cli.train --out runs/demo-ddp    # data parallel (DDP; gloo on CPU)
     torchrun --nproc_per_node 4 -m vdit.demo.cli.train --out runs/demo-sp --sequence-parallel 2   # 2 x 2
+    torchrun --nproc_per_node 2 -m vdit.demo.cli.train --out runs/sta-sp --attention sliding_tile --tile 4,4,4 \
+        --sequence-parallel 2 --fsdp --activation-checkpointing selective   # sparse, sharded, attention kept
 
 Under torchrun the global batch is the same as in one process and its videos are dealt to the
 data-parallel groups by token count; the loss is normalized globally, so any rank grid takes the same steps as one
