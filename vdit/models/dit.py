@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vdit.distributed import SequenceParallel, gather_packed, local_offsets, shard_bounds, shard_packed
 from vdit.nn import (
@@ -226,17 +227,39 @@ class DiTBlock(nn.Module):
         self.cross = VarlenCrossAttention(d, cfg.context_dim, cfg.heads, qk_norm=cfg.qk_norm)
         hidden = int(d * cfg.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
+        self.keep_attention = False  # selective activation checkpointing (VideoDiT.enable_activation_checkpointing)
 
     def forward(self, x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
         """x (n, hidden) packed tokens -> (n, hidden); ``inputs``: what every block of the forward reads
         (:class:`BlockInputs`). With sequence parallelism x is this rank's shard; with tile-sparse attention
         x is in tile order."""
+        mod = self.modulation(inputs.c)  # six (B, hidden) tensors: small, kept in either case
+        if self.keep_attention and torch.is_grad_enabled():
+            # Selective activation checkpointing: the parts before and after self-attention are recomputed in
+            # the backward, self-attention is not (its autograd keeps q, k, v, the output and the log-sum-exp),
+            # so the backward runs no attention forward and repeats no sequence-parallel collective.
+            h, q, k, v = checkpoint(self.before_attention, x, mod, inputs, use_reentrant=False)
+            out, extra = self.attention(q, k, v, inputs)
+            return checkpoint(self.after_attention, x, mod, h, out, extra, inputs, use_reentrant=False)
+        h, q, k, v = self.before_attention(x, mod, inputs)
+        return self.after_attention(x, mod, h, *self.attention(q, k, v, inputs), inputs)
+
+    def before_attention(self, x: torch.Tensor, mod, inputs: BlockInputs):
+        """(h, q, k, v): the attention's input h (n, hidden) (adaLN of x by the first two of the six (B, hidden)
+        modulations ``mod``) and its projections q (n, heads, head_dim), k, v (n, kv_heads, head_dim)."""
+        h = adaln_modulate(x, mod[0], mod[1], inputs.cu_tokens)
+        return (h, *self.attn.project(h, inputs.positions, inputs.rope))
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: BlockInputs):
+        """The self-attention core (every sequence-parallel collective of the block): (out, extra or None)."""
+        return self.attn.attend(q, k, v, inputs.cu, inputs.max_len, grids=inputs.grids,
+                                sequence_parallel=inputs.sequence_parallel)
+
+    def after_attention(self, x: torch.Tensor, mod, h: torch.Tensor, out: torch.Tensor, extra, inputs: BlockInputs):
+        """The rest of the block from the attention's ``out`` (and ``extra``): (n, hidden)."""
         cu_local = inputs.cu_tokens
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(inputs.c)
-        sparse = {} if inputs.grids is None else {"grids": inputs.grids}
-        h = self.attn(adaln_modulate(x, shift1, scale1, cu_local), inputs.cu, inputs.max_len, inputs.positions,
-                      inputs.rope, sequence_parallel=inputs.sequence_parallel, **sparse)
-        x = gated_residual(x, h, gate1, cu_local)
+        _, _, gate1, shift2, scale2, gate2 = mod
+        x = gated_residual(x, self.attn.output(h, out, extra), gate1, cu_local)
         x = x + self.cross(self.cross_norm(x), cu_local, inputs.context, inputs.cu_ctx, inputs.max_len, inputs.max_ctx)
         h = self.mlp(adaln_modulate(x, shift2, scale2, cu_local))
         return gated_residual(x, h, gate2, cu_local)
@@ -291,7 +314,8 @@ class VideoDiT(nn.Module):
             the group (DDP over the group does this).
         Returns a list of B tensors (C_out, Ti, Hi, Wi): the predicted velocity (noise - data).
 
-    ``enable_activation_checkpointing()`` recomputes each block in the backward (sequence-parallel runs too).
+    ``enable_activation_checkpointing()`` recomputes each block in the backward (sequence-parallel runs too);
+    ``keep_attention=True`` recomputes all but self-attention (no collective runs twice).
 
     torch.compile: every block traces into one graph (``fullgraph=True``; tests/models/test_dit.py). CUDA graphs:
     the forward reads the batch's packing on the host (grid positions, max_seqlen, per-sample lengths), so
@@ -316,10 +340,16 @@ class VideoDiT(nn.Module):
         nn.init.zeros_(self.unembed.bias)
         self.activation_checkpointing = False  # see enable_activation_checkpointing
 
-    def enable_activation_checkpointing(self, enabled: bool = True) -> VideoDiT:
+    def enable_activation_checkpointing(self, enabled: bool = True, *, keep_attention: bool = False) -> VideoDiT:
         """Keep only each block's inputs in the forward and recompute the block in the backward (memory for
-        time: activations of one block instead of all); outputs and gradients are unchanged. Returns self."""
-        self.activation_checkpointing = bool(enabled)
+        time: activations of one block instead of all); outputs and gradients are unchanged. Returns self.
+
+        With ``keep_attention`` (selective checkpointing) each block keeps its self-attention's inputs, output
+        and log-sum-exp too and recomputes only the rest: the backward runs no attention forward and, with
+        sequence parallelism, no collective twice, for q, k, v and the output of every block kept in memory."""
+        self.activation_checkpointing = bool(enabled) and not keep_attention  # whole blocks, in forward
+        for block in self.blocks:
+            block.keep_attention = bool(enabled) and keep_attention
         return self
 
     @staticmethod
@@ -388,8 +418,6 @@ class VideoDiT(nn.Module):
         x, cu, grids, positions, c = self._embed(videos, timesteps, context, cu_seqlens_context)
         perm = None
         if self.config.attention != "dense":
-            if sequence_parallel is not None:
-                raise NotImplementedError(f"attention={self.config.attention!r} does not run sequence-parallel yet")
             perm = tile_permutation(grids, self.config.tile)  # within each video: its offsets stay
             x, positions = x[perm], positions[perm]
         inputs, x, bounds = self._block_inputs(x, cu, grids, positions, c, context, cu_seqlens_context,

@@ -75,9 +75,21 @@ class VarlenSelfAttention(nn.Module):
             packed, cu, max_len, keep = _pack_dense(x, key_padding_mask)
             return _unpack_dense(self.forward(packed, cu, max_len), x.shape, keep)
         q, k, v = self.project(x, positions, rope)
+        out, extra = self.attend(q, k, v, cu_seqlens, max_seqlen, sequence_parallel=sequence_parallel)
+        return self.output(x, out, extra)
+
+    def attend(self, q, k, v, cu_seqlens, max_seqlen=None, *, grids=None, sequence_parallel=None):
+        """The attention core of :meth:`forward` on :meth:`project`'s q, k, v: ``(out, None)``, out (total,
+        heads, head_dim) (this rank's shard with ``sequence_parallel``; ``grids`` is for tile-sparse subclasses).
+        Every collective of sequence parallelism runs here, none in :meth:`project` or :meth:`output`, so a
+        caller can recompute those two in the backward without repeating communication."""
         attend = varlen_attention if sequence_parallel is None else sequence_parallel.attention
-        out = attend(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
-        return self.proj(out.reshape(x.shape[0], -1))
+        return attend(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen), None
+
+    def output(self, x: torch.Tensor, out: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """(total, dim): the output projection of :meth:`attend`'s ``out`` (total, heads, head_dim); ``x`` is the
+        module's input and ``extra`` the second value :meth:`attend` returned (both unused here)."""
+        return self.proj(out.reshape(out.shape[0], -1))
 
     def project(self, x: torch.Tensor, positions=None, rope=None):
         """q (total, heads, head_dim), k and v (total, kv_heads, head_dim) of packed x (total, dim):

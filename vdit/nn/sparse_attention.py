@@ -60,16 +60,25 @@ class TileSparseAttention(VarlenSelfAttention):
         if x.dim() != 2 or grids is None or cu_seqlens is None:
             raise ValueError("TileSparseAttention takes packed x (total, dim) in tile order with cu_seqlens and grids")
         q, k, v = self.project(x, positions, rope)
-        if sequence_parallel is not None:  # x: this rank's range of the tile-ordered batch that cu_seqlens describe
-            coarse = self.coarse if self.pattern.mode == "topk_tile" else None
-            out, extra = sequence_parallel.sparse_attention(self.pattern, q, k, v, cu_seqlens, grids, path=self.path,
-                                                            coarse=coarse)
-            if extra is not None:
-                out = out + self.coarse_gate(x)[..., None].to(out.dtype) * extra
-            return self.proj(out.reshape(x.shape[0], -1))
+        out, extra = self.attend(q, k, v, cu_seqlens, max_seqlen, grids=grids, sequence_parallel=sequence_parallel)
+        return self.output(x, out, extra)
+
+    def attend(self, q, k, v, cu_seqlens, max_seqlen=None, *, grids=None, sequence_parallel=None):
+        """The pattern's attention on :meth:`project`'s q, k, v (tile order): ``(out, coarse)``, each (total,
+        heads, head_dim), coarse None unless topk_tile (with ``sequence_parallel``: this rank's shards). All of
+        sequence parallelism's collectives run here (see :meth:`VarlenSelfAttention.attend`)."""
+        coarse = self.coarse if self.pattern.mode == "topk_tile" else None
+        if sequence_parallel is not None:  # q: this rank's range of the tile-ordered batch that cu_seqlens describe
+            return sequence_parallel.sparse_attention(self.pattern, q, k, v, cu_seqlens, grids, path=self.path,
+                                                      coarse=coarse)
         out = self.pattern.attend(q, k, v, cu_seqlens, grids, path=self.path)
-        if self.pattern.mode == "topk_tile":
-            out = out + self.coarse_gate(x)[..., None].to(out.dtype) * self.coarse(q, k, v, grids)
+        return out, None if coarse is None else coarse(q, k, v, grids)
+
+    def output(self, x: torch.Tensor, out: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """(total, dim): ``out`` plus the gated coarse output ``extra`` (topk_tile; the gate reads the module's
+        input ``x``), projected."""
+        if extra is not None:
+            out = out + self.coarse_gate(x)[..., None].to(out.dtype) * extra
         return self.proj(out.reshape(x.shape[0], -1))
 
     def coarse(self, q, k, v, grids) -> torch.Tensor:

@@ -162,8 +162,6 @@ def main(argv: list[str] | None = None) -> int:
             parallel = f" x {sequence_parallel.size} ranks ({sequence_parallel.mode})"
         weights = SHIPPED_WEIGHTS.get(args.weights, args.weights)
         model = with_attention(TextToVideo.load(weights, args.config, device=ranks.device), **job.attention)
-        if sequence_parallel is not None and model.dit.config.attention != "dense":
-            raise UsageError(f"{model.dit.config.attention} attention does not run sequence-parallel yet")
         start, stats = time.perf_counter(), []
         videos, labels = sample(model, args, job, progress=ranks.rank == 0, sequence_parallel=sequence_parallel,
                                 stats=stats)

@@ -9,6 +9,8 @@ from the last checkpoint exactly (model, EMA, optimizer, data position; noise is
         --tile 4,4,4 --window 4,2,2 --sides 96,112,128 --tokens-per-batch 4096   # fine-tune to sparse attention
     torchrun --nproc_per_node 2 -m vdit.demo.cli.train --out runs/demo-ddp    # data parallel (DDP; gloo on CPU)
     torchrun --nproc_per_node 4 -m vdit.demo.cli.train --out runs/demo-sp --sequence-parallel 2   # 2 x 2
+    torchrun --nproc_per_node 2 -m vdit.demo.cli.train --out runs/sta-sp --attention sliding_tile --tile 4,4,4 \
+        --sequence-parallel 2 --fsdp --activation-checkpointing selective   # sparse, sharded, attention kept
 
 Under torchrun the global batch is the same as in one process and its videos are dealt to the
 data-parallel groups by token count; the loss is normalized globally, so any rank grid takes the same steps as one
@@ -95,8 +97,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="under torchrun: shard parameters, gradients, optimizer state and EMA over the ranks (FSDP2; "
                         "bf16 compute with fp32 reduction on GPUs) and checkpoint shard by shard "
                         "(torch.distributed.checkpoint, resumable at another world size)")
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each transformer block in the backward instead of keeping its activations")
+    p.add_argument("--activation-checkpointing", nargs="?", const="full", choices=("full", "selective"),
+                   default=None,
+                   help="recompute each transformer block in the backward instead of keeping its activations; "
+                        "selective: keep each block's self-attention (q, k, v, output, log-sum-exp) and recompute "
+                        "the rest, so the backward repeats no attention and no sequence-parallel collective")
     p.add_argument("--sides", default=None,
                    help="comma-separated video heights / widths in pixels to train on "
                         "(default: the dataset's 32 to 64)")
@@ -378,15 +383,14 @@ def train(args: argparse.Namespace, state: TrainState, ranks: common.Ranks, mesh
     """Train ``state`` from its step up to --steps on the ranks' grid ``mesh``, with a progress bar, the log and
     checkpoints on rank 0."""
     rank, world_size, device = ranks
-    if mesh.sequence_parallel is not None and state.model.dit.config.attention != "dense":
-        raise UsageError(f"{state.model.dit.config.attention} attention does not run sequence-parallel yet")
     dataset = ShapesDataset(seed=args.seed, **dataset_sizes(args))
     patch = state.model.dit.config.patch_size
     if rank == 0:
         params = sum(p.numel() for p in state.model.parameters())
         print(f"{PROG}: {params / 1e6:.2f}M parameters on {device} x {world_size} rank(s), "
               f"{args.tokens_per_batch} tokens per batch", file=sys.stderr)
-    state.model.dit.enable_activation_checkpointing(args.activation_checkpointing)
+    state.model.dit.enable_activation_checkpointing(args.activation_checkpointing is not None,
+                                                    keep_attention=args.activation_checkpointing == "selective")
     ddp = world_size > 1 and not args.fsdp  # FSDP averages the gradients itself
     net = torch.nn.parallel.DistributedDataParallel(state.model) if ddp else state.model
     bar = tqdm(total=args.steps, initial=state.step, desc="train", dynamic_ncols=True, disable=rank != 0)

@@ -1,0 +1,89 @@
+"""Selective activation checkpointing under sequence parallelism (gloo, 2 processes): a VideoDiT whose blocks keep
+their self-attention (``enable_activation_checkpointing(keep_attention=True)``) sends exactly the bytes of a run
+without checkpointing (the backward repeats no attention collective; whole-block checkpointing sends more), and its
+outputs and gradients equal both, bit for bit (dense, sliding_tile and topk_tile; Ulysses and ring)."""
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.distributed.test_attention import _free_port
+from vdit.distributed import SequenceParallel, check_placement
+from vdit.distributed.stats import count_communication
+
+MODES = ("none", "full", "selective")
+
+
+def _model(attention):
+    from vdit.models import VideoDiT, VideoDiTConfig
+
+    torch.manual_seed(0)
+    config = VideoDiTConfig.preset("tiny", heads=4, depth=1, attention=attention, tile=(1, 2, 2), window=(1, 2, 2),
+                                   topk=2)
+    model = VideoDiT(config).double()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)  # zero-initialized gates would hide attention
+    return model
+
+
+def _step(model, sp, checkpointing):
+    """One forward + backward over ``sp`` with ``checkpointing`` (one of MODES): (outputs, gradients, bytes sent)."""
+    g = torch.Generator().manual_seed(1)
+    shapes = [(2, 8, 8), (1, 4, 4), (2, 4, 8)]
+    videos = [torch.randn(3, t, h, w, generator=g, dtype=torch.float64) for t, h, w in shapes]
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    context = torch.randn(7, 32, generator=g, dtype=torch.float64)
+    cu_ctx = torch.tensor([0, 3, 4, 7], dtype=torch.int32)
+    model.enable_activation_checkpointing(checkpointing != "none", keep_attention=checkpointing == "selective")
+    model.zero_grad()
+    with count_communication() as sent:
+        out = model(videos, t, context, cu_ctx, sequence_parallel=sp)
+        sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in out).backward()
+    return [o.detach() for o in out], {n: p.grad.clone() for n, p in model.named_parameters()}, sent
+
+
+def _check(attention, mode):
+    model, sp = _model(attention), SequenceParallel(mode=mode)
+    runs = {checkpointing: _step(model, sp, checkpointing) for checkpointing in MODES}
+    out, grads, sent = runs["none"]
+    assert sent.total > 0
+    assert runs["selective"][2] == sent, (runs["selective"][2], sent)  # every kind of collective, byte for byte
+    assert runs["full"][2].total > sent.total, (runs["full"][2], sent)  # the recompute replays attention
+    for checkpointing in ("full", "selective"):
+        other_out, other_grads, _ = runs[checkpointing]
+        assert all(torch.equal(a, b) for a, b in zip(out, other_out)), checkpointing
+        assert all(torch.equal(other_grads[n], grads[n]) for n in grads), checkpointing
+    assert len(grads) == len(list(model.parameters())) and all(g.abs().max() > 0 for g in grads.values())
+
+
+def _worker(rank, size, port, cases, errors):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    try:
+        with check_placement("cpu"):
+            for case in cases:
+                try:
+                    _check(*case)
+                except AssertionError:  # the other cases still run: every rank takes part in the same collectives
+                    errors.put(f"rank {rank}, {case}: {traceback.format_exc()}")
+    except Exception:
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def test_selective_checkpointing_repeats_no_collective():
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    port = _free_port()
+    cases = [("dense", "ulysses"), ("sliding_tile", "ring"), ("topk_tile", "ulysses")]
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, cases, errors)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    messages = []
+    while not errors.empty():
+        messages.append(errors.get())
+    assert all(p.exitcode == 0 for p in procs) and not messages, "\n".join(messages)
