@@ -146,7 +146,7 @@ def test_config_validates_its_sparse_attention_through_sparse_pattern():
     assert cfg.sparse_pattern() == vdit.SparsePattern("sliding_tile", (1, 2, 2), window=(2, 1, 3))
     assert cfg.tile == (1, 2, 2) and cfg.window == (2, 1, 3)  # saved as before
     topk = VideoDiTConfig.preset("tiny", attention="topk_tile", window=(0, 0, 0), topk=3).sparse_pattern()
-    assert topk == vdit.SparsePattern("topk_tile", (2, 4, 4), topk=3)
+    assert topk == vdit.SparsePattern("topk_tile", (4, 4, 4), topk=3)
     assert VideoDiT(VideoDiTConfig.preset("tiny", attention="topk_tile", topk=3)).blocks[0].attn.pattern == topk
     with pytest.raises(ValueError, match="attention must be one of"):
         VideoDiTConfig.preset("tiny", attention="local")

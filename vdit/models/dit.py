@@ -53,7 +53,9 @@ class VideoDiTConfig:
     # "sliding_tile" (a window of `window` tiles) or "topk_tile" (the `topk` best tiles plus a gated coarse pass),
     # validated and used as one vdit.ops.SparsePattern (sparse_pattern()).
     attention: str = "dense"
-    tile: tuple[int, int, int] = (2, 4, 4)
+    # 64 tokens: a GPU's 64-row MMA blocks are then full (32-token tiles leave half of every block idle; see
+    # docs/sparse-gpu-cost-model.md), and the sparse demo model (vdit/demo/assets/demo-sta) was trained at 4x4x4.
+    tile: tuple[int, int, int] = (4, 4, 4)
     window: tuple[int, int, int] = (3, 3, 3)
     topk: int = 8
 
