@@ -196,3 +196,28 @@ def test_old_attention_modes_name_the_sparse_argument(mode):
     with pytest.raises(ValueError, match="sparse= runs through the attention routing"):
         swap(model, attention=False, sparse=SparsePattern(mode, (1, 2, 2)))
     assert not hasattr(model, "_vdit_swap")  # nothing was swapped
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("pad", [False, True], ids=["nopad", "pad"])
+def test_the_second_forward_reads_nothing_in_the_sparse_path(name, pad, monkeypatch):
+    """Wan's sparse calls read nothing on the host once the grid is known. HunyuanVideo's forward brings a new
+    text mask: it is read once for all the forward's sparse call sites (one read when it drops nothing; the
+    packing of the valid text tokens when it does), not per call."""
+    from tests.ops.test_sparse_host_sync import reads_of_second_call
+
+    model, inputs, _, _ = MODELS[name](SIZE, pad)
+    model.eval()
+    swap(model, sparse=SparsePattern("sliding_tile", (1, 2, 2), window=(1, 1, 2)))
+    masks_read = []
+    original = SparseRouting._masked_packing
+    monkeypatch.setattr(SparseRouting, "_masked_packing", lambda self, *a: masks_read.append(1) or original(self, *a))
+    with torch.no_grad():
+        reads = reads_of_second_call(lambda: _run(model, inputs), within=("vdit/ops/", "vdit/swap/sparse.py"))
+    unswap(model)
+    if name == "wan":
+        assert reads == {} and masks_read == []
+        return
+    assert len(masks_read) == 2  # one per forward, for its 2 sparse call sites
+    if not pad:
+        assert sum(reads.values()) == 1 and all("vdit/swap/sparse.py" in r for r in reads), reads

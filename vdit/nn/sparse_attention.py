@@ -2,6 +2,8 @@
 :class:`vdit.ops.SparsePattern`: a sliding window of tiles (STA) or the top-k tiles of a pooled coarse pass (VSA)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -9,7 +11,17 @@ from vdit.nn.attention import VarlenSelfAttention
 from vdit.ops import varlen_attention
 from vdit.ops.sparse_attention import pooled_tiles
 from vdit.ops.sparse_pattern import SparsePattern
-from vdit.ops.tiles import tile_layout
+from vdit.ops.tiles import TileLayout, tile_layout
+
+
+@functools.lru_cache(maxsize=64)
+def _coarse_offsets(layout: TileLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coarse pass's cu_seqlens over tiles (int32 (B + 1,)) and token count per tile (total_tiles,), on the
+    layout's device; kept per layout (layouts are cached by value), so repeated calls copy nothing to the device
+    and the varlen op reads its cu_seqlens once."""
+    offsets = layout.offsets
+    cu_tiles = torch.tensor(layout.first_tile, dtype=torch.int32).to(offsets.device)
+    return cu_tiles, offsets[1:] - offsets[:-1]
 
 
 class TileSparseAttention(VarlenSelfAttention):
@@ -83,11 +95,10 @@ class TileSparseAttention(VarlenSelfAttention):
 
     def coarse(self, q, k, v, grids) -> torch.Tensor:
         """(total, heads, head_dim): dense attention among each video's pooled tiles, at every token of a tile."""
-        layout = tile_layout(grids, self.pattern.tile)
-        cu_tiles = torch.tensor(layout.first_tile, dtype=torch.int32, device=q.device)
+        layout = tile_layout(grids, self.pattern.tile, q.device)
+        cu_tiles, sizes = _coarse_offsets(layout)
         pooled = [pooled_tiles(t, layout) for t in (q, k, v)]
         out = varlen_attention(*pooled, cu_tiles, cu_tiles)  # (tiles, heads, head_dim)
-        sizes = (layout.offsets[1:] - layout.offsets[:-1]).to(q.device)
         return torch.repeat_interleave(out, sizes, dim=0, output_size=q.shape[0])
 
     def extra_repr(self) -> str:

@@ -25,7 +25,14 @@ needed.
 Kernels (declared in ``SPEC``): Triton (``triton``) on CUDA, C++ (``cpu``) on CPU, and the reference
 (``torch``): dense attention with the tile mask. Both kernels visit only the listed tiles, so their time
 scales with the number of visible tiles. The backward recomputes from lse and is deterministic; it runs
-in the forward's kernel family. The tile lists are built once per (grids, tile, window) and cached.
+in the forward's kernel family.
+
+Repeated calls make no host synchronisation and no host-to-device copy: a tensor's values (grids,
+cu_seqlens, a window or kv_tiles tensor) are read on the host once per tensor object and version
+(:class:`vdit._cache.TensorCache`), and the layouts, tile lists and checks derived from them are cached by
+value (grids, tile, window, global-token counts, device), so a new grids tensor with the same values costs
+one read and reuses everything. Lists from :func:`topk_tiles` are valid by construction and never read
+back. ``docs/sparse-gpu-cost-model.md`` (host overhead) has the measurements and the GPU checks.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ from vdit.ops._registry import ALL_FLOATS, GPU_FLOATS, MAX_GPU_HEAD_DIM, TRITON,
 from vdit.ops._validation import check_cu_seqlens, check_qkv, check_softmax_scale, check_triple
 from vdit.ops.tiles import (
     TileLayout,
+    grid_values,
     lists_with_global_rows,
     query_lists,
     sliding_window_tiles,
@@ -109,11 +117,10 @@ _registry.register(fakes=_fakes, autograd=lambda family: {
 
 # ---- validation and the tile lists -----------------------------------------------------------
 
-def _grids_error(grids: torch.Tensor, cu_seqlens: torch.Tensor, global_tokens: tuple) -> str | None:
-    rows = grids.tolist()
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    extra = global_tokens or (0,) * len(rows)
-    for i, (row, n, g) in enumerate(zip(rows, lengths, extra)):
+@functools.lru_cache(maxsize=256)
+def _grids_error(grids: tuple, lengths: tuple, global_tokens: tuple) -> str | None:
+    extra = global_tokens or (0,) * len(grids)
+    for i, (row, n, g) in enumerate(zip(grids, lengths, extra)):
         if min(row) <= 0:
             return f"grids[{i}] = {tuple(row)} must be positive"
         if row[0] * row[1] * row[2] + g != n:
@@ -123,8 +130,21 @@ def _grids_error(grids: torch.Tensor, cu_seqlens: torch.Tensor, global_tokens: t
     return None
 
 
-# Read on the host once per (grids, cu_seqlens) tensors and versions.
-_GRID_CHECKS = TensorCache(size=64)
+# Sequence lengths of a cu_seqlens tensor, read on the host once per tensor object and version; the grid
+# checks are then cached by value (grids, lengths, global tokens).
+_LENGTHS = TensorCache(size=64)
+
+
+def _sequence_lengths(cu_seqlens: torch.Tensor) -> tuple[int, ...]:
+    def read():
+        values = cu_seqlens.tolist()
+        return tuple(b - a for a, b in zip(values, values[1:]))
+
+    return _LENGTHS.get((cu_seqlens,), "lengths", read)
+
+
+# Global-token counts given as a tensor, read on the host once per tensor object and version.
+_GLOBAL_COUNTS = TensorCache(size=32)
 
 
 def _check_global_tokens(global_tokens, batch: int) -> tuple:
@@ -140,8 +160,11 @@ def _check_global_tokens(global_tokens, batch: int) -> tuple:
                                                         or global_tokens.dtype == torch.bool):
             raise TypeError(f"global_tokens must hold ints, got {global_tokens.dtype}")
         try:
-            values = tuple(int(g) for g in (global_tokens.tolist() if isinstance(global_tokens, torch.Tensor)
-                                            else global_tokens))
+            if isinstance(global_tokens, torch.Tensor):
+                values = _GLOBAL_COUNTS.get((global_tokens,), "counts",
+                                            lambda: tuple(int(g) for g in global_tokens.tolist()))
+            else:
+                values = tuple(int(g) for g in global_tokens)
         except (TypeError, ValueError):
             raise TypeError(f"global_tokens must be an int or B ints, got {global_tokens!r}") from None
         if len(values) != batch:
@@ -152,8 +175,8 @@ def _check_global_tokens(global_tokens, batch: int) -> tuple:
 
 
 def _check_grids(grids, cu_seqlens, total: int, device, global_tokens: tuple = ()) -> int:
-    """grids int (B, 3) on the tokens' device, positive, one per sequence of cu_seqlens with T*H*W tokens
-    (plus its global tokens)."""
+    """grids int (B, 3), positive, one per sequence of cu_seqlens with T*H*W tokens (plus its global tokens).
+    grids may live on the host (no device read at all) or on the tokens' device (read once per tensor)."""
     batch = check_cu_seqlens("cu_seqlens", cu_seqlens, total, device)
     if not isinstance(grids, torch.Tensor):
         raise TypeError(f"grids must be a torch.Tensor, got {type(grids).__name__}")
@@ -162,8 +185,7 @@ def _check_grids(grids, cu_seqlens, total: int, device, global_tokens: tuple = (
     if grids.shape != (batch, 3):
         raise ValueError(f"grids must be ({batch}, 3) (one (T, H, W) per sequence of cu_seqlens), "
                          f"got {tuple(grids.shape)}")
-    error = _GRID_CHECKS.get((grids, cu_seqlens), ("grids", global_tokens),
-                             lambda: _grids_error(grids, cu_seqlens, global_tokens))
+    error = _grids_error(grid_values(grids), _sequence_lengths(cu_seqlens), global_tokens)
     if error:
         raise ValueError(error)
     return batch
@@ -171,44 +193,91 @@ def _check_grids(grids, cu_seqlens, total: int, device, global_tokens: tuple = (
 
 def _check_packing(q, k, v, cu_seqlens, grids, tile, global_tokens) -> tuple[TileLayout, tuple]:
     """The checks both sparse ops share (q, k, v of one packing; grids, global tokens and tile against
-    cu_seqlens); returns the batch's tile layout and the global-token counts (() for none)."""
+    cu_seqlens); returns the batch's tile layout (offsets on q's device) and the global-token counts (() for
+    none). Host values are read once per tensor object; everything after is cached by value."""
     check_qkv(q, k, v)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"q has {q.shape[0]} tokens but k has {k.shape[0]} (self-attention over one packing)")
     global_tokens = _check_global_tokens(global_tokens, cu_seqlens.shape[0] - 1)
     _check_grids(grids, cu_seqlens, q.shape[0], q.device, global_tokens)
-    return _layout_of(grids, tile), global_tokens
+    return _layout_of(grids, tile, q.device), global_tokens
 
 
-def _layout_of(grids: torch.Tensor, tile) -> TileLayout:
-    """The batch's tile layout; a video smaller than one tile on every axis is refused."""
+def _layout_of(grids: torch.Tensor, tile, device: torch.device) -> TileLayout:
+    """The batch's tile layout, offsets on ``device``; a video smaller than one tile on every axis is refused."""
     tile = check_triple("tile", tile)
-    layout = tile_layout(grids, tile)
-    for i, row in enumerate(layout.grids):
-        if all(t > n for t, n in zip(tile, row)):
-            raise ValueError(f"tile {tile} is larger than grids[{i}] = {row} on every axis: the video is less than "
-                             f"one tile (tile sizes count tokens, not pixels)")
+    layout = tile_layout(grids, tile, device)
+    _check_tile_fits(layout.grids, tile)
     return layout
 
 
-def _check_window(window, heads: int) -> torch.Tensor:
-    """window: 3 ints or an int tensor (heads, 3), all >= 1 -> int64 (1 or heads, 3) on the CPU."""
+@functools.lru_cache(maxsize=256)
+def _check_tile_fits(grids: tuple, tile: tuple) -> None:
+    for i, row in enumerate(grids):
+        if all(t > n for t, n in zip(tile, row)):
+            raise ValueError(f"tile {tile} is larger than grids[{i}] = {row} on every axis: the video is less than "
+                             f"one tile (tile sizes count tokens, not pixels)")
+
+
+def _window_rows(rows, heads: int) -> tuple[tuple[int, int, int], ...]:
+    """Window rows as ints: 3 entries each, all >= 1, one row or one per query head."""
+    if len(rows) not in (1, heads) or any(len(r) != 3 for r in rows):
+        raise ValueError(f"window must have 3 entries (tiles along t, h, w) or one row per query head ({heads}), "
+                         f"got {[list(r) for r in rows]}")
+    if any(w < 1 for r in rows for w in r):
+        raise ValueError(f"window sizes must be >= 1 tile, got {[list(r) for r in rows]}")
+    return tuple(tuple(r) for r in rows)
+
+
+# Window tensors (one per head), read on the host once per tensor object and version.
+_WINDOWS = TensorCache(size=32)
+
+
+def _check_window(window, heads: int) -> tuple[tuple[int, int, int], ...]:
+    """window: 3 ints, or an int tensor (heads or 1, 3), all >= 1 -> its rows as ints (1 or heads rows)."""
     if isinstance(window, torch.Tensor):
         if window.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"window must be 3 ints or an int32/int64 tensor (heads, 3), got {window.dtype}")
-        if window.shape != (heads, 3):
+        if window.dim() != 2 or window.shape[0] not in (1, heads) or window.shape[1] != 3:
             raise ValueError(f"window must be ({heads}, 3) (one window per query head), got {tuple(window.shape)}")
-        out = window.detach().to("cpu", torch.int64)
+        rows = _WINDOWS.get((window,), "window", window.tolist)
     else:
         try:
-            out = torch.tensor([[int(w) for w in window]], dtype=torch.int64)
+            rows = [[int(w) for w in window]]
         except (TypeError, ValueError):
             raise TypeError(f"window must be 3 ints or an int tensor (heads, 3), got {window!r}") from None
-        if out.shape != (1, 3):
+        if len(rows[0]) != 3:
             raise ValueError(f"window must have 3 entries (tiles along t, h, w), got {window!r}")
-    if (out < 1).any():
-        raise ValueError(f"window sizes must be >= 1 tile, got {out.tolist()}")
-    return out
+    return _window_rows(rows, heads)
+
+
+@functools.lru_cache(maxsize=64)
+def _kv_tiles_limit(first_tile: tuple, device: torch.device) -> torch.Tensor:
+    """int64 (total_tiles, 1, 1): the tile count of each query tile's video."""
+    counts = torch.tensor([b - a for a, b in zip(first_tile, first_tile[1:])])
+    return torch.repeat_interleave(counts, counts)[:, None, None].to(device)
+
+
+def _kv_tiles_error(kv_tiles: torch.Tensor, first_tile: tuple) -> str | None:
+    """Why the values of kv_tiles are not lists of their videos' tiles, or None; one host read when they are."""
+    limit = _kv_tiles_limit(first_tile, kv_tiles.device)
+    bad = (kv_tiles < -1) | (kv_tiles >= limit)
+    ordered = kv_tiles.sort(dim=2).values
+    dup = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
+    any_bad, any_dup = torch.stack([bad.any(), dup.any()]).tolist()
+    if any_bad:
+        t, h, s = (int(i) for i in bad.nonzero()[0])
+        return (f"kv_tiles[{t}, {h}, {s}] = {int(kv_tiles[t, h, s])} is not a tile of its video "
+                f"(0 .. {int(limit[t, 0, 0]) - 1}, or -1 for an unused slot)")
+    if any_dup:
+        t, h, _ = (int(i) for i in dup.nonzero()[0])
+        return f"kv_tiles[{t}, {h}] lists a key tile twice: {kv_tiles[t, h].tolist()}"
+    return None
+
+
+# Checked kv_tiles values: one read per (tensor object and version, layout); lists topk_tiles makes are
+# entered as valid when made, so the top-k path reads none.
+_KV_CHECKS = TensorCache(size=64)
 
 
 def _check_kv_tiles(kv_tiles, layout: TileLayout, heads: int) -> None:
@@ -221,18 +290,9 @@ def _check_kv_tiles(kv_tiles, layout: TileLayout, heads: int) -> None:
                          f"slots), got {tuple(kv_tiles.shape)}")
     if kv_tiles.shape[2] == 0 or torch.compiler.is_compiling():
         return
-    counts = torch.tensor([b - a for a, b in zip(layout.first_tile, layout.first_tile[1:])])
-    limit = torch.repeat_interleave(counts, counts)[:, None, None].to(kv_tiles.device)
-    bad = (kv_tiles < -1) | (kv_tiles >= limit)
-    if bool(bad.any()):
-        t, h, s = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"kv_tiles[{t}, {h}, {s}] = {int(kv_tiles[t, h, s])} is not a tile of its video "
-                         f"(0 .. {int(limit[t, 0, 0]) - 1}, or -1 for an unused slot)")
-    ordered = kv_tiles.sort(dim=2).values
-    dup = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
-    if bool(dup.any()):
-        t, h, _ = (int(i) for i in dup.nonzero()[0])
-        raise ValueError(f"kv_tiles[{t}, {h}] lists a key tile twice: {kv_tiles[t, h].tolist()}")
+    error = _KV_CHECKS.get((kv_tiles,), layout.first_tile, lambda: _kv_tiles_error(kv_tiles, layout.first_tile))
+    if error:
+        raise ValueError(error)
 
 
 # Kernel-side lists: global tile indices, one row per query head, built once per tensor / window.
@@ -246,6 +306,7 @@ def _global_lists(layout: TileLayout, kv_tiles: torch.Tensor, heads: int) -> tor
 
 @functools.lru_cache(maxsize=64)
 def _window_lists(layout: TileLayout, window: tuple, device: str) -> torch.Tensor:
+    """The sliding-window lists of ``layout`` and window rows ``window``, built once per value."""
     return sliding_window_tiles(layout, torch.tensor(window)).to(device)
 
 
@@ -421,7 +482,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     Args:
         q: (total, Hq, Dh); k, v: (total, Hk, Dh), Hq % Hk == 0 (grouped-query); each video's tokens in
             tile order (:func:`vdit.packing.tile_permutation`).
-        cu_seqlens: int32 (B + 1,) offsets of the videos; grids: int (B, 3) their token grids (T, H, W).
+        cu_seqlens: int32 (B + 1,) offsets of the videos; grids: int (B, 3) their token grids (T, H, W), on
+            the tokens' device or on the host (a CPU grids tensor is never read from the device).
         tile: (tt, th, tw) tokens per tile (edge tiles partial).
         kv_tiles: int32 (total_query_tiles, Hq or 1, k): rows are the query tiles (videos in batch order,
             each video's tiles row-major over (a, b, c)); each holds key tiles local to that video
@@ -456,16 +518,16 @@ def sliding_tile_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         q, k, v, cu_seqlens, grids, tile, global_tokens, softmax_scale, return_lse, backend: as
             :func:`block_sparse_attention`.
         window: (wt, wh, ww) tiles per axis, each >= 1, or an int tensor (Hq, 3) with one window per query
-            head. A query in tile (a, b, c) sees the keys of the tiles of its own video whose index on each
-            axis lies in [s, s + w), s = min(max(a - (w - 1) // 2, 0), max(n - w, 0)) for an axis of n
-            tiles; a window at least as large as the grid is dense attention.
+            head (or (1, 3): one for all heads). A query in tile (a, b, c) sees the keys of the tiles of its
+            own video whose index on each axis lies in [s, s + w), s = min(max(a - (w - 1) // 2, 0),
+            max(n - w, 0)) for an axis of n tiles; a window at least as large as the grid is dense attention.
     Returns:
         As :func:`block_sparse_attention`.
     """
     layout, global_tokens = _check_packing(q, k, v, cu_seqlens, grids, tile, global_tokens)
     windows = _check_window(window, q.shape[1])
     scale = check_softmax_scale(softmax_scale, q.shape[2])
-    kv_tiles = _window_lists(layout, tuple(map(tuple, windows.tolist())), str(q.device))
+    kv_tiles = _window_lists(layout, windows, str(q.device))
     return _run(SLIDING_SPEC, q, k, v, layout, kv_tiles, scale, backend, return_lse, global_tokens)
 
 
@@ -500,7 +562,7 @@ def topk_tiles(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, grids
         raise ValueError(f"topk must be an int >= 1, got {topk!r}")
     global_tokens = _check_global_tokens(global_tokens, cu_seqlens.shape[0] - 1)
     _check_grids(grids, cu_seqlens, q.shape[0], q.device, global_tokens)
-    layout = _layout_of(grids, tile)
+    layout = _layout_of(grids, tile, q.device)
     pooled_layout = with_global_tiles(layout, global_tokens) if global_tokens else layout
     with torch.no_grad():
         pq = pooled_tiles(q, pooled_layout).float()
@@ -512,4 +574,6 @@ def topk_tiles(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, grids
             keep = min(topk, b - a)
             chosen = scores.topk(keep, dim=-1).indices.sort(dim=-1).values.permute(1, 0, 2)  # (n, Hq, keep)
             rows.append(torch.nn.functional.pad(chosen, (0, topk - keep), value=-1))
-        return torch.cat(rows).to(torch.int32)
+        kv_tiles = torch.cat(rows).to(torch.int32)
+    _KV_CHECKS.get((kv_tiles,), layout.first_tile, lambda: None)  # valid by construction: never read back
+    return kv_tiles

@@ -181,9 +181,9 @@ class SparsePattern:
         """
         options = dict(global_tokens=global_tokens, softmax_scale=softmax_scale, backend=backend)
         if self.mode == "sliding_tile":
-            rows = self.window_for(path, q.shape[1])
-            window = rows[0].tolist() if rows.shape[0] == 1 else rows
-            return sliding_tile_attention(q, k, v, cu_seqlens, grids, self.tile, window, **options)
+            # The pattern's own rows tensor: the op reads a window tensor once per object, so calls read none.
+            return sliding_tile_attention(q, k, v, cu_seqlens, grids, self.tile, self.window_for(path, q.shape[1]),
+                                          **options)
         kv_tiles = self.key_tiles(q, k, cu_seqlens, grids, global_tokens=global_tokens)
         return block_sparse_attention(q, k, v, cu_seqlens, grids, self.tile, kv_tiles, **options)
 

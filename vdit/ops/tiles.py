@@ -90,19 +90,23 @@ def _layout(grids: tuple, tile: tuple, device: str) -> TileLayout:
                       int(all_sizes.max()) if len(all_sizes) else 0)
 
 
-_LAYOUTS = TensorCache(size=64)
+# The values of a grids tensor, read on the host once per tensor object and version; everything derived
+# from them (layouts, lists, permutations) is cached by value, so a new tensor with the same grids costs
+# one read and a CPU grids tensor none on the device.
+_GRID_VALUES = TensorCache(size=64)
 
 
-def tile_layout(grids: torch.Tensor, tile: Sequence[int]) -> TileLayout:
-    """The :class:`TileLayout` of a packed batch with token grids ``grids`` (int (B, 3)) and ``tile``
-    (read on the host once per grids tensor and version)."""
+def grid_values(grids: torch.Tensor) -> tuple[tuple[int, int, int], ...]:
+    """The rows of ``grids`` (int (B, 3)) as Python ints, read once per tensor object and version."""
+    return _GRID_VALUES.get((grids,), "grids", lambda: tuple(tuple(int(v) for v in g) for g in grids.tolist()))
+
+
+def tile_layout(grids: torch.Tensor, tile: Sequence[int], device: torch.device | str | None = None) -> TileLayout:
+    """The :class:`TileLayout` of a packed batch with token grids ``grids`` (int (B, 3)) and ``tile``, its
+    ``offsets`` on ``device`` (default: the grids' device). Cached by value: the grids are read on the host
+    once per tensor object (:func:`grid_values`), and equal grids, tile and device give the same layout object."""
     tile = tuple(int(t) for t in tile)
-
-    def build():
-        key = tuple(tuple(int(v) for v in g) for g in grids.tolist())
-        return _layout(key, tile, str(grids.device))
-
-    return _LAYOUTS.get((grids,), ("layout", tile), build)
+    return _layout(grid_values(grids), tile, str(grids.device if device is None else torch.device(device)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -208,8 +212,10 @@ def lists_with_global_rows(layout: TileLayout, kv_tiles: torch.Tensor) -> torch.
     return torch.where((row >= 0)[:, None, None], rows, -1).to(torch.int32)
 
 
-def _video_permutation(grid, tile) -> torch.Tensor:
-    """(N,) raster index of each token of one video in tile order."""
+@functools.lru_cache(maxsize=64)
+def video_permutation(grid: tuple, tile: tuple) -> torch.Tensor:
+    """int64 (N,) on the CPU: raster index of each token of one video (grid (T, H, W)) in tile order.
+    Cached by value and shared: do not modify it in place."""
     T, H, W = grid
     tt, th, tw = tile
     t, h, w = torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")
@@ -229,7 +235,14 @@ def _video_permutation(grid, tile) -> torch.Tensor:
     return perm
 
 
-_PERMUTATIONS = TensorCache(size=16)
+@functools.lru_cache(maxsize=16)
+def _permutation(grids: tuple, tile: tuple, device: str) -> torch.Tensor:
+    parts, start = [], 0
+    for g in grids:
+        parts.append(video_permutation(g, tile) + start)
+        start += g[0] * g[1] * g[2]
+    perm = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    return perm.to(device)
 
 
 def tile_permutation(grids: torch.Tensor, tile: Sequence[int]) -> torch.Tensor:
@@ -241,19 +254,10 @@ def tile_permutation(grids: torch.Tensor, tile: Sequence[int]) -> torch.Tensor:
         tile: (tt, th, tw) positive.
     Returns:
         int64 (total,) ``perm`` on the grids' device: ``x_tiled = x_raster[perm]``; the inverse is
-        ``perm.argsort()``.
+        ``perm.argsort()``. Cached by value (grids, tile, device) and shared: do not modify it in place.
     """
     tile = tuple(int(t) for t in tile)
-
-    def build():
-        parts, start = [], 0
-        for g in grids.tolist():
-            parts.append(_video_permutation(g, tile) + start)
-            start += g[0] * g[1] * g[2]
-        perm = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
-        return perm.to(grids.device)
-
-    return _PERMUTATIONS.get((grids,), ("perm", tile), build)
+    return _permutation(grid_values(grids), tile, str(grids.device))
 
 
 def window_starts(n: int, w: int) -> torch.Tensor:
@@ -295,10 +299,17 @@ def sliding_window_tiles(layout: TileLayout, window: torch.Tensor) -> torch.Tens
 
 def to_global(layout: TileLayout, kv_tiles: torch.Tensor) -> torch.Tensor:
     """Local key-tile indices (per video) -> global ones (into ``layout.offsets``); -1 stays -1."""
-    first = torch.tensor(layout.first_tile[:-1], dtype=torch.int32, device=kv_tiles.device)
-    counts = torch.tensor([b - a for a, b in zip(layout.first_tile, layout.first_tile[1:])], device=kv_tiles.device)
-    video_first = torch.repeat_interleave(first, counts)  # (total_tiles,)
+    video_first = _video_first_tiles(layout.first_tile, kv_tiles.device)
     return torch.where(kv_tiles >= 0, kv_tiles + video_first[:, None, None], -1).to(torch.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def _video_first_tiles(first_tile: tuple, device: torch.device) -> torch.Tensor:
+    """int32 (total_tiles,) on ``device``: the first tile of each tile's video. Built once per value, so
+    converting new lists (top-k, every call) copies nothing to the device."""
+    first = torch.tensor(first_tile[:-1], dtype=torch.int32)
+    counts = torch.tensor([b - a for a, b in zip(first_tile, first_tile[1:])])
+    return torch.repeat_interleave(first, counts).to(device)
 
 
 def query_lists(kv_tiles: torch.Tensor, num_tiles: int, heads_q: int, heads_k: int) -> torch.Tensor:

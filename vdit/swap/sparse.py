@@ -17,12 +17,14 @@ this module only reads the video grid of each forward and packs the calls.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
+from vdit._cache import TensorCache
 from vdit.ops.sparse_pattern import SparsePattern
-from vdit.ops.tiles import tile_permutation
+from vdit.ops.tiles import video_permutation
 from vdit.swap.masks import key_padding
 
 
@@ -32,7 +34,9 @@ class SparseRouting:
 
     The packing of unmasked calls (tile-order indices, cu_seqlens, the grids tensor) depends only on the grid,
     the batch and the sequence length, so it is built once per (batch, length, device) and reused by every
-    sparse call site until the grid changes.
+    sparse call site until the grid changes; a masked call's packing is kept per mask tensor (the blocks of a
+    forward share one). The grids tensor is one object per (grid, batch, device) value, so the ops' caches
+    hit and repeated calls make no host read or host-to-device copy.
     """
 
     def __init__(self, pattern: SparsePattern):
@@ -41,6 +45,7 @@ class SparseRouting:
         self.pattern = pattern
         self._grid: tuple[int, int, int] | None = None
         self._packed: dict = {}  # (B, L, device) -> (index, cu_seqlens, global_tokens, grids)
+        self._masked = TensorCache(size=8)  # attention mask -> its packing, or why it cannot run sparse
 
     @property
     def grid(self) -> tuple[int, int, int] | None:
@@ -52,6 +57,7 @@ class SparseRouting:
         if grid != self._grid:
             self._grid = grid
             self._packed.clear()
+            self._masked.clear()
 
     def describe(self) -> str:
         """What the report says a sparse site runs."""
@@ -69,12 +75,43 @@ class SparseRouting:
             self._packed[key] = packed
         return packed
 
+    def call_packing(self, attn_mask: torch.Tensor | None, B: int, Hq: int, L: int, device):
+        """:meth:`packing` for a call with ``attn_mask`` (None, or a key-padding mask for SDPA shape
+        (B, Hq, L, L)), or the reason (a string) the call cannot run block-sparse. A mask is read on the host
+        once per tensor object and grid: the blocks of a forward share one, so only its first call reads it."""
+        if attn_mask is None:
+            return self.packing(None, B, L, device)
+        return self._masked.get((attn_mask,), (self._grid, B, Hq, L, torch.device(device)),
+                                lambda: self._masked_packing(attn_mask, B, Hq, L, device))
+
+    def _masked_packing(self, attn_mask: torch.Tensor, B: int, Hq: int, L: int, device):
+        keep = key_padding(attn_mask, B, Hq, L, L)
+        if isinstance(keep, str):
+            return keep
+        N = math.prod(self._grid)
+        video_kept, all_kept = torch.stack([keep[:, :N].all(), keep.all()]).tolist()  # one host read
+        if not video_kept:
+            return "mask hides video tokens"
+        return self.packing(None if all_kept else keep[:, N:], B, L, device)
+
+
+@functools.lru_cache(maxsize=32)
+def _grids(grid: tuple, B: int, device: torch.device) -> torch.Tensor:
+    """int32 (B, 3) on ``device``: one object per value, so the ops read it on the host once (and never modify it)."""
+    return torch.tensor([grid] * B, dtype=torch.int32).to(device)
+
+
+@functools.lru_cache(maxsize=32)
+def _tile_order(grid: tuple, tile: tuple, device: torch.device) -> torch.Tensor:
+    """int64 (N,) on ``device``: the raster index of each of a video's tokens in tile order, built once per value."""
+    return video_permutation(grid, tile).to(device)
+
 
 def _packing(grid: tuple, tile: tuple, keep_global: torch.Tensor | None, B: int, L: int, device):
     """:meth:`SparseRouting.packing`, uncached."""
     N = math.prod(grid)
-    grids = torch.tensor([grid] * B, dtype=torch.int32, device=device)
-    video = tile_permutation(grids[:1].cpu(), tile).to(device)  # (N,) raster index of each tile-order token
+    device = torch.device(device)
+    video = _tile_order(grid, tile, device)
     starts = torch.arange(B, device=device) * L
     parts, lengths = [], []
     for b in range(B):
@@ -84,7 +121,7 @@ def _packing(grid: tuple, tile: tuple, keep_global: torch.Tensor | None, B: int,
         parts += [starts[b] + video, starts[b] + extra]
         lengths.append(N + extra.numel())
     cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
-    return torch.cat(parts), cu, [n - N for n in lengths], grids
+    return torch.cat(parts), cu, [n - N for n in lengths], _grids(grid, B, device)
 
 
 def _declined(query, key, is_causal, routing: SparseRouting, path: str | None) -> str | None:
@@ -122,15 +159,10 @@ def sparse_sdpa(query, key, value, attn_mask, is_causal, scale, routing: SparseR
         return None, reason
     B, Hq, L, D = query.shape
     N = math.prod(routing.grid)
-    keep_global = None
-    if attn_mask is not None:
-        keep = key_padding(attn_mask, B, Hq, L, L)
-        if isinstance(keep, str):
-            return None, keep
-        if not bool(keep[:, :N].all()):
-            return None, "mask hides video tokens"
-        keep_global = None if bool(keep[:, N:].all()) else keep[:, N:]
-    index, cu, global_tokens, grids = routing.packing(keep_global, B, L, query.device)
+    packed = routing.call_packing(attn_mask, B, Hq, L, query.device)
+    if isinstance(packed, str):
+        return None, packed
+    index, cu, global_tokens, grids = packed
     q, k, v = (t.transpose(1, 2).reshape(B * L, t.shape[1], D)[index] for t in (query, key, value))
     out = routing.pattern.attend(q, k, v, cu, grids, path=path, global_tokens=global_tokens if L > N else None,
                                  softmax_scale=scale)
