@@ -150,3 +150,14 @@ def test_trainer_rejects_sizes_the_strides_do_not_divide(tmp_path):
         trainer.main(["--out", str(tmp_path), *TINY_ARGS, "--frame-counts", "8"])
     with pytest.raises(UsageError, match="--width must be a positive int, got 0"):
         trainer.main(["--out", str(tmp_path), *TINY_ARGS, "--width", "0"])
+
+
+def test_decoder_mlp_keeps_shapes_and_causality():
+    torch.manual_seed(0)
+    model = CausalVideoAutoencoder(AutoencoderConfig(width=8, blocks=1, latent_channels=4, refine=0, expand=16)).eval()
+    video = torch.rand(1, 3, 9, 16, 24) * 2 - 1
+    z = model.encode(video)
+    assert model.decode(z).shape == video.shape
+    torch.testing.assert_close(model.decode(z[:, :, :2]), model.decode(z)[:, :, :5], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="expand must be an int >= 0, got -2"):
+        AutoencoderConfig(expand=-2)

@@ -60,6 +60,9 @@ class AutoencoderConfig:
         latent_channels: channels of the latent.
         refine: width of the decoder's full-resolution refinement (two 3x3x3 convolutions added to the
             depth-to-spacetime output, which smooth the seams between blocks); 0 leaves it out.
+        expand: hidden width of the decoder's per-position MLP before its map to the pixel block; 0 maps the
+            ``width`` features linearly, which confines every decoded block to a ``width``-dimensional subspace
+            of its 768 pixel values (too few for sharp edges at every position).
     """
 
     temporal_stride: int = 4
@@ -68,12 +71,13 @@ class AutoencoderConfig:
     blocks: int = 1
     latent_channels: int = 16
     refine: int = 16
+    expand: int = 0
 
     def __post_init__(self):
         for name in ("temporal_stride", "spatial_stride", "width", "latent_channels"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        for name in ("blocks", "refine"):
+        for name in ("blocks", "refine", "expand"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
 
@@ -168,9 +172,10 @@ class Decoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         self.st, self.ss = cfg.temporal_stride, cfg.spatial_stride
+        head = ([_head(cfg.width, cfg.expand, kernel=1), nn.SiLU(), CausalConv3d(cfg.expand, cfg.block_features, 1)]
+                if cfg.expand else [_head(cfg.width, cfg.block_features, kernel=1)])
         self.net = nn.Sequential(CausalConv3d(cfg.latent_channels, cfg.width),
-                                 *[ResBlock(cfg.width) for _ in range(cfg.blocks)],
-                                 _head(cfg.width, cfg.block_features, kernel=1))
+                                 *[ResBlock(cfg.width) for _ in range(cfg.blocks)], *head)
         self.refine = (nn.Sequential(CausalConv3d(3, cfg.refine), nn.SiLU(), CausalConv3d(cfg.refine, 3))
                        if cfg.refine else None)
 

@@ -61,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=96, help="convolution width at the latent resolution")
     p.add_argument("--blocks", type=int, default=1, help="residual blocks in the encoder and in the decoder")
     p.add_argument("--refine", type=int, default=16, help="width of the full-resolution refinement (0: none)")
+    p.add_argument("--expand", type=int, default=0, help="hidden width of the decoder's per-position MLP (0: none)")
     p.add_argument("--latent-channels", type=int, default=16)
     p.add_argument("--sides", default="32,40,48,56,64", help="training heights / widths (multiples of 8)")
     p.add_argument("--frame-counts", default="5,9", help="training frame counts (1 + 4k)")
@@ -89,7 +90,7 @@ def model_config(args: argparse.Namespace) -> AutoencoderConfig:
     a UsageError naming the option for a bad value."""
     try:
         return AutoencoderConfig(args.temporal_stride, args.spatial_stride, args.width, args.blocks,
-                                 args.latent_channels, args.refine)
+                                 args.latent_channels, args.refine, args.expand)
     except ValueError as exc:
         name = str(exc).split(" ", 1)[0]
         raise UsageError(f"--{name.replace('_', '-')}{str(exc)[len(name):]}") from None
