@@ -105,7 +105,7 @@ class LearnedExpander:
         is tagged ``unknown`` where its best tag has a probability below ``min_confidence``. The default uses
         every guess (each is reported, see :func:`vdit.demo.prompts.read_tags`): on the benchmark's prompts,
         misspelt ones included, a threshold of 0.9 lost more right guesses ("greeen" -> green) than wrong
-        ones ("marble" -> square)."""
+        ones ("zipping" -> down)."""
         if not words:
             return []
         with torch.no_grad():
