@@ -136,12 +136,13 @@ def _demo_row(model, caption: str, seed: int, size: tuple[int, int], steps: int)
 
 
 def demo_run(records: list[dict], out: str, size: tuple[int, int], steps: int, method: str,
-             from_end: bool = False) -> list[dict]:
+             from_end: bool = False, sample: bool = True) -> list[dict]:
     """Sample the shipped demo model for each prompt of ``records`` ({"prompt", "color", "motion"}, all on a
     black background), as typed and expanded with ``method``, the i-th at seed i; append one JSON line per
     video to ``out`` as it is made. A (caption, seed, size, steps) already in ``out`` is not sampled again, so
     the run resumes, and an expansion that equals an earlier one reuses its video. ``from_end``: work from the
-    last prompt back (each keeps its seed), so a second process can share the work on a busy machine."""
+    last prompt back (each keeps its seed), so a second process can share the work on a busy machine.
+    ``sample=False`` samples nothing and returns the prompts whose videos are all in ``out``."""
     from vdit.demo.pipeline import DEFAULT_WEIGHTS, TextToVideo
     from vdit.demo.prompts import expand
 
@@ -155,8 +156,12 @@ def demo_run(records: list[dict], out: str, size: tuple[int, int], steps: int, m
     model, rows = None, []
     order = list(enumerate(records))
     for seed, record in reversed(order) if from_end else order:
-        for variant in ("typed", method):
-            caption = record["prompt"] if variant == "typed" else expand(record["prompt"], seed=seed, method=method)
+        captions = {variant: record["prompt"] if variant == "typed" else expand(record["prompt"], seed=seed,
+                                                                                 method=method)
+                    for variant in ("typed", method)}
+        if not sample and any((c, seed, tuple(size), steps) not in done for c in captions.values()):
+            continue
+        for variant, caption in captions.items():
             key = (caption, seed, tuple(size), steps)
             if key not in done:
                 model = model or TextToVideo.load(DEFAULT_WEIGHTS)
@@ -191,13 +196,14 @@ def main(argv: list[str] | None = None) -> int:
                    "typed and expanded, writing one line per video to JSONL (resumable)")
     p.add_argument("--demo-prompts", default=DEFAULT_DEMO_PROMPTS)
     p.add_argument("--from-end", action="store_true", help="--demo: work from the last prompt back")
+    p.add_argument("--report-only", action="store_true", help="--demo: sample nothing, report the videos made")
     p.add_argument("--size", default="64x96", help="HxW of the --demo videos")
     p.add_argument("--steps", type=int, default=12, help="sampler steps of the --demo videos")
     args = p.parse_args(argv)
     if args.demo:
         height, width = (int(v) for v in args.size.split("x"))
         rows = demo_run(load(args.demo_prompts), args.demo, (height, width), args.steps, args.method or DEFAULT_METHOD,
-                        args.from_end)
+                        args.from_end, not args.report_only)
         print(demo_report(rows))
         return 0
     records = load(args.prompts)

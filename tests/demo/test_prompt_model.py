@@ -9,7 +9,7 @@ from vdit.demo.checkpoint import CheckpointError
 from vdit.demo.data import ShapesDataset
 from vdit.demo.prompt_model import ASSETS, CONFIG_FILE, WEIGHTS_FILE, LearnedExpander, load_expander
 from vdit.demo.prompt_training import example, train
-from vdit.demo.prompts import expand, expand_detailed
+from vdit.demo.prompts import expand, expand_detailed, expand_prompts
 
 
 def _kept(prompt: str, intent: dict, seed: int) -> tuple[int, int]:
@@ -131,3 +131,12 @@ def test_learned_expander_guesses_are_reported_and_can_be_refused():
 def test_learned_expander_reports_a_far_two_word_colour_as_one_name():
     result = expand_detailed("a light blue ball", seed=0, method="learned")
     assert "lightblue" in result.unknown and "color" not in result.given[0]
+
+
+def test_expand_prompts_passes_the_method_on():
+    lines = []
+    captions = expand_prompts(["greeen bal going lefft"], seed=0, echo=lines.append, method="learned")
+    assert captions == [expand("greeen bal going lefft", seed=0, method="learned")]
+    assert any("'greeen' read as color:green" in line for line in lines)
+    assert expand_prompts(["greeen bal"], seed=0, echo=None, method="rules") != expand_prompts(
+        ["greeen bal"], seed=0, echo=None, method="learned")
