@@ -135,6 +135,18 @@ def _demo_row(model, caption: str, seed: int, size: tuple[int, int], steps: int)
             "motion_seen": classify_motion(masks)}
 
 
+def _made(out: str) -> dict:
+    """The rows of the JSON-lines file ``out`` by (caption, seed, size, steps); empty if there is none."""
+    done = {}
+    if os.path.exists(out):
+        with open(out) as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    done[row["caption"], row["seed"], tuple(row["size"]), row["steps"]] = row
+    return done
+
+
 def demo_run(records: list[dict], out: str, size: tuple[int, int], steps: int, method: str,
              from_end: bool = False, sample: bool = True) -> list[dict]:
     """Sample the shipped demo model for each prompt of ``records`` ({"prompt", "color", "motion"}, all on a
@@ -146,14 +158,7 @@ def demo_run(records: list[dict], out: str, size: tuple[int, int], steps: int, m
     from vdit.demo.pipeline import DEFAULT_WEIGHTS, TextToVideo
     from vdit.demo.prompts import expand
 
-    done = {}
-    if os.path.exists(out):
-        with open(out) as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    done[row["caption"], row["seed"], tuple(row["size"]), row["steps"]] = row
-    model, rows = None, []
+    done, model, rows = _made(out), None, []
     order = list(enumerate(records))
     for seed, record in reversed(order) if from_end else order:
         captions = {variant: record["prompt"] if variant == "typed" else expand(record["prompt"], seed=seed,
@@ -163,6 +168,8 @@ def demo_run(records: list[dict], out: str, size: tuple[int, int], steps: int, m
             continue
         for variant, caption in captions.items():
             key = (caption, seed, tuple(size), steps)
+            if key not in done:
+                done = _made(out)  # another process may have made it since
             if key not in done:
                 model = model or TextToVideo.load(DEFAULT_WEIGHTS)
                 done[key] = {**_demo_row(model, caption, seed, size, steps), "size": list(size), "steps": steps}
