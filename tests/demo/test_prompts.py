@@ -2,11 +2,18 @@
 import pytest
 
 from tests.demo.test_cli import GENERATE, run_cli, tiny_weights  # noqa: F401 (tiny_weights is a fixture)
+from vdit.demo import prompts
 from vdit.demo.data import BACKGROUNDS, COLORS, MOTIONS, SHAPES, SIZES, ShapesDataset, vocabulary
 from vdit.demo.prompts import expand, expand_detailed, expand_prompts, nearest_colour
 from vdit.demo.text import WordTokenizer
 
 SEEDS = range(12)
+
+
+@pytest.fixture(autouse=True)
+def rule_reader(monkeypatch):
+    """These tests pin the rule-based reader (the learned one, the default, has tests/demo/test_prompt_model.py)."""
+    monkeypatch.setattr(prompts, "DEFAULT_METHOD", "rules")
 
 
 def test_given_slots_are_kept_at_every_seed():
@@ -62,6 +69,19 @@ def test_far_colours_are_reported_never_replaced_silently(name):
     assert name in result.unknown
     assert any(f"no colour near {name!r}" in note for note in result.notes)
     assert "color" not in result.given[0]
+
+
+@pytest.mark.parametrize("prompt,colour", [("lime green cube rising", "green"), ("snow white ball", "white"),
+                                           ("emerald green box", "green"), ("sky blue disc", "cyan")])
+def test_two_colour_words_in_a_row_name_one_shade_of_one_object(prompt, colour):
+    for seed in SEEDS:
+        result = expand_detailed(prompt, seed=seed)
+        assert len(result.objects) == 1 and result.objects[0].color == colour, result.caption
+
+
+def test_a_shade_word_before_a_background_colour_stays_the_background():
+    result = expand_detailed("white square on black", seed=0)
+    assert result.objects[0].color == "white" and result.background == "black"
 
 
 def test_two_word_colour_names_are_read():

@@ -164,15 +164,20 @@ def _phrase_at(words: list[str], i: int, phrases) -> str | None:
     return None
 
 
+def _is_colour(word: str) -> bool:
+    return word in COLORS or word in BACKGROUNDS or word in ALIASES or word in _NAMED
+
+
 def _colour_word(words: list[str], i: int) -> tuple[str, int] | None:
-    """(colour name, words used) of a colour at ``words[i]``: "dark red" -> darkred when that is a name."""
-    if i + 1 < len(words) and words[i] + words[i + 1] in _NAMED and words[i] in {"dark", "light", "bright",
-                                                                                     "pale", "deep", "hot", "sky"}:
-        return words[i] + words[i + 1], 2
-    word = words[i]
-    if word in COLORS or word in BACKGROUNDS or word in ALIASES or word in _NAMED:
-        return word, 1
-    return None
+    """(colour name, words used) of a colour at ``words[i]``: "dark red" -> darkred when that is a name; two
+    colour words in a row name one shade ("lime green" -> limegreen, "snow white" -> white), never two objects."""
+    following = words[i + 1] if i + 1 < len(words) else ""
+    if words[i] + following in _NAMED and (words[i] in {"dark", "light", "bright", "pale", "deep", "hot", "sky"}
+                                           or _is_colour(words[i]) and _is_colour(following)):
+        return words[i] + following, 2
+    if words[i] in _NAMED and words[i] not in COLORS | BACKGROUNDS.keys() and following in COLORS:  # its hue
+        return following, 2
+    return (words[i], 1) if _is_colour(words[i]) else None
 
 
 BACKGROUND_ALIASES = {"dark": "black", "grey": "gray", "silver": "gray", "blue": "navy", "darkblue": "navy",
@@ -358,6 +363,66 @@ def _fill_background(state: _Parse, rng: random.Random) -> tuple[str, str | None
     return background, second
 
 
+def _apply_tag(tag: str, word: str, state: _Parse) -> None:
+    """Set the slot the tag ``tag`` of ``word`` names on ``state`` (see vdit.demo.prompt_model for the tags)."""
+    kind, _, value = tag.partition(":")
+    if kind == "color":
+        if word != value:
+            state.notes.append(f"{word!r} -> {value}")
+        state.object_for("color")["color"] = value
+    elif kind == "bg":
+        if word != value:
+            state.notes.append(f"{word!r} -> {value} background")
+        state.background.append(value)
+    elif kind in ("shape", "size"):
+        state.object_for(kind)[kind] = value
+    elif kind in ("grows", "shrinks"):
+        state.object_for("scaling")["scaling"] = kind
+    elif kind in ("still", "moving"):
+        state.objects[-1][kind] = True
+    elif kind == "dir":
+        dx, dy = (int(v) for v in value.split(","))
+        obj = state.objects[-1]
+        obj["dx"] = dx if dx else obj.get("dx", 0)
+        obj["dy"] = dy if dy else obj.get("dy", 0)
+    elif kind == "far":
+        state.report(word, f"the palette ({', '.join(COLORS)}) has no colour near {word!r}; colour left to chance")
+        state.object_for("color")["color"] = None
+    elif kind == "bgfar":
+        state.report(word, f"the background palette ({', '.join(BACKGROUNDS)}) has no colour near {word!r}")
+    elif kind == "speed":
+        state.report(word, f"the grammar has no speed: {word!r} cannot be followed")
+    elif kind == "unknown":
+        state.report(word, f"unknown word {word!r} ignored")
+
+
+def read_tags(words: list[str], tags: list[str], known: frozenset[str] | set[str]) -> _Parse:
+    """The slots of a prompt whose words ``words`` were tagged ``tags`` by the learned tagger, in the structure
+    the rule-based reader fills. A run of equal tags is one mention ("lime green", "getting bigger"); a word
+    outside ``known`` (the tagger's training words) is reported even when its tag is used."""
+    state, runs = _Parse(), []
+    for word, tag in zip(words, tags):
+        if word not in known and tag != "unknown":
+            state.report(word, f"unknown word {word!r} read as {tag}")
+        if runs and runs[-1][0] == tag and tag.partition(":")[0] in _MERGED_TAGS:
+            runs[-1][1].append(word)
+        else:
+            runs.append((tag, [word]))
+    for tag, run in runs:
+        _apply_tag(tag, "".join(run), state)  # "light blue" is reported as the colour table's "lightblue"
+    state.objects = [o for o in state.objects if o] or [{}]
+    return state
+
+
+_MERGED_TAGS = {"color", "bg", "grows", "shrinks", "still", "far", "bgfar"}
+
+
+def _learned_parse(prompt: str) -> _Parse:
+    from vdit.demo.prompt_model import parse  # the learned tagger loads its weights on first use
+
+    return parse(prompt)
+
+
 def _in_grammar(prompt: str, state: _Parse) -> bool:
     """Whether ``prompt`` is already a full grammar caption: only grammar words, every object's colour, shape
     and motion, and a background."""
@@ -365,15 +430,23 @@ def _in_grammar(prompt: str, state: _Parse) -> bool:
     return complete and bool(state.background) and set(_tokens(prompt)) <= set(vocabulary())
 
 
-def expand_detailed(prompt: str, *, seed: int | None = None) -> Expansion:
+METHODS = ("rules", "learned")
+DEFAULT_METHOD = "learned"  # why: benchmarks/results/cpu-prompt-expansion.md
+
+
+def expand_detailed(prompt: str, *, seed: int | None = None, method: str | None = None) -> Expansion:
     """Expand ``prompt`` into a grammar caption, with the slots, which the user gave, and the unknown words.
 
-    ``seed`` picks the slots left out (one seed, one choice); None draws fresh randomness.
+    ``seed`` picks the slots left out (one seed, one choice); None draws fresh randomness. ``method`` reads the
+    slots: "rules" (the tables above), "learned" (vdit.demo.prompt_model) or None (``DEFAULT_METHOD``).
     """
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    method = DEFAULT_METHOD if method is None else method
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     rng = random.Random(seed)
-    state = _parse(prompt)
+    state = _parse(prompt) if method == "rules" else _learned_parse(prompt)
     if _in_grammar(prompt, state):  # a caption already in the grammar means medium size, no scaling
         for obj in state.objects:
             obj.setdefault("size", "medium")
@@ -393,17 +466,17 @@ def expand_detailed(prompt: str, *, seed: int | None = None) -> Expansion:
                      bool(state.background), state.unknown, state.notes)
 
 
-def expand(prompt: str, *, seed: int | None = None) -> str:
+def expand(prompt: str, *, seed: int | None = None, method: str | None = None) -> str:
     """The grammar caption for the short prompt ``prompt`` (see :func:`expand_detailed`)."""
-    return expand_detailed(prompt, seed=seed).caption
+    return expand_detailed(prompt, seed=seed, method=method).caption
 
 
-def expand_prompts(prompts: list[str], *, seed: int | None = None, echo=print) -> list[str]:
-    """Each prompt of ``prompts`` expanded (the i-th with seed ``seed + i``), telling ``echo`` each expanded
-    caption and every note (unknown words, colour mappings); the command lines' ``--expand-prompt``."""
+def expand_prompts(prompts: list[str], *, seed: int | None = None, echo=print, method: str | None = None) -> list[str]:
+    """Each prompt of ``prompts`` expanded (the i-th with seed ``seed + i``) by ``method``, telling ``echo`` each
+    expanded caption and every note (unknown words, colour mappings); the command lines' ``--expand-prompt``."""
     captions = []
     for i, prompt in enumerate(prompts):
-        result = expand_detailed(prompt, seed=None if seed is None else seed + i)
+        result = expand_detailed(prompt, seed=None if seed is None else seed + i, method=method)
         if echo is not None:
             echo(f"expanded {prompt!r} -> {result.caption!r}")
             for note in result.notes:
