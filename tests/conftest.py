@@ -128,3 +128,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def cuda_build(monkeypatch):
+    """Pretend to be a CUDA build of torch (for the external kernels' availability checks), with their caches
+    cleared before and after; yields ``monkeypatch``."""
+    from vdit.kernels import external
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    caches = (external.torch_varlen_missing, external.flash_attn_version, external._flash_attn_module_missing)
+    for cached in caches:
+        cached.cache_clear()
+    yield monkeypatch
+    for cached in caches:
+        cached.cache_clear()

@@ -164,35 +164,29 @@ def test_a_broken_quarantine_file_is_an_error_naming_the_variable(tmp_path, monk
 
 
 @pytest.fixture
-def cuda_build(monkeypatch):
-    """A CUDA build of torch with a current varlen_attn and no flash-attn, availability caches cleared."""
+def current_kernels(cuda_build):
+    """A CUDA build of torch with a current varlen_attn (torch 2.14's keywords) and no flash-attn."""
     import torch.nn.attention.varlen as varlen
 
     def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                     window_size=(-1, -1), enable_gqa=False):
         """torch 2.14."""
 
-    monkeypatch.setattr(torch.version, "cuda", "13.0")
-    monkeypatch.setattr(varlen, "varlen_attn", varlen_attn)
-    monkeypatch.setitem(sys.modules, "flash_attn", None)
-    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
-    caches = (external.torch_varlen_missing, external.flash_attn_version, external._flash_attn_module_missing)
-    for cached in caches:
-        cached.cache_clear()
-    yield monkeypatch
-    for cached in caches:
-        cached.cache_clear()
+    cuda_build.setattr(varlen, "varlen_attn", varlen_attn)
+    cuda_build.setitem(sys.modules, "flash_attn", None)
+    cuda_build.setitem(sys.modules, "flash_attn_interface", None)
+    yield cuda_build
 
 
 def _plan(**kwargs):
     return plan("varlen_attention", device="cuda", dtype=torch.bfloat16, head_dim=64, capability=(9, 0), **kwargs)
 
 
-def test_dispatch_skips_a_quarantined_kernel_and_refuses_it_by_name(cuda_build, tmp_path):
+def test_dispatch_skips_a_quarantined_kernel_and_refuses_it_by_name(current_kernels, tmp_path):
     assert _plan()[0] == "torch-varlen"
     path = _write(tmp_path, {"torch-varlen": {"implementation": f"torch {torch.__version__}",
                                               "problems": ["causal Lq < Lk: out max |err| 1"]}})
-    cuda_build.setenv(external.QUARANTINE_ENV, path)
+    current_kernels.setenv(external.QUARANTINE_ENV, path)
     external.torch_varlen_missing.cache_clear()
     kernel, reason = _plan()
     assert kernel == "triton" and "torch-varlen: torch" in reason and "quarantined" in reason
@@ -200,17 +194,17 @@ def test_dispatch_skips_a_quarantined_kernel_and_refuses_it_by_name(cuda_build, 
         _plan(backend="torch-varlen")
 
 
-def test_flash_attn_quarantine_holds_for_its_version_only(cuda_build, tmp_path):
+def test_flash_attn_quarantine_holds_for_its_version_only(current_kernels, tmp_path):
     module = types.ModuleType("flash_attn_interface")
     module.flash_attn_varlen_func = lambda *args, **kwargs: None
     module.__version__ = "3.0.0"
     module.__spec__ = types.SimpleNamespace(name="flash_attn_interface")
-    cuda_build.setitem(sys.modules, "flash_attn_interface", module)
+    current_kernels.setitem(sys.modules, "flash_attn_interface", module)
     assert external.implementation("flash-attn") == "flash_attn_interface 3.0.0"
     for version, offered in (("3.0.0", False), ("2.9.9", True)):
         path = _write(tmp_path, {"flash-attn": {"implementation": f"flash_attn_interface {version}",
                                                 "problems": ["lse padded"]}})
-        cuda_build.setenv(external.QUARANTINE_ENV, path)
+        current_kernels.setenv(external.QUARANTINE_ENV, path)
         external.flash_attn_version.cache_clear()
         external._flash_attn_module_missing.cache_clear()
         assert external.flash_attn_version() == (3 if offered else None)

@@ -8,14 +8,13 @@ vdit.distributed without a device, fails here as NCCL would fail on a GPU. The t
 tests/demo/test_cli.py (under VDIT_CHECK_PLACEMENT=1)."""
 import datetime
 import os
-import socket
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.distributed.ranks import free_port, spawn_ranks
 from vdit.distributed import (
     PlacementError,
     build_mesh,
@@ -30,12 +29,6 @@ from vdit.ops import reference
 
 LENGTHS = [5, 1, 0, 13, 2, 1]  # 22 tokens: ranges cut through sequences, some ranks see no token of some
 CROSS = [3, 2, 1, 0, 4, 2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cu(lengths):
@@ -237,18 +230,7 @@ def _cases(rank, size, cases, checker):
 
 
 def _run(size, cases):
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, size, port, cases, errors)) for r in range(size)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    messages = []
-    while not errors.empty():
-        messages.append(errors.get())
-    assert all(p.exitcode == 0 for p in procs) and not messages, "\n".join(messages)
+    spawn_ranks(_worker, size, cases)
 
 
 def test_two_ranks():
@@ -284,7 +266,7 @@ def test_video_aligned_ranges_do_not_hang():
 def test_placement_checker_refuses_p2p_before_a_collective():
     """A batched point-to-point call on a group that has run no collective raises (NCCL would set its
     communicator up there, collectively); build_mesh warms every group it makes up."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         group = dist.new_group([0])
         token = torch.zeros(1)
@@ -308,7 +290,7 @@ def test_placement_checker_catches_what_nccl_would_refuse(tmp_path):
     factory call without a device from code in vdit/distributed, both raise before anything runs."""
     import vdit.distributed as package
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         with check_placement("cuda") as checker:  # the data would be on a GPU: a CPU tensor must be refused
             with pytest.raises(PlacementError, match="all_reduce got a tensor on cpu"):

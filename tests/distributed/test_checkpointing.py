@@ -6,9 +6,8 @@ import traceback
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tests.distributed.test_attention import _free_port
+from tests.distributed.ranks import spawn_ranks
 from vdit.distributed import SequenceParallel, check_placement
 from vdit.distributed.stats import count_communication
 
@@ -74,16 +73,5 @@ def _worker(rank, size, port, cases, errors):
 
 
 def test_selective_checkpointing_repeats_no_collective():
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    port = _free_port()
     cases = [("dense", "ulysses"), ("sliding_tile", "ring"), ("topk_tile", "ulysses")]
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, cases, errors)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    messages = []
-    while not errors.empty():
-        messages.append(errors.get())
-    assert all(p.exitcode == 0 for p in procs) and not messages, "\n".join(messages)
+    spawn_ranks(_worker, 2, cases)

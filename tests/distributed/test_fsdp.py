@@ -1,23 +1,17 @@
 """vdit.distributed.fsdp in one gloo process: with mixed precision on, the root's float inputs are cast to bf16
 by vdit (videos, text), not by FSDP, so the diffusion timesteps reach the time embedding in fp32, unrounded."""
-import socket
 
 import torch
 import torch.distributed as dist
 
+from tests.distributed.ranks import free_port
 from vdit.distributed.fsdp import shard_model
 from vdit.models import VideoDiT, VideoDiTConfig
 from vdit.models.dit import timestep_embedding
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mixed_precision_keeps_timesteps_exact():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
         model = VideoDiT(VideoDiTConfig.preset("tiny", heads=4, depth=1))

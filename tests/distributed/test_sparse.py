@@ -6,9 +6,8 @@ import traceback
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tests.distributed.test_attention import _free_port
+from tests.distributed.ranks import spawn_ranks
 from vdit.distributed import SequenceParallel, build_mesh, check_placement, shard_bounds, shard_packed
 from vdit.nn import TileSparseAttention
 from vdit.ops import SparsePattern
@@ -115,18 +114,7 @@ def _worker(rank, size, port, cases, errors):
 
 
 def _run(size, cases):
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, size, port, cases, errors)) for r in range(size)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    messages = []
-    while not errors.empty():
-        messages.append(errors.get())
-    assert all(p.exitcode == 0 for p in procs) and not messages, "\n".join(messages)
+    spawn_ranks(_worker, size, cases)
 
 
 def test_two_ranks():

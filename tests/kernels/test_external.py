@@ -5,7 +5,6 @@ import sys
 import types
 
 import pytest
-import torch
 
 from vdit.kernels import external
 
@@ -37,18 +36,6 @@ def test_missing_keywords_reads_the_signature():
     assert external.missing_keywords(fa_current, external.FLASH_ATTN_KEYWORDS) == []
     assert external.missing_keywords(lambda *a, **kw: None, external.FLASH_ATTN_KEYWORDS) == []  # **kwargs
     assert external.missing_keywords(min, ("x",)) == []  # no inspectable signature: trust the call
-
-
-@pytest.fixture
-def cuda_build(monkeypatch):
-    """Pretend to be a CUDA build of torch, with the availability caches cleared before and after."""
-    monkeypatch.setattr(torch.version, "cuda", "13.0")
-    caches = (external.torch_varlen_missing, external.flash_attn_version, external._flash_attn_module_missing)
-    for cached in caches:
-        cached.cache_clear()
-    yield monkeypatch
-    for cached in caches:
-        cached.cache_clear()
 
 
 @pytest.mark.parametrize("fake, usable", [(varlen_attn_2_9, False), (varlen_attn_2_14, True)], ids=["2.9", "2.14"])

@@ -123,16 +123,21 @@ def _with_global_tiles(layout: TileLayout, global_tokens: tuple) -> TileLayout:
                                max_tile=max([layout.max_tile, *global_tokens]), global_tokens=global_tokens)
 
 
+def _global_counts(layout: TileLayout, global_tokens: Sequence[int]) -> tuple[int, ...]:
+    """``global_tokens`` as one int per video of ``layout``, which must have no global tiles yet."""
+    if layout.global_tokens:
+        raise ValueError("the layout has global tiles already")
+    counts = tuple(int(g) for g in global_tokens)
+    if len(counts) != len(layout.grids):
+        raise ValueError(f"global_tokens has {len(counts)} entries for {len(layout.grids)} videos")
+    return counts
+
+
 def with_global_tiles(layout: TileLayout, global_tokens: Sequence[int]) -> TileLayout:
     """``layout`` (of videos only) with one more tile per video, after its video tiles: the
     ``global_tokens[b]`` (>= 0, an empty tile for 0) tokens that follow video b's tokens in its sequence.
     Its ``offsets`` then cover sequences of T*H*W + global_tokens[b] tokens."""
-    if layout.global_tokens:
-        raise ValueError("the layout has global tiles already")
-    global_tokens = tuple(int(g) for g in global_tokens)
-    if len(global_tokens) != len(layout.grids):
-        raise ValueError(f"global_tokens has {len(global_tokens)} entries for {len(layout.grids)} videos")
-    return _with_global_tiles(layout, global_tokens)
+    return _with_global_tiles(layout, _global_counts(layout, global_tokens))
 
 
 def lists_with_global_tiles(layout: TileLayout, kv_tiles: torch.Tensor) -> torch.Tensor:
@@ -182,12 +187,7 @@ def with_global_segments(layout: TileLayout, global_tokens: Sequence[int]) -> Ti
     ``layout.max_tile`` tokens, so ``max_tile`` (which picks the kernels' row blocks) is unchanged. No key
     list names these tiles (:func:`lists_with_global_rows`): the sparse kernel leaves their rows to a dense
     pass. Its ``offsets`` cover sequences of T*H*W + global_tokens[b] tokens."""
-    if layout.global_tokens:
-        raise ValueError("the layout has global tiles already")
-    global_tokens = tuple(int(g) for g in global_tokens)
-    if len(global_tokens) != len(layout.grids):
-        raise ValueError(f"global_tokens has {len(global_tokens)} entries for {len(layout.grids)} videos")
-    return _with_global_segments(layout, global_tokens)
+    return _with_global_segments(layout, _global_counts(layout, global_tokens))
 
 
 def lists_with_global_rows(layout: TileLayout, kv_tiles: torch.Tensor) -> torch.Tensor:
