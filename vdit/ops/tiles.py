@@ -200,16 +200,24 @@ def lists_with_global_rows(layout: TileLayout, kv_tiles: torch.Tensor) -> torch.
         int32 (layout.num_tiles, Hw, K): each video tile's ``kv_tiles`` row (local indices, which stay valid:
         a video's tiles come first in its range), and an all -1 row for each global tile.
     """
+    video_tiles = sum(layout.video_tiles(b) for b in range(len(layout.grids)))
+    if video_tiles != kv_tiles.shape[0]:
+        raise ValueError(f"kv_tiles has {kv_tiles.shape[0]} rows for {video_tiles} video tiles")
+    row = _global_row_sources(layout, str(kv_tiles.device))
+    rows = kv_tiles.index_select(0, row.clamp_min(0))
+    return torch.where((row >= 0)[:, None, None], rows, -1).to(torch.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def _global_row_sources(layout: TileLayout, device: str) -> torch.Tensor:
+    """int64 (layout.num_tiles,): the ``kv_tiles`` row of each tile of a layout with global segments, -1 for a
+    global tile; built once per layout, since top-k lists are new tensors on every call."""
     source, start = [], 0
     for b in range(len(layout.grids)):
         n = layout.video_tiles(b)
         source += list(range(start, start + n)) + [-1] * layout.global_tiles(b)
         start += n
-    if start != kv_tiles.shape[0]:
-        raise ValueError(f"kv_tiles has {kv_tiles.shape[0]} rows for {start} video tiles")
-    row = torch.tensor(source, dtype=torch.long, device=kv_tiles.device)
-    rows = kv_tiles.index_select(0, row.clamp_min(0))
-    return torch.where((row >= 0)[:, None, None], rows, -1).to(torch.int32)
+    return torch.tensor(source, dtype=torch.long, device=device)
 
 
 @functools.lru_cache(maxsize=64)
