@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -102,15 +103,22 @@ def classifier_accuracy(count: int = 300, seed: int = 5) -> tuple[float, int]:
 
 def measure(video: torch.Tensor) -> dict:
     """Colour, shape class, motion, scale (sqrt of the mean foreground area over min(H, W)), whether the object
-    is in every frame without touching the border, and the share of frames where it is, of a (3, T, H, W) video
-    in [-1, 1]."""
+    is in every frame without touching the border, the share of frames where it is, and where it starts (its
+    centroid over the first quarter of the frames, as fractions (x / W, y / H) of the frame; None if absent), of a
+    (3, T, H, W) video in [-1, 1]."""
     masks = foreground_masks(video, "black")
     clean = clean_masks(masks)
     area = clean.flatten(1).sum(1).float()
     whole = [bool(a > 0) and not touches_border(m) for a, m in zip(area, clean)]
+    T, H, W = masks.shape
+    first = masks[: max(1, T // 4)].float()  # where the object starts: the centroid over the first quarter
+    total = float(first.sum())
+    ys, xs = torch.arange(H, dtype=torch.float32) + 0.5, torch.arange(W, dtype=torch.float32) + 0.5
+    start = None if total == 0 else (float((first.sum((0, 1)) * xs).sum()) / total / W,
+                                     float((first.sum((0, 2)) * ys).sum()) / total / H)
     return {"colour": classify_colour(video, masks), "shape": shape_class(masks), "motion": classify_motion(masks),
             "scale": float(area.mean().sqrt()) / min(video.shape[-2:]), "in_frame": all(whole),
-            "frames_in_frame": sum(whole) / len(whole)}
+            "frames_in_frame": sum(whole) / len(whole), "start": start}
 
 
 def noise_of(mode: str) -> InitialNoise:
@@ -168,17 +176,31 @@ def load_rows(raw: str) -> list[dict]:
 
 
 def groups_of(rows: list[dict]) -> dict[tuple, list[dict]]:
-    """(mode, prompt index, seed) -> its rows, for the groups with every size (a cut-off group is left out)."""
+    """(mode, prompt index, seed) -> its rows, for the groups with every size whose prompt and seed every mode
+    has (a run cut short compares the modes on the same prompt/seed pairs)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["mode"], r["index"], r["seed"]), []).append(r)
-    return {k: v for k, v in groups.items() if len(v) == len(SIZES)}
+    complete = {k: v for k, v in groups.items() if len(v) == len(SIZES)}
+    modes = {k[0] for k in complete}
+    pairs = {k[1:] for k in complete if all((m, *k[1:]) in complete for m in modes)}
+    return {k: v for k, v in complete.items() if k[1:] in pairs}
 
 
 def agree(group: list[dict], key: str) -> bool:
     """Whether every video of ``group`` got the same, recognised ``key`` (m_colour, m_shape, m_motion)."""
     seen = {r[key] for r in group}
     return len(seen) == 1 and None not in seen
+
+
+def start_spread(group: list[dict]) -> float:
+    """RMS distance, in fractions of the frame, of the group's start positions from their mean (NaN when a
+    video has no object): 0 when the subject starts at the same place of the frame at every size."""
+    starts = [r["m_start"] for r in group]
+    if any(s is None for s in starts):
+        return float("nan")
+    points = torch.tensor(starts)
+    return float((points - points.mean(0)).pow(2).sum(1).mean().sqrt())
 
 
 def summarise(groups: dict[tuple, list[dict]], mode: str) -> dict:
@@ -189,11 +211,13 @@ def summarise(groups: dict[tuple, list[dict]], mode: str) -> dict:
     for key in ("colour", "shape", "motion"):
         out[f"agree_{key}"] = sum(agree(g, f"m_{key}") for g in mine) / n
     out["agree_all"] = sum(all(agree(g, f"m_{k}") for k in ("colour", "shape", "motion")) for g in mine) / n
+    out["agree_all_stderr"] = math.sqrt(out["agree_all"] * (1 - out["agree_all"]) / n)  # binomial
     spreads = []
     for g in mine:
         scales = torch.tensor([r["m_scale"] for r in g])
         spreads.append(float(scales.std() / scales.mean()) if scales.mean() > 0 else float("nan"))
     out["scale_spread"] = float(torch.tensor(spreads).nanmean())
+    out["start_spread"] = float(torch.tensor([start_spread(g) for g in mine]).nanmean())
     videos = [r for g in mine for r in g]
     out["in_frame"] = sum(r["m_in_frame"] for r in videos) / len(videos)
     out["frames_in_frame"] = sum(r["m_frames_in_frame"] for r in videos) / len(videos)
@@ -205,11 +229,12 @@ def summarise(groups: dict[tuple, list[dict]], mode: str) -> dict:
 def table(summaries: list[dict]) -> str:
     """Markdown table of :func:`summarise` results, one row per mode."""
     head = ("| noise | prompt/seed pairs | all three agree | colour agrees | shape agrees | direction agrees | "
-            "scale spread (CV) | fully in frame: videos (frames) | colour / shape / direction right |")
-    lines = [head, "|" + "---|" * 9]
+            "scale spread (CV) | start spread | fully in frame: videos (frames) | colour / shape / direction right |")
+    lines = [head, "|" + "---|" * 10]
     for s in summaries:
-        lines.append(f"| {s['mode']} | {s['groups']} | **{s['agree_all']:.0%}** | {s['agree_colour']:.0%} | "
-                     f"{s['agree_shape']:.0%} | {s['agree_motion']:.0%} | {s['scale_spread']:.2f} | "
+        lines.append(f"| {s['mode']} | {s['groups']} | **{s['agree_all']:.0%}** +- {s['agree_all_stderr']:.0%} | "
+                     f"{s['agree_colour']:.0%} | {s['agree_shape']:.0%} | {s['agree_motion']:.0%} | "
+                     f"{s['scale_spread']:.2f} | {s['start_spread']:.2f} | "
                      f"{s['in_frame']:.0%} ({s['frames_in_frame']:.0%}) | {s['right_colour']:.0%} / "
                      f"{s['right_shape']:.0%} / {s['right_motion']:.0%} |")
     return "\n".join(lines)
@@ -243,6 +268,32 @@ def sheet(groups: dict[tuple, list[dict]], index: int, seed: int, path: str, fra
     sheet_img.save(path)
 
 
+def plot(summaries: list[dict], path: str) -> None:
+    """Bar chart of the agreement shares per noise mode (error bar: one binomial standard error)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("agree_colour", "colour"), ("agree_shape", "shape"), ("agree_motion", "direction"),
+            ("agree_all", "all three")]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(summaries)
+    for i, s in enumerate(summaries):
+        values = [s[k] for k, _ in keys]
+        errors = [math.sqrt(v * (1 - v) / s["groups"]) for v in values]
+        ax.bar([j + i * width for j in range(len(keys))], values, width, yerr=errors, capsize=3,
+               label=f"{s['mode']} ({s['groups']} prompt/seed pairs)")
+    ax.axhline(0.8, color="gray", linestyle="--", linewidth=1, label="target 80 %")
+    ax.set_xticks([j + width * (len(summaries) - 1) / 2 for j in range(len(keys))], [n for _, n in keys])
+    ax.set_ylabel("agree at all 5 sizes")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def report(args) -> None:
     """Write the markdown report and the contact sheet from ``args.raw``."""
     rows = load_rows(args.raw)
@@ -253,6 +304,7 @@ def report(args) -> None:
     prompts = held_out_prompts(args.prompts)
     index = min(k[1] for k in groups if k[2] == min(args.seeds))
     sheet(groups, index, min(args.seeds), stem + "-sheet.png")
+    plot(summaries, stem + ".png")
     seconds = sum(r["seconds"] for r in rows) / len(rows)
     text = [f"# One subject across aspect ratios: shared against independent noise ({FRAMES} frames, {STEPS} "
             f"Euler steps, guidance {GUIDANCE:g}, the shipped demo weights)", "",
@@ -261,6 +313,7 @@ def report(args) -> None:
             f"{len(held_out_prompts(36))} held-out prompts; {len(rows)} videos at {seconds:.0f} s each "
             "(one thread, nice 10, a shared 2-core machine).", "",
             table(summaries), "",
+            f"![agreement]({os.path.basename(stem)}.png)", "",
             f"Shape classifier (fill ratio and upper-half share of the foreground box): {accuracy:.1%} right on "
             f"{checked} one-object videos of the dataset (vdit.demo.data).", "",
             f"![contact sheet]({os.path.basename(stem)}-sheet.png) (prompt: {prompts[index][0]!r}, seed "

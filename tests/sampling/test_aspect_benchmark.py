@@ -34,14 +34,16 @@ def test_measure_sees_colour_motion_scale_and_frame():
     # a medium square: half side 0.85 * 0.2 * 48 px, so sqrt(area) / 48 = 2 * 0.17 = 0.34
     assert got["scale"] == pytest.approx(0.34, abs=0.04)
     assert 0 <= got["frames_in_frame"] <= 1 and got["in_frame"] == (got["frames_in_frame"] == 1)
+    x, y = got["start"]  # moving right: it starts in the left part of the frame
+    assert 0 < x < 0.5 and 0 < y < 1
     empty = measure(-torch.ones(3, 4, 16, 16))
-    assert (empty["shape"], empty["in_frame"], empty["scale"]) == (None, False, 0.0)
+    assert (empty["shape"], empty["in_frame"], empty["scale"], empty["start"]) == (None, False, 0.0, None)
 
 
 def test_agreement_needs_the_same_recognised_class_at_every_size():
     group = [{"m_colour": "red", "m_shape": "circle", "m_motion": "moves up", "m_scale": 0.2, "m_in_frame": True,
-              "m_frames_in_frame": 1.0, "colour": "red", "shape": "circle", "motion": "moves up"}
-             for _ in SIZES]
+              "m_frames_in_frame": 1.0, "m_start": (0.5, 0.7), "colour": "red", "shape": "circle",
+              "motion": "moves up"} for _ in SIZES]
     assert agree(group, "m_shape")
     split = [dict(r) for r in group]
     split[2]["m_shape"] = "square"
@@ -49,4 +51,6 @@ def test_agreement_needs_the_same_recognised_class_at_every_size():
     assert not agree(split, "m_shape") and not agree(unseen, "m_colour")
     result = summarise({("shared", 0, 0): group, ("shared", 1, 0): split}, "shared")
     assert (result["groups"], result["agree_all"], result["agree_shape"], result["agree_colour"]) == (2, 0.5, 0.5, 1)
-    assert result["scale_spread"] == 0 and result["in_frame"] == 1
+    assert result["scale_spread"] == 0 and result["start_spread"] == 0 and result["in_frame"] == 1
+    moved = [dict(r, m_start=(0.5, 0.7) if i % 2 else (0.5, 0.2)) for i, r in enumerate(group)]
+    assert summarise({("shared", 0, 0): moved}, "shared")["start_spread"] > 0.2

@@ -22,6 +22,7 @@ A fixed canvas makes a size's noise independent of which other sizes share its b
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -141,9 +142,12 @@ class InitialNoise:
 
 def seeds_of(seed: int | Sequence[int], count: int) -> list[int]:
     """Per-video seeds: ``seed + i`` for the i-th of ``count`` videos, or the ``count`` seeds given."""
-    if isinstance(seed, int):
-        return [seed + i for i in range(count)]
-    seeds = [int(s) for s in seed]
+    try:
+        base = operator.index(seed)  # an int of any kind (Python, NumPy, a 0-d integer tensor)
+    except TypeError:
+        seeds = [operator.index(s) for s in seed]
+    else:
+        return [base + i for i in range(count)]
     if len(seeds) != count:
         raise ValueError(f"seed must be an int or one seed per video: got {len(seeds)} seeds for {count} videos")
     return seeds
