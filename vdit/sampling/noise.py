@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 
 MODES = ("independent", "shared", "resampled")
-DEFAULT_CANVAS_HW = (128, 128)  # the demo CLI's canvas (height, width): larger than any size it is used at
+DEFAULT_CANVAS_HW = (128, 128)  # the demo CLI's canvas (height, width): sizes up to 128x128 fit in it
 
 
 def _draw(shape: Sequence[int], seed: int) -> torch.Tensor:
