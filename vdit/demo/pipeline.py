@@ -116,25 +116,35 @@ class TextToVideo(nn.Module):
 
 
 def generate(model: TextToVideo, prompts: Sequence[str], *, frames: int = 16, height: int = 64, width: int = 64,
-             steps: int = 30, guidance: float = 4.0, seed: int = 0, method: str = "euler", shift: float | None = None,
-             progress: bool = True, sequence_parallel=None, cache=None,
-             stats: list | None = None) -> list[torch.Tensor]:
+             steps: int = 30, guidance: float = 4.0, seed: int | Sequence[int] = 0, method: str = "euler",
+             shift: float | None = None, progress: bool = True, sequence_parallel=None, cache=None,
+             stats: list | None = None, noise=None, sizes: Sequence[tuple[int, int]] | None = None
+             ) -> list[torch.Tensor]:
     """Generate one video per prompt with ``model``: list of float32 (3, frames, height, width) in [-1, 1].
 
     ``shift`` is the sampler's time shift; None uses ``model.sampling_shift`` (the training shift).
     ``cache``: step caching (a :class:`vdit.sampling.StepCache`, a method name or None, see FlowSampler); where
     ``stats`` is a list, the run's :class:`vdit.sampling.CacheStats` (None without a cache) is appended to it.
+    ``noise``: the initial noise (``"independent"``, ``"shared"``, ``"resampled"`` or a
+    :class:`vdit.sampling.InitialNoise`; None: independent). ``seed``: prompt i uses ``seed + i``, or give one
+    seed per prompt. ``sizes``: one (height, width) per prompt instead of ``height`` x ``width`` for all (one
+    packed batch of several sizes; with shared noise and equal seeds, the same subject at every size).
 
     With ``sequence_parallel`` (a :class:`vdit.distributed.SequenceParallel`), every rank of the group runs
     this call with the same arguments and the transformer blocks split the tokens; all ranks return the
-    same videos. Raises ValueError when (frames, height, width) is not divisible by the model's patch size.
+    same videos. Raises ValueError when a size (frames, height, width) is not divisible by the model's patch
+    size.
     """
     from vdit.sampling import BoundStepModel, FlowSampler, StepCache
 
     cfg = model.dit.config
-    if any(s <= 0 or s % p for s, p in zip((frames, height, width), cfg.patch_size)):
-        raise ValueError(f"frames x height x width = {frames}x{height}x{width} must be positive multiples of the "
-                         f"patch size {'x'.join(map(str, cfg.patch_size))}")
+    sizes = [(height, width)] * len(prompts) if sizes is None else [tuple(s) for s in sizes]
+    if len(sizes) != len(prompts):
+        raise ValueError(f"sizes must give one (height, width) per prompt: {len(sizes)} for {len(prompts)} prompts")
+    for h, w in sizes:
+        if any(s <= 0 or s % p for s, p in zip((frames, h, w), cfg.patch_size)):
+            raise ValueError(f"frames x height x width = {frames}x{h}x{w} must be positive multiples of the "
+                             f"patch size {'x'.join(map(str, cfg.patch_size))}")
     with torch.no_grad():
         context, cu = model.encode(list(prompts))
         uncond, cu_uncond = model.encode([""] * len(prompts))
@@ -146,8 +156,8 @@ def generate(model: TextToVideo, prompts: Sequence[str], *, frames: int = 16, he
     if cache is not None:  # the sampler runs the DiT's three stages itself
         velocity = BoundStepModel(model.dit, sequence_parallel=sequence_parallel)
     sampler = FlowSampler(velocity, steps=steps, method=method, shift=shift, guidance=guidance, progress=progress,
-                          cache=cache)
-    shapes = [(cfg.out_channels, frames, height, width)] * len(prompts)
+                          cache=cache, noise=noise)
+    shapes = [(cfg.out_channels, frames, h, w) for h, w in sizes]
     videos = sampler(shapes, context, cu, uncond_context=uncond, uncond_cu_seqlens=cu_uncond, seed=seed,
                      patch_size=cfg.patch_size)
     if stats is not None:

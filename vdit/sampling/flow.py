@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from vdit.sampling.cache import CacheRun, CacheStats, StepCache
+from vdit.sampling.noise import InitialNoise, seeds_of
 
 ModelFn = Callable[[list, torch.Tensor, torch.Tensor, torch.Tensor], list]
 
@@ -49,15 +50,20 @@ class FlowSampler:
             :class:`~vdit.sampling.cache.StepCache`; on, ``model`` must implement
             :class:`~vdit.sampling.cache.StepCacheModel` (VideoDiT does). ``cache_stats`` then holds what the last
             call skipped (:class:`~vdit.sampling.cache.CacheStats`).
+        noise: the initial noise (vdit.sampling.noise): ``"independent"`` (the default: each video its own
+            draw), ``"shared"`` (crops of one canvas per seed, so sizes overlap in noise), ``"resampled"`` (the
+            canvas scaled to each size) or an :class:`~vdit.sampling.noise.InitialNoise` with a fixed canvas.
     """
 
     def __init__(self, model: ModelFn, *, steps: int = 30, method: str = "euler", shift: float | None = 3.0,
-                 guidance: float = 4.0, progress: bool = True, cache: StepCache | str | None = None):
+                 guidance: float = 4.0, progress: bool = True, cache: StepCache | str | None = None,
+                 noise: InitialNoise | str | None = None):
         if method not in ("euler", "heun"):
             raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.cache = StepCache.of(cache)
+        self.noise = InitialNoise.of(noise)
         if self.cache is not None and not all(hasattr(model, n) for n in ("first_block", "remaining_blocks",
                                                                            "final_layer")):
             raise TypeError("cache needs a model with first_block, remaining_blocks and final_layer "
@@ -84,23 +90,24 @@ class FlowSampler:
     @torch.no_grad()
     def __call__(self, shapes: Sequence[Sequence[int]], context: torch.Tensor, cu_seqlens_context: torch.Tensor, *,
                  uncond_context: torch.Tensor | None = None, uncond_cu_seqlens: torch.Tensor | None = None,
-                 seed: int = 0, device=None, dtype=torch.float32, patch_size=(1, 1, 1)) -> list[torch.Tensor]:
+                 seed: int | Sequence[int] = 0, device=None, dtype=torch.float32,
+                 patch_size=(1, 1, 1)) -> list[torch.Tensor]:
         """Generate one video per shape.
 
         Args:
             shapes: B shapes (C, T, H, W).
             context, cu_seqlens_context: packed prompt embeddings of the B samples.
             uncond_context, uncond_cu_seqlens: packed unconditional embeddings (B prompts) for guidance.
-            seed: sample i starts from noise drawn with seed + i, so it does not depend on the batch.
+            seed: sample i starts from noise drawn with seed + i, so it does not depend on the batch; or a
+                sequence of B seeds, one per sample (the same seed at several sizes: one subject, with shared
+                noise).
             patch_size: used only for the resolution-dependent shift.
         Returns:
             list of B tensors (C, T, H, W).
         """
         device = device or context.device
-        x = []
-        for i, shape in enumerate(shapes):
-            g = torch.Generator().manual_seed(seed + i)
-            x.append(torch.randn(tuple(shape), generator=g, dtype=torch.float32).to(device=device, dtype=dtype))
+        noise = self.noise.draw(shapes, seeds_of(seed, len(shapes)))
+        x = [n.to(device=device, dtype=dtype) for n in noise]
         shift = self.shift
         if shift is None:
             shift = resolution_shift(max(math.prod(s // p for s, p in zip(sh[1:], patch_size)) for sh in shapes))

@@ -22,6 +22,7 @@ from vdit.demo.growth import with_attention
 from vdit.demo.pipeline import DEFAULT_WEIGHTS, SHIPPED_WEIGHTS, TextToVideo, generate
 from vdit.demo.prompts import expand_prompts
 from vdit.demo.video_io import contact_sheet, save_video
+from vdit.sampling.noise import DEFAULT_CANVAS_HW, MODES, InitialNoise
 
 PROG = "vdit-generate"
 
@@ -43,6 +44,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sampler time shift (default: the one the weights were trained with, from their config)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=1, help="videos per prompt (seeds seed, seed+1, ...)")
+    p.add_argument("--noise", choices=MODES, default="independent",
+                   help="initial noise: independent (each size its own draw), shared (a centred crop of one "
+                        "canvas per seed, so a seed keeps its subject across sizes) or resampled (the canvas scaled "
+                        "to the size); vdit.sampling.noise")
+    p.add_argument("--noise-canvas", default="x".join(map(str, DEFAULT_CANVAS_HW)),
+                   help="HxW of the canvas of --noise shared / resampled (frames: --frames); keep it fixed to "
+                        "compare sizes")
     p.add_argument("--out", default="vdit_video.mp4",
                    help="output .mp4 / .gif, or a folder (PNG frames); several videos get _<i> suffixes")
     p.add_argument("--sheet", default=None, help="contact-sheet PNG (default: <out>_sheet.png)")
@@ -88,6 +96,7 @@ class Job(NamedTuple):
     sheet: str
     attention: dict  # keywords of vdit.demo.growth.with_attention
     cache: object = None  # the sampler's vdit.sampling.StepCache, None when off
+    noise: object = None  # the sampler's vdit.sampling.InitialNoise, None for independent noise
 
 
 def plan(args: argparse.Namespace) -> Job:
@@ -113,7 +122,18 @@ def plan(args: argparse.Namespace) -> Job:
     sheet = args.sheet or os.path.splitext(args.out)[0] + "_sheet.png"
     for path in paths + [sheet]:
         check_writable(path)
-    return Job(prompts, height, width, paths, sheet, attention, cache)
+    return Job(prompts, height, width, paths, sheet, attention, cache, noise_option(args, height, width))
+
+
+def noise_option(args: argparse.Namespace, height: int, width: int) -> InitialNoise | None:
+    """The sampler's initial noise of --noise / --noise-canvas (None: independent); a UsageError when the
+    canvas does not contain --size."""
+    if args.noise == "independent":
+        return None
+    canvas_h, canvas_w = parse_size(args.noise_canvas, "--noise-canvas")
+    if height > canvas_h or width > canvas_w:
+        raise UsageError(f"--noise-canvas {args.noise_canvas} must contain --size {height}x{width}")
+    return InitialNoise(args.noise, (args.frames, canvas_h, canvas_w))
 
 
 def sample(model: TextToVideo, args: argparse.Namespace, job: Job, *, progress: bool = True,
@@ -128,7 +148,7 @@ def sample(model: TextToVideo, args: argparse.Namespace, job: Job, *, progress: 
                 video, = generate(model, [prompt], frames=args.frames, height=job.height, width=job.width,
                                   steps=args.steps, guidance=args.guidance, seed=args.seed + b, method=args.sampler,
                                   shift=args.shift, progress=progress, sequence_parallel=sequence_parallel,
-                                  cache=job.cache, stats=stats)
+                                  cache=job.cache, stats=stats, noise=job.noise)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
             videos.append(video)
