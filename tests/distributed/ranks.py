@@ -40,3 +40,28 @@ def spawn_ranks(worker, size: int, *args, timeout: float = 240) -> None:
     codes = [p.exitcode for p in procs]  # None: still running after the timeout
     assert codes == [0] * size and sorted(finished) == list(range(size)) and not messages, (
         f"exit codes {codes}, ranks that returned {sorted(finished)}\n" + "\n".join(messages))
+
+
+def case_worker(check, rank, size, port, cases, errors) -> None:
+    """A rank that runs ``check(case)`` for every case under vdit's placement checker, reporting each failing
+    case on ``errors`` and going on with the others (every rank must take part in the same collectives); for
+    :func:`spawn_ranks` as ``functools.partial(case_worker, check)``."""
+    import traceback
+
+    import torch.distributed as dist
+
+    from vdit.distributed import check_placement
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    try:
+        with check_placement("cpu"):
+            for case in cases:
+                try:
+                    check(case)
+                except AssertionError:
+                    errors.put(f"rank {rank}, {case}: {traceback.format_exc()}")
+    except Exception:
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        raise
+    finally:
+        dist.destroy_process_group()

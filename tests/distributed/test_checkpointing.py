@@ -2,13 +2,12 @@
 their self-attention (``enable_activation_checkpointing(keep_attention=True)``) sends exactly the bytes of a run
 without checkpointing (the backward repeats no attention collective; whole-block checkpointing sends more), and its
 outputs and gradients equal both, bit for bit (dense, sliding_tile and topk_tile; Ulysses and ring)."""
-import traceback
+import functools
 
 import torch
-import torch.distributed as dist
 
-from tests.distributed.ranks import spawn_ranks
-from vdit.distributed import SequenceParallel, check_placement
+from tests.distributed.ranks import case_worker, spawn_ranks
+from vdit.distributed import SequenceParallel
 from vdit.distributed.stats import count_communication
 
 MODES = ("none", "full", "selective")
@@ -56,22 +55,10 @@ def _check(attention, mode):
     assert len(grads) == len(list(model.parameters())) and all(g.abs().max() > 0 for g in grads.values())
 
 
-def _worker(rank, size, port, cases, errors):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
-    try:
-        with check_placement("cpu"):
-            for case in cases:
-                try:
-                    _check(*case)
-                except AssertionError:  # the other cases still run: every rank takes part in the same collectives
-                    errors.put(f"rank {rank}, {case}: {traceback.format_exc()}")
-    except Exception:
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
-        raise
-    finally:
-        dist.destroy_process_group()
+def _check_case(case):
+    _check(*case)
 
 
 def test_selective_checkpointing_repeats_no_collective():
     cases = [("dense", "ulysses"), ("sliding_tile", "ring"), ("topk_tile", "ulysses")]
-    spawn_ranks(_worker, 2, cases)
+    spawn_ranks(functools.partial(case_worker, _check_case), 2, cases)

@@ -2,13 +2,13 @@
 gradients on sharded tile-ordered tokens equal one process (sliding_tile with one window and per-head windows,
 topk_tile with its coarse gate; Ulysses, ring, hybrid; videos of mixed grids whose tokens ranges cut through), a
 tile-sparse VideoDiT too; the bytes each scheme moves, against dense ring attention."""
-import traceback
+import functools
 
 import torch
 import torch.distributed as dist
 
-from tests.distributed.ranks import spawn_ranks
-from vdit.distributed import SequenceParallel, build_mesh, check_placement, shard_bounds, shard_packed
+from tests.distributed.ranks import case_worker, spawn_ranks
+from vdit.distributed import SequenceParallel, build_mesh, shard_bounds, shard_packed
 from vdit.nn import TileSparseAttention
 from vdit.ops import SparsePattern
 
@@ -97,24 +97,12 @@ def _check_model(attention, mode):
                                    msg=f"{name}: {diff:.3g}")
 
 
-def _worker(rank, size, port, cases, errors):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
-    try:
-        with check_placement("cpu"):
-            for case in cases:
-                try:
-                    (_check_model if case[0] == "model" else _check_module)(*case[-2:])
-                except AssertionError:  # the other cases still run: every rank takes part in the same collectives
-                    errors.put(f"rank {rank}, {case}: {traceback.format_exc()}")
-    except Exception:
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
-        raise
-    finally:
-        dist.destroy_process_group()
+def _check_case(case):
+    (_check_model if case[0] == "model" else _check_module)(*case[-2:])
 
 
 def _run(size, cases):
-    spawn_ranks(_worker, size, cases)
+    spawn_ranks(functools.partial(case_worker, _check_case), size, cases)
 
 
 def test_two_ranks():
