@@ -9,10 +9,10 @@ uninterrupted one. Checkpoints (config.json + autoencoder.safetensors, optimizer
 --out every --save-every steps and at the end; running the same command again resumes. Every --eval-every steps
 the PSNR of --eval-videos held-out videos (another dataset seed, never in the training stream) is logged.
 
-How the shipped weights are trained (one CPU thread, low priority; measured rate in docs/autoencoder.md):
+One candidate run (one CPU thread, low priority; the runs and their progress are in docs/autoencoder.md):
 
-    OMP_NUM_THREADS=1 nohup nice -n 19 python -m vdit.demo.cli.train_autoencoder --out /work/runs/ae1 \\
-        --steps 12000 > /work/runs/ae1.log 2>&1 &
+    OMP_NUM_THREADS=1 nohup nice -n 19 python -m vdit.demo.cli.train_autoencoder --out runs/ae4 \\
+        --steps 12000 --spatial-stride 4 --expand 384 --refine 32 > runs/ae4.log 2>&1 &
 """
 from __future__ import annotations
 
