@@ -80,6 +80,25 @@ def _check(mode, dtype, Hq, Hk, causal, kv_replicated, ulysses_size=None, layout
         torch.testing.assert_close(vs.grad, vr.grad[c:d], **tol)
 
 
+def model_run(model, grids):
+    """For a float64 VideoDiT ``model`` (3 input channels, context dim 32) and three videos of patch ``grids``
+    (T, H, W): a function ``run(sequence_parallel) -> (outputs, {name: gradient})`` of one forward and the
+    backward of a fixed weighted sum of the outputs, on the same inputs at every call."""
+    g = torch.Generator().manual_seed(1)
+    videos = [torch.randn(3, t, h, w, generator=g, dtype=torch.float64) for t, h, w in grids]
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    context = torch.randn(7, 32, generator=g, dtype=torch.float64)
+    cu_ctx = torch.tensor([0, 3, 4, 7], dtype=torch.int32)
+
+    def run(sp):
+        model.zero_grad()
+        out = model(videos, t, context, cu_ctx, sequence_parallel=sp)
+        sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in out).backward()
+        return [o.detach() for o in out], {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    return run
+
+
 def _check_model(mode, checker=None, depth=2, checkpointing=False, layout="tokens"):
     """A VideoDiT forward + backward over the group equals one process (gradients averaged over ranks), also
     with activation checkpointing (the recompute replays the collectives); returns the host reads
@@ -91,19 +110,7 @@ def _check_model(mode, checker=None, depth=2, checkpointing=False, layout="token
     model = VideoDiT(VideoDiTConfig.preset("tiny", heads=4, depth=depth)).double()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    g = torch.Generator().manual_seed(1)
-    videos = [torch.randn(3, t, h, w, generator=g, dtype=torch.float64)
-              for t, h, w in [(2, 8, 12), (1, 4, 4), (3, 12, 8)]]
-    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
-    context = torch.randn(7, 32, generator=g, dtype=torch.float64)
-    cu_ctx = torch.tensor([0, 3, 4, 7], dtype=torch.int32)
-
-    def run(sp):
-        model.zero_grad()
-        out = model(videos, t, context, cu_ctx, sequence_parallel=sp)
-        sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in out).backward()
-        return [o.detach() for o in out], {n: p.grad.clone() for n, p in model.named_parameters()}
-
+    run = model_run(model, [(2, 8, 12), (1, 4, 4), (3, 12, 8)])
     ref_out, ref_grads = run(None)
     model.enable_activation_checkpointing(checkpointing)
     if mode == "hybrid":  # its Ulysses and ring groups, made up front on every rank

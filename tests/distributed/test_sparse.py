@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed.ranks import case_worker, spawn_ranks
+from tests.distributed.test_attention import model_run
 from vdit.distributed import SequenceParallel, build_mesh, shard_bounds, shard_packed
 from vdit.nn import TileSparseAttention
 from vdit.ops import SparsePattern
@@ -73,19 +74,7 @@ def _check_model(attention, mode):
     model = VideoDiT(config).double()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    g = torch.Generator().manual_seed(1)
-    shapes = [(2, 8, 12), (1, 4, 4), (3, 4, 8)]
-    videos = [torch.randn(3, t, h, w, generator=g, dtype=torch.float64) for t, h, w in shapes]
-    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
-    context = torch.randn(7, 32, generator=g, dtype=torch.float64)
-    cu_ctx = torch.tensor([0, 3, 4, 7], dtype=torch.int32)
-
-    def run(sp):
-        model.zero_grad()
-        out = model(videos, t, context, cu_ctx, sequence_parallel=sp)
-        sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in out).backward()
-        return [o.detach() for o in out], {n: p.grad.clone() for n, p in model.named_parameters()}
-
+    run = model_run(model, [(2, 8, 12), (1, 4, 4), (3, 4, 8)])
     ref_out, ref_grads = run(None)
     out, grads = run(_sequence_parallel(mode))
     for a, b in zip(out, ref_out):
