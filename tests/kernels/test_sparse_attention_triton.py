@@ -61,22 +61,25 @@ def _reference(q, k, v, dout, offsets, kv_tiles, scale):
     return out.detach(), lse.detach(), qd.grad, kd.grad, vd.grad
 
 
-def _run(q, k, v, dout, layout, kv_tiles, scale, fwd_config=None, bwd_config=None):
+def _run(q, k, v, dout, layout, kv_tiles, scale, fwd_config=None, bwd_config=None, edge_config=None):
     hq, hk = q.shape[1], k.shape[1]
     offsets = layout.offsets.to(DEVICE)
     q_tiles = query_lists(kv_tiles.expand(-1, hq, -1), layout.num_tiles, hq, hk)
-    out, lse = S.block_sparse_attention_forward(q, k, v, offsets, kv_tiles, layout.max_tile, scale, config=fwd_config)
+    out, lse = S.block_sparse_attention_forward(q, k, v, offsets, kv_tiles, layout.max_tile, scale, config=fwd_config,
+                                                edge_config=edge_config)
     grads = S.block_sparse_attention_backward(dout, q, k, v, out, lse, offsets, kv_tiles, q_tiles, layout.max_tile,
-                                              scale, dkdv_config=bwd_config, dq_config=bwd_config)
+                                              scale, dkdv_config=bwd_config, dq_config=bwd_config,
+                                              edge_config=edge_config)
     return (out, lse, *grads)
 
 
-def _check(layout, kv_tiles, hq, hk, d, dtype, scale=None, seed=0, fwd_config=None, bwd_config=None):
+def _check(layout, kv_tiles, hq, hk, d, dtype, scale=None, seed=0, fwd_config=None, bwd_config=None,
+           edge_config=None):
     """Run both kernels and compare every output with the float64 oracle; returns the kernels' outputs."""
     total = int(layout.offsets[-1])
     q, k, v, dout = _inputs(total, hq, hk, d, dtype, seed)
     scale = d ** -0.5 if scale is None else scale
-    got = _run(q, k, v, dout, layout, kv_tiles, scale, fwd_config, bwd_config)
+    got = _run(q, k, v, dout, layout, kv_tiles, scale, fwd_config, bwd_config, edge_config)
     out, lse, dq, dk, dv = got
     r_out, r_lse, r_dq, r_dk, r_dv = _reference(q, k, v, dout, layout.offsets, kv_tiles, scale)
     assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (hq, total)
@@ -248,6 +251,71 @@ def test_work_items_cover_every_block_once_heaviest_first(block_rows):
     assert costs == sorted(costs, reverse=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_partial_edge_tiles_run_in_a_second_launch_of_smaller_blocks(dtype, monkeypatch):
+    # 32-token tiles in 32-row blocks, and the partial edge tiles of at most 16 tokens (grid 5x6x7: 16, 8,
+    # 12 and 6 tokens) in a second launch of 16-row blocks, as 4x4x4 tiles run on a GPU (64 and 16 rows):
+    # per-head windows, grouped-query heads, -1 slots. Each kernel launches twice, each (tile, block) in
+    # exactly one launch, and every output equals the oracle (the outputs are NaN-poisoned, so a row that
+    # neither launch writes fails).
+    from vdit.kernels.triton.sparse_attention import backward, forward
+
+    layout = _layout(GRIDS, (2, 4, 4))
+    sizes = (layout.offsets[1:] - layout.offsets[:-1]).tolist()
+    assert max(sizes) == 32 and any(0 < n <= 16 for n in sizes) and any(16 < n < 32 for n in sizes)
+    kernels = {"fwd": forward, "bwd_dq": backward, "bwd_dkdv": backward}
+    names = {"fwd": "sparse_fwd_kernel", "bwd_dq": "sparse_bwd_dq_kernel", "bwd_dkdv": "sparse_bwd_dkdv_kernel"}
+    recorders = {}
+    for kernel, module in kernels.items():
+        recorders[kernel] = _Recorder(getattr(module, names[kernel]))
+        monkeypatch.setattr(module, names[kernel], recorders[kernel])
+    kv = _window_lists(layout, [[1, 3, 3], [3, 1, 1], [2, 2, 3], [1, 1, 1]], 4)
+    kv[::3, 1, 0] = -1
+    _check(layout, kv, 4, 2, 16, dtype, fwd_config=S.Config(32, 32, 4, 1), bwd_config=S.Config(32, 32, 4, 1),
+           edge_config=S.Config(16, 16, 4, 1))
+    for kernel, recorder in recorders.items():
+        rows = "BLOCK_N" if kernel == "bwd_dkdv" else "BLOCK_M"
+        assert [launch[rows] for launch in recorder.launches] == [32, 16], kernel
+        items = [tuple(item) for launch in recorder.launches for item in launch["WORK"].tolist() if item[0] >= 0]
+        # The second launch's list holds one item per tile of at most 16 tokens: its grid is num_tiles long.
+        assert recorder.launches[1]["WORK"].shape[0] == layout.num_tiles
+        big = sorted((t, b) for t, n in enumerate(sizes) if n > 16 for b in range(-(-n // 32)))
+        small = sorted((t, 0) for t, n in enumerate(sizes) if 0 < n <= 16)
+        assert sorted(items) == sorted(big + small) and len(set(items)) == len(items), kernel
+
+
+def test_the_edge_launch_takes_the_tiles_of_at_most_its_row_block():
+    from vdit.kernels.triton.sparse_attention.configs import EDGE_TILE, edge_config, program_rows, table_config
+
+    for arch in (90, 80, 86):
+        for head_dim in (64, 96, 128, 256):
+            for dtype in ("fp16", "bf16"):
+                for kernel in ("fwd", "bwd_dq", "bwd_dkdv"):
+                    edge = edge_config(kernel, arch, head_dim, dtype, 64)
+                    assert program_rows(kernel, edge) == EDGE_TILE, (arch, head_dim, dtype, kernel)
+                    assert program_rows(kernel, edge) < program_rows(kernel, table_config(kernel, arch, head_dim,
+                                                                                          dtype, 64))
+                    # Tiles larger than SMALL_TILE (their own tables) and fp32 (small tiles already): one launch.
+                    assert edge_config(kernel, arch, head_dim, dtype, 384) is None
+                    assert edge_config(kernel, arch, head_dim, dtype, None) is None
+                    assert edge_config(kernel, arch, head_dim, "fp32", 64) is None
+    # Under the interpreter (CPU tensors) the launchers make no second launch of their own.
+    from vdit.kernels.triton.sparse_attention.configs import select_edge_config
+
+    assert select_edge_config("fwd", torch.device("cpu"), 64, torch.float16, 64) is None
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_edge_launch_on_gpu(dtype, head_dim):
+    # 4x4x4 tiles on a grid whose edges are partial on two axes (16- and 4-token tiles): the shipped small-tile
+    # and edge configurations together (GPU only).
+    layout = _layout([[9, 13, 16], [1, 4, 4], [5, 8, 9]], (4, 4, 4))
+    kv = _window_lists(layout, [[3, 3, 3], [1, 3, 3], [2, 1, 3], [3, 3, 1]], 4)
+    _check(layout, kv, 4, 2, head_dim, dtype)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("head_dim", [64, 96, 128, 256])
@@ -335,7 +403,7 @@ def _row_block(kernel, cfg):
 
 def test_every_small_tile_config_is_compiled_ahead_of_time():
     # The static GPU gate compiles aot_specs(): each configuration a launcher can pick must be among them.
-    from vdit.kernels.triton.sparse_attention.configs import ARCH_TABLE, table_config
+    from vdit.kernels.triton.sparse_attention.configs import ARCH_TABLE, edge_config, table_config
 
     specs = {(s.label.split()[0], s.constexprs["HEAD_DIM"], s.label.split()[2], s.constexprs["BLOCK_M"],
               s.constexprs["BLOCK_N"], s.num_warps, s.num_stages, arch) for s in S.aot_specs() for arch in s.archs}
@@ -344,10 +412,13 @@ def test_every_small_tile_config_is_compiled_ahead_of_time():
             for dtype in ("fp16", "bf16", "fp32"):
                 for kernel in ("fwd", "bwd_dq", "bwd_dkdv"):
                     for max_tile in (64, 384):
-                        c = table_config(kernel, arch, head_dim, dtype, max_tile)
-                        key = (f"sparse_{kernel}", head_dim, dtype, c.block_m, c.block_n, c.num_warps, c.num_stages,
-                               arch)
-                        assert key in specs, key
+                        for c in (table_config(kernel, arch, head_dim, dtype, max_tile),
+                                  edge_config(kernel, arch, head_dim, dtype, max_tile)):
+                            if c is None:
+                                continue
+                            key = (f"sparse_{kernel}", head_dim, dtype, c.block_m, c.block_n, c.num_warps,
+                                   c.num_stages, arch)
+                            assert key in specs, key
 
 
 def test_useful_mma_rows_of_the_benchmark_videos():
@@ -358,8 +429,13 @@ def test_useful_mma_rows_of_the_benchmark_videos():
     sizes = cm.tile_sizes((33, 45, 80), (4, 4, 4))
     assert len(sizes) == 9 * 12 * 20 and sum(sizes) == 33 * 45 * 80 and max(sizes) == 64
     before = cm.useful_row_fraction(sizes, 128)
-    after = cm.useful_row_fraction(sizes, table_config("fwd", 90, 128, "bf16", max(sizes)).block_m)
-    assert before == pytest.approx(118800 / (2160 * 128)) and after == pytest.approx(118800 / (2160 * 64))
+    one_launch = cm.useful_row_fraction(sizes, table_config("fwd", 90, 128, "bf16", max(sizes)).block_m)
+    assert before == pytest.approx(118800 / (2160 * 128)) and one_launch == pytest.approx(118800 / (2160 * 64))
+    # The edge launch: 1760 tiles of 64 tokens in 64-row blocks, 380 of 16 and 20 of 4 in 16-row blocks.
+    assert sorted(set(sizes)) == [4, 16, 64] and sizes.count(16) == 380 and sizes.count(4) == 20
+    for kernel in ("fwd", "bwd_dq", "bwd_dkdv"):
+        after = cm.figures((33, 45, 80), (4, 4, 4), kernel)["after"]["useful_rows"]
+        assert after == pytest.approx(118800 / (1760 * 64 + 400 * 16)) and after >= 0.9, kernel
     assert cm.useful_row_fraction(cm.tile_sizes((30, 48, 80), (4, 4, 4)), 64) == pytest.approx(0.9375)
     assert cm.useful_row_fraction(cm.tile_sizes((30, 48, 80), (6, 8, 8)), 128) == 1.0
     walk = cm.key_walk((30, 48, 80), (6, 8, 8), 64)

@@ -19,7 +19,7 @@ import functools
 import math
 import re
 
-from vdit.kernels.triton.sparse_attention.configs import CONFIGS, flat_loop, table_config
+from vdit.kernels.triton.sparse_attention.configs import CONFIGS, edge_config, flat_loop, program_rows, table_config
 from vdit.ops.tiles import window_starts
 
 # (label, video grid (T, H, W) in tokens, tile (tt, th, tw)): the benchmark cases and the 33x45x80 video
@@ -47,10 +47,13 @@ def tile_sizes(grid, tile) -> list[int]:
     return [x * y * z for x in a for y in b for z in c]
 
 
-def useful_row_fraction(sizes, block_rows: int) -> float:
-    """Useful MMA rows / (row blocks x block_rows) of tiles of ``sizes`` tokens cut in row blocks."""
-    blocks = sum(math.ceil(s / block_rows) for s in sizes)
-    return sum(sizes) / (blocks * block_rows) if blocks else 1.0
+def useful_row_fraction(sizes, block_rows: int, edge_rows: int | None = None) -> float:
+    """Useful MMA rows / (row blocks x block_rows) of tiles of ``sizes`` tokens cut in row blocks; with
+    ``edge_rows``, each tile of at most that many tokens takes one block of ``edge_rows`` rows instead (the
+    second launch, ``configs.EDGE_TILE_CONFIGS``)."""
+    rows = sum(edge_rows if edge_rows and s <= edge_rows else math.ceil(s / block_rows) * block_rows
+               for s in sizes if s)
+    return sum(sizes) / rows if rows else 1.0
 
 
 def key_walk(grid, tile, block_n: int, window=WINDOW) -> dict:
@@ -138,23 +141,28 @@ def _key(config) -> tuple:
     return config.block_m, config.block_n, config.num_warps, config.num_stages
 
 
-def row_block(kernel: str, config) -> int:
-    """The rows of a program's own block: the query block (forward, dq) or the key block (dk / dv)."""
-    return config.block_n if kernel == "bwd_dkdv" else config.block_m
-
-
 def figures(grid, tile, kernel: str = "fwd", arch: int = 90, head_dim: int = 128, dtype: str = "bf16",
             compile_kernels: bool = False) -> dict:
-    """{"before": ..., "after": ...}: for the general configuration (CONFIGS) and the one the launcher picks
-    from the largest tile, the configuration, the useful MMA row fraction of one video (grid, tile) and,
-    with ``compile_kernels``, the figures of :func:`compiled` (the "before" kernel is today's code with the
-    general configuration; the code before the flat loop had the nested loop only)."""
+    """{"before": ..., "after": ...[, "edge": ...]}: for the general configuration (CONFIGS) and the ones the
+    launcher picks from the largest tile (the table's, and the edge launch's when there is one), the
+    configuration, the useful MMA row fraction of one video (grid, tile; "after" counts both launches, "edge"
+    its own tiles only) and, with ``compile_kernels``, the figures of :func:`compiled` (the "before" kernel is
+    today's code with the general configuration; the code before the flat loop had the nested loop only)."""
     sizes = tile_sizes(grid, tile)
-    after = table_config(kernel, arch, head_dim, dtype, max(sizes))
+    max_tile = max(sizes)
+    general = CONFIGS[kernel][arch][max(64, head_dim)]
+    after = table_config(kernel, arch, head_dim, dtype, max_tile)
+    edge = edge_config(kernel, arch, head_dim, dtype, max_tile)
+    edge_rows = program_rows(kernel, edge) if edge else None
+    cases = [("before", general, useful_row_fraction(sizes, program_rows(kernel, general))),
+             ("after", after, useful_row_fraction(sizes, program_rows(kernel, after), edge_rows))]
+    if edge:
+        edge_sizes = [s for s in sizes if 0 < s <= edge_rows]
+        cases.append(("edge", edge, useful_row_fraction(edge_sizes, edge_rows) if edge_sizes else None))
     out = {}
-    for when, cfg, flat in (("before", CONFIGS[kernel][arch][max(64, head_dim)], False),
-                            ("after", after, kernel != "bwd_dkdv" and flat_loop(max(sizes), after))):
-        row = dict(config=cfg, flat=flat, useful_rows=useful_row_fraction(sizes, row_block(kernel, cfg)))
+    for when, cfg, rows in cases:
+        flat = when != "before" and kernel != "bwd_dkdv" and flat_loop(max_tile, cfg)
+        row = dict(config=cfg, flat=flat, useful_rows=rows)
         if compile_kernels:
             row.update(compiled(kernel, cfg, arch, head_dim, dtype, flat))
         out[when] = row
@@ -164,7 +172,8 @@ def figures(grid, tile, kernel: str = "fwd", arch: int = 90, head_dim: int = 128
 def _line(label: str, kernel: str, when: str, row: dict) -> str:
     cfg = row["config"]
     text = (f"{label:14} {kernel:8} {when:6} {cfg.block_m:>3}x{cfg.block_n:<3} w{cfg.num_warps}s{cfg.num_stages} "
-            f"{'flat  ' if row['flat'] else 'nested'} rows {row['useful_rows']:6.1%}")
+            f"{'flat  ' if row['flat'] else 'nested'} rows "
+            f"{'  none' if row['useful_rows'] is None else format(row['useful_rows'], '6.1%')}")
     if "registers" in row:
         text += (f" regs {row['registers']:3} spill {row['spills']} smem {row['shared'] / 1024:5.1f}K"
                  f" CTAs {row['ctas_per_sm']} drains {row['drains_in_loops']}")
@@ -173,8 +182,9 @@ def _line(label: str, kernel: str, when: str, row: dict) -> str:
 
 def report(arch: int = 90, head_dim: int = 128, dtype: str = "bf16", compile_kernels: bool = False) -> str:
     """The figures of every case in CASES and kernel, one line each, then each case's key walk."""
-    lines = [(f"sm_{arch}, head dim {head_dim}, {dtype}; before: CONFIGS, after: sized from the largest tile; "
-              "rows: useful MMA rows, drains: in loops")]
+    lines = [(f"sm_{arch}, head dim {head_dim}, {dtype}; before: CONFIGS, after: sized from the largest tile "
+              "(rows: both launches), edge: the second launch, over the tiles of at most its row block (rows: "
+              "its own); rows: useful MMA rows, drains: in loops")]
     for label, grid, tile in CASES:
         for kernel in ("fwd", "bwd_dq", "bwd_dkdv"):
             for when, row in figures(grid, tile, kernel, arch, head_dim, dtype, compile_kernels).items():

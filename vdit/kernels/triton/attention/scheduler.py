@@ -23,15 +23,17 @@ _WORK = TensorCache(size=32)
 
 
 def sorted_work_list(lengths: torch.Tensor, total: int, block_rows: int,
-                     cost: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                     cost: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                     max_items: int | None = None) -> torch.Tensor:
     """The work list of every attention kernel (dense and block-sparse): one (segment, row block) item per
     ``block_rows`` rows of each segment (a sequence, or a tile), heaviest first, then padding items.
 
     Args:
         lengths: int64 (S,) rows per segment, on the device the list is built on.
-        total: lengths.sum() (a shape: no device synchronisation).
+        total: at least lengths.sum() (a shape: no device synchronisation).
         block_rows: rows per item.
         cost: maps (segment, block) int64 (n,) index tensors to each item's int64 (n,) cost (>= 0).
+        max_items: a tighter bound on the items the caller knows from shapes (None: none).
     Returns:
         int32 (n, 2): (segment, block) per item by decreasing cost (stable: equal costs keep segment
         order, so consecutive programs share a segment's keys in L2), then unused slots (segment -1).
@@ -41,6 +43,8 @@ def sorted_work_list(lengths: torch.Tensor, total: int, block_rows: int,
     device = lengths.device
     segments = lengths.numel()
     n = (total + segments * (block_rows - 1)) // block_rows if segments > 0 else 0
+    if max_items is not None:
+        n = min(n, max_items)
     if n <= 0:
         return torch.empty((0, 2), dtype=torch.int32, device=device)
     blocks = (lengths + block_rows - 1) // block_rows

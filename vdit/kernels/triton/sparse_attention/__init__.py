@@ -23,9 +23,11 @@ out 0, lse -inf and zero gradients.
 
 Race-freedom: every output row is written by exactly one program. The work lists hold each (tile, row
 block) once, so out, lse and dq rows of (tile, block, head) belong to the program (item, head), dk and dv
-rows of (tile, block, kv head) to the program (item, kv head); no kernel reads memory another program of
-its launch writes (delta is written by an earlier launch). No atomics: the backward is bitwise
-deterministic.
+rows of (tile, block, kv head) to the program (item, kv head). With 4x4x4 tiles each kernel runs two
+launches, 64-row blocks for the tiles of more than 16 tokens and 16-row blocks for the partial edge tiles
+(``_launches``): their lists take disjoint classes of tiles, so this holds across the launches too. No kernel
+reads memory another program of its launch writes (delta is written by an earlier launch). No atomics: the
+backward is bitwise deterministic.
 
 What the launchers guarantee the kernels: q, k, v, dout, out and every output contiguous (total, heads,
 HEAD_DIM) with HEAD_DIM % 8 == 0 and 16-byte aligned data (copied otherwise), so each head row starts 16-byte
@@ -58,11 +60,14 @@ from vdit.kernels.triton.attention.configs import MAX_HEAD_DIM, Config, block_d_
 from vdit.kernels.triton.sparse_attention import backward, forward
 from vdit.kernels.triton.sparse_attention.configs import (
     CONFIGS,
+    EDGE_TILE_CONFIGS,
     FP32_CONFIGS,
     INTERPRETER_CONFIG,
     SMALL_TILE_CONFIGS,
     flat_loop,
+    program_rows,
     select_config,
+    select_edge_config,
 )
 from vdit.kernels.triton.sparse_attention.scheduler import (
     cached_compact_lists,
@@ -82,7 +87,8 @@ GPU_ONLY = ("speed against dense attention at the same visible-key count (with t
             "writes memory another program reads.")
 
 __all__ = ["block_sparse_attention_forward", "block_sparse_attention_backward", "work_items", "compact_lists",
-           "Config", "CONFIGS", "FP32_CONFIGS", "SMALL_TILE_CONFIGS", "INTERPRETER_CONFIG", "select_config",
+           "Config", "CONFIGS", "FP32_CONFIGS", "SMALL_TILE_CONFIGS", "EDGE_TILE_CONFIGS", "INTERPRETER_CONFIG",
+           "select_config",
            "on_device", "aot_specs", "GPU_ONLY"]
 
 
@@ -110,9 +116,22 @@ def _index(t: torch.Tensor, contiguous: bool = False) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
+def _launches(kernel: str, config: Config, edge: Config | None, tile_offsets: torch.Tensor, lists: torch.Tensor,
+              total: int, entries_per_tile: int = 1) -> list[tuple[Config, torch.Tensor]]:
+    """(configuration, work list) of each launch of ``kernel``: one over every tile, or, with an ``edge``
+    configuration, one over the tiles of more than ``program_rows(edge)`` tokens and one over the others (the
+    partial edge tiles), each in row blocks of its own size. The two classes partition the tiles."""
+    rows = program_rows(kernel, config)
+    if edge is None or program_rows(kernel, edge) >= rows:
+        return [(config, cached_work_items(tile_offsets, lists, total, rows, entries_per_tile))]
+    split = program_rows(kernel, edge)
+    return [(config, cached_work_items(tile_offsets, lists, total, rows, entries_per_tile, (split, None))),
+            (edge, cached_work_items(tile_offsets, lists, total, split, entries_per_tile, (0, split)))]
+
+
 def block_sparse_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile_offsets: torch.Tensor,
                                    kv_tiles: torch.Tensor, max_tile: int, softmax_scale: float, *,
-                                   config: Config | None = None):
+                                   config: Config | None = None, edge_config: Config | None = None):
     """Forward of block-sparse attention over a packed batch in tile order (inputs validated by vdit.ops).
 
     Args:
@@ -122,7 +141,9 @@ def block_sparse_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Te
         max_tile: the largest tile's token count (vdit.ops derives it from the grids): picks the row block
             (``configs.table_config``) and, when it is at most the key block, the flat key loop
             (``configs.flat_loop``), which reads one key block per tile: it must bound every tile.
-        softmax_scale: multiplier of q k^T (positive). config: tile configuration override (tests).
+        softmax_scale: multiplier of q k^T (positive).
+        config, edge_config: tile configuration overrides (tests): ``edge_config`` runs the tiles of at most
+            its BLOCK_M tokens in a second launch (``_launches``). By default both come from the tables.
     Returns:
         out (total, Hq, D) like q; lse (Hq, total) float32 natural log, -inf where a query sees no key.
     """
@@ -130,22 +151,24 @@ def block_sparse_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     if not supports_head_dim(q.shape[2]):
         q8, k8, v8 = (pad_head_dim(t) for t in (q, k, v))
         out, lse = block_sparse_attention_forward(q8, k8, v8, tile_offsets, kv_tiles, max_tile, softmax_scale,
-                                                  config=config)
+                                                  config=config, edge_config=edge_config)
         return out[..., :q.shape[2]].contiguous(), lse
     with on_device(q):
-        return _forward(q, k, v, tile_offsets, kv_tiles, max_tile, softmax_scale, config)
+        return _forward(q, k, v, tile_offsets, kv_tiles, max_tile, softmax_scale, config, edge_config)
 
 
-def _forward(q, k, v, tile_offsets, kv_tiles, max_tile, softmax_scale, config):
+def _forward(q, k, v, tile_offsets, kv_tiles, max_tile, softmax_scale, config, edge_config):
     total, num_heads_q, head_dim = q.shape
     q, k, v = aligned(q), aligned(k), aligned(v)
     tile_offsets, kv_tiles = _index(tile_offsets, contiguous=True), _index(kv_tiles)
     out = new_output(q.shape, dtype=q.dtype, device=q.device)
     lse = new_output((num_heads_q, total), dtype=torch.float32, device=q.device)
     cfg = config or select_config("fwd", q.device, head_dim, q.dtype, max_tile)
-    work = cached_work_items(tile_offsets, kv_tiles, total, cfg.block_m)
+    edge = edge_config if config else select_edge_config("fwd", q.device, head_dim, q.dtype, max_tile)
     lists = cached_compact_lists(kv_tiles, tile_offsets.numel() - 1)
-    forward.launch(q, k, v, out, lse, tile_offsets, lists, work, softmax_scale, cfg, flat_loop(max_tile, cfg))
+    for launch_cfg, work in _launches("fwd", cfg, edge, tile_offsets, kv_tiles, total):
+        forward.launch(q, k, v, out, lse, tile_offsets, lists, work, softmax_scale, launch_cfg,
+                       flat_loop(max_tile, launch_cfg))
     return out, lse
 
 
@@ -153,14 +176,16 @@ def block_sparse_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torc
                                     out: torch.Tensor, lse: torch.Tensor, tile_offsets: torch.Tensor,
                                     kv_tiles: torch.Tensor, q_tiles: torch.Tensor, max_tile: int,
                                     softmax_scale: float, *, dkdv_config: Config | None = None,
-                                    dq_config: Config | None = None):
+                                    dq_config: Config | None = None, edge_config: Config | None = None):
     """Backward of :func:`block_sparse_attention_forward`; deterministic (no atomics).
 
     Args:
         dout: (total, Hq, D) (any strides: made contiguous); out, lse: the forward's outputs.
         q_tiles: int32 (num_tiles, Hk, M): per key tile and kv head, ``query_tile * Hq + query_head`` of
             every (query tile, head) that lists it, -1 unused (``vdit.ops.tiles.query_lists``).
-        The rest as in the forward; dkdv_config / dq_config: tile configuration overrides (tests).
+        The rest as in the forward; dkdv_config / dq_config: tile configuration overrides (tests), and
+        edge_config the second launch of both (the tiles of at most its BLOCK_N tokens for dk / dv, BLOCK_M
+        for dq), as in the forward.
     Returns:
         dq (total, Hq, D), dk, dv (total, Hk, D) in the dtypes of q, k, v.
     """
@@ -168,15 +193,16 @@ def block_sparse_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torc
     if not supports_head_dim(q.shape[2]):
         padded = (pad_head_dim(t) for t in (dout, q, k, v, out))
         grads = block_sparse_attention_backward(*padded, lse, tile_offsets, kv_tiles, q_tiles, max_tile,
-                                                softmax_scale, dkdv_config=dkdv_config, dq_config=dq_config)
+                                                softmax_scale, dkdv_config=dkdv_config, dq_config=dq_config,
+                                                edge_config=edge_config)
         return tuple(g[..., :q.shape[2]].contiguous() for g in grads)
     with on_device(q):
         return _backward(dout, q, k, v, out, lse, tile_offsets, kv_tiles, q_tiles, max_tile, softmax_scale,
-                         dkdv_config, dq_config)
+                         dkdv_config, dq_config, edge_config)
 
 
 def _backward(dout, q, k, v, out, lse, tile_offsets, kv_tiles, q_tiles, max_tile, softmax_scale, dkdv_config,
-              dq_config):
+              dq_config, edge_config):
     total, num_heads_q, head_dim = q.shape
     dout, q, k, v, out = (aligned(t) for t in (dout.to(q.dtype), q, k, v, out))
     lse = lse.contiguous()
@@ -189,13 +215,16 @@ def _backward(dout, q, k, v, out, lse, tile_offsets, kv_tiles, q_tiles, max_tile
     dense_backward.launch_preprocess(dout, out, delta, block_d_of(head_dim))  # delta = rowsum(dout * out)
 
     cfg = dkdv_config or select_config("bwd_dkdv", q.device, head_dim, q.dtype, max_tile)
-    work = cached_work_items(tile_offsets, q_tiles, total, cfg.block_n, num_heads_q)
-    backward.launch_dkdv(dout, q, k, v, lse, delta, dk, dv, tile_offsets, q_tiles, work, softmax_scale, cfg)
+    edge = edge_config if dkdv_config else select_edge_config("bwd_dkdv", q.device, head_dim, q.dtype, max_tile)
+    for launch_cfg, work in _launches("bwd_dkdv", cfg, edge, tile_offsets, q_tiles, total, num_heads_q):
+        backward.launch_dkdv(dout, q, k, v, lse, delta, dk, dv, tile_offsets, q_tiles, work, softmax_scale,
+                             launch_cfg)
     cfg = dq_config or select_config("bwd_dq", q.device, head_dim, q.dtype, max_tile)
-    work = cached_work_items(tile_offsets, kv_tiles, total, cfg.block_m)
+    edge = edge_config if dq_config else select_edge_config("bwd_dq", q.device, head_dim, q.dtype, max_tile)
     lists = cached_compact_lists(kv_tiles, tile_offsets.numel() - 1)
-    backward.launch_dq(dout, q, k, v, lse, delta, dq, tile_offsets, lists, work, softmax_scale, cfg,
-                       flat_loop(max_tile, cfg))
+    for launch_cfg, work in _launches("bwd_dq", cfg, edge, tile_offsets, kv_tiles, total):
+        backward.launch_dq(dout, q, k, v, lse, delta, dq, tile_offsets, lists, work, softmax_scale, launch_cfg,
+                           flat_loop(max_tile, launch_cfg))
     return dq, dk, dv
 
 

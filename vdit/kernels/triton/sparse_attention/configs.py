@@ -54,6 +54,22 @@ SMALL_TILE_CONFIGS: dict[str, dict[int, dict[int, Config]]] = {
     "bwd_dkdv": {90: {64: C(64, 64, 4, 2), 128: C(32, 64, 4, 2), 256: C(16, 64, 8, 2)},
                  80: {64: C(32, 64, 8, 2), 128: C(64, 64, 8, 2), 256: C(16, 64, 8, 2)}},
 }
+# EDGE_TILE_CONFIGS: with SMALL_TILE_CONFIGS, the tiles of at most EDGE_TILE tokens (the partial edge tiles of
+# 4x4x4 tiles: 16 and 4 tokens on a 33x45x80 grid) run in a second launch of 16-row program blocks, so that
+# no 64-row block carries a 16-token tile (useful MMA rows 85.9 % -> 99.8 % on 33x45x80). 16 rows is below
+# wgmma's 64-row M tile: these run mma.sync, on 5 % or fewer of the rows. "bwd_dkdv" sizes its key block
+# BLOCK_N to the edge tile and keeps a 64-row query block BLOCK_M for its inner loop. The edge launch's grid is
+# num_tiles x heads programs whatever the layout (its list is sized from shapes); on a grid with no tile of at
+# most 16 tokens (30x48x80: its edge tiles hold 32) all of them are padding programs that return at once.
+EDGE_TILE = 16
+EDGE_TILE_CONFIGS: dict[str, dict[int, dict[int, Config]]] = {
+    "fwd": {90: {64: C(16, 64, 4, 3), 128: C(16, 64, 4, 3), 256: C(16, 32, 4, 2)},
+            80: {64: C(16, 64, 4, 3), 128: C(16, 64, 4, 2), 256: C(16, 32, 4, 2)}},
+    "bwd_dq": {90: {64: C(16, 64, 4, 2), 128: C(16, 64, 4, 2), 256: C(16, 32, 4, 2)},
+               80: {64: C(16, 64, 4, 2), 128: C(16, 64, 4, 2), 256: C(16, 32, 4, 1)}},
+    "bwd_dkdv": {90: {64: C(64, 16, 4, 2), 128: C(64, 16, 4, 2), 256: C(16, 16, 4, 2)},
+                 80: {64: C(64, 16, 4, 2), 128: C(64, 16, 4, 2), 256: C(32, 16, 4, 1)}},
+}
 del C
 
 # The table each device architecture (attention.configs.arch_of) reads, and the architectures each
@@ -90,6 +106,21 @@ def table_config(kernel: str, arch: int, head_dim: int, dtype: str, max_tile: in
     return table[kernel][ARCH_TABLE[arch]][max(64, block_d_of(head_dim))]
 
 
+def edge_config(kernel: str, arch: int, head_dim: int, dtype: str, max_tile: int | None = None) -> Config | None:
+    """The configuration of the second launch, which takes the tiles of at most its :func:`program_rows` tokens
+    off the :func:`table_config` launch, or None when there is none (fp32, or tiles beyond SMALL_TILE)."""
+    if dtype == "fp32" or not small_tiles(max_tile):
+        return None
+    table_config(kernel, arch, head_dim, dtype, max_tile)  # the same argument checks
+    return EDGE_TILE_CONFIGS[kernel][ARCH_TABLE[arch]][max(64, block_d_of(head_dim))]
+
+
+def program_rows(kernel: str, config: Config) -> int:
+    """The rows of a program's own block under ``config``: the query block (forward, dq) or the key block (dk /
+    dv). A launch split by tile size gives the edge launch the tiles of at most this many tokens."""
+    return config.block_n if kernel == "bwd_dkdv" else config.block_m
+
+
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -101,6 +132,13 @@ def select_config(kernel: str, device: torch.device, head_dim: int, dtype: torch
     if arch is None:
         return INTERPRETER_CONFIG
     return table_config(kernel, arch, head_dim, _DTYPE_NAMES[dtype], max_tile)
+
+
+def select_edge_config(kernel: str, device: torch.device, head_dim: int, dtype: torch.dtype,
+                       max_tile: int | None = None) -> Config | None:
+    """:func:`edge_config` for a device (None under the interpreter: its tiles are already small)."""
+    arch = arch_of(device)
+    return None if arch is None else edge_config(kernel, arch, head_dim, _DTYPE_NAMES[dtype], max_tile)
 
 
 def flat_loop(max_tile: int | None, config: Config) -> bool:
@@ -128,11 +166,13 @@ def shipped(kernel: str):
 
 
 def _distinct(arch: int, head_dim: int, dtype: str, kernel: str) -> list[tuple[Config, bool]]:
-    """The (configuration, flat loop) pairs ``table_config`` and ``flat_loop`` pick for any tile size."""
+    """The (configuration, flat loop) pairs ``table_config``, ``edge_config`` and ``flat_loop`` pick for any
+    tile size."""
     pairs = []
     for max_tile in _PROBE_TILES:
-        cfg = table_config(kernel, arch, head_dim, dtype, max_tile)
-        pair = (cfg, kernel != "bwd_dkdv" and flat_loop(max_tile, cfg))
-        if pair not in pairs:
-            pairs.append(pair)
+        for cfg in (table_config(kernel, arch, head_dim, dtype, max_tile),
+                    edge_config(kernel, arch, head_dim, dtype, max_tile)):
+            pair = (cfg, kernel != "bwd_dkdv" and flat_loop(max_tile, cfg)) if cfg is not None else None
+            if pair is not None and pair not in pairs:
+                pairs.append(pair)
     return pairs

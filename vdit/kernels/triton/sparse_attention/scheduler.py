@@ -47,7 +47,7 @@ def work_item(WORK, OFFSETS):
 
 
 def work_items(tile_offsets: torch.Tensor, lists: torch.Tensor, total: int, block_rows: int,
-               entries_per_tile: int = 1) -> torch.Tensor:
+               entries_per_tile: int = 1, sizes: tuple[int, int | None] = (0, None)) -> torch.Tensor:
     """Flat, cost-sorted list of (tile, row block) work items, built on tile_offsets' device.
 
     Args:
@@ -58,20 +58,30 @@ def work_items(tile_offsets: torch.Tensor, lists: torch.Tensor, total: int, bloc
         total: tile_offsets[-1] (a shape: no device synchronisation).
         block_rows: rows per item (BLOCK_M for the forward and dq, BLOCK_N for dk / dv).
         entries_per_tile: the divisor from an entry to its tile (1 for kv_tiles, Hq for q_tiles).
+        sizes: (above, at_most): only the tiles of more than ``above`` and at most ``at_most`` (None: any)
+            tokens get items. A launch split by tile size gives each launch one such class; the classes
+            partition the tiles, so every (tile, row block) is in exactly one launch's list.
     Returns:
         int32 (n, 2): (tile, block) per item, heaviest first (cost: the tokens of the listed tiles, over
         all heads), then unused slots (tile -1). n = (total + num_tiles * (block_rows - 1)) // block_rows
         bounds sum_t ceil(size_t / block_rows) for any tile sizes summing to total, so the list covers
         every row block whatever the sizes are (``max_tile`` plays no part: it is a hint vdit.ops cannot
-        check under torch.compile).
+        check under torch.compile); when ``at_most`` <= block_rows every tile of the class is one item and
+        n = min(that, num_tiles).
     """
     num_tiles = tile_offsets.numel() - 1
     offsets = tile_offsets.long()
-    sizes = offsets[1:] - offsets[:-1]
+    tile_sizes = offsets[1:] - offsets[:-1]
+    above, at_most = sizes
+    in_class = tile_sizes > above
+    if at_most is not None:
+        in_class &= tile_sizes <= at_most
     other = lists.long().div(entries_per_tile, rounding_mode="floor")
     listed = (lists >= 0) & (other < num_tiles)
-    tile_cost = torch.where(listed, sizes[other.clamp(0, max(num_tiles - 1, 0))], 0).sum((1, 2))
-    return sorted_work_list(sizes, total, block_rows, lambda tile, block: tile_cost[tile])
+    tile_cost = torch.where(listed, tile_sizes[other.clamp(0, max(num_tiles - 1, 0))], 0).sum((1, 2))
+    one_item_each = at_most is not None and at_most <= block_rows
+    return sorted_work_list(torch.where(in_class, tile_sizes, 0), total, block_rows,
+                            lambda tile, block: tile_cost[tile], num_tiles if one_item_each else None)
 
 
 # A model calls attention with the same tiles in every layer and sampling step: build each list once per
@@ -80,10 +90,10 @@ _WORK = TensorCache(size=32)
 _LISTS = TensorCache(size=32)
 
 
-def cached_work_items(tile_offsets, lists, total, block_rows, entries_per_tile=1) -> torch.Tensor:
+def cached_work_items(tile_offsets, lists, total, block_rows, entries_per_tile=1, sizes=(0, None)) -> torch.Tensor:
     """:func:`work_items`, cached per (tile_offsets, lists) tensor objects and versions (vdit._cache)."""
-    return _WORK.get((tile_offsets, lists), (total, block_rows, entries_per_tile),
-                     lambda: work_items(tile_offsets, lists, total, block_rows, entries_per_tile))
+    return _WORK.get((tile_offsets, lists), (total, block_rows, entries_per_tile, sizes),
+                     lambda: work_items(tile_offsets, lists, total, block_rows, entries_per_tile, sizes))
 
 
 def compact_lists(kv_tiles: torch.Tensor, num_tiles: int) -> torch.Tensor:
