@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from tests.conftest import reordered_sum_tolerance
+from tests.demo.tiny_model import save_tiny_model
 from vdit.demo import growth
 from vdit.demo.checkpoint import load_tensors
 from vdit.demo.cli import train
-from vdit.demo.data import vocabulary
-from vdit.demo.pipeline import TextEncoderConfig, TextToVideo
+from vdit.demo.pipeline import TextToVideo
 from vdit.models import VideoDiTConfig
 from vdit.ops import SparsePattern
 
@@ -26,12 +26,7 @@ TINY_TRAIN = ["--hidden-size", "48", "--depth", "1", "--heads", "2", "--patch-si
 
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    model = TextToVideo(VideoDiTConfig.preset("tiny", context_dim=32, patch_size=(2, 4, 4), hidden_size=96),
-                        vocabulary(), TextEncoderConfig(dim=32, depth=1, heads=2))
-    model.save(str(directory))
-    return str(directory / "model.safetensors")
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 TRAIN, GENERATE = "vdit.demo.cli.train", "vdit.demo.cli.generate"
@@ -261,21 +256,9 @@ def test_fsdp_checkpoint_resumes_at_another_world_size(tmp_path):
     assert result.returncode == 2 and "resume it the way it was saved" in result.stderr
 
 
-def _tiny_weights(directory, *, random_dit: bool = False) -> str:
-    """Save a tiny TextToVideo (patch 2x4x4) into ``directory``; its weights file. ``random_dit``: replace the DiT's
-    zero initializations with random values, so generated videos depend on every layer."""
-    torch.manual_seed(0)
-    model = TextToVideo(VideoDiTConfig.preset("tiny", context_dim=32, patch_size=(2, 4, 4), hidden_size=96),
-                        vocabulary(), TextEncoderConfig(dim=32, depth=1, heads=2))
-    if random_dit:
-        for p in model.dit.parameters():
-            torch.nn.init.normal_(p, std=0.1)
-    model.save(str(directory))
-    return str(directory / "model.safetensors")
-
 
 def test_sequence_parallel_generation_matches_one_process(tmp_path):
-    args = ["--prompt", "a red circle moves up", "--weights", _tiny_weights(tmp_path / "w", random_dit=True),
+    args = ["--prompt", "a red circle moves up", "--weights", save_tiny_model(tmp_path / "w", random_dit=True),
             "--frames", "4", "--size", "16x12", "--steps", "3"]
     env = {**os.environ, **CHECKED}
     one = subprocess.run([sys.executable, "-m", GENERATE, *args, "--out", str(tmp_path / "one")],
@@ -302,7 +285,7 @@ def test_sequence_parallel_generation_matches_one_process(tmp_path):
 def test_sequence_parallel_generation_bad_size_is_a_clean_error(tmp_path):
     """A usage error raised after the process group exists still exits with status 2 on every rank (the group is
     torn down first), never a signal."""
-    weights = _tiny_weights(tmp_path / "w")
+    weights = save_tiny_model(tmp_path / "w")
     env = {**os.environ, **CHECKED}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                           "127.0.0.1", "--master_port", str(_port()), "-m", GENERATE, "--prompt", "x",

@@ -12,9 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vdit.demo.data import vocabulary
-from vdit.demo.pipeline import TextEncoderConfig, TextToVideo, generate
-from vdit.models import VideoDiTConfig
+from tests.demo.tiny_model import save_tiny_model
+from vdit.demo.pipeline import TextToVideo, generate
 from vdit.sampling import DEFAULT_THRESHOLD, StepCache
 
 GENERATE = "vdit.demo.cli.generate"
@@ -23,14 +22,7 @@ GENERATE = "vdit.demo.cli.generate"
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """A tiny demo model with random DiT weights (no zero-init), so every block changes the video."""
-    directory = tmp_path_factory.mktemp("tiny-cache")
-    torch.manual_seed(0)
-    model = TextToVideo(VideoDiTConfig.preset("tiny", context_dim=32, patch_size=(2, 4, 4), hidden_size=96),
-                        vocabulary(), TextEncoderConfig(dim=32, depth=1, heads=2))
-    for p in model.dit.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    model.save(str(directory))
-    return str(directory / "model.safetensors")
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-cache"), random_dit=True)
 
 
 def test_generate_prints_what_the_cache_skipped(tmp_path, weights, capsys):
