@@ -71,15 +71,15 @@ struct TileItem {
   Kind kind;
 };
 
-// Work items of one side (lists (num_tiles, heads, width)): per head, consecutive tiles whose lists are
-// equal are grouped up to max_rows rows (the rows see exactly the same tiles, so they can share the
+// Work items of one side (list_of(t, h): the list of tile t and head h, for heads heads): per head,
+// consecutive tiles whose lists are equal are grouped up to max_rows rows (the rows see exactly the same tiles, so they can share the
 // GEMMs); a larger tile is split into chunks of max_rows. Cost = rows * (reach + 1) * gemms, with
 // reach(list) the keys (or query rows) the list reaches. Tiles with skip[t * heads + h] set (done by a
 // dense block) get no item; an empty skip skips nothing.
-template <typename Reach>
-void group_items(const Problem& p, const int32_t* lists, int64_t heads, int64_t width, int64_t max_rows, Kind kind,
-                 int64_t gemms, Reach reach, const std::vector<uint8_t>& skip, std::vector<TileItem>& items) {
-  auto list_of = [&](int64_t t, int64_t h) { return lists + (t * heads + h) * width; };
+template <typename ListOf, typename Reach>
+void group_items(const Problem& p, ListOf list_of, int64_t heads, int64_t max_rows, Kind kind, int64_t gemms,
+                 Reach reach, const std::vector<uint8_t>& skip, std::vector<TileItem>& items) {
+  auto same = [](TileList a, TileList b) { return a.len == b.len && std::equal(a.data, a.data + a.len, b.data); };
   auto skipped = [&](int64_t t, int64_t h) { return !skip.empty() && skip[t * heads + h] != 0; };
   for (int64_t h = 0; h < heads; ++h) {
     for (int64_t t = 0; t < p.num_tiles;) {
@@ -87,10 +87,10 @@ void group_items(const Problem& p, const int32_t* lists, int64_t heads, int64_t 
         ++t;
         continue;
       }
-      const int32_t* list = list_of(t, h);
+      const TileList list = list_of(t, h);
       int64_t end = t + 1, rows = p.tile_len(t);
       while (end < p.num_tiles && rows + p.tile_len(end) <= max_rows && !skipped(end, h) &&
-             std::equal(list, list + width, list_of(end, h))) {
+             same(list, list_of(end, h))) {
         rows += p.tile_len(end);
         ++end;
       }
@@ -119,24 +119,24 @@ std::vector<TileItem> balanced_items(int64_t rows, Build build) {
   return items;
 }
 
-int64_t key_reach(const Problem& p, const int32_t* list) {  // keys of a kv_tiles list (repeats counted)
+int64_t key_reach(const Problem& p, TileList list) {  // keys of a kv_tiles list (repeats counted)
   int64_t n = 0;
-  for (int64_t s = 0; s < p.K; ++s) n += list[s] >= 0 ? p.tile_len(list[s]) : 0;
+  for (int64_t s = 0; s < list.len; ++s) n += list.data[s] >= 0 ? p.tile_len(list.data[s]) : 0;
   return n;
 }
 
-int64_t query_reach(const Problem& p, const int32_t* list) {  // query rows of a q_tiles list
+int64_t query_reach(const Problem& p, TileList list) {  // query rows of a q_tiles list
   int64_t n = 0;
-  for (int64_t s = 0; s < p.M; ++s) n += list[s] >= 0 ? p.tile_len(list[s] / p.Hq) : 0;
+  for (int64_t s = 0; s < list.len; ++s) n += p.tile_len(list.data[s] / p.Hq);
   return n;
 }
 
 // The distinct non-empty key tiles of a kv_tiles list (-1 slots, repeats and empty tiles dropped),
 // ascending, appended to `tiles`.
-void distinct_key_tiles(const Problem& p, const int32_t* list, std::vector<int32_t>& tiles) {
+void distinct_key_tiles(const Problem& p, TileList list, std::vector<int32_t>& tiles) {
   const size_t first = tiles.size();
-  for (int64_t s = 0; s < p.K; ++s) {
-    if (list[s] >= 0 && p.tile_len(list[s]) > 0) tiles.push_back(list[s]);
+  for (int64_t s = 0; s < list.len; ++s) {
+    if (list.data[s] >= 0 && p.tile_len(list.data[s]) > 0) tiles.push_back(list.data[s]);
   }
   std::sort(tiles.begin() + first, tiles.end());
   tiles.erase(std::unique(tiles.begin() + first, tiles.end()), tiles.end());
@@ -156,7 +156,7 @@ void tile_runs(const Problem& p, const int32_t* tiles, size_t n, std::vector<Run
 }
 
 // The distinct key tiles of a kv_tiles list as runs of contiguous tokens. `tiles` is scratch.
-void key_runs(const Problem& p, const int32_t* list, std::vector<int32_t>& tiles, std::vector<Run>& runs) {
+void key_runs(const Problem& p, TileList list, std::vector<int32_t>& tiles, std::vector<Run>& runs) {
   tiles.clear();
   distinct_key_tiles(p, list, tiles);
   tile_runs(p, tiles.data(), tiles.size(), runs);
@@ -164,11 +164,8 @@ void key_runs(const Problem& p, const int32_t* list, std::vector<int32_t>& tiles
 
 // The distinct (query tile, query head) entries of a q_tiles list, ordered by head then tile, as runs of
 // contiguous tokens of one head. `entries` is scratch.
-void query_runs(const Problem& p, const int32_t* list, std::vector<int32_t>& entries, std::vector<Run>& runs) {
-  entries.clear();
-  for (int64_t s = 0; s < p.M; ++s) {
-    if (list[s] >= 0) entries.push_back(list[s]);
-  }
+void query_runs(const Problem& p, TileList list, std::vector<int32_t>& entries, std::vector<Run>& runs) {
+  entries.assign(list.data, list.data + list.len);
   const int64_t Hq = p.Hq;
   auto by_head = [Hq](int32_t a, int32_t b) { return a % Hq != b % Hq ? a % Hq < b % Hq : a < b; };
   std::sort(entries.begin(), entries.end(), by_head);
@@ -255,9 +252,9 @@ void forward_item(const Problem& p, const TileItem& it, T scale, const T* q, con
 
 template <typename T>
 void forward(const Problem& p, T scale, const T* q, const T* k, const T* v, T* out, T* lse) {
+  auto kv_lists = [&](int64_t t, int64_t h) { return p.kv_list(t, h); };
   const std::vector<TileItem> items = balanced_items(tile_plan().fwd_q, [&](int64_t rows, std::vector<TileItem>& list) {
-    group_items(p, p.kv_tiles, p.Hq, p.K, rows, Kind::kForward, 2,
-                [&](const int32_t* l) { return key_reach(p, l); }, {}, list);
+    group_items(p, kv_lists, p.Hq, rows, Kind::kForward, 2, [&](TileList l) { return key_reach(p, l); }, {}, list);
   });
   run_items(
       static_cast<int64_t>(items.size()), [&] { return FwdScratch<T>(p.D); },
@@ -453,11 +450,12 @@ void backward(const Problem& p, T scale, const T* dout, const T* q, const T* k, 
   // One list for all kinds: they write disjoint outputs, and one cost-sorted list balances better than
   // separate passes. Costs count GEMMs: 3 per dq tile, 4 per dk / dv tile, 5 per dense-block tile.
   const TilePlan& plan = tile_plan();
+  auto kv_lists = [&](int64_t t, int64_t h) { return p.kv_list(t, h); };
+  auto q_lists = [&](int64_t j, int64_t hk) { return p.q_list(j, hk); };
   const std::vector<TileItem> items = balanced_items(plan.bwd_k, [&](int64_t rows, std::vector<TileItem>& list) {
-    group_items(p, p.kv_tiles, p.Hq, p.K, std::min(rows, plan.bwd_q), Kind::kDq, 3,
-                [&](const int32_t* l) { return key_reach(p, l); }, q_done, list);
-    group_items(p, p.q_tiles, p.Hk, p.M, rows, Kind::kDkDv, 4, [&](const int32_t* l) { return query_reach(p, l); },
-                k_done, list);
+    group_items(p, kv_lists, p.Hq, std::min(rows, plan.bwd_q), Kind::kDq, 3,
+                [&](TileList l) { return key_reach(p, l); }, q_done, list);
+    group_items(p, q_lists, p.Hk, rows, Kind::kDkDv, 4, [&](TileList l) { return query_reach(p, l); }, k_done, list);
     for (size_t b = 0; b < blocks.size(); ++b) {
       list.push_back({0, 0, blocks[b].hk, static_cast<int64_t>(b), blocks[b].cost, Kind::kBlock});
     }

@@ -14,21 +14,32 @@
 
 namespace vdit {
 
+// `len` int32 list entries at `data`.
+struct TileList {
+  const int32_t* data;
+  int64_t len;
+};
+
 // A packed batch in tile order: tile t is the token range [tile_offsets[t], tile_offsets[t + 1]) of the
 // (total, heads, D) tensors. kv_tiles (num_tiles, Hq, K): the global key tiles that query tile t, head h
-// attends (whole tiles), -1 unused. q_tiles (num_tiles, Hk, M), backward only: for key tile j and kv
-// head hk the entries query_tile * Hq + query_head of the (query tile, query head) pairs whose list
-// holds j, -1 unused. Hq query heads share each of Hk kv heads in groups of Hq / Hk.
+// attends (whole tiles), -1 unused. q_tiles, backward only: the transposed lists in one int32 buffer of
+// q_len values (CSR): for key tile j and kv head hk, list i = j * Hk + hk is q_tiles[q_tiles[i] ..
+// q_tiles[i + 1]), the entries query_tile * Hq + query_head of the (query tile, query head) pairs whose list
+// holds j; the first num_tiles * Hk + 1 values are those offsets. Hq query heads share each of Hk kv heads in
+// groups of Hq / Hk.
 struct BlockSparseProblem {
   const int32_t* tile_offsets;
   const int32_t* kv_tiles;
   const int32_t* q_tiles;  // null in the forward
-  int64_t num_tiles, Hq, Hk, D, total, K, M, max_tile;
+  int64_t num_tiles, Hq, Hk, D, total, K, q_len, max_tile;
   int64_t group() const { return Hq / Hk; }
   int64_t tile_start(int64_t t) const { return tile_offsets[t]; }
   int64_t tile_len(int64_t t) const { return tile_offsets[t + 1] - tile_offsets[t]; }
-  const int32_t* kv_list(int64_t t, int64_t h) const { return kv_tiles + (t * Hq + h) * K; }
-  const int32_t* q_list(int64_t j, int64_t hk) const { return q_tiles + (j * Hk + hk) * M; }
+  TileList kv_list(int64_t t, int64_t h) const { return {kv_tiles + (t * Hq + h) * K, K}; }
+  TileList q_list(int64_t j, int64_t hk) const {
+    const int64_t i = j * Hk + hk;
+    return {q_tiles + q_tiles[i], q_tiles[i + 1] - q_tiles[i]};
+  }
 };
 
 namespace block_sparse_detail {
@@ -102,7 +113,8 @@ inline BlockSparseProblem block_sparse_problem(const at::Tensor& q, const at::Te
 }
 
 // The backward's inputs besides the forward's: dout and out like q; lse (Hq, total) in the compute dtype
-// (float32, float64 for float64 q); q_tiles int32 (num_tiles, Hk, M). Sets p.q_tiles and p.M.
+// (float32, float64 for float64 q); q_tiles int32 1-D, at least its num_tiles * Hk + 1 offsets. Sets
+// p.q_tiles and p.q_len (the offsets and entries are checked by check_block_sparse_lists_host).
 inline void check_block_sparse_backward(BlockSparseProblem& p, const at::Tensor& q, const at::Tensor& dout,
                                         const at::Tensor& out, const at::Tensor& lse, const at::Tensor& q_tiles) {
   using namespace block_sparse_detail;
@@ -114,17 +126,19 @@ inline void check_block_sparse_backward(BlockSparseProblem& p, const at::Tensor&
               acc_type_of(q.scalar_type()), " for ", q.scalar_type(), " q, got ", lse.scalar_type());
   TORCH_CHECK(lse.is_contiguous(), kOp, ": lse must be contiguous");
   TORCH_CHECK(lse.device() == q.device(), kOp, ": lse must be on ", q.device(), ", got ", lse.device());
-  check_int_list(q_tiles, "q_tiles", 3, q.device());
-  TORCH_CHECK(q_tiles.size(0) == p.num_tiles && q_tiles.size(1) == p.Hk, kOp, ": q_tiles must be (num_tiles, Hk, M) = (",
-              p.num_tiles, ", ", p.Hk, ", M), got ", q_tiles.sizes());
+  check_int_list(q_tiles, "q_tiles", 1, q.device());
+  TORCH_CHECK(q_tiles.numel() >= p.num_tiles * p.Hk + 1, kOp,
+              ": q_tiles must start with num_tiles * Hk + 1 = ", p.num_tiles * p.Hk + 1, " list offsets, got ",
+              q_tiles.numel(), " values");
   p.q_tiles = q_tiles.data_ptr<int32_t>();
-  p.M = q_tiles.size(2);
+  p.q_len = q_tiles.numel();
 }
 
 // The lists' values, in host memory: tile_offsets start at 0, never decrease and end at total, no tile
-// holds more than max_tile tokens; kv_tiles entries are -1 or a tile index < num_tiles; q_tiles entries
-// (when present) are -1 or query_tile * Hq + query_head with query_tile < num_tiles and query_head in
-// the kv head's group. One pass over each list: cheap next to the attention itself.
+// holds more than max_tile tokens; kv_tiles entries are -1 or a tile index < num_tiles; q_tiles (when
+// present): its offsets start right after themselves, never decrease and end at q_len, and its entries are
+// query_tile * Hq + query_head with query_tile < num_tiles and query_head in the list's kv head's group. One
+// pass over each list: cheap next to the attention itself.
 inline void check_block_sparse_lists_host(const BlockSparseProblem& p) {
   using namespace block_sparse_detail;
   check_offsets_host(kOp, "tile_offsets", p.tile_offsets, p.num_tiles, p.total);
@@ -138,16 +152,24 @@ inline void check_block_sparse_lists_host(const BlockSparseProblem& p) {
                 p.num_tiles, ", got ", kv[i], " (query tile ", i / (p.Hq * p.K), ", head ", i / p.K % p.Hq, ")");
   }
   if (p.q_tiles == nullptr) return;
+  const int64_t lists = p.num_tiles * p.Hk;
+  TORCH_CHECK(p.q_tiles[0] == lists + 1 && p.q_tiles[lists] == p.q_len, kOp,
+              ": q_tiles' list offsets must start at num_tiles * Hk + 1 = ", lists + 1, " and end at its length ",
+              p.q_len, ", got ", p.q_tiles[0], " and ", p.q_tiles[lists]);
+  for (int64_t i = 0; i < lists; ++i) {
+    TORCH_CHECK(p.q_tiles[i] <= p.q_tiles[i + 1], kOp, ": q_tiles' list offsets must be non-decreasing, got ",
+                p.q_tiles[i], " then ", p.q_tiles[i + 1], " at list ", i);
+  }
   for (int64_t j = 0; j < p.num_tiles; ++j) {
     for (int64_t hk = 0; hk < p.Hk; ++hk) {
-      const int32_t* list = p.q_list(j, hk);
-      for (int64_t s = 0; s < p.M; ++s) {
-        const int64_t e = list[s];
-        TORCH_CHECK(e >= -1 && e < p.num_tiles * p.Hq, kOp,
-                    ": q_tiles entries must be -1 or query_tile * Hq + query_head < ", p.num_tiles * p.Hq, ", got ", e,
+      const TileList list = p.q_list(j, hk);
+      for (int64_t s = 0; s < list.len; ++s) {
+        const int64_t e = list.data[s];
+        TORCH_CHECK(e >= 0 && e < p.num_tiles * p.Hq, kOp,
+                    ": q_tiles entries must be query_tile * Hq + query_head < ", p.num_tiles * p.Hq, ", got ", e,
                     " (key tile ", j, ", kv head ", hk, ")");
-        TORCH_CHECK(e < 0 || e % p.Hq / p.group() == hk, kOp, ": q_tiles entry ", e, " of kv head ", hk,
-                    " names query head ", e % p.Hq, ", which uses kv head ", e % p.Hq / p.group());
+        TORCH_CHECK(e % p.Hq / p.group() == hk, kOp, ": q_tiles entry ", e, " of kv head ", hk, " names query head ",
+                    e % p.Hq, ", which uses kv head ", e % p.Hq / p.group());
       }
     }
   }

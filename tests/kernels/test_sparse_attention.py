@@ -176,7 +176,7 @@ def test_empty_batch():
     kv = torch.zeros(0, 2, 3, dtype=torch.int32)
     out, lse = torch.ops.vdit.block_sparse_attention_fwd(q, q, q, offsets, kv, 0, 0.5)
     assert out.shape == (0, 2, 8) and lse.shape == (2, 0)
-    qt = torch.zeros(0, 2, 1, dtype=torch.int32)
+    qt = query_lists(kv, 0, 2, 2)  # no lists: one offset, 1
     dq, dk, dv = torch.ops.vdit.block_sparse_attention_bwd(q, q, q, q, out, lse, offsets, kv, qt, 0, 0.5)
     assert dq.shape == dk.shape == dv.shape == (0, 2, 8)
 
@@ -228,8 +228,14 @@ BAD_INPUTS = [  # (name, args -> replaced args, expected message)
     ("kv-tile-too-large", lambda a: dict(kv_tiles=_with(a["kv_tiles"], 5, a["tile_offsets"].numel() - 1)),
      "kv_tiles entries"),
     ("kv-tile-below-minus-one", lambda a: dict(kv_tiles=_with(a["kv_tiles"], 0, -2)), "kv_tiles entries"),
-    ("q-tile-entry-too-large", lambda a: dict(q_tiles=_with(a["q_tiles"], 0, 10 ** 6)), "q_tiles entries"),
-    ("q-tile-entry-of-another-kv-head", lambda a: dict(q_tiles=_with(a["q_tiles"], 0, 3)), "uses kv head"),
+    ("q-tile-entry-too-large", lambda a: dict(q_tiles=_with(a["q_tiles"], -1, 10 ** 6)), "q_tiles entries"),
+    ("q-tile-entry-negative", lambda a: dict(q_tiles=_with(a["q_tiles"], -1, -1)), "q_tiles entries"),
+    # The last list's entries belong to the last kv head (1): query head 0 uses kv head 0.
+    ("q-tile-entry-of-another-kv-head", lambda a: dict(q_tiles=_with(a["q_tiles"], -1, 0)), "uses kv head"),
+    ("q-tiles-offsets-decreasing", lambda a: dict(q_tiles=_with(a["q_tiles"], 5, int(a["q_tiles"][0]))),
+     "non-decreasing"),
+    ("q-tiles-offsets-wrong-end", lambda a: dict(q_tiles=a["q_tiles"][:-1].contiguous()), "end at its length"),
+    ("q-tiles-too-short", lambda a: dict(q_tiles=a["q_tiles"][:3].contiguous()), "list offsets, got 3"),
     ("kv-tiles-int64", lambda a: dict(kv_tiles=a["kv_tiles"].long()), "kv_tiles must be int32"),
     ("offsets-int64", lambda a: dict(tile_offsets=a["tile_offsets"].long()), "tile_offsets must be int32"),
     ("q-tiles-int64", lambda a: dict(q_tiles=a["q_tiles"].long()), "q_tiles must be int32"),
@@ -245,7 +251,7 @@ BAD_INPUTS = [  # (name, args -> replaced args, expected message)
      "same head dim"),
     ("kv-tiles-wrong-heads", lambda a: dict(kv_tiles=a["kv_tiles"][:, :2].contiguous()), "kv_tiles must be"),
     ("kv-tiles-wrong-tiles", lambda a: dict(kv_tiles=a["kv_tiles"][1:].contiguous()), "kv_tiles must be"),
-    ("q-tiles-wrong-heads", lambda a: dict(q_tiles=a["q_tiles"][:, :1].contiguous()), "q_tiles must be"),
+    ("q-tiles-2d", lambda a: dict(q_tiles=a["q_tiles"][None]), "q_tiles must be 1-D"),
     ("q-non-contiguous", lambda a: dict(q=a["q"].transpose(0, 1).contiguous().transpose(0, 1)), "q must be contiguous"),
     ("kv-tiles-non-contiguous", lambda a: dict(kv_tiles=a["kv_tiles"].transpose(0, 1).contiguous().transpose(0, 1)),
      "kv_tiles must be contiguous"),
@@ -258,8 +264,9 @@ BAD_INPUTS = [  # (name, args -> replaced args, expected message)
 ]
 
 
-BACKWARD_ONLY = {"q-tile-entry-too-large", "q-tile-entry-of-another-kv-head", "q-tiles-int64", "lse-float64",
-                 "dout-float16", "q-tiles-wrong-heads", "lse-wrong-shape", "out-wrong-shape"}
+BACKWARD_ONLY = {"q-tile-entry-too-large", "q-tile-entry-negative", "q-tile-entry-of-another-kv-head",
+                 "q-tiles-offsets-decreasing", "q-tiles-offsets-wrong-end", "q-tiles-too-short", "q-tiles-int64",
+                 "lse-float64", "dout-float16", "q-tiles-2d", "lse-wrong-shape", "out-wrong-shape"}
 FWD_ARGS = ("q", "k", "v", "tile_offsets", "kv_tiles", "max_tile")
 BWD_ARGS = ("dout", "q", "k", "v", "out", "lse", "tile_offsets", "kv_tiles", "q_tiles", "max_tile")
 

@@ -220,7 +220,7 @@ def test_no_tiles():
     offsets = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     q, k, v, dout = _inputs(0, 2, 1, 16, torch.float32)
     kv = torch.full((0, 2, 1), -1, dtype=torch.int32, device=DEVICE)
-    qt = torch.full((0, 1, 1), -1, dtype=torch.int32, device=DEVICE)
+    qt = query_lists(kv, 0, 2, 1)  # no lists: one offset, 1
     out, lse = S.block_sparse_attention_forward(q, k, v, offsets, kv, 0, 1.0)
     assert out.shape == q.shape and lse.shape == (2, 0)
     dq, dk, dv = S.block_sparse_attention_backward(dout, q, k, v, out, lse, offsets, kv, qt, 0, 1.0)
@@ -249,6 +249,26 @@ def test_work_items_cover_every_block_once_heaviest_first(block_rows):
 
     costs = [cost(t) for t, _ in items[valid].tolist()]
     assert costs == sorted(costs, reverse=True)
+
+
+def test_work_items_of_the_transposed_lists_weigh_the_query_rows_each_key_tile_sees():
+    # dk / dv's items come from the CSR transposed lists: a key tile's cost is the query rows of every (query
+    # tile, head) listing it, over its kv heads, as the padded key lists' cost is for the forward.
+    layout = _layout([[5, 9, 17], [1, 1, 1], [2, 8, 8]], (2, 8, 8))
+    kv = _window_lists(layout, [[1, 1, 1], [3, 2, 2], [2, 1, 3], [1, 3, 1]], 4)
+    q_tiles = query_lists(kv, layout.num_tiles, 4, 2)
+    total = int(layout.offsets[-1])
+    items = S.work_items(layout.offsets, q_tiles, total, 16, 4, csr_heads=2)
+    sizes = (layout.offsets[1:] - layout.offsets[:-1]).tolist()
+    valid = items[:, 0] >= 0
+    assert sorted(map(tuple, items[valid].tolist())) == sorted(
+        (t, b) for t, n in enumerate(sizes) for b in range(-(-n // 16)))
+
+    def cost(j):
+        return sum(sizes[t] for t in range(layout.num_tiles) for h in range(4) if j in kv[t, h].tolist())
+
+    costs = [cost(t) for t, _ in items[valid].tolist()]
+    assert costs == sorted(costs, reverse=True) and costs[0] > costs[-1]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

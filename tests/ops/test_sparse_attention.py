@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import assert_close, backends_of
 from vdit.ops import block_sparse_attention, reference, sliding_tile_attention, topk_tiles, varlen_attention
-from vdit.ops.tiles import tile_layout
+from vdit.ops.tiles import query_list_of, query_lists, tile_layout
 from vdit.packing import PackedVideos, cu_seqlens_from_lengths, grid_positions, tile_permutation
 
 GRIDS = [[5, 6, 7], [1, 4, 4], [4, 8, 8]]  # not divisible by the tile; a 1-frame image
@@ -70,6 +70,24 @@ def test_tile_permutation_semantics():
     assert torch.equal(grid_positions(grids)[perm][perm.argsort()], grid_positions(grids))
     layout = tile_layout(grids, (2, 2, 4))
     assert layout.tile_grids == ((2, 3, 2), (1, 1, 1)) and layout.num_tiles == 13 and layout.max_tile == 16
+
+
+def test_query_lists_transpose_the_key_lists_in_csr_form():
+    # Grouped-query heads (4 on 2), -1 slots, a key tile nobody lists: list (j, hk) holds query_tile * Hq +
+    # query_head of every (query tile, head of hk's group) listing j, ascending, and the buffer holds the
+    # offsets, then exactly those entries.
+    g = torch.Generator().manual_seed(0)
+    kv = torch.randint(-1, 6, (7, 4, 5), generator=g, dtype=torch.int32)
+    kv[kv == 4] = -1
+    got = query_lists(kv, 7, 4, 2)
+    assert got.dtype == torch.int32 and got.dim() == 1 and int(got[0]) == 7 * 2 + 1
+    assert int(got[14]) == got.numel() == 15 + int((kv >= 0).sum())
+    for j in range(7):
+        for hk in range(2):
+            want = sorted(t * 4 + h for t in range(7) for h in (2 * hk, 2 * hk + 1) for e in kv[t, h].tolist()
+                          if e == j)
+            assert query_list_of(got, j, hk, 2) == want, (j, hk)
+    assert query_list_of(got, 4, 0, 2) == query_list_of(got, 4, 1, 2) == []
 
 
 def test_packed_videos_tile_order_round_trip_is_differentiable():

@@ -137,10 +137,14 @@ def test_list_memory_with_256_global_tokens_is_proportional_to_the_visible_entri
     visible = int((lists >= 0).sum())
     assert visible == 2160 * 27 and lists.shape == (2160 + 4, 1, 27)  # 256 tokens in 4 tiles of 64
     assert lists.numel() <= 2 * visible
-    # The transposed lists of the backward: global tokens add empty rows only, no width.
+    # The transposed lists of the backward (CSR): one offset per (key tile, head) list, then exactly the
+    # visible entries, where lists padded to the most-listed key tile (64 of a 3x3x3 window's edge key tiles)
+    # would hold 2.37x them; global tokens add empty lists only.
     transposed = query_lists(to_global(layout, lists), layout.num_tiles, 1, 1)
     alone = query_lists(to_global(video, kv), video.num_tiles, 1, 1)
-    assert transposed.shape == (layout.num_tiles, 1, alone.shape[2])
-    assert int((transposed >= 0).sum()) == visible
+    assert transposed.shape == (layout.num_tiles + 1 + visible,) and alone.shape == (video.num_tiles + 1 + visible,)
+    counts = (transposed[1:layout.num_tiles + 1] - transposed[:layout.num_tiles]).tolist()
+    assert max(counts) == 64 and max(counts) * layout.num_tiles > 2.3 * visible
+    assert lists.numel() <= 1.01 * visible and transposed.numel() <= 1.04 * visible
     one_tile = lists_with_global_tiles(with_global_tiles(video, [256]), kv)
     assert one_tile.shape == (2161, 1, 2161) and one_tile.numel() > 75 * lists.numel()

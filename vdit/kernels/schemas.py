@@ -53,8 +53,9 @@ SCHEMAS: dict[str, str] = {
                             "float softmax_scale, bool causal) -> (Tensor, Tensor, Tensor)",
     # block_sparse_attention: q (total, Hq, D), k / v (total, Hk, D) in tile order; tile_offsets int32
     # (num_tiles + 1,) token offset of each tile; kv_tiles int32 (num_tiles, Hq, K) global key tiles of each
-    # query tile and head, -1 unused; q_tiles int32 (num_tiles, Hk, M) the transposed lists (entries
-    # query_tile * Hq + query_head, ascending, -1 unused) for dk / dv; max_tile the largest tile's tokens.
+    # query tile and head, -1 unused; q_tiles int32 1-D the transposed lists for dk / dv in CSR form
+    # (num_tiles * Hk + 1 offsets into q_tiles itself, then the entries query_tile * Hq + query_head of each
+    # (key tile, kv head) list, ascending: vdit.ops.tiles.query_lists); max_tile the largest tile's tokens.
     "block_sparse_attention_fwd": "(Tensor q, Tensor k, Tensor v, Tensor tile_offsets, Tensor kv_tiles, int max_tile, "
                                   "float softmax_scale) -> (Tensor, Tensor)",
     "block_sparse_attention_bwd": "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "

@@ -321,13 +321,17 @@ def _video_first_tiles(first_tile: tuple, device: torch.device) -> torch.Tensor:
 
 
 def query_lists(kv_tiles: torch.Tensor, num_tiles: int, heads_q: int, heads_k: int) -> torch.Tensor:
-    """The transposed lists the backward's dk / dv pass needs.
+    """The transposed lists the backward's dk / dv pass needs, in one buffer (CSR): exactly the visible
+    entries, however unevenly the key tiles are listed (an edge key tile of a sliding window is in up to 64
+    windows, an interior one in 27).
 
     Args:
         kv_tiles: int32 (total_tiles, Hq, K) global key-tile indices, -1 unused.
     Returns:
-        int32 (total_tiles, Hk, M): for each key tile and kv head, ``query_tile * Hq + query_head`` of every
-        (query tile, query head) whose list holds it, ascending, -1 in unused slots.
+        int32 (n + 1 + E,) with n = num_tiles * Hk lists and E the used entries of kv_tiles: list i = j * Hk +
+        hk, that of key tile j and kv head hk, is ``q_tiles[q_tiles[i]:q_tiles[i + 1]]`` (so q_tiles[0] = n + 1
+        and q_tiles[n] = n + 1 + E), the entries ``query_tile * Hq + query_head`` of every (query tile, query
+        head) whose list holds j, ascending. :func:`query_list_of` reads one list.
     """
     device = kv_tiles.device
     tiles, hq, k = kv_tiles.shape
@@ -337,12 +341,14 @@ def query_lists(kv_tiles: torch.Tensor, num_tiles: int, heads_q: int, heads_k: i
     key = kv_tiles[used].long() * heads_k + q_head[used] // (heads_q // heads_k)
     value = q_tile[used] * heads_q + q_head[used]
     order = torch.argsort(key * (tiles * heads_q) + value)  # by (key tile, kv head), then query entry
-    key, value = key[order], value[order]
-    counts = torch.bincount(key, minlength=num_tiles * heads_k)
-    width = int(counts.max()) if counts.numel() else 0
-    starts = torch.zeros_like(counts)
-    starts[1:] = counts.cumsum(0)[:-1]
-    slot = torch.arange(key.numel(), device=device) - starts[key]
-    out = torch.full((num_tiles * heads_k, max(width, 1)), -1, dtype=torch.int64, device=device)
-    out[key, slot] = value
-    return out.view(num_tiles, heads_k, -1).to(torch.int32)
+    lists = num_tiles * heads_k
+    counts = torch.bincount(key, minlength=lists)
+    offsets = torch.zeros(lists + 1, dtype=torch.int64, device=device)
+    offsets[1:] = counts.cumsum(0)
+    return torch.cat([offsets + lists + 1, value[order]]).to(torch.int32)
+
+
+def query_list_of(q_tiles: torch.Tensor, key_tile: int, kv_head: int, heads_k: int) -> list[int]:
+    """The entries of one transposed list of :func:`query_lists` (key tile, kv head), as Python ints."""
+    i = key_tile * heads_k + kv_head
+    return q_tiles[int(q_tiles[i]):int(q_tiles[i + 1])].tolist()

@@ -117,16 +117,16 @@ def _index(t: torch.Tensor, contiguous: bool = False) -> torch.Tensor:
 
 
 def _launches(kernel: str, config: Config, edge: Config | None, tile_offsets: torch.Tensor, lists: torch.Tensor,
-              total: int, entries_per_tile: int = 1) -> list[tuple[Config, torch.Tensor]]:
+              total: int, entries_per_tile: int = 1, csr_heads: int | None = None) -> list[tuple[Config, torch.Tensor]]:
     """(configuration, work list) of each launch of ``kernel``: one over every tile, or, with an ``edge``
     configuration, one over the tiles of more than ``program_rows(edge)`` tokens and one over the others (the
     partial edge tiles), each in row blocks of its own size. The two classes partition the tiles."""
     rows = program_rows(kernel, config)
     if edge is None or program_rows(kernel, edge) >= rows:
-        return [(config, cached_work_items(tile_offsets, lists, total, rows, entries_per_tile))]
+        return [(config, cached_work_items(tile_offsets, lists, total, rows, entries_per_tile, csr_heads=csr_heads))]
     split = program_rows(kernel, edge)
-    return [(config, cached_work_items(tile_offsets, lists, total, rows, entries_per_tile, (split, None))),
-            (edge, cached_work_items(tile_offsets, lists, total, split, entries_per_tile, (0, split)))]
+    return [(config, cached_work_items(tile_offsets, lists, total, rows, entries_per_tile, (split, None), csr_heads)),
+            (edge, cached_work_items(tile_offsets, lists, total, split, entries_per_tile, (0, split), csr_heads))]
 
 
 def block_sparse_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile_offsets: torch.Tensor,
@@ -181,8 +181,8 @@ def block_sparse_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torc
 
     Args:
         dout: (total, Hq, D) (any strides: made contiguous); out, lse: the forward's outputs.
-        q_tiles: int32 (num_tiles, Hk, M): per key tile and kv head, ``query_tile * Hq + query_head`` of
-            every (query tile, head) that lists it, -1 unused (``vdit.ops.tiles.query_lists``).
+        q_tiles: int32 1-D, the transposed lists in CSR form (``vdit.ops.tiles.query_lists``): per key tile
+            and kv head, ``query_tile * Hq + query_head`` of every (query tile, head) that lists it.
         The rest as in the forward; dkdv_config / dq_config: tile configuration overrides (tests), and
         edge_config the second launch of both (the tiles of at most its BLOCK_N tokens for dk / dv, BLOCK_M
         for dq), as in the forward.
@@ -216,7 +216,7 @@ def _backward(dout, q, k, v, out, lse, tile_offsets, kv_tiles, q_tiles, max_tile
 
     cfg = dkdv_config or select_config("bwd_dkdv", q.device, head_dim, q.dtype, max_tile)
     edge = edge_config if dkdv_config else select_edge_config("bwd_dkdv", q.device, head_dim, q.dtype, max_tile)
-    for launch_cfg, work in _launches("bwd_dkdv", cfg, edge, tile_offsets, q_tiles, total, num_heads_q):
+    for launch_cfg, work in _launches("bwd_dkdv", cfg, edge, tile_offsets, q_tiles, total, num_heads_q, k.shape[1]):
         backward.launch_dkdv(dout, q, k, v, lse, delta, dk, dv, tile_offsets, q_tiles, work, softmax_scale,
                              launch_cfg)
     cfg = dq_config or select_config("bwd_dq", q.device, head_dim, q.dtype, max_tile)

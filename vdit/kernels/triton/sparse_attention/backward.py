@@ -4,10 +4,10 @@ After the dense backward's preprocess (delta = rowsum(dout * out), ``attention.b
 
 * ``sparse_bwd_dkdv_kernel``: one program per (key tile, block of BLOCK_N rows of that tile) work item
   and kv head. It keeps its k, v block and the fp32 dk, dv accumulators in registers and walks the
-  entries ``query_tile * Hq + query_head`` of ``q_tiles[tile, hk, :]`` (the transposed lists,
-  ``vdit.ops.tiles.query_lists``), each query tile in blocks of BLOCK_M rows, with the dense kernel's
-  step (``attention.backward.dkdv_step``). Every query head of the group is summed inside the one
-  program, which is what makes grouped-query dk / dv deterministic.
+  entries ``query_tile * Hq + query_head`` of its transposed list (``vdit.ops.tiles.query_lists``: one
+  CSR buffer, list ``tile * Hk + hk`` between two offsets), each query tile in blocks of BLOCK_M rows,
+  with the dense kernel's step (``attention.backward.dkdv_step``). Every query head of the group is summed
+  inside the one program, which is what makes grouped-query dk / dv deterministic.
 * ``sparse_bwd_dq_kernel``: one program per (query tile, block of BLOCK_M rows) item and query head,
   over the key tiles of its compacted list as in the forward (the same two loop shapes), with the dense
   ``dq_step``.
@@ -100,14 +100,17 @@ def sparse_bwd_dkdv_kernel(
     k = load_rows(head_rows(K, k_start + n0, stride_k, hk, HEAD_DIM), kv_offs, col_ok, d_mask, HEAD_DIM, BLOCK_D)
     v = load_rows(head_rows(V, k_start + n0, stride_k, hk, HEAD_DIM), kv_offs, col_ok, d_mask, HEAD_DIM, BLOCK_D)
     q_offs = tl.arange(0, BLOCK_M)[:, None] * stride_q + tl.arange(0, BLOCK_D)[None, :]
-    entries = Q_TILES + (tile.to(tl.int64) * num_heads_k + hk) * list_len
+    # The list's bounds, clamped to the entries (a malformed list stays in bounds).
+    lists = num_tiles * num_heads_k
+    first = tl.maximum(tl.load(Q_TILES + tile * num_heads_k + hk), lists + 1)
+    last = tl.minimum(tl.load(Q_TILES + tile * num_heads_k + hk + 1), list_len)
 
     qk_scale = softmax_scale * LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for slot in range(0, list_len):
-        e = tl.load(entries + slot)  # query_tile * Hq + query_head
-        # Out of range, or a head outside this program's group: an unused slot (never out of bounds).
+    for slot in range(first, last):
+        e = tl.load(Q_TILES + slot)  # query_tile * Hq + query_head
+        # Out of range, or a head outside this program's group: skipped (never out of bounds).
         ok = (e >= 0) & (e < num_tiles * num_heads_q)
         e = tl.where(ok, e, 0)
         h = e % num_heads_q
@@ -141,14 +144,14 @@ def launch_dq(dout, q, k, v, lse, delta, dq, tile_offsets, lists, work, softmax_
 
 
 def launch_dkdv(dout, q, k, v, lse, delta, dk, dv, tile_offsets, q_tiles, work, softmax_scale, config):
-    """dk, dv over ``work``: (n, 2) int32 (key tile, block of config.block_n) items x kv heads; q_tiles
-    int32 (num_tiles, Hk, M) contiguous."""
+    """dk, dv over ``work``: (n, 2) int32 (key tile, block of config.block_n) items x kv heads; q_tiles the
+    transposed lists (``vdit.ops.tiles.query_lists``: int32 1-D, offsets then entries)."""
     total, num_heads_q, head_dim = q.shape
     num_heads_k = k.shape[1]
     if work.shape[0] and num_heads_k:
         sparse_bwd_dkdv_kernel[(work.shape[0], num_heads_k)](
             q, k, v, dout, lse, delta, dk, dv, tile_offsets, q_tiles, work,
-            total, tile_offsets.numel() - 1, num_heads_q, num_heads_k, q_tiles.shape[2], float(softmax_scale),
+            total, tile_offsets.numel() - 1, num_heads_q, num_heads_k, q_tiles.numel(), float(softmax_scale),
             HEAD_DIM=head_dim, BLOCK_D=block_d_of(head_dim), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             PRECISION=precision_of(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
 

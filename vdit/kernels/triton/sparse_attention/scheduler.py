@@ -47,20 +47,23 @@ def work_item(WORK, OFFSETS):
 
 
 def work_items(tile_offsets: torch.Tensor, lists: torch.Tensor, total: int, block_rows: int,
-               entries_per_tile: int = 1, sizes: tuple[int, int | None] = (0, None)) -> torch.Tensor:
+               entries_per_tile: int = 1, sizes: tuple[int, int | None] = (0, None),
+               csr_heads: int | None = None) -> torch.Tensor:
     """Flat, cost-sorted list of (tile, row block) work items, built on tile_offsets' device.
 
     Args:
         tile_offsets: int32 (num_tiles + 1,) token offsets of the tiles.
-        lists: int32 (num_tiles, heads, L): what each tile visits (kv_tiles for the forward and dq, whose
-            entries are tiles; q_tiles for dk / dv, whose entries are tile * Hq + head), -1 unused. Only
-            the order of the items depends on it.
+        lists: what each tile visits; only the order of the items depends on it. int32 (num_tiles, heads, L)
+            with -1 unused (kv_tiles for the forward and dq, whose entries are tiles), or, with ``csr_heads``,
+            the transposed lists of dk / dv in their CSR buffer (``vdit.ops.tiles.query_lists``: num_tiles *
+            csr_heads offsets + 1, then entries tile * Hq + head).
         total: tile_offsets[-1] (a shape: no device synchronisation).
         block_rows: rows per item (BLOCK_M for the forward and dq, BLOCK_N for dk / dv).
         entries_per_tile: the divisor from an entry to its tile (1 for kv_tiles, Hq for q_tiles).
         sizes: (above, at_most): only the tiles of more than ``above`` and at most ``at_most`` (None: any)
             tokens get items. A launch split by tile size gives each launch one such class; the classes
             partition the tiles, so every (tile, row block) is in exactly one launch's list.
+        csr_heads: the lists per tile of a CSR ``lists`` (Hk), None for padded lists.
     Returns:
         int32 (n, 2): (tile, block) per item, heaviest first (cost: the tokens of the listed tiles, over
         all heads), then unused slots (tile -1). n = (total + num_tiles * (block_rows - 1)) // block_rows
@@ -76,12 +79,27 @@ def work_items(tile_offsets: torch.Tensor, lists: torch.Tensor, total: int, bloc
     in_class = tile_sizes > above
     if at_most is not None:
         in_class &= tile_sizes <= at_most
-    other = lists.long().div(entries_per_tile, rounding_mode="floor")
-    listed = (lists >= 0) & (other < num_tiles)
-    tile_cost = torch.where(listed, tile_sizes[other.clamp(0, max(num_tiles - 1, 0))], 0).sum((1, 2))
+    if csr_heads is None:
+        tile_cost = _listed_tokens(tile_sizes, lists.long(), entries_per_tile).sum((1, 2))
+    else:
+        lists_count = num_tiles * csr_heads
+        bounds = lists[:lists_count + 1].long()
+        entries = lists[lists_count + 1:].long()
+        owner = torch.repeat_interleave(torch.arange(lists_count, device=lists.device), bounds[1:] - bounds[:-1],
+                                        output_size=entries.numel())  # the list of each entry
+        tile_cost = torch.zeros(num_tiles, dtype=torch.long, device=lists.device).index_add_(
+            0, owner.div(csr_heads, rounding_mode="floor"), _listed_tokens(tile_sizes, entries, entries_per_tile))
     one_item_each = at_most is not None and at_most <= block_rows
     return sorted_work_list(torch.where(in_class, tile_sizes, 0), total, block_rows,
                             lambda tile, block: tile_cost[tile], num_tiles if one_item_each else None)
+
+
+def _listed_tokens(tile_sizes: torch.Tensor, entries: torch.Tensor, entries_per_tile: int) -> torch.Tensor:
+    """The token count of the tile each int64 entry names (entry // entries_per_tile), 0 for an unused one."""
+    num_tiles = tile_sizes.numel()
+    other = entries.div(entries_per_tile, rounding_mode="floor")
+    listed = (entries >= 0) & (other < num_tiles)
+    return torch.where(listed, tile_sizes[other.clamp(0, max(num_tiles - 1, 0))], 0)
 
 
 # A model calls attention with the same tiles in every layer and sampling step: build each list once per
@@ -90,10 +108,11 @@ _WORK = TensorCache(size=32)
 _LISTS = TensorCache(size=32)
 
 
-def cached_work_items(tile_offsets, lists, total, block_rows, entries_per_tile=1, sizes=(0, None)) -> torch.Tensor:
+def cached_work_items(tile_offsets, lists, total, block_rows, entries_per_tile=1, sizes=(0, None),
+                      csr_heads=None) -> torch.Tensor:
     """:func:`work_items`, cached per (tile_offsets, lists) tensor objects and versions (vdit._cache)."""
-    return _WORK.get((tile_offsets, lists), (total, block_rows, entries_per_tile, sizes),
-                     lambda: work_items(tile_offsets, lists, total, block_rows, entries_per_tile, sizes))
+    return _WORK.get((tile_offsets, lists), (total, block_rows, entries_per_tile, sizes, csr_heads),
+                     lambda: work_items(tile_offsets, lists, total, block_rows, entries_per_tile, sizes, csr_heads))
 
 
 def compact_lists(kv_tiles: torch.Tensor, num_tiles: int) -> torch.Tensor:
