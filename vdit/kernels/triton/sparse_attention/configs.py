@@ -36,7 +36,7 @@ FP32_CONFIGS: dict[str, dict[int, dict[int, Config]]] = {
     "bwd_dq": {90: {64: C(16, 32, 4, 1), 128: C(16, 16, 8, 1), 256: C(16, 16, 4, 1)},
                80: {64: C(16, 32, 4, 1), 128: C(16, 16, 8, 1), 256: C(16, 16, 8, 1)}},
     "bwd_dkdv": {90: {64: C(16, 16, 8, 1), 128: C(32, 32, 8, 1), 256: C(16, 16, 8, 1)},
-                 80: {64: C(32, 16, 8, 1), 128: C(32, 32, 8, 1), 256: C(32, 16, 8, 1)}},
+                 80: {64: C(32, 16, 4, 1), 128: C(32, 32, 8, 1), 256: C(32, 16, 8, 1)}},
 }
 
 # SMALL_TILE_CONFIGS: the fp16 / bf16 entries when every tile holds at most SMALL_TILE tokens (4x4x4 tiles and
