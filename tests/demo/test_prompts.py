@@ -173,6 +173,25 @@ def test_generate_cli_expands_the_prompt(tmp_path, tiny_weights):  # noqa: F811
     assert "no speed" in result.stdout and out.stat().st_size > 0
 
 
+@pytest.mark.parametrize("method", ["rules", "learned"])
+def test_generate_cli_takes_the_expansion_method(tmp_path, tiny_weights, capsys, method):  # noqa: F811
+    from vdit.demo.cli.generate import main
+
+    prompt = "crimson ball going left fast"
+    assert main(["--prompt", prompt, "--expand-prompt", "--expand-method", method, "--weights", tiny_weights,
+                 "--frames", "2", "--size", "8x8", "--steps", "1", "--out", str(tmp_path / "clip.gif")]) == 0
+    caption = expand(prompt, seed=0, method=method)
+    assert f"expanded {prompt!r} -> {caption!r}" in capsys.readouterr().out
+
+
+def test_an_unknown_expansion_method_is_refused_by_argparse(tiny_weights, capsys):  # noqa: F811
+    from vdit.demo.cli import eval as eval_cli
+
+    with pytest.raises(SystemExit) as exc:
+        eval_cli.main(["--weights", tiny_weights, "--expand-prompt", "--expand-method", "magic"])
+    assert exc.value.code == 2 and "invalid choice: 'magic'" in capsys.readouterr().err
+
+
 def test_eval_cli_expands_every_prompt(tiny_weights, capsys):  # noqa: F811
     from vdit.demo.cli import eval as eval_cli
 

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 
+from vdit.demo import prompts
 from vdit.demo.checkpoint import CheckpointError
 from vdit.models import VideoDiTConfig
 from vdit.ops import SparsePattern
@@ -108,6 +109,16 @@ def cache_option(args: argparse.Namespace):
     if args.cache_threshold is not None and not args.cache_threshold >= 0:
         raise UsageError(f"--cache-threshold must be >= 0, got {args.cache_threshold}")
     return StepCache.of(args.cache, args.cache_threshold)
+
+
+def add_expand_arguments(parser: argparse.ArgumentParser, *, expand_help: str) -> None:
+    """``--expand-prompt`` and ``--expand-method``: short prompts rewritten into the caption grammar
+    (vdit.demo.prompts.expand_prompts)."""
+    parser.add_argument("--expand-prompt", action="store_true", help=expand_help)
+    parser.add_argument("--expand-method", choices=prompts.METHODS, default=prompts.DEFAULT_METHOD,
+                        help=f"how --expand-prompt reads a prompt's slots: learned (a small trained tagger) or "
+                             f"rules (hand-written tables); default {prompts.DEFAULT_METHOD} "
+                             "(benchmarks/results/cpu-prompt-expansion.md compares them)")
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:

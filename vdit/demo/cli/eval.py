@@ -21,7 +21,7 @@ import time
 import torch
 
 from vdit.demo.cli import common
-from vdit.demo.cli.common import parse_size
+from vdit.demo.cli.common import add_expand_arguments, parse_size
 from vdit.demo.data import HELD_OUT
 
 # The measurements live in vdit.demo.evaluation; the names stay importable from here (vdit.eval_demo too).
@@ -49,8 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default=None)
     p.add_argument("--prompts", type=int, default=len(HELD_OUT),
                    help=f"number of held-out prompts (default: all {len(HELD_OUT)})")
-    p.add_argument("--expand-prompt", action="store_true",
-                   help="pass every prompt through vdit.demo.prompts.expand first (a grammar caption is kept as is)")
+    add_expand_arguments(p, expand_help="pass every prompt through vdit.demo.prompts.expand first (a grammar "
+                                        "caption is kept as is)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--frames", type=int, default=16)
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         prompts = held_out_prompts(args.prompts, seed)
         if args.expand_prompt:
-            captions = expand_prompts([p[0] for p in prompts], seed=seed, echo=print if args.verbose else None)
+            captions = expand_prompts([p[0] for p in prompts], seed=seed, echo=print if args.verbose else None,
+                                      method=args.expand_method)
             prompts = [(caption, *rest) for caption, (_, *rest) in zip(captions, prompts)]
         result = evaluate(model, prompts, frames=args.frames, size=size,
                           steps=args.steps, guidance=args.guidance, shift=args.shift, seed=seed, cache=cache)

@@ -17,7 +17,7 @@ import torch
 
 from vdit.backends import default_backend
 from vdit.demo.cli import common
-from vdit.demo.cli.common import UsageError, parse_size
+from vdit.demo.cli.common import UsageError, add_expand_arguments, parse_size
 from vdit.demo.growth import with_attention
 from vdit.demo.pipeline import DEFAULT_WEIGHTS, SHIPPED_WEIGHTS, TextToVideo, generate
 from vdit.demo.prompts import expand_prompts
@@ -32,9 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="text prompt")
     src.add_argument("--prompts-file", help="file with one prompt per line")
-    p.add_argument("--expand-prompt", action="store_true",
-                   help="rewrite short prompts into the caption grammar the model was trained on "
-                        "(vdit.demo.prompts; prints each expanded caption and any unknown words)")
+    add_expand_arguments(p, expand_help="rewrite short prompts into the caption grammar the model was trained on "
+                                        "(vdit.demo.prompts; prints each expanded caption and any unknown words)")
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--size", default="64x64", help="HxW in pixels")
     p.add_argument("--steps", type=int, default=30)
@@ -113,7 +112,8 @@ def plan(args: argparse.Namespace) -> Job:
         if not prompts:
             raise UsageError(f"no prompts in {args.prompts_file}")
     if args.expand_prompt:  # printed on rank 0 only under torchrun
-        prompts = expand_prompts(prompts, seed=args.seed, echo=print if os.environ.get("RANK", "0") == "0" else None)
+        prompts = expand_prompts(prompts, seed=args.seed, echo=print if os.environ.get("RANK", "0") == "0" else None,
+                                 method=args.expand_method)
     if args.batch < 1 or args.steps < 1 or args.frames < 1:
         raise UsageError("--batch, --steps and --frames must be positive")
     if args.shift is not None and not args.shift > 0:
