@@ -14,7 +14,8 @@ import sys
 import pytest
 import torch
 
-from tests.demo.test_cli import CHECKED, GENERATE, _port, _tiny_weights, _train
+from tests.demo.test_cli import CHECKED, GENERATE, _port, _train
+from tests.demo.tiny_model import save_tiny_model
 from vdit.demo.checkpoint import load_tensors
 from vdit.demo.cli import train
 
@@ -48,7 +49,7 @@ def _max_difference(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> str:
-    return _tiny_weights(tmp_path_factory.mktemp("weights"), random_dit=True)
+    return save_tiny_model(tmp_path_factory.mktemp("weights"), random_dit=True)
 
 
 @pytest.fixture(scope="module")
