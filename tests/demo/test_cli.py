@@ -427,6 +427,19 @@ def test_train_sizes_options_choose_the_videos(tmp_path):
         train.dataset_sizes(train.parse_args(["--out", str(tmp_path), "--sides", "48,x"]))
 
 
+def test_square_crops_train_on_the_centre_square_of_each_video(tmp_path):
+    args = train.parse_args(["--out", str(tmp_path), "--sides", "32,48", "--frame-counts", "8", "--square-crops"])
+    dataset = train.training_dataset(args)
+    native = [dataset.native_spec(i)[0] for i in range(12)]
+    assert any(s.height != s.width for s in native)
+    batch = train.next_batch(dataset, 0, 4096, (1, 8, 8), 0, 0.0)
+    assert len(batch.videos) > 1
+    for i, video in zip(batch.indices, batch.videos):
+        spec = dataset.native_spec(i)[0]
+        assert video.shape[1:] == (8, min(spec.height, spec.width), min(spec.height, spec.width))
+    assert not train.training_dataset(train.parse_args(["--out", str(tmp_path)])).square_crops
+
+
 def test_activation_checkpointing_trains_the_same_steps(tmp_path):
     torch.set_num_threads(1)
     logs = []

@@ -18,6 +18,21 @@ def test_samples_are_deterministic_and_varied():
     assert ShapesDataset(seed=4)[0][1] != a[0][1] or not torch.equal(ShapesDataset(seed=4)[0][0], a[0][0])
 
 
+def test_square_crops_are_the_centre_of_the_native_video():
+    native, square = ShapesDataset(seed=3, sides=(32, 48)), ShapesDataset(seed=3, sides=(32, 48), square_crops=True)
+    wide = 0
+    for i in range(10):
+        video, caption, spec = native[i]
+        crop, crop_caption, crop_spec = square[i]
+        side = min(spec.height, spec.width)
+        top, left = (spec.height - side) // 2, (spec.width - side) // 2
+        assert torch.equal(crop, video[:, :, top:top + side, left:left + side])
+        assert crop_caption == caption and (crop_spec.height, crop_spec.width) == (side, side)
+        assert square.spec(i)[0] == crop_spec and crop_spec.objects == spec.objects
+        wide += spec.height != spec.width
+    assert wide > 0
+
+
 def test_captions_agree_with_labels_and_vocabulary():
     tok = WordTokenizer(vocabulary())
     ds = ShapesDataset(seed=1)

@@ -168,22 +168,41 @@ class ShapesDataset:
         max_objects: 1 or 2.
         sides: the heights and widths (pixels) drawn from; the default is what the demo model trained on.
         frame_counts: the frame counts drawn from.
+        square_crops: return the centre square crop (side min(H, W)) of each video instead of the video at its
+            native size: the usual practice Sora's report argues against (a crop can cut the subject out of
+            frame), for comparing the two. Caption and labels stay the native video's.
     """
 
     def __init__(self, seed: int = 0, length: int = 1_000_000, max_objects: int = 2,
-                 sides: tuple[int, ...] = SIDES, frame_counts: tuple[int, ...] = FRAME_COUNTS):
+                 sides: tuple[int, ...] = SIDES, frame_counts: tuple[int, ...] = FRAME_COUNTS,
+                 square_crops: bool = False):
         if not sides or not frame_counts or min(sides) < 1 or min(frame_counts) < 1:
             raise ValueError(f"sides and frame_counts must be non-empty and positive, got {sides}, {frame_counts}")
         self.seed, self.length, self.max_objects = seed, length, max_objects
         self.sides, self.frame_counts = tuple(sides), tuple(frame_counts)
+        self.square_crops = square_crops
 
     def __len__(self) -> int:
         return self.length
 
-    def spec(self, index: int) -> tuple[VideoSpec, random.Random]:
+    def native_spec(self, index: int) -> tuple[VideoSpec, random.Random]:
+        """Sample ``index``'s description at its native size, and the generator that renders it."""
         rng = random.Random(f"shapes/{self.seed}/{index}")
         return random_spec(rng, max_objects=self.max_objects, sides=self.sides, frame_counts=self.frame_counts), rng
 
+    def spec(self, index: int) -> tuple[VideoSpec, random.Random]:
+        """Sample ``index``'s description at the size ``dataset[index]`` has (square with ``square_crops``)."""
+        spec, rng = self.native_spec(index)
+        if self.square_crops:
+            side = min(spec.height, spec.width)
+            spec = dataclasses.replace(spec, height=side, width=side)
+        return spec, rng
+
     def __getitem__(self, index: int):
-        spec, rng = self.spec(index)
-        return render(spec, rng), spec.caption(), spec
+        native, rng = self.native_spec(index)
+        video = render(native, rng)
+        if self.square_crops:
+            side = min(native.height, native.width)
+            top, left = (native.height - side) // 2, (native.width - side) // 2
+            video = video[:, :, top:top + side, left:left + side].contiguous()
+        return video, native.caption(), self.spec(index)[0]

@@ -107,6 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: the dataset's 32 to 64)")
     p.add_argument("--frame-counts", default=None,
                    help="comma-separated frame counts to train on (default: the dataset's 8 to 16)")
+    p.add_argument("--square-crops", action="store_true",
+                   help="train on the centre square crop of every video instead of its native size (the "
+                        "comparison of Sora's native-size claim; vdit.demo.data.ShapesDataset)")
     common.add_attention_arguments(p, default_help="dense for a new model, the --init-weights' own otherwise "
                                                      "(a resumed run keeps its checkpoint's)")
     p.add_argument("--log-file", default=None,
@@ -379,11 +382,16 @@ def dataset_sizes(args: argparse.Namespace) -> dict:
     return sizes
 
 
+def training_dataset(args: argparse.Namespace) -> ShapesDataset:
+    """The dataset --seed, --sides, --frame-counts and --square-crops ask for."""
+    return ShapesDataset(seed=args.seed, square_crops=args.square_crops, **dataset_sizes(args))
+
+
 def train(args: argparse.Namespace, state: TrainState, ranks: common.Ranks, mesh: ParallelMesh) -> None:
     """Train ``state`` from its step up to --steps on the ranks' grid ``mesh``, with a progress bar, the log and
     checkpoints on rank 0."""
     rank, world_size, device = ranks
-    dataset = ShapesDataset(seed=args.seed, **dataset_sizes(args))
+    dataset = training_dataset(args)
     patch = state.model.dit.config.patch_size
     if rank == 0:
         params = sum(p.numel() for p in state.model.parameters())
