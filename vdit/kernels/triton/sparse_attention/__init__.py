@@ -88,8 +88,7 @@ GPU_ONLY = ("speed against dense attention at the same visible-key count (with t
 
 __all__ = ["block_sparse_attention_forward", "block_sparse_attention_backward", "work_items", "compact_lists",
            "Config", "CONFIGS", "FP32_CONFIGS", "SMALL_TILE_CONFIGS", "EDGE_TILE_CONFIGS", "INTERPRETER_CONFIG",
-           "select_config",
-           "on_device", "aot_specs", "GPU_ONLY"]
+           "select_config", "on_device", "aot_specs", "GPU_ONLY"]
 
 
 def _check_head_dim(head_dim: int) -> None:
