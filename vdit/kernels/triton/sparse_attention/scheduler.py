@@ -56,7 +56,7 @@ def work_items(tile_offsets: torch.Tensor, lists: torch.Tensor, total: int, bloc
         lists: what each tile visits; only the order of the items depends on it. int32 (num_tiles, heads, L)
             with -1 unused (kv_tiles for the forward and dq, whose entries are tiles), or, with ``csr_heads``,
             the transposed lists of dk / dv in their CSR buffer (``vdit.ops.tiles.query_lists``: num_tiles *
-            csr_heads offsets + 1, then entries tile * Hq + head).
+            csr_heads + 1 offsets, then entries tile * Hq + head).
         total: tile_offsets[-1] (a shape: no device synchronisation).
         block_rows: rows per item (BLOCK_M for the forward and dq, BLOCK_N for dk / dv).
         entries_per_tile: the divisor from an entry to its tile (1 for kv_tiles, Hq for q_tiles).
