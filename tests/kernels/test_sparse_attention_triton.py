@@ -395,13 +395,13 @@ def test_drains_inside_loops_are_counted_from_the_ttgir():
 
 
 def test_row_blocks_follow_the_largest_tile():
-    from vdit.kernels.triton.sparse_attention.configs import SMALL_TILE, table_config
+    from vdit.kernels.triton.sparse_attention.configs import SMALL_TILE, program_rows, table_config
 
     for arch in (90, 80, 86):
         for head_dim in (64, 96, 128, 256):
             for dtype in ("fp16", "bf16"):
                 for kernel in ("fwd", "bwd_dq", "bwd_dkdv"):
-                    rows = [_row_block(kernel, table_config(kernel, arch, head_dim, dtype, m)) for m in (4, 48, 64)]
+                    rows = [program_rows(kernel, table_config(kernel, arch, head_dim, dtype, m)) for m in (4, 48, 64)]
                     assert rows == [SMALL_TILE] * 3, (arch, head_dim, dtype, kernel)
                     big = table_config(kernel, arch, head_dim, dtype, 384)
                     assert big == table_config(kernel, arch, head_dim, dtype, None) == table_config(
@@ -415,10 +415,6 @@ def test_row_blocks_follow_the_largest_tile():
         table_config("bwd", 90, 128, "bf16", 64)
     with pytest.raises(ValueError, match="arch"):
         table_config("fwd", 70, 128, "bf16", 64)
-
-
-def _row_block(kernel, cfg):
-    return cfg.block_n if kernel == "bwd_dkdv" else cfg.block_m
 
 
 def test_every_small_tile_config_is_compiled_ahead_of_time():

@@ -193,16 +193,19 @@ class ShapesDataset:
     def spec(self, index: int) -> tuple[VideoSpec, random.Random]:
         """Sample ``index``'s description at the size ``dataset[index]`` has (square with ``square_crops``)."""
         spec, rng = self.native_spec(index)
-        if self.square_crops:
-            side = min(spec.height, spec.width)
-            spec = dataclasses.replace(spec, height=side, width=side)
-        return spec, rng
+        return self._as_returned(spec), rng
+
+    def _as_returned(self, native: VideoSpec) -> VideoSpec:
+        """``native`` at the size this dataset returns its video."""
+        if not self.square_crops:
+            return native
+        side = min(native.height, native.width)
+        return dataclasses.replace(native, height=side, width=side)
 
     def __getitem__(self, index: int):
         native, rng = self.native_spec(index)
-        video = render(native, rng)
-        if self.square_crops:
-            side = min(native.height, native.width)
-            top, left = (native.height - side) // 2, (native.width - side) // 2
-            video = video[:, :, top:top + side, left:left + side].contiguous()
-        return video, native.caption(), self.spec(index)[0]
+        video, spec = render(native, rng), self._as_returned(native)
+        if self.square_crops:  # the centre square
+            top, left = (native.height - spec.height) // 2, (native.width - spec.width) // 2
+            video = video[:, :, top:top + spec.height, left:left + spec.width].contiguous()
+        return video, native.caption(), spec

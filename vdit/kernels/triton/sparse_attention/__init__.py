@@ -115,6 +115,17 @@ def _index(t: torch.Tensor, contiguous: bool = False) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
+def _configs(kernel: str, q: torch.Tensor, max_tile: int, config: Config | None,
+             edge_config: Config | None) -> tuple[Config, Config | None]:
+    """The (table, edge) configurations of ``kernel`` for q's device, head dim and dtype: the tables' unless
+    ``config`` overrides them (tests; then ``edge_config`` is the edge launch's, None for none)."""
+    if config is not None:
+        return config, edge_config
+    head_dim = q.shape[2]
+    return (select_config(kernel, q.device, head_dim, q.dtype, max_tile),
+            select_edge_config(kernel, q.device, head_dim, q.dtype, max_tile))
+
+
 def _launches(kernel: str, config: Config, edge: Config | None, tile_offsets: torch.Tensor, lists: torch.Tensor,
               total: int, entries_per_tile: int = 1, csr_heads: int | None = None) -> list[tuple[Config, torch.Tensor]]:
     """(configuration, work list) of each launch of ``kernel``: one over every tile, or, with an ``edge``
@@ -162,8 +173,7 @@ def _forward(q, k, v, tile_offsets, kv_tiles, max_tile, softmax_scale, config, e
     tile_offsets, kv_tiles = _index(tile_offsets, contiguous=True), _index(kv_tiles)
     out = new_output(q.shape, dtype=q.dtype, device=q.device)
     lse = new_output((num_heads_q, total), dtype=torch.float32, device=q.device)
-    cfg = config or select_config("fwd", q.device, head_dim, q.dtype, max_tile)
-    edge = edge_config if config else select_edge_config("fwd", q.device, head_dim, q.dtype, max_tile)
+    cfg, edge = _configs("fwd", q, max_tile, config, edge_config)
     lists = cached_compact_lists(kv_tiles, tile_offsets.numel() - 1)
     for launch_cfg, work in _launches("fwd", cfg, edge, tile_offsets, kv_tiles, total):
         forward.launch(q, k, v, out, lse, tile_offsets, lists, work, softmax_scale, launch_cfg,
@@ -213,13 +223,11 @@ def _backward(dout, q, k, v, out, lse, tile_offsets, kv_tiles, q_tiles, max_tile
     delta = new_output((num_heads_q, total), dtype=torch.float32, device=q.device)
     dense_backward.launch_preprocess(dout, out, delta, block_d_of(head_dim))  # delta = rowsum(dout * out)
 
-    cfg = dkdv_config or select_config("bwd_dkdv", q.device, head_dim, q.dtype, max_tile)
-    edge = edge_config if dkdv_config else select_edge_config("bwd_dkdv", q.device, head_dim, q.dtype, max_tile)
+    cfg, edge = _configs("bwd_dkdv", q, max_tile, dkdv_config, edge_config)
     for launch_cfg, work in _launches("bwd_dkdv", cfg, edge, tile_offsets, q_tiles, total, num_heads_q, k.shape[1]):
         backward.launch_dkdv(dout, q, k, v, lse, delta, dk, dv, tile_offsets, q_tiles, work, softmax_scale,
                              launch_cfg)
-    cfg = dq_config or select_config("bwd_dq", q.device, head_dim, q.dtype, max_tile)
-    edge = edge_config if dq_config else select_edge_config("bwd_dq", q.device, head_dim, q.dtype, max_tile)
+    cfg, edge = _configs("bwd_dq", q, max_tile, dq_config, edge_config)
     lists = cached_compact_lists(kv_tiles, tile_offsets.numel() - 1)
     for launch_cfg, work in _launches("bwd_dq", cfg, edge, tile_offsets, kv_tiles, total):
         backward.launch_dq(dout, q, k, v, lse, delta, dq, tile_offsets, lists, work, softmax_scale, launch_cfg,

@@ -95,15 +95,11 @@ def table_config(kernel: str, arch: int, head_dim: int, dtype: str, max_tile: in
     """The tile configuration of ``kernel`` ("fwd", "bwd_dq", "bwd_dkdv") for a device architecture
     (``attention.configs.arch_of``: 90, 80, 86), head dim, dtype ("fp16", "bf16", "fp32") and largest
     tile (``max_tile`` tokens): the row blocks of fp16 / bf16 follow the tile size (``small_tiles``)."""
-    if kernel not in CONFIGS:
-        raise ValueError(f"kernel must be one of {sorted(CONFIGS)}, got {kernel!r}")
-    if arch not in ARCH_TABLE:
-        raise ValueError(f"arch must be one of {sorted(ARCH_TABLE)}, got {arch!r}")
     if dtype == "fp32":
         table = FP32_CONFIGS
     else:
         table = SMALL_TILE_CONFIGS if small_tiles(max_tile) else CONFIGS
-    return table[kernel][ARCH_TABLE[arch]][max(64, block_d_of(head_dim))]
+    return _entry(table, kernel, arch, head_dim)
 
 
 def edge_config(kernel: str, arch: int, head_dim: int, dtype: str, max_tile: int | None = None) -> Config | None:
@@ -111,8 +107,16 @@ def edge_config(kernel: str, arch: int, head_dim: int, dtype: str, max_tile: int
     off the :func:`table_config` launch, or None when there is none (fp32, or tiles beyond SMALL_TILE)."""
     if dtype == "fp32" or not small_tiles(max_tile):
         return None
-    table_config(kernel, arch, head_dim, dtype, max_tile)  # the same argument checks
-    return EDGE_TILE_CONFIGS[kernel][ARCH_TABLE[arch]][max(64, block_d_of(head_dim))]
+    return _entry(EDGE_TILE_CONFIGS, kernel, arch, head_dim)
+
+
+def _entry(table: dict, kernel: str, arch: int, head_dim: int) -> Config:
+    """``table``'s entry for ``kernel``, a device architecture and a head dim, the first two checked."""
+    if kernel not in CONFIGS:
+        raise ValueError(f"kernel must be one of {sorted(CONFIGS)}, got {kernel!r}")
+    if arch not in ARCH_TABLE:
+        raise ValueError(f"arch must be one of {sorted(ARCH_TABLE)}, got {arch!r}")
+    return table[kernel][ARCH_TABLE[arch]][max(64, block_d_of(head_dim))]
 
 
 def program_rows(kernel: str, config: Config) -> int:
