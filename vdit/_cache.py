@@ -18,17 +18,24 @@ from collections.abc import Callable, Hashable
 
 import torch
 
+# The caches keyed by packed-sequence offsets, with their entries per (cu_seqlens_q, cu_seqlens_k) pair.
+_PER_OFFSETS: list[tuple[TensorCache, int]] = []
+
 
 class TensorCache:
     """An LRU map from (tensor object, its version, extra key) to a value computed from the tensor.
 
     Args:
         size: entries kept (least recently used dropped first).
+        per_offsets_pair: entries one (cu_seqlens_q, cu_seqlens_k) pair of offsets tensors takes, for a cache
+            keyed by offsets (0: not one); :func:`reserve_offsets` grows such a cache.
     """
 
-    def __init__(self, size: int = 64):
-        self.size = size
+    def __init__(self, size: int = 64, per_offsets_pair: int = 0):
+        self.size = self.default_size = size
         self._entries: collections.OrderedDict = collections.OrderedDict()
+        if per_offsets_pair:
+            _PER_OFFSETS.append((self, per_offsets_pair))
 
     def get(self, tensors: tuple[torch.Tensor, ...], extra: Hashable, compute: Callable[[], object]):
         """The value for ``tensors`` (all must be unchanged since it was computed) and ``extra``; computes
@@ -53,3 +60,13 @@ class TensorCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def reserve_offsets(pairs: int) -> None:
+    """Let every cache keyed by offsets hold ``pairs`` (cu_seqlens_q, cu_seqlens_k) pairs besides its default
+    size. A ring of W ranks calls attention on W pairs per layer; an LRU cache of fewer entries than a layer
+    uses misses on every call (the pairs come back in the same cyclic order), and each miss reads the offsets
+    on the host again. Caches only grow, so the largest ring in use decides."""
+    for cache, per_pair in _PER_OFFSETS:
+        cache.size = max(cache.size, cache.default_size + per_pair * pairs)
+

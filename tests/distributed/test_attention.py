@@ -313,6 +313,11 @@ def test_placement_checker_catches_what_nccl_would_refuse(tmp_path):
             dist.all_reduce(torch.zeros(2))
         assert checker.collectives["all_reduce"] == 1
         assert checker.host_reads == {"distributed/made_up.py:3": 1}
+        # Host reads anywhere in vdit count (the ops' validation too); the device rule is vdit.distributed's.
+        elsewhere = os.path.join(os.path.dirname(os.path.dirname(package.__file__)), "ops", "made_up.py")
+        with check_placement("cpu") as checker:
+            exec(compile("import torch\nx = torch.zeros(2)\nx.tolist()\n", elsewhere, "exec"), {})
+        assert checker.host_reads == {"ops/made_up.py:3": 1}
         assert dist.all_reduce is not checker.wrap  # restored on exit
     finally:
         dist.destroy_process_group()
@@ -366,3 +371,38 @@ def test_work_layout_balances_ring_attention():
     assert shard_bounds(cu, 4) == [0, 696, 1392, 2088, 2784]
     with pytest.raises(ValueError, match="layout must be one of"):
         shard_bounds(cu, 2, "heads")
+
+
+@pytest.mark.parametrize("size", [8, 64])
+def test_ring_layers_after_the_first_read_nothing_on_the_host(size):
+    """A simulated ring of ``size`` ranks: one rank's steps (vdit.distributed.ring.BatchPlan, one offsets pair
+    per ring step) attended twice, as two layers do. The first layer reads each pair's offsets on the host
+    once; the second reads nothing anywhere in vdit, also when the ring has more pairs than the offsets
+    caches' default sizes (64 and 32 entries)."""
+    from vdit._cache import _PER_OFFSETS
+    from vdit.distributed.ring import BatchPlan, _block_forward
+
+    lengths = [2, 13 * size + 5, 3]  # a sequence across every rank's range: every ring step has a pair
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    plan = BatchPlan(cu, cu, None, None)
+    rank = size // 2
+    steps = [s for s in plan.ring_steps(rank, size, causal=False, kv_replicated=False, device="cpu") if s]
+    assert len(steps) == size
+    bounds = plan.bounds(size)
+    q = torch.randn(bounds[rank + 1] - bounds[rank], 2, 16)
+    kv = torch.randn(cu[-1] // size + 8, 2, 16)
+    with check_placement("cpu") as checker:
+        for layer in range(2):
+            before = sum(checker.host_reads.values())
+            for step in steps:
+                n = int(step.cu_k[-1])
+                _block_forward(q, kv[:n], kv[:n], step, 0.25)
+            reads = sum(checker.host_reads.values()) - before
+            if layer == 0:
+                assert reads >= len(steps)
+            else:
+                assert reads == 0, dict(checker.host_reads)
+    assert all(cache.size >= cache.default_size + per_pair * size for cache, per_pair in _PER_OFFSETS)
+

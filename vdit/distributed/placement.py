@@ -12,9 +12,9 @@ passes every CPU test and fails at the first call on a GPU cluster. Under :func:
   ranks joined raises: NCCL creates a group's communicator lazily, collectively, at the group's first call,
   so a first call that is point-to-point and that some rank of the group sits out blocks the others forever
   (:func:`vdit.distributed.build_mesh` therefore runs one collective on every group it makes);
-* host reads of tensors (``tolist``, ``item``, ``cpu``, ``bool``, ``int``) made by ``vdit/distributed`` are
-  counted in ``host_reads`` (file:line), so a test can assert that a model's layers add none (a GPU would
-  synchronise on each).
+* host reads of tensors (``tolist``, ``item``, ``cpu``, ``bool``, ``int``) made by any vdit code (the ops'
+  validation and kernels' launchers included) are counted in ``host_reads`` (file:line, relative to the
+  package), so a test can assert that a model's layers add none (a GPU would synchronise on each).
 
 ``VDIT_CHECK_PLACEMENT=1`` turns it on in the demo's torchrun entry points (``vdit.demo.cli.common``), so the
 sequence-parallel training and sampling tests run under it.
@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_DISTRIBUTED = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_VDIT = os.path.dirname(_DISTRIBUTED.rstrip(os.sep)) + os.sep
 # Point-to-point transfers are checked where vdit makes them, in batch_isend_irecv (its P2POp entries must
 # hold the original isend / irecv functions, so those are not wrapped).
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_to_all", "all_to_all_single", "broadcast",
@@ -61,14 +62,15 @@ def _call_group(original, args, kwargs):
         return kwargs.get("group")
 
 
-def _caller_in_package() -> str | None:
-    """``file:line`` of the nearest caller frame inside vdit/distributed (this module excluded), or None."""
+def _caller_in(package: str) -> str | None:
+    """``file:line`` (relative to vdit/) of the nearest caller frame inside ``package`` (a directory path
+    ending in a separator; this module excluded), or None when the first frame outside torch is not there."""
     frame = sys._getframe(2)
     here = os.path.abspath(__file__)
     while frame is not None:
         name = os.path.abspath(frame.f_code.co_filename)
-        if name.startswith(_PACKAGE) and name != here:
-            return f"{os.path.relpath(name, os.path.dirname(_PACKAGE.rstrip(os.sep)))}:{frame.f_lineno}"
+        if name.startswith(package) and name != here:
+            return f"{os.path.relpath(name, _VDIT)}:{frame.f_lineno}"
         if not name.startswith(os.path.dirname(torch.__file__)) and name != here:
             return None  # the first frame outside torch and this module is not ours
         frame = frame.f_back
@@ -93,12 +95,12 @@ class _Mode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _FACTORIES and "device" not in kwargs:
-            where = _caller_in_package()
+            where = _caller_in(_DISTRIBUTED)
             if where is not None:
                 raise PlacementError(f"{where}: {func.__name__}(...) without device=: on a GPU it would be a CPU "
                                      f"tensor (say the data's device, or device='cpu' for host bookkeeping)")
         elif func in _HOST_READS:
-            where = _caller_in_package()
+            where = _caller_in(_VDIT)
             if where is not None:
                 self.checker.host_reads[where] += 1
         return func(*args, **kwargs)

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from vdit._cache import reserve_offsets
 from vdit.distributed.sharding import range_lengths, range_offsets, world
 from vdit.distributed.stats import record
 from vdit.ops import varlen_attention
@@ -84,6 +85,7 @@ class BatchPlan:
         is not needed (no shared sequence, or causal attention with the keys after the queries)."""
         key = (rank, size, causal, kv_replicated, str(device))
         if key not in self._steps:
+            reserve_offsets(size)  # each layer cycles through the ring's pairs: the caches must hold them all
             needed = self.needed(size, causal, kv_replicated)
             bq, bk = self.bounds(size), self.bounds(size, keys=True)
             cq = range_offsets(self.cu_q, bq[rank], bq[rank + 1])

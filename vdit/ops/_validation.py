@@ -76,7 +76,7 @@ def _summarize(cu: torch.Tensor) -> _Offsets:
 
 # Eager calls that reuse a packing (every layer of a model, every sampling step) read each cu_seqlens
 # tensor on the host once, not once per call.
-_OFFSETS = TensorCache(size=64)
+_OFFSETS = TensorCache(size=64, per_offsets_pair=2)
 
 
 def offsets_summary(cu: torch.Tensor) -> _Offsets:

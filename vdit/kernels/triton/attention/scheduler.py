@@ -19,7 +19,7 @@ from vdit._cache import TensorCache
 
 # A model calls attention with the same packing in every layer and sampling step: build each work
 # list once per (cu_seqlens tensors, their versions, tile sizes) instead of ~10 small launches a call.
-_WORK = TensorCache(size=32)
+_WORK = TensorCache(size=32, per_offsets_pair=3)  # forward, dq and dk / dv lists
 
 
 def sorted_work_list(lengths: torch.Tensor, total: int, block_rows: int,
