@@ -449,3 +449,34 @@ def test_activation_checkpointing_trains_the_same_steps(tmp_path):
                            "--log-file", str(log)]) == 0
         logs.append([json.loads(line)["loss"] for line in log.read_text().splitlines()])
     assert logs[0] == pytest.approx(logs[1], rel=1e-5, abs=1e-7)
+
+
+def test_console_scripts_wait_passively_unless_told(monkeypatch):
+    """The console scripts (vdit_cli) set OMP_WAIT_POLICY=passive before torch loads (libgomp reads it only
+    then) unless the user set a policy, and run each CLI's ``cli``; importing vdit_cli loads no torch."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    import vdit_cli
+
+    out = subprocess.run([sys.executable, "-c", "import sys, vdit_cli; print('torch' in sys.modules)"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    seen = []
+
+    class Module:
+        @staticmethod
+        def cli():
+            seen.append(os.environ["OMP_WAIT_POLICY"])
+
+    modules = []
+    monkeypatch.setattr(vdit_cli.importlib, "import_module", lambda name: modules.append(name) or Module)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    vdit_cli.generate()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
+    vdit_cli.train()
+    assert seen == ["passive", "active"] and modules == [GENERATE, TRAIN]
+    with open(os.path.join(os.path.dirname(vdit_cli.__file__), "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    for name, target in scripts.items():  # every entry point names a function that exists
+        module, _, function = target.partition(":")
+        assert callable(getattr(__import__(module, fromlist=[function]), function)), name
