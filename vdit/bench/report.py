@@ -42,7 +42,15 @@ def find_benchmarks() -> str:
                      "root or set VDIT_BENCH_DIR")
 
 
-def run_suite(bench_dir: str, json_path: str, quick: bool, select: str | None) -> int:
+# What --cpu-isa sets for the suite: vdit's attention kernels, ATen's own kernels and MKL's GEMMs all on the one
+# ISA, so that an AVX2 run on an AVX-512 CPU measures both sides as an AVX2-only CPU would run them.
+ISA_ENVIRONMENT = {
+    "avx2": {"VDIT_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avx512": {"VDIT_CPU_ISA": "avx512", "ATEN_CPU_CAPABILITY": "avx512", "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
+}
+
+
+def run_suite(bench_dir: str, json_path: str, quick: bool, select: str | None, cpu_isa: str | None = None) -> int:
     cmd = [sys.executable, "-m", "pytest", bench_dir, "-q", "--benchmark-only", f"--benchmark-json={json_path}",
            "-o", "python_files=bench_*.py", "-p", "no:cacheprovider", "--rootdir", os.path.dirname(bench_dir)]
     if quick:
@@ -50,7 +58,8 @@ def run_suite(bench_dir: str, json_path: str, quick: bool, select: str | None) -
     if select:
         cmd += ["-k", select]
     env = {**os.environ, "VDIT_BENCH_QUICK": "1" if quick else "0",
-           "PYTHONPATH": os.pathsep.join([os.path.dirname(bench_dir), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(bench_dir), os.environ.get("PYTHONPATH", "")]),
+           **ISA_ENVIRONMENT.get(cpu_isa, {})}
     return subprocess.call(cmd, env=env)
 
 
@@ -68,6 +77,9 @@ def write_report(data: dict, out_dir: str, device: str) -> str:
              + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
              f"- versions: vdit {vdit.__version__}, torch {info['torch']}, triton {info['triton']}, "
              f"python {data['machine_info'].get('python_version', '?')}",
+             f"- CPU code paths: vdit {data['machine_info'].get('vdit_cpu_isa', '?')} / ATen "
+             f"{data['machine_info'].get('aten_cpu_capability', '?')} / MKL "
+             f"{data['machine_info'].get('mkl_enable_instructions') or 'its own choice'}",
              f"- ceilings measured in this run: copy {ceiling.get('bandwidth', 0) / 1e9:.1f} GB/s, "
              f"fp32 matmul {ceiling.get('flops', 0) / 1e9:.1f} GFLOP/s", "",
              "Speedup = baseline time / vdit time (higher is better for vdit); % of roofline = "
@@ -211,6 +223,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     p.add_argument("-k", dest="select", default=None, help="pytest -k expression selecting benchmarks")
     p.add_argument("--gpu-static", action="store_true", help="write the static GPU report instead (no GPU needed)")
+    p.add_argument("--cpu-isa", choices=sorted(ISA_ENVIRONMENT), default=None,
+                   help="run vdit's, ATen's and MKL's CPU code on this ISA (default: the widest the CPU has); the "
+                        "report is cpu-<isa>.md")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.gpu_static:
@@ -218,8 +233,10 @@ def main(argv=None) -> int:
 
         return static_check.main(["--out", args.out])
     device = device_name()
+    if args.cpu_isa and device == "cpu":
+        device = f"cpu-{args.cpu_isa}"
     json_path = os.path.join(args.out, f"{device}.json")
-    status = run_suite(find_benchmarks(), json_path, args.quick, args.select)
+    status = run_suite(find_benchmarks(), json_path, args.quick, args.select, args.cpu_isa)
     if not os.path.exists(json_path):
         print("vdit-bench: the benchmark run produced no results", file=sys.stderr)
         return status or 1
