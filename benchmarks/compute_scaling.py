@@ -100,6 +100,15 @@ def power_law(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return math.exp(my - b * mx), b
 
 
+def finished(out: str, steps: int) -> bool:
+    """Whether the run of ``steps`` steps under ``out`` has saved its last step."""
+    path = os.path.join(out, f"scale-{steps}", "state.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return json.load(f)["step"] >= steps
+
+
 def measure(out: str, steps: int, seeds) -> dict:
     """Loss, FLOPs and accuracy of the run with ``steps`` steps (its final, non-EMA weights)."""
     run = os.path.join(out, f"scale-{steps}")
@@ -176,11 +185,21 @@ def main(argv=None) -> None:
         train(args.out)
         return
     rows_path = args.results + ".json"
-    rows = [measure(args.out, steps, args.seeds) for steps in BUDGETS]
-    with open(rows_path, "w") as f:
-        json.dump(rows, f, indent=1)
+    measured = {}
+    if os.path.exists(rows_path):  # a budget measured once is not measured again (its run is final)
+        with open(rows_path) as f:
+            measured = {r["steps"]: r for r in json.load(f)}
+    for steps in BUDGETS:
+        if steps not in measured and finished(args.out, steps):
+            measured[steps] = measure(args.out, steps, args.seeds)
+            with open(rows_path, "w") as f:
+                json.dump([measured[s] for s in BUDGETS if s in measured], f, indent=1)
+    rows = [measured[s] for s in BUDGETS if s in measured]
+    if len(rows) < 2:
+        raise SystemExit(f"{len(rows)} of {len(BUDGETS)} budgets trained to the end: a fit needs two")
     report(rows, args.results)
-    sheet(args.out, args.results + "-sheet.png")
+    if len(rows) == len(BUDGETS):
+        sheet(args.out, args.results + "-sheet.png")
 
 
 if __name__ == "__main__":
