@@ -3,6 +3,14 @@ gradients, AdamW state and EMA, from the tensors each rank holds (the model is b
 nothing is allocated, the shard shapes are FSDP2's own).
 
     torchrun --nproc_per_node 4 benchmarks/fsdp_memory.py     # prints a markdown row (rank 0)
+    torchrun --nproc_per_node 4 benchmarks/fsdp_memory.py --startup meta --depth 3   # start-up peak, measured
+    torchrun --nproc_per_node 4 benchmarks/fsdp_memory.py --startup build --depth 3
+
+``--startup`` measures instead the resident memory each rank gains while it starts (a fresh process per way,
+the peak from /proc/self/status): ``build`` builds the model on every rank, copies it for the EMA and shards
+both (how vdit-train started before); ``meta`` builds on the meta device, shards, allocates the shards and
+receives their values from rank 0 (vdit.distributed.fsdp.materialize, how it starts now). Rank 0 also holds
+the whole model on its host in ``meta``; the table gives the other ranks' largest growth.
 
 fp32 everywhere (what vdit-train keeps; bf16 compute under FSDP's MixedPrecisionPolicy adds only the
 gathered block being computed): per parameter 4 bytes each for the weight, its gradient, the EMA, and 8 for
@@ -20,8 +28,56 @@ from vdit.models import VideoDiT, VideoDiTConfig
 BYTES_PER_PARAMETER_BYTE = 5  # weight + gradient + EMA + 2 AdamW moments, each as large as the weight
 
 
+def _memory_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def startup(way: str, depth: int) -> None:
+    """Print (rank 0) the model's size and the largest start-up growth of resident memory over ranks 1..W-1."""
+    import copy
+
+    from vdit.distributed.fsdp import copy_shards, materialize, reset_buffers
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    cfg = VideoDiTConfig.preset("xl", depth=depth)
+    resident = _memory_kib("VmRSS")
+    if way == "build":
+        model = VideoDiT(cfg)
+        ema = copy.deepcopy(model)
+        for m in (model, ema):
+            shard_model(m, m.blocks, "cpu")
+    else:
+        full = VideoDiT(cfg) if rank == 0 else None
+        with torch.device("meta"):
+            model, ema = VideoDiT(cfg), VideoDiT(cfg)
+        for m in (model, ema):
+            shard_model(m, m.blocks, "cpu")
+        materialize(model, "cpu", full)
+        ema.to_empty(device="cpu")
+        reset_buffers(ema)
+        copy_shards(ema, model)
+    growth = torch.tensor([(_memory_kib("VmHWM") - resident) * 1024 if rank > 0 else 0], dtype=torch.int64)
+    everyone = [torch.zeros_like(growth) for _ in range(world)]
+    dist.all_gather(everyone, growth)
+    if rank == 0:
+        gib = 2 ** 30
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        print(f"| {way} | {world} | {size / gib:.2f} GiB | {max(int(t) for t in everyone) / gib:.2f} GiB |")
+
+
 def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--startup", choices=("build", "meta"), default=None)
+    p.add_argument("--depth", type=int, default=28, help="blocks of the xl preset (--startup only)")
+    args = p.parse_args()
     dist.init_process_group("gloo")
+    if args.startup:
+        startup(args.startup, args.depth)
+        dist.destroy_process_group()
+        return
     world = dist.get_world_size()
     with torch.device("meta"):
         model = VideoDiT(VideoDiTConfig.preset("xl"))

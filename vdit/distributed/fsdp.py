@@ -6,6 +6,13 @@ all ranks (the data-parallel x sequence-parallel world: every rank's gradients a
 them, which is what DDP over the world did). With ``mixed_precision`` the blocks compute in bf16 from fp32
 master weights and reduce gradients in fp32 (``MixedPrecisionPolicy``), in place of autocast.
 
+Start-up that scales with the world (:func:`materialize`): every rank builds the model on the meta device
+(shapes, no storage), shards it, allocates only its shards (``to_empty``) and receives their values from rank
+0, which alone holds the whole model, on its host, and sends it one tensor at a time. The EMA is allocated
+alike and copied from the model's shards (:func:`copy_shards`). No rank ever holds the whole model on its
+device, where building it there first and sharding afterwards needs the full model, twice with the EMA, on
+every GPU before step 0.
+
 The root does not let FSDP cast its inputs (``cast_forward_inputs=False``): FSDP would cast every float
 input, the diffusion timesteps too (t = 0.9137 becomes 0.9140625 in bf16, and the sinusoidal time embedding
 of 1000 t moves by a third of a step). A forward pre-hook casts the inputs the model computes on in bf16
@@ -19,6 +26,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -70,6 +78,50 @@ def shard_model(model: nn.Module, blocks: Iterable[nn.Module], device_type: str,
     if mixed_precision:
         model.register_forward_pre_hook(cast_inputs_hook(model, torch.bfloat16, exact_inputs), with_kwargs=True)
     return model
+
+
+def _non_persistent_buffers(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, buffer name) of every buffer of ``model`` that its state dict leaves out."""
+    return [(m, name) for m in model.modules() for name in m._non_persistent_buffers_set]
+
+
+def reset_buffers(model: nn.Module) -> None:
+    """Recompute the buffers no state dict carries (after ``to_empty`` they hold garbage): every module of
+    ``model`` that has one must define ``reset_buffers()``; raises TypeError naming a module that does not."""
+    missing = sorted({type(m).__name__ for m, _ in _non_persistent_buffers(model) if not hasattr(m, "reset_buffers")})
+    if missing:
+        raise TypeError(f"cannot materialize {', '.join(missing)}: non-persistent buffers without reset_buffers()")
+    with torch.no_grad():
+        for m in {id(m): m for m, _ in _non_persistent_buffers(model)}.values():
+            m.reset_buffers()
+
+
+def materialize(model: nn.Module, device: torch.device | str, full: nn.Module | None) -> nn.Module:
+    """Give a model built on the meta device and sharded by :func:`shard_model` its values: each rank allocates
+    its shards on ``device`` and rank 0 sends ``full`` (the same architecture with its values, on rank 0's host;
+    None on the other ranks) one tensor at a time, each rank keeping its shard. All ranks call this together.
+    Returns ``model``.
+
+    Peak memory on ``device`` per rank is the rank's shards plus one tensor of ``full``, not the whole model."""
+    if (dist.get_rank() == 0) != (full is not None):
+        raise ValueError("materialize: pass the full model on rank 0 and None on every other rank")
+    model.to_empty(device=device)
+    reset_buffers(model)
+    state = full.state_dict() if full is not None else {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
+def copy_shards(dst: nn.Module, src: nn.Module) -> nn.Module:
+    """Copy ``src``'s parameters and persistent buffers into ``dst``, shard by shard (both sharded alike by
+    :func:`shard_model`, e.g. an EMA and its model; no communication). Returns ``dst``."""
+    with torch.no_grad():
+        for (name, a), (other, b) in zip(dst.state_dict().items(), src.state_dict().items()):
+            if name != other:
+                raise ValueError(f"copy_shards: {name} against {other}: the models differ")
+            local = a.to_local() if hasattr(a, "to_local") else a
+            local.copy_(b.to_local() if hasattr(b, "to_local") else b)
+    return dst
 
 
 def local_bytes(tensors: Iterable[torch.Tensor]) -> int:

@@ -5,9 +5,9 @@ passes every CPU test and fails at the first call on a GPU cluster. Under :func:
 
 * every ``torch.distributed`` collective and point-to-point call must get tensors on the data's
   ``device``; anything else raises :class:`PlacementError` naming the call;
-* a tensor created by code in ``vdit/distributed`` must say its device (``torch.tensor(..., device=...)``):
-  on CPU a factory without one silently lands on the data's device, on a GPU it does not, so the rule
-  catches on CPU what would reach NCCL as a CPU tensor;
+* a tensor created by code in ``vdit/distributed`` (itself, not torch on its behalf) must say its device
+  (``torch.tensor(..., device=...)``): on CPU a factory without one silently lands on the data's device, on a
+  GPU it does not, so the rule catches on CPU what would reach NCCL as a CPU tensor;
 * a batched point-to-point call (``batch_isend_irecv``) on a group that has not yet run a collective all its
   ranks joined raises: NCCL creates a group's communicator lazily, collectively, at the group's first call,
   so a first call that is point-to-point and that some rank of the group sits out blocks the others forever
@@ -62,17 +62,27 @@ def _call_group(original, args, kwargs):
         return kwargs.get("group")
 
 
-def _caller_in(package: str) -> str | None:
+_TORCH = os.path.dirname(torch.__file__) + os.sep
+# Frames of torch's function-mode dispatch, between a call and a mode's __torch_function__.
+_DISPATCH = (os.path.join(_TORCH, "overrides.py"), os.path.join(_TORCH, "utils", "_device.py"))
+
+
+def _caller_in(package: str, direct: bool = False) -> str | None:
     """``file:line`` (relative to vdit/) of the nearest caller frame inside ``package`` (a directory path
-    ending in a separator; this module excluded), or None when the first frame outside torch is not there."""
+    ending in a separator; this module excluded), or None when the first frame outside torch is not there.
+    With ``direct``, only a call made by ``package`` itself counts, not one torch makes on its behalf (torch's
+    own bookkeeping tensors, such as DTensor's shard indices, live on the host by design)."""
     frame = sys._getframe(2)
     here = os.path.abspath(__file__)
     while frame is not None:
         name = os.path.abspath(frame.f_code.co_filename)
-        if name.startswith(package) and name != here:
+        if name == here or name in _DISPATCH:
+            frame = frame.f_back
+            continue
+        if name.startswith(package):
             return f"{os.path.relpath(name, _VDIT)}:{frame.f_lineno}"
-        if not name.startswith(os.path.dirname(torch.__file__)) and name != here:
-            return None  # the first frame outside torch and this module is not ours
+        if direct or not name.startswith(_TORCH):
+            return None  # the caller is torch itself (direct), or the first frame outside torch is not ours
         frame = frame.f_back
     return None
 
@@ -95,7 +105,7 @@ class _Mode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _FACTORIES and "device" not in kwargs:
-            where = _caller_in(_DISTRIBUTED)
+            where = _caller_in(_DISTRIBUTED, direct=True)
             if where is not None:
                 raise PlacementError(f"{where}: {func.__name__}(...) without device=: on a GPU it would be a CPU "
                                      f"tensor (say the data's device, or device='cpu' for host bookkeeping)")

@@ -133,10 +133,16 @@ class FractionalPositionEmbedding(nn.Module):
 
     def __init__(self, dim: int, frequencies: int = 8):
         super().__init__()
-        self.register_buffer("freqs", math.pi * torch.arange(1, frequencies + 1, dtype=torch.float32), persistent=False)
+        self.register_buffer("freqs", torch.empty(frequencies, dtype=torch.float32), persistent=False)
+        self.reset_buffers()
         self.proj = nn.Linear(6 * frequencies, dim)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
+
+    def reset_buffers(self) -> None:
+        """Fill the frequency table (not saved with the weights): at construction, and after ``to_empty``."""
+        n = self.freqs.numel()
+        self.freqs.copy_(math.pi * torch.arange(1, n + 1, dtype=torch.float32, device=self.freqs.device))
 
     def forward(self, fractions: torch.Tensor) -> torch.Tensor:
         angles = (fractions.float()[:, :, None] * self.freqs).flatten(1)  # (n, 3 * frequencies)

@@ -297,17 +297,40 @@ def start(args: argparse.Namespace, device: torch.device, rank: int, world_size:
 
 def start_sharded(args: argparse.Namespace, device: torch.device, rank: int, resume: bool) -> TrainState:
     """:func:`start` for --fsdp: the model and its EMA sharded over the ranks (vdit.distributed.fsdp), the
-    optimizer over the shards, resumed from the sharded checkpoint in --out if there is one."""
-    from vdit.distributed.fsdp import shard_model
+    optimizer over the shards, resumed from the sharded checkpoint in --out if there is one.
 
+    Every rank builds both on the meta device and allocates only its shards. Without a checkpoint, rank 0
+    alone builds (or reads) the whole initial model, on its host, and sends it tensor by tensor; the EMA
+    starts as a copy of the model's shards. With one, the shards come from the checkpoint."""
+    import torch.distributed as dist
+
+    from vdit.distributed.fsdp import copy_shards, materialize, reset_buffers, shard_model
+
+    full = None
     if resume:  # the architecture from the run's config; the weights come from the shards below
-        model = TextToVideo.from_config(read_json(os.path.join(args.out, TextToVideo.CONFIG_FILE))).to(device).train()
+        config = read_json(os.path.join(args.out, TextToVideo.CONFIG_FILE))
     else:
-        model = initial_model(args, device, rank, False)
-    model.sampling_shift = args.timestep_shift
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
+        if rank == 0:
+            full = initial_model(args, torch.device("cpu"), rank, False)
+        shared = [full.config_dict() if full is not None else None]
+        dist.broadcast_object_list(shared, src=0)
+        config = shared[0]
+    with torch.device("meta"):
+        model = TextToVideo.from_config(config).train()
+        ema = TextToVideo.from_config(config).eval().requires_grad_(False)
     for m in (model, ema):
+        m.sampling_shift = args.timestep_shift
         shard_model(m, m.dit.blocks, device.type, mixed_precision=device.type == "cuda")
+    if resume:
+        for m in (model, ema):
+            m.to_empty(device=device)
+            reset_buffers(m)
+    else:
+        materialize(model, device, full)
+        del full
+        ema.to_empty(device=device)
+        reset_buffers(ema)
+        copy_shards(ema, model)
     state = TrainState(model, ema, *optimizer(model, args))
     if resume:
         state.step, state.data_index = load_sharded(args.out, model, ema, state.opt)
