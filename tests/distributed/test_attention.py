@@ -270,6 +270,15 @@ def test_video_aligned_ranges_do_not_hang():
     _run(4, [("aligned", "ring", [0, 150, 300]), ("aligned", "ulysses", [0, 150, 300])])
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("VDIT_SLOW_TESTS"), reason="20 launches of 6 ranks: set VDIT_SLOW_TESTS=1")
+def test_hybrid_ring_of_three_runs_twenty_times():
+    """The hybrid Ulysses 2 x ring 3 case on [0, 200, 300], launched 20 times with fresh processes and groups:
+    every launch finishes and equals one process (the checker's warm-up rule holds on every launch)."""
+    for _ in range(20):
+        _run(6, [("aligned", "hybrid", [0, 200, 300], 2)])
+
+
 def test_placement_checker_refuses_p2p_before_a_collective():
     """A batched point-to-point call on a group that has run no collective raises (NCCL would set its
     communicator up there, collectively); build_mesh warms every group it makes up."""
