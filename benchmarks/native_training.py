@@ -1,0 +1,221 @@
+"""Native-size training against square crops: framing and motion of two fine-tunes on non-square outputs.
+
+Sora's report argues for training on videos at their native size: a model trained on square centre crops has
+seen subjects cut by the crop, and frames widescreen and vertical videos worse. This benchmark compares two
+fine-tunes of the shipped demo model with equal steps and settings, one on native-size packed batches
+(``vdit-train --init-weights ...``) and one on the centre square crops of the same videos (``--square-crops``);
+the commands are in :data:`COMMANDS`.
+
+For each held-out prompt (vdit.demo.evaluation.held_out_prompts) and seed, each model generates the prompt at
+four non-square sizes (32x64, 64x32, 40x72, 72x40; 16 frames, 20 Euler steps, guidance 4, independent noise) in
+one packed batch. Per video it measures, with :func:`benchmarks.aspect_consistency.measure`, whether the object
+is in every frame without touching the border ("fully in frame"), the share of such frames, and whether colour,
+shape and motion direction are the prompt's. Both models see the same prompts, seeds and noise, so the report
+also gives the paired difference (native minus square) with its standard error over prompt/seed pairs.
+
+Each video's row is appended to ``--raw`` as it comes (resumable; ``--report-only`` reports what exists).
+
+    OMP_NUM_THREADS=1 python -m benchmarks.native_training --seeds 0,1 \\
+        --model native=runs/ft-native/model.safetensors --model square=runs/ft-square/model.safetensors
+    python -m benchmarks.native_training --report-only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+
+from benchmarks.aspect_consistency import FRAMES, GUIDANCE, STEPS, measure
+from vdit.demo.evaluation import held_out_prompts
+from vdit.demo.pipeline import TextToVideo, generate
+
+SIZES = ((32, 64), (64, 32), (40, 72), (72, 40))
+RAW, VIDEOS = "runs/native-training.jsonl", "runs/native-training-videos"
+REPORT = "benchmarks/results/cpu-native-training.md"
+COMMANDS = """\
+w=vdit/demo/assets/demo/model.safetensors
+common="--init-weights $w --steps 1000 --lr 1e-4 --warmup 50 --decay-steps 200 --seed 7 --save-every 25 \\
+  --timestep-sampling uniform --timestep-shift 8"
+OMP_NUM_THREADS=1 python -m vdit.demo.cli.train --out runs/ft-native $common
+OMP_NUM_THREADS=1 python -m vdit.demo.cli.train --out runs/ft-square $common --square-crops"""
+MEASURES = (("in_frame", "fully in frame"), ("frames_in_frame", "frames in frame"), ("motion", "direction right"),
+            ("colour", "colour right"), ("shape", "shape right"))
+
+
+def done_keys(raw: str) -> set[tuple]:
+    """(model, prompt index, seed) of the groups already in ``raw``."""
+    if not os.path.exists(raw):
+        return set()
+    with open(raw) as f:
+        return {(r["model"], r["index"], r["seed"]) for r in map(json.loads, f)}
+
+
+def run_group(model: TextToVideo, name: str, prompt: tuple, index: int, seed: int, videos: str) -> list[dict]:
+    """Generate ``prompt`` at every size of :data:`SIZES` from ``seed`` (one packed batch), save the uint8
+    frames (3, T, H, W) under ``videos`` and return one measured row per video."""
+    text, colour, shape, motion = prompt
+    start = time.perf_counter()
+    out = generate(model, [text] * len(SIZES), frames=FRAMES, steps=STEPS, guidance=GUIDANCE,
+                   seed=[seed] * len(SIZES), sizes=SIZES, progress=False)
+    seconds = (time.perf_counter() - start) / len(SIZES)
+    rows = []
+    for (h, w), video in zip(SIZES, out):
+        path = os.path.join(videos, f"{name}-p{index:02d}-s{seed}-{h}x{w}.pt")
+        torch.save(((video + 1) * 127.5).round().to(torch.uint8), path)
+        m = measure(video)
+        rows.append({"model": name, "index": index, "seed": seed, "prompt": text, "colour": colour, "shape": shape,
+                     "motion": motion, "height": h, "width": w, "seconds": round(seconds, 2), "video": path,
+                     "in_frame": m["in_frame"], "frames_in_frame": m["frames_in_frame"],
+                     "seen_colour": m["colour"], "seen_shape": m["shape"], "seen_motion": m["motion"]})
+    return rows
+
+
+def score(row: dict, key: str) -> float:
+    """The row's value of measure ``key`` (one of :data:`MEASURES`) as a number in [0, 1]."""
+    if key in ("in_frame", "frames_in_frame"):
+        return float(row[key])
+    return float(row[f"seen_{key}"] == row[key])
+
+
+def summarise(rows: list[dict], names: list[str]) -> tuple[dict, dict]:
+    """Per model the mean of each measure over the videos whose (prompt, seed) every model has, and per measure
+    the paired difference ``names[0] - names[1]`` (mean over prompt/seed pairs, standard error)."""
+    by = {}
+    for r in rows:
+        by.setdefault((r["index"], r["seed"]), {}).setdefault(r["model"], []).append(r)
+    pairs = [k for k, v in by.items() if all(len(v.get(n, [])) == len(SIZES) for n in names)]
+    means = {n: {"pairs": len(pairs)} for n in names}
+    for n in names:
+        videos = [r for k in pairs for r in by[k][n]]
+        for key, _ in MEASURES:
+            means[n][key] = sum(score(r, key) for r in videos) / max(1, len(videos))
+    diffs = {}
+    if len(names) == 2 and len(pairs) > 1:
+        for key, _ in MEASURES:
+            d = torch.tensor([sum(score(r, key) for r in by[k][names[0]]) / len(SIZES)
+                              - sum(score(r, key) for r in by[k][names[1]]) / len(SIZES) for k in pairs])
+            diffs[key] = (float(d.mean()), float(d.std() / math.sqrt(len(pairs))))
+    return means, diffs
+
+
+def per_size(rows: list[dict], names: list[str]) -> str:
+    """Markdown table: fully-in-frame share per model and size."""
+    lines = ["| size | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for h, w in SIZES:
+        cells = []
+        for n in names:
+            mine = [r for r in rows if r["model"] == n and (r["height"], r["width"]) == (h, w)]
+            cells.append(f"{sum(r['in_frame'] for r in mine) / max(1, len(mine)):.0%} ({len(mine)})")
+        lines.append(f"| {h}x{w} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(means: dict, diffs: dict, names: list[str], path: str) -> None:
+    """Bar chart of each measure per model, with binomial standard errors over the videos."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.3))
+    width = 0.8 / len(names)
+    for i, n in enumerate(names):
+        values = [means[n][k] for k, _ in MEASURES]
+        videos = means[n]["pairs"] * len(SIZES)
+        errors = [math.sqrt(v * (1 - v) / max(1, videos)) for v in values]
+        ax.bar([j + i * width for j in range(len(MEASURES))], values, width, yerr=errors, capsize=3,
+               label=f"{n} ({videos} videos)")
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(MEASURES))], [t for _, t in MEASURES])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share of non-square videos")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(args) -> None:
+    """Write the markdown report and its plot from ``args.raw``."""
+    with open(args.raw) as f:
+        rows = [json.loads(line) for line in f]
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    means, diffs = summarise(rows, names)
+    stem = os.path.splitext(args.out)[0]
+    plot(means, diffs, names, stem + ".png")
+    seconds = sum(r["seconds"] for r in rows) / len(rows)
+    head = "| model | prompt/seed pairs | " + " | ".join(t for _, t in MEASURES) + " |"
+    lines = [head, "|---|---|" + "---|" * len(MEASURES)]
+    for n in names:
+        lines.append(f"| {n} | {means[n]['pairs']} | " + " | ".join(f"{means[n][k]:.1%}" for k, _ in MEASURES)
+                     + " |")
+    if diffs:
+        lines.append(f"| {names[0]} - {names[1]} (paired) | | "
+                     + " | ".join(f"{diffs[k][0]:+.1%} +- {diffs[k][1]:.1%}" for k, _ in MEASURES) + " |")
+    seeds = sorted({r["seed"] for r in rows})
+    text = [f"# Native-size training against square crops ({FRAMES} frames, {STEPS} Euler steps, guidance "
+            f"{GUIDANCE:g}, independent noise)", "",
+            f"Sizes {', '.join(f'{h}x{w}' for h, w in SIZES)}; seeds {seeds}; {len(rows)} videos at {seconds:.0f} "
+            "s each (one thread, a shared 2-core machine). Both models are the shipped demo model fine-tuned with "
+            "equal steps and settings:", "", "```", COMMANDS, "```", "",
+            "\n".join(lines), "", "Fully in frame, per size (videos):", "", per_size(rows, names), "",
+            f"![native against square]({os.path.basename(stem)}.png)", ""]
+    with open(args.out, "w") as f:
+        f.write("\n".join(text))
+    print("\n".join(text))
+
+
+def generate_all(args) -> None:
+    """Every missing (model, seed, prompt) group, prompt-major so that a run cut short compares the models on
+    the same prompts."""
+    os.makedirs(args.videos, exist_ok=True)
+    os.makedirs(os.path.dirname(args.raw) or ".", exist_ok=True)
+    models = {name: TextToVideo.load(path) for name, path in args.model}
+    done = done_keys(args.raw)
+    for seed in args.seeds:
+        for index, prompt in enumerate(held_out_prompts(args.prompts)):
+            for name, model in models.items():
+                if (name, index, seed) in done:
+                    continue
+                rows = run_group(model, name, prompt, index, seed, args.videos)
+                with open(args.raw, "a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows)
+                print(f"seed {seed} prompt {index} {name}: {rows[0]['seconds']:.1f} s per video", flush=True)
+
+
+def model_argument(text: str) -> tuple[str, str]:
+    """``name=path`` -> (name, path)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--model must be NAME=WEIGHTS, got {text!r}")
+    return name, path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=model_argument, action="append", default=[],
+                   help="NAME=WEIGHTS (safetensors with config.json beside it); give two, native first")
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])
+    p.add_argument("--prompts", type=int, default=36, help="held-out prompts (36 = all)")
+    p.add_argument("--raw", default=RAW, help="JSON lines, one per video (appended, resumable)")
+    p.add_argument("--videos", default=VIDEOS, help="folder of the videos' uint8 frames")
+    p.add_argument("--out", default=REPORT, help="markdown report (its plot: <out>.png)")
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    if not args.report_only and not args.model:
+        p.error("give --model NAME=WEIGHTS (twice, to compare), or --report-only")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if not args.report_only:
+        generate_all(args)
+    report(args)
+
+
+if __name__ == "__main__":
+    main()
