@@ -25,6 +25,7 @@ from vdit.distributed import (
     shard_packed,
     shard_range,
 )
+from vdit.distributed.stats import count_communication
 from vdit.ops import reference
 
 LENGTHS = [5, 1, 0, 13, 2, 1]  # 22 tokens: ranges cut through sequences, some ranks see no token of some
@@ -170,9 +171,13 @@ def _check_aligned(mode, cu_list, ulysses_size=None):
     bounds = shard_bounds(cu_list, size)
     a, b = bounds[rank], bounds[rank + 1]
     qs, ks, vs = (t[a:b].clone().requires_grad_() for t in (q, k, v))
-    out = sp.attention(qs, ks, vs, cu, cu)
-    out.backward(dout[a:b])
+    with count_communication() as forward:
+        out = sp.attention(qs, ks, vs, cu, cu)
+    with count_communication() as backward:
+        out.backward(dout[a:b])
     torch.testing.assert_close(out, ref.detach()[a:b], rtol=1e-9, atol=1e-9)
+    if mode == "ring":  # the backward moves each used block once more and its gradients back: nothing else
+        assert set(backward) <= {"ring_p2p"} and backward["ring_p2p"] == 2 * forward["ring_p2p"], (forward, backward)
     for mine, full in ((qs, qr), (ks, kr), (vs, vr)):
         torch.testing.assert_close(mine.grad, full.grad[a:b], rtol=1e-9, atol=1e-9)
 

@@ -13,8 +13,10 @@ causal, the keys do not lie after the queries). A packed batch of many short seq
 blocks that are used, instead of relaying every block around the whole ring.
 
 The backward recomputes each pair with the merged output and log-sum-exp (as FlashAttention's
-backward does) and reduce-scatters the key/value gradients back to their owners, in the input dtype
-(each rank accumulates its partial gradients in fp32 first).
+backward does). A block's partial key/value gradients go straight back to its owner as soon as they are
+computed, in the input dtype (the bytes of the block itself), overlapped with the next block's compute, and
+only where the block moved; each owner accumulates its own block's partials in fp32. A rank's gradient
+memory is thus its own block in fp32 plus one block in flight, not a buffer for every owner.
 """
 from __future__ import annotations
 
@@ -159,6 +161,20 @@ def _start_step(step: int, needed, k, v, group, sizes) -> _Transfer | None:
     return _Transfer([k, v], dst if send else None, [k, v], src if recv else None, sizes[src], group)
 
 
+def _start_return(step: int, partial: list[torch.Tensor] | None, needed, like: list[torch.Tensor], group,
+                  ) -> _Transfer | None:
+    """Start ring step ``step``'s gradient return: ``partial`` (this rank's dK, dV of owner rank - step's
+    block, None when it computed none) goes back to that owner, and the partial of this rank's own block
+    computed by rank + step comes in (shaped like ``like``, this rank's k and v); None when neither."""
+    rank, size = world(group)
+    owner, helper = (rank - step) % size, (rank + step) % size
+    recv = needed[helper][rank]
+    if partial is None and not recv:
+        return None
+    return _Transfer(partial or [], owner if partial is not None else None, like, helper if recv else None,
+                     like[0].shape[0], group)
+
+
 def _blocks(k, v, steps: list, needed, group, sizes):
     """Yield (step index, that step's key/value block, or None when this rank receives none) in ring
     order. Step i + 1's transfer starts before step i's block is yielded, so it overlaps the caller's
@@ -197,7 +213,6 @@ class RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        rank, size = world(ctx.group)
         cd = compute_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=cd, device=q.device)
         if ctx.kv_replicated:
@@ -205,23 +220,32 @@ class RingAttention(torch.autograd.Function):
                 return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None, None
             dq, dk, dv = _block_backward(dout, q, k, v, out, lse, ctx.pairs[0], ctx.scale)
             return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
-        sizes = ctx.sizes
-        longest = max(sizes)
-        # Partial key/value gradients for every owner, padded so one reduce-scatter returns them.
-        dkv = torch.zeros((size, 2, longest, *k.shape[1:]), dtype=cd, device=k.device)
-        for index, block in _blocks(k, v, ctx.pairs, ctx.needed, ctx.group, sizes):
-            pair = ctx.pairs[index]
+        # This rank's own block's gradients, accumulated in fp32 from its own pair and the partials coming back.
+        dk, dv = torch.zeros(k.shape, dtype=cd, device=k.device), torch.zeros(v.shape, dtype=cd, device=v.device)
+        pending = None
+        for index, block in _blocks(k, v, ctx.pairs, ctx.needed, ctx.group, ctx.sizes):
+            pair, partial = ctx.pairs[index], None
             if pair is not None:
                 kb, vb = block
                 dq_b, dk_b, dv_b = _block_backward(dout, q, kb, vb, out, lse, pair, ctx.scale)
                 dq += dq_b.to(cd)
-                dkv[pair.owner, 0, : kb.shape[0]] += dk_b.to(cd)
-                dkv[pair.owner, 1, : vb.shape[0]] += dv_b.to(cd)
-        # Summed over ranks in the input dtype: the bytes of the gradients themselves (fp32 accumulation
-        # happened inside each rank above).
-        dkv = dkv.to(k.dtype)
-        mine = torch.empty((2, longest, *k.shape[1:]), dtype=k.dtype, device=k.device)
-        record("reduce_scatter", dkv.numel() * dkv.element_size() * (size - 1) // size)
-        dist.reduce_scatter_tensor(mine.view(-1, *k.shape[1:]), dkv.view(-1, *k.shape[1:]), group=ctx.group)
-        n = sizes[rank]
-        return (dq.to(q.dtype), mine[0, :n].to(k.dtype), mine[1, :n].to(v.dtype), None, None, None, None, None)
+                if index == 0:
+                    dk += dk_b.to(cd)
+                    dv += dv_b.to(cd)
+                else:
+                    partial = [dk_b.to(k.dtype), dv_b.to(v.dtype)]
+            started = _start_return(index, partial, ctx.needed, [k, v], ctx.group) if index > 0 else None
+            if pending is not None:  # the previous step's return overlapped this step's compute
+                _accumulate(pending, dk, dv)
+            pending = started
+        if pending is not None:
+            _accumulate(pending, dk, dv)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+
+
+def _accumulate(transfer: _Transfer, dk: torch.Tensor, dv: torch.Tensor) -> None:
+    """Wait for ``transfer`` and add the partial gradients it brought (if any) to ``dk`` / ``dv`` (fp32)."""
+    received = transfer.wait()
+    if received:
+        dk += received[0].to(dk.dtype)
+        dv += received[1].to(dv.dtype)
