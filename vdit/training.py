@@ -29,7 +29,10 @@ def flow_matching_loss(model, videos: Sequence[torch.Tensor], context: torch.Ten
     """Mean squared velocity error over every element of every video (so larger videos weigh more).
 
     Args:
-        model: callable ``model(videos, t, context, cu_seqlens_context) -> list of velocities``.
+        model: callable ``model(videos, t, context, cu_seqlens_context) -> list of velocities``, or returning
+            this rank's share of them under sequence parallelism (a :class:`vdit.models.shard.ShardedVelocity`,
+            :meth:`VideoDiT.forward_shard`): the loss is then this rank's share of the sum, and the ranks' shares
+            add up to the loss (reduce one scalar instead of gathering the velocities).
         videos: list of B clean videos (C, Ti, Hi, Wi).
         context, cu_seqlens_context: packed text embeddings of the B prompts.
         generator: draws t and noise when they are not given.
@@ -45,7 +48,10 @@ def flow_matching_loss(model, videos: Sequence[torch.Tensor], context: torch.Ten
         noise = [torch.randn(v.shape, generator=generator, device=v.device, dtype=v.dtype) for v in videos]
     xt, target = noisy_inputs(videos, t, noise)
     pred = model(xt, t, context, cu_seqlens_context)
-    squared = sum(((p.float() - y.float()) ** 2).sum() for p, y in zip(pred, target))
+    if hasattr(pred, "target_tokens"):  # this rank's patches only
+        squared = ((pred.tokens.float() - pred.target_tokens(target).float()) ** 2).sum()
+    else:
+        squared = sum(((p.float() - y.float()) ** 2).sum() for p, y in zip(pred, target))
     return squared / (normalizer or sum(v.numel() for v in videos))
 
 

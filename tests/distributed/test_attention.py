@@ -129,6 +129,53 @@ def _check_model(mode, checker=None, depth=2, checkpointing=False, layout="token
     return reads
 
 
+def _check_sharded_loss(mode, attention="dense"):
+    """The flow-matching loss on each rank's shard (VideoDiT.forward_shard): the ranks' losses add up to one
+    process's loss and their gradients to its gradients, and no rank gathers hidden states or velocities (with
+    dense attention nothing but the attention's point-to-point / all-to-all traffic moves)."""
+    from vdit.distributed import SequenceParallel
+    from vdit.models import VideoDiT, VideoDiTConfig
+    from vdit.training import flow_matching_loss
+
+    torch.manual_seed(0)
+    extra = {} if attention == "dense" else dict(attention="sliding_tile", tile=(1, 2, 2), window=(1, 3, 3))
+    model = VideoDiT(VideoDiTConfig.preset("tiny", heads=4, depth=2, fractional_positions=True,
+                                           prompt_velocity=True, **extra)).double()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    g = torch.Generator().manual_seed(1)
+    videos = [torch.randn(3, t, h, w, generator=g, dtype=torch.float64) for t, h, w in [(2, 8, 12), (1, 4, 4),
+                                                                                        (3, 12, 8)]]
+    noise = [torch.randn(v.shape, generator=g, dtype=torch.float64) for v in videos]
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    context = torch.randn(7, 32, generator=g, dtype=torch.float64)
+    cu_ctx = torch.tensor([0, 3, 4, 7], dtype=torch.int32)
+
+    def loss_of(forward):
+        model.zero_grad()
+        loss = flow_matching_loss(forward, videos, context, cu_ctx, t=t, noise=noise)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref_loss, ref_grads = loss_of(model)
+    if mode == "hybrid":
+        sp = build_mesh("cpu", dist.get_world_size(), mode, 2).sequence_parallel
+    else:
+        sp = SequenceParallel(mode=mode)
+    with count_communication() as sent:
+        loss, grads = loss_of(lambda x, tt, c, cu: model.forward_shard(x, tt, c, cu, sp))
+    if attention == "dense":  # (tile-sparse ring attention gathers k / v itself, vdit.distributed.sparse)
+        assert "all_gather" not in sent and "all_reduce" not in sent, dict(sent)
+    dist.all_reduce(loss)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)  # the loss sums its squares in float32
+    for name, grad in grads.items():
+        dist.all_reduce(grad)
+        # The clip velocities are computed in float32 (vdit.models.dit.PromptVelocity), so their gradient is a
+        # float32 sum over the tokens, in another order on each rank's share.
+        rtol, atol = (1e-4, 1e-6) if name.startswith("prompt_velocity") else (1e-8, 1e-10)
+        torch.testing.assert_close(grad, ref_grads[name], rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def _check_no_host_reads_per_layer(mode, checker):
     """The sequence-parallel model reads the batch's offsets on the host once per batch: three blocks make no
     more host reads in vdit.distributed than one."""
@@ -210,6 +257,8 @@ def _cases(rank, size, cases, checker):
             _check_model(case[1], checkpointing=True)
         elif case[0] == "model-work-layout":
             _check_model(case[1], layout="work")
+        elif case[0] == "sharded-loss":
+            _check_sharded_loss(*case[1:])
         elif case[0] == "host-reads":
             _check_no_host_reads_per_layer(case[1], checker)
         elif case[0] == "mesh":
@@ -253,7 +302,8 @@ def test_two_ranks():
              ("model", "ulysses"), ("model", "ring"), ("host-reads", "ulysses"), ("host-reads", "ring"),
              ("model-checkpointing", "ulysses"), ("model-checkpointing", "ring"),
              ("ring", f64, 4, 2, False, False, None, "work"), ("ulysses", f64, 4, 2, False, False, None, "work"),
-             ("model-work-layout", "ring")])
+             ("model-work-layout", "ring"), ("sharded-loss", "ulysses"), ("sharded-loss", "ring"),
+             ("sharded-loss", "ring", "sliding_tile")])
 
 
 def test_four_ranks():
@@ -264,7 +314,7 @@ def test_four_ranks():
              ("mesh", 20),
              ("ring", f64, 4, 2, False, False, None, "work"), ("hybrid", f64, 4, 2, False, False, 2, "work"),
              ("ring", f64, 4, 2, False, True, None, "work"), ("ring", f64, 4, 2, True, False, None, "work"),
-             ("model-work-layout", "hybrid")])
+             ("model-work-layout", "hybrid"), ("sharded-loss", "hybrid"), ("sharded-loss", "ulysses", "sliding_tile")])
 
 
 def test_video_aligned_ranges_do_not_hang():

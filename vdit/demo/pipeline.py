@@ -71,10 +71,13 @@ class TextToVideo(nn.Module):
         return self.text_encoder(ids, cu), cu
 
     def forward(self, videos: Sequence[torch.Tensor], timesteps: torch.Tensor, prompts: Sequence[str],
-                sequence_parallel=None) -> list[torch.Tensor]:
+                sequence_parallel=None, *, gather: bool = True):
         """Velocity predictions for noisy ``videos`` (list of (C, T, H, W)) at ``timesteps`` (B,) given ``prompts``
-        (``sequence_parallel``: see :class:`vdit.models.VideoDiT`)."""
+        (``sequence_parallel``: see :class:`vdit.models.VideoDiT`). With sequence parallelism and ``gather=False``
+        this rank's share only, a :class:`vdit.models.shard.ShardedVelocity` (for a loss on the shard)."""
         context, cu = self.encode(prompts)
+        if sequence_parallel is not None and not gather:
+            return self.dit.forward_shard(videos, timesteps, context, cu, sequence_parallel)
         return self.dit(videos, timesteps, context, cu, sequence_parallel=sequence_parallel)
 
     def config_dict(self) -> dict:

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vdit.distributed import SequenceParallel, gather_packed, local_offsets, shard_bounds, shard_packed
+from vdit.models.shard import ShardedVelocity, embed_shard, final_tokens, plan_shard
 from vdit.nn import (
     AdaLNModulation,
     PatchEmbed3d,
@@ -26,7 +27,7 @@ from vdit.nn import (
     VarlenCrossAttention,
     VarlenSelfAttention,
 )
-from vdit.ops import SparsePattern, adaln_modulate, gated_residual
+from vdit.ops import SparsePattern, adaln_modulate, gated_residual, unpatchify_3d
 from vdit.ops.sparse_pattern import MODES
 from vdit.packing import grid_fractions, grid_positions, segment_ids, tile_permutation
 
@@ -146,7 +147,8 @@ class FractionalPositionEmbedding(nn.Module):
 
     def forward(self, fractions: torch.Tensor) -> torch.Tensor:
         angles = (fractions.float()[:, :, None] * self.freqs).flatten(1)  # (n, 3 * frequencies)
-        return self.proj(torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1))
+        features = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+        return self.proj(features.to(self.proj.weight.dtype))  # computed in float32, projected in the model's dtype
 
 
 class PromptVelocity(nn.Module):
@@ -179,7 +181,7 @@ class PromptVelocity(nn.Module):
     def forward(self, fractions: torch.Tensor, pooled: torch.Tensor, tokens_per_sample: torch.Tensor) -> torch.Tensor:
         # tanh: at most one frame height / width per clip. Unbounded, the velocities of a probe run grew to
         # tens of frames per clip, a text-dependent phase of the sin/cos position features rather than a motion.
-        velocity = torch.tanh(self.proj(pooled.float()))
+        velocity = torch.tanh(self.proj(pooled.to(self.proj.weight.dtype)).float())
         velocity = torch.repeat_interleave(velocity, tokens_per_sample, dim=0,
                                            output_size=fractions.shape[0])  # (n, 2): (h, w) per clip, in fractions
         t = fractions[:, :1].float()
@@ -317,9 +319,10 @@ class VideoDiT(nn.Module):
         timesteps: (B,) float in [0, 1] (flow-matching time, 1 = pure noise),
         context: (total_ctx, context_dim) packed text embeddings, cu_seqlens_context int32 (B + 1,),
         sequence_parallel: a :class:`vdit.distributed.SequenceParallel`; every rank passes the same inputs,
-            the transformer blocks run on this rank's token shard and the tokens are gathered again before
-            the final layer. Gradients of the replicated parameters are partial per rank: average them over
-            the group (DDP over the group does this).
+            the patch embedding, the blocks and the final layer run on this rank's token shard, and the
+            velocity tokens are gathered into the videos at the end (:meth:`forward_shard` stops before that,
+            for a loss on the shard). Gradients of the replicated parameters are partial per rank: average them
+            over the group (DDP over the group does this).
         Returns a list of B tensors (C_out, Ti, Hi, Wi): the predicted velocity (noise - data).
 
     ``enable_activation_checkpointing()`` recomputes each block in the backward (sequence-parallel runs too);
@@ -375,12 +378,16 @@ class VideoDiT(nn.Module):
         pooled = self.pooled_context(context, cu_ctx) if pooled is None else pooled
         return self.time_mlp(timestep_embedding(timesteps, 256).to(context.dtype)) + self.pooled_text(pooled)
 
-    def _embed(self, videos, timesteps, context, cu_ctx):
-        """Check the batch, patch-embed it and condition it: (x (total, D) in raster order, cu_seqlens, grids,
-        positions (total, 3), c (B, D)); arguments as :meth:`forward`."""
+    @staticmethod
+    def _check_counts(videos, timesteps, cu_ctx) -> None:
         if len(videos) != timesteps.shape[0] or cu_ctx.shape[0] != len(videos) + 1:
             raise ValueError(f"got {len(videos)} videos, {timesteps.shape[0]} timesteps and "
                              f"{cu_ctx.shape[0] - 1} prompts; they must match")
+
+    def _embed(self, videos, timesteps, context, cu_ctx):
+        """Check the batch, patch-embed it and condition it: (x (total, D) in raster order, cu_seqlens, grids,
+        positions (total, 3), c (B, D)); arguments as :meth:`forward`."""
+        self._check_counts(videos, timesteps, cu_ctx)
         x, cu, grids = self.patch_embed(list(videos))
         positions = grid_positions(grids)
         pooled = self.pooled_context(context, cu_ctx)
@@ -394,15 +401,23 @@ class VideoDiT(nn.Module):
     def forward(self, videos: Sequence[torch.Tensor], timesteps: torch.Tensor, context: torch.Tensor,
                 cu_seqlens_context: torch.Tensor,
                 sequence_parallel: SequenceParallel | None = None) -> list[torch.Tensor]:
+        if sequence_parallel is not None:
+            shard = self.forward_shard(videos, timesteps, context, cu_seqlens_context, sequence_parallel)
+            return self.gather_velocity(shard, sequence_parallel)
         x, cu, grids, positions, c = self._embed(videos, timesteps, context, cu_seqlens_context)
         perm = None
         if self.config.attention != "dense":
             # Tile order for the blocks, once; per-sample ops (adaLN, cross-attention) are order-free.
             perm = tile_permutation(grids, self.config.tile)
             x, positions = x[perm], positions[perm]
-        total = x.shape[0]
-        inputs, x, bounds = self._block_inputs(x, cu, grids, positions, c, context, cu_seqlens_context,
-                                               sequence_parallel)
+        inputs, x, _ = self._block_inputs(x, cu, grids, positions, c, context, cu_seqlens_context, None)
+        x = self._run_blocks(x, inputs)
+        if perm is not None:
+            x = x[perm.argsort()]  # back to raster order for unpatchify
+        shift, scale = self.final_modulation(c)
+        return self.unembed(adaln_modulate(x, shift, scale, cu), cu_seqlens=cu, grids=grids)
+
+    def _run_blocks(self, x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
         for block in self.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 # Recomputed in the backward, collectives of sequence parallelism included: every rank
@@ -410,12 +425,39 @@ class VideoDiT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, inputs, use_reentrant=False)
             else:
                 x = block(x, inputs)
-        if sequence_parallel is not None:
-            x = gather_packed(x, total, sequence_parallel.group, bounds)
-        if perm is not None:
-            x = x[perm.argsort()]  # back to raster order for unpatchify
-        shift, scale = self.final_modulation(c)
-        return self.unembed(adaln_modulate(x, shift, scale, cu), cu_seqlens=cu, grids=grids)
+        return x
+
+    def forward_shard(self, videos: Sequence[torch.Tensor], timesteps: torch.Tensor, context: torch.Tensor,
+                      cu_seqlens_context: torch.Tensor, sequence_parallel: SequenceParallel) -> ShardedVelocity:
+        """The forward on this rank's tokens only (arguments as :meth:`forward`, the same on every rank of
+        ``sequence_parallel``): patch embedding, blocks and final layer all run on the rank's range of the
+        packed tokens (:mod:`vdit.models.shard`). Returns its :class:`ShardedVelocity`: (n_r, C * pt * ph * pw)
+        velocity tokens and which patches they are, for a loss on the shard (:func:`vdit.training.
+        flow_matching_loss` reduces one scalar) or :meth:`gather_velocity`."""
+        cfg = self.config
+        self._check_counts(videos, timesteps, cu_seqlens_context)
+        tile = cfg.tile if cfg.attention != "dense" else None
+        plan = plan_shard(videos, cfg.in_channels, cfg.patch_size, tile, sequence_parallel)
+        pooled = self.pooled_context(context, cu_seqlens_context)
+        x, positions = embed_shard(self, videos, plan, pooled)
+        c = self.conditioning(timesteps, context, cu_seqlens_context, pooled)
+        max_len = max((b - a for a, b in zip(plan.cu_host, plan.cu_host[1:])), default=0)
+        max_ctx = int((cu_seqlens_context[1:] - cu_seqlens_context[:-1]).max())
+        inputs = BlockInputs(c, plan.cu, max_len, positions, self.rope, context, cu_seqlens_context, max_ctx,
+                             sequence_parallel=sequence_parallel, cu_local=plan.cu_local,
+                             grids=plan.grids if tile is not None else None)
+        x = self._run_blocks(x, inputs)
+        return ShardedVelocity(final_tokens(self, x, c, plan), plan, tuple(cfg.patch_size))
+
+    def gather_velocity(self, shard: ShardedVelocity, sequence_parallel: SequenceParallel) -> list[torch.Tensor]:
+        """Every rank's velocity tokens gathered into the B videos (C_out, Ti, Hi, Wi) :meth:`forward` returns
+        (differentiable: each rank's tokens get the gradient summed over ranks)."""
+        plan = shard.plan
+        tokens = gather_packed(shard.tokens, plan.total, sequence_parallel.group, plan.bounds)
+        if plan.perm is not None:
+            tokens = tokens[plan.perm.argsort()]  # back to raster order for unpatchify
+        return [unpatchify_3d(tokens[a:b][None], grid, shard.patch_size)[0]
+                for a, b, grid in zip(plan.cu_host, plan.cu_host[1:], plan.grids.tolist())]
 
     # The step-cache interface (vdit.sampling.cache.StepCacheModel): the forward above in three stages, so that
     # a sampler can run the remaining blocks on only the videos whose step it does not reuse.

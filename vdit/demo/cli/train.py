@@ -351,17 +351,17 @@ def train_step(args: argparse.Namespace, state: TrainState, net: torch.nn.Module
         group["lr"] = learning_rate(state.step, args) * group["lr_scale"]
     mixed = device.type == "cuda" and not args.fsdp  # FSDP casts through its MixedPrecisionPolicy instead
     autocast = torch.autocast("cuda", torch.bfloat16) if mixed else torch.autocast("cpu", enabled=False)
-    with autocast:
-        loss = flow_matching_loss(lambda x, tt, _c, _cu: net(x, tt, captions, mesh.sequence_parallel), videos, None,
+    sp = mesh.sequence_parallel
+    with autocast:  # with sequence parallelism each rank's loss covers its own tokens (no gather of outputs)
+        loss = flow_matching_loss(lambda x, tt, _c, _cu: net(x, tt, captions, sp, gather=False), videos, None,
                                   None, t=t, noise=noise, normalizer=batch.elements)
     state.opt.zero_grad(set_to_none=True)
-    # The loss is a share of the global mean and DDP averages over all ranks, of which each sequence-
-    # parallel group's sp_size ranks together carry sp_size copies of its gradient: scale by dp_size.
-    (loss * mesh.dp_size).backward()
+    # Each rank's loss is its share of the global mean (its videos' share, and with sequence parallelism its
+    # tokens' share of them); DDP averages the gradients over all world_size ranks: scale by world_size.
+    (loss * mesh.world_size).backward()
     if mesh.world_size > 1:
         loss = loss.detach().clone()
         dist.all_reduce(loss)
-        loss /= mesh.sp_size
     torch.nn.utils.clip_grad_norm_(state.model.parameters(), 1.0)
     state.opt.step()
     state.step += 1
