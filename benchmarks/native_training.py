@@ -74,6 +74,30 @@ def run_group(model: TextToVideo, name: str, prompt: tuple, index: int, seed: in
     return rows
 
 
+def dataset_reference(seeds: list[int], prompts: int = 36) -> list[dict]:
+    """Rows as :func:`run_group` makes them for the training data itself: each held-out prompt's attributes
+    rendered by vdit.demo.data at every size of :data:`SIZES` (16 frames, a random object size and placement per
+    prompt, seed and size), measured alike. What the measures give on the videos the models learn from."""
+    import random
+
+    from vdit.demo.data import SIZES as OBJECT_SIZES
+    from vdit.demo.data import ObjectSpec, VideoSpec, render
+
+    rows = []
+    for seed in seeds:
+        for index, (text, colour, shape, motion) in enumerate(held_out_prompts(prompts)):
+            for h, w in SIZES:
+                rng = random.Random(f"native-training/{seed}/{index}/{h}x{w}")
+                spec = VideoSpec(FRAMES, h, w, "black", None,
+                                 [ObjectSpec(shape, colour, rng.choice(list(OBJECT_SIZES)), motion)])
+                m = measure(render(spec, rng))
+                rows.append({"model": "training data", "index": index, "seed": seed, "prompt": text,
+                             "colour": colour, "shape": shape, "motion": motion, "height": h, "width": w,
+                             "seconds": 0.0, "in_frame": m["in_frame"], "frames_in_frame": m["frames_in_frame"],
+                             "seen_colour": m["colour"], "seen_shape": m["shape"], "seen_motion": m["motion"]})
+    return rows
+
+
 def score(row: dict, key: str) -> float:
     """The row's value of measure ``key`` (one of :data:`MEASURES`) as a number in [0, 1]."""
     if key in ("in_frame", "frames_in_frame"):
@@ -144,6 +168,8 @@ def report(args) -> None:
         rows = [json.loads(line) for line in f]
     names = list(dict.fromkeys(r["model"] for r in rows))
     means, diffs = summarise(rows, names)
+    data_rows = dataset_reference(sorted({r["seed"] for r in rows}), args.prompts)
+    data, _ = summarise(data_rows, ["training data"])
     stem = os.path.splitext(args.out)[0]
     plot(means, diffs, names, stem + ".png")
     seconds = sum(r["seconds"] for r in rows) / len(rows)
@@ -152,6 +178,8 @@ def report(args) -> None:
     for n in names:
         lines.append(f"| {n} | {means[n]['pairs']} | " + " | ".join(f"{means[n][k]:.1%}" for k, _ in MEASURES)
                      + " |")
+    lines.append(f"| (training data) | {data['training data']['pairs']} | "
+                 + " | ".join(f"{data['training data'][k]:.1%}" for k, _ in MEASURES) + " |")
     if diffs:
         lines.append(f"| {names[0]} - {names[1]} (paired) | | "
                      + " | ".join(f"{diffs[k][0]:+.1%} +- {diffs[k][1]:.1%}" for k, _ in MEASURES) + " |")
@@ -161,7 +189,10 @@ def report(args) -> None:
             f"Sizes {', '.join(f'{h}x{w}' for h, w in SIZES)}; seeds {seeds}; {len(rows)} videos at {seconds:.0f} "
             "s each (one thread, a shared 2-core machine). Both models are the shipped demo model fine-tuned with "
             "equal steps and settings:", "", "```", COMMANDS, "```", "",
-            "\n".join(lines), "", "Fully in frame, per size (videos):", "", per_size(rows, names), "",
+            "\n".join(lines), "",
+            "(training data: the same prompts' attributes rendered by the dataset at the same sizes, measured "
+            "alike: the share its own videos reach.)", "",
+            "Fully in frame, per size (videos):", "", per_size(rows + data_rows, names + ["training data"]), "",
             f"![native against square]({os.path.basename(stem)}.png)", ""]
     with open(args.out, "w") as f:
         f.write("\n".join(text))

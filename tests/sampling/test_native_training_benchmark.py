@@ -43,3 +43,13 @@ def test_model_argument():
     for bad in ("runs/a/model.safetensors", "=x", "name="):
         with pytest.raises(argparse.ArgumentTypeError, match="NAME=WEIGHTS"):
             model_argument(bad)
+
+
+def test_training_data_reference_reads_its_own_attributes():
+    """The training-data rows render each prompt's attributes at every size and the measures read them back."""
+    from benchmarks.native_training import dataset_reference
+
+    rows = dataset_reference([0], prompts=3)
+    assert len(rows) == 3 * len(SIZES) and {r["model"] for r in rows} == {"training data"}
+    assert all(score(r, "colour") == 1.0 and score(r, "motion") == 1.0 for r in rows)
+    assert rows == dataset_reference([0], prompts=3)  # seeded
