@@ -31,6 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import add_study_arguments, run_study
 from vdit.demo.data import ShapesDataset
 from vdit.demo.evaluation import classify_colour, classify_motion, foreground_masks, held_out_prompts
 from vdit.demo.pipeline import DEFAULT_WEIGHTS, TextToVideo, generate
@@ -344,22 +345,15 @@ def generate_all(args) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])
-    p.add_argument("--prompts", type=int, default=36, help="held-out prompts (36 = all)")
+    add_study_arguments(p, raw=RAW, videos=VIDEOS, report=REPORT,
+                        report_help="markdown report (the contact sheet: <out>-sheet.png)")
     p.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES))
     p.add_argument("--weights", default=DEFAULT_WEIGHTS)
-    p.add_argument("--raw", default=RAW, help="JSON lines, one per video (appended, resumable)")
-    p.add_argument("--videos", default=VIDEOS, help="folder of the videos' uint8 frames")
-    p.add_argument("--out", default=REPORT, help="markdown report (the contact sheet: <out>-sheet.png)")
-    p.add_argument("--report-only", action="store_true")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    if not args.report_only:
-        generate_all(args)
-    report(args)
+    run_study(parse_args(argv), generate_all, report)
 
 
 if __name__ == "__main__":

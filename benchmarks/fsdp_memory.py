@@ -37,7 +37,7 @@ def startup(way: str, depth: int) -> None:
     """Print (rank 0) the model's size and the largest start-up growth of resident memory over ranks 1..W-1."""
     import copy
 
-    from vdit.distributed.fsdp import copy_shards, materialize, reset_buffers
+    from vdit.distributed.fsdp import sharded_pair
 
     world, rank = dist.get_world_size(), dist.get_rank()
     cfg = VideoDiTConfig.preset("xl", depth=depth)
@@ -48,15 +48,8 @@ def startup(way: str, depth: int) -> None:
         for m in (model, ema):
             shard_model(m, m.blocks, "cpu")
     else:
-        full = VideoDiT(cfg) if rank == 0 else None
-        with torch.device("meta"):
-            model, ema = VideoDiT(cfg), VideoDiT(cfg)
-        for m in (model, ema):
-            shard_model(m, m.blocks, "cpu")
-        materialize(model, "cpu", full)
-        ema.to_empty(device="cpu")
-        reset_buffers(ema)
-        copy_shards(ema, model)
+        model, ema = sharded_pair(lambda: VideoDiT(cfg), lambda m: m.blocks, "cpu",
+                                  VideoDiT(cfg) if rank == 0 else None)
     growth = torch.tensor([(_memory_kib("VmHWM") - resident) * 1024 if rank > 0 else 0], dtype=torch.int64)
     everyone = [torch.zeros_like(growth) for _ in range(world)]
     dist.all_gather(everyone, growth)

@@ -30,6 +30,7 @@ import time
 import torch
 
 from benchmarks.aspect_consistency import FRAMES, GUIDANCE, STEPS, measure
+from benchmarks.common import add_study_arguments, run_study
 from vdit.demo.evaluation import held_out_prompts
 from vdit.demo.pipeline import TextToVideo, generate
 
@@ -229,12 +230,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=model_argument, action="append", default=[],
                    help="NAME=WEIGHTS (safetensors with config.json beside it); give two, native first")
-    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])
-    p.add_argument("--prompts", type=int, default=36, help="held-out prompts (36 = all)")
-    p.add_argument("--raw", default=RAW, help="JSON lines, one per video (appended, resumable)")
-    p.add_argument("--videos", default=VIDEOS, help="folder of the videos' uint8 frames")
-    p.add_argument("--out", default=REPORT, help="markdown report (its plot: <out>.png)")
-    p.add_argument("--report-only", action="store_true")
+    add_study_arguments(p, raw=RAW, videos=VIDEOS, report=REPORT, report_help="markdown report (its plot: <out>.png)")
     args = p.parse_args(argv)
     if not args.report_only and not args.model:
         p.error("give --model NAME=WEIGHTS (twice, to compare), or --report-only")
@@ -242,10 +238,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    if not args.report_only:
-        generate_all(args)
-    report(args)
+    run_study(parse_args(argv), generate_all, report)
 
 
 if __name__ == "__main__":

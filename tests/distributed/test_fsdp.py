@@ -58,7 +58,7 @@ def _startup_worker(rank, size, port, out_dir, errors):
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from vdit.distributed.fsdp import copy_shards, local_bytes, materialize, reset_buffers
+    from vdit.distributed.fsdp import local_bytes, sharded_pair
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     try:
@@ -66,14 +66,7 @@ def _startup_worker(rank, size, port, out_dir, errors):
         resident = _memory_kib("VmRSS")
         torch.manual_seed(0)
         full = VideoDiT(cfg) if rank == 0 else None
-        with torch.device("meta"):
-            model, ema = VideoDiT(cfg), VideoDiT(cfg)
-        for m in (model, ema):
-            shard_model(m, m.blocks, "cpu")
-        materialize(model, "cpu", full)
-        ema.to_empty(device="cpu")
-        reset_buffers(ema)
-        copy_shards(ema, model)
+        model, ema = sharded_pair(lambda: VideoDiT(cfg), lambda m: m.blocks, "cpu", full)
         growth = (_memory_kib("VmHWM") - resident) * 1024
         shards = local_bytes(list(model.parameters()) + list(ema.parameters()))
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)

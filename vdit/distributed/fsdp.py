@@ -21,7 +21,7 @@ of 1000 t moves by a third of a step). A forward pre-hook casts the inputs the m
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -122,6 +122,29 @@ def copy_shards(dst: nn.Module, src: nn.Module) -> nn.Module:
             local = a.to_local() if hasattr(a, "to_local") else a
             local.copy_(b.to_local() if hasattr(b, "to_local") else b)
     return dst
+
+
+def sharded_pair(build: Callable[[], nn.Module], blocks: Callable[[nn.Module], Iterable[nn.Module]],
+                 device: torch.device | str, full: nn.Module | None = None, *, load: bool = True,
+                 mixed_precision: bool = False) -> tuple[nn.Module, nn.Module]:
+    """A model and its EMA as sharded training starts them: ``build()`` twice on the meta device, each sharded by
+    :func:`shard_model` over ``blocks(module)``, only this rank's shards allocated on ``device``. With ``load``
+    the model's values come from ``full`` (:func:`materialize`: rank 0's whole model, None on the other ranks)
+    and the EMA copies the model's shards; without, both are left for a sharded checkpoint to fill. All ranks
+    call this together. Returns (model, ema)."""
+    with torch.device("meta"):
+        model, ema = build(), build()
+    for m in (model, ema):
+        shard_model(m, blocks(m), torch.device(device).type, mixed_precision=mixed_precision)
+    if load:
+        materialize(model, device, full)
+    targets = (ema,) if load else (model, ema)
+    for m in targets:
+        m.to_empty(device=device)
+        reset_buffers(m)
+    if load:
+        copy_shards(ema, model)
+    return model, ema
 
 
 def local_bytes(tensors: Iterable[torch.Tensor]) -> int:

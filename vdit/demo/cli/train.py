@@ -304,7 +304,7 @@ def start_sharded(args: argparse.Namespace, device: torch.device, rank: int, res
     starts as a copy of the model's shards. With one, the shards come from the checkpoint."""
     import torch.distributed as dist
 
-    from vdit.distributed.fsdp import copy_shards, materialize, reset_buffers, shard_model
+    from vdit.distributed.fsdp import sharded_pair
 
     full = None
     if resume:  # the architecture from the run's config; the weights come from the shards below
@@ -315,22 +315,13 @@ def start_sharded(args: argparse.Namespace, device: torch.device, rank: int, res
         shared = [full.config_dict() if full is not None else None]
         dist.broadcast_object_list(shared, src=0)
         config = shared[0]
-    with torch.device("meta"):
-        model = TextToVideo.from_config(config).train()
-        ema = TextToVideo.from_config(config).eval().requires_grad_(False)
+    model, ema = sharded_pair(lambda: TextToVideo.from_config(config), lambda m: m.dit.blocks, device, full,
+                              load=not resume, mixed_precision=device.type == "cuda")
+    del full
+    model.train()
+    ema.eval().requires_grad_(False)
     for m in (model, ema):
         m.sampling_shift = args.timestep_shift
-        shard_model(m, m.dit.blocks, device.type, mixed_precision=device.type == "cuda")
-    if resume:
-        for m in (model, ema):
-            m.to_empty(device=device)
-            reset_buffers(m)
-    else:
-        materialize(model, device, full)
-        del full
-        ema.to_empty(device=device)
-        reset_buffers(ema)
-        copy_shards(ema, model)
     state = TrainState(model, ema, *optimizer(model, args))
     if resume:
         state.step, state.data_index = load_sharded(args.out, model, ema, state.opt)
