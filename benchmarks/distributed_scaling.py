@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node 2 benchmarks/distributed_scaling.py      # prints markdown rows (rank 0)
     python benchmarks/distributed_scaling.py --plan                      # ring transfers and work per rank
+    torchrun --nproc_per_node 4 benchmarks/distributed_scaling.py --sparse   # bytes of sliding-tile attention
 
 Batch: a mixed packed batch of four latent videos (patch 1x2x2) of 1536, 768, 384 and 96 tokens,
 8 heads of dim 64, fp32; forward + backward of one self-attention, median of 3 runs after a warm-up.
@@ -67,6 +68,45 @@ def main() -> None:
         dist.destroy_process_group()
 
 
+SPARSE_GRIDS = [(6, 16, 16), (3, 16, 16), (6, 8, 8), (6, 4, 4)]  # the LENGTHS videos' token grids
+
+
+def sparse_bytes() -> None:
+    """Print (rank 0) the bytes each rank sends, at most over ranks, for one forward + backward of sliding-tile
+    attention (tile 2x4x4, window 3x3x3) on the benchmark batch, per scheme, beside dense attention's."""
+    from vdit.distributed import SequenceParallel
+    from vdit.distributed.sparse import sparse_attention
+    from vdit.ops import SparsePattern
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    torch.manual_seed(0)
+    total = sum(LENGTHS)
+    cu = torch.zeros(len(LENGTHS) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(LENGTHS).cumsum(0)
+    grids = torch.tensor(SPARSE_GRIDS)
+    pattern = SparsePattern("sliding_tile", (2, 4, 4), window=(3, 3, 3))
+    q, k, v, g = (torch.randn(total, HEADS, DIM) for _ in range(4))
+    modes = ["ulysses", "ring"] + (["hybrid"] if world >= 4 else [])
+    mesh = build_mesh("cpu", world, "hybrid", 2).sequence_parallel if "hybrid" in modes else None
+    for mode in modes:
+        sp = mesh if mode == "hybrid" else SequenceParallel(mode=mode)
+        sent = {}
+        for kind in ("dense", "sparse"):
+            qs, ks, vs = (shard_packed(t).clone().requires_grad_() for t in (q, k, v))
+            with count_communication() as counter:
+                if kind == "dense":
+                    out = sp.attention(qs, ks, vs, cu, cu)
+                else:
+                    out, _ = sparse_attention(sp, pattern, qs, ks, vs, cu, grids)
+                out.backward(shard_packed(g))
+            mine = torch.tensor([counter.total], dtype=torch.int64)
+            dist.all_reduce(mine, op=dist.ReduceOp.MAX)
+            sent[kind] = int(mine)
+        if rank == 0:
+            print(f"| {world} | {mode} | {sent['dense'] / 2**20:.2f} | {sent['sparse'] / 2**20:.2f} | "
+                  f"{sent['sparse'] / sent['dense']:.2f} |", flush=True)
+
+
 def ring_plan_table(lengths=LENGTHS, sizes=(2, 4, 8)) -> str:
     """Markdown: per ring size, the block transfers of one ring attention forward (relayed around the ring,
     as before, against sent directly to the ranks that need them) and the attention work per rank
@@ -96,5 +136,9 @@ def ring_plan_table(lengths=LENGTHS, sizes=(2, 4, 8)) -> str:
 if __name__ == "__main__":
     if os.environ.get("WORLD_SIZE") is None and "--plan" in sys.argv:
         print(ring_plan_table())
+    elif "--sparse" in sys.argv:
+        dist.init_process_group("gloo")
+        sparse_bytes()
+        dist.destroy_process_group()
     else:
         main()

@@ -322,3 +322,55 @@ def test_bad_global_tokens_are_rejected_before_any_kernel(value, exc, msg):
     with pytest.raises(exc, match=msg):
         sliding_tile_attention(q, k, v, cu, grids, TILE, (1, 1, 1), global_tokens=value)
     assert all(torch.equal(a, b) for a, b in zip((q, k, v), before))
+
+
+@pytest.mark.parametrize("backend,device", backends_of("block_sparse_attention", reference=True))
+def test_explicit_tiles_cut_from_a_batch_equal_the_batch(backend, device):
+    """block_sparse_attention_tiles on a contiguous run of a batch's tiles (what a sequence-parallel rank holds:
+    its range and the key tiles its queries list), with the lists of some of them: those tiles' outputs and all
+    gradients equal the whole batch's; a tile with no list gives 0."""
+    from vdit.ops.sparse_attention import block_sparse_attention_tiles
+    from vdit.ops.tiles import sliding_window_tiles, to_global
+
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    q, k, v, cu, grids = _batch(GRIDS, 4, 2, 16, dtype)
+    layout = tile_layout(grids, TILE, "cpu")
+    lists = to_global(layout, sliding_window_tiles(layout, torch.tensor([[3, 3, 3]])))
+    first = layout.first_tile[2]  # the third video: tiles u0..u1 hold query tiles q0..q1 and all their keys
+    q0, q1 = first + 4, first + 8
+    u0, u1 = first, first + layout.video_tiles(2)
+    offsets = layout.offsets.tolist()
+    a, b = offsets[u0], offsets[u1]
+    mine = torch.full((u1 - u0, 1, lists.shape[2]), -1, dtype=torch.int32)
+    mine[q0 - u0:q1 - u0] = torch.where(lists[q0:q1] >= 0, lists[q0:q1] - u0, -1)
+    tile_offsets = torch.tensor([o - a for o in offsets[u0:u1 + 1]], dtype=torch.int32)
+    dout = torch.randn_like(q)
+    rows = slice(offsets[q0], offsets[q1])
+    mask = torch.zeros(q.shape[0], 1, 1, dtype=q.dtype)
+    mask[rows] = 1
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = sliding_tile_attention(qr, kr, vr, cu, grids, TILE, (3, 3, 3))
+    (ref * mask * dout).sum().backward()
+    qs, ks, vs = (t[a:b].clone().to(device).requires_grad_() for t in (q, k, v))
+    out = block_sparse_attention_tiles(qs, ks, vs, tile_offsets.to(device), mine.to(device), backend=backend)
+    (out * mask[a:b].to(device) * dout[a:b].to(device)).sum().backward()
+    assert_close(out[rows.start - a:rows.stop - a].cpu(), ref[rows].detach(), dtype)
+    assert torch.equal(out[:rows.start - a].cpu(), torch.zeros_like(out[:rows.start - a].cpu()))
+    for mine_t, full in ((qs, qr), (ks, kr), (vs, vr)):
+        assert_close(mine_t.grad.cpu(), full.grad[a:b], dtype)
+
+
+def test_explicit_tiles_bad_input_names_the_argument():
+    from vdit.ops.sparse_attention import block_sparse_attention_tiles
+
+    q = torch.randn(8, 2, 4)
+    offsets = torch.tensor([0, 4, 8], dtype=torch.int32)
+    lists = torch.tensor([[[0, 1]], [[1, -1]]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="tile_offsets"):
+        block_sparse_attention_tiles(q, q, q, torch.tensor([0, 4, 7], dtype=torch.int32), lists)
+    with pytest.raises(ValueError, match="kv_tiles"):
+        block_sparse_attention_tiles(q, q, q, offsets, torch.tensor([[[0, 2]], [[1, -1]]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="same rows"):
+        block_sparse_attention_tiles(q, q[:4], q[:4], offsets, lists)
+    out = block_sparse_attention_tiles(q, q, q, offsets, lists)
+    assert out.shape == q.shape

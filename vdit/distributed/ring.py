@@ -60,6 +60,7 @@ class BatchPlan:
         self.max_k = max((b - a for a, b in zip(cu_k, cu_k[1:])), default=0)
         self._steps: dict = {}
         self._needed: dict = {}
+        self.extras: dict = {}  # what other schemes derive from the batch once (vdit.distributed.halo plans)
 
     def bounds(self, size: int, keys: bool = False) -> list[int]:
         """Range boundaries of the queries (or ``keys``) in a ring of ``size``: the group's own, or every

@@ -6,7 +6,9 @@ as for dense attention (:mod:`vdit.distributed.attention`).
 * Ulysses: after the all-to-all each rank holds every token, in tile order, for its share of the heads, so
   the single-device op runs unchanged on them: a per-head window (sliding_tile) and the top-k selection
   (topk_tile, per head) are sliced to those heads; the coarse output (pooled tiles, topk_tile) too.
-* Ring and hybrid (first version): q, k and v of the sequence-parallel group are all-gathered (top-k needs
+* Ring, sliding tiles: a halo exchange (:mod:`vdit.distributed.halo`): each rank receives only the key/value
+  rows its window reaches beyond its own range, from their owners, and attends its own queries.
+* Ring with top-k tiles, and hybrid: q, k and v of the sequence-parallel group are all-gathered (top-k needs
   the pooled query of a tile that a range boundary cuts, so q is gathered as well), the op runs locally on
   the videos this rank's range touches, and this rank keeps its range of the output. The backward of the
   all-gather sums every rank's gradient of each range back to its owner. Compute: a rank attends every query
@@ -17,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from vdit.distributed.attention import _batch_plan
+from vdit.distributed.halo import halo_attention, halo_plan
 from vdit.distributed.sharding import gather_packed, shard_sizes, world
 from vdit.distributed.ulysses import HeadsToTokens, TokensToHeads
 from vdit.ops.sparse_attention import sliding_tile_attention
@@ -89,4 +92,16 @@ def sparse_attention(sp, pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     plan = _batch_plan(q, k, cu_seqlens, cu_seqlens, group, False, False, sp.layout)
     if sp.mode == "ulysses":
         return _ulysses(pattern, q, k, v, cu_seqlens, grids, plan, group, path, coarse)
+    if sp.mode == "ring" and pattern.mode == "sliding_tile" and coarse is None:
+        return _halo(pattern, q, k, v, grids, plan, group, path), None
     return _gathered(pattern, q, k, v, cu_seqlens, grids, plan, group, path, coarse)
+
+
+def _halo(pattern, q, k, v, grids, plan, group, path):
+    rank, size = world(group)
+    window = pattern.window_for(path, q.shape[1])  # the pattern's own tensor: the same object every layer
+    key = ("halo", tuple(pattern.tile), id(window), size, rank, str(q.device))
+    if key not in plan.extras:
+        plan.extras[key] = halo_plan(plan.cu_q, grids, tuple(pattern.tile), window, plan.bounds(size), rank,
+                                     q.device)
+    return halo_attention(q, k, v, plan.extras[key], group)

@@ -45,7 +45,7 @@ import torch
 from vdit._cache import TensorCache
 from vdit.ops import _registry, reference
 from vdit.ops._registry import ALL_FLOATS, GPU_FLOATS, MAX_GPU_HEAD_DIM, TRITON, Kernel
-from vdit.ops._validation import check_cu_seqlens, check_qkv, check_softmax_scale, check_triple
+from vdit.ops._validation import check_cu_seqlens, check_qkv, check_softmax_scale, check_triple, offsets_summary
 from vdit.ops.tiles import (
     TileLayout,
     grid_values,
@@ -507,6 +507,43 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     _check_kv_tiles(kv_tiles, layout, q.shape[1])
     scale = check_softmax_scale(softmax_scale, q.shape[2])
     return _run(SPEC, q, k, v, layout, kv_tiles, scale, backend, return_lse, global_tokens)
+
+
+def block_sparse_attention_tiles(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile_offsets: torch.Tensor,
+                                 kv_tiles: torch.Tensor, *, softmax_scale: float | None = None,
+                                 backend: str = "auto") -> torch.Tensor:
+    """Tile-sparse attention over explicitly given tiles: for a caller holding a piece of a video rather than
+    whole videos (a sequence-parallel rank's range and its halo, vdit.distributed.sparse).
+
+    Args:
+        q, k, v: (n, Hq, Dh), (n, Hk, Dh), (n, Hk, Dh), the same n rows cut into tiles.
+        tile_offsets: int32 (num_tiles + 1,) on q's device: tile i is rows tile_offsets[i]:tile_offsets[i + 1]
+            (from 0 to n, never decreasing).
+        kv_tiles: int32 (num_tiles, Hq or 1, k): the key tiles (indices into the same tiles) each query tile
+            attends, -1 for an unused slot, no tile twice in a row; a row of -1 gives that tile's queries 0.
+        softmax_scale: positive, default Dh ** -0.5.
+        backend: see :mod:`vdit.backends`.
+    Returns:
+        out like q; differentiable in q, k and v.
+    Raises:
+        TypeError / ValueError naming the argument, before any kernel runs.
+    """
+    check_qkv(q, k, v)
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"q and k must have the same rows (one set of tiles), got {q.shape[0]} and {k.shape[0]}")
+    num_tiles = check_cu_seqlens("tile_offsets", tile_offsets, q.shape[0], q.device)
+    layout = _explicit_layout(tile_offsets, num_tiles)
+    _check_kv_tiles(kv_tiles, layout, q.shape[1])
+    scale = check_softmax_scale(softmax_scale, q.shape[2])
+    return _run(SPEC, q, k, v, layout, kv_tiles, scale, backend, False)
+
+
+def _explicit_layout(tile_offsets: torch.Tensor, num_tiles: int) -> TileLayout:
+    """A TileLayout of given tiles: one pseudo-video of ``num_tiles`` tiles, so that list entries are plain tile
+    indices. Only what the kernels read is meaningful (offsets, first_tile, max_tile)."""
+    longest = max(1, offsets_summary(tile_offsets).longest)
+    return TileLayout(grids=((num_tiles, 1, 1),), tile=(1, 1, 1), tile_grids=((num_tiles, 1, 1),),
+                      first_tile=(0, num_tiles), offsets=tile_offsets, max_tile=longest)
 
 
 def sliding_tile_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
