@@ -241,6 +241,22 @@ def test_hybrid_inside_data_parallel_groups_never_hangs(tmp_path):
         assert [r["step"] for r in records] == [1]
 
 
+def test_sparse_sequence_parallel_fsdp_checkpointing_matches_one_process_and_resumes(tmp_path):
+    """vdit-train --attention sliding_tile --sequence-parallel 2 --fsdp --activation-checkpointing on 2 ranks takes
+    the same steps as one process with the same attention; its sharded checkpoint resumes on 4 ranks (2 data-
+    parallel groups of 2) and takes the same next step as one process."""
+    sparse = ["--attention", "sliding_tile", "--tile", "1,2,2", "--window", "1,3,3"]
+    single = _train(tmp_path / "one", tmp_path / "one.jsonl", 1, *sparse, "--min-videos", "4", "--steps", "4")
+    out, log = tmp_path / "sp", tmp_path / "sp.jsonl"
+    first = _train(out, log, 2, *sparse, "--sequence-parallel", "2", "--fsdp", "--activation-checkpointing",
+                   "--min-videos", "4", "--steps", "2")
+    resumed = _train(out, log, 4, *sparse, "--sequence-parallel", "2", "--fsdp", "--activation-checkpointing",
+                     "--min-videos", "4", "--steps", "4")
+    assert [r["step"] for r in first] == [1, 2] and [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(single, resumed):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (single, resumed)
+
+
 def test_fsdp_checkpoint_resumes_at_another_world_size(tmp_path):
     """A sharded checkpoint written by 4 ranks resumes on 2 and takes the same next step as one process."""
     out, log = tmp_path / "sharded", tmp_path / "sharded.jsonl"

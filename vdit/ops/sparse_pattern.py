@@ -40,7 +40,8 @@ def _window_rows(value, where: str) -> torch.Tensor:
     else:
         nested = isinstance(value, (list, tuple)) and len(value) > 0 and isinstance(value[0], (list, tuple))
         try:
-            rows = torch.tensor(value if nested else [value], dtype=torch.int64)
+            rows = torch.tensor(value if nested else [value], dtype=torch.int64, device="cpu")  # host data, also
+            # when a model is built under torch.device("meta")
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"{where} must be [t, h, w] or a list of them (positive ints), got {value!r}") from None
     if rows.dim() != 2 or rows.shape[1] != 3 or rows.shape[0] == 0:
