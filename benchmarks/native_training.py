@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import time
 
 import torch
@@ -139,8 +140,9 @@ def per_size(rows: list[dict], names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot(means: dict, diffs: dict, names: list[str], path: str) -> None:
-    """Bar chart of each measure per model, with binomial standard errors over the videos."""
+def plot(means: dict, names: list[str], path: str, reference: dict | None = None) -> None:
+    """Bar chart of each measure per model, with binomial standard errors over the videos; ``reference`` (the
+    training data's means) as a black mark over each group."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,10 +156,14 @@ def plot(means: dict, diffs: dict, names: list[str], path: str) -> None:
         errors = [math.sqrt(v * (1 - v) / max(1, videos)) for v in values]
         ax.bar([j + i * width for j in range(len(MEASURES))], values, width, yerr=errors, capsize=3,
                label=f"{n} ({videos} videos)")
-    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(MEASURES))], [t for _, t in MEASURES])
-    ax.set_ylim(0, 1.05)
+    centres = [j + width * (len(names) - 1) / 2 for j in range(len(MEASURES))]
+    if reference is not None:
+        ax.scatter(centres, [reference[k] for k, _ in MEASURES], marker="_", s=900, color="black", zorder=3,
+                   label="training data")
+    ax.set_xticks(centres, [t for _, t in MEASURES])
+    ax.set_ylim(0, 1.2)
     ax.set_ylabel("share of non-square videos")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -168,12 +174,17 @@ def report(args) -> None:
     with open(args.raw) as f:
         rows = [json.loads(line) for line in f]
     names = list(dict.fromkeys(r["model"] for r in rows))
+    complete = {k for k in {(r["index"], r["seed"]) for r in rows}
+                if all(sum(r["model"] == n and (r["index"], r["seed"]) == k for r in rows) == len(SIZES)
+                       for n in names)}
+    rows = [r for r in rows if (r["index"], r["seed"]) in complete]  # a run cut short: the pairs every model has
     means, diffs = summarise(rows, names)
-    data_rows = dataset_reference(sorted({r["seed"] for r in rows}), args.prompts)
+    data_rows = [r for r in dataset_reference(sorted({r["seed"] for r in rows}), args.prompts)
+                 if (r["index"], r["seed"]) in complete]
     data, _ = summarise(data_rows, ["training data"])
     stem = os.path.splitext(args.out)[0]
-    plot(means, diffs, names, stem + ".png")
-    seconds = sum(r["seconds"] for r in rows) / len(rows)
+    plot(means, names, stem + ".png", data["training data"])
+    seconds = statistics.median(r["seconds"] for r in rows)
     head = "| model | prompt/seed pairs | " + " | ".join(t for _, t in MEASURES) + " |"
     lines = [head, "|---|---|" + "---|" * len(MEASURES)]
     for n in names:
@@ -187,7 +198,7 @@ def report(args) -> None:
     seeds = sorted({r["seed"] for r in rows})
     text = [f"# Native-size training against square crops ({FRAMES} frames, {STEPS} Euler steps, guidance "
             f"{GUIDANCE:g}, independent noise)", "",
-            f"Sizes {', '.join(f'{h}x{w}' for h, w in SIZES)}; seeds {seeds}; {len(rows)} videos at {seconds:.0f} "
+            f"Sizes {', '.join(f'{h}x{w}' for h, w in SIZES)}; seeds {seeds}; {len(rows)} videos, median {seconds:.1f} "
             "s each (one thread, a shared 2-core machine). Both models are the shipped demo model fine-tuned with "
             "equal steps and settings:", "", "```", COMMANDS, "```", "",
             "\n".join(lines), "",
