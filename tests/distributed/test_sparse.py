@@ -106,3 +106,28 @@ def test_two_ranks():
 def test_four_ranks():
     _run(4, [(name, mode) for mode in ("ulysses", "ring", "hybrid") for name in ("per-head", "topk")]
          + [("model", "sliding_tile", "hybrid")])
+
+
+def test_halo_plans_pair_up_and_cover_every_listed_key():
+    """vdit.distributed.halo.halo_plan on its own (no process group): every send of one rank is a receive of the
+    rank it names, each buffer holds the rank's own range and the token rows of every key tile its query tiles
+    list, and a rank without tokens sends and receives nothing."""
+    from vdit.distributed.halo import halo_plan
+
+    cu, grids = [0, 40, 64], torch.tensor([(2, 4, 5), (1, 4, 6)])
+    for bounds in ([0, 30, 30, 64], [0, 17, 33, 50, 64]):
+        plans = [halo_plan(cu, grids, (1, 2, 2), torch.tensor([[1, 3, 3]]), bounds, r, "cpu")
+                 for r in range(len(bounds) - 1)]
+        for r, plan in enumerate(plans):
+            (s, e), (k0, k1) = plan.own, plan.buffer
+            assert k0 <= s <= e <= k1
+            for dst, a, b in plan.send:
+                assert (r, a, b) in plans[dst].recv
+            assert sum(b - a for _, a, b in plan.recv) == (k1 - k0) - (e - s)
+            offsets = plan.offsets.tolist()
+            assert offsets[0] == 0 and offsets[-1] == k1 - k0
+            listed = plan.lists[plan.lists >= 0]
+            assert listed.numel() == 0 or int(listed.max()) < len(offsets) - 1
+        empty = plans[1] if bounds[1] == bounds[2] else None
+        if empty is not None:
+            assert empty.send == [] and empty.recv == []

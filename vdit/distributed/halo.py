@@ -94,7 +94,8 @@ def halo_plan(cu: list[int], grids: torch.Tensor, tile: tuple, window: torch.Ten
             if o != rank and max(k0, bounds[o]) < min(k1, bounds[o + 1])]
     send = [(r, max(b0, s), min(b1, e)) for r, (b0, b1, _, _) in enumerate(buffers)
             if r != rank and max(b0, s) < min(b1, e)]
-    buffer_offsets = torch.tensor([o - k0 for o in offsets[u0:u1 + 1]] or [0], dtype=torch.int32, device=device)
+    starts = [o - k0 for o in offsets[u0:u1 + 1]] if u0 < u1 else [0]  # a rank without tokens: no tiles
+    buffer_offsets = torch.tensor(starts, dtype=torch.int32, device=device)
     return HaloPlan((s, e), (k0, k1), buffer_offsets, mine.to(device), recv, send)
 
 
