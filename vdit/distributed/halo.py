@@ -19,10 +19,8 @@ import bisect
 import dataclasses
 
 import torch
-import torch.distributed as dist
 
-from vdit.distributed.sharding import world
-from vdit.distributed.stats import record
+from vdit.distributed.sharding import start_p2p, world
 from vdit.ops.sparse_attention import block_sparse_attention_tiles
 from vdit.ops.tiles import sliding_window_tiles, tile_layout, to_global
 
@@ -100,14 +98,10 @@ def halo_plan(cu: list[int], grids: torch.Tensor, tile: tuple, window: torch.Ten
 
 
 def _exchange(sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch.Tensor]], group) -> None:
-    """Point-to-point: each (peer, tensor) of ``sends`` to that peer, each of ``recvs`` filled from it."""
-    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
-    ops = [dist.P2POp(dist.isend, t.contiguous(), ranks[p], group) for p, t in sends]
-    ops += [dist.P2POp(dist.irecv, t, ranks[p], group) for p, t in recvs]
-    record("halo_p2p", sum(t.numel() * t.element_size() for _, t in sends))
-    if ops:
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
+    """Each (peer, tensor) of ``sends`` to that peer and each of ``recvs`` filled from it, waited for."""
+    sends = [(p, t.contiguous()) for p, t in sends]  # kept alive until the transfers are done
+    for request in start_p2p(sends, recvs, group, "halo_p2p"):
+        request.wait()
 
 
 class HaloExchange(torch.autograd.Function):

@@ -23,11 +23,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 
 from vdit._cache import reserve_offsets
-from vdit.distributed.sharding import range_lengths, range_offsets, world
-from vdit.distributed.stats import record
+from vdit.distributed.sharding import range_lengths, range_offsets, start_p2p, world
 from vdit.ops import varlen_attention
 from vdit.ops._shared import compute_dtype
 from vdit.ops.attention import varlen_attention_backward
@@ -135,13 +133,10 @@ class _Transfer:
 
     def __init__(self, send: list[torch.Tensor], dst: int | None, like: list[torch.Tensor], src: int | None,
                  recv_tokens: int, group):
-        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
         self.sent = [t.contiguous() for t in send] if dst is not None else []  # kept alive until wait()
         self.received = [t.new_empty((recv_tokens, *t.shape[1:])) for t in like] if src is not None else []
-        ops = [dist.P2POp(dist.isend, t, ranks[dst], group) for t in self.sent]
-        ops += [dist.P2POp(dist.irecv, r, ranks[src], group) for r in self.received]
-        record("ring_p2p", sum(t.numel() * t.element_size() for t in self.sent))
-        self.requests = dist.batch_isend_irecv(ops)
+        self.requests = start_p2p([(dst, t) for t in self.sent], [(src, r) for r in self.received], group,
+                                  "ring_p2p")
 
     def wait(self) -> list[torch.Tensor]:
         for req in self.requests:

@@ -25,6 +25,21 @@ def world(group=None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def start_p2p(sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch.Tensor]], group, kind: str) -> list:
+    """Start point-to-point transfers in ``group``: each (group rank, tensor) of ``sends`` to that rank and each of
+    ``recvs`` filled from it, batched (``batch_isend_irecv``); the bytes sent are counted as ``kind``
+    (vdit.distributed.stats). The tensors must be contiguous and stay alive until the returned requests are
+    waited on. Two ranks list their transfers to each other in the same order. Returns the requests ([] when
+    nothing moves)."""
+    if not sends and not recvs:
+        return []
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    ops = [dist.P2POp(dist.isend, t, ranks[p], group) for p, t in sends]
+    ops += [dist.P2POp(dist.irecv, t, ranks[p], group) for p, t in recvs]
+    record(kind, sum(t.numel() * t.element_size() for _, t in sends))
+    return dist.batch_isend_irecv(ops)
+
+
 def shard_range(total: int, world_size: int, rank: int) -> tuple[int, int]:
     """Token range ``[start, end)`` of ``rank``."""
     return rank * total // world_size, (rank + 1) * total // world_size
