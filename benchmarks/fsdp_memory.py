@@ -28,7 +28,8 @@ from vdit.models import VideoDiT, VideoDiTConfig
 BYTES_PER_PARAMETER_BYTE = 5  # weight + gradient + EMA + 2 AdamW moments, each as large as the weight
 
 
-def _memory_kib(field: str) -> int:
+def memory_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB: VmRSS (resident now) or VmHWM (the peak so far)."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
@@ -41,7 +42,7 @@ def startup(way: str, depth: int) -> None:
 
     world, rank = dist.get_world_size(), dist.get_rank()
     cfg = VideoDiTConfig.preset("xl", depth=depth)
-    resident = _memory_kib("VmRSS")
+    resident = memory_kib("VmRSS")
     if way == "build":
         model = VideoDiT(cfg)
         ema = copy.deepcopy(model)
@@ -50,7 +51,7 @@ def startup(way: str, depth: int) -> None:
     else:
         model, ema = sharded_pair(lambda: VideoDiT(cfg), lambda m: m.blocks, "cpu",
                                   VideoDiT(cfg) if rank == 0 else None)
-    growth = torch.tensor([(_memory_kib("VmHWM") - resident) * 1024 if rank > 0 else 0], dtype=torch.int64)
+    growth = torch.tensor([(memory_kib("VmHWM") - resident) * 1024 if rank > 0 else 0], dtype=torch.int64)
     everyone = [torch.zeros_like(growth) for _ in range(world)]
     dist.all_gather(everyone, growth)
     if rank == 0:

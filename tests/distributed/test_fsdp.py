@@ -8,6 +8,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from benchmarks.fsdp_memory import memory_kib
 from tests.distributed.ranks import free_port, spawn_ranks
 from vdit.distributed.fsdp import shard_model
 from vdit.models import VideoDiT, VideoDiTConfig
@@ -44,12 +45,6 @@ def test_mixed_precision_keeps_timesteps_exact():
         dist.destroy_process_group()
 
 
-def _memory_kib(field: str) -> int:
-    """A field of /proc/self/status in KiB: VmRSS (resident now) or VmHWM (the peak so far)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def _startup_worker(rank, size, port, out_dir, errors):
     """Start-up as vdit-train --fsdp does it (meta build, shard, rank 0 sends, EMA from the shards), a 3-block
     xl VideoDiT; writes this rank's memory growth and shard bytes, and checks the values on rank 0."""
@@ -63,11 +58,11 @@ def _startup_worker(rank, size, port, out_dir, errors):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     try:
         cfg = VideoDiTConfig.preset("xl", depth=3, fractional_positions=True)
-        resident = _memory_kib("VmRSS")
+        resident = memory_kib("VmRSS")
         torch.manual_seed(0)
         full = VideoDiT(cfg) if rank == 0 else None
         model, ema = sharded_pair(lambda: VideoDiT(cfg), lambda m: m.blocks, "cpu", full)
-        growth = (_memory_kib("VmHWM") - resident) * 1024
+        growth = (memory_kib("VmHWM") - resident) * 1024
         shards = local_bytes(list(model.parameters()) + list(ema.parameters()))
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         got, got_ema = get_model_state_dict(model, options=options), get_model_state_dict(ema, options=options)

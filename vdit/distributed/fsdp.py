@@ -96,6 +96,12 @@ def reset_buffers(model: nn.Module) -> None:
             m.reset_buffers()
 
 
+def _allocate(model: nn.Module, device: torch.device | str) -> None:
+    """Storage on ``device`` for a meta-device model's (local) tensors, its non-persistent buffers filled."""
+    model.to_empty(device=device)
+    reset_buffers(model)
+
+
 def materialize(model: nn.Module, device: torch.device | str, full: nn.Module | None) -> nn.Module:
     """Give a model built on the meta device and sharded by :func:`shard_model` its values: each rank allocates
     its shards on ``device`` and rank 0 sends ``full`` (the same architecture with its values, on rank 0's host;
@@ -105,8 +111,7 @@ def materialize(model: nn.Module, device: torch.device | str, full: nn.Module | 
     Peak memory on ``device`` per rank is the rank's shards plus one tensor of ``full``, not the whole model."""
     if (dist.get_rank() == 0) != (full is not None):
         raise ValueError("materialize: pass the full model on rank 0 and None on every other rank")
-    model.to_empty(device=device)
-    reset_buffers(model)
+    _allocate(model, device)
     state = full.state_dict() if full is not None else {}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
@@ -136,15 +141,13 @@ def sharded_pair(build: Callable[[], nn.Module], blocks: Callable[[nn.Module], I
         model, ema = build(), build()
     for m in (model, ema):
         shard_model(m, blocks(m), torch.device(device).type, mixed_precision=mixed_precision)
-    if load:
-        materialize(model, device, full)
-    targets = (ema,) if load else (model, ema)
-    for m in targets:
-        m.to_empty(device=device)
-        reset_buffers(m)
-    if load:
-        copy_shards(ema, model)
-    return model, ema
+    if not load:
+        for m in (model, ema):
+            _allocate(m, device)
+        return model, ema
+    materialize(model, device, full)
+    _allocate(ema, device)
+    return model, copy_shards(ema, model)
 
 
 def local_bytes(tensors: Iterable[torch.Tensor]) -> int:
