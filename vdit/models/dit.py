@@ -457,7 +457,7 @@ class VideoDiT(nn.Module):
         if plan.perm is not None:
             tokens = tokens[plan.perm.argsort()]  # back to raster order for unpatchify
         return [unpatchify_3d(tokens[a:b][None], grid, shard.patch_size)[0]
-                for a, b, grid in zip(plan.cu_host, plan.cu_host[1:], plan.grids.tolist())]
+                for a, b, grid in zip(plan.cu_host, plan.cu_host[1:], plan.grid_host)]
 
     # The step-cache interface (vdit.sampling.cache.StepCacheModel): the forward above in three stages, so that
     # a sampler can run the remaining blocks on only the videos whose step it does not reuse.

@@ -31,8 +31,8 @@ class ShardPlan:
 
     Attributes:
         cu_host: the batch's offsets (B + 1 ints); cu: the same, int32 on the data's device.
-        grids: int32 (B, 3) token grids; bounds: every rank's range boundaries; start, end: this rank's range
-            (in the blocks' order).
+        grid_host: the B token grids (T, H, W) as ints; grids: the same, int32 (B, 3) on the data's device.
+        bounds: every rank's range boundaries; start, end: this rank's range (in the blocks' order).
         first, last: the videos [first, last) the range touches.
         rows: int64 (n_r,) raster index of each of the rank's tokens, relative to video ``first``'s first token.
         perm: int64 (total,) the blocks' order as raster indices (tile order), or None (raster order).
@@ -41,6 +41,7 @@ class ShardPlan:
 
     cu_host: list[int]
     cu: torch.Tensor
+    grid_host: list[tuple[int, int, int]]
     grids: torch.Tensor
     bounds: list[int]
     start: int
@@ -102,7 +103,7 @@ def plan_shard(videos: Sequence[torch.Tensor], channels: int, patch: Sequence[in
     first, last = (touched[0], touched[-1] + 1) if touched else (0, 0)
     perm = tile_permutation(grids, tuple(tile)).long() if tile is not None else None
     order = perm[start:end] if perm is not None else torch.arange(start, end, device=device)
-    return ShardPlan(cu_host, cu, grids, bounds, start, end, first, last, order - cu_host[first], perm,
+    return ShardPlan(cu_host, cu, grid_list, grids, bounds, start, end, first, last, order - cu_host[first], perm,
                      local_offsets(cu_host, start, end, device))
 
 
