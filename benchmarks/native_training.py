@@ -59,7 +59,7 @@ def done_keys(raw: str) -> set[tuple]:
 def run_group(model: TextToVideo, name: str, prompt: tuple, index: int, seed: int, videos: str) -> list[dict]:
     """Generate ``prompt`` at every size of :data:`SIZES` from ``seed`` (one packed batch), save the uint8
     frames (3, T, H, W) under ``videos`` and return one measured row per video."""
-    text, colour, shape, motion = prompt
+    text = prompt[0]
     start = time.perf_counter()
     out = generate(model, [text] * len(SIZES), frames=FRAMES, steps=STEPS, guidance=GUIDANCE,
                    seed=[seed] * len(SIZES), sizes=SIZES, progress=False)
@@ -68,12 +68,18 @@ def run_group(model: TextToVideo, name: str, prompt: tuple, index: int, seed: in
     for (h, w), video in zip(SIZES, out):
         path = os.path.join(videos, f"{name}-p{index:02d}-s{seed}-{h}x{w}.pt")
         torch.save(((video + 1) * 127.5).round().to(torch.uint8), path)
-        m = measure(video)
-        rows.append({"model": name, "index": index, "seed": seed, "prompt": text, "colour": colour, "shape": shape,
-                     "motion": motion, "height": h, "width": w, "seconds": round(seconds, 2), "video": path,
-                     "in_frame": m["in_frame"], "frames_in_frame": m["frames_in_frame"],
-                     "seen_colour": m["colour"], "seen_shape": m["shape"], "seen_motion": m["motion"]})
+        rows.append(_row(name, index, seed, prompt, (h, w), measure(video), round(seconds, 2), path))
     return rows
+
+
+def _row(model: str, index: int, seed: int, prompt: tuple, size: tuple[int, int], m: dict, seconds: float,
+         video: str | None = None) -> dict:
+    """One video's JSON row: the prompt's attributes, the size, and what :func:`measure` saw (``m``)."""
+    text, colour, shape, motion = prompt
+    return {"model": model, "index": index, "seed": seed, "prompt": text, "colour": colour, "shape": shape,
+            "motion": motion, "height": size[0], "width": size[1], "seconds": seconds, "video": video,
+            "in_frame": m["in_frame"], "frames_in_frame": m["frames_in_frame"],
+            "seen_colour": m["colour"], "seen_shape": m["shape"], "seen_motion": m["motion"]}
 
 
 def dataset_reference(seeds: list[int], prompts: int = 36) -> list[dict]:
@@ -87,16 +93,13 @@ def dataset_reference(seeds: list[int], prompts: int = 36) -> list[dict]:
 
     rows = []
     for seed in seeds:
-        for index, (text, colour, shape, motion) in enumerate(held_out_prompts(prompts)):
+        for index, prompt in enumerate(held_out_prompts(prompts)):
+            _, colour, shape, motion = prompt
             for h, w in SIZES:
                 rng = random.Random(f"native-training/{seed}/{index}/{h}x{w}")
                 spec = VideoSpec(FRAMES, h, w, "black", None,
                                  [ObjectSpec(shape, colour, rng.choice(list(OBJECT_SIZES)), motion)])
-                m = measure(render(spec, rng))
-                rows.append({"model": "training data", "index": index, "seed": seed, "prompt": text,
-                             "colour": colour, "shape": shape, "motion": motion, "height": h, "width": w,
-                             "seconds": 0.0, "in_frame": m["in_frame"], "frames_in_frame": m["frames_in_frame"],
-                             "seen_colour": m["colour"], "seen_shape": m["shape"], "seen_motion": m["motion"]})
+                rows.append(_row("training data", index, seed, prompt, (h, w), measure(render(spec, rng)), 0.0))
     return rows
 
 
