@@ -7,7 +7,16 @@ import random
 import pytest
 import torch
 
-from benchmarks.aspect_consistency import SIZES, agree, classifier_accuracy, measure, shape_class, summarise
+from benchmarks.aspect_consistency import (
+    SIZES,
+    agree,
+    classifier_accuracy,
+    comparisons,
+    groups_of,
+    measure,
+    shape_class,
+    summarise,
+)
 from vdit.demo.data import ObjectSpec, VideoSpec, render
 
 
@@ -54,3 +63,19 @@ def test_agreement_needs_the_same_recognised_class_at_every_size():
     assert result["scale_spread"] == 0 and result["start_spread"] == 0 and result["in_frame"] == 1
     moved = [dict(r, m_start=(0.5, 0.7) if i % 2 else (0.5, 0.2)) for i, r in enumerate(group)]
     assert summarise({("shared", 0, 0): moved}, "shared")["start_spread"] > 0.2
+
+
+def test_modes_are_compared_on_the_pairs_they_share():
+    def rows(mode, index, seed, sizes=SIZES):
+        return [{"mode": mode, "index": index, "seed": seed, "height": h, "width": w} for h, w in sizes]
+
+    ran = (rows("independent", 0, 0) + rows("shared", 0, 0) + rows("resampled", 0, 0)
+           + rows("independent", 0, 1) + rows("resampled", 0, 1)  # seed 1 without "shared"
+           + rows("independent", 1, 1) + rows("resampled", 1, 1, SIZES[:2]))  # a group cut short
+    every = groups_of(ran)
+    assert set(every) == {("independent", 0, 0), ("shared", 0, 0), ("resampled", 0, 0)}
+    two = groups_of(ran, ("independent", "resampled"))
+    assert set(two) == {(m, 0, s) for m in ("independent", "resampled") for s in (0, 1)}
+    tables = comparisons(ran)
+    assert [(modes, len(g)) for modes, g in tables] == [(("independent", "shared", "resampled"), 3),
+                                                       (("independent", "resampled"), 4)]
