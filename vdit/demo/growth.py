@@ -1,4 +1,5 @@
-"""Growing a trained demo model: adding optional modules at zero, so that its function stays unchanged.
+"""Growing a trained demo model: adding optional modules at zero, so that its function stays unchanged; and
+moving a pixel model onto an autoencoder's latents (:func:`with_latent_space`).
 
 ``vdit-train --init-weights W --fractional-positions / --prompt-velocity / --text-embedding-skip`` continues
 from trained weights with modules they lack; each of these modules starts with a zero output projection, so
@@ -6,6 +7,9 @@ the grown model computes exactly what the loaded one did until training moves it
 """
 from __future__ import annotations
 
+import dataclasses
+
+from vdit.demo.latent import LatentSpace
 from vdit.demo.pipeline import TextToVideo
 from vdit.ops import SparsePattern
 
@@ -70,3 +74,24 @@ def _pattern_fields(pattern: SparsePattern, tile, window, topk) -> dict:
     if pattern.mode == "sliding_tile" and not isinstance(pattern.window, tuple):
         raise ValueError(f"with_attention: a VideoDiTConfig holds one window [t, h, w], not {pattern.describe()!r}")
     return {"attention": pattern.mode, "tile": pattern.tile, "window": pattern.window, "topk": pattern.topk}
+
+
+def with_latent_space(model: TextToVideo, latent: LatentSpace, patch_size) -> tuple[TextToVideo, list[str]]:
+    """A latent model diffusing ``latent``'s latents with patches of ``patch_size`` (pt, ph, pw), on ``model``'s
+    device and in its train/eval mode, and the names of the tensors that start afresh.
+
+    Everything whose shape carries over keeps ``model``'s weights: the text encoder, the conditioning MLPs and
+    every transformer block (they work on tokens, whatever a token covers). The patch embedding and the final
+    projection, whose shapes depend on the channels and the patch, are newly initialized; so the result is a
+    fine-tuning start, not the same function.
+    """
+    config = dataclasses.replace(model.dit.config, in_channels=latent.channels, out_channels=latent.channels,
+                                 patch_size=tuple(int(p) for p in patch_size))
+    moved = TextToVideo(config, model.tokenizer.vocab[2:], model.text_config, model.sampling_shift, latent)
+    moved = moved.to(next(model.parameters()).device)
+    target = moved.state_dict()
+    kept = {k: v for k, v in model.state_dict().items() if k in target and target[k].shape == v.shape}
+    missing, unexpected = moved.load_state_dict(kept, strict=False)
+    assert not unexpected, unexpected
+    fresh = [k for k in missing if not k.startswith("latent.")]
+    return moved.train(model.training), fresh

@@ -1,4 +1,5 @@
-"""TextToVideo: tokenizer + text encoder + VideoDiT, saved and loaded as safetensors + JSON."""
+"""TextToVideo: tokenizer + text encoder + VideoDiT (+ the autoencoder of a latent model), saved and loaded as
+safetensors + JSON."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +18,7 @@ from vdit.demo.checkpoint import (
     save_tensors,
     write_json,
 )
+from vdit.demo.latent import LatentSpace
 from vdit.demo.text import TextEncoder, WordTokenizer
 from vdit.models import VideoDiT, VideoDiTConfig
 
@@ -45,16 +47,26 @@ class TextToVideo(nn.Module):
     ``sampling_shift`` is the time shift (vdit.sampling.time_shift) :func:`generate` uses by default: the one
     the weights were trained with, since a sampler that spends its steps where the model never trained (t
     near 1 for a small training shift) gets compositions that do not hold from frame to frame.
+
+    ``latent``: a latent model's :class:`vdit.demo.latent.LatentSpace` (its autoencoder, frozen): the DiT then
+    diffuses normalized latents, whose channel count its ``in_channels`` and ``out_channels`` must equal, and
+    :func:`generate` decodes them. None: the DiT diffuses pixels.
     """
 
     CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
     DEFAULT_SAMPLING_SHIFT = 3.0  # configs written before the key existed were trained and sampled at 3
 
     def __init__(self, dit_config: VideoDiTConfig, vocabulary: Sequence[str],
-                 text_config: TextEncoderConfig | None = None, sampling_shift: float = DEFAULT_SAMPLING_SHIFT):
+                 text_config: TextEncoderConfig | None = None, sampling_shift: float = DEFAULT_SAMPLING_SHIFT,
+                 latent: LatentSpace | None = None):
         super().__init__()
         if not sampling_shift > 0:
             raise ValueError(f"sampling_shift must be > 0, got {sampling_shift}")
+        channels = latent.channels if latent is not None else 3
+        if (dit_config.in_channels, dit_config.out_channels) != (channels, channels):
+            space = f"the autoencoder's {channels} latent channels" if latent is not None else "3 (RGB pixels)"
+            raise ValueError(f"dit in_channels / out_channels ({dit_config.in_channels} / {dit_config.out_channels})"
+                             f" must equal {space}")
         self.sampling_shift = float(sampling_shift)
         self.text_config = text_config or TextEncoderConfig()
         if dit_config.context_dim != self.text_config.dim:
@@ -63,6 +75,19 @@ class TextToVideo(nn.Module):
         self.tokenizer = WordTokenizer(vocabulary)
         self.text_encoder = TextEncoder(len(self.tokenizer), **dataclasses.asdict(self.text_config))
         self.dit = VideoDiT(dit_config)
+        self.latent = latent
+
+    def video_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(C, T, H, W) of what the DiT diffuses for a (3, frames, height, width) video: the video itself, or a latent
+        model's latent (:meth:`vdit.demo.latent.LatentSpace.video_shape`)."""
+        if self.latent is not None:
+            return self.latent.video_shape(frames, height, width)
+        return self.dit.config.out_channels, frames, height, width
+
+    def to_model_space(self, videos: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Training targets of ``videos`` ((3, T, H, W) each): the videos, or a latent model's normalized latents
+        (frame counts 1 + 4k)."""
+        return list(videos) if self.latent is None else self.latent.encode(videos)
 
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed text embeddings (total, dim) and cu_seqlens int32 (B + 1,) of ``prompts``."""
@@ -82,8 +107,11 @@ class TextToVideo(nn.Module):
 
     def config_dict(self) -> dict:
         """The JSON-serializable configuration that :meth:`from_config` rebuilds the model from."""
-        return {"dit": dataclasses.asdict(self.dit.config), "text_encoder": dataclasses.asdict(self.text_config),
-                "vocabulary": self.tokenizer.vocab[2:], "sampling_shift": self.sampling_shift}
+        config = {"dit": dataclasses.asdict(self.dit.config), "text_encoder": dataclasses.asdict(self.text_config),
+                  "vocabulary": self.tokenizer.vocab[2:], "sampling_shift": self.sampling_shift}
+        if self.latent is not None:
+            config["latent"] = self.latent.config_dict()
+        return config
 
     def save(self, directory: str, *, weights_name: str | None = None, dtype: torch.dtype | None = None,
              state_dict: dict | None = None) -> None:
@@ -96,13 +124,15 @@ class TextToVideo(nn.Module):
     def from_config(cls, config: dict, source: str = "config") -> TextToVideo:
         """A freshly initialized model of ``config`` (a :meth:`config_dict`); bad configs raise CheckpointError
         naming ``source``."""
-        unknown = sorted(set(config) - {"dit", "text_encoder", "vocabulary", "sampling_shift"})
+        unknown = sorted(set(config) - {"dit", "text_encoder", "vocabulary", "sampling_shift", "latent"})
         if unknown:
             raise CheckpointError(f"{source}: unknown keys {unknown}")
         try:
             dit = dataclass_from_dict(VideoDiTConfig, config["dit"], source)
             text = dataclass_from_dict(TextEncoderConfig, config["text_encoder"], source)
-            return cls(dit, config["vocabulary"], text, config.get("sampling_shift", cls.DEFAULT_SAMPLING_SHIFT))
+            latent = LatentSpace.from_config(config["latent"]) if config.get("latent") is not None else None
+            return cls(dit, config["vocabulary"], text, config.get("sampling_shift", cls.DEFAULT_SAMPLING_SHIFT),
+                       latent)
         except KeyError as exc:
             raise CheckpointError(f"{source}: missing key {exc}") from None
         except (TypeError, ValueError) as exc:
@@ -125,6 +155,9 @@ def generate(model: TextToVideo, prompts: Sequence[str], *, frames: int = 16, he
              ) -> list[torch.Tensor]:
     """Generate one video per prompt with ``model``: list of float32 (3, frames, height, width) in [-1, 1].
 
+    A latent model samples latents (:meth:`TextToVideo.video_shape`) and decodes them with its autoencoder;
+    ``noise`` and ``seed`` then act on the latents (a noise canvas is given in pixels and moved to the latent grid).
+
     ``shift`` is the sampler's time shift; None uses ``model.sampling_shift`` (the training shift).
     ``cache``: step caching (a :class:`vdit.sampling.StepCache`, a method name or None, see FlowSampler); where
     ``stats`` is a list, the run's :class:`vdit.sampling.CacheStats` (None without a cache) is appended to it.
@@ -136,33 +169,55 @@ def generate(model: TextToVideo, prompts: Sequence[str], *, frames: int = 16, he
     With ``sequence_parallel`` (a :class:`vdit.distributed.SequenceParallel`), every rank of the group runs
     this call with the same arguments and the transformer blocks split the tokens; all ranks return the
     same videos. Raises ValueError when a size (frames, height, width) is not divisible by the model's patch
-    size.
+    size (times a latent model's autoencoder strides).
     """
-    from vdit.sampling import BoundStepModel, FlowSampler, StepCache
+    from vdit.sampling import BoundStepModel, FlowSampler, InitialNoise, StepCache
 
     cfg = model.dit.config
     sizes = [(height, width)] * len(prompts) if sizes is None else [tuple(s) for s in sizes]
     if len(sizes) != len(prompts):
         raise ValueError(f"sizes must give one (height, width) per prompt: {len(sizes)} for {len(prompts)} prompts")
-    for h, w in sizes:
-        if any(s <= 0 or s % p for s, p in zip((frames, h, w), cfg.patch_size)):
-            raise ValueError(f"frames x height x width = {frames}x{h}x{w} must be positive multiples of the "
-                             f"patch size {'x'.join(map(str, cfg.patch_size))}")
+    shapes = [model_shape(model, frames, h, w) for h, w in sizes]
     with torch.no_grad():
         context, cu = model.encode(list(prompts))
         uncond, cu_uncond = model.encode([""] * len(prompts))
     def velocity(videos, t, context, cu_context):
         return model.dit(videos, t, context, cu_context, sequence_parallel=sequence_parallel)
 
+    if model.latent is not None and isinstance(noise, InitialNoise) and noise.canvas is not None:
+        noise = dataclasses.replace(noise, canvas=model.video_shape(*noise.canvas)[1:])  # pixels -> latents
     shift = model.sampling_shift if shift is None else shift
     cache = StepCache.of(cache)
     if cache is not None:  # the sampler runs the DiT's three stages itself
         velocity = BoundStepModel(model.dit, sequence_parallel=sequence_parallel)
     sampler = FlowSampler(velocity, steps=steps, method=method, shift=shift, guidance=guidance, progress=progress,
                           cache=cache, noise=noise)
-    shapes = [(cfg.out_channels, frames, h, w) for h, w in sizes]
     videos = sampler(shapes, context, cu, uncond_context=uncond, uncond_cu_seqlens=cu_uncond, seed=seed,
                      patch_size=cfg.patch_size)
     if stats is not None:
         stats.append(sampler.cache_stats)
+    if model.latent is not None:
+        with torch.no_grad():
+            videos = model.latent.decode(videos, frames)
     return [v.clamp(-1, 1).float().cpu() for v in videos]
+
+
+def model_shape(model: TextToVideo, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """:meth:`TextToVideo.video_shape` of a requested size, checked against the DiT's patch size (times a latent
+    model's autoencoder strides): a one-line ValueError naming the size and what must divide it."""
+    patch = model.dit.config.patch_size
+    if model.latent is None:
+        if any(s <= 0 or s % p for s, p in zip((frames, height, width), patch)):
+            raise ValueError(f"frames x height x width = {frames}x{height}x{width} must be positive multiples of the "
+                             f"patch size {'x'.join(map(str, patch))}")
+        return model.video_shape(frames, height, width)
+    ss = model.latent.autoencoder.config.spatial_stride
+    if min(frames, height, width) < 1 or height % (ss * patch[1]) or width % (ss * patch[2]):
+        raise ValueError(f"frames x height x width = {frames}x{height}x{width}: frames must be positive and height x "
+                         f"width multiples of {ss * patch[1]}x{ss * patch[2]} (autoencoder stride {ss} x patch "
+                         f"{patch[1]}x{patch[2]})")
+    shape = model.video_shape(frames, height, width)
+    if shape[1] % patch[0]:
+        raise ValueError(f"frames = {frames} gives {shape[1]} latent frames, not a multiple of the patch's "
+                         f"{patch[0]}")
+    return shape

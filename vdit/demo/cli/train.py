@@ -11,6 +11,8 @@ from the last checkpoint exactly (model, EMA, optimizer, data position; noise is
     torchrun --nproc_per_node 4 -m vdit.demo.cli.train --out runs/demo-sp --sequence-parallel 2   # 2 x 2
     torchrun --nproc_per_node 2 -m vdit.demo.cli.train --out runs/sta-sp --attention sliding_tile --tile 4,4,4 \
         --sequence-parallel 2 --fsdp --activation-checkpointing selective   # sparse, sharded, attention kept
+    vdit-train --out runs/latent --autoencoder vdit/demo/assets/autoencoder --patch-size 1x2x2 \
+        --init-weights vdit/demo/assets/demo/model.safetensors   # a latent model from the pixel model's blocks
 
 Under torchrun the global batch is the same as in one process and its videos are dealt to the
 data-parallel groups by token count; the loss is normalized globally, so any rank grid takes the same steps as one
@@ -32,7 +34,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from vdit.demo.autoencoder import CausalVideoAutoencoder
 from vdit.demo.checkpoint import (
+    CheckpointError,
     has_checkpoint,
     load_sharded,
     read_json,
@@ -44,7 +48,8 @@ from vdit.demo.checkpoint import (
 from vdit.demo.cli import common
 from vdit.demo.cli.common import UsageError
 from vdit.demo.data import ShapesDataset, vocabulary
-from vdit.demo.growth import ADDED_MODULES, with_added_modules, with_attention
+from vdit.demo.growth import ADDED_MODULES, with_added_modules, with_attention, with_latent_space
+from vdit.demo.latent import LatentSpace, latent_statistics
 from vdit.demo.pipeline import TextEncoderConfig, TextToVideo
 from vdit.distributed import ParallelMesh, build_mesh
 from vdit.distributed.sharding import cost_balanced_split
@@ -53,6 +58,8 @@ from vdit.sampling import time_shift
 from vdit.training import ema_update, flow_matching_loss
 
 PROG = "vdit-train"
+LATENT_FRAME_COUNTS = (5, 9, 13, 17)  # 1 + 4k: what the causal autoencoder codes
+LATENT_STATISTICS_VIDEOS = 64  # training videos whose latents give a new latent model's channel statistics
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -106,7 +113,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated video heights / widths in pixels to train on "
                         "(default: the dataset's 32 to 64)")
     p.add_argument("--frame-counts", default=None,
-                   help="comma-separated frame counts to train on (default: the dataset's 8 to 16)")
+                   help="comma-separated frame counts to train on (default: the dataset's 8 to 16; a latent model's "
+                        f"{','.join(map(str, LATENT_FRAME_COUNTS))})")
+    p.add_argument("--autoencoder", default=None,
+                   help="a new run trains a latent model: the DiT diffuses this autoencoder's latents (a directory "
+                        "of vdit-train-autoencoder; frozen, saved inside the model). With --init-weights of a pixel "
+                        "model, its text encoder and transformer blocks carry over and the patch embedding and "
+                        "final layer start afresh at --patch-size")
     p.add_argument("--square-crops", action="store_true",
                    help="train on the centre square crop of every video instead of its native size (the "
                         "comparison of Sora's native-size claim; vdit.demo.data.ShapesDataset)")
@@ -133,17 +146,47 @@ def _add_growth_arguments(p: argparse.ArgumentParser) -> None:
                         "in this command (they start at zero in a trained model and have to catch up with it)")
 
 
-def new_model(args) -> TextToVideo:
+def new_model(args, latent: LatentSpace | None = None) -> TextToVideo:
     """A randomly initialized TextToVideo over the shapes dataset's vocabulary, of the architecture that
-    --hidden-size, --depth, --heads, --patch-size and the module flags ask for."""
-    patch = tuple(int(v) for v in args.patch_size.split("x"))
+    --hidden-size, --depth, --heads, --patch-size and the module flags ask for; diffusing ``latent``'s latents
+    when given, else pixels."""
     text = TextEncoderConfig(embedding_skip=args.text_embedding_skip)
     attention = {k: v for k, v in common.attention_options(args).items() if v is not None}
-    cfg = VideoDiTConfig(in_channels=3, patch_size=patch, hidden_size=args.hidden_size, depth=args.depth,
-                         heads=args.heads, context_dim=text.dim,
+    channels = 3 if latent is None else latent.channels
+    cfg = VideoDiTConfig(in_channels=channels, out_channels=channels, patch_size=patch_size(args),
+                         hidden_size=args.hidden_size, depth=args.depth, heads=args.heads, context_dim=text.dim,
                          fractional_positions=args.fractional_positions or args.prompt_velocity,
                          prompt_velocity=args.prompt_velocity, **attention)
-    return TextToVideo(cfg, vocabulary(), text)
+    return TextToVideo(cfg, vocabulary(), text, latent=latent)
+
+
+def patch_size(args) -> tuple[int, int, int]:
+    """--patch-size as (pt, ph, pw); a UsageError naming it when it is not three positive integers."""
+    try:
+        patch = tuple(int(v) for v in args.patch_size.split("x"))
+    except ValueError:
+        patch = ()
+    if len(patch) != 3 or min(patch) < 1:
+        raise UsageError(f"--patch-size must be three positive integers like 1x8x8, got {args.patch_size!r}")
+    return patch
+
+
+def latent_space(args, dataset: ShapesDataset) -> LatentSpace:
+    """The --autoencoder with the channel statistics of its latents of the first training videos."""
+    try:
+        autoencoder = CausalVideoAutoencoder.load(args.autoencoder)
+    except CheckpointError as exc:
+        raise UsageError(f"--autoencoder: {exc}") from None
+    patch = patch_size(args)
+    st = autoencoder.config.temporal_stride
+    if any((frames - 1) % st for frames in dataset.frame_counts):
+        raise UsageError(f"--frame-counts must be 1 + {st}k for the autoencoder, got {dataset.frame_counts}")
+    multiple = autoencoder.config.spatial_stride * max(patch[1], patch[2])
+    if any(side % multiple for side in dataset.sides):
+        raise UsageError(f"--sides must be multiples of {multiple} (autoencoder stride x --patch-size), got "
+                         f"{dataset.sides}")
+    videos = [dataset[i][0] for i in range(LATENT_STATISTICS_VIDEOS)]
+    return LatentSpace(autoencoder, *latent_statistics(autoencoder, videos))
 
 
 def optimizer(model: TextToVideo, args) -> tuple[torch.optim.Optimizer, list[str]]:
@@ -152,7 +195,7 @@ def optimizer(model: TextToVideo, args) -> tuple[torch.optim.Optimizer, list[str
     is scaled by ``args.added_lr_scale`` (from the arguments alone, so a resumed run gets the same groups)."""
     flags = (args.fractional_positions, args.prompt_velocity, args.text_embedding_skip)
     scaled = tuple(prefix for prefix, flag in zip(ADDED_MODULES, flags) if flag)
-    named = list(model.named_parameters())
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # a latent model's autoencoder is frozen
     base = [(n, p) for n, p in named if not n.startswith(scaled)]  # startswith(()) is False: no flags, no group
     added = [(n, p) for n, p in named if n.startswith(scaled)]
     groups = [{"params": [p for _, p in base], "lr_scale": 1.0}]
@@ -175,8 +218,10 @@ class TrainBatch:
 
 
 def next_batch(dataset: ShapesDataset, index: int, budget: int, patch, seed: int, dropout: float,
-               rank: int = 0, world_size: int = 1, min_videos: int = 1) -> TrainBatch:
+               rank: int = 0, world_size: int = 1, min_videos: int = 1, shape_of=None) -> TrainBatch:
     """Sample indices from ``index`` on until the token budget is reached (and at least ``min_videos``).
+    Tokens and elements count what the model diffuses: ``shape_of(frames, height, width)`` -> (C, T, H, W)
+    (a latent model's :meth:`TextToVideo.video_shape`; default: the RGB video itself).
 
     Returns this data-parallel rank's :class:`TrainBatch`: the videos are dealt to the ``world_size``
     data-parallel ranks evening out both token counts and attention work (n^2 per video;
@@ -185,13 +230,15 @@ def next_batch(dataset: ShapesDataset, index: int, budget: int, patch, seed: int
     indices, tokens, elements, counts = [], 0, 0, []
     while True:
         spec, _ = dataset.spec(index)
-        n = (spec.frames // patch[0]) * (spec.height // patch[1]) * (spec.width // patch[2])
+        c, t, h, w = shape_of(spec.frames, spec.height, spec.width) if shape_of else (3, spec.frames, spec.height,
+                                                                                    spec.width)
+        n = (t // patch[0]) * (h // patch[1]) * (w // patch[2])
         if len(indices) >= min_videos and tokens + n > budget:
             break
         indices.append(index)
         counts.append(n)
         tokens += n
-        elements += 3 * spec.frames * spec.height * spec.width
+        elements += c * t * h * w
         index += 1
     mine = [indices[i] for i in cost_balanced_split(counts, world_size)[rank]]
     videos, captions = [], []
@@ -262,13 +309,19 @@ class TrainState:
 
 def initial_model(args: argparse.Namespace, device: torch.device, rank: int, resume: bool) -> TextToVideo:
     """The model to train, in train mode on ``device``: the checkpoint's in --out when ``resume``, else the
-    --init-weights with the modules this command's flags add, else a new one."""
+    --init-weights with the modules this command's flags add (moved onto --autoencoder's latents if given),
+    else a new one."""
     if resume:
         return TextToVideo.load(os.path.join(args.out, TextToVideo.WEIGHTS_FILE), device=device).train()
+    latent = latent_space(args, training_dataset(args)) if args.autoencoder else None
     if not args.init_weights:
-        return new_model(args).to(device)
+        return new_model(args, latent).to(device)
     # Fine-tuning / continuing from exported weights: the architecture comes from their config.
     model = TextToVideo.load(args.init_weights, device=device).train()
+    if latent is not None:
+        model, fresh = with_latent_space(model, latent, patch_size(args))
+        if rank == 0:
+            print(f"latent model: {len(fresh)} tensors start afresh ({', '.join(fresh)})", file=sys.stderr)
     model = with_added_modules(model, fractional_positions=args.fractional_positions,
                                prompt_velocity=args.prompt_velocity, embedding_skip=args.text_embedding_skip)
     model = with_attention(model, **common.attention_options(args))
@@ -396,16 +449,21 @@ def dataset_sizes(args: argparse.Namespace) -> dict:
     return sizes
 
 
-def training_dataset(args: argparse.Namespace) -> ShapesDataset:
-    """The dataset --seed, --sides, --frame-counts and --square-crops ask for."""
-    return ShapesDataset(seed=args.seed, square_crops=args.square_crops, **dataset_sizes(args))
+def training_dataset(args: argparse.Namespace, latent: bool | None = None) -> ShapesDataset:
+    """The dataset --seed, --sides, --frame-counts and --square-crops ask for (``latent``: for a latent model,
+    whose autoencoder codes 1 + 4k frames: LATENT_FRAME_COUNTS by default; None: a latent model when
+    --autoencoder is given)."""
+    sizes = dataset_sizes(args)
+    if args.autoencoder if latent is None else latent:
+        sizes.setdefault("frame_counts", LATENT_FRAME_COUNTS)
+    return ShapesDataset(seed=args.seed, square_crops=args.square_crops, **sizes)
 
 
 def train(args: argparse.Namespace, state: TrainState, ranks: common.Ranks, mesh: ParallelMesh) -> None:
     """Train ``state`` from its step up to --steps on the ranks' grid ``mesh``, with a progress bar, the log and
     checkpoints on rank 0."""
     rank, world_size, device = ranks
-    dataset = training_dataset(args)
+    dataset = training_dataset(args, state.model.latent is not None)
     patch = state.model.dit.config.patch_size
     if rank == 0:
         params = sum(p.numel() for p in state.model.parameters())
@@ -419,9 +477,9 @@ def train(args: argparse.Namespace, state: TrainState, ranks: common.Ranks, mesh
     while state.step < args.steps:
         start_time = time.perf_counter()
         batch = next_batch(dataset, state.data_index, args.tokens_per_batch, patch, args.seed, args.caption_dropout,
-                           mesh.dp_rank, mesh.dp_size, args.min_videos)
+                           mesh.dp_rank, mesh.dp_size, args.min_videos, state.model.video_shape)
         state.data_index = batch.next_index
-        batch.videos = [v.to(device) for v in batch.videos]
+        batch.videos = state.model.to_model_space([v.to(device) for v in batch.videos])
         loss = train_step(args, state, net, mesh, batch).item()
         tokens = sum((v.shape[1] // patch[0]) * (v.shape[2] // patch[1]) * (v.shape[3] // patch[2])
                      for v in batch.videos)
@@ -435,7 +493,9 @@ def train(args: argparse.Namespace, state: TrainState, ranks: common.Ranks, mesh
 def main(argv: list[str] | None = None) -> int:
     """Train as the command line ``argv`` (default: ``sys.argv[1:]``) says; returns the exit status, 0."""
     args = parse_args(argv)
-    dataset_sizes(args), common.attention_options(args)  # bad values raise before any work
+    dataset_sizes(args), common.attention_options(args), patch_size(args)  # bad values raise before any work
+    if args.autoencoder and args.fsdp:
+        raise UsageError("--autoencoder does not combine with --fsdp yet (the autoencoder would be sharded too)")
     torch.manual_seed(args.seed)
     with common.process_group(args.device) as ranks:
         mesh = parallel_mesh(args, ranks)
