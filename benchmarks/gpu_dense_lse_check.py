@@ -1,5 +1,6 @@
 """Dense attention on a GPU: every installed varlen_attention kernel's output, lse and causal alignment
-(Lq != Lk, bottom-right) against vdit's fp32 reference (vdit.bench.dense_lse). Writes
+(Lq != Lk, bottom-right), and the backward from a given output and lse of each kernel that has one (ring
+attention's, over two halves of the keys), against vdit's fp32 reference (vdit.bench.dense_lse). Writes
 <out>/<gpu>-dense-lse.md and the quarantine file (external kernels that disagree; point
 VDIT_KERNEL_QUARANTINE at it and dispatch skips them). Exit 1 when any kernel disagrees.
 
@@ -32,14 +33,15 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name()
     path = args.quarantine or os.path.join(args.out, f"{slug(name)}-quarantine.json")
     results = dense_lse.check_installed(DEVICE, DTYPES, CASES)
-    implementations = dense_lse.implementations(results)
+    backward = dense_lse.check_installed(DEVICE, DTYPES, CASES, backward=True)
+    implementations = dense_lse.implementations(results, backward)
     os.makedirs(args.out, exist_ok=True)
-    dense_lse.write_quarantine(path, dense_lse.quarantine(results, implementations, name))
-    text = dense_lse.report(name, results, implementations, path, CASES, DTYPES)
+    dense_lse.write_quarantine(path, dense_lse.quarantine(results, implementations, name, backward))
+    text = dense_lse.report(name, results, implementations, path, CASES, DTYPES, backward)
     with open(os.path.join(args.out, f"{slug(name)}-dense-lse.md"), "w") as f:
         f.write(text)
     print(text)
-    return 1 if any(isinstance(r, list) and r for r in results.values()) else 0
+    return 1 if any(isinstance(r, list) and r for found in (results, backward) for r in found.values()) else 0
 
 
 if __name__ == "__main__":

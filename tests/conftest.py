@@ -137,7 +137,8 @@ def cuda_build(monkeypatch):
     from vdit.kernels import external
 
     monkeypatch.setattr(torch.version, "cuda", "13.0")
-    caches = (external.torch_varlen_missing, external.flash_attn_version, external._flash_attn_module_missing)
+    caches = (external.torch_varlen_missing, external.flash_attn_version, external._flash_attn_module_missing,
+              external._flash_attn_backward_missing)
     for cached in caches:
         cached.cache_clear()
     yield monkeypatch

@@ -1,7 +1,8 @@
 """The dense lse check (vdit.bench.dense_lse, benchmarks/gpu_dense_lse_check.py) and the quarantine rule it
 feeds (vdit.kernels.external.quarantined): fake kernels with the conventions an external kernel may have
-(log2 lse, padded lse, top-left causal mask, +inf for rows without keys) are caught, vdit's CPU kernels agree,
-and a quarantined kernel is skipped by dispatch for its own implementation only."""
+(log2 lse, padded lse, top-left causal mask, +inf for rows without keys) are caught, as is a backward that
+does not take the merged (out, lse) it is given; vdit's CPU kernels agree, forward and backward, and a
+quarantined kernel is skipped by dispatch for its own implementation only."""
 import json
 import math
 import os
@@ -54,8 +55,25 @@ def top_left_causal(q, k, v, cu_q, cu_k, max_q, max_k, causal):
     return out.to(q.dtype), lse
 
 
+def merged_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal):
+    """The backward from the given (merged) out and lse, as vdit's contract says."""
+    return reference.varlen_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, softmax_scale=q.shape[-1] ** -0.5,
+                                               causal=causal)
+
+
+def own_block_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal):
+    """A backward that recomputes its block's own out and lse instead of taking the merged ones: right for a
+    single block, wrong for each of the ring's."""
+    own_out, own_lse = reference.varlen_attention(q, k, v, cu_q, cu_k, causal=causal, return_lse=True)
+    return merged_backward(dout, q, k, v, own_out, own_lse, cu_q, cu_k, max_q, max_k, causal)
+
+
 def check(run):
     return dense_lse.check_kernel(run, dense_lse.TINY_CASES, [torch.float16], "cpu")
+
+
+def check_backward(run):
+    return dense_lse.check_backward(run, dense_lse.TINY_CASES, [torch.float16], "cpu")
 
 
 def test_a_kernel_that_follows_the_contract_agrees():
@@ -84,11 +102,41 @@ def test_a_kernel_that_raises_disagrees():
     assert check(refuses)[0].startswith("causal Lq < Lk float16: raised RuntimeError: Lq > Lk")
 
 
+def test_the_keys_split_in_halves_the_first_fully_visible_when_causal():
+    lengths_q, lengths_k = (5, 9, 4, 1), (8, 12, 3, 1)
+    assert dense_lse.key_halves(dense_lse.LseCase("full", lengths_q, lengths_k)) == ((4, 6, 1, 0), (4, 6, 2, 1))
+    # causal: query 0 sees keys j <= Lk - Lq, so the first half stops there (none when Lq > Lk)
+    assert dense_lse.key_halves(dense_lse.LseCase("causal", lengths_q, lengths_k, causal=True)) == (
+        (4, 4, 0, 0), (4, 8, 3, 1))
+
+
+def test_a_backward_from_the_merged_out_and_lse_agrees():
+    assert check_backward(merged_backward) == []
+
+
+def test_a_backward_that_ignores_the_merged_lse_is_caught_and_named():
+    problems = check_backward(own_block_backward)
+    assert problems and all(": backward from merged (out, lse): d" in p for p in problems), problems
+    assert any(p.startswith("causal Lq < Lk float16: backward from merged (out, lse): dq max |err|") for p in problems)
+
+
+def test_a_backward_that_raises_disagrees():
+    def refuses(*args):
+        raise RuntimeError("no keys")
+
+    assert check_backward(refuses)[0] == ("causal Lq < Lk float16: backward from merged (out, lse) raised "
+                                          "RuntimeError: no keys")
+
+
 def test_vdit_cpu_kernels_agree_and_externals_are_not_run_on_cpu():
     results = dense_lse.check_installed("cpu", (torch.float16,), dense_lse.TINY_CASES)
     assert results["cpu"] == [] and results["triton"] == []  # triton: the interpreter
     assert "cuda" in results["flash-attn"] and "cuda" in results["torch-varlen"]
     assert dense_lse.implementations(results) == {}
+    backward = dense_lse.check_installed("cpu", (torch.float16,), dense_lse.TINY_CASES, backward=True)
+    assert backward["cpu"] == [] and backward["triton"] == []
+    assert "cuda" in backward["flash-attn"] and "cuda" in backward["torch-varlen"]
+    assert dense_lse.implementations(results, backward) == {}
 
 
 def test_only_external_kernels_with_problems_are_quarantined(tmp_path):
@@ -106,7 +154,25 @@ def test_only_external_kernels_with_problems_are_quarantined(tmp_path):
     assert "| cpu | vdit | not run: runs on cpu tensors |" in text
 
 
-@pytest.mark.parametrize("wrong", [False, True], ids=["agrees", "cpu-kernel-off"])
+def test_a_disagreeing_backward_quarantines_its_kernel_with_the_forward_problems(tmp_path):
+    results = {"flash-attn": ["self bfloat16: lse ..."], "torch-varlen": [], "triton": []}
+    backward = {"flash-attn": ["self bfloat16: backward from merged (out, lse): dk max |err| 1"],
+                "torch-varlen": "has no backward from a given output and lse", "triton": []}
+    implementations = {"flash-attn": "flash_attn_interface 3.0.0", "torch-varlen": "torch 9.9"}
+    content = dense_lse.quarantine(results, implementations, "H100", backward)
+    assert content["kernels"] == {"flash-attn": {"implementation": "flash_attn_interface 3.0.0", "problems": [
+        "self bfloat16: lse ...", "self bfloat16: backward from merged (out, lse): dk max |err| 1"]}}
+    results["flash-attn"] = []  # the backward alone is enough
+    assert list(dense_lse.quarantine(results, implementations, "H100", backward)["kernels"]) == ["flash-attn"]
+    text = dense_lse.report("H100", results, implementations, "q.json", backward=backward)
+    assert "| kernel | implementation | result | backward from merged (out, lse) |" in text
+    assert "| flash-attn | flash_attn_interface 3.0.0 | agrees | quarantined: 1 problems |" in text
+    assert "| torch-varlen | torch 9.9 | agrees | not run: has no backward from a given output and lse |" in text
+    assert "| triton | vdit | agrees | agrees |" in text
+    assert "flash-attn:\n- self bfloat16: backward from merged (out, lse): dk max |err| 1" in text
+
+
+@pytest.mark.parametrize("wrong", [None, "forward", "backward"], ids=["agrees", "cpu-kernel-off", "cpu-backward-off"])
 def test_the_script_writes_report_and_quarantine_and_fails_on_a_vdit_kernel(monkeypatch, tmp_path, wrong):
     """gpu_dense_lse_check.py end to end on the CPU kernels (C++ and interpreted Triton) and tiny cases."""
     from benchmarks import gpu_dense_lse_check as script
@@ -116,18 +182,25 @@ def test_the_script_writes_report_and_quarantine_and_fails_on_a_vdit_kernel(monk
     monkeypatch.setattr(script, "CASES", dense_lse.TINY_CASES)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Fake GPU")
     monkeypatch.setenv(external.QUARANTINE_ENV, str(tmp_path / "stale.json"))
-    if wrong:
+    if wrong == "forward":
         real = dense_lse.vdit_run
         monkeypatch.setattr(dense_lse, "vdit_run", lambda backend: log2_lse if backend == "cpu" else real(backend))
+    if wrong == "backward":
+        real_backward = dense_lse.vdit_backward_run
+        monkeypatch.setattr(dense_lse, "vdit_backward_run",
+                            lambda backend: own_block_backward if backend == "cpu" else real_backward(backend))
     assert script.main(["--out", str(tmp_path)]) == (1 if wrong else 0)
     assert external.QUARANTINE_ENV not in os.environ  # the check judges every kernel afresh
     content = json.loads((tmp_path / "fake-gpu-quarantine.json").read_text())
     assert content["kernels"] == {} and content["device"] == "Fake GPU"  # vdit kernels are fixed, not quarantined
     text = (tmp_path / "fake-gpu-dense-lse.md").read_text()
     assert "on 2 cases (causal Lq < Lk, causal Lq > Lk), float16." in text
-    verdict = "FAILS (a vdit kernel: fix it): 2 problems" if wrong else "agrees"
+    verdict = "FAILS (a vdit kernel: fix it): 2 problems" if wrong == "forward" else "agrees"
     assert f"| cpu | vdit | {verdict} |" in text
-    assert "| triton | vdit | agrees |" in text and "| torch-varlen | vdit | not run: " in text
+    backward_verdict = "FAILS (a vdit kernel: fix it): " if wrong == "backward" else "agrees |"
+    assert f"| cpu | vdit | {verdict} | {backward_verdict}" in text
+    assert "| triton | vdit | agrees | agrees |" in text and "| torch-varlen | vdit | not run: " in text
+    assert "not run: varlen_attention: backend 'flash-attn' runs on cuda tensors" in text
 
 
 # ---- the quarantine rule in dispatch -------------------------------------------------------------------------

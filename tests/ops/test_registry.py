@@ -145,12 +145,15 @@ def test_capability_table_script_writes_the_table(tmp_path):
 
 @pytest.fixture
 def installed(monkeypatch):
-    """Pretend which external kernels are installed: installed(flash_attn=3 | 2 | None, torch_varlen=bool)."""
+    """Pretend which external kernels are installed: installed(flash_attn=3 | 2 | None, torch_varlen=bool,
+    flash_attn_backward=bool) (the last: flash-attn's private backward from a given output and lse)."""
     from vdit.kernels import external
 
-    def set_(flash_attn=None, torch_varlen=True):
+    def set_(flash_attn=None, torch_varlen=True, flash_attn_backward=False):
         monkeypatch.setattr(external, "flash_attn_version", lambda: flash_attn)
         monkeypatch.setattr(external, "torch_varlen_missing", lambda: None if torch_varlen else "not installed")
+        monkeypatch.setattr(external, "flash_attn_backward_missing",
+                            lambda: None if flash_attn and flash_attn_backward else "no private backward")
     return set_
 
 
@@ -187,10 +190,28 @@ def test_rule_vdit_triton_where_the_others_cannot_run(installed):
     assert attention(capability=(8, 0), dtype=torch.float32) == "triton"  # fp32
     assert attention(capability=(8, 0), head_dim=59) == "triton"  # head dim not a multiple of 8 (no FA3 on sm_80)
     assert attention(capability=(8, 0), deterministic=True) == "triton"  # torch-varlen's backward uses atomics
-    assert attention(capability=(9, 0), backward=True) == "triton"  # backward from a given out / lse (ring)
+    assert attention(capability=(9, 0), backward=True) == "triton"  # this flash-attn has no backward from lse
     assert attention(capability=(9, 0), empty=True) == "triton"
     assert attention(capability=(9, 0), head_dim=320) == "torch"  # beyond every GPU kernel: the reference
     assert attention(capability=(9, 0), dtype=torch.float64) == "torch"
+
+
+def test_rule_backward_from_out_and_lse_runs_flash_attn_where_it_has_one(installed):
+    installed(flash_attn=3, flash_attn_backward=True)
+    assert attention(capability=(9, 0), backward=True, causal=True, gqa=True) == "flash-attn"
+    assert attention(capability=(8, 0), backward=True) == "triton"  # FlashAttention-3 runs on sm_90 only
+    assert attention(capability=(9, 0), backward=True, head_dim=60) == "triton"  # the private backward: % 8
+    assert attention(capability=(9, 0), backward=True, empty=True) == "triton"
+    assert attention(capability=(9, 0), backward=True, deterministic=True, head_dim=256) == "triton"
+    assert attention(capability=(9, 0), backward=True, deterministic=True, head_dim=128) == "flash-attn"
+    installed(flash_attn=2, flash_attn_backward=True)  # torch-varlen has no such backward: FA2's runs in auto
+    assert attention(capability=(8, 0), backward=True) == "flash-attn"
+    assert attention(capability=(8, 0)) == "torch-varlen"  # the forward still prefers what torch ships
+    installed(flash_attn=3)
+    with pytest.raises(ValueError, match="flash-attn' has no backward from a given output and lse here: no private"):
+        attention(capability=(9, 0), backward=True, backend="flash-attn")
+    with pytest.raises(ValueError, match="torch-varlen' has no backward from a given output and lse"):
+        attention(capability=(9, 0), backward=True, backend="torch-varlen")
 
 
 def test_rule_explicit_choices_raise_with_the_reason(installed):

@@ -4,19 +4,24 @@ Kernels, in auto's order (declared in ``SPEC``; ``vdit.plan`` shows the choice f
 
 * ``flash-attn``: flash-attn's varlen function, when FlashAttention-3 is installed and the GPU is sm_90
   (the fastest dense kernel there); FlashAttention-2 from the flash-attn package only when named,
-  since torch-varlen runs the same kernel.
+  since torch-varlen runs the same kernel. The backward from a given output and lse (ring attention)
+  runs flash-attn's private varlen backward where the installed release has a usable one
+  (:func:`vdit.kernels.external.flash_attn_backward_missing`), FlashAttention-2's also in auto (no
+  other external kernel has one), for head dims that are multiples of 8.
 * ``torch-varlen``: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention-2 in-tree, cuDNN on
   sm_90 / sm_100 for fp16 / bf16 without GQA): fp16 / bf16 on sm_80+, head dims that are multiples
-  of 8, when the backward need not be deterministic.
+  of 8, when the backward need not be deterministic; no backward from a given output and lse.
 * ``triton``: vdit's kernel, for everything the others do not run: fp32, any head dim up to 256,
-  deterministic backward, and the backward from a given output and lse (ring attention). CPU tensors
-  only when named, under ``TRITON_INTERPRET=1``.
+  deterministic backward, and the backward from a given output and lse (ring attention) where
+  flash-attn's is not installed. CPU tensors only when named, under ``TRITON_INTERPRET=1``.
 * ``cpu``: vdit's C++ kernel on CPU tensors (every float dtype).
 * ``torch``: the reference, where no kernel covers the call (float64 on CUDA, no kernel installed).
 
 The forward and the backward always run in one family: the external kernels carry their own
 autograd, and vdit's compiled and Triton operators each register an autograd formula that calls
-their own backward operator. All paths run under ``torch.compile(fullgraph=True)``.
+their own backward operator. :func:`varlen_attention_backward` is chosen on its own, since it takes
+the output and lse of any forward (ring attention merges them over key blocks). All paths run under
+``torch.compile(fullgraph=True)``.
 
 ``lse`` (Hq, total_q) is float32 (float64 for float64 inputs on the C++ kernel); it is returned for
 inspection and for the backward and is not differentiable. A query that sees no key has lse -inf on
@@ -35,13 +40,11 @@ HALF_FLOATS = (torch.float16, torch.bfloat16)
 
 
 def _external(rule):
-    """A rule for a kernel vdit does not own: what both need (an sm_80+ GPU, something to launch, the
-    plain forward with its own backward), then the kernel's own ``rule``."""
+    """A rule for a kernel vdit does not own: what both need (an sm_80+ GPU, something to launch), then
+    the kernel's own ``rule``, which also says whether it runs the backward from a given output and lse."""
     def check(call: Call) -> str | None:
         if call.capability is None or tuple(call.capability) < (8, 0):
             return f"needs an sm_80 or newer GPU (capability {call.capability})"
-        if call.backward:
-            return "has no backward from a given output and lse (vdit's kernels do)"
         if call.empty:
             return "has nothing to launch for an empty batch"
         return rule(call)
@@ -53,6 +56,16 @@ def _flash_attn_rule(call: Call) -> str | None:
     version = external.flash_attn_version()
     if version == 3 and tuple(call.capability)[0] != 9:
         return "is FlashAttention-3, which runs on sm_90 only"
+    if version == 3 and call.deterministic and call.head_dim is not None and call.head_dim > 192:
+        return f"is FlashAttention-3, whose deterministic backward stops at head dim 192, got {call.head_dim}"
+    if call.backward:
+        missing = external.flash_attn_backward_missing()
+        if missing:
+            return f"has no backward from a given output and lse here: {missing}"
+        if call.head_dim is not None and call.head_dim % 8:  # flash_attn_varlen_func pads it, this does not
+            return f"runs the backward from a given output and lse for head dims that are multiples of 8, " \
+                   f"got {call.head_dim}"
+        return None  # FlashAttention-2's too: torch-varlen has no such backward
     if version == 2 and call.auto and external.torch_varlen_missing() is None:
         return "is FlashAttention-2, the kernel torch-varlen already runs (named explicitly, it runs)"
     return None
@@ -60,6 +73,8 @@ def _flash_attn_rule(call: Call) -> str | None:
 
 @_external
 def _torch_varlen_rule(call: Call) -> str | None:
+    if call.backward:
+        return "has no backward from a given output and lse (vdit's kernels do)"
     if call.head_dim is not None and call.head_dim % 8:
         return f"takes head dims that are multiples of 8, got {call.head_dim}"
     if call.deterministic:
@@ -71,8 +86,9 @@ SPEC = _registry.declare(
     "varlen_attention",
     Kernel("flash-attn", devices=("cuda",), family=None, dtypes=HALF_FLOATS, max_head_dim=MAX_GPU_HEAD_DIM,
            requires=_flash_attn_rule,
-           missing=lambda: None if external.flash_attn_version() else "not installed (pip install flash-attn)",
-           note="flash-attn varlen: FlashAttention-3 on sm_90 in auto; FlashAttention-2 only when named"),
+           missing=lambda: None if external.flash_attn_version() else external.flash_attn_missing() or "not installed",
+           note="flash-attn varlen: FlashAttention-3 on sm_90 in auto; FlashAttention-2 only when named; "
+                "the ring's backward from a given out / lse where the private backward is usable"),
     Kernel("torch-varlen", devices=("cuda",), family=None, dtypes=HALF_FLOATS, max_head_dim=MAX_GPU_HEAD_DIM,
            requires=_torch_varlen_rule, missing=external.torch_varlen_missing,
            note="torch.nn.attention.varlen.varlen_attn (FlashAttention-2 / cuDNN): sm_80+, head dim % 8 == 0, "
@@ -212,15 +228,26 @@ def varlen_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     :func:`varlen_attention` plus ``dout`` like q; not differentiable itself.
     Returns:
         (dq, dk, dv) like q, k, v (the ``torch`` backend returns float32, float64 for float64 input).
+    Raises:
+        TypeError / ValueError naming the argument for bad input (``dout`` and ``out`` must be shaped like
+        q, ``lse`` (Hq, total_q)).
     """
     max_q, max_k, scale = _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                         softmax_scale, causal)
+    for name, t, shape in (("dout", dout, q.shape), ("out", out, q.shape), ("lse", lse, (q.shape[1], q.shape[0]))):
+        if tuple(t.shape) != tuple(shape):  # FA3 reads lse by pointer, unchecked
+            raise ValueError(f"{name} must have shape {tuple(shape)} for q of shape {tuple(q.shape)}, "
+                             f"got {tuple(t.shape)}")
     chosen = _select(q, k, causal, backend, backward=True)
     if chosen == "torch":
         return reference.varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                                    softmax_scale=scale, causal=causal)
+    offsets = (cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_q, max_k, scale, causal)
+    if chosen == "flash-attn":  # it takes dout and out in q's dtype only, lse in float32 only
+        tensors = (t.to(q.dtype).contiguous() for t in (dout, q, k, v, out))
+        return external.flash_attention_backward(*tensors, lse.float().contiguous(), *offsets,
+                                                 deterministic=torch.are_deterministic_algorithms_enabled())
     family = SPEC.family(chosen)
     return family.op("varlen_attention_bwd")(
         dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(),
-        lse.to(family.lse_dtype(q.dtype)).contiguous(), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
-        max_q, max_k, scale, causal)
+        lse.to(family.lse_dtype(q.dtype)).contiguous(), *offsets)
