@@ -24,3 +24,21 @@ def run_study(args: argparse.Namespace, generate_all, report) -> None:
     if not args.report_only:
         generate_all(args)
     report(args)
+
+
+def model_argument(text: str) -> tuple[str, str]:
+    """``name=path`` -> (name, path)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--model must be NAME=WEIGHTS, got {text!r}")
+    return name, path
+
+
+def parse_model_study(p: argparse.ArgumentParser, argv, model_help: str) -> argparse.Namespace:
+    """Parse a study comparing models: ``p`` gains --model NAME=WEIGHTS (repeatable), which is required unless
+    --report-only."""
+    p.add_argument("--model", type=model_argument, action="append", default=[], help=model_help)
+    args = p.parse_args(argv)
+    if not args.report_only and not args.model:
+        p.error("give --model NAME=WEIGHTS (twice, to compare), or --report-only")
+    return args

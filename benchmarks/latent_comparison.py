@@ -28,8 +28,7 @@ import time
 import torch
 
 from benchmarks.aspect_consistency import measure
-from benchmarks.common import add_study_arguments, run_study
-from benchmarks.native_training import model_argument
+from benchmarks.common import add_study_arguments, parse_model_study, run_study
 from vdit.demo.evaluation import (
     classify_colour,
     classify_motion,
@@ -176,14 +175,10 @@ def report(args) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_study_arguments(p, raw=RAW, videos=VIDEOS, report=REPORT, report_help="markdown report (and <out>.json)")
-    p.add_argument("--model", type=model_argument, action="append", default=[],
-                   help="NAME=WEIGHTS (a shipped name such as dense or latent, or a safetensors file); twice")
     p.add_argument("--sizes", type=lambda s: [tuple(int(v) for v in x.split("x")) for x in s.split(",")],
                    default=list(SIZES), help="comma-separated HxW")
-    args = p.parse_args(argv)
-    if not args.report_only and not args.model:
-        p.error("give --model NAME=WEIGHTS (twice, to compare), or --report-only")
-    return args
+    return parse_model_study(p, argv, "NAME=WEIGHTS (a shipped name such as dense or latent, or a safetensors "
+                                      "file); give two")
 
 
 def main(argv=None) -> None:

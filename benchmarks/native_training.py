@@ -31,7 +31,7 @@ import time
 import torch
 
 from benchmarks.aspect_consistency import FRAMES, GUIDANCE, STEPS, measure
-from benchmarks.common import add_study_arguments, run_study
+from benchmarks.common import add_study_arguments, parse_model_study, run_study
 from vdit.demo.evaluation import held_out_prompts
 from vdit.demo.pipeline import TextToVideo, generate
 
@@ -232,23 +232,10 @@ def generate_all(args) -> None:
                 print(f"seed {seed} prompt {index} {name}: {rows[0]['seconds']:.1f} s per video", flush=True)
 
 
-def model_argument(text: str) -> tuple[str, str]:
-    """``name=path`` -> (name, path)."""
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"--model must be NAME=WEIGHTS, got {text!r}")
-    return name, path
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=model_argument, action="append", default=[],
-                   help="NAME=WEIGHTS (safetensors with config.json beside it); give two, native first")
     add_study_arguments(p, raw=RAW, videos=VIDEOS, report=REPORT, report_help="markdown report (its plot: <out>.png)")
-    args = p.parse_args(argv)
-    if not args.report_only and not args.model:
-        p.error("give --model NAME=WEIGHTS (twice, to compare), or --report-only")
-    return args
+    return parse_model_study(p, argv, "NAME=WEIGHTS (safetensors with config.json beside it); give two, native first")
 
 
 def main(argv=None) -> None:

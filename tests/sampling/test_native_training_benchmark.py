@@ -6,7 +6,8 @@ import argparse
 
 import pytest
 
-from benchmarks.native_training import SIZES, model_argument, score, summarise
+from benchmarks.common import model_argument
+from benchmarks.native_training import SIZES, score, summarise
 
 
 def rows_of(model: str, index: int, in_frame: list[bool], motion_right: bool = True) -> list[dict]:
