@@ -171,3 +171,19 @@ def test_training_options_that_do_not_fit_the_autoencoder_are_named(tmp_path):
     os.remove(tmp_path / "ae" / "autoencoder.safetensors")
     with pytest.raises(UsageError, match="--autoencoder: .*autoencoder.safetensors"):
         train.main([*base, *TRAIN_ARGS])
+
+
+def test_generate_and_eval_clis_run_a_latent_model(tmp_path, capsys):
+    from vdit.demo.cli import eval as eval_cli
+    from vdit.demo.cli import generate as generate_cli
+
+    latent_model().save(str(tmp_path / "m"))
+    weights = str(tmp_path / "m" / "model.safetensors")
+    generate_cli.main(["--prompt", PROMPT, "--weights", weights, "--size", "16x24", "--frames", "6", "--steps", "2",
+                       "--noise", "resampled", "--out", str(tmp_path / "frames")])
+    assert len([f for f in os.listdir(tmp_path / "frames") if f.endswith(".png")]) == 6  # 9 decoded, 6 kept
+    with pytest.raises(UsageError, match=r"multiples of 8x8 \(autoencoder stride 4 x patch 2x2\)"):
+        generate_cli.main(["--prompt", PROMPT, "--weights", weights, "--size", "12x24", "--out",
+                           str(tmp_path / "bad.gif")])
+    eval_cli.main(["--weights", weights, "--prompts", "2", "--steps", "2", "--size", "16x24", "--seed", "1"])
+    assert "2 held-out videos" in capsys.readouterr().out
