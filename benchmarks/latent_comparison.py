@@ -100,6 +100,53 @@ def generate_all(args) -> None:
                     print(f"{name} {h}x{w} seed {seed} prompt {index}: {seconds:.1f} s", flush=True)
 
 
+TIMING = ((16, 64, 96), (16, 128, 128), (32, 128, 128), (32, 128, 256))  # (frames, height, width)
+
+
+def timing(args) -> dict:
+    """Median seconds of one video per model and (frames, height, width) of :data:`TIMING` (``--timing-sizes``),
+    the models interleaved round by round so that both see the same machine load; a model runs a size only when
+    its tokens per video stay within ``--timing-max-tokens``. Written to ``<out stem>-timing.json``."""
+    models = [(name, TextToVideo.load(SHIPPED_WEIGHTS.get(w, w))) for name, w in args.model]
+    prompt = held_out_prompts(1)[0][0]
+    seconds: dict[str, dict[str, list[float]]] = {}
+    tokens: dict[str, dict[str, int]] = {}
+    for _ in range(args.timing_rounds):
+        for frames, h, w in args.timing_sizes:
+            key = f"{frames}x{h}x{w}"
+            for name, model in models:
+                n = tokens_per_video(model, frames, h, w)
+                tokens.setdefault(name, {})[key] = n
+                if n > args.timing_max_tokens:
+                    continue
+                start = time.perf_counter()
+                generate(model, [prompt], frames=frames, height=h, width=w, steps=STEPS, guidance=GUIDANCE, seed=0,
+                         progress=False)
+                seconds.setdefault(name, {}).setdefault(key, []).append(time.perf_counter() - start)
+                print(f"timing {name} {key}: {seconds[name][key][-1]:.1f} s", flush=True)
+    result = {"threads": torch.get_num_threads(), "rounds": args.timing_rounds, "tokens": tokens,
+              "seconds": {m: {k: statistics.median(v) for k, v in sizes.items()} for m, sizes in seconds.items()}}
+    with open(os.path.splitext(args.out)[0] + "-timing.json", "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def timing_table(result: dict) -> str:
+    """Markdown: seconds per video of each model at each timed size, and tokens per video."""
+    models = list(result["tokens"])
+    sizes = list(next(iter(result["tokens"].values())))
+    lines = ["| video (frames x H x W) | " + " | ".join(f"{m}: s (tokens)" for m in models) + " |",
+             "|---|" + "---:|" * len(models)]
+    for key in sizes:
+        cells = []
+        for m in models:
+            t = result["seconds"].get(m, {}).get(key)
+            cells.append(f"{t:.1f} ({result['tokens'][m][key]})" if t is not None else
+                         f"not run ({result['tokens'][m][key]})")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def value(row: dict, key: str) -> float:
     """The row's value of measure ``key`` (:data:`MEASURES`) as a number."""
     if key in ("colour", "motion", "shape"):
@@ -164,6 +211,13 @@ def report(args) -> None:
             " ".join(f"--model {m}={w}" for m, w in weights.items()) +
             f" --seeds {','.join(map(str, sorted({r['seed'] for r in rows})))}", "```", "",
             table(summary), ""]
+    timing_path = os.path.splitext(args.out)[0] + "-timing.json"
+    if os.path.exists(timing_path):
+        with open(timing_path) as f:
+            result = json.load(f)
+        text += [f"Sampling time, the models interleaved in one process ({result['threads']} thread(s), median of "
+                 f"{result['rounds']} round(s); 'not run': above the timing's token limit):", "",
+                 timing_table(result), ""]
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(text))
@@ -177,12 +231,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_study_arguments(p, raw=RAW, videos=VIDEOS, report=REPORT, report_help="markdown report (and <out>.json)")
     p.add_argument("--sizes", type=lambda s: [tuple(int(v) for v in x.split("x")) for x in s.split(",")],
                    default=list(SIZES), help="comma-separated HxW")
+    p.add_argument("--timing-rounds", type=int, default=0,
+                   help="also time one video per model at each --timing-sizes, this many rounds (0: no timing)")
+    p.add_argument("--timing-sizes", type=lambda s: [tuple(int(v) for v in x.split("x")) for x in s.split(",")],
+                   default=list(TIMING), help="comma-separated FxHxW")
+    p.add_argument("--timing-max-tokens", type=int, default=4096, help="skip timings above this many tokens")
     return parse_model_study(p, argv, "NAME=WEIGHTS (a shipped name such as dense or latent, or a safetensors "
                                       "file); give two")
 
 
 def main(argv=None) -> None:
-    run_study(parse_args(argv), generate_all, report)
+    args = parse_args(argv)
+    if args.timing_rounds and not args.report_only:
+        timing(args)
+    run_study(args, generate_all, report)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,11 @@ def test_two_models_side_by_side(tmp_path, capsys):
     assert set(summary) == {"pixel", "latent"} and summary["latent"]["videos"] == 2
     text = open(tmp_path / "report.md").read()
     assert "| 16x16x24 | pixel | 2 |" in text and "| 16x16x24 | latent | 2 |" in text
+    bench.main([*args, "--timing-rounds", "1", "--timing-sizes", "5x16x24", "--timing-max-tokens", "50"])
+    timed = json.load(open(tmp_path / "report-timing.json"))
+    assert timed["tokens"] == {"pixel": {"5x16x24": 5 * 4 * 6}, "latent": {"5x16x24": 2 * 2 * 3}}
+    assert list(timed["seconds"]) == ["latent"] and timed["seconds"]["latent"]["5x16x24"] > 0
+    assert "| 5x16x24 | not run (120) |" in open(tmp_path / "report.md").read()
 
 
 def test_models_are_compared_on_the_pairs_both_ran():
