@@ -44,7 +44,8 @@ RAW, VIDEOS = "runs/latent-comparison.jsonl", "runs/latent-comparison-videos"
 REPORT = "benchmarks/results/cpu-latent-comparison.md"
 MEASURES = (("colour", "colour right"), ("motion", "motion right"), ("shape", "shape right"),
             ("persistent", "object in every frame"), ("mask_iou", "foreground IoU t->t+1"),
-            ("frame_diff", "frame-to-frame change"), ("seconds", "s / video"), ("tokens", "tokens / video"))
+            ("frame_diff", "frame-to-frame change"), ("seconds", "s / video (its own run)"),
+            ("tokens", "tokens / video"))
 
 
 def tokens_per_video(model: TextToVideo, frames: int, height: int, width: int) -> int:

@@ -1,6 +1,8 @@
-"""Copy a training run's EMA weights into the package as the shipped demo model (float16 safetensors).
+"""Copy a training run's EMA weights into the package as a shipped demo model (float16 safetensors; a latent
+model's autoencoder float32).
 
-    python scripts/export_demo_weights.py runs/demo-p188            # -> vdit/demo/assets/demo/
+    python scripts/export_demo_weights.py runs/demo-p188                                  # -> vdit/demo/assets/demo/
+    python scripts/export_demo_weights.py runs/latent --out vdit/demo/assets/demo-latent
 """
 import argparse
 import json
@@ -26,7 +28,10 @@ def main() -> None:
     state = read_json(os.path.join(args.run, STATE_FILE))
     # Runs saved before config.json carried the sampling shift: sample at the shift they trained with.
     model.sampling_shift = state["args"].get("timestep_shift", model.sampling_shift)
-    model.save(args.out, dtype=torch.float16)
+    # A latent model's autoencoder (latent.*) stays float32, byte for byte the autoencoder it was trained with.
+    state_dict = {k: v if k.startswith("latent.") or not v.is_floating_point() else v.half()
+                  for k, v in model.state_dict().items()}
+    model.save(args.out, state_dict=state_dict)
     step = state["step"]
     with open(os.path.join(args.out, "training.json"), "w") as f:
         # args are those of the run's latest invocation (vdit-train resumes with the arguments it is given)

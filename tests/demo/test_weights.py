@@ -57,3 +57,22 @@ def test_shipped_autoencoder_reconstructs_held_out_videos():
             scores.append(psnr(ae.decode(latent).clamp(-1, 1), video[None]))
     # benchmarks/results/cpu-autoencoder.md: 27.9 dB on 24 such videos; a broken file or decoder gives < 15
     assert sum(scores) / len(scores) > 25, scores
+
+
+def test_shipped_latent_weights_decode_through_the_shipped_autoencoder():
+    from vdit.demo.autoencoder import CausalVideoAutoencoder
+    from vdit.demo.pipeline import SHIPPED_AUTOENCODER, SHIPPED_WEIGHTS
+
+    path = SHIPPED_WEIGHTS["latent"]
+    assert os.path.getsize(path) <= 30 * 2**20
+    model = TextToVideo.load(path)
+    shipped = CausalVideoAutoencoder.load(SHIPPED_AUTOENCODER)
+    assert model.latent is not None and model.latent.autoencoder.config == shipped.config
+    for (name, a), b in zip(model.latent.autoencoder.state_dict().items(), shipped.state_dict().values()):
+        assert torch.equal(a, b), name  # the model carries the shipped autoencoder, unchanged
+    assert model.dit.config.in_channels == model.dit.config.out_channels == shipped.config.latent_channels
+    with open(os.path.join(os.path.dirname(path), "training.json")) as f:
+        assert json.load(f)["args"]["autoencoder"].endswith("autoencoder")
+    video, = generate(model, ["a red circle moves up on a black background"], frames=5, height=16, width=24,
+                      steps=2, progress=False)
+    assert video.shape == (3, 5, 16, 24) and torch.isfinite(video).all()

@@ -26,10 +26,12 @@ ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "dem
 DEFAULT_WEIGHTS = os.path.join(ASSETS, "model.safetensors")  # its config.json lies beside it
 # The shipped video compression network (vdit.demo.autoencoder; vdit/demo/assets/README.md).
 SHIPPED_AUTOENCODER = os.path.join(os.path.dirname(ASSETS), "autoencoder")
-# The shipped weights by name (--weights dense / sta): the demo model, and the same model fine-tuned to
-# sliding-tile attention (tiles of 4x4x4 tokens, windows of 4x2x2 tiles; vdit/demo/assets/README.md).
+# The shipped weights by name (--weights dense / sta / latent): the demo model, the same model fine-tuned to
+# sliding-tile attention (tiles of 4x4x4 tokens, windows of 4x2x2 tiles), and its text encoder and blocks
+# fine-tuned on the shipped autoencoder's latents (vdit/demo/assets/README.md).
 SHIPPED_WEIGHTS = {"dense": DEFAULT_WEIGHTS,
-                   "sta": os.path.join(os.path.dirname(ASSETS), "demo-sta", "model.safetensors")}
+                   "sta": os.path.join(os.path.dirname(ASSETS), "demo-sta", "model.safetensors"),
+                   "latent": os.path.join(os.path.dirname(ASSETS), "demo-latent", "model.safetensors")}
 
 
 @dataclasses.dataclass

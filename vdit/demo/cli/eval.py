@@ -45,7 +45,7 @@ PROG = "vdit-eval-demo"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--weights", default=DEFAULT_WEIGHTS,
-                   help="safetensors weights, or a shipped model by name: dense (default) or sta")
+                   help="safetensors weights, or a shipped model by name: dense (default), sta or latent")
     p.add_argument("--config", default=None)
     p.add_argument("--prompts", type=int, default=len(HELD_OUT),
                    help=f"number of held-out prompts (default: all {len(HELD_OUT)})")

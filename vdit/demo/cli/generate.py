@@ -54,8 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="output .mp4 / .gif, or a folder (PNG frames); several videos get _<i> suffixes")
     p.add_argument("--sheet", default=None, help="contact-sheet PNG (default: <out>_sheet.png)")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS,
-                   help="safetensors weights, or a shipped model by name: dense (the default demo model) or sta "
-                        "(fine-tuned to sliding-tile attention)")
+                   help="safetensors weights, or a shipped model by name: dense (the default demo model), sta "
+                        "(fine-tuned to sliding-tile attention) or latent (on the autoencoder's latents)")
     p.add_argument("--config", default=None, help="JSON config (default: config.json beside the weights)")
     common.add_attention_arguments(p, default_help="the weights' own (dense for the shipped model)")
     common.add_cache_arguments(p)
