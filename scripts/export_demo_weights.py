@@ -8,8 +8,6 @@ import argparse
 import json
 import os
 
-import torch
-
 from vdit.demo.checkpoint import EMA_FILE, STATE_FILE, load_tensors, read_json
 from vdit.demo.pipeline import TextToVideo
 
