@@ -16,7 +16,7 @@ from vdit.models import VideoDiTConfig
 
 def tiny(channels: int, patch, latent=None) -> TextToVideo:
     torch.manual_seed(0)
-    cfg = VideoDiTConfig(in_channels=channels, out_channels=channels, patch_size=patch, hidden_size=32, depth=1,
+    cfg = VideoDiTConfig(in_channels=channels, out_channels=channels, patch_size=patch, hidden_size=64, depth=1,
                          heads=2, context_dim=16)
     return TextToVideo(cfg, vocabulary(), TextEncoderConfig(dim=16, depth=1, heads=2), latent=latent)
 
