@@ -13,8 +13,9 @@ from vdit.demo.checkpoint import CheckpointError
 from vdit.demo.cli import train_autoencoder as trainer
 from vdit.demo.cli.common import UsageError
 
-TINY = AutoencoderConfig(width=8, blocks=1, latent_channels=4, refine=4)
-TINY_ARGS = ["--width", "8", "--blocks", "1", "--refine", "4", "--latent-channels", "4", "--sides", "16,24",
+TINY = AutoencoderConfig(spatial_stride=8, width=8, blocks=1, latent_channels=4, refine=4, expand=0)
+TINY_ARGS = ["--spatial-stride", "8", "--expand", "0", "--width", "8", "--blocks", "1", "--refine", "4",
+             "--latent-channels", "4", "--sides", "16,24",
              "--frame-counts", "5", "--batch", "2", "--warmup", "1", "--lr", "3e-3", "--eval-videos", "2",
              "--device", "cpu"]
 

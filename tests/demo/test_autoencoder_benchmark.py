@@ -14,7 +14,7 @@ from benchmarks import autoencoder_quality as bench
 from vdit.demo.autoencoder import AutoencoderConfig, CausalVideoAutoencoder
 from vdit.demo.cli import train_autoencoder as trainer
 
-TINY = AutoencoderConfig(width=8, blocks=1, latent_channels=4, refine=4)
+TINY = AutoencoderConfig(spatial_stride=8, width=8, blocks=1, latent_channels=4, refine=4, expand=0)
 
 
 def sheet_size(path) -> tuple[int, int]:

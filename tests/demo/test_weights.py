@@ -47,6 +47,12 @@ def test_shipped_autoencoder_reconstructs_held_out_videos():
     assert os.path.getsize(os.path.join(SHIPPED_AUTOENCODER, "autoencoder.safetensors")) <= 8 * 2**20
     ae = CausalVideoAutoencoder.load(SHIPPED_AUTOENCODER)
     assert (ae.config.temporal_stride, ae.config.spatial_stride, ae.config.latent_channels) == (4, 4, 16)
+    # the defaults of AutoencoderConfig and of vdit-train-autoencoder reproduce the shipped design
+    from vdit.demo.autoencoder import AutoencoderConfig
+    from vdit.demo.cli import train_autoencoder as trainer
+
+    assert AutoencoderConfig() == ae.config
+    assert trainer.model_config(trainer.parse_args(["--out", "unused"])) == ae.config
     videos = ShapesDataset(seed=1_000_003, frame_counts=(9, 17)).__getitem__
     scores = []
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """The demo's video compression network: a small causal 3D convolutional autoencoder (a KL-regularized VAE).
 
-It maps a video (3, T, H, W) in [-1, 1] to a spacetime latent (C_z, 1 + (T - 1) / 4, H / 8, W / 8) and back, as
+It maps a video (3, T, H, W) in [-1, 1] to a spacetime latent (C_z, 1 + (T - 1) / 4, H / s, W / s) and back, as
 Sora's compression network does for its diffusion transformer. Time is causal, as in MAGVIT-v2's and Wan's causal
 VAEs: the first frame is repeated to fill a whole 4-frame block, every convolution pads time on the left only and
 every norm works per position (over channels), so latent frame j depends on frames 0 .. 4j alone. The first frame
@@ -9,15 +9,16 @@ frames give 1 + k latent frames, and a 1-frame image gives 1 latent frame. Other
 ``video`` (pad or trim a clip to 1 + 4k frames first; silently padding would make the decoder return frames the
 input never had).
 
-Design: every 4 x 8 x 8 block of pixels is mapped linearly to one latent-resolution position (space-and-time to
-depth, like a patch embedding), and all the large convolutions run at the latent resolution, where a position
-costs 1/256 of a full-resolution one; the decoder mirrors this and adds a thin full-resolution refinement.
+Design: every 4 x s x s block of pixels (s = ``spatial_stride``: 4 by default and in the shipped model, 8 also
+measured) is mapped linearly to one latent-resolution position (space-and-time to depth, like a patch embedding),
+and all the large convolutions run at the latent resolution, where a position costs 1/(4 s^2) of a full-resolution
+one; the decoder mirrors this with a per-position MLP and adds a thin full-resolution refinement.
 
 Regularization: a diagonal Gaussian posterior with a small KL weight (see the trainer), which keeps the latent
 scale bounded and smooth for the diffusion model without the codebook machinery of a VQ bottleneck.
 
     ae = CausalVideoAutoencoder(AutoencoderConfig())
-    z = ae.encode(video[None])            # (1, 16, 1 + (T - 1) // 4, H // 8, W // 8): the posterior mean
+    z = ae.encode(video[None])            # (1, 16, 1 + (T - 1) // 4, H // 4, W // 4): the posterior mean
     x = ae.decode(z)                      # (1, 3, T, H, W)
     zs = ae.encode([v0, v1])              # a list of videos of different sizes -> a list of latents
     ae.save("dir"); ae = CausalVideoAutoencoder.load("dir")
@@ -50,7 +51,7 @@ LOGVAR_INIT = -6.0
 
 @dataclasses.dataclass
 class AutoencoderConfig:
-    """Architecture of a :class:`CausalVideoAutoencoder`.
+    """Architecture of a :class:`CausalVideoAutoencoder`; the defaults are the shipped model's (1.26 M parameters).
 
     Args:
         temporal_stride, spatial_stride: the compression of time and of height and width; one latent position
@@ -66,12 +67,12 @@ class AutoencoderConfig:
     """
 
     temporal_stride: int = 4
-    spatial_stride: int = 8
+    spatial_stride: int = 4
     width: int = 96
     blocks: int = 1
     latent_channels: int = 16
-    refine: int = 16
-    expand: int = 0
+    refine: int = 32
+    expand: int = 384
 
     def __post_init__(self):
         for name in ("temporal_stride", "spatial_stride", "width", "latent_channels"):

@@ -1,6 +1,6 @@
 """vdit-train-autoencoder: train the demo's causal video autoencoder (vdit.demo.autoencoder) on the shapes videos.
 
-Each step takes the next --batch samples of the shapes dataset (frame counts 1 + 4k, sides that 8 divides, mixed
+Each step takes the next --batch samples of the shapes dataset (frame counts 1 + 4k, sides the stride divides, mixed
 sizes, a --image-fraction of them cut to their first frame, coded alone), and minimizes the mean squared (--recon)
 reconstruction error + --edge-weight x the error of the frames' horizontal and vertical differences (keeps edges
 sharp, which PSNR on flat-coloured shapes depends on) + --kl-weight x the KL divergence per latent element. The
@@ -9,10 +9,12 @@ uninterrupted one. Checkpoints (config.json + autoencoder.safetensors, optimizer
 --out every --save-every steps and at the end; running the same command again resumes. Every --eval-every steps
 the PSNR of --eval-videos held-out videos (another dataset seed, never in the training stream) is logged.
 
-One candidate run (one CPU thread, low priority; the runs and their progress are in docs/autoencoder.md):
+The defaults are the shipped model's design (4x4x4 blocks, 16 channels, --expand 384 --refine 32) and data (5 to
+17 frames). A run in the background (one CPU thread, low priority; the shipped run's phases and progress are in
+docs/autoencoder.md):
 
-    OMP_NUM_THREADS=1 nohup nice -n 19 python -m vdit.demo.cli.train_autoencoder --out runs/ae4 \\
-        --steps 12000 --spatial-stride 4 --expand 384 --refine 32 > runs/ae4.log 2>&1 &
+    OMP_NUM_THREADS=1 nohup nice -n 19 python -m vdit.demo.cli.train_autoencoder --out runs/ae \\
+        --steps 6000 > runs/ae.log 2>&1 &
 """
 from __future__ import annotations
 
@@ -57,14 +59,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "median-seeking L1 learns to leave small objects out) or absolute")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temporal-stride", type=int, default=4, help="frames per latent frame (after the first)")
-    p.add_argument("--spatial-stride", type=int, default=8, help="pixels per latent position along H and W")
+    p.add_argument("--spatial-stride", type=int, default=4, help="pixels per latent position along H and W")
     p.add_argument("--width", type=int, default=96, help="convolution width at the latent resolution")
     p.add_argument("--blocks", type=int, default=1, help="residual blocks in the encoder and in the decoder")
-    p.add_argument("--refine", type=int, default=16, help="width of the full-resolution refinement (0: none)")
-    p.add_argument("--expand", type=int, default=0, help="hidden width of the decoder's per-position MLP (0: none)")
+    p.add_argument("--refine", type=int, default=32, help="width of the full-resolution refinement (0: none)")
+    p.add_argument("--expand", type=int, default=384, help="hidden width of the decoder's per-position MLP (0: none)")
     p.add_argument("--latent-channels", type=int, default=16)
     p.add_argument("--sides", default="32,40,48,56,64", help="training heights / widths (multiples of 8)")
-    p.add_argument("--frame-counts", default="5,9", help="training frame counts (1 + 4k)")
+    p.add_argument("--frame-counts", default="5,9,13,17", help="training frame counts (1 + 4k)")
     p.add_argument("--image-fraction", type=float, default=0.1, help="share of samples cut to their first frame")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--eval-every", type=int, default=250)
