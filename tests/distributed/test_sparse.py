@@ -90,7 +90,33 @@ def _check_model(attention, mode):
                                    msg=f"{name}: {diff:.3g}")
 
 
+def _check_new_window_same_batch():
+    """The ring's halo plan follows the window, not the window tensor: a window changed in place (the same
+    object, as a replaced pattern's new window may reuse a freed one's id) on the same batch plan gives the new
+    window's output."""
+    rank = dist.get_rank()
+    pattern = SparsePattern("sliding_tile", (1, 2, 2), window=[[1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1]])
+    torch.manual_seed(0)
+    module = TileSparseAttention(32, 4, pattern=pattern).double()
+    grids = torch.tensor(GRIDS, dtype=torch.int64)
+    cu = torch.zeros(len(GRIDS) + 1, dtype=torch.int32)
+    cu[1:] = grids.prod(1).cumsum(0)
+    x = torch.randn(int(cu[-1]), 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    sp = _sequence_parallel("ring")
+    bounds = shard_bounds(cu.tolist(), sp.size)
+    xs = shard_packed(x, bounds=bounds)
+    with torch.no_grad():
+        before = module(xs, cu, grids=grids, sequence_parallel=sp)
+        pattern.window_for(None).copy_(torch.tensor([[3, 3, 3]] * 4))
+        after = module(xs, cu, grids=grids, sequence_parallel=sp)
+        ref = module(x, cu, grids=grids)[bounds[rank]:bounds[rank + 1]]
+    torch.testing.assert_close(after, ref, rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(before, after)
+
+
 def _check_case(case):
+    if case == ("new window",):
+        return _check_new_window_same_batch()
     (_check_model if case[0] == "model" else _check_module)(*case[-2:])
 
 
@@ -100,7 +126,7 @@ def _run(size, cases):
 
 def test_two_ranks():
     _run(2, [(name, mode) for mode in ("ulysses", "ring") for name in PATTERNS]
-         + [("model", "sliding_tile", "ring"), ("model", "topk_tile", "ulysses")])
+         + [("model", "sliding_tile", "ring"), ("model", "topk_tile", "ulysses"), ("new window",)])
 
 
 def test_four_ranks():

@@ -99,8 +99,10 @@ def sparse_attention(sp, pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 
 def _halo(pattern, q, k, v, grids, plan, group, path):
     rank, size = world(group)
-    window = pattern.window_for(path, q.shape[1])  # the pattern's own tensor: the same object every layer
-    key = ("halo", tuple(pattern.tile), id(window), size, rank, str(q.device))
+    window = pattern.window_for(path, q.shape[1])
+    # Keyed by the window's values (a few host ints), not the tensor's id: the batch plan outlives a pattern that
+    # is replaced, and a new window tensor may reuse a freed one's id.
+    key = ("halo", tuple(pattern.tile), tuple(map(tuple, window.tolist())), size, rank, str(q.device))
     if key not in plan.extras:
         plan.extras[key] = halo_plan(plan.cu_q, grids, tuple(pattern.tile), window, plan.bounds(size), rank,
                                      q.device)
