@@ -13,7 +13,8 @@ size, and measures per video:
   foreground masks (higher is steadier);
 - the sampling time (one thread) and the tokens the transformer sees per video.
 
-Each video's row is appended to ``--raw`` as it comes (resumable; ``--report-only`` reports what exists).
+Each video's row is appended to ``--raw`` as it comes (resumable; ``--report-only`` reports what exists). The
+report ends with ``<out>-notes.md`` where that file exists (the runs' commands and reading, written by hand).
 
     OMP_NUM_THREADS=1 python -m benchmarks.latent_comparison --seeds 0,1,2 --model pixel=dense --model latent=latent
 """
@@ -219,6 +220,10 @@ def report(args) -> None:
         text += [f"Sampling time, the models interleaved in one process ({result['threads']} thread(s), median of "
                  f"{result['rounds']} round(s); 'not run': above the timing's token limit):", "",
                  timing_table(result), ""]
+    notes_path = os.path.splitext(args.out)[0] + "-notes.md"
+    if os.path.exists(notes_path):  # what ran and what it says, written by hand: kept when the report is redone
+        with open(notes_path) as f:
+            text += [f.read().rstrip("\n"), ""]
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(text))

@@ -17,7 +17,7 @@ from vdit.demo.latent import LatentSpace, latent_statistics
 from vdit.demo.pipeline import TextEncoderConfig, TextToVideo, generate
 from vdit.models import VideoDiTConfig
 
-AE = AutoencoderConfig(spatial_stride=4, width=8, latent_channels=4, refine=0)
+AE = AutoencoderConfig(spatial_stride=4, width=8, latent_channels=4, refine=0, expand=0)
 PROMPT = "a red circle moves to the left on a black background"
 
 

@@ -22,7 +22,7 @@ def tiny(channels: int, patch, latent=None) -> TextToVideo:
 
 
 def test_two_models_side_by_side(tmp_path, capsys):
-    ae = CausalVideoAutoencoder(AutoencoderConfig(spatial_stride=4, width=8, latent_channels=4, refine=0))
+    ae = CausalVideoAutoencoder(AutoencoderConfig(spatial_stride=4, width=8, latent_channels=4, refine=0, expand=0))
     tiny(3, (1, 4, 4)).save(str(tmp_path / "pixel"))
     tiny(4, (1, 2, 2), LatentSpace(ae, [0.0] * 4, [1.0] * 4)).save(str(tmp_path / "latent"))
     args = ["--prompts", "2", "--seeds", "0", "--sizes", "16x24", "--raw", str(tmp_path / "raw.jsonl"),
@@ -46,6 +46,10 @@ def test_two_models_side_by_side(tmp_path, capsys):
     assert timed["tokens"] == {"pixel": {"5x16x24": 5 * 4 * 6}, "latent": {"5x16x24": 2 * 2 * 3}}
     assert list(timed["seconds"]) == ["latent"] and timed["seconds"]["latent"]["5x16x24"] > 0
     assert "| 5x16x24 | not run (120) |" in open(tmp_path / "report.md").read()
+    (tmp_path / "report-notes.md").write_text("## What ran\n\nby hand\n")
+    bench.main([*args, "--report-only"])
+    text = open(tmp_path / "report.md").read()
+    assert "| 5x16x24 | not run (120) |" in text and text.endswith("## What ran\n\nby hand\n")
 
 
 def test_models_are_compared_on_the_pairs_both_ran():
