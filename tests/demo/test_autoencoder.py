@@ -1,6 +1,7 @@
 """The demo's causal video autoencoder (vdit/demo/autoencoder.py) and its trainer
 (vdit/demo/cli/train_autoencoder.py): shapes at mixed sizes and images, causality in time, errors, save/load,
 training steps lower the loss, and a resumed run takes the same steps as an uninterrupted one."""
+import dataclasses
 import json
 import math
 import os
@@ -8,7 +9,14 @@ import os
 import pytest
 import torch
 
-from vdit.demo.autoencoder import AutoencoderConfig, CausalVideoAutoencoder, kl_divergence, psnr
+from vdit.demo.autoencoder import (
+    AutoencoderConfig,
+    CausalVideoAutoencoder,
+    kl_divergence,
+    lfq_penalties,
+    psnr,
+    quantize,
+)
 from vdit.demo.checkpoint import CheckpointError
 from vdit.demo.cli import train_autoencoder as trainer
 from vdit.demo.cli.common import UsageError
@@ -162,3 +170,64 @@ def test_decoder_mlp_keeps_shapes_and_causality():
     torch.testing.assert_close(model.decode(z[:, :, :2]), model.decode(z)[:, :, :5], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="expand must be an int >= 0, got -2"):
         AutoencoderConfig(expand=-2)
+
+
+LFQ = dataclasses.replace(TINY, bottleneck="lfq")
+
+
+def test_lfq_codes_are_signs_and_train_through_the_straight_through_estimator():
+    torch.manual_seed(0)
+    model = CausalVideoAutoencoder(LFQ)
+    video = torch.rand(1, 3, 9, 16, 24) * 2 - 1
+    codes = model.encode(video)
+    assert codes.shape == (1, 4, 3, 2, 3) and set(codes.unique().tolist()) <= {-1.0, 1.0}
+    assert model.decode(codes).shape == video.shape
+    assert model.encoder.net[-1][-1].out_channels == 4  # one value per code bit, no log-variance
+    reconstruction, penalties = model(video)
+    assert set(penalties) == {"commit", "entropy"}
+    (reconstruction.square().sum() + penalties["commit"]).backward()
+    first = model.encoder.net[0].weight.grad
+    assert first is not None and first.abs().sum() > 0  # the decoder's loss reaches the encoder
+    with pytest.raises(ValueError, match="moments: a lfq autoencoder has no Gaussian posterior"):
+        model.moments(video)
+    with pytest.raises(ValueError, match=r"bottleneck must be one of \('kl', 'lfq'\), got 'vq'"):
+        AutoencoderConfig(bottleneck="vq")
+
+
+def test_quantize_and_lfq_penalties():
+    z = torch.tensor([-0.3, 0.0, 2.0], requires_grad=True)
+    q = quantize(z)
+    assert q.tolist() == [-1.0, 1.0, 1.0]
+    q.sum().backward()
+    assert z.grad.tolist() == [1.0, 1.0, 1.0]  # straight through
+    # commitment: squared distance to the codes
+    z = torch.tensor([0.5, -1.0, 1.0, -2.0]).view(1, 1, 1, 2, 2)
+    assert lfq_penalties(z)["commit"].item() == pytest.approx(0.25 + 0 + 0 + 1)
+
+    def h(p):
+        return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+    # entropy: per-position bit entropies minus positions x the entropy of the bits' mean probability
+    z = torch.tensor([[1.0, -1.0], [1.0, 1.0]]).view(1, 2, 1, 1, 2)  # channel 0: both +1; channel 1: -1, +1
+    p = 1 / (1 + math.exp(-4))
+    expected = 4 * h(p) - 2 * (h(p) + h(0.5))
+    assert lfq_penalties(z)["entropy"].item() == pytest.approx(expected, rel=1e-5)
+    # diverse confident codes score lower than one repeated code
+    assert lfq_penalties(torch.tensor([[3.0, -3.0]]).view(1, 1, 1, 1, 2))["entropy"] < \
+        lfq_penalties(torch.tensor([[3.0, 3.0]]).view(1, 1, 1, 1, 2))["entropy"]
+
+
+def test_lfq_training_steps_lower_the_loss_and_resume(tmp_path):
+    args = trainer.parse_args(["--out", str(tmp_path), "--steps", "20", *TINY_ARGS, "--bottleneck", "lfq"])
+    state = trainer.start(args, torch.device("cpu"))
+    assert state.model.config.bottleneck == "lfq"
+    dataset = trainer.training_dataset(args, state.model.config)
+    losses = []
+    for _ in range(20):
+        state.data_index = 0
+        terms = trainer.train_step(args, state, dataset, torch.device("cpu"))
+        losses.append(terms["loss"])
+    assert set(terms) == {"loss", "recon", "edge", "commit", "entropy", "lr"}
+    assert losses[-1] < 0.6 * losses[0], losses
+    trainer.save(args, state)
+    assert CausalVideoAutoencoder.load(str(tmp_path)).config == LFQ

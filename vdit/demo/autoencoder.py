@@ -1,4 +1,5 @@
-"""The demo's video compression network: a small causal 3D convolutional autoencoder (a KL-regularized VAE).
+"""The demo's video compression network: a small causal 3D convolutional autoencoder (a KL-regularized VAE, or
+lookup-free quantization).
 
 It maps a video (3, T, H, W) in [-1, 1] to a spacetime latent (C_z, 1 + (T - 1) / 4, H / s, W / s) and back, as
 Sora's compression network does for its diffusion transformer. Time is causal, as in MAGVIT-v2's and Wan's causal
@@ -14,8 +15,12 @@ measured) is mapped linearly to one latent-resolution position (space-and-time t
 and all the large convolutions run at the latent resolution, where a position costs 1/(4 s^2) of a full-resolution
 one; the decoder mirrors this with a per-position MLP and adds a thin full-resolution refinement.
 
-Regularization: a diagonal Gaussian posterior with a small KL weight (see the trainer), which keeps the latent
-scale bounded and smooth for the diffusion model without the codebook machinery of a VQ bottleneck.
+Bottleneck (``AutoencoderConfig.bottleneck``): ``"kl"``, a diagonal Gaussian posterior with a small KL weight
+(see the trainer), which keeps the latent scale bounded and smooth for the diffusion model; or ``"lfq"``,
+MAGVIT-v2's lookup-free quantization, where each latent channel is the sign of the encoder's output (a codebook
+of 2^C_z codes with no table to look up), trained through a straight-through estimator with a commitment and an
+entropy penalty (:func:`lfq_penalties`). The shipped model is KL: at equal steps it reconstructs far better
+(docs/autoencoder.md, "KL against lookup-free quantization").
 
     ae = CausalVideoAutoencoder(AutoencoderConfig())
     z = ae.encode(video[None])            # (1, 16, 1 + (T - 1) // 4, H // 4, W // 4): the posterior mean
@@ -47,6 +52,7 @@ LOGVAR_RANGE = (-30.0, 20.0)  # keeps exp(logvar) finite in float32
 # The log-variance starts here (posterior std 0.05), not at 0: it is mostly the encoder head's bias, which AdamW
 # moves by about lr per step, so from std 1 the noise on the decoder's input shrinks slowly (std ~0.4 at step 500).
 LOGVAR_INIT = -6.0
+BOTTLENECKS = ("kl", "lfq")
 
 
 @dataclasses.dataclass
@@ -64,6 +70,8 @@ class AutoencoderConfig:
         expand: hidden width of the decoder's per-position MLP before its map to the pixel block; 0 maps the
             ``width`` features linearly, which confines every decoded block to a ``width``-dimensional subspace
             of its 768 pixel values (too few for sharp edges at every position).
+        bottleneck: ``"kl"`` (Gaussian posterior; latents are real-valued) or ``"lfq"`` (lookup-free
+            quantization; latents are codes of -1 and +1), see the module docstring.
     """
 
     temporal_stride: int = 4
@@ -73,6 +81,7 @@ class AutoencoderConfig:
     latent_channels: int = 16
     refine: int = 32
     expand: int = 384
+    bottleneck: str = "kl"
 
     def __post_init__(self):
         for name in ("temporal_stride", "spatial_stride", "width", "latent_channels"):
@@ -81,6 +90,8 @@ class AutoencoderConfig:
         for name in ("blocks", "refine", "expand"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
+        if self.bottleneck not in BOTTLENECKS:
+            raise ValueError(f"bottleneck must be one of {BOTTLENECKS}, got {self.bottleneck!r}")
 
     @property
     def block_features(self) -> int:
@@ -150,17 +161,20 @@ def from_blocks(x: torch.Tensor, st: int, ss: int) -> torch.Tensor:
 
 
 class Encoder(nn.Module):
-    """Video (B, 3, T, H, W) -> moments (B, 2 C_z, 1 + (T - 1) / st, H / ss, W / ss) (mean, log-variance): a linear
-    map of each pixel block (like a patch embedding), then causal residual blocks at the latent resolution."""
+    """Video (B, 3, T, H, W) -> (B, 2 C_z, 1 + (T - 1) / st, H / ss, W / ss), the posterior's mean and log-variance
+    (``kl``), or (B, C_z, ...), the values whose signs are the codes (``lfq``): a linear map of each pixel block
+    (like a patch embedding), then causal residual blocks at the latent resolution."""
 
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         self.st, self.ss = cfg.temporal_stride, cfg.spatial_stride
+        outputs = 2 * cfg.latent_channels if cfg.bottleneck == "kl" else cfg.latent_channels
         self.net = nn.Sequential(CausalConv3d(cfg.block_features, cfg.width, kernel=1),
                                  *[ResBlock(cfg.width) for _ in range(cfg.blocks)],
-                                 _head(cfg.width, 2 * cfg.latent_channels))
-        with torch.no_grad():
-            self.net[-1][-1].bias[cfg.latent_channels:] = LOGVAR_INIT
+                                 _head(cfg.width, outputs))
+        if cfg.bottleneck == "kl":
+            with torch.no_grad():
+                self.net[-1][-1].bias[cfg.latent_channels:] = LOGVAR_INIT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(to_blocks(x, self.st, self.ss))
@@ -183,6 +197,13 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = from_blocks(self.net(z), self.st, self.ss)
         return x if self.refine is None else x + self.refine(x)
+
+
+def quantize(z: torch.Tensor) -> torch.Tensor:
+    """Lookup-free quantization: the sign of ``z`` (0 counts as +1), any shape; the gradient passes straight
+    through to ``z`` (the straight-through estimator)."""
+    codes = torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+    return z + (codes - z).detach()
 
 
 def _sample(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -223,18 +244,26 @@ class CausalVideoAutoencoder(nn.Module):
         if x.shape[1] != channels:
             raise ValueError(f"{name} must have {channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
 
-    def moments(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior mean and log-variance, (B, C_z, t, h, w) each, of ``video`` (B, 3, T, H, W)."""
+    def _encoder_output(self, video: torch.Tensor) -> torch.Tensor:
         self._check(video, 3, "video")
         self.latent_shape(*video.shape[2:])
-        mean, logvar = self.encoder(video).chunk(2, dim=1)
+        return self.encoder(video)
+
+    def moments(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and log-variance, (B, C_z, t, h, w) each, of ``video`` (B, 3, T, H, W) (``kl`` only)."""
+        if self.config.bottleneck != "kl":
+            raise ValueError(f"moments: a {self.config.bottleneck} autoencoder has no Gaussian posterior")
+        mean, logvar = self._encoder_output(video).chunk(2, dim=1)
         return mean, logvar.clamp(*LOGVAR_RANGE)
 
     def encode(self, video, generator: torch.Generator | None = None):
         """Latents (B, C_z, t, h, w) of ``video`` (B, 3, T, H, W), or a list of (C_z, t, h, w) for a list of
-        (3, T, H, W). The posterior mean; a sample of the posterior when ``generator`` is given."""
+        (3, T, H, W). ``kl``: the posterior mean, or a sample of the posterior when ``generator`` is given;
+        ``lfq``: the codes, -1 or +1 (``generator`` is not used)."""
         if isinstance(video, (list, tuple)):
             return [self.encode(v[None] if torch.is_tensor(v) else v, generator)[0] for v in video]
+        if self.config.bottleneck == "lfq":
+            return quantize(self._encoder_output(video))
         return _sample(*self.moments(video), generator)
 
     def decode(self, latent):
@@ -245,11 +274,16 @@ class CausalVideoAutoencoder(nn.Module):
         self._check(latent, self.config.latent_channels, "latent")
         return self.decoder(latent)
 
-    def forward(self, video: torch.Tensor, generator: torch.Generator | None = None):
-        """Training pass: (reconstruction (B, 3, T, H, W), posterior mean, log-variance (B, C_z, t, h, w)); the
-        decoder sees a posterior sample drawn with ``generator`` (the mean when None)."""
+    def forward(self, video: torch.Tensor, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Training pass: (reconstruction (B, 3, T, H, W), the bottleneck's penalties as 0-d sums over the latent's
+        elements). ``kl``: {"kl": KL divergence}, the decoder seeing a posterior sample drawn with ``generator``
+        (the mean when None); ``lfq``: :func:`lfq_penalties`, the decoder seeing the codes."""
+        if self.config.bottleneck == "lfq":
+            z = self._encoder_output(video)
+            return self.decoder(quantize(z)), lfq_penalties(z)
         mean, logvar = self.moments(video)
-        return self.decoder(_sample(mean, logvar, generator)), mean, logvar
+        return self.decoder(_sample(mean, logvar, generator)), {"kl": kl_divergence(mean, logvar)}
 
     def config_dict(self) -> dict:
         return dataclasses.asdict(self.config)
@@ -279,6 +313,28 @@ class CausalVideoAutoencoder(nn.Module):
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, exp(logvar)) || N(0, 1)) summed over all elements (a 0-d tensor); any shapes, equal."""
     return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum()
+
+
+def _binary_entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * torch.log(p.clamp_min(1e-12)) + (1 - p) * torch.log((1 - p).clamp_min(1e-12)))
+
+
+def lfq_penalties(z: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The penalties of lookup-free quantization on the encoder's output ``z`` (B, C_z, t, h, w), 0-d sums:
+
+    - ``commit``: sum of (z - sign(z))^2 (the codes held fixed), which pulls the encoder's output to its codes;
+    - ``entropy``: per-position entropy minus codebook entropy (MAGVIT-v2): each position should be sure of its
+      code, and the codes used across the video's positions should be diverse. Each channel is one bit, with
+      p(+1) = sigmoid(4 z) (a softmax over the codes +-1 with logits -(z -+ 1)^2); both entropies are taken per
+      bit and summed over bits, the codebook one from the bits' mean probability over positions (a factorized
+      form: exact for independent bits, and it avoids scoring all 2^C_z codes).
+    """
+    codes = torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+    p = torch.sigmoid(4 * z)
+    positions = z.numel() // z.shape[1]
+    mean_p = p.transpose(0, 1).flatten(1).mean(1)
+    entropy = _binary_entropy(p).sum() - positions * _binary_entropy(mean_p).sum()
+    return {"commit": (z - codes).square().sum(), "entropy": entropy}
 
 
 def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> float:

@@ -3,11 +3,13 @@
 Each step takes the next --batch samples of the shapes dataset (frame counts 1 + 4k, sides the stride divides, mixed
 sizes, a --image-fraction of them cut to their first frame, coded alone), and minimizes the mean squared (--recon)
 reconstruction error + --edge-weight x the error of the frames' horizontal and vertical differences (keeps edges
-sharp, which PSNR on flat-coloured shapes depends on) + --kl-weight x the KL divergence per latent element. The
-posterior noise is drawn per sample from (seed, sample index), so a resumed run takes exactly the steps of an
-uninterrupted one. Checkpoints (config.json + autoencoder.safetensors, optimizer.safetensors, state.json) go to
---out every --save-every steps and at the end; running the same command again resumes. Every --eval-every steps
-the PSNR of --eval-videos held-out videos (another dataset seed, never in the training stream) is logged.
+sharp, which PSNR on flat-coloured shapes depends on) + --kl-weight x the KL divergence per latent element
+(--bottleneck lfq: + --commit-weight x the commitment and --entropy-weight x the entropy penalty per latent element
+instead, vdit.demo.autoencoder.lfq_penalties). The posterior noise is drawn per sample from (seed, sample index),
+so a resumed run takes exactly the steps of an uninterrupted one. Checkpoints (config.json +
+autoencoder.safetensors, optimizer.safetensors, state.json) go to --out every --save-every steps and at the end;
+running the same command again resumes. Every --eval-every steps the PSNR of --eval-videos held-out videos
+(another dataset seed, never in the training stream) is logged.
 
 The defaults are the shipped model's design (4x4x4 blocks, 16 channels, --expand 384 --refine 32) and data (5 to
 17 frames). A run in the background (one CPU thread, low priority; the shipped run's phases and progress are in
@@ -30,7 +32,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from vdit.demo.autoencoder import AutoencoderConfig, CausalVideoAutoencoder, kl_divergence, psnr
+from vdit.demo.autoencoder import BOTTLENECKS, AutoencoderConfig, CausalVideoAutoencoder, psnr
 from vdit.demo.checkpoint import load_optimizer, load_tensors, optimizer_tensors, read_json, save_tensors, write_json
 from vdit.demo.cli import common
 from vdit.demo.cli.common import UsageError
@@ -53,6 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kl-weight", type=float, default=1e-6,
                    help="weight of the KL divergence per latent element (against the error per pixel; at 1e-4 the "
                         "posterior's standard deviation was still near 0.4 after 500 steps)")
+    p.add_argument("--bottleneck", choices=BOTTLENECKS, default="kl",
+                   help="kl: Gaussian posterior (shipped); lfq: lookup-free quantization (codes of +-1)")
+    p.add_argument("--commit-weight", type=float, default=0.25, help="lfq: weight of the commitment per latent element")
+    p.add_argument("--entropy-weight", type=float, default=0.1,
+                   help="lfq: weight of the entropy penalty per latent element (MAGVIT-v2's weights: 0.25, 0.1)")
     p.add_argument("--edge-weight", type=float, default=0.5, help="weight of the error of the frames' differences")
     p.add_argument("--recon", choices=("mse", "l1"), default="mse",
                    help="reconstruction error: squared (what PSNR scores; on frames that are mostly background the "
@@ -92,7 +99,7 @@ def model_config(args: argparse.Namespace) -> AutoencoderConfig:
     a UsageError naming the option for a bad value."""
     try:
         return AutoencoderConfig(args.temporal_stride, args.spatial_stride, args.width, args.blocks,
-                                 args.latent_channels, args.refine, args.expand)
+                                 args.latent_channels, args.refine, args.expand, args.bottleneck)
     except ValueError as exc:
         name = str(exc).split(" ", 1)[0]
         raise UsageError(f"--{name.replace('_', '-')}{str(exc)[len(name):]}") from None
@@ -125,15 +132,22 @@ def held_out_videos(args: argparse.Namespace, config: AutoencoderConfig) -> list
     return [dataset[i][0] for i in range(args.eval_videos)]
 
 
-def loss_terms(model: CausalVideoAutoencoder, video: torch.Tensor, generator: torch.Generator, recon: str = "mse"):
-    """Sums over one video (3, T, H, W): (reconstruction error, error of its horizontal and vertical pixel
-    differences, KL), 0-d tensors each, squared (``recon="mse"``) or absolute, and the (pixel, latent) element
-    counts that normalize them."""
-    reconstruction, mean, logvar = model(video[None], generator)
+def loss_terms(model: CausalVideoAutoencoder, video: torch.Tensor, generator: torch.Generator, recon: str = "mse"
+               ) -> dict[str, torch.Tensor]:
+    """Sums over one video (3, T, H, W), 0-d tensors: ``recon`` (reconstruction error) and ``edge`` (error of its
+    horizontal and vertical pixel differences), squared (``recon="mse"``) or absolute, and the bottleneck's
+    penalties (``kl``, or ``commit`` and ``entropy``), summed over the latent's elements."""
+    reconstruction, penalties = model(video[None], generator)
     err = reconstruction - video[None]
     norm = torch.square if recon == "mse" else torch.abs
     edge = norm(err.diff(dim=-1)).sum() + norm(err.diff(dim=-2)).sum()
-    return norm(err).sum(), edge, kl_divergence(mean, logvar), err.numel(), mean.numel()
+    return {"recon": norm(err).sum(), "edge": edge, **penalties}
+
+
+def term_weights(args: argparse.Namespace) -> dict[str, float]:
+    """The weight of each loss term: pixel terms per pixel, penalties per latent element."""
+    return {"recon": 1.0, "edge": args.edge_weight, "kl": args.kl_weight, "commit": args.commit_weight,
+            "entropy": args.entropy_weight}
 
 
 def learning_rate(step: int, args: argparse.Namespace) -> float:
@@ -195,19 +209,20 @@ def train_step(args: argparse.Namespace, state: TrainState, dataset: ShapesDatas
     for group in state.opt.param_groups:
         group["lr"] = learning_rate(state.step, args)
     state.opt.zero_grad(set_to_none=True)
-    totals = {"recon": 0.0, "edge": 0.0, "kl": 0.0}
+    weights, totals = term_weights(args), {}
     for i, video in zip(indices, videos):
         generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + i)
-        recon, edge, kl, _, _ = loss_terms(state.model, video, generator, args.recon)
-        (recon / pixels + args.edge_weight * edge / pixels + args.kl_weight * kl / latents).backward()
-        totals["recon"] += recon.item() / pixels
-        totals["edge"] += edge.item() / pixels
-        totals["kl"] += kl.item() / latents
+        terms = loss_terms(state.model, video, generator, args.recon)
+        # pixel terms per pixel of the batch, penalties per latent element
+        terms = {k: v / (pixels if k in ("recon", "edge") else latents) for k, v in terms.items()}
+        sum(weights[k] * v for k, v in terms.items()).backward()
+        for k, v in terms.items():
+            totals[k] = totals.get(k, 0.0) + v.item()
     torch.nn.utils.clip_grad_norm_(state.model.parameters(), 1.0)
     state.opt.step()
     state.step += 1
     state.data_index += args.batch
-    loss = totals["recon"] + args.edge_weight * totals["edge"] + args.kl_weight * totals["kl"]
+    loss = sum(weights[k] * v for k, v in totals.items())
     return {"loss": loss, **totals, "lr": state.opt.param_groups[0]["lr"]}
 
 
