@@ -14,15 +14,18 @@ training-size videos are the ones the trainer logs its held-out PSNR on), in thr
 
 Per group: mean PSNR (``vdit.demo.autoencoder.psnr``, per video, averaged over videos), mean SSIM (:func:`ssim`),
 the worst video's PSNR, and the PSNR of the first frame (coded alone, as an image, by the causal encoder) against
-that of the later frames. Then the compression ratio and latent shape of a 17x64x64 video, and the median encode
-and decode time (5 runs after a warm-up, one thread) of a 17x64x64 and a 33x128x128 video. The targets (mean
-PSNR >= 30 dB on held-out videos at training sizes, >= 28 dB at each unseen size) are checked in the report.
+that of the later frames. Whether shapes survive: the demo's shape classifier
+(:func:`benchmarks.aspect_consistency.shape_class`) on one-object, one-background videos at ``--shape-sizes``,
+originals against reconstructions (a latent model cannot draw shapes its decoder loses). Then the compression
+ratio and latent shape of a 17x64x64 video, and the median encode and decode time (5 runs after a warm-up, one
+thread) of a 17x64x64 and a 33x128x128 video. The targets (mean PSNR >= 30 dB on held-out videos at training
+sizes, >= 28 dB at each unseen size) are checked in the report.
 Sizes are height x width; aspect ratios width:height.
 
 Writes ``--out`` (markdown), ``<out stem>.json`` (every number) and ``<out stem>-sheet.png`` (the median-PSNR video
 of each group: original frames above their reconstruction, 2x nearest).
 
-    OMP_NUM_THREADS=1 python -m benchmarks.autoencoder_quality --autoencoder vdit/demo/assets/autoencoder
+    OMP_NUM_THREADS=1 python -m benchmarks.autoencoder_quality    # the shipped autoencoder
 """
 from __future__ import annotations
 
@@ -41,9 +44,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from benchmarks.aspect_consistency import shape_class
 from vdit.demo.autoencoder import CausalVideoAutoencoder, psnr
 from vdit.demo.cli.train_autoencoder import HELD_OUT_SEED_OFFSET
 from vdit.demo.data import ShapesDataset, random_spec, render
+from vdit.demo.evaluation import foreground_masks
+from vdit.demo.pipeline import SHIPPED_AUTOENCODER
 from vdit.demo.video_io import contact_sheet
 
 REPORT = "benchmarks/results/cpu-autoencoder.md"
@@ -52,6 +58,7 @@ FRAMES = (9, 13, 17)
 UNSEEN_SIZES = ((48, 96), (96, 48), (64, 128), (128, 64), (128, 128))
 UNSEEN_FRAMES = 17
 TIMING_SIZES = ((17, 64, 64), (33, 128, 128))
+SHAPE_SIZES = ((64, 96), (128, 128))  # the latent comparison's sizes
 COMPRESSION_SIZE = (17, 64, 64)
 IMAGE_INDEX0 = 100_000  # the images are first frames of held-out samples 100000.., not of the training-size videos
 TARGET_TRAINING, TARGET_UNSEEN = 30.0, 28.0
@@ -112,6 +119,32 @@ def sized_videos(seed: int, height: int, width: int, frames: int, n: int) -> lis
         rng = random.Random(f"autoencoder-quality/{seed}/{height}x{width}/{i}")
         videos.append(render(random_spec(rng, frames=frames, height=height, width=width), rng))
     return videos
+
+
+@torch.no_grad()
+def shapes_kept(model: CausalVideoAutoencoder, sizes, frames: int, count: int, seed: int) -> list[dict]:
+    """Per (height, width) of ``sizes``: the share of ``count`` one-object videos on one background (the dataset's
+    distribution at that size, ``frames`` frames) whose shape the classifier reads right, on the originals and on
+    their reconstructions."""
+    result = []
+    for h, w in sizes:
+        right = {"originals": 0, "reconstructions": 0}
+        done = attempt = 0
+        while done < count:
+            rng = random.Random(f"autoencoder-quality/shapes/{seed}/{h}x{w}/{attempt}")
+            attempt += 1
+            spec = random_spec(rng, frames=frames, height=h, width=w, max_objects=1)
+            if spec.background2 is not None:  # the classifier reads a one-colour background
+                continue
+            video = render(spec, rng)
+            reconstruction = model.decode(model.encode(video[None]))[0].clamp(-1, 1)
+            truth = spec.objects[0].shape
+            right["originals"] += shape_class(foreground_masks(video, spec.background)) == truth
+            right["reconstructions"] += shape_class(foreground_masks(reconstruction, spec.background)) == truth
+            done += 1
+        result.append({"height": h, "width": w, "frames": frames, "videos": count,
+                       **{k: v / count for k, v in right.items()}})
+    return result
 
 
 def aspect(height: int, width: int) -> str:
@@ -290,6 +323,14 @@ def markdown(result: dict, sheet_name: str) -> str:
                       "|---:|---:|---:|---:|"]
             lines += [f"| {t} | {v['videos']} | {v['psnr']:.2f} | {v['ssim']:.4f} |" for t, v in by.items()]
             lines.append("")
+    lines += ["## Shapes kept", "",
+              "The demo's shape classifier (`benchmarks.aspect_consistency.shape_class`: circle, square or "
+              "triangle from the foreground masks) on one-object videos of one background colour, originals "
+              "against their reconstructions:", "", "| size | frames | videos | shape right, originals | "
+              "shape right, reconstructions |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['height']}x{r['width']} | {r['frames']} | {r['videos']} | {r['originals']:.0%} | "
+              f"{r['reconstructions']:.0%} |" for r in result["shapes"]]
+    lines.append("")
     c = result["compression"]
     lines += ["## Compression", "",
               f"A {c['frames']}x{c['height']}x{c['width']} video: {c['pixel_values']:,} pixel values, latent "
@@ -347,8 +388,8 @@ def _sizes(parts: int):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--autoencoder", default="/work/runs/ae4",
-                   help="autoencoder directory (config.json + autoencoder.safetensors)")
+    p.add_argument("--autoencoder", default=SHIPPED_AUTOENCODER,
+                   help="autoencoder directory (config.json + autoencoder.safetensors); default: the shipped one")
     p.add_argument("--out", default=REPORT, help="markdown report (also <stem>.json and <stem>-sheet.png)")
     p.add_argument("--seed", type=int, default=0,
                    help=f"the autoencoder's training seed; held-out videos come from seed + {HELD_OUT_SEED_OFFSET}")
@@ -358,12 +399,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--frames", type=_ints, default=FRAMES, help="frame counts of the training-size videos")
     p.add_argument("--unseen-sizes", type=_sizes(2), default=UNSEEN_SIZES, help="HxW,... never trained on")
     p.add_argument("--unseen-frames", type=int, default=UNSEEN_FRAMES)
+    p.add_argument("--shape-sizes", type=_sizes(2), default=SHAPE_SIZES, help="HxW,... of the shape check")
+    p.add_argument("--shape-videos", type=int, default=60, help="one-object videos per size in the shape check")
     p.add_argument("--timing-sizes", type=_sizes(3), default=TIMING_SIZES, help="TxHxW,... to time")
     p.add_argument("--timing-runs", type=int, default=5, help="timed runs per size (median), after a warm-up")
     p.add_argument("--target-training", type=float, default=TARGET_TRAINING, help="dB, training sizes")
     p.add_argument("--target-unseen", type=float, default=TARGET_UNSEEN, help="dB, each unseen size")
     args = p.parse_args(argv)
-    for name in ("videos", "unseen_videos", "unseen_frames", "timing_runs"):
+    for name in ("videos", "unseen_videos", "unseen_frames", "timing_runs", "shape_videos"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     return args
@@ -389,7 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:  # sizes the strides do not divide fail here, before any work
             for t in (*args.frames, args.unseen_frames, 1, COMPRESSION_SIZE[0]):
                 model.latent_shape(t, c.spatial_stride, c.spatial_stride)
-            for h, w in [(s, s) for s in args.sides] + list(args.unseen_sizes):
+            for h, w in [(s, s) for s in args.sides] + list(args.unseen_sizes) + list(args.shape_sizes):
                 model.latent_shape(1, h, w)
             for size in args.timing_sizes:
                 model.latent_shape(*size)
@@ -409,6 +452,8 @@ def main(argv: list[str] | None = None) -> dict:
             "groups": [{"name": g["name"], "kind": g["kind"], "target_db": g["target"], "summary": g["summary"],
                         "sheet_video": g["example"][0], "rows": g["rows"]} for g in groups],
             "targets": targets(groups),
+            "shapes": shapes_kept(model, args.shape_sizes, args.unseen_frames, args.shape_videos,
+                                  args.seed + HELD_OUT_SEED_OFFSET),
             "compression": compression(model),
             "timing": timing(model, args.timing_sizes, args.timing_runs, args.seed + HELD_OUT_SEED_OFFSET),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,

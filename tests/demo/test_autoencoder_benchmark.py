@@ -83,7 +83,7 @@ def test_main_on_a_tiny_autoencoder(tmp_path):
     out = tmp_path / "report" / "ae.md"
     argv = ["--autoencoder", str(tmp_path / "ae"), "--out", str(out), "--videos", "2", "--unseen-videos", "1",
             "--sides", "16,24", "--frames", "5,9", "--unseen-sizes", "16x32,32x16", "--unseen-frames", "5",
-            "--timing-sizes", "5x16x16", "--timing-runs", "1"]
+            "--timing-sizes", "5x16x16", "--timing-runs", "1", "--shape-sizes", "32x48", "--shape-videos", "3"]
     result = bench.main(argv)
 
     saved = json.loads((tmp_path / "report" / "ae.json").read_text())
@@ -115,6 +115,11 @@ def test_main_on_a_tiny_autoencoder(tmp_path):
         assert verdicts[g["name"]]["met"] == (g["summary"]["psnr"] >= g["target_db"]) is False
     assert saved["all_targets_met"] is False
 
+    (shapes,) = saved["shapes"]
+    assert (shapes["height"], shapes["width"], shapes["frames"], shapes["videos"]) == (32, 48, 5, 3)
+    assert shapes["originals"] == 1.0  # the classifier reads the dataset's own shapes (3 of 3 here)
+    assert shapes["reconstructions"] in (0, 1 / 3, 2 / 3, 1)
+    assert "| 32x48 | 5 | 3 | 100% |" in out.read_text()
     c = saved["compression"]
     assert c["latent_shape"] == [4, 5, 8, 8] and c["ratio"] == pytest.approx(3 * 17 * 64 * 64 / (4 * 5 * 8 * 8))
     assert c["nominal_ratio"] == pytest.approx(3 * 4 * 8 * 8 / 4)
