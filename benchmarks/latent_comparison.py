@@ -161,9 +161,10 @@ def summarise(rows: list[dict]) -> dict[tuple, dict]:
     pairs every model has at that size (so the models are compared on the same videos)."""
     out: dict[tuple, dict] = {}
     sizes = sorted({(r["height"], r["width"]) for r in rows}, key=lambda s: s[0] * s[1])
+    order = list(dict.fromkeys(r["model"] for r in rows))  # every size lists the models in one order
     for size in sizes:
         at = [r for r in rows if (r["height"], r["width"]) == size]
-        models = sorted({r["model"] for r in at}, key=lambda m: min(i for i, r in enumerate(at) if r["model"] == m))
+        models = [m for m in order if any(r["model"] == m for r in at)]
         keys = set.intersection(*({(r["seed"], r["index"]) for r in at if r["model"] == m} for m in models))
         out[size] = {}
         for m in models:
@@ -175,6 +176,32 @@ def summarise(rows: list[dict]) -> dict[tuple, dict]:
             stats["seconds_median"] = statistics.median(r["seconds"] for r in mine)
             out[size][m] = stats
     return out
+
+
+PAIRED = ("colour", "motion", "shape")
+
+
+def paired_differences(rows: list[dict]) -> list[str]:
+    """Markdown lines: at each size with two models, the second model's accuracy minus the first's on the
+    (seed, prompt) pairs both ran, with the standard error of the paired mean, for colour, motion and shape."""
+    lines, order = [], list(dict.fromkeys(r["model"] for r in rows))
+    for h, w in sorted({(r["height"], r["width"]) for r in rows}, key=lambda s: s[0] * s[1]):
+        at = [r for r in rows if (r["height"], r["width"]) == (h, w)]
+        models = [m for m in order if any(r["model"] == m for r in at)]
+        if len(models) != 2:
+            continue
+        first, second = ({(r["seed"], r["index"]): r for r in at if r["model"] == m} for m in models)
+        keys = sorted(first.keys() & second.keys())
+        if len(keys) < 2:
+            continue
+        parts = []
+        for key in PAIRED:
+            diffs = [value(second[k], key) - value(first[k], key) for k in keys]
+            se = statistics.stdev(diffs) / len(diffs) ** 0.5
+            parts.append(f"{key} {100 * statistics.fmean(diffs):+.1f} +- {100 * se:.1f}")
+        lines.append(f"- {FRAMES}x{h}x{w}, {models[1]} - {models[0]} on {len(keys)} paired videos (points, +- one "
+                     f"standard error): {', '.join(parts)}")
+    return lines
 
 
 def table(summary: dict[tuple, dict]) -> str:
@@ -213,6 +240,9 @@ def report(args) -> None:
             " ".join(f"--model {m}={w}" for m, w in weights.items()) +
             f" --seeds {','.join(map(str, sorted({r['seed'] for r in rows})))}", "```", "",
             table(summary), ""]
+    paired = paired_differences(rows)
+    if paired:
+        text += ["Paired differences:", "", *paired, ""]
     timing_path = os.path.splitext(args.out)[0] + "-timing.json"
     if os.path.exists(timing_path):
         with open(timing_path) as f:

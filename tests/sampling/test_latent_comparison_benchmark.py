@@ -3,6 +3,7 @@ once, resumable, tokens per video from each model's patches, and the models comp
 from __future__ import annotations
 
 import json
+import statistics
 
 import torch
 
@@ -63,3 +64,22 @@ def test_models_are_compared_on_the_pairs_both_ran():
     summary = bench.summarise(rows)[(8, 8)]
     assert summary["pixel"]["videos"] == summary["latent"]["videos"] == 1
     assert summary["pixel"]["colour"] == 1.0 and summary["latent"]["colour"] == 0.0
+
+
+def test_paired_differences_and_model_order():
+    def row(model, size, index, shape_right):
+        return {"model": model, "height": size, "width": size, "seed": 0, "index": index, "colour": "red",
+                "seen_colour": "red", "motion": "moves up", "seen_motion": "moves up", "shape": "circle",
+                "seen_shape": "circle" if shape_right else "square", "persistent": True, "mask_iou": 1.0,
+                "frame_diff": 0.1, "seconds": 1.0, "tokens": 10}
+
+    # pixel right on shapes 0-2, latent on shape 3 only: differences -1, -1, -1, +1 (mean -50 points)
+    rows = [row("pixel", 8, i, i != 3) for i in range(4)] + [row("latent", 8, i, i == 3) for i in range(4)]
+    rows += [row("latent", 16, i, True) for i in range(2)] + [row("pixel", 16, i, True) for i in range(2)]
+    (small, large) = bench.paired_differences(rows)
+    diffs = [-1, -1, -1, 1]
+    se = statistics.stdev(diffs) / 2
+    assert small.startswith("- 16x8x8, latent - pixel on 4 paired videos")
+    assert small.endswith(f"colour +0.0 +- 0.0, motion +0.0 +- 0.0, shape -50.0 +- {100 * se:.1f}")
+    assert large.startswith("- 16x16x16, latent - pixel on 2 paired videos")  # one order at every size
+    assert list(bench.summarise(rows)[(16, 16)]) == ["pixel", "latent"]
