@@ -19,7 +19,7 @@ Bottleneck (``AutoencoderConfig.bottleneck``): ``"kl"``, a diagonal Gaussian pos
 (see the trainer), which keeps the latent scale bounded and smooth for the diffusion model; or ``"lfq"``,
 MAGVIT-v2's lookup-free quantization, where each latent channel is the sign of the encoder's output (a codebook
 of 2^C_z codes with no table to look up), trained through a straight-through estimator with a commitment and an
-entropy penalty (:func:`lfq_penalties`). The shipped model is KL: at equal steps it reconstructs 0.7-2 dB better
+entropy penalty (:func:`lfq_penalties`). The shipped model is KL: at equal steps it reconstructs 0.7-2.1 dB better
 (docs/autoencoder.md, "KL against lookup-free quantization").
 
     ae = CausalVideoAutoencoder(AutoencoderConfig())
