@@ -199,11 +199,15 @@ class Decoder(nn.Module):
         return x if self.refine is None else x + self.refine(x)
 
 
+def _sign_codes(z: torch.Tensor) -> torch.Tensor:
+    """The codes of ``z``: +1 where z >= 0, else -1, in z's dtype (no gradient)."""
+    return torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+
+
 def quantize(z: torch.Tensor) -> torch.Tensor:
     """Lookup-free quantization: the sign of ``z`` (0 counts as +1), any shape; the gradient passes straight
     through to ``z`` (the straight-through estimator)."""
-    codes = torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
-    return z + (codes - z).detach()
+    return z + (_sign_codes(z) - z).detach()
 
 
 def _sample(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -329,7 +333,7 @@ def lfq_penalties(z: torch.Tensor) -> dict[str, torch.Tensor]:
       bit and summed over bits, the codebook one from the bits' mean probability over positions (a factorized
       form: exact for independent bits, and it avoids scoring all 2^C_z codes).
     """
-    codes = torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+    codes = _sign_codes(z)
     p = torch.sigmoid(4 * z)
     positions = z.numel() // z.shape[1]
     mean_p = p.transpose(0, 1).flatten(1).mean(1)
