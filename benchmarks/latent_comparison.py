@@ -156,15 +156,22 @@ def value(row: dict, key: str) -> float:
     return float(row[key])
 
 
+def by_size(rows: list[dict]) -> list[tuple[tuple[int, int], list[dict], list[str]]]:
+    """((height, width), its rows, its models) per size, smallest first; every size lists its models in the order
+    they first appear in ``rows``."""
+    order = list(dict.fromkeys(r["model"] for r in rows))
+    groups = []
+    for size in sorted({(r["height"], r["width"]) for r in rows}, key=lambda s: s[0] * s[1]):
+        at = [r for r in rows if (r["height"], r["width"]) == size]
+        groups.append((size, at, [m for m in order if any(r["model"] == m for r in at)]))
+    return groups
+
+
 def summarise(rows: list[dict]) -> dict[tuple, dict]:
     """(height, width) -> model -> {measure: mean, "videos": n, "seconds_median": ...}, over the (seed, prompt)
     pairs every model has at that size (so the models are compared on the same videos)."""
     out: dict[tuple, dict] = {}
-    sizes = sorted({(r["height"], r["width"]) for r in rows}, key=lambda s: s[0] * s[1])
-    order = list(dict.fromkeys(r["model"] for r in rows))  # every size lists the models in one order
-    for size in sizes:
-        at = [r for r in rows if (r["height"], r["width"]) == size]
-        models = [m for m in order if any(r["model"] == m for r in at)]
+    for size, at, models in by_size(rows):
         keys = set.intersection(*({(r["seed"], r["index"]) for r in at if r["model"] == m} for m in models))
         out[size] = {}
         for m in models:
@@ -184,10 +191,8 @@ PAIRED = ("colour", "motion", "shape")
 def paired_differences(rows: list[dict]) -> list[str]:
     """Markdown lines: at each size with two models, the second model's accuracy minus the first's on the
     (seed, prompt) pairs both ran, with the standard error of the paired mean, for colour, motion and shape."""
-    lines, order = [], list(dict.fromkeys(r["model"] for r in rows))
-    for h, w in sorted({(r["height"], r["width"]) for r in rows}, key=lambda s: s[0] * s[1]):
-        at = [r for r in rows if (r["height"], r["width"]) == (h, w)]
-        models = [m for m in order if any(r["model"] == m for r in at)]
+    lines = []
+    for (h, w), at, models in by_size(rows):
         if len(models) != 2:
             continue
         first, second = ({(r["seed"], r["index"]): r for r in at if r["model"] == m} for m in models)
@@ -262,14 +267,19 @@ def report(args) -> None:
     print("\n".join(text))
 
 
+def size_list(text: str) -> list[tuple[int, ...]]:
+    """Comma-separated sizes, each 'x'-separated integers: '64x96,128x128' -> [(64, 96), (128, 128)]."""
+    return [tuple(int(v) for v in part.split("x")) for part in text.split(",")]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_study_arguments(p, raw=RAW, videos=VIDEOS, report=REPORT, report_help="markdown report (and <out>.json)")
-    p.add_argument("--sizes", type=lambda s: [tuple(int(v) for v in x.split("x")) for x in s.split(",")],
+    p.add_argument("--sizes", type=size_list,
                    default=list(SIZES), help="comma-separated HxW")
     p.add_argument("--timing-rounds", type=int, default=0,
                    help="also time one video per model at each --timing-sizes, this many rounds (0: no timing)")
-    p.add_argument("--timing-sizes", type=lambda s: [tuple(int(v) for v in x.split("x")) for x in s.split(",")],
+    p.add_argument("--timing-sizes", type=size_list,
                    default=list(TIMING), help="comma-separated FxHxW")
     p.add_argument("--timing-max-tokens", type=int, default=4096, help="skip timings above this many tokens")
     return parse_model_study(p, argv, "NAME=WEIGHTS (a shipped name such as dense or latent, or a safetensors "
